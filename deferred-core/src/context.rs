@@ -1,0 +1,97 @@
+//! Where the wrapper finds the invocation's request id and deadline.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use lambda_runtime::{Context, LambdaEvent};
+
+/// The facts about one invocation that the deferred phase needs: which INVOKE event of the
+/// extension it matches, and when Lambda will stop the environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invocation {
+    /// The `Lambda-Runtime-Aws-Request-Id` of the invocation.
+    pub request_id: String,
+    /// The invocation's deadline (`Lambda-Runtime-Deadline-Ms`), `None` when unknown (a
+    /// hand-built `Context` in a unit test has deadline 0).
+    pub deadline: Option<SystemTime>,
+}
+
+impl Invocation {
+    /// Reads the request id and deadline of a `lambda_runtime::Context`.
+    pub fn from_context(context: &Context) -> Self {
+        Self {
+            request_id: context.request_id.clone(),
+            deadline: deadline_from_epoch_ms(context.deadline),
+        }
+    }
+}
+
+/// Converts Lambda's epoch-millisecond deadline; 0 means "not set".
+pub(crate) fn deadline_from_epoch_ms(ms: u64) -> Option<SystemTime> {
+    (ms != 0).then(|| UNIX_EPOCH + Duration::from_millis(ms))
+}
+
+/// A handler argument that carries the Lambda invocation context.
+///
+/// `#[deferred_handler]` reads the request id and the deadline through this trait before the
+/// handler's body runs. It is implemented for `lambda_runtime::LambdaEvent<T>` and, with the
+/// `http` feature, for `lambda_http::Request`.
+#[diagnostic::on_unimplemented(
+    message = "`#[deferred_handler]` cannot find the Lambda context in an argument of type `{Self}`",
+    label = "this argument does not carry the invocation's `lambda_runtime::Context`",
+    note = "a deferred handler takes exactly one argument: `lambda_runtime::LambdaEvent<T>` (any `T`), or `lambda_http::Request` with the `http` feature of deferred-core"
+)]
+pub trait HandlerInput {
+    /// The invocation this argument belongs to.
+    fn invocation(&self) -> Invocation;
+}
+
+impl<T> HandlerInput for LambdaEvent<T> {
+    fn invocation(&self) -> Invocation {
+        Invocation::from_context(&self.context)
+    }
+}
+
+impl HandlerInput for Context {
+    fn invocation(&self) -> Invocation {
+        Invocation::from_context(self)
+    }
+}
+
+#[cfg(feature = "http")]
+impl HandlerInput for lambda_http::Request {
+    fn invocation(&self) -> Invocation {
+        use lambda_http::RequestExt;
+        match self.lambda_context_ref() {
+            Some(context) => Invocation::from_context(context),
+            // A request built by hand (a unit test) has no context: run as outside Lambda.
+            None => Invocation {
+                request_id: String::new(),
+                deadline: None,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_deadline_is_unknown() {
+        let ctx = Context::default();
+        assert_eq!(Invocation::from_context(&ctx).deadline, None);
+    }
+
+    #[test]
+    fn deadline_is_epoch_ms() {
+        let mut ctx = Context::default();
+        ctx.request_id = "r1".into();
+        ctx.deadline = 1_700_000_000_123;
+        let inv = LambdaEvent::new((), ctx).invocation();
+        assert_eq!(inv.request_id, "r1");
+        assert_eq!(
+            inv.deadline,
+            Some(UNIX_EPOCH + Duration::from_millis(1_700_000_000_123))
+        );
+    }
+}

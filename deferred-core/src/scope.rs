@@ -1,0 +1,147 @@
+//! The invocation scope: the task-local queue that `defer!` pushes onto.
+
+use std::borrow::Cow;
+use std::collections::VecDeque;
+use std::fmt;
+use std::future::Future;
+use std::panic::Location;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::action::{Action, DeferredAction};
+use crate::context::Invocation;
+
+/// Options that `#[deferred_handler(...)]` passes for one handler.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    /// `flush_timeout = "…"`: caps this handler's flush; `None` keeps the builder's.
+    pub flush_timeout: Option<Duration>,
+}
+
+/// Why `try_defer!` could not queue an action.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DeferError {
+    /// Called outside a `#[deferred_handler]`'s dynamic extent (or in a task spawned from it,
+    /// which does not inherit the handler's queue).
+    OutsideHandler {
+        /// Where `defer!` was called.
+        location: &'static Location<'static>,
+    },
+    /// The invocation already holds the maximum number of actions.
+    QueueFull {
+        /// Where `defer!` was called.
+        location: &'static Location<'static>,
+        /// The limit (`Deferred::max_actions`).
+        limit: usize,
+    },
+}
+
+impl fmt::Display for DeferError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::OutsideHandler { location } => write!(
+                f,
+                "defer! at {location} ran outside a #[deferred_handler]: there is no invocation to \
+                 attach the action to (a task spawned with tokio::spawn does not inherit the \
+                 handler's queue; queue the action in the handler itself)"
+            ),
+            Self::QueueFull { location, limit } => write!(
+                f,
+                "defer! at {location}: this invocation already holds {limit} deferred actions, \
+                 the limit set by Deferred::max_actions"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for DeferError {}
+
+/// The actions of one invocation, shared by the handler's task and, during the phase, by the
+/// actions themselves (an action may queue more).
+#[derive(Debug)]
+pub(crate) struct Queue {
+    actions: Mutex<VecDeque<Action>>,
+    limit: usize,
+}
+
+impl Queue {
+    pub(crate) fn new(limit: usize) -> Arc<Self> {
+        Arc::new(Self {
+            actions: Mutex::new(VecDeque::new()),
+            limit,
+        })
+    }
+
+    fn push(&self, action: Action) -> Result<(), DeferError> {
+        let mut actions = lock(&self.actions);
+        if actions.len() >= self.limit {
+            return Err(DeferError::QueueFull {
+                location: action.location,
+                limit: self.limit,
+            });
+        }
+        actions.push_back(action);
+        Ok(())
+    }
+
+    pub(crate) fn pop(&self) -> Option<Action> {
+        lock(&self.actions).pop_front()
+    }
+
+    pub(crate) fn drain(&self) -> Vec<Action> {
+        lock(&self.actions).drain(..).collect()
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        lock(&self.actions).len()
+    }
+}
+
+/// Locks a mutex, ignoring poisoning: every critical section here leaves the data consistent.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+tokio::task_local! {
+    static QUEUE: Arc<Queue>;
+}
+
+/// Runs `future` with `queue` as the target of `defer!`.
+pub(crate) fn with_queue<F: Future>(
+    queue: Arc<Queue>,
+    future: F,
+) -> tokio::task::futures::TaskLocalFuture<Arc<Queue>, F> {
+    QUEUE.scope(queue, future)
+}
+
+/// Queues `action` on the current invocation.
+#[track_caller]
+pub fn defer<A: DeferredAction>(
+    name: Option<Cow<'static, str>>,
+    action: A,
+) -> Result<(), DeferError> {
+    let location = Location::caller();
+    let action = Action {
+        name,
+        location,
+        future: action.into_boxed(),
+    };
+    match QUEUE.try_with(|queue| queue.push(action)) {
+        Ok(result) => result,
+        Err(_) => Err(DeferError::OutsideHandler { location }),
+    }
+}
+
+/// [`defer`], panicking with the error's message when the action cannot be queued.
+#[track_caller]
+pub fn defer_or_panic<A: DeferredAction>(name: Option<Cow<'static, str>>, action: A) {
+    if let Err(error) = defer(name, action) {
+        panic!("{error}");
+    }
+}
+
+/// Runs a handler's body in an invocation scope, then hands its queue to the core.
+pub async fn scope<F: Future>(invocation: Invocation, options: Options, body: F) -> F::Output {
+    crate::invocation::run(invocation, options, body).await
+}
