@@ -34,9 +34,9 @@ impl<E: Display + Send + 'static> Outcome for Result<(), E> {
 
 /// A future that `defer!` can queue: `Send + 'static`, yielding an [`Outcome`].
 #[diagnostic::on_unimplemented(
-    message = "`defer!` needs a future that is `Send + 'static`, but `{Self}` is not one",
-    label = "expected a future here, such as `async move {{ … }}`",
-    note = "the action runs after the response, on another task: it must own what it uses (`async move`) and be `Send`"
+    message = "`defer!` needs a future, such as `async move {{ … }}`, but `{Self}` is not a future",
+    label = "not a future",
+    note = "to defer a plain function call, wrap it: `defer!(async move {{ notify(id) }})`; to defer an `async fn`, call it without `.await`: `defer!(notify(id))`"
 )]
 pub trait DeferredAction: Send + 'static {
     /// Boxes the action for the queue.

@@ -38,7 +38,7 @@ pub(crate) fn deadline_from_epoch_ms(ms: u64) -> Option<SystemTime> {
 #[diagnostic::on_unimplemented(
     message = "`#[deferred_handler]` cannot find the Lambda context in an argument of type `{Self}`",
     label = "this argument does not carry the invocation's `lambda_runtime::Context`",
-    note = "a deferred handler takes exactly one argument: `lambda_runtime::LambdaEvent<T>` (any `T`), or `lambda_http::Request` with the `http` feature of deferred-core"
+    note = "a deferred handler takes exactly one argument, by value: `lambda_runtime::LambdaEvent<T>` (any `T`), or `lambda_http::Request` with the `http` feature of deferred-core"
 )]
 pub trait HandlerInput {
     /// The invocation this argument belongs to.
@@ -48,12 +48,6 @@ pub trait HandlerInput {
 impl<T> HandlerInput for LambdaEvent<T> {
     fn invocation(&self) -> Invocation {
         Invocation::from_context(&self.context)
-    }
-}
-
-impl HandlerInput for Context {
-    fn invocation(&self) -> Invocation {
-        Invocation::from_context(self)
     }
 }
 

@@ -1,16 +1,121 @@
-//! One invocation from the wrapper's side: claim, run the body, hand the queue over.
+//! One invocation from the wrapper's side: take a ticket, run the body in its scope, hand the
+//! queue over (or run it inline), even when the body panics or its future is dropped.
 
-use std::future::Future;
+use std::future::{Future, poll_fn};
+use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
+use std::pin::pin;
+use std::sync::{Arc, OnceLock};
+use std::task::Poll;
 
 use crate::context::Invocation;
+use crate::core::{Config, Core, Mode, Ticket};
+use crate::report::PhaseKind;
 use crate::scope::{Options, Queue, with_queue};
 
-pub(crate) async fn run<F: Future>(_invocation: Invocation, _options: Options, body: F) -> F::Output {
-    // Placeholder: runs the actions inline after the body. Replaced by the chained phase.
-    let queue = Queue::new(10_000);
-    let out = with_queue(queue.clone(), body).await;
-    while let Some(action) = queue.pop() {
-        let _ = action.future.await;
+pub(crate) async fn run<F: Future>(invocation: Invocation, options: Options, body: F) -> F::Output {
+    let core = current_core();
+    let ticket = core.begin(&invocation.request_id);
+    let queue = Queue::new(core.config.max_actions);
+    let mut guard = HandOver {
+        core: &core,
+        ticket: &ticket,
+        invocation: &invocation,
+        queue: &queue,
+        options,
+        armed: true,
+    };
+
+    let mut body = pin!(with_queue(queue.clone(), body));
+    // Caught so that a panicking handler still gets its actions and flush; re-raised below for
+    // lambda_runtime to report as the invocation's error.
+    let result = poll_fn(
+        |cx| match catch_unwind(AssertUnwindSafe(|| body.as_mut().poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(output)) => Poll::Ready(Ok(output)),
+            Err(panic) => Poll::Ready(Err(panic)),
+        },
+    )
+    .await;
+
+    core.await_event(&ticket).await;
+    guard.armed = false;
+    let job = core.job(&invocation, queue.clone(), options.flush_timeout);
+    if let Some(job) = core.dispatch(&ticket, job) {
+        core.run_phase(job, PhaseKind::Inline).await;
     }
-    out
+    match result {
+        Ok(output) => output,
+        Err(panic) => resume_unwind(panic),
+    }
+}
+
+/// The core of this process, or an inline one when `Deferred::start` never ran (a unit test
+/// calling the handler directly, or a function that forgot `start`).
+fn current_core() -> Arc<Core> {
+    if let Some(core) = Core::global() {
+        return core.clone();
+    }
+    static FALLBACK: OnceLock<Arc<Core>> = OnceLock::new();
+    FALLBACK
+        .get_or_init(|| {
+            tracing::info!(
+                target: "deferred",
+                "no Deferred::start() or Deferred::run() in this process: deferred actions run \
+                 inline before the handler returns, and nothing is flushed"
+            );
+            Core::new(Config::default(), Mode::Inline)
+        })
+        .clone()
+}
+
+/// Hands the queue over if the handler's future is dropped before it completes.
+struct HandOver<'a> {
+    core: &'a Arc<Core>,
+    ticket: &'a Ticket,
+    invocation: &'a Invocation,
+    queue: &'a Arc<Queue>,
+    options: Options,
+    armed: bool,
+}
+
+impl Drop for HandOver<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let job = self.core.job(
+            self.invocation,
+            self.queue.clone(),
+            self.options.flush_timeout,
+        );
+        let Some(job) = self.core.dispatch(self.ticket, job) else {
+            return;
+        };
+        if self.queue.len() == 0 && self.core.config.flushers.is_empty() {
+            return;
+        }
+        // Cannot await in drop: run it as a task, so the work is still done if the process
+        // lives on.
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                tracing::warn!(
+                    target: "deferred",
+                    request_id = %self.invocation.request_id,
+                    "the handler's future was dropped before it completed; running its deferred \
+                     work as a background task"
+                );
+                let core = self.core.clone();
+                runtime.spawn(async move {
+                    core.run_phase(job, PhaseKind::Background).await;
+                });
+            }
+            Err(_) => tracing::error!(
+                target: "deferred",
+                request_id = %self.invocation.request_id,
+                actions = self.queue.len(),
+                "the handler's future was dropped outside a tokio runtime: its deferred actions \
+                 are lost"
+            ),
+        }
+    }
 }

@@ -89,10 +89,6 @@ impl Queue {
         lock(&self.actions).pop_front()
     }
 
-    pub(crate) fn drain(&self) -> Vec<Action> {
-        lock(&self.actions).drain(..).collect()
-    }
-
     pub(crate) fn len(&self) -> usize {
         lock(&self.actions).len()
     }
@@ -122,10 +118,12 @@ pub fn defer<A: DeferredAction>(
     action: A,
 ) -> Result<(), DeferError> {
     let location = Location::caller();
+    // In the span that was current where `defer!` ran: the action's spans join the
+    // invocation's trace, and that trace's spans are all in this phase's flush.
     let action = Action {
         name,
         location,
-        future: action.into_boxed(),
+        future: Box::pin(tracing::Instrument::in_current_span(action.into_boxed())),
     };
     match QUEUE.try_with(|queue| queue.push(action)) {
         Ok(result) => result,

@@ -1,12 +1,121 @@
-//! Procedural macros for lambda-deferred. Use them through `deferred-core`, which re-exports
-//! them; this crate never depends on the core.
+//! Procedural macros for lambda-deferred: `#[deferred_handler]`.
+//!
+//! Use them through `deferred-core`, which re-exports them: this crate never depends on the
+//! core, and the code it generates names only `::deferred_core::__private::…` (or the path
+//! given with `crate = "…"`) and `::core::…`.
+//!
+//! Layout: `args` reads the attribute's arguments, `item` reads the function, `signature`
+//! checks it and finds the event argument, `expand` writes the rewritten function.
+//!
+//! What the rewrite looks like (paths shortened):
+//!
+//! ```text
+//! #[deferred_handler(flush_timeout = "10s")]
+//! pub async fn handler(mut event: LambdaEvent<Value>) -> Result<Value, Error> { BODY }
+//!
+//! pub async fn handler(event: LambdaEvent<Value>) -> Result<Value, Error> {
+//!     ::deferred_core::__private::scope(
+//!         ::deferred_core::__private::invocation(&event),
+//!         ::deferred_core::__private::Options {
+//!             flush_timeout: ::core::option::Option::Some(
+//!                 ::core::time::Duration::from_nanos(10000000000),
+//!             ),
+//!         },
+//!         async move {
+//!             // Never taken: fixes the block's output type, for `?` and for error messages.
+//!             if false { let __deferred_return: Result<Value, Error> = loop {}; return __deferred_return; }
+//!             let mut event = event; // the body's own local; a destructuring pattern goes here
+//!             { BODY }
+//!         },
+//!     )
+//!     .await
+//! }
+//! ```
 #![forbid(unsafe_code)]
+
+mod args;
+mod expand;
+mod item;
+mod signature;
 
 use proc_macro::TokenStream;
 
-/// Turns an `async fn` Lambda handler into one whose `defer!` actions and telemetry flush run
-/// after the response. See `deferred_core::deferred_handler`.
+/// Makes an `async fn` Lambda handler's `defer!` actions and telemetry flush run after the
+/// response.
+///
+/// ```rust,ignore
+/// use deferred_core::{defer, deferred_handler};
+/// use lambda_runtime::{Error, LambdaEvent};
+/// use serde_json::{json, Value};
+///
+/// #[deferred_handler(flush_timeout = "10s")]
+/// async fn handler(event: LambdaEvent<Value>) -> Result<Value, Error> {
+///     let id = store(&event.payload).await?;
+///     defer!(async move { validate(id).await });         // runs after the response
+///     defer!("notify", async move { notify(id).await }); // a named action
+///     Ok(json!({ "status": 202, "id": id }))
+/// }
+/// ```
+///
+/// # The handler
+///
+/// An `async fn`, free or associated (`&self`, `&mut self` and `self` methods work too), with
+/// exactly one argument besides the receiver: the argument that carries the Lambda context,
+/// `lambda_runtime::LambdaEvent<T>` for any `T`, or `lambda_http::Request` (feature `http` of
+/// deferred-core). The argument may be a pattern, such as
+/// `LambdaEvent { payload, context }: LambdaEvent<Value>`.
+///
+/// The signature is kept as written: visibility, attributes and doc comments, generics and
+/// `where` clauses, the return type (`impl Trait` too). The body runs unchanged, with `?` and
+/// `return`, inside the invocation's deferred scope: every `defer!` called while it runs, in
+/// the handler or in any function it calls, queues an action on this invocation. Type errors
+/// in the body point at your code, as they would without the attribute.
+///
+/// `const fn` and `extern` functions are rejected; `unsafe fn` works.
+///
+/// # Arguments
+///
+/// - `flush_timeout = "…"`: the longest this handler's telemetry flush may take, written as a
+///   [humantime](https://docs.rs/humantime) duration: `"250ms"`, `"10s"`, `"1m 30s"`. Checked
+///   at compile time: it must be above zero and at most 15 minutes. Without it, the timeout
+///   set on the `Deferred` builder applies.
+/// - `crate = "…"`: the path of the deferred-core crate, when the dependency is renamed in
+///   `Cargo.toml` (`crate = "renamed"`) or re-exported (`crate = "my_facade::deferred"`, or
+///   `crate = "crate::reexport"`). A path that does not start with `crate`, `self`, `super`
+///   or `::` is read from the crate root, as in a `use` declaration: `"renamed"` means
+///   `::renamed`.
+///
+/// # With `#[tracing::instrument]`
+///
+/// Both orders compile. Put `#[tracing::instrument]` **above** `#[deferred_handler]`:
+///
+/// ```rust,ignore
+/// #[tracing::instrument(skip(event), fields(request_id = %event.context.request_id))]
+/// #[deferred_handler]
+/// async fn handler(event: LambdaEvent<Value>) -> Result<Value, Error> {
+///     Ok(event.payload)
+/// }
+/// ```
+///
+/// The attribute written first expands first, and the one written last ends up outermost at
+/// run time. In this order:
+///
+/// - `instrument` sees the function as you wrote it, so `skip(…)` and `fields(…)` can name
+///   the bindings of a destructured argument. Below `#[deferred_handler]` it would see the
+///   rewritten signature, where such an argument has a generated name (`skip(payload)` then
+///   fails with "attempting to skip non-existent parameter", and the whole event is recorded
+///   with `Debug`).
+/// - The span covers the handler's body and closes before the invocation's deferred work is
+///   handed over, so it is always part of this invocation's flush. Below, the span would also
+///   cover the hand-over itself and close only after it.
+///
+/// # Errors
+///
+/// Wrong arguments and unsupported functions are reported at compile time, on the offending
+/// tokens, and the function is still emitted next to the error so the rest of the crate keeps
+/// compiling (and the IDE keeps working). A handler argument that does not carry the Lambda
+/// context is reported by the type checker, on the argument's type.
 #[proc_macro_attribute]
-pub fn deferred_handler(_args: TokenStream, item: TokenStream) -> TokenStream {
-    item
+pub fn deferred_handler(args: TokenStream, item: TokenStream) -> TokenStream {
+    expand::deferred_handler(args.into(), item.into()).into()
 }

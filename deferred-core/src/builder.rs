@@ -1,0 +1,254 @@
+//! `Deferred`: the builder that configures the core, registers the extension and runs the
+//! Lambda runtime.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lambda_runtime::{Diagnostic, IntoFunctionResponse, LambdaEvent, Service};
+use serde::{Deserialize, Serialize};
+
+use crate::core::{Config, Core, Mode, ReportHook};
+use crate::extension::{Client, ClientError};
+use crate::flush::{Flush, Flusher};
+use crate::layer::DeferredLayer;
+use crate::report::PhaseReport;
+
+/// How long registration may take before the core gives up and runs deferred work inline.
+/// Lambda's whole init phase is limited to 10 s.
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Configures and starts lambda-deferred.
+///
+/// ```no_run
+/// use deferred_core::{deferred_handler, defer, Deferred};
+/// use lambda_runtime::{service_fn, Error, LambdaEvent};
+/// use serde_json::Value;
+///
+/// #[deferred_handler(flush_timeout = "2s")]
+/// async fn handler(event: LambdaEvent<Value>) -> Result<Value, Error> {
+///     defer!("audit", async move { /* runs after the response */ });
+///     Ok(event.payload)
+/// }
+///
+/// #[tokio::main]
+/// async fn main() -> Result<(), Error> {
+///     # let tracer_provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+///     Deferred::new()
+///         .flush(tracer_provider.clone())
+///         .run(service_fn(handler))
+///         .await
+/// }
+/// ```
+#[derive(Debug, Default)]
+#[must_use = "a Deferred does nothing until `.start()` or `.run(…)`"]
+pub struct Deferred {
+    config: Config,
+}
+
+/// Why [`Deferred::start`] failed. Registration problems are not errors: the core falls back
+/// to running deferred work inline, with one log line.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum StartError {
+    /// `start` (or `run`) was called a second time in this process.
+    AlreadyStarted,
+}
+
+impl fmt::Display for StartError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::AlreadyStarted => f.write_str(
+                "lambda-deferred is already started in this process (Deferred::start or run \
+                 may be called once)",
+            ),
+        }
+    }
+}
+
+impl std::error::Error for StartError {}
+
+impl Deferred {
+    /// A builder with the defaults: no flushers, `flush_timeout` 10 s, safety margin 100 ms.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Flushes `flush` after every invocation, after the deferred actions. Any number of
+    /// flushers may be added; they flush concurrently, each on its own blocking thread.
+    pub fn flush(mut self, flush: impl Flush) -> Self {
+        self.config.flushers.push(Flusher::new(flush));
+        self
+    }
+
+    /// Caps the flush of each phase (default 10 s); `#[deferred_handler(flush_timeout = …)]`
+    /// overrides it per handler.
+    pub fn flush_timeout(mut self, timeout: Duration) -> Self {
+        self.config.flush_timeout = timeout;
+        self
+    }
+
+    /// How long before the invocation's deadline the deferred phase must be over (default
+    /// 100 ms). Lambda stops the environment at the deadline, extension time included.
+    pub fn safety_margin(mut self, margin: Duration) -> Self {
+        self.config.safety_margin = margin;
+        self
+    }
+
+    /// The most actions one invocation may queue (default 1000); `defer!` past it panics,
+    /// `try_defer!` returns [`DeferError::QueueFull`](crate::DeferError::QueueFull).
+    pub fn max_actions(mut self, limit: usize) -> Self {
+        self.config.max_actions = limit;
+        self
+    }
+
+    /// The time allowed for the final flush on SIGTERM (default 400 ms; Lambda kills the
+    /// process 500 ms after SIGTERM when only internal extensions are registered).
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.config.shutdown_timeout = timeout;
+        self
+    }
+
+    /// Whether the core handles SIGTERM with a final flush and exits (default true). Turn it
+    /// off when the function handles SIGTERM itself.
+    pub fn handle_sigterm(mut self, handle: bool) -> Self {
+        self.config.handle_sigterm = handle;
+        self
+    }
+
+    /// When the handler is not wrapped by the runtime layer (`start` with your own
+    /// `lambda_runtime::run`): how long an INVOKE event may stay unclaimed by a deferred
+    /// handler before the core takes it for one that none will see (an event payload that did
+    /// not deserialize) and releases the environment after a flush (default 500 ms). A handler
+    /// that claims its event later runs its deferred work inline.
+    pub fn unclaimed_window(mut self, window: Duration) -> Self {
+        self.config.stray_window = window;
+        self
+    }
+
+    /// Calls `hook` with the report of every deferred phase (after it is logged), e.g. to
+    /// alert on repeated flush failures. It runs on the phase's task: keep it short.
+    pub fn on_report(mut self, hook: impl Fn(&PhaseReport) + Send + Sync + 'static) -> Self {
+        self.config.on_report = Some(ReportHook(Arc::new(hook)));
+        self
+    }
+
+    /// Registers the internal extension (during init, before the runtime's first `next`) and
+    /// arms the chain. Use it when you keep your own `lambda_runtime::run(…)` or
+    /// `lambda_http::run(…)`; otherwise prefer [`run`](Self::run).
+    ///
+    /// Never fails for lack of Lambda: outside Lambda, or when registration is refused, it
+    /// logs one line and deferred work runs inline before each response.
+    pub async fn start(self) -> Result<DeferredHandle, StartError> {
+        if Core::global().is_some() {
+            return Err(StartError::AlreadyStarted);
+        }
+        let config = self.config;
+        let (mode, chain) = choose_mode().await;
+        let core = Core::new(config, mode);
+        if !Core::install(core.clone()) {
+            return Err(StartError::AlreadyStarted);
+        }
+        if let Some((client, extension_id)) = chain {
+            tokio::spawn(crate::chain::drive(core.clone(), client, extension_id));
+        }
+        let in_lambda = std::env::var_os("AWS_LAMBDA_RUNTIME_API").is_some();
+        if core.config.handle_sigterm && in_lambda && mode != Mode::Inline {
+            crate::shutdown::install(core.clone());
+        }
+        Ok(DeferredHandle { core })
+    }
+
+    /// [`start`](Self::start), then the Lambda runtime loop with `handler`, with the layer that
+    /// starts each deferred phase once the response is out. Same bounds as
+    /// `lambda_runtime::run`.
+    pub async fn run<A, F, R, B, S, D, E>(self, handler: F) -> Result<(), lambda_runtime::Error>
+    where
+        F: Service<LambdaEvent<A>, Response = R>,
+        F::Future: Future<Output = Result<R, F::Error>>,
+        F::Error: Into<Diagnostic> + fmt::Debug,
+        A: for<'de> Deserialize<'de>,
+        R: IntoFunctionResponse<B, S>,
+        B: Serialize,
+        S: futures_core::Stream<Item = Result<D, E>> + Unpin + Send + 'static,
+        D: Into<bytes::Bytes> + Send,
+        E: Into<lambda_runtime::Error> + Send + fmt::Debug,
+    {
+        let handle = self.start().await?;
+        lambda_runtime::Runtime::new(handler)
+            .layer(lambda_runtime::layers::TracingLayer::new())
+            .layer(handle.layer())
+            .run()
+            .await
+    }
+}
+
+/// The started core. Keep it if you build your own `lambda_runtime::Runtime` (add
+/// [`layer`](Self::layer) to it); dropping it changes nothing.
+#[derive(Debug, Clone)]
+pub struct DeferredHandle {
+    core: Arc<Core>,
+}
+
+impl DeferredHandle {
+    /// Where deferred work runs in this process.
+    pub fn mode(&self) -> Mode {
+        self.core.mode
+    }
+
+    /// The layer that starts each phase after the response is posted. Add it last (outermost)
+    /// to your `lambda_runtime::Runtime`.
+    pub fn layer(&self) -> DeferredLayer {
+        DeferredLayer::new(self.core.clone())
+    }
+}
+
+/// Decides where deferred work runs, registering the extension when it can.
+async fn choose_mode() -> (Mode, Option<(Arc<Client>, String)>) {
+    // Lambda Managed Instances run several invocations at once and never freeze; INVOKE
+    // registration is refused there (Lambda Managed Instances docs).
+    if std::env::var("AWS_LAMBDA_INITIALIZATION_TYPE").as_deref() == Ok("lambda-managed-instances")
+    {
+        tracing::info!(target: "deferred", "Lambda Managed Instances: deferred work runs as background tasks, drained on SIGTERM");
+        return (Mode::Background, None);
+    }
+    let client = match Client::from_env() {
+        None => {
+            tracing::info!(target: "deferred", "not running in Lambda (no AWS_LAMBDA_RUNTIME_API): deferred work runs inline before each response");
+            return (Mode::Inline, None);
+        }
+        Some(Err(error)) => {
+            tracing::warn!(target: "deferred", %error, "deferred work runs inline before each response");
+            return (Mode::Inline, None);
+        }
+        Some(Ok(client)) => Arc::new(client),
+    };
+    // Unique per process; not the name of a file in /opt/extensions, so Lambda treats it as
+    // an internal extension (Extensions API docs, "Extensions API reference").
+    let name = format!("lambda-deferred-{}", std::process::id());
+    let registered =
+        tokio::time::timeout(REGISTER_TIMEOUT, client.register(&name, &["INVOKE"])).await;
+    match registered {
+        Ok(Ok(registration)) => {
+            tracing::debug!(target: "deferred", extension = %name, "internal extension registered");
+            (Mode::Extension, Some((client, registration.extension_id)))
+        }
+        Ok(Err(error)) => {
+            log_refused(&error);
+            (Mode::Inline, None)
+        }
+        Err(_) => {
+            tracing::warn!(target: "deferred", timeout = ?REGISTER_TIMEOUT, "extension registration did not answer: deferred work runs inline before each response");
+            (Mode::Inline, None)
+        }
+    }
+}
+
+fn log_refused(error: &ClientError) {
+    tracing::warn!(
+        target: "deferred",
+        %error,
+        "extension registration failed: deferred work runs inline before each response (slower, nothing is lost)"
+    );
+}

@@ -1,0 +1,345 @@
+//! The process-wide core: configuration, mode, and the state shared by the wrapper, the
+//! runtime layer and the chain.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::extension::InvokeEvent;
+use crate::flush::Flusher;
+use crate::phase::{self, Budget, Job};
+use crate::report::{PhaseKind, PhaseReport};
+use crate::scope::lock;
+
+/// Settings of the core, fixed at `start`.
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub(crate) flushers: Vec<Flusher>,
+    pub(crate) flush_timeout: Duration,
+    pub(crate) safety_margin: Duration,
+    /// How long a finished handler waits for its INVOKE event from the extension.
+    pub(crate) claim_timeout: Duration,
+    /// Without the runtime layer: how long an INVOKE event may stay unclaimed before it is
+    /// taken for an invocation that no wrapper will see (an undecodable payload).
+    pub(crate) stray_window: Duration,
+    pub(crate) max_actions: usize,
+    pub(crate) shutdown_timeout: Duration,
+    pub(crate) handle_sigterm: bool,
+    pub(crate) on_report: Option<ReportHook>,
+}
+
+/// The `on_report` callback.
+#[derive(Clone)]
+pub(crate) struct ReportHook(pub(crate) Arc<dyn Fn(&PhaseReport) + Send + Sync>);
+
+impl std::fmt::Debug for ReportHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReportHook")
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            flushers: Vec::new(),
+            flush_timeout: Duration::from_secs(10),
+            safety_margin: Duration::from_millis(100),
+            claim_timeout: Duration::from_secs(1),
+            stray_window: Duration::from_millis(500),
+            max_actions: 1000,
+            // Lambda gives a function with an internal extension 500 ms between SIGTERM and
+            // SIGKILL (Extensions API docs, "Shutdown phase").
+            shutdown_timeout: Duration::from_millis(400),
+            handle_sigterm: true,
+            on_report: None,
+        }
+    }
+}
+
+/// Where deferred work runs in this process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Mode {
+    /// After the response, held by the internal extension (the chained `event/next`).
+    Extension,
+    /// Inline, before the handler returns: no extension holds the environment (outside
+    /// Lambda, or registration failed). Slower, but nothing is lost.
+    Inline,
+    /// As background tasks, drained on SIGTERM (Lambda Managed Instances, where nothing is
+    /// frozen and extensions may not subscribe to INVOKE).
+    Background,
+}
+
+/// The chain's side of the state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Chain {
+    /// One `event/next` call is in flight.
+    Armed,
+    /// An INVOKE event is held in the slot; the next call waits for its phase.
+    Holding,
+    /// The last `event/next` failed; it will be retried.
+    Broken,
+    /// No more calls (SHUTDOWN received, or the process is exiting).
+    Stopped,
+}
+
+/// The INVOKE event the chain holds, and what is known of its invocation.
+#[derive(Debug)]
+pub(crate) struct Slot {
+    pub(crate) event: InvokeEvent,
+    /// A wrapper is running for it.
+    pub(crate) claimed: bool,
+    /// The wrapper's queue, once the handler has returned.
+    pub(crate) job: Option<Job>,
+    /// The runtime layer saw the response posted.
+    pub(crate) responded: bool,
+}
+
+#[derive(Debug)]
+pub(crate) struct State {
+    pub(crate) chain: Chain,
+    pub(crate) slot: Option<Slot>,
+    /// A wrapper started for this request id before its event arrived.
+    pub(crate) expected: Option<String>,
+    /// Request ids closed without (or before) their wrapper: a late wrapper runs inline.
+    pub(crate) closed: VecDeque<String>,
+}
+
+const CLOSED_KEPT: usize = 16;
+
+impl State {
+    pub(crate) fn close(&mut self, request_id: String) {
+        if self.closed.len() == CLOSED_KEPT {
+            self.closed.pop_front();
+        }
+        self.closed.push_back(request_id);
+    }
+
+    pub(crate) fn was_closed(&self, request_id: &str) -> bool {
+        self.closed.iter().any(|id| id == request_id)
+    }
+}
+
+/// Where a wrapper's work goes when its handler returns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Ticket {
+    Chained(String),
+    Inline,
+    Background,
+}
+
+/// The core of one process.
+#[derive(Debug)]
+pub(crate) struct Core {
+    pub(crate) config: Config,
+    pub(crate) mode: Mode,
+    pub(crate) state: watch::Sender<State>,
+    /// Set when the runtime layer is installed: it then closes every invocation.
+    pub(crate) layer_installed: AtomicBool,
+    /// Serialises phases with the final flush on SIGTERM.
+    pub(crate) phase_lock: tokio::sync::Mutex<()>,
+    /// Background phases (Managed Instances) still running, drained on SIGTERM.
+    pub(crate) background: std::sync::Mutex<tokio::task::JoinSet<()>>,
+}
+
+static GLOBAL: OnceLock<Arc<Core>> = OnceLock::new();
+
+impl Core {
+    pub(crate) fn new(config: Config, mode: Mode) -> Arc<Self> {
+        let chain = match mode {
+            Mode::Extension => Chain::Armed,
+            Mode::Inline | Mode::Background => Chain::Stopped,
+        };
+        Arc::new(Self {
+            config,
+            mode,
+            state: watch::Sender::new(State {
+                chain,
+                slot: None,
+                expected: None,
+                closed: VecDeque::new(),
+            }),
+            layer_installed: AtomicBool::new(false),
+            phase_lock: tokio::sync::Mutex::new(()),
+            background: std::sync::Mutex::new(tokio::task::JoinSet::new()),
+        })
+    }
+
+    /// The core of this process, if `Deferred::start` ran.
+    pub(crate) fn global() -> Option<&'static Arc<Core>> {
+        GLOBAL.get()
+    }
+
+    /// Installs `core` as this process's core; false if one was installed already.
+    pub(crate) fn install(core: Arc<Core>) -> bool {
+        GLOBAL.set(core).is_ok()
+    }
+
+    pub(crate) fn layer_installed(&self) -> bool {
+        self.layer_installed.load(Ordering::Acquire)
+    }
+
+    /// Called by the wrapper when a handler starts: no waiting on the response path.
+    pub(crate) fn begin(&self, request_id: &str) -> Ticket {
+        match self.mode {
+            Mode::Inline => return Ticket::Inline,
+            Mode::Background => return Ticket::Background,
+            Mode::Extension => {}
+        }
+        if request_id.is_empty() {
+            return Ticket::Inline;
+        }
+        let mut ticket = Ticket::Chained(request_id.to_owned());
+        self.state.send_modify(|state| {
+            if state.was_closed(request_id) {
+                ticket = Ticket::Inline;
+                return;
+            }
+            match &mut state.slot {
+                Some(slot) if slot.event.request_id == request_id && !slot.claimed => {
+                    slot.claimed = true;
+                }
+                Some(slot) if slot.event.request_id != request_id => {
+                    // The extension was given another invocation than the runtime: the chain
+                    // is out of step. Release that event and keep this invocation's work
+                    // inline, so nothing depends on a readiness signal we cannot trust.
+                    tracing::error!(
+                        target: "deferred",
+                        runtime_request_id = request_id,
+                        extension_request_id = %slot.event.request_id,
+                        "the extension's INVOKE event does not match the runtime's invocation; \
+                         running this invocation's deferred work inline"
+                    );
+                    let stale = slot.event.request_id.clone();
+                    state.slot = None;
+                    state.close(stale);
+                    state.close(request_id.to_owned());
+                    ticket = Ticket::Inline;
+                }
+                Some(_) => {}
+                None if state.chain == Chain::Armed => state.expected = Some(request_id.to_owned()),
+                None => ticket = Ticket::Inline,
+            }
+        });
+        ticket
+    }
+
+    /// Called by the wrapper when the handler returned, before [`dispatch`](Self::dispatch):
+    /// usually the INVOKE event is there already; if the extension's answer is still on its
+    /// way, wait for it briefly (after the body, so rarely on the response path).
+    pub(crate) async fn await_event(&self, ticket: &Ticket) {
+        let Ticket::Chained(request_id) = ticket else {
+            return;
+        };
+        let mut rx = self.state.subscribe();
+        let wait = rx.wait_for(|s| {
+            s.slot
+                .as_ref()
+                .is_some_and(|slot| &slot.event.request_id == request_id)
+                || s.chain != Chain::Armed
+                || s.was_closed(request_id)
+        });
+        let _ = tokio::time::timeout(self.config.claim_timeout, wait).await;
+    }
+
+    /// Hands a finished handler's `job` to the chain or to a background task; gives it back
+    /// when it must run inline, before the response.
+    pub(crate) fn dispatch(self: &Arc<Self>, ticket: &Ticket, job: Job) -> Option<Job> {
+        match ticket {
+            Ticket::Inline => Some(job),
+            Ticket::Background => {
+                self.spawn_background(job);
+                None
+            }
+            Ticket::Chained(request_id) => self.hand_over(request_id, job),
+        }
+    }
+
+    /// Puts `job` in the chain's slot if the chain holds its invocation.
+    fn hand_over(&self, request_id: &str, job: Job) -> Option<Job> {
+        let mut job = Some(job);
+        self.state.send_if_modified(|state| {
+            if state.expected.as_deref() == Some(request_id) {
+                state.expected = None;
+            }
+            match &mut state.slot {
+                Some(slot) if slot.event.request_id == request_id && slot.job.is_none() => {
+                    slot.claimed = true;
+                    slot.job = job.take();
+                    true
+                }
+                _ => {
+                    // Too late (the chain closed it) or never arrived: the chain will close
+                    // it on arrival, and the work runs inline, before the response.
+                    if !state.was_closed(request_id) {
+                        state.close(request_id.to_owned());
+                    }
+                    false
+                }
+            }
+        });
+        if job.is_some() {
+            tracing::warn!(
+                target: "deferred",
+                request_id,
+                "the extension did not hold this invocation; running its deferred work inline"
+            );
+        }
+        job
+    }
+
+    /// Called by the runtime layer once the response is posted and the invocation's span closed.
+    pub(crate) fn responded(&self, request_id: &str) {
+        self.state.send_if_modified(|state| match &mut state.slot {
+            Some(slot) if slot.event.request_id == request_id => {
+                slot.responded = true;
+                true
+            }
+            _ => false,
+        });
+    }
+
+    /// The job of a handler that ran with this queue.
+    pub(crate) fn job(
+        &self,
+        invocation: &crate::context::Invocation,
+        queue: Arc<crate::scope::Queue>,
+        flush_timeout: Option<Duration>,
+    ) -> Job {
+        Job {
+            request_id: invocation.request_id.clone(),
+            deadline: invocation.deadline,
+            queue,
+            flush_timeout: flush_timeout.unwrap_or(self.config.flush_timeout),
+        }
+    }
+
+    /// Runs a phase and reports it. Phases never overlap, except background ones.
+    pub(crate) async fn run_phase(&self, job: Job, kind: PhaseKind) -> PhaseReport {
+        let budget = Budget::new(job.deadline, self.config.safety_margin);
+        let report = if kind == PhaseKind::Background {
+            phase::run(job, &self.config.flushers, budget, kind).await
+        } else {
+            let _serial = self.phase_lock.lock().await;
+            phase::run(job, &self.config.flushers, budget, kind).await
+        };
+        report.emit();
+        if let Some(hook) = &self.config.on_report {
+            (hook.0)(&report);
+        }
+        report
+    }
+
+    pub(crate) fn spawn_background(self: &Arc<Self>, job: Job) {
+        let core = self.clone();
+        let mut tasks = lock(&self.background);
+        // Reap finished phases so the set does not grow with every invocation.
+        while tasks.try_join_next().is_some() {}
+        tasks.spawn(async move {
+            core.run_phase(job, PhaseKind::Background).await;
+        });
+    }
+}

@@ -1,0 +1,236 @@
+//! HTTP calls of the Extensions API, over `lambda_runtime_api_client` (the runtime's own
+//! client: same connection handling, same `AWS_LAMBDA_RUNTIME_API` path-prefix rule).
+
+use http::{Method, Request, Uri};
+use http_body_util::{BodyExt, Limited};
+use lambda_runtime_api_client::{PooledClient, body::Body};
+use serde::Deserialize;
+
+use super::error::ClientError;
+use super::event::{NextEvent, decode_event};
+
+const BASE: &str = "/2020-01-01/extension";
+const NAME_HEADER: &str = "Lambda-Extension-Name";
+const ID_HEADER: &str = "Lambda-Extension-Identifier";
+const ERROR_TYPE_HEADER: &str = "Lambda-Extension-Function-Error-Type";
+/// Events and error bodies are small; a larger answer is a protocol error, not a reason to
+/// allocate without bound.
+const MAX_BODY: usize = 256 * 1024;
+
+/// A client of the Extensions API.
+#[derive(Debug)]
+pub struct Client {
+    http: PooledClient,
+}
+
+/// The answer to a successful registration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registration {
+    /// The `Lambda-Extension-Identifier` to send on every later call.
+    pub extension_id: String,
+    /// `functionName` from the answer's body (empty when absent).
+    pub function_name: String,
+    /// `functionVersion` from the answer's body (empty when absent).
+    pub function_version: String,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", default)]
+struct RegisterBody {
+    function_name: String,
+    function_version: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ErrorBody {
+    error_type: Option<String>,
+    error_message: Option<String>,
+}
+
+impl Client {
+    /// A client for `runtime_api`, the value of `AWS_LAMBDA_RUNTIME_API`: `host:port`, possibly
+    /// followed by a path prefix (`host:port/prefix`, used by some local tools), which is kept.
+    pub fn new(runtime_api: &str) -> Result<Self, ClientError> {
+        let runtime_api = runtime_api.trim();
+        if runtime_api.is_empty() {
+            return Err(ClientError::Endpoint("empty".into()));
+        }
+        let uri: Uri = format!("http://{runtime_api}")
+            .parse()
+            .map_err(|e| ClientError::Endpoint(format!("{runtime_api:?}: {e}")))?;
+        if uri.authority().is_none() || uri.query().is_some() {
+            return Err(ClientError::Endpoint(format!(
+                "{runtime_api:?} is not host:port[/prefix]"
+            )));
+        }
+        // lambda_runtime_api_client's set_origin joins the base path with ours, so a prefix in
+        // AWS_LAMBDA_RUNTIME_API survives, exactly as for the runtime's own calls.
+        let http = PooledClient::builder()
+            .with_pool_size(1)
+            .with_endpoint(uri)
+            .build();
+        Ok(Self { http })
+    }
+
+    /// A client for the `AWS_LAMBDA_RUNTIME_API` of this process, `None` outside Lambda.
+    pub fn from_env() -> Option<Result<Self, ClientError>> {
+        std::env::var("AWS_LAMBDA_RUNTIME_API")
+            .ok()
+            .map(|api| Self::new(&api))
+    }
+
+    /// `POST /register`: registers an extension named `name` for `events` (e.g. `["INVOKE"]`).
+    /// Must happen during init, before the runtime's first `next`.
+    pub async fn register(&self, name: &str, events: &[&str]) -> Result<Registration, ClientError> {
+        let body = serde_json::json!({ "events": events }).to_string();
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri(format!("{BASE}/register"))
+            .header(NAME_HEADER, name)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Body::from(body));
+        let (parts, body) = self.send(request).await?;
+        let extension_id = parts
+            .headers
+            .get(ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| ClientError::Malformed(format!("register answer without {ID_HEADER}")))?
+            .to_owned();
+        // The body only informs; an odd body does not make a successful registration fail.
+        let info: RegisterBody = serde_json::from_slice(&body).unwrap_or_default();
+        Ok(Registration {
+            extension_id,
+            function_name: info.function_name,
+            function_version: info.function_version,
+        })
+    }
+
+    /// `GET /event/next`: blocks until the next event. Never put a timeout on it: Lambda
+    /// answers only when the next invocation arrives, which may be hours away.
+    pub async fn next_event(&self, extension_id: &str) -> Result<NextEvent, ClientError> {
+        let request = Request::builder()
+            .method(Method::GET)
+            .uri(format!("{BASE}/event/next"))
+            .header(ID_HEADER, extension_id)
+            .body(Body::empty());
+        let (_, body) = self.send(request).await?;
+        decode_event(&body)
+    }
+
+    /// `POST /init/error`: reports a failed initialisation; the extension may make no further
+    /// calls after it.
+    pub async fn init_error(
+        &self,
+        extension_id: &str,
+        error_type: &str,
+        message: &str,
+    ) -> Result<(), ClientError> {
+        self.report_error("init/error", extension_id, error_type, message)
+            .await
+    }
+
+    /// `POST /exit/error`: reports an error before exiting; the extension may make no further
+    /// calls after it.
+    pub async fn exit_error(
+        &self,
+        extension_id: &str,
+        error_type: &str,
+        message: &str,
+    ) -> Result<(), ClientError> {
+        self.report_error("exit/error", extension_id, error_type, message)
+            .await
+    }
+
+    /// Drops pooled connections (after a SnapStart restore they are stale).
+    pub fn reset_pool(&self) {
+        self.http.reset_pool();
+    }
+
+    async fn report_error(
+        &self,
+        path: &str,
+        extension_id: &str,
+        error_type: &str,
+        message: &str,
+    ) -> Result<(), ClientError> {
+        let body = serde_json::json!({ "errorMessage": message, "errorType": error_type });
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri(format!("{BASE}/{path}"))
+            .header(ID_HEADER, extension_id)
+            .header(ERROR_TYPE_HEADER, error_type)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Body::from(body.to_string()));
+        self.send(request).await.map(|_| ())
+    }
+
+    /// Sends a request; a non-2xx answer becomes [`ClientError::Api`] with the API's errorType.
+    async fn send(
+        &self,
+        request: http::Result<Request<Body>>,
+    ) -> Result<(http::response::Parts, bytes::Bytes), ClientError> {
+        let request = request.map_err(|e| ClientError::Malformed(format!("request: {e}")))?;
+        let response = self
+            .http
+            .call(request)
+            .await
+            .map_err(|e| ClientError::Transport(error_chain(e.as_ref())))?;
+        let (parts, body) = response.into_parts();
+        let body = Limited::new(body, MAX_BODY)
+            .collect()
+            .await
+            .map_err(|e| ClientError::Transport(format!("reading the answer: {e}")))?
+            .to_bytes();
+        if parts.status.is_success() {
+            return Ok((parts, body));
+        }
+        let (error_type, message) = match serde_json::from_slice::<ErrorBody>(&body) {
+            Ok(e) => (
+                e.error_type,
+                e.error_message.unwrap_or_else(|| lossy(&body)),
+            ),
+            Err(_) => (None, lossy(&body)),
+        };
+        Err(ClientError::Api {
+            status: parts.status.as_u16(),
+            error_type,
+            message,
+        })
+    }
+}
+
+fn lossy(body: &[u8]) -> String {
+    const SHOWN: usize = 512;
+    String::from_utf8_lossy(&body[..body.len().min(SHOWN)]).into_owned()
+}
+
+/// hyper's errors say little at the top ("client error (Connect)"); the cause says why.
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_forms() {
+        assert!(Client::new("127.0.0.1:9001").is_ok());
+        assert!(Client::new("localhost:9001/my-function").is_ok());
+        assert!(matches!(Client::new(""), Err(ClientError::Endpoint(_))));
+        assert!(matches!(Client::new("a b"), Err(ClientError::Endpoint(_))));
+        assert!(matches!(
+            Client::new("host:9001/x?y=1"),
+            Err(ClientError::Endpoint(_))
+        ));
+    }
+}

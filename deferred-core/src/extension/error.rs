@@ -1,0 +1,45 @@
+//! Errors of the Extensions API client.
+
+use std::fmt;
+
+/// Why a call to the Extensions API failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// `AWS_LAMBDA_RUNTIME_API` is not a usable `host:port[/prefix]`.
+    Endpoint(String),
+    /// The request could not be sent or the answer not read (refused, closed mid-body).
+    Transport(String),
+    /// The API answered with an error status; `error_type` is its `errorType`, e.g.
+    /// `Extension.RegistrationClosed`.
+    Api {
+        /// The HTTP status.
+        status: u16,
+        /// The `errorType` of the JSON error body, when it had one.
+        error_type: Option<String>,
+        /// The `errorMessage`, or the raw body.
+        message: String,
+    },
+    /// The answer does not follow the protocol (missing header, undecodable body, unknown event).
+    Malformed(String),
+}
+
+impl fmt::Display for ClientError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Endpoint(m) => write!(f, "bad AWS_LAMBDA_RUNTIME_API: {m}"),
+            Self::Transport(m) => write!(f, "Extensions API unreachable: {m}"),
+            Self::Api {
+                status,
+                error_type,
+                message,
+            } => match error_type {
+                Some(t) => write!(f, "Extensions API answered {status} {t}: {message}"),
+                None => write!(f, "Extensions API answered {status}: {message}"),
+            },
+            Self::Malformed(m) => write!(f, "Extensions API answer malformed: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for ClientError {}

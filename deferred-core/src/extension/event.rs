@@ -1,0 +1,148 @@
+//! The events `GET /event/next` answers, decoded strictly: a malformed or unknown event is an
+//! error value, never a panic or a silent default.
+
+use std::time::SystemTime;
+
+use serde::Deserialize;
+
+use super::error::ClientError;
+use crate::context::deadline_from_epoch_ms;
+
+/// An event delivered to an extension.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NextEvent {
+    /// `{"eventType":"INVOKE", …}`: an invocation started.
+    Invoke(InvokeEvent),
+    /// `{"eventType":"SHUTDOWN", …}`: the environment shuts down (external extensions only).
+    Shutdown(ShutdownEvent),
+}
+
+/// An INVOKE event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvokeEvent {
+    /// The invocation's request id, the same the runtime receives.
+    pub request_id: String,
+    /// The invocation's deadline (`deadlineMs`, epoch milliseconds).
+    pub deadline: SystemTime,
+    /// The ARN the function was invoked with, when Lambda sent it.
+    pub invoked_function_arn: Option<String>,
+    /// The `X-Amzn-Trace-Id` value, when tracing is on.
+    pub trace_id: Option<String>,
+}
+
+/// A SHUTDOWN event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShutdownEvent {
+    /// `SPINDOWN`, `TIMEOUT` or `FAILURE`.
+    pub reason: String,
+    /// When the environment will be stopped, if Lambda sent it.
+    pub deadline: Option<SystemTime>,
+}
+
+// Field names per the Extensions API reference ("Next event"): eventType, deadlineMs,
+// requestId, invokedFunctionArn, tracing{type,value}; shutdownReason for SHUTDOWN.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawEvent {
+    event_type: String,
+    request_id: Option<String>,
+    deadline_ms: Option<u64>,
+    invoked_function_arn: Option<String>,
+    tracing: Option<RawTracing>,
+    shutdown_reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawTracing {
+    value: Option<String>,
+}
+
+/// Decodes the body of an `event/next` answer.
+///
+/// ```
+/// use deferred_core::extension::{decode_event, NextEvent};
+/// let body = br#"{"eventType":"INVOKE","deadlineMs":1700000000000,"requestId":"r-1","invokedFunctionArn":"arn:aws:lambda:eu-west-1:1:function:f"}"#;
+/// let NextEvent::Invoke(event) = decode_event(body)? else { panic!("an INVOKE event") };
+/// assert_eq!(event.request_id, "r-1");
+/// assert!(decode_event(b"{\"eventType\":\"RESTART\"}").is_err());
+/// # Ok::<(), deferred_core::extension::ClientError>(())
+/// ```
+pub fn decode_event(body: &[u8]) -> Result<NextEvent, ClientError> {
+    let raw: RawEvent = serde_json::from_slice(body)
+        .map_err(|e| ClientError::Malformed(format!("event/next body is not an event: {e}")))?;
+    match raw.event_type.as_str() {
+        "INVOKE" => {
+            let request_id = raw
+                .request_id
+                .filter(|id| !id.is_empty())
+                .ok_or_else(|| ClientError::Malformed("INVOKE event without requestId".into()))?;
+            let deadline = raw
+                .deadline_ms
+                .and_then(deadline_from_epoch_ms)
+                .ok_or_else(|| ClientError::Malformed("INVOKE event without deadlineMs".into()))?;
+            Ok(NextEvent::Invoke(InvokeEvent {
+                request_id,
+                deadline,
+                invoked_function_arn: raw.invoked_function_arn,
+                trace_id: raw.tracing.and_then(|t| t.value),
+            }))
+        }
+        "SHUTDOWN" => Ok(NextEvent::Shutdown(ShutdownEvent {
+            reason: raw.shutdown_reason.unwrap_or_default(),
+            deadline: raw.deadline_ms.and_then(deadline_from_epoch_ms),
+        })),
+        other => Err(ClientError::Malformed(format!(
+            "event/next returned an unknown eventType {other:?}"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invoke_with_tracing() {
+        let body = br#"{"eventType":"INVOKE","deadlineMs":1700000000500,"requestId":"abc","invokedFunctionArn":"arn","tracing":{"type":"X-Amzn-Trace-Id","value":"Root=1-2-3"}}"#;
+        let NextEvent::Invoke(ev) = decode_event(body).expect("valid") else {
+            panic!("expected INVOKE")
+        };
+        assert_eq!(ev.request_id, "abc");
+        assert_eq!(ev.trace_id.as_deref(), Some("Root=1-2-3"));
+        assert_eq!(
+            ev.deadline,
+            std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_700_000_000_500)
+        );
+    }
+
+    #[test]
+    fn shutdown() {
+        let body =
+            br#"{"eventType":"SHUTDOWN","shutdownReason":"SPINDOWN","deadlineMs":1700000000500}"#;
+        assert!(matches!(decode_event(body), Ok(NextEvent::Shutdown(s)) if s.reason == "SPINDOWN"));
+    }
+
+    #[test]
+    fn malformed_inputs_are_errors() {
+        for body in [
+            &b""[..],
+            b"null",
+            b"[]",
+            b"{}",
+            b"{\"eventType\":\"INVOKE\"}",
+            b"{\"eventType\":\"INVOKE\",\"requestId\":\"a\"}",
+            b"{\"eventType\":\"INVOKE\",\"requestId\":\"\",\"deadlineMs\":5}",
+            b"{\"eventType\":\"INVOKE\",\"requestId\":\"a\",\"deadlineMs\":-5}",
+            b"{\"eventType\":\"INVOKE\",\"requestId\":\"a\",\"deadlineMs\":0}",
+            b"{\"eventType\":7}",
+            b"{\"eventType\":\"RESTART\"}",
+            b"\xff\xfe",
+        ] {
+            assert!(
+                matches!(decode_event(body), Err(ClientError::Malformed(_))),
+                "{:?}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+}

@@ -1,0 +1,454 @@
+//! The deferred phase: the actions one by one in queue order, then every flush, all within the
+//! invocation's budget.
+
+use std::any::Any;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::time::Instant;
+
+use crate::flush::Flusher;
+use crate::report::{
+    ActionOutcome, ActionReport, CutReason, FlushOutcome, FlushReport, PhaseKind, PhaseReport,
+};
+use crate::scope::{Queue, with_queue};
+
+/// Lambda's longest function timeout: the bound when an invocation's deadline is unknown.
+const MAX_FUNCTION_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+
+/// The work of one invocation, handed from the wrapper to whoever runs the phase.
+#[derive(Debug)]
+pub(crate) struct Job {
+    pub(crate) request_id: String,
+    /// The invocation's deadline, `None` when unknown.
+    pub(crate) deadline: Option<SystemTime>,
+    pub(crate) queue: Arc<Queue>,
+    /// `flush_timeout` of the handler, or of the builder.
+    pub(crate) flush_timeout: Duration,
+}
+
+/// When the phase must be over: the invocation's deadline minus the safety margin.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Budget {
+    pub(crate) end: Instant,
+}
+
+impl Budget {
+    /// The budget for an invocation ending at `deadline` (wall clock), keeping `margin` spare.
+    pub(crate) fn new(deadline: Option<SystemTime>, margin: Duration) -> Self {
+        let now = Instant::now();
+        let end = match deadline {
+            // Lambda stops the environment at the deadline, extension time included: the phase
+            // must be over before it (Extensions API docs, "Invoke phase").
+            Some(deadline) => {
+                let left = deadline
+                    .duration_since(SystemTime::now())
+                    .unwrap_or(Duration::ZERO);
+                now + left.saturating_sub(margin)
+            }
+            None => now + MAX_FUNCTION_TIMEOUT,
+        };
+        Self { end }
+    }
+}
+
+/// Runs a phase: actions (cut before they starve the flush), then flushes, then the report.
+pub(crate) async fn run(
+    job: Job,
+    flushers: &[Flusher],
+    budget: Budget,
+    kind: PhaseKind,
+) -> PhaseReport {
+    let started = Instant::now();
+    let mut cut = Vec::new();
+
+    // The flush keeps a reserve: its own timeout, but at most half of what is left, so that a
+    // long flush_timeout on a short function does not leave the actions no time at all.
+    let left = budget.end.saturating_duration_since(started);
+    let reserve = if flushers.is_empty() {
+        Duration::ZERO
+    } else {
+        job.flush_timeout.min(left / 2)
+    };
+    let actions_end = budget.end.checked_sub(reserve).unwrap_or(started);
+    let actions = run_actions(&job.queue, actions_end, &mut cut, started).await;
+
+    let flush_start = Instant::now();
+    let flush_end = budget.end.min(flush_start + job.flush_timeout);
+    let flushes = run_flushes(flushers, flush_end, &mut cut).await;
+
+    PhaseReport {
+        request_id: job.request_id,
+        kind,
+        actions,
+        flushes,
+        duration: started.elapsed(),
+        cut,
+    }
+}
+
+async fn run_actions(
+    queue: &Arc<Queue>,
+    end: Instant,
+    cut: &mut Vec<CutReason>,
+    started: Instant,
+) -> Vec<ActionReport> {
+    let mut reports = Vec::new();
+    let mut out_of_time = false;
+    // `pop` rather than a drained list: an action may queue more actions, which run after it.
+    while let Some(action) = queue.pop() {
+        let label = action.label();
+        if out_of_time || Instant::now() >= end {
+            if !out_of_time {
+                out_of_time = true;
+                cut.push(CutReason::ActionBudget {
+                    budget: end.saturating_duration_since(started),
+                });
+            }
+            reports.push(ActionReport {
+                label,
+                duration: Duration::ZERO,
+                outcome: ActionOutcome::NotRun,
+            });
+            continue;
+        }
+        let begun = Instant::now();
+        // A task of its own: a panic is caught by tokio, and an overrun can be aborted.
+        let mut task = tokio::spawn(with_queue(queue.clone(), action.future));
+        let outcome = match tokio::time::timeout_at(end, &mut task).await {
+            Ok(Ok(Ok(()))) => ActionOutcome::Ok,
+            Ok(Ok(Err(message))) => ActionOutcome::Failed(message),
+            Ok(Err(join)) if join.is_panic() => {
+                ActionOutcome::Panicked(panic_message(join.into_panic()))
+            }
+            Ok(Err(join)) => ActionOutcome::Failed(join.to_string()),
+            Err(_) => {
+                task.abort();
+                out_of_time = true;
+                cut.push(CutReason::ActionBudget {
+                    budget: end.saturating_duration_since(started),
+                });
+                ActionOutcome::TimedOut
+            }
+        };
+        reports.push(ActionReport {
+            label,
+            duration: begun.elapsed(),
+            outcome,
+        });
+    }
+    reports
+}
+
+/// Runs every flusher at once, each on its own blocking thread, all bounded by `end`: one slow
+/// or failing provider does not hold up or stop the others.
+pub(crate) async fn run_flushes(
+    flushers: &[Flusher],
+    end: Instant,
+    cut: &mut Vec<CutReason>,
+) -> Vec<FlushReport> {
+    let started = Instant::now();
+    let mut running = Vec::with_capacity(flushers.len());
+    for flusher in flushers {
+        let task = if started >= end {
+            Err("no time left before the deadline".to_owned())
+        } else {
+            flusher
+                .start()
+                .ok_or_else(|| "its previous flush is still running".to_owned())
+        };
+        running.push((flusher.name.to_string(), task));
+    }
+    let mut reports = Vec::with_capacity(running.len());
+    let mut timed_out = false;
+    for (name, task) in running {
+        let outcome = match task {
+            Err(why) => FlushOutcome::NotRun(why),
+            Ok(mut task) => match tokio::time::timeout_at(end, &mut task).await {
+                Ok(Ok(Ok(()))) => FlushOutcome::Ok,
+                Ok(Ok(Err(e))) => FlushOutcome::Failed(e),
+                Ok(Err(join)) if join.is_panic() => {
+                    FlushOutcome::Panicked(panic_message(join.into_panic()))
+                }
+                Ok(Err(join)) => FlushOutcome::Failed(join.to_string()),
+                // Abandoned: a blocking thread cannot be stopped; the flusher stays busy until
+                // it returns, and later phases skip it meanwhile.
+                Err(_) => {
+                    timed_out = true;
+                    FlushOutcome::TimedOut
+                }
+            },
+        };
+        reports.push(FlushReport {
+            name,
+            duration: started.elapsed(),
+            outcome,
+        });
+    }
+    if timed_out {
+        cut.push(CutReason::FlushBudget {
+            budget: end.saturating_duration_since(started),
+        });
+    }
+    reports
+}
+
+fn panic_message(payload: Box<dyn Any + Send>) -> String {
+    match payload.downcast::<String>() {
+        Ok(s) => *s,
+        Err(payload) => match payload.downcast::<&'static str>() {
+            Ok(s) => (*s).to_owned(),
+            Err(_) => "a panic with a non-text payload".to_owned(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::flush::{FlushError, flush_fn};
+    use crate::scope::defer;
+
+    fn job(queue: Arc<Queue>, flush_timeout: Duration) -> Job {
+        Job {
+            request_id: "r-1".into(),
+            deadline: None,
+            queue,
+            flush_timeout,
+        }
+    }
+
+    /// Queues `actions` the way a handler does: inside the queue's scope.
+    async fn queue_with(actions: impl FnOnce()) -> Arc<Queue> {
+        let queue = Queue::new(100);
+        with_queue(queue.clone(), async { actions() }).await;
+        queue
+    }
+
+    fn budget(secs: u64) -> Budget {
+        Budget {
+            end: Instant::now() + Duration::from_secs(secs),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn actions_run_in_order_then_the_flush() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (a, b, f) = (log.clone(), log.clone(), log.clone());
+        let queue = queue_with(|| {
+            defer(Some("a".into()), async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                a.lock().unwrap().push("a");
+            })
+            .unwrap();
+            defer(None, async move { b.lock().unwrap().push("b") }).unwrap();
+        })
+        .await;
+        let flushers = [Flusher::new(flush_fn("f", move || {
+            f.lock().unwrap().push("flush");
+            Ok::<(), FlushError>(())
+        }))];
+        let report = run(
+            job(queue, Duration::from_secs(1)),
+            &flushers,
+            budget(10),
+            PhaseKind::Chained,
+        )
+        .await;
+        assert_eq!(*log.lock().unwrap(), ["a", "b", "flush"]);
+        assert!(report.is_clean(), "{report}");
+        assert_eq!(report.actions[0].label.name.as_deref(), Some("a"));
+        assert_eq!(report.actions[1].label.name, None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failures_and_panics_do_not_stop_later_actions_or_the_flush() {
+        let ran = Arc::new(AtomicUsize::new(0));
+        let (r1, r2) = (ran.clone(), ran.clone());
+        let queue = queue_with(|| {
+            defer(None, async {
+                panic!("boom");
+                #[allow(unreachable_code)]
+                ()
+            })
+            .unwrap();
+            defer(None, async { Err::<(), _>("bad input") }).unwrap();
+            defer(None, async move {
+                r1.fetch_add(1, Ordering::SeqCst);
+            })
+            .unwrap();
+        })
+        .await;
+        let flushers = [Flusher::new(flush_fn("f", move || {
+            r2.fetch_add(10, Ordering::SeqCst);
+            Ok::<(), FlushError>(())
+        }))];
+        let report = run(
+            job(queue, Duration::from_secs(1)),
+            &flushers,
+            budget(10),
+            PhaseKind::Chained,
+        )
+        .await;
+        assert_eq!(ran.load(Ordering::SeqCst), 11);
+        assert_eq!(
+            report.actions[0].outcome,
+            ActionOutcome::Panicked("boom".into())
+        );
+        assert_eq!(
+            report.actions[1].outcome,
+            ActionOutcome::Failed("bad input".into())
+        );
+        assert_eq!(report.actions[2].outcome, ActionOutcome::Ok);
+        assert_eq!(report.flushes[0].outcome, FlushOutcome::Ok);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hung_action_is_cut_before_it_starves_the_flush() {
+        let flushed = Arc::new(AtomicUsize::new(0));
+        let f = flushed.clone();
+        let queue = queue_with(|| {
+            defer(Some("hang".into()), std::future::pending::<()>()).unwrap();
+            defer(Some("later".into()), async {}).unwrap();
+        })
+        .await;
+        let flushers = [Flusher::new(flush_fn("f", move || {
+            f.fetch_add(1, Ordering::SeqCst);
+            Ok::<(), FlushError>(())
+        }))];
+        let started = Instant::now();
+        // 10 s left, flush_timeout 2 s: the actions get 8 s.
+        let report = run(
+            job(queue, Duration::from_secs(2)),
+            &flushers,
+            budget(10),
+            PhaseKind::Chained,
+        )
+        .await;
+        assert_eq!(report.actions[0].outcome, ActionOutcome::TimedOut);
+        assert_eq!(report.actions[1].outcome, ActionOutcome::NotRun);
+        assert_eq!(
+            report.cut,
+            [CutReason::ActionBudget {
+                budget: Duration::from_secs(8)
+            }]
+        );
+        assert_eq!(flushed.load(Ordering::SeqCst), 1);
+        assert_eq!(report.flushes[0].outcome, FlushOutcome::Ok);
+        assert!(started.elapsed() <= Duration::from_secs(10));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_flush_reserve_is_at_most_half_of_what_is_left() {
+        let queue = queue_with(|| defer(None, std::future::pending::<()>()).unwrap()).await;
+        let flushers = [Flusher::new(flush_fn("f", || Ok::<(), FlushError>(())))];
+        // 3 s left and flush_timeout 10 s: actions still get 1.5 s.
+        let report = run(
+            job(queue, Duration::from_secs(10)),
+            &flushers,
+            budget(3),
+            PhaseKind::Chained,
+        )
+        .await;
+        assert_eq!(
+            report.cut[0],
+            CutReason::ActionBudget {
+                budget: Duration::from_millis(1500)
+            }
+        );
+    }
+
+    // Real time: a running spawn_blocking task stops a paused clock from advancing.
+    #[tokio::test]
+    async fn a_stalled_flush_is_abandoned_and_skipped_while_it_runs() {
+        let release = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        let r = release.clone();
+        let stalled = Flusher::new(flush_fn("stalled", move || {
+            let (lock, cvar) = &*r;
+            let mut go = lock.lock().unwrap();
+            while !*go {
+                go = cvar.wait(go).unwrap();
+            }
+            Ok::<(), FlushError>(())
+        }));
+        let healthy_runs = Arc::new(AtomicUsize::new(0));
+        let h = healthy_runs.clone();
+        let healthy = Flusher::new(flush_fn("healthy", move || {
+            h.fetch_add(1, Ordering::SeqCst);
+            Ok::<(), FlushError>(())
+        }));
+        let flushers = [stalled, healthy];
+        let report = run(
+            job(Queue::new(0), Duration::from_millis(200)),
+            &flushers,
+            budget(10),
+            PhaseKind::Chained,
+        )
+        .await;
+        assert_eq!(report.flushes[0].outcome, FlushOutcome::TimedOut);
+        assert_eq!(report.flushes[1].outcome, FlushOutcome::Ok);
+        assert!(matches!(report.cut[..], [CutReason::FlushBudget { .. }]));
+
+        let again = run(
+            job(Queue::new(0), Duration::from_millis(200)),
+            &flushers,
+            budget(10),
+            PhaseKind::Chained,
+        )
+        .await;
+        assert!(
+            matches!(&again.flushes[0].outcome, FlushOutcome::NotRun(why) if why.contains("still running"))
+        );
+        assert_eq!(healthy_runs.load(Ordering::SeqCst), 2);
+
+        *release.0.lock().unwrap() = true;
+        release.1.notify_all();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_action_may_queue_more_actions() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (a, b) = (log.clone(), log.clone());
+        let queue = queue_with(|| {
+            defer(None, async move {
+                a.lock().unwrap().push("first");
+                defer(
+                    None,
+                    async move { b.lock().unwrap().push("queued by first") },
+                )
+                .unwrap();
+            })
+            .unwrap();
+        })
+        .await;
+        run(
+            job(queue, Duration::from_secs(1)),
+            &[],
+            budget(10),
+            PhaseKind::Chained,
+        )
+        .await;
+        assert_eq!(*log.lock().unwrap(), ["first", "queued by first"]);
+    }
+
+    #[tokio::test]
+    async fn no_time_left_means_nothing_starts() {
+        let queue = queue_with(|| defer(None, async {}).unwrap()).await;
+        let flushers = [Flusher::new(flush_fn("f", || Ok::<(), FlushError>(())))];
+        let past = Budget {
+            end: Instant::now(),
+        };
+        let report = run(
+            job(queue, Duration::from_secs(1)),
+            &flushers,
+            past,
+            PhaseKind::Chained,
+        )
+        .await;
+        assert_eq!(report.actions[0].outcome, ActionOutcome::NotRun);
+        assert!(matches!(report.flushes[0].outcome, FlushOutcome::NotRun(_)));
+    }
+}

@@ -1,0 +1,65 @@
+//! SIGTERM: Lambda sends it before stopping an environment with extensions registered, and
+//! gives internal extensions 500 ms (Extensions API docs, "Shutdown phase"). The core flushes
+//! everything it can within that, then exits.
+
+use std::sync::Arc;
+
+use tokio::time::Instant;
+
+use crate::core::Core;
+use crate::phase::run_flushes;
+use crate::report::{PhaseKind, PhaseReport};
+use crate::scope::lock;
+
+/// Listens for SIGTERM; on it, runs the final flush and exits with status 0.
+pub(crate) fn install(core: Arc<Core>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = match signal(SignalKind::terminate()) {
+            Ok(term) => term,
+            Err(error) => {
+                tracing::warn!(target: "deferred", %error, "cannot listen for SIGTERM: no final flush on shutdown");
+                return;
+            }
+        };
+        tokio::spawn(async move {
+            if term.recv().await.is_some() {
+                final_flush(&core).await;
+                std::process::exit(0);
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    let _ = core;
+}
+
+/// Waits (bounded) for a running phase and the background phases, then flushes every
+/// flusher, all within `shutdown_timeout`.
+pub(crate) async fn final_flush(core: &Core) -> PhaseReport {
+    let started = Instant::now();
+    let end = started + core.config.shutdown_timeout;
+    let half = started + core.config.shutdown_timeout / 2;
+    // A phase in progress carries spans and actions of the last invocation: let it finish if
+    // it can, but keep half of the time for the flush itself.
+    let _serial = tokio::time::timeout_at(half, core.phase_lock.lock()).await;
+    let mut background = std::mem::take(&mut *lock(&core.background));
+    let _ = tokio::time::timeout_at(half, async {
+        while background.join_next().await.is_some() {}
+    })
+    .await;
+    background.abort_all();
+
+    let mut cut = Vec::new();
+    let flushes = run_flushes(&core.config.flushers, end, &mut cut).await;
+    let report = PhaseReport {
+        request_id: String::new(),
+        kind: PhaseKind::Shutdown,
+        actions: Vec::new(),
+        flushes,
+        duration: started.elapsed(),
+        cut,
+    };
+    report.emit();
+    report
+}

@@ -1,0 +1,438 @@
+//! The rewrite: the handler's body runs inside the invocation's deferred scope.
+
+use std::mem;
+
+use proc_macro2::{Literal, Span, TokenStream};
+use quote::{ToTokens, quote, quote_spanned};
+use syn::spanned::Spanned as _;
+use syn::{
+    AttrStyle, Error, GenericArgument, Ident, Pat, PatIdent, PatType, PathArguments, ReturnType,
+    Token, Type, TypeInfer,
+};
+
+use crate::args::Args;
+use crate::item::HandlerFn;
+use crate::signature;
+
+/// `#[deferred_handler(args)] item`.
+///
+/// On an error the item is still emitted, next to the error, so the rest of the crate (and the
+/// IDE) keeps seeing the function: rewritten when only an argument is wrong, as written when
+/// the function itself cannot be rewritten.
+pub(crate) fn deferred_handler(args: TokenStream, item: TokenStream) -> TokenStream {
+    let (args, args_error) = Args::parse(args);
+    let handler: HandlerFn = match syn::parse2(item.clone()) {
+        Ok(handler) => handler,
+        Err(error) => return with_errors(item, [args_error, Some(error)]),
+    };
+    if let Err(error) = signature::check(&handler.sig) {
+        return with_errors(unchanged(handler), [args_error, Some(error)]);
+    }
+    if args.krate_invalid {
+        // Without the crate's path, the rewrite would only add "unresolved path" errors.
+        return with_errors(unchanged(handler), [args_error]);
+    }
+    with_errors(rewrite(handler, &args), [args_error])
+}
+
+fn with_errors(
+    mut tokens: TokenStream,
+    errors: impl IntoIterator<Item = Option<Error>>,
+) -> TokenStream {
+    for error in errors.into_iter().flatten() {
+        tokens.extend(error.into_compile_error());
+    }
+    tokens
+}
+
+/// The function as written, minus what our error already reports and rustc would report again
+/// (`const async fn`, an `extern` handler).
+fn unchanged(handler: HandlerFn) -> TokenStream {
+    let HandlerFn {
+        outer_attrs,
+        inner_attrs,
+        vis,
+        mut sig,
+        brace_token,
+        body,
+    } = handler;
+    sig.constness = None;
+    sig.abi = None;
+    let mut tokens = quote!(#(#outer_attrs)* #vis #sig);
+    brace_token.surround(&mut tokens, |tokens| {
+        tokens.extend(quote!(#(#inner_attrs)* #body));
+    });
+    tokens
+}
+
+/// The event argument, as the generated code names it.
+struct EventArg {
+    /// The argument's name in the rewritten signature.
+    ident: Ident,
+    /// `let <the user's pattern> = <ident>;`, the first statement of the body.
+    binding: TokenStream,
+    /// Where errors about the argument's type point.
+    ty_span: Span,
+}
+
+impl EventArg {
+    /// Moves the event into the body, where the user's pattern binds it.
+    ///
+    /// A plain `event` (or `mut event`) keeps its name in the signature, so `instrument` below
+    /// still records it by that name, and is re-bound as a local of the body (`mut` moves
+    /// there): a borrow of it that outlives the body is then reported as in a plain `fn`
+    /// ("`event` does not live long enough"), not as a temporary of the generated code. Any
+    /// other pattern gets a name of our own in the signature, hygienic (`mixed_site`) so it
+    /// cannot clash with the user's names.
+    fn bind(arg: &mut PatType) -> Self {
+        let ty_span = arg.ty.span();
+        if let Pat::Ident(
+            pat @ PatIdent {
+                by_ref: None,
+                subpat: None,
+                ..
+            },
+        ) = &mut *arg.pat
+        {
+            let mutability = pat.mutability.take();
+            let ident = pat.ident.clone();
+            return Self {
+                binding: quote! {
+                    #[allow(clippy::redundant_locals)]
+                    let #mutability #ident = #ident;
+                },
+                ident,
+                ty_span,
+            };
+        }
+        let located = Span::mixed_site().located_at(arg.pat.span());
+        let ident = Ident::new("__deferred_event", located);
+        let generated = Pat::Ident(PatIdent {
+            attrs: Vec::new(),
+            by_ref: None,
+            mutability: None,
+            ident: ident.clone(),
+            subpat: None,
+        });
+        let pattern = mem::replace(&mut *arg.pat, generated);
+        Self {
+            binding: quote!(let #pattern = #ident;),
+            ident,
+            ty_span,
+        }
+    }
+}
+
+fn rewrite(mut handler: HandlerFn, args: &Args) -> TokenStream {
+    let Some(event) = signature::event_argument(&mut handler.sig).map(EventArg::bind) else {
+        // `signature::check` rules this out.
+        return unchanged(handler);
+    };
+    let HandlerFn {
+        outer_attrs,
+        inner_attrs,
+        vis,
+        sig,
+        brace_token,
+        body,
+    } = handler;
+    let private = args.private_path();
+
+    let EventArg {
+        ident: event,
+        binding,
+        ty_span,
+    } = event;
+    let invocation = quote_spanned!(ty_span=> #private::invocation(&#event));
+
+    let flush_timeout = match args.flush_timeout {
+        Some(timeout) => {
+            let nanos = u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX);
+            let nanos = Literal::u64_unsuffixed(nanos);
+            quote! {
+                ::core::option::Option::Some(::core::time::Duration::from_nanos(#nanos))
+            }
+        }
+        None => quote!(::core::option::Option::None),
+    };
+
+    let fake_return = fake_return_edge(&sig.output, &sig.ident);
+
+    // The user's block keeps its braces and tokens, so errors inside point at the user's code;
+    // the async block gets the same braces, so "dropped here" points at the body's end.
+    let mut scoped_body = TokenStream::new();
+    brace_token.surround(&mut scoped_body, |tokens| {
+        tokens.extend(fake_return);
+        tokens.extend(binding);
+        brace_token.surround(tokens, |tokens| body.to_tokens(tokens));
+    });
+
+    let inner_attrs = inner_attrs.into_iter().map(|mut attr| {
+        attr.style = AttrStyle::Outer;
+        attr
+    });
+
+    let mut output = quote! {
+        #(#outer_attrs)*
+        #(#inner_attrs)*
+        #vis #sig
+    };
+    brace_token.surround(&mut output, |tokens| {
+        tokens.extend(quote! {
+            #private::scope(
+                #invocation,
+                #private::Options { flush_timeout: #flush_timeout },
+                async move #scoped_body,
+            )
+            .await
+        });
+    });
+    output
+}
+
+/// A `return` of the declared type, never taken, as the first statement of the async block.
+///
+/// It fixes the block's output type before the body is checked, so `?` and `return` infer
+/// their types from the signature and a mistyped tail expression is reported on the user's
+/// code ("expected `Result<Value, Error>`, found …"), not on the generated call. The same trick
+/// as `#[tracing::instrument]`.
+fn fake_return_edge(output: &ReturnType, ident: &Ident) -> TokenStream {
+    let (ty, span) = match output {
+        // `let _: ! = …` is unstable; a `-> !` body needs no help to infer.
+        ReturnType::Type(_, ty) if matches!(**ty, Type::Never(_)) => return TokenStream::new(),
+        ReturnType::Type(_, ty) => {
+            let span = ty.span();
+            let mut ty = (**ty).clone();
+            erase_impl_trait(&mut ty);
+            (ty.into_token_stream(), span)
+        }
+        ReturnType::Default => (quote!(()), ident.span()),
+    };
+    let fake = Ident::new("__deferred_return", Span::mixed_site().located_at(span));
+    quote_spanned! {span=>
+        #[allow(
+            unknown_lints,
+            unreachable_code,
+            clippy::diverging_sub_expression,
+            clippy::empty_loop,
+            clippy::let_unit_value,
+            clippy::let_with_type_underscore,
+            clippy::needless_return,
+            clippy::unreachable
+        )]
+        if false {
+            let #fake: #ty = loop {};
+            return #fake;
+        }
+    }
+}
+
+/// Replaces `impl Trait` by `_`: a `let` cannot name an opaque type.
+fn erase_impl_trait(ty: &mut Type) {
+    match ty {
+        Type::ImplTrait(impl_trait) => {
+            let span = impl_trait.impl_token.span;
+            *ty = Type::Infer(TypeInfer {
+                attrs: Vec::new(),
+                underscore_token: Token![_](span),
+            });
+        }
+        Type::Array(array) => erase_impl_trait(&mut array.elem),
+        Type::Group(group) => erase_impl_trait(&mut group.elem),
+        Type::Paren(paren) => erase_impl_trait(&mut paren.elem),
+        Type::Ptr(ptr) => erase_impl_trait(&mut ptr.elem),
+        Type::Reference(reference) => erase_impl_trait(&mut reference.elem),
+        Type::Slice(slice) => erase_impl_trait(&mut slice.elem),
+        Type::Tuple(tuple) => tuple.elems.iter_mut().for_each(erase_impl_trait),
+        Type::Path(path) => {
+            for segment in path.path.segments.iter_mut() {
+                if let PathArguments::AngleBracketed(generics) = &mut segment.arguments {
+                    for arg in generics.args.iter_mut() {
+                        if let GenericArgument::Type(ty) = arg {
+                            erase_impl_trait(ty);
+                        }
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn expand(args: TokenStream, item: TokenStream) -> String {
+        deferred_handler(args, item).to_string()
+    }
+
+    #[test]
+    fn plain_handler() {
+        let out = expand(
+            quote!(flush_timeout = "250ms"),
+            quote! {
+                /// Docs.
+                pub async fn handler(event: LambdaEvent<Value>) -> Result<Value, Error> {
+                    Ok(event.payload)
+                }
+            },
+        );
+        assert!(out.contains("# [doc = r\" Docs.\"] pub async fn handler (event : LambdaEvent < Value >) -> Result < Value , Error >"), "{out}");
+        assert!(out.contains(":: deferred_core :: __private :: scope (:: deferred_core :: __private :: invocation (& event)"), "{out}");
+        assert!(out.contains("flush_timeout : :: core :: option :: Option :: Some (:: core :: time :: Duration :: from_nanos (250000000))"), "{out}");
+        assert!(
+            out.contains("let __deferred_return : Result < Value , Error > = loop { } ;"),
+            "{out}"
+        );
+        assert!(
+            out.contains("{ Ok (event . payload) } } ,) . await"),
+            "{out}"
+        );
+        assert!(!out.contains("compile_error"), "{out}");
+    }
+
+    #[test]
+    fn destructured_argument_is_rebound() {
+        let out = expand(
+            quote!(),
+            quote! {
+                async fn handler(LambdaEvent { payload, .. }: LambdaEvent<u8>) -> u8 { payload }
+            },
+        );
+        assert!(
+            out.contains("async fn handler (__deferred_event : LambdaEvent < u8 >) -> u8"),
+            "{out}"
+        );
+        assert!(
+            out.contains("let LambdaEvent { payload , .. } = __deferred_event ;"),
+            "{out}"
+        );
+        assert!(
+            out.contains("flush_timeout : :: core :: option :: Option :: None"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn mut_moves_into_the_body() {
+        let out = expand(
+            quote!(),
+            quote!(
+                async fn h(mut event: E) {}
+            ),
+        );
+        assert!(out.contains("async fn h (event : E)"), "{out}");
+        assert!(out.contains("let mut event = event ;"), "{out}");
+    }
+
+    #[test]
+    fn const_and_extern_are_dropped_from_the_unchanged_item() {
+        let out = expand(
+            quote!(),
+            quote!(
+                const async extern "C" fn h(e: E) {
+                    1
+                }
+            ),
+        );
+        assert!(out.starts_with("async fn h (e : E) { 1 }"), "{out}");
+        assert!(out.contains("cannot wrap a `const fn`"), "{out}");
+    }
+
+    #[test]
+    fn invalid_crate_path_keeps_the_item_unchanged() {
+        let out = expand(
+            quote!(crate = "a b"),
+            quote!(
+                async fn h(mut e: E) {
+                    e
+                }
+            ),
+        );
+        assert!(out.starts_with("async fn h (mut e : E) { e }"), "{out}");
+        assert!(out.contains("is not a path"), "{out}");
+    }
+
+    #[test]
+    fn never_return_has_no_fake_return() {
+        let out = expand(
+            quote!(),
+            quote!(
+                async fn h(e: E) -> ! {
+                    loop {}
+                }
+            ),
+        );
+        assert!(!out.contains("__deferred_return"), "{out}");
+    }
+
+    #[test]
+    fn impl_trait_is_erased_in_the_fake_return() {
+        let out = expand(
+            quote!(),
+            quote!(
+                async fn h(e: E) -> Result<impl Serialize, (impl Display, u8)> {
+                    todo!()
+                }
+            ),
+        );
+        assert!(
+            out.contains("let __deferred_return : Result < _ , (_ , u8) > = loop"),
+            "{out}"
+        );
+        assert!(
+            out.contains("-> Result < impl Serialize , (impl Display , u8) >"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn inner_attributes_become_outer() {
+        let out = expand(
+            quote!(),
+            quote!(
+                async fn h(e: E) {
+                    #![allow(unused)]
+                    let x = 1;
+                }
+            ),
+        );
+        assert!(out.starts_with("# [allow (unused)] async fn h"), "{out}");
+        assert!(out.contains("{ let x = 1 ; }"), "{out}");
+    }
+
+    #[test]
+    fn crate_override() {
+        let out = expand(
+            quote!(crate = "renamed"),
+            quote!(
+                async fn h(e: E) {}
+            ),
+        );
+        assert!(out.contains(":: renamed :: __private :: scope"), "{out}");
+        assert!(!out.contains("deferred_core"), "{out}");
+    }
+
+    #[test]
+    fn argument_error_keeps_the_rewritten_item() {
+        let out = expand(
+            quote!(timeout = "1s"),
+            quote!(
+                async fn h(e: E) {}
+            ),
+        );
+        assert!(out.contains("__private :: scope"), "{out}");
+        assert!(out.contains("compile_error"), "{out}");
+    }
+
+    #[test]
+    fn signature_error_keeps_the_item_unchanged() {
+        let item = quote!(
+            fn h(e: E) {}
+        );
+        let out = expand(quote!(), item.clone());
+        assert!(out.starts_with(&item.to_string()), "{out}");
+        assert!(out.contains("needs an `async fn`"), "{out}");
+    }
+}

@@ -1,0 +1,111 @@
+//! Which handler signatures `#[deferred_handler]` accepts, and where the event argument is.
+
+use syn::{Error, FnArg, PatType, Signature};
+
+/// The argument that carries the Lambda context: the first one besides the receiver. After
+/// [`check`], it is the only one.
+pub(crate) fn event_argument(sig: &mut Signature) -> Option<&mut PatType> {
+    sig.inputs.iter_mut().find_map(|arg| match arg {
+        FnArg::Typed(arg) => Some(arg),
+        FnArg::Receiver(_) => None,
+    })
+}
+
+/// Checks that the function can be a deferred handler.
+///
+/// Accepted: an `async fn`, free or associated (with any receiver), optionally `unsafe`, with
+/// exactly one argument besides the receiver. Every problem is reported, each on its own span.
+pub(crate) fn check(sig: &Signature) -> syn::Result<()> {
+    let mut errors: Vec<Error> = Vec::new();
+
+    if let Some(constness) = &sig.constness {
+        errors.push(Error::new(
+            constness.span,
+            "`#[deferred_handler]` cannot wrap a `const fn`: remove `const`",
+        ));
+    }
+    if sig.asyncness.is_none() {
+        errors.push(Error::new_spanned(
+            sig.fn_token,
+            format!(
+                "`#[deferred_handler]` needs an `async fn`: write `async fn {}(…)`",
+                sig.ident
+            ),
+        ));
+    }
+    if let Some(abi) = &sig.abi {
+        let rust = abi.name.as_ref().is_some_and(|name| name.value() == "Rust");
+        if !rust {
+            errors.push(Error::new_spanned(
+                abi,
+                "`#[deferred_handler]` cannot wrap an `extern` function: the Lambda runtime \
+                 calls the handler as a Rust function; remove the `extern` ABI",
+            ));
+        }
+    }
+    if let Some(variadic) = &sig.variadic {
+        errors.push(Error::new_spanned(
+            variadic,
+            "`#[deferred_handler]` takes handlers with exactly one argument, the Lambda event",
+        ));
+    }
+
+    let receiver = sig.receiver();
+    let typed: Vec<&PatType> = sig
+        .inputs
+        .iter()
+        .filter_map(|arg| match arg {
+            FnArg::Typed(arg) => Some(arg),
+            FnArg::Receiver(_) => None,
+        })
+        .collect();
+    match (typed.as_slice(), receiver) {
+        ([_], _) => {}
+        ([], Some(receiver)) => errors.push(Error::new_spanned(
+            receiver,
+            format!(
+                "`#[deferred_handler]` needs the Lambda event as an argument besides `self`: \
+                 `async fn {0}(&self, event: LambdaEvent<T>)` (any `T`), or \
+                 `async fn {0}(&self, request: lambda_http::Request)`",
+                sig.ident
+            ),
+        )),
+        ([], None) => errors.push(Error::new(
+            sig.paren_token.span.join(),
+            format!(
+                "`#[deferred_handler]` needs the Lambda event as the handler's argument: \
+                 `async fn {0}(event: LambdaEvent<T>)` (any `T`), or \
+                 `async fn {0}(request: lambda_http::Request)`",
+                sig.ident
+            ),
+        )),
+        ([event, extra @ ..], _) => {
+            let event = match &*event.pat {
+                syn::Pat::Ident(pat) => format!(" (here `{}`)", pat.ident),
+                _ => String::new(),
+            };
+            let mut tokens = proc_macro2::TokenStream::new();
+            for arg in extra {
+                quote::ToTokens::to_tokens(arg, &mut tokens);
+            }
+            errors.push(Error::new_spanned(
+                tokens,
+                format!(
+                    "`#[deferred_handler]` takes handlers with exactly one argument, the Lambda \
+                     event{event}: remove this one. To share a client or a configuration, keep \
+                     it in a struct and make the handler a method: \
+                     `async fn handle(&self, event: LambdaEvent<T>)`"
+                ),
+            ));
+        }
+    }
+
+    let mut errors = errors.into_iter();
+    match errors.next() {
+        None => Ok(()),
+        Some(mut first) => {
+            first.extend(errors);
+            Err(first)
+        }
+    }
+}

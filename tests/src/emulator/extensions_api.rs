@@ -1,0 +1,212 @@
+//! Extensions API 2020-01-01: `/extension/register`, `/event/next`, `/init/error`,
+//! `/exit/error`, with the injectable faults.
+
+use std::io;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::HeaderMap;
+use http_body_util::BodyExt;
+use hyper::Request;
+use hyper::body::Incoming;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::faults::Fault;
+use super::ids;
+use super::server::{self, HandlerResult, Truncated};
+use super::state::{
+    ACCOUNT_ID, ApiError, ExtEvent, ExtensionErrorKind, FUNCTION_VERSION, HANDLER, Next, Shared,
+};
+
+#[derive(Debug, Deserialize)]
+struct RegisterBody {
+    #[serde(default)]
+    events: Vec<String>,
+}
+
+async fn apply_delay(shared: &Shared) {
+    if let Some(delay) = shared.faults.extensions_delay() {
+        tokio::time::sleep(delay).await;
+    }
+}
+
+/// `POST /extension/register`.
+pub(crate) async fn register(shared: &Arc<Shared>, req: Request<Incoming>) -> HandlerResult {
+    apply_delay(shared).await;
+    match shared
+        .faults
+        .take(|f| matches!(f, Fault::RegisterStatus { .. } | Fault::RegisterClose))
+    {
+        Some(Fault::RegisterClose) => {
+            return Err(io::Error::other(
+                "injected fault: register connection closed",
+            ));
+        }
+        Some(Fault::RegisterStatus { status, error_type }) => {
+            return Ok(server::error(&ApiError::new(
+                status,
+                &error_type,
+                "Injected registration failure",
+            )));
+        }
+        _ => {}
+    }
+    let name = server::header_str(req.headers(), "lambda-extension-name")
+        .unwrap_or("")
+        .to_owned();
+    let wants_account = server::header_str(req.headers(), "lambda-extension-accept-feature")
+        .is_some_and(|v| v.split(',').any(|f| f.trim() == "accountId"));
+    if name.is_empty() {
+        return Ok(server::error(&ApiError::forbidden(
+            "Extension.InvalidExtensionName",
+            "Empty extension name",
+        )));
+    }
+    let body = match server::read_body(req, 64 * 1024).await? {
+        Ok(body) => body,
+        Err(_) => Bytes::new(),
+    };
+    // RIE answers an unreadable body with 403 InvalidRequestFormat (agentregister.go), not 400.
+    let events = match serde_json::from_slice::<RegisterBody>(&body) {
+        Ok(parsed) => parsed.events,
+        Err(e) => {
+            return Ok(server::error(&ApiError::forbidden(
+                "InvalidRequestFormat",
+                e.to_string(),
+            )));
+        }
+    };
+    let id = match shared.register(&name, &events) {
+        Ok(id) => id,
+        Err(e) => return Ok(server::error(&e)),
+    };
+    let mut document = json!({
+        "functionName": shared.config.function_name,
+        "functionVersion": FUNCTION_VERSION,
+        "handler": HANDLER,
+    });
+    if wants_account {
+        document["accountId"] = json!(ACCOUNT_ID);
+    }
+    let mut response = server::json_response(200, &document);
+    server::set_header(&mut response, "lambda-extension-identifier", &id);
+    Ok(response)
+}
+
+/// Reads `Lambda-Extension-Identifier` as Lambda validates it (RIE middleware
+/// `AgentUniqueIdentifierHeaderValidator`): missing -> 403 MissingExtensionIdentifier, not a
+/// UUID -> 403 InvalidExtensionIdentifier.
+fn identifier(headers: &HeaderMap) -> Result<String, ApiError> {
+    match server::header_str(headers, "lambda-extension-identifier") {
+        None | Some("") => Err(ApiError::forbidden(
+            "Extension.MissingExtensionIdentifier",
+            "Missing Lambda-Extension-Identifier header",
+        )),
+        Some(id) if !ids::is_uuid(id) => Err(ApiError::forbidden(
+            "Extension.InvalidExtensionIdentifier",
+            "Invalid Lambda-Extension-Identifier",
+        )),
+        Some(id) => Ok(id.to_owned()),
+    }
+}
+
+/// `GET /extension/event/next`: blocks until the next event for this extension.
+pub(crate) async fn next(shared: &Arc<Shared>, req: Request<Incoming>) -> HandlerResult {
+    apply_delay(shared).await;
+    let id = match identifier(req.headers()) {
+        Ok(id) => id,
+        Err(e) => return Ok(server::error(&e)),
+    };
+    let (next, mut in_flight) = match shared.extension_next(&id) {
+        Ok(pair) => pair,
+        Err(e) => return Ok(server::error(&e)),
+    };
+    let event = match next {
+        Next::Now(event) => Ok(event),
+        Next::Wait(rx) => rx.await,
+    };
+    in_flight.answered();
+    let event =
+        event.map_err(|_| io::Error::other("environment reset while waiting in event/next"))?;
+    let is_invoke = matches!(event, ExtEvent::Invoke { .. });
+    let fault = shared.faults.take(|f| match f {
+        Fault::EventNextStatus(_)
+        | Fault::EventNextCloseMidBody
+        | Fault::EventNextMalformedBody
+        | Fault::EventNextUnknownEventType => true,
+        Fault::EventNextWrongRequestId => is_invoke,
+        _ => false,
+    });
+    let mut document = event.to_json();
+    let body: Bytes = match fault {
+        Some(Fault::EventNextStatus(status)) => {
+            shared.extension_requeue(&id, in_flight.generation, event);
+            let error_type = if status == 500 {
+                "InternalServerError"
+            } else {
+                "InjectedFault"
+            };
+            return Ok(server::error(&ApiError::new(
+                status,
+                error_type,
+                "Internal Server Error",
+            )));
+        }
+        Some(Fault::EventNextMalformedBody) => {
+            let text = Bytes::from(document.to_string());
+            text.slice(..text.len() / 2)
+        }
+        Some(Fault::EventNextUnknownEventType) => {
+            document["eventType"] = json!("UNKNOWN_EVENT");
+            Bytes::from(document.to_string())
+        }
+        Some(Fault::EventNextWrongRequestId) => {
+            document["requestId"] = json!(ids::uuid_v4());
+            Bytes::from(document.to_string())
+        }
+        _ => Bytes::from(document.to_string()),
+    };
+    let mut response = if matches!(fault, Some(Fault::EventNextCloseMidBody)) {
+        server::respond(200, Truncated::new(body).boxed())
+    } else {
+        server::respond(200, server::full(body))
+    };
+    server::set_header(
+        &mut response,
+        "lambda-extension-event-identifier",
+        &ids::uuid_v4(),
+    );
+    drop(in_flight);
+    Ok(response)
+}
+
+/// `POST /extension/init/error` and `/exit/error` -> 202; then the extension may make no more
+/// calls (403 InvalidExtensionState) and the environment fails.
+pub(crate) async fn error(
+    shared: &Arc<Shared>,
+    req: Request<Incoming>,
+    kind: ExtensionErrorKind,
+) -> HandlerResult {
+    apply_delay(shared).await;
+    let id = match identifier(req.headers()) {
+        Ok(id) => id,
+        Err(e) => return Ok(server::error(&e)),
+    };
+    let Some(error_type) =
+        server::header_str(req.headers(), "lambda-extension-function-error-type")
+            .map(str::to_owned)
+    else {
+        // RIE: 403 Extension.MissingHeader (agentiniterror.go / agentexiterror.go).
+        return Ok(server::error(&ApiError::forbidden(
+            "Extension.MissingHeader",
+            "Lambda-Extension-Function-Error-Type not found",
+        )));
+    };
+    // The body (an optional error document) is read so the connection stays usable.
+    let _ = server::read_body(req, 1024 * 1024).await?;
+    Ok(match shared.extension_error(&id, &error_type, kind) {
+        Ok(()) => server::accepted(),
+        Err(e) => server::error(&e),
+    })
+}

@@ -1,0 +1,149 @@
+//! Runtime API 2018-06-01: `/runtime/invocation/next`, `/invocation/{id}/response`,
+//! `/invocation/{id}/error`, `/init/error`.
+
+use std::io;
+use std::sync::Arc;
+
+use hyper::Request;
+use hyper::body::Incoming;
+use serde::Deserialize;
+
+use super::server::{self, HandlerResult};
+use super::state::{Answer, ApiError, MAX_PAYLOAD, Next, Shared};
+
+/// Hard cap on what is read of a response body: past [`MAX_PAYLOAD`] it is refused anyway,
+/// this only bounds memory.
+const READ_CAP: usize = 64 * 1024 * 1024;
+
+/// The error document runtimes post (`{"errorMessage","errorType","stackTrace"?}`).
+#[derive(Debug, Deserialize)]
+struct ErrorDocument {
+    #[serde(rename = "errorMessage")]
+    error_message: Option<String>,
+    #[serde(rename = "errorType")]
+    error_type: Option<String>,
+}
+
+/// `GET /runtime/invocation/next`: blocks until an invocation is dispatched; the body is the
+/// payload and the context travels in `Lambda-Runtime-*` headers (Runtime API, Next invocation).
+pub(crate) async fn next(shared: &Arc<Shared>) -> HandlerResult {
+    let event = match shared.runtime_next() {
+        Err(e) => return Ok(server::error(&e)),
+        Ok(Next::Now(event)) => event,
+        Ok(Next::Wait(rx)) => {
+            // Counts the call as abandoned if hyper drops this future (client gone).
+            let mut abandoned = Abandoned(Some(shared));
+            let event = rx.await;
+            abandoned.0 = None;
+            event.map_err(|_| io::Error::other("environment reset while waiting in /next"))?
+        }
+    };
+    let mut response = server::respond(200, server::full(event.payload));
+    server::set_header(
+        &mut response,
+        "lambda-runtime-aws-request-id",
+        &event.request_id,
+    );
+    server::set_header(
+        &mut response,
+        "lambda-runtime-deadline-ms",
+        &event.deadline_ms.to_string(),
+    );
+    server::set_header(
+        &mut response,
+        "lambda-runtime-invoked-function-arn",
+        &event.function_arn,
+    );
+    server::set_header(&mut response, "lambda-runtime-trace-id", &event.trace_id);
+    Ok(response)
+}
+
+/// `POST /runtime/invocation/{id}/response` -> 202; 400 unknown id; 403 already answered;
+/// 413 over 6 MiB + 100 bytes.
+pub(crate) async fn response(
+    shared: &Arc<Shared>,
+    id: &str,
+    req: Request<Incoming>,
+) -> HandlerResult {
+    let answer = match server::read_body(req, READ_CAP).await? {
+        Ok(body) if body.len() > MAX_PAYLOAD => Answer::TooLarge(body.len()),
+        Ok(body) => Answer::Response(body),
+        Err(declared) => Answer::TooLarge(declared.unwrap_or(READ_CAP + 1)),
+    };
+    Ok(match shared.runtime_answer(id, answer) {
+        Ok(()) => server::accepted(),
+        Err(e) => server::error(&e),
+    })
+}
+
+/// `POST /runtime/invocation/{id}/error` -> 202. The error type comes from the body's
+/// `errorType`, else from `Lambda-Runtime-Function-Error-Type` (Runtime API, Invocation error).
+pub(crate) async fn error(shared: &Arc<Shared>, id: &str, req: Request<Incoming>) -> HandlerResult {
+    let header = error_type_header(&req);
+    let (error_type, error_message) = match server::read_body(req, READ_CAP).await? {
+        Ok(body) => parse_error(&body, header),
+        Err(_) => {
+            return Ok(server::error(&ApiError::new(
+                413,
+                "RequestEntityTooLarge",
+                format!("Exceeded maximum allowed payload size ({MAX_PAYLOAD} bytes)."),
+            )));
+        }
+    };
+    let answer = Answer::Error {
+        error_type,
+        error_message,
+    };
+    Ok(match shared.runtime_answer(id, answer) {
+        Ok(()) => server::accepted(),
+        Err(e) => server::error(&e),
+    })
+}
+
+/// `POST /runtime/init/error` -> 202, and init fails; 403 once init is over.
+pub(crate) async fn init_error(shared: &Arc<Shared>, req: Request<Incoming>) -> HandlerResult {
+    let header = error_type_header(&req);
+    let (error_type, error_message) = match server::read_body(req, 1024 * 1024).await? {
+        Ok(body) => parse_error(&body, header),
+        Err(_) => (
+            header.unwrap_or_else(|| "Unknown".to_owned()),
+            String::new(),
+        ),
+    };
+    Ok(
+        match shared.runtime_init_error(&error_type, &error_message) {
+            Ok(()) => server::accepted(),
+            Err(e) => server::error(&e),
+        },
+    )
+}
+
+/// Reports a blocked `/next` dropped before its answer.
+struct Abandoned<'a>(Option<&'a Shared>);
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        if let Some(shared) = self.0 {
+            shared.note_abandoned();
+        }
+    }
+}
+
+fn error_type_header(req: &Request<Incoming>) -> Option<String> {
+    server::header_str(req.headers(), "lambda-runtime-function-error-type").map(str::to_owned)
+}
+
+/// Malformed or absent error documents are accepted: Lambda falls back to the header and the
+/// raw body.
+fn parse_error(body: &[u8], header: Option<String>) -> (String, String) {
+    let document = serde_json::from_slice::<ErrorDocument>(body).ok();
+    let error_type = document
+        .as_ref()
+        .and_then(|d| d.error_type.clone())
+        .or(header)
+        .unwrap_or_else(|| "Unhandled".to_owned());
+    let error_message = document
+        .and_then(|d| d.error_message)
+        .unwrap_or_else(|| String::from_utf8_lossy(body).into_owned());
+    (error_type, error_message)
+}

@@ -1,0 +1,249 @@
+//! The HTTP side: accept loop, routing, and Lambda-shaped JSON answers.
+
+use std::convert::Infallible;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, HeaderName, HeaderValue};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use super::extensions_api;
+use super::runtime_api;
+use super::state::{ApiError, ExtensionErrorKind, Shared};
+
+/// The response body type of every handler.
+pub(crate) type Body = BoxBody<Bytes, io::Error>;
+
+/// Returning `Err` from a handler makes hyper drop the connection without an answer (used when
+/// the environment was reset under a waiting call, and by the "close" faults).
+pub(crate) type HandlerResult = Result<Response<Body>, io::Error>;
+
+const RUNTIME: &str = "/2018-06-01/runtime";
+const EXTENSION: &str = "/2020-01-01/extension";
+
+/// Accepts connections until the task is aborted (when the last `Emulator` handle drops).
+pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(_) => {
+                // EMFILE and friends: back off instead of spinning.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let shared = shared.clone();
+                async move { route(&shared, req).await }
+            });
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> HandlerResult {
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    if let Some(rest) = path.strip_prefix(RUNTIME) {
+        return match (rest, &method) {
+            ("/invocation/next", &Method::GET) => runtime_api::next(shared).await,
+            ("/init/error", &Method::POST) => runtime_api::init_error(shared, req).await,
+            ("/invocation/next" | "/init/error", _) => Ok(method_not_allowed()),
+            _ => match invocation_path(rest) {
+                Some((id, "response")) if method == Method::POST => {
+                    runtime_api::response(shared, &id, req).await
+                }
+                Some((id, "error")) if method == Method::POST => {
+                    runtime_api::error(shared, &id, req).await
+                }
+                Some((_, "response" | "error")) => Ok(method_not_allowed()),
+                _ => Ok(not_found()),
+            },
+        };
+    }
+    if let Some(rest) = path.strip_prefix(EXTENSION) {
+        return match (rest, &method) {
+            ("/register", &Method::POST) => extensions_api::register(shared, req).await,
+            ("/event/next", &Method::GET) => extensions_api::next(shared, req).await,
+            ("/init/error", &Method::POST) => {
+                extensions_api::error(shared, req, ExtensionErrorKind::Init).await
+            }
+            ("/exit/error", &Method::POST) => {
+                extensions_api::error(shared, req, ExtensionErrorKind::Exit).await
+            }
+            ("/register" | "/event/next" | "/init/error" | "/exit/error", _) => {
+                Ok(method_not_allowed())
+            }
+            _ => Ok(not_found()),
+        };
+    }
+    match (path.as_str(), &method) {
+        ("/__testkit/mark", &Method::POST) => mark(shared, req).await,
+        ("/__testkit/mark", _) => Ok(method_not_allowed()),
+        _ => Ok(not_found()),
+    }
+}
+
+/// `/invocation/{id}/{action}` -> (id, action).
+fn invocation_path(rest: &str) -> Option<(String, &str)> {
+    let (id, action) = rest.strip_prefix("/invocation/")?.split_once('/')?;
+    (!id.is_empty() && !action.contains('/')).then(|| (id.to_owned(), action))
+}
+
+/// `POST /__testkit/mark`: a test-only endpoint; the body (text) is recorded with its arrival
+/// time on the current invocation's timeline (or the one named by
+/// `Lambda-Runtime-Aws-Request-Id`).
+async fn mark(shared: &Arc<Shared>, req: Request<Incoming>) -> HandlerResult {
+    let request_id = header_str(req.headers(), "lambda-runtime-aws-request-id").map(str::to_owned);
+    let body = match read_body(req, 1024 * 1024).await? {
+        Ok(body) => body,
+        Err(_) => {
+            return Ok(error(&ApiError::new(
+                413,
+                "RequestEntityTooLarge",
+                "Mark too large",
+            )));
+        }
+    };
+    shared.mark(
+        String::from_utf8_lossy(&body).into_owned(),
+        request_id.as_deref(),
+    );
+    Ok(accepted())
+}
+
+// ----- helpers used by the API modules -----------------------------------------------------------
+
+/// Reads the request body up to `limit` bytes. The outer error is a transport failure (drop
+/// the connection); the inner one means "too large", with the size when known.
+pub(crate) async fn read_body(
+    req: Request<Incoming>,
+    limit: usize,
+) -> io::Result<Result<Bytes, Option<usize>>> {
+    let declared = req
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    match Limited::new(req.into_body(), limit).collect().await {
+        Ok(collected) => Ok(Ok(collected.to_bytes())),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Ok(Err(declared)),
+        Err(e) => Err(io::Error::other(e)),
+    }
+}
+
+/// A header as UTF-8 text, if present and valid.
+pub(crate) fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+pub(crate) fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never: Infallible| match never {})
+        .boxed()
+}
+
+/// A response with `status`, a JSON content type, and `body`.
+pub(crate) fn respond(status: u16, body: Body) -> Response<Body> {
+    let mut response = Response::new(body);
+    *response.status_mut() =
+        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+pub(crate) fn json_response(status: u16, value: &serde_json::Value) -> Response<Body> {
+    respond(status, full(value.to_string()))
+}
+
+/// Sets a header whose value comes from our own data (never fails for ASCII ids).
+pub(crate) fn set_header(response: &mut Response<Body>, name: &'static str, value: &str) {
+    if let Ok(value) = HeaderValue::from_str(value) {
+        response
+            .headers_mut()
+            .insert(HeaderName::from_static(name), value);
+    }
+}
+
+/// Lambda's error answer: `{"errorMessage","errorType"}`.
+pub(crate) fn error(err: &ApiError) -> Response<Body> {
+    json_response(
+        err.status,
+        &json!({ "errorMessage": err.message, "errorType": err.error_type }),
+    )
+}
+
+/// 202 `{"status":"OK"}` (RIE `RenderAccepted`).
+pub(crate) fn accepted() -> Response<Body> {
+    json_response(202, &json!({ "status": "OK" }))
+}
+
+fn not_found() -> Response<Body> {
+    error(&ApiError::new(404, "NotFound", "Not found"))
+}
+
+fn method_not_allowed() -> Response<Body> {
+    error(&ApiError::new(
+        405,
+        "MethodNotAllowed",
+        "Method not allowed",
+    ))
+}
+
+/// A body that declares its full length, sends the first half, then fails: hyper then closes
+/// the connection mid-body (the `EventNextCloseMidBody` fault).
+#[derive(Debug)]
+pub(crate) struct Truncated {
+    first: Option<Bytes>,
+    total: u64,
+}
+
+impl Truncated {
+    pub(crate) fn new(full: Bytes) -> Self {
+        let total = full.len() as u64;
+        Self {
+            first: Some(full.slice(..full.len() / 2)),
+            total,
+        }
+    }
+}
+
+impl HttpBody for Truncated {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        Poll::Ready(Some(match self.first.take() {
+            Some(first) => Ok(Frame::data(first)),
+            None => Err(io::Error::other(
+                "injected fault: connection closed mid-body",
+            )),
+        }))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.total)
+    }
+}

@@ -1,0 +1,1225 @@
+//! The emulator follows Lambda's Runtime API and Extensions API rules. Most tests drive it in
+//! "attach" mode: the test itself plays runtime and extensions over raw HTTP (a hyper client);
+//! the child-process tests use the `emu_probe` binary.
+
+use std::future::Future;
+use std::os::unix::process::ExitStatusExt;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use deferred_testkit::emulator::{
+    Emulator, EmulatorConfig, Fault, FunctionSpec, InvokeOutcome, InvokeResult,
+};
+use http::{HeaderMap, Method, Request};
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+
+const NEXT: &str = "/2018-06-01/runtime/invocation/next";
+const INIT_ERROR: &str = "/2018-06-01/runtime/init/error";
+const REGISTER: &str = "/2020-01-01/extension/register";
+const EVENT_NEXT: &str = "/2020-01-01/extension/event/next";
+const EXT_INIT_ERROR: &str = "/2020-01-01/extension/init/error";
+const EXT_EXIT_ERROR: &str = "/2020-01-01/extension/exit/error";
+const MARK: &str = "/__testkit/mark";
+
+const SECOND: Duration = Duration::from_secs(1);
+const PROBE: &str = env!("CARGO_BIN_EXE_emu_probe");
+
+// ----- a raw HTTP client ---------------------------------------------------------------------
+
+#[derive(Debug)]
+struct Reply {
+    status: u16,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+    }
+
+    fn header(&self, name: &str) -> String {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_else(|| panic!("no {name} header in {self:?}"))
+            .to_owned()
+    }
+
+    /// Lambda's error answer: the status and `{"errorMessage","errorType"}`.
+    #[track_caller]
+    fn assert_error(&self, status: u16, error_type: &str) {
+        assert_eq!(self.status, status, "{self:?}");
+        let body = self.json();
+        assert_eq!(body["errorType"], error_type, "{body}");
+        assert!(body["errorMessage"].is_string(), "{body}");
+    }
+}
+
+/// A keep-alive HTTP/1.1 connection.
+struct Conn {
+    addr: String,
+    sender: SendRequest<Full<Bytes>>,
+}
+
+impl Conn {
+    async fn open(addr: &str) -> Result<Conn, String> {
+        let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        let _ = stream.set_nodelay(true);
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(connection);
+        Ok(Conn {
+            addr: addr.to_owned(),
+            sender,
+        })
+    }
+
+    async fn send(
+        &mut self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> Result<Reply, String> {
+        let mut builder = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", &self.addr);
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        let request = builder
+            .body(Full::new(body.into()))
+            .map_err(|e| e.to_string())?;
+        let response = self
+            .sender
+            .send_request(request)
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok(Reply {
+            status,
+            headers,
+            body,
+        })
+    }
+}
+
+/// One request on a fresh connection; `Err` when the connection fails or closes early.
+async fn try_call(
+    addr: &str,
+    method: Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Result<Reply, String> {
+    Conn::open(addr)
+        .await?
+        .send(method, path, headers, body)
+        .await
+}
+
+async fn call(
+    addr: &str,
+    method: Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Reply {
+    try_call(addr, method, path, headers, body)
+        .await
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// Bounds any await, so a broken rule fails the test instead of hanging it.
+async fn within<T>(future: impl Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(5), future)
+        .await
+        .expect("timed out")
+}
+
+async fn joined<T>(handle: JoinHandle<T>) -> T {
+    within(handle).await.expect("task panicked")
+}
+
+async fn register_reply(addr: &str, name: &str, events: &[&str]) -> Reply {
+    let body = json!({ "events": events }).to_string();
+    call(
+        addr,
+        Method::POST,
+        REGISTER,
+        &[("Lambda-Extension-Name", name)],
+        body,
+    )
+    .await
+}
+
+async fn register(addr: &str, name: &str, events: &[&str]) -> String {
+    let reply = register_reply(addr, name, events).await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    reply.header("lambda-extension-identifier")
+}
+
+fn spawn_ext_next(addr: &str, id: &str) -> JoinHandle<Result<Reply, String>> {
+    let (addr, id) = (addr.to_owned(), id.to_owned());
+    tokio::spawn(async move {
+        try_call(
+            &addr,
+            Method::GET,
+            EVENT_NEXT,
+            &[("Lambda-Extension-Identifier", &id)],
+            "",
+        )
+        .await
+    })
+}
+
+fn spawn_runtime_next(addr: &str) -> JoinHandle<Reply> {
+    let addr = addr.to_owned();
+    tokio::spawn(async move { call(&addr, Method::GET, NEXT, &[], "").await })
+}
+
+fn spawn_invoke(emu: &Emulator, payload: &'static str) -> JoinHandle<InvokeResult> {
+    let emu = emu.clone();
+    tokio::spawn(async move { emu.invoke(payload).await })
+}
+
+async fn respond(addr: &str, request_id: &str, body: &'static str) -> Reply {
+    call(
+        addr,
+        Method::POST,
+        &format!("/2018-06-01/runtime/invocation/{request_id}/response"),
+        &[],
+        body,
+    )
+    .await
+}
+
+fn epoch_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64
+}
+
+fn is_uuid(s: &str) -> bool {
+    s.len() == 36
+        && s.char_indices().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => c == '-',
+            _ => c.is_ascii_hexdigit(),
+        })
+}
+
+/// A runtime that echoes every payload, on keep-alive connections, until the emulator goes.
+fn echo_runtime(addr: &str) -> JoinHandle<()> {
+    let addr = addr.to_owned();
+    tokio::spawn(async move {
+        let Ok(mut conn) = Conn::open(&addr).await else {
+            return;
+        };
+        while let Ok(event) = conn.send(Method::GET, NEXT, &[], "").await {
+            if event.status != 200 {
+                return;
+            }
+            let id = event.header("lambda-runtime-aws-request-id");
+            let path = format!("/2018-06-01/runtime/invocation/{id}/response");
+            if conn
+                .send(Method::POST, &path, &[], event.body)
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    })
+}
+
+/// An extension that asks for the next event as soon as it has one.
+fn eager_extension(addr: &str, id: &str) -> JoinHandle<()> {
+    let (addr, id) = (addr.to_owned(), id.to_owned());
+    tokio::spawn(async move {
+        let Ok(mut conn) = Conn::open(&addr).await else {
+            return;
+        };
+        let headers = [("Lambda-Extension-Identifier", id.as_str())];
+        while let Ok(reply) = conn.send(Method::GET, EVENT_NEXT, &headers, "").await {
+            if reply.status != 200 {
+                return;
+            }
+        }
+    })
+}
+
+async fn start(config: EmulatorConfig) -> (Emulator, String) {
+    let emu = Emulator::start(config).await.expect("emulator starts");
+    let addr = emu.runtime_api();
+    (emu, addr)
+}
+
+// ----- Extensions API: registration ------------------------------------------------------------
+
+#[tokio::test]
+async fn registration_answers_identifier_and_closes_at_the_runtimes_first_next() {
+    let (emu, addr) = start(EmulatorConfig::default()).await;
+    let reply = register_reply(&addr, "ext-a", &["INVOKE"]).await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert!(is_uuid(&reply.header("lambda-extension-identifier")));
+    let body = reply.json();
+    assert_eq!(body["functionName"], "test-function");
+    assert_eq!(body["functionVersion"], "$LATEST");
+    assert!(body["handler"].is_string());
+
+    let _runtime = spawn_runtime_next(&addr);
+    assert!(
+        emu.wait_until(SECOND, |s, _| s.runtime_next_calls == 1)
+            .await
+    );
+    register_reply(&addr, "ext-b", &["INVOKE"])
+        .await
+        .assert_error(403, "Extension.RegistrationClosed");
+    assert_eq!(emu.extensions(), vec!["ext-a".to_owned()]);
+}
+
+#[tokio::test]
+async fn internal_extensions_cannot_subscribe_to_shutdown_and_events_are_validated() {
+    let config = EmulatorConfig {
+        external_extensions: vec!["ext-external".to_owned()],
+        ..EmulatorConfig::default()
+    };
+    let (_emu, addr) = start(config).await;
+    register_reply(&addr, "ext-internal", &["INVOKE", "SHUTDOWN"])
+        .await
+        .assert_error(403, "Extension.InvalidEventType");
+    register_reply(&addr, "ext-bogus", &["BOGUS"])
+        .await
+        .assert_error(403, "Extension.InvalidEventType");
+    register(&addr, "ext-external", &["INVOKE", "SHUTDOWN"]).await;
+    register_reply(&addr, "ext-external", &["INVOKE"])
+        .await
+        .assert_error(403, "Extension.InvalidExtensionState");
+    // No name, and an unreadable body: RIE answers both with 403.
+    call(&addr, Method::POST, REGISTER, &[], r#"{"events":[]}"#)
+        .await
+        .assert_error(403, "Extension.InvalidExtensionName");
+    call(
+        &addr,
+        Method::POST,
+        REGISTER,
+        &[("Lambda-Extension-Name", "ext-x")],
+        "{not json",
+    )
+    .await
+    .assert_error(403, "InvalidRequestFormat");
+}
+
+#[tokio::test]
+async fn more_than_ten_extensions_are_refused() {
+    let (_emu, addr) = start(EmulatorConfig::default()).await;
+    for i in 0..10 {
+        register(&addr, &format!("ext-{i}"), &["INVOKE"]).await;
+    }
+    register_reply(&addr, "ext-10", &["INVOKE"])
+        .await
+        .assert_error(403, "Extension.TooManyExtensions");
+}
+
+#[tokio::test]
+async fn missing_invalid_and_unknown_extension_identifiers_are_refused() {
+    let (_emu, addr) = start(EmulatorConfig::default()).await;
+    let unknown = "8476a536-e9f4-4a5a-9b4b-5a6d7e8f9a0b";
+    for path in [EVENT_NEXT, EXT_INIT_ERROR, EXT_EXIT_ERROR] {
+        let method = if path == EVENT_NEXT {
+            Method::GET
+        } else {
+            Method::POST
+        };
+        let error_type = [("Lambda-Extension-Function-Error-Type", "Extension.Fatal")];
+        call(&addr, method.clone(), path, &error_type, "")
+            .await
+            .assert_error(403, "Extension.MissingExtensionIdentifier");
+        let headers = [("Lambda-Extension-Identifier", "not-a-uuid"), error_type[0]];
+        call(&addr, method.clone(), path, &headers, "")
+            .await
+            .assert_error(403, "Extension.InvalidExtensionIdentifier");
+        let headers = [("Lambda-Extension-Identifier", unknown), error_type[0]];
+        call(&addr, method, path, &headers, "")
+            .await
+            .assert_error(403, "Extension.UnknownExtensionIdentifier");
+    }
+}
+
+#[tokio::test]
+async fn errors_are_json_and_unknown_paths_are_404() {
+    let (_emu, addr) = start(EmulatorConfig::default()).await;
+    call(&addr, Method::GET, "/nope", &[], "")
+        .await
+        .assert_error(404, "NotFound");
+    call(&addr, Method::GET, "/2018-06-01/runtime/unknown", &[], "")
+        .await
+        .assert_error(404, "NotFound");
+    call(&addr, Method::GET, REGISTER, &[], "")
+        .await
+        .assert_error(405, "MethodNotAllowed");
+    // RIE's AwsRequestIDValidator: an id that is not the current invocation's is a 400.
+    call(
+        &addr,
+        Method::POST,
+        "/2018-06-01/runtime/invocation/no-such-id/response",
+        &[],
+        "{}",
+    )
+    .await
+    .assert_error(400, "InvalidRequestID");
+}
+
+// ----- Extensions API: errors ------------------------------------------------------------------
+
+#[tokio::test]
+async fn an_extension_that_reported_an_exit_error_may_make_no_further_call() {
+    let (emu, addr) = start(EmulatorConfig::default()).await;
+    let id = register(&addr, "ext-dying", &["INVOKE"]).await;
+    let with_id = [("Lambda-Extension-Identifier", id.as_str())];
+    call(&addr, Method::POST, EXT_EXIT_ERROR, &with_id, "")
+        .await
+        .assert_error(403, "Extension.MissingHeader");
+    let headers = [
+        ("Lambda-Extension-Identifier", id.as_str()),
+        ("Lambda-Extension-Function-Error-Type", "Extension.Fatal"),
+    ];
+    let reply = call(&addr, Method::POST, EXT_EXIT_ERROR, &headers, "").await;
+    assert_eq!(reply.status, 202);
+    assert_eq!(reply.json(), json!({ "status": "OK" }));
+    call(&addr, Method::GET, EVENT_NEXT, &with_id, "")
+        .await
+        .assert_error(403, "Extension.InvalidExtensionState");
+    call(&addr, Method::POST, EXT_EXIT_ERROR, &headers, "")
+        .await
+        .assert_error(403, "Extension.InvalidExtensionState");
+    // The environment failed during init: the invoke reports it.
+    let result = within(emu.invoke("x")).await;
+    match result.outcome {
+        InvokeOutcome::InitError(message) => assert!(message.contains("ext-dying"), "{message}"),
+        other => panic!("expected an init error, got {other:?}"),
+    }
+    assert_eq!(emu.stats().init_failures, 1);
+}
+
+#[tokio::test]
+async fn an_extension_init_error_fails_init() {
+    let (emu, addr) = start(EmulatorConfig::default()).await;
+    let id = register(&addr, "ext-broken", &["INVOKE"]).await;
+    let headers = [
+        ("Lambda-Extension-Identifier", id.as_str()),
+        (
+            "Lambda-Extension-Function-Error-Type",
+            "Extension.ConfigInvalid",
+        ),
+    ];
+    let reply = call(&addr, Method::POST, EXT_INIT_ERROR, &headers, "").await;
+    assert_eq!(reply.status, 202, "{reply:?}");
+    let result = within(emu.invoke("x")).await;
+    assert!(
+        matches!(&result.outcome, InvokeOutcome::InitError(m) if m.contains("Extension.ConfigInvalid")),
+        "{result:?}"
+    );
+}
+
+// ----- Runtime API ------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn invocations_carry_epoch_ms_deadlines_and_context_headers() {
+    let (emu, addr) = start(EmulatorConfig::default()).await;
+    let id = register(&addr, "ext-ctx", &["INVOKE"]).await;
+    let ext = spawn_ext_next(&addr, &id);
+    let runtime = spawn_runtime_next(&addr);
+    let before = epoch_ms();
+    let invoke = spawn_invoke(&emu, r#"{"hello":"world"}"#);
+    let event = joined(runtime).await;
+    let after = epoch_ms();
+    assert_eq!(event.status, 200);
+    assert_eq!(&event.body[..], br#"{"hello":"world"}"#);
+    let request_id = event.header("lambda-runtime-aws-request-id");
+    assert!(is_uuid(&request_id), "{request_id}");
+    let deadline: u64 = event
+        .header("lambda-runtime-deadline-ms")
+        .parse()
+        .expect("epoch ms");
+    assert!(
+        deadline >= before + 3000 && deadline <= after + 3000,
+        "deadline {deadline} not in [{before}+3000, {after}+3000]"
+    );
+    assert_eq!(
+        event.header("lambda-runtime-invoked-function-arn"),
+        emu.function_arn()
+    );
+    let trace = event.header("lambda-runtime-trace-id");
+    assert!(trace.starts_with("Root=1-"), "{trace}");
+
+    let ext_event = joined(ext).await.expect("event/next");
+    assert_eq!(ext_event.status, 200);
+    assert!(is_uuid(
+        &ext_event.header("lambda-extension-event-identifier")
+    ));
+    let body = ext_event.json();
+    assert_eq!(body["eventType"], "INVOKE");
+    assert_eq!(body["requestId"], request_id);
+    assert_eq!(body["deadlineMs"], deadline);
+    assert_eq!(body["invokedFunctionArn"], emu.function_arn());
+    assert_eq!(body["tracing"]["type"], "X-Amzn-Trace-Id");
+    assert_eq!(body["tracing"]["value"], trace);
+
+    assert_eq!(respond(&addr, &request_id, "done").await.status, 202);
+    let result = joined(invoke).await;
+    assert_eq!(result.request_id, request_id);
+    assert_eq!(result.outcome, InvokeOutcome::Success(Bytes::from("done")));
+}
+
+#[tokio::test]
+async fn runtime_answers_follow_lambdas_state_rules() {
+    let (emu, addr) = start(EmulatorConfig::default()).await;
+    let runtime = spawn_runtime_next(&addr);
+    let invoke = spawn_invoke(&emu, "one");
+    let event = joined(runtime).await;
+    let id = event.header("lambda-runtime-aws-request-id");
+    // Asking for the next event before answering is a state error.
+    call(&addr, Method::GET, NEXT, &[], "")
+        .await
+        .assert_error(403, "InvalidStateTransition");
+    let reply = respond(&addr, &id, "r1").await;
+    assert_eq!(reply.status, 202);
+    assert_eq!(reply.json(), json!({ "status": "OK" }));
+    respond(&addr, &id, "again")
+        .await
+        .assert_error(403, "InvalidStateTransition");
+    assert_eq!(
+        joined(invoke).await.outcome.body(),
+        Some(&Bytes::from("r1"))
+    );
+    // init/error after init is over.
+    call(&addr, Method::POST, INIT_ERROR, &[], "{}")
+        .await
+        .assert_error(403, "InvalidStateTransition");
+
+    // Over 6 MiB + 100 bytes: 413, and the caller gets Function.ResponseSizeTooLarge.
+    let runtime = spawn_runtime_next(&addr);
+    let invoke = spawn_invoke(&emu, "two");
+    let id = joined(runtime)
+        .await
+        .header("lambda-runtime-aws-request-id");
+    let too_big = vec![b'x'; 6 * 1024 * 1024 + 101];
+    call(
+        &addr,
+        Method::POST,
+        &format!("/2018-06-01/runtime/invocation/{id}/response"),
+        &[],
+        too_big,
+    )
+    .await
+    .assert_error(413, "RequestEntityTooLarge");
+    match joined(invoke).await.outcome {
+        InvokeOutcome::FunctionError { error_type, .. } => {
+            assert_eq!(error_type, "Function.ResponseSizeTooLarge")
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // An invocation error reaches the caller with its type and message.
+    let runtime = spawn_runtime_next(&addr);
+    let invoke = spawn_invoke(&emu, "three");
+    let id = joined(runtime)
+        .await
+        .header("lambda-runtime-aws-request-id");
+    let reply = call(
+        &addr,
+        Method::POST,
+        &format!("/2018-06-01/runtime/invocation/{id}/error"),
+        &[("Lambda-Runtime-Function-Error-Type", "Handler.Failed")],
+        r#"{"errorMessage":"boom","errorType":"Handler.Failed"}"#,
+    )
+    .await;
+    assert_eq!(reply.status, 202);
+    assert_eq!(
+        joined(invoke).await.outcome,
+        InvokeOutcome::FunctionError {
+            error_type: "Handler.Failed".to_owned(),
+            error_message: "boom".to_owned(),
+        }
+    );
+    assert!(emu.timelines()[2].function_error);
+}
+
+#[tokio::test]
+async fn a_runtime_init_error_fails_init() {
+    let (emu, addr) = start(EmulatorConfig::default()).await;
+    let reply = call(
+        &addr,
+        Method::POST,
+        INIT_ERROR,
+        &[("Lambda-Runtime-Function-Error-Type", "Runtime.Broken")],
+        r#"{"errorMessage":"cannot start","errorType":"Runtime.Broken"}"#,
+    )
+    .await;
+    assert_eq!(reply.status, 202);
+    assert_eq!(reply.json(), json!({ "status": "OK" }));
+    let result = within(emu.invoke("x")).await;
+    assert!(
+        matches!(&result.outcome, InvokeOutcome::InitError(m) if m.contains("Runtime.Broken")),
+        "{result:?}"
+    );
+    assert_eq!(emu.stats().init_failures, 1);
+    assert!(emu.timelines().is_empty());
+}
+
+// ----- the completion gate ------------------------------------------------------------------------
+
+#[tokio::test]
+async fn the_next_invocation_waits_until_every_subscriber_calls_event_next() {
+    let (emu, addr) = start(EmulatorConfig::default()).await;
+    let id = register(&addr, "ext-gate", &["INVOKE"]).await;
+    let ext = spawn_ext_next(&addr, &id);
+    let runtime = spawn_runtime_next(&addr);
+    let first = spawn_invoke(&emu, "one");
+    let event = joined(runtime).await;
+    let first_id = event.header("lambda-runtime-aws-request-id");
+    assert_eq!(
+        joined(ext).await.expect("event").json()["requestId"],
+        first_id
+    );
+    assert_eq!(respond(&addr, &first_id, "r1").await.status, 202);
+    assert!(joined(first).await.outcome.is_success());
+
+    // The runtime is ready again, the extension is not: invocation 2 must be held.
+    let runtime = spawn_runtime_next(&addr);
+    let second = spawn_invoke(&emu, "two");
+    assert!(
+        !emu.wait_until(Duration::from_millis(300), |s, t| s.invocations >= 2
+            || t[0].complete.is_some())
+            .await,
+        "invocation 2 was dispatched before the extension called event/next"
+    );
+    assert!(!runtime.is_finished());
+
+    let ext = spawn_ext_next(&addr, &id);
+    let event = joined(runtime).await;
+    assert_eq!(&event.body[..], b"two");
+    let second_id = event.header("lambda-runtime-aws-request-id");
+    assert_eq!(
+        joined(ext).await.expect("event").json()["requestId"],
+        second_id
+    );
+
+    let timelines = emu.timelines();
+    let t0 = &timelines[0];
+    let ext_next = t0
+        .extension_next_of("ext-gate")
+        .expect("event/next recorded");
+    let complete = t0.complete.expect("invocation 1 complete");
+    assert!(t0.runtime_next.expect("runtime /next recorded") <= complete);
+    assert!(ext_next <= complete);
+    assert!(timelines[1].invoked >= complete);
+    assert!(timelines[1].requested < complete);
+
+    assert_eq!(respond(&addr, &second_id, "r2").await.status, 202);
+    assert_eq!(
+        joined(second).await.outcome.body(),
+        Some(&Bytes::from("r2"))
+    );
+    assert_eq!(emu.stats().max_concurrent_event_next_per_extension, 1);
+}
+
+#[tokio::test]
+async fn the_caller_gets_the_response_before_the_invocation_completes() {
+    let (emu, addr) = start(EmulatorConfig::default()).await;
+    let id = register(&addr, "ext-slow", &["INVOKE"]).await;
+    let ext = spawn_ext_next(&addr, &id);
+    let runtime = spawn_runtime_next(&addr);
+    let invoke = spawn_invoke(&emu, "payload");
+    let request_id = joined(runtime)
+        .await
+        .header("lambda-runtime-aws-request-id");
+    joined(ext).await.expect("event");
+    assert_eq!(respond(&addr, &request_id, "fast").await.status, 202);
+    let _runtime = spawn_runtime_next(&addr);
+    let result = joined(invoke).await;
+    assert_eq!(result.outcome.body(), Some(&Bytes::from("fast")));
+    // The extension still works on "deferred" things: not complete, yet the caller has it.
+    let timeline = &emu.timelines()[0];
+    assert!(timeline.response_posted.is_some());
+    assert!(timeline.complete.is_none());
+
+    let _ext = spawn_ext_next(&addr, &id);
+    assert!(emu.wait_until(SECOND, |_, t| t[0].complete.is_some()).await);
+}
+
+#[tokio::test]
+async fn concurrent_invokes_are_served_one_at_a_time_in_order() {
+    let (emu, addr) = start(EmulatorConfig::default()).await;
+    let id = register(&addr, "ext-order", &["INVOKE"]).await;
+    let _ext = eager_extension(&addr, &id);
+    let _runtime = echo_runtime(&addr);
+    let payloads = ["a", "b", "c", "d", "e"];
+    let mut handles = Vec::new();
+    for payload in payloads {
+        handles.push(spawn_invoke(&emu, payload));
+        tokio::task::yield_now().await;
+    }
+    for (handle, payload) in handles.into_iter().zip(payloads) {
+        assert_eq!(
+            joined(handle).await.outcome.body(),
+            Some(&Bytes::from(payload))
+        );
+    }
+    let timelines = emu.timelines();
+    assert_eq!(timelines.len(), 5);
+    for pair in timelines.windows(2) {
+        let complete = pair[0].complete.expect("complete");
+        assert!(pair[1].invoked >= complete, "overlapping invocations");
+    }
+    assert_eq!(emu.stats().max_concurrent_event_next_per_extension, 1);
+}
+
+#[tokio::test]
+async fn concurrent_event_next_calls_are_counted() {
+    let (emu, addr) = start(EmulatorConfig::default()).await;
+    let id = register(&addr, "ext-twice", &["INVOKE"]).await;
+    let _a = spawn_ext_next(&addr, &id);
+    let _b = spawn_ext_next(&addr, &id);
+    assert!(emu.wait_until(SECOND, |s, _| s.event_next_calls == 2).await);
+    let stats = emu.stats();
+    assert_eq!(stats.max_concurrent_event_next_per_extension, 2);
+    assert_eq!(stats.max_concurrent_event_next_by_extension["ext-twice"], 2);
+}
+
+// ----- timeline --------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn the_timeline_records_each_phase_and_test_marks() {
+    let (emu, addr) = start(EmulatorConfig::default()).await;
+    assert_eq!(
+        call(&addr, Method::POST, MARK, &[], "before").await.status,
+        202
+    );
+    assert_eq!(emu.marks_outside_invocations()[0].0, "before");
+
+    let id = register(&addr, "ext-tl", &["INVOKE"]).await;
+    let ext = spawn_ext_next(&addr, &id);
+    let runtime = spawn_runtime_next(&addr);
+    let invoke = spawn_invoke(&emu, "x");
+    let request_id = joined(runtime)
+        .await
+        .header("lambda-runtime-aws-request-id");
+    joined(ext).await.expect("event");
+    respond(&addr, &request_id, "y").await;
+    joined(invoke).await;
+    assert_eq!(
+        call(&addr, Method::POST, MARK, &[], "action finished")
+            .await
+            .status,
+        202
+    );
+    let _ext = spawn_ext_next(&addr, &id);
+    let _runtime = spawn_runtime_next(&addr);
+    assert!(emu.wait_until(SECOND, |_, t| t[0].complete.is_some()).await);
+    let t = &emu.timelines()[0];
+    assert_eq!(t.request_id, request_id);
+    let received = t.runtime_received.expect("received");
+    let posted = t.response_posted.expect("posted");
+    let mark = t.mark("action finished").expect("mark");
+    let ext_next = t.extension_next_of("ext-tl").expect("ext next");
+    let complete = t.complete.expect("complete");
+    assert!(t.invoked <= received && received <= posted);
+    assert!(posted <= mark && mark <= ext_next && ext_next <= complete);
+    assert_eq!(t.extension_invoke[0].0, "ext-tl");
+    assert!(!t.timed_out);
+    assert!(t.frozen.is_none(), "nothing to freeze in attach mode");
+}
+
+// ----- deadline --------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_deadline_overrun_times_out_and_resets_the_environment() {
+    let config = EmulatorConfig {
+        function_timeout: Duration::from_millis(300),
+        ..EmulatorConfig::default()
+    };
+    let (emu, addr) = start(config).await;
+    let id = register(&addr, "ext-old", &["INVOKE"]).await;
+    let _ext = spawn_ext_next(&addr, &id);
+    let runtime = spawn_runtime_next(&addr);
+    let invoke = spawn_invoke(&emu, "hang");
+    joined(runtime).await;
+    let result = joined(invoke).await;
+    assert_eq!(result.outcome, InvokeOutcome::Timeout);
+    assert!(
+        result.latency >= Duration::from_millis(290) && result.latency < Duration::from_secs(2),
+        "{:?}",
+        result.latency
+    );
+    let stats = emu.stats();
+    assert_eq!((stats.timeouts, stats.resets), (1, 1));
+    assert!(emu.timelines()[0].timed_out);
+    // The extension state is gone with the environment; registration is open again.
+    call(
+        &addr,
+        Method::GET,
+        EVENT_NEXT,
+        &[("Lambda-Extension-Identifier", &id)],
+        "",
+    )
+    .await
+    .assert_error(403, "Extension.UnknownExtensionIdentifier");
+    let id = register(&addr, "ext-new", &["INVOKE"]).await;
+    let _ext = eager_extension(&addr, &id);
+    let _runtime = echo_runtime(&addr);
+    let result = within(emu.invoke("again")).await;
+    assert_eq!(result.outcome.body(), Some(&Bytes::from("again")));
+    assert_eq!(emu.stats().inits, 2);
+}
+
+#[tokio::test]
+async fn an_extension_overrunning_the_deadline_marks_the_invocation_timed_out() {
+    let config = EmulatorConfig {
+        function_timeout: Duration::from_millis(300),
+        ..EmulatorConfig::default()
+    };
+    let (emu, addr) = start(config).await;
+    let id = register(&addr, "ext-late", &["INVOKE"]).await;
+    let _ext = spawn_ext_next(&addr, &id);
+    let _runtime = echo_runtime(&addr);
+    // The runtime answers at once; the extension never calls event/next again.
+    let result = within(emu.invoke("x")).await;
+    assert_eq!(result.outcome.body(), Some(&Bytes::from("x")));
+    assert!(emu.wait_until(SECOND, |s, _| s.timeouts == 1).await);
+    let t = &emu.timelines()[0];
+    assert!(t.timed_out);
+    assert!(t.complete.is_none());
+    assert_eq!(emu.stats().resets, 1);
+}
+
+// ----- shutdown ---------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn shutdown_goes_to_external_extensions_subscribed_to_it() {
+    let config = EmulatorConfig {
+        external_extensions: vec!["ext-external".to_owned()],
+        ..EmulatorConfig::default()
+    };
+    let (emu, addr) = start(config).await;
+    let external = register(&addr, "ext-external", &["SHUTDOWN"]).await;
+    let internal = register(&addr, "ext-internal", &["INVOKE"]).await;
+    let external_next = spawn_ext_next(&addr, &external);
+    let internal_next = spawn_ext_next(&addr, &internal);
+    let _runtime = spawn_runtime_next(&addr);
+    assert!(emu.wait_until(SECOND, |s, _| s.inits == 1).await);
+    let result = within(emu.shutdown()).await;
+    assert_eq!(result.shutdown_events, vec!["ext-external".to_owned()]);
+    assert_eq!(result.grace, Duration::from_secs(2));
+    assert!(result.exit_status.is_none() && !result.killed);
+    let event = joined(external_next).await.expect("SHUTDOWN event").json();
+    assert_eq!(event["eventType"], "SHUTDOWN");
+    assert_eq!(event["shutdownReason"], "SPINDOWN");
+    assert!(event["deadlineMs"].as_u64().expect("deadlineMs") > epoch_ms());
+    // The internal extension gets nothing: its call ends with the environment.
+    assert!(joined(internal_next).await.is_err());
+}
+
+// ----- faults ------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn registration_faults() {
+    let (emu, addr) = start(EmulatorConfig::default()).await;
+    emu.faults().once(Fault::RegisterStatus {
+        status: 500,
+        error_type: "Extension.Boom".to_owned(),
+    });
+    register_reply(&addr, "ext-f", &["INVOKE"])
+        .await
+        .assert_error(500, "Extension.Boom");
+    emu.faults().once(Fault::RegisterClose);
+    let body = json!({ "events": ["INVOKE"] }).to_string();
+    let closed = try_call(
+        &addr,
+        Method::POST,
+        REGISTER,
+        &[("Lambda-Extension-Name", "ext-f")],
+        body,
+    )
+    .await;
+    assert!(closed.is_err(), "{closed:?}");
+    emu.faults().always(Fault::RegisterStatus {
+        status: 403,
+        error_type: "Extension.Denied".to_owned(),
+    });
+    for _ in 0..2 {
+        register_reply(&addr, "ext-f", &["INVOKE"])
+            .await
+            .assert_error(403, "Extension.Denied");
+    }
+    emu.faults().clear();
+    register(&addr, "ext-f", &["INVOKE"]).await;
+    assert!(emu.faults().armed().is_empty());
+}
+
+#[tokio::test]
+async fn event_next_faults() {
+    let (emu, addr) = start(EmulatorConfig::default()).await;
+    let id = register(&addr, "ext-faulty", &["INVOKE"]).await;
+    let _runtime = echo_runtime(&addr);
+
+    let pending = spawn_ext_next(&addr, &id);
+    emu.faults().once(Fault::EventNextMalformedBody);
+    within(emu.invoke("1")).await;
+    let reply = joined(pending).await.expect("reply");
+    assert_eq!(reply.status, 200);
+    assert!(serde_json::from_slice::<Value>(&reply.body).is_err());
+
+    let pending = spawn_ext_next(&addr, &id);
+    emu.faults().once(Fault::EventNextUnknownEventType);
+    within(emu.invoke("2")).await;
+    assert_eq!(
+        joined(pending).await.expect("reply").json()["eventType"],
+        "UNKNOWN_EVENT"
+    );
+
+    let pending = spawn_ext_next(&addr, &id);
+    emu.faults().once(Fault::EventNextWrongRequestId);
+    let result = within(emu.invoke("3")).await;
+    let event = joined(pending).await.expect("reply").json();
+    assert_eq!(event["eventType"], "INVOKE");
+    assert_ne!(event["requestId"], result.request_id);
+
+    // A 500 keeps the event: the retry gets it.
+    let pending = spawn_ext_next(&addr, &id);
+    emu.faults().once(Fault::EventNextStatus(500));
+    let result = within(emu.invoke("4")).await;
+    joined(pending)
+        .await
+        .expect("reply")
+        .assert_error(500, "InternalServerError");
+    let retry = joined(spawn_ext_next(&addr, &id)).await.expect("retry");
+    assert_eq!(retry.json()["requestId"], result.request_id);
+
+    let pending = spawn_ext_next(&addr, &id);
+    emu.faults().once(Fault::EventNextCloseMidBody);
+    within(emu.invoke("5")).await;
+    assert!(joined(pending).await.is_err(), "the body must be cut");
+
+    emu.faults()
+        .once(Fault::ExtensionsApiDelay(Duration::from_millis(200)));
+    let started = Instant::now();
+    call(&addr, Method::GET, EVENT_NEXT, &[], "")
+        .await
+        .assert_error(403, "Extension.MissingExtensionIdentifier");
+    assert!(started.elapsed() >= Duration::from_millis(200));
+
+    // After all that, the chain still works.
+    let _ext = eager_extension(&addr, &id);
+    assert!(within(emu.invoke("6")).await.outcome.is_success());
+    assert_eq!(emu.stats().timeouts, 0);
+}
+
+// ----- Managed Instances -------------------------------------------------------------------------
+
+#[tokio::test]
+async fn managed_instances_refuse_invoke_registration_and_run_invocations_concurrently() {
+    let config = EmulatorConfig {
+        managed_instances: Some(2),
+        ..EmulatorConfig::default()
+    };
+    let (emu, addr) = start(config).await;
+    register_reply(&addr, "ext-mi", &["INVOKE"])
+        .await
+        .assert_error(403, "Extension.InvalidEventType");
+    let id = register(&addr, "ext-mi", &[]).await;
+    let _ext = spawn_ext_next(&addr, &id);
+    let first_next = spawn_runtime_next(&addr);
+    let second_next = spawn_runtime_next(&addr);
+    let a = spawn_invoke(&emu, "a");
+    let b = spawn_invoke(&emu, "b");
+    // Both are delivered before either is answered.
+    let first = joined(first_next).await;
+    let second = joined(second_next).await;
+    for event in [&first, &second] {
+        let id = event.header("lambda-runtime-aws-request-id");
+        let body = if &event.body[..] == b"a" { "ra" } else { "rb" };
+        assert_eq!(respond(&addr, &id, body).await.status, 202);
+    }
+    assert_eq!(joined(a).await.outcome.body(), Some(&Bytes::from("ra")));
+    assert_eq!(joined(b).await.outcome.body(), Some(&Bytes::from("rb")));
+    assert_eq!(emu.stats().freezes, 0);
+}
+
+// ----- speed -------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_invocations_spend_no_time_in_the_emulator() {
+    let (emu, addr) = start(EmulatorConfig::default()).await;
+    let id = register(&addr, "ext-fast", &["INVOKE"]).await;
+    let _ext = eager_extension(&addr, &id);
+    let _runtime = echo_runtime(&addr);
+    let started = Instant::now();
+    for _ in 0..1000 {
+        assert!(emu.invoke("x").await.outcome.is_success());
+    }
+    let elapsed = started.elapsed();
+    // ~0.3 s in release and ~1 s in debug builds (three HTTP round trips per invocation, both
+    // sides unoptimised); a sleep or poll of even 1 ms per invocation would break the bound.
+    assert!(
+        elapsed < Duration::from_secs(3),
+        "1,000 invocations took {elapsed:?}"
+    );
+    let stats = emu.stats();
+    assert_eq!(stats.invocations, 1000);
+    assert_eq!(stats.max_concurrent_event_next_per_extension, 1);
+}
+
+// ----- child process -----------------------------------------------------------------------------
+
+fn probe() -> FunctionSpec {
+    FunctionSpec::new(PROBE)
+}
+
+/// The process state letter from /proc (`T` = stopped).
+fn process_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
+fn last_tick(logs: &[String]) -> Option<u64> {
+    logs.iter()
+        .rev()
+        .find_map(|l| l.strip_prefix("tick ").and_then(|n| n.parse().ok()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_child_gets_the_lambda_environment_and_its_output_is_captured() {
+    let (emu, addr) = start(EmulatorConfig::default()).await;
+    within(emu.spawn_function(probe().env("PROBE_EXTRA", "extra")))
+        .await
+        .expect("init");
+    let expected = [
+        ("AWS_LAMBDA_RUNTIME_API", addr.as_str()),
+        ("AWS_LAMBDA_FUNCTION_NAME", "test-function"),
+        ("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "128"),
+        ("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST"),
+        ("AWS_LAMBDA_LOG_GROUP_NAME", "/aws/lambda/test-function"),
+        ("AWS_LAMBDA_INITIALIZATION_TYPE", "on-demand"),
+        ("AWS_LAMBDA_MAX_CONCURRENCY", ""),
+        ("PROBE_EXTRA", "extra"),
+    ];
+    for (name, value) in expected {
+        let payload = format!("env:{name}");
+        let result = within(emu.invoke(payload)).await;
+        assert_eq!(
+            result.outcome.body(),
+            Some(&Bytes::copy_from_slice(value.as_bytes())),
+            "{name}"
+        );
+    }
+    let stream = within(emu.invoke("env:AWS_LAMBDA_LOG_STREAM_NAME")).await;
+    assert!(!stream.outcome.body().expect("stream name").is_empty());
+    assert!(
+        emu.function_logs()
+            .iter()
+            .any(|l| l.starts_with("probe started"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn managed_instances_children_get_the_concurrency_environment() {
+    let config = EmulatorConfig {
+        managed_instances: Some(4),
+        ..EmulatorConfig::default()
+    };
+    let (emu, _addr) = start(config).await;
+    within(emu.spawn_function(probe())).await.expect("init");
+    let kind = within(emu.invoke("env:AWS_LAMBDA_INITIALIZATION_TYPE")).await;
+    assert_eq!(
+        kind.outcome.body(),
+        Some(&Bytes::from("lambda-managed-instances"))
+    );
+    let n = within(emu.invoke("env:AWS_LAMBDA_MAX_CONCURRENCY")).await;
+    assert_eq!(n.outcome.body(), Some(&Bytes::from("4")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_child_is_frozen_and_thawed_on_the_next_invoke() {
+    let (emu, _addr) = start(EmulatorConfig::default()).await;
+    within(emu.spawn_function(probe().env("EMU_PROBE_TICK_MS", "5")))
+        .await
+        .expect("init");
+    let pid = emu.child_pid().expect("child");
+    assert!(within(emu.invoke("a")).await.outcome.is_success());
+    assert!(emu.wait_until(SECOND, |_, t| t[0].frozen.is_some()).await);
+    // Let a line written just before SIGSTOP drain, then the counter must stand still.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(process_state(pid), Some('T'));
+    let frozen_at = last_tick(&emu.function_logs());
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert_eq!(
+        last_tick(&emu.function_logs()),
+        frozen_at,
+        "ticked while frozen"
+    );
+
+    assert!(within(emu.invoke("b")).await.outcome.is_success());
+    let target = frozen_at.unwrap_or(0);
+    let resumed = emu
+        .wait_for_log(
+            |l| {
+                l.strip_prefix("tick ")
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .is_some_and(|n| n > target)
+            },
+            Duration::from_secs(2),
+        )
+        .await;
+    assert!(resumed.is_some(), "no tick after thaw");
+    let timelines = emu.timelines();
+    assert!(timelines[1].thawed.is_some());
+    let stats = emu.stats();
+    assert!(stats.freezes >= 2 && stats.thaws >= 2, "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timeout_kills_the_child_and_the_next_invoke_runs_init_again() {
+    let config = EmulatorConfig {
+        function_timeout: Duration::from_millis(400),
+        ..EmulatorConfig::default()
+    };
+    let (emu, _addr) = start(config).await;
+    within(emu.spawn_function(probe())).await.expect("init");
+    let first_pid = emu.child_pid().expect("child");
+    let result = within(emu.invoke("hang")).await;
+    assert_eq!(result.outcome, InvokeOutcome::Timeout);
+    let result = within(emu.invoke("again")).await;
+    assert_eq!(result.outcome.body(), Some(&Bytes::from("again")));
+    let second_pid = emu.child_pid().expect("child");
+    assert_ne!(first_pid, second_pid);
+    assert!(!std::path::Path::new(&format!("/proc/{first_pid}")).exists());
+    let stats = emu.stats();
+    assert_eq!((stats.timeouts, stats.resets, stats.inits), (1, 1, 2));
+    let starts = emu
+        .function_logs()
+        .iter()
+        .filter(|l| l.starts_with("probe started"))
+        .count();
+    assert_eq!(starts, 2);
+    assert!(emu.timelines()[0].timed_out);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashing_child_fails_the_invocation_and_is_restarted() {
+    let (emu, _addr) = start(EmulatorConfig::default()).await;
+    within(emu.spawn_function(probe())).await.expect("init");
+    match within(emu.invoke("crash")).await.outcome {
+        InvokeOutcome::FunctionError { error_type, .. } => {
+            assert_eq!(error_type, "Runtime.ExitError")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(within(emu.invoke("fine")).await.outcome.is_success());
+    assert_eq!(emu.stats().resets, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spawn_function_reports_init_errors_and_init_timeouts() {
+    let (emu, _addr) = start(EmulatorConfig::default()).await;
+    let error = within(emu.spawn_function(probe().env("EMU_PROBE_INIT_ERROR", "1")))
+        .await
+        .expect_err("init error");
+    assert!(
+        error.to_string().contains("Runtime.ProbeInitError"),
+        "{error}"
+    );
+    assert_eq!(emu.stats().init_failures, 1);
+
+    let config = EmulatorConfig {
+        init_timeout: Duration::from_millis(300),
+        ..EmulatorConfig::default()
+    };
+    let (emu, _addr) = start(config).await;
+    let silent = FunctionSpec::new("/bin/sh").arg("-c").arg("sleep 5");
+    let started = Instant::now();
+    let error = within(emu.spawn_function(silent))
+        .await
+        .expect_err("init timeout");
+    assert!(error.to_string().contains("timed out"), "{error}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_with_an_internal_extension_is_gated_and_terminated_gracefully() {
+    let (emu, _addr) = start(EmulatorConfig::default()).await;
+    within(emu.spawn_function(probe().env("EMU_PROBE_EXTENSION", "probe-ext")))
+        .await
+        .expect("init");
+    assert_eq!(emu.extensions(), vec!["probe-ext".to_owned()]);
+    assert!(within(emu.invoke("one")).await.outcome.is_success());
+    assert!(within(emu.invoke("two")).await.outcome.is_success());
+    let timelines = emu.timelines();
+    assert!(timelines[0].extension_next_of("probe-ext").is_some());
+    assert!(timelines[1].invoked >= timelines[0].complete.expect("complete"));
+    // Frozen now; shutdown thaws, SIGTERMs, and the probe dies of it within 500 ms.
+    let result = within(emu.shutdown()).await;
+    assert_eq!(result.grace, Duration::from_millis(500));
+    assert!(!result.killed, "{result:?}");
+    assert_eq!(result.exit_status.and_then(|s| s.signal()), Some(15));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_ignoring_sigterm_is_killed_after_the_grace_period() {
+    let config = EmulatorConfig {
+        shutdown_grace: Some(Duration::from_millis(200)),
+        ..EmulatorConfig::default()
+    };
+    let (emu, _addr) = start(config).await;
+    // An ignored signal stays ignored across exec.
+    let stubborn = FunctionSpec::new("/bin/sh")
+        .arg("-c")
+        .arg(format!("trap '' TERM; exec {PROBE}"));
+    within(emu.spawn_function(stubborn)).await.expect("init");
+    let result = within(emu.shutdown()).await;
+    assert!(result.killed, "{result:?}");
+    assert_eq!(result.exit_status.and_then(|s| s.signal()), Some(9));
+    assert!(result.duration >= Duration::from_millis(200));
+}
+
+#[tokio::test]
+async fn a_next_call_dropped_by_its_client_does_not_swallow_the_next_event() {
+    let (emu, addr) = start(EmulatorConfig::default()).await;
+    let abandoned = spawn_runtime_next(&addr);
+    assert!(
+        emu.wait_until(SECOND, |s, _| s.runtime_next_calls == 1)
+            .await
+    );
+    abandoned.abort();
+    let _ = abandoned.await;
+    assert!(
+        emu.wait_until(SECOND, |s, _| s.abandoned_next_calls == 1)
+            .await
+    );
+    // The retry is not refused as a second concurrent /next, and it gets the event.
+    let retry = spawn_runtime_next(&addr);
+    let invoke = spawn_invoke(&emu, "kept");
+    let event = joined(retry).await;
+    assert_eq!(&event.body[..], b"kept");
+    let id = event.header("lambda-runtime-aws-request-id");
+    respond(&addr, &id, "ok").await;
+    assert!(joined(invoke).await.outcome.is_success());
+}
