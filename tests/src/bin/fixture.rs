@@ -1,0 +1,180 @@
+//! A Lambda function for the integration tests, run as a child process of the emulator.
+//!
+//! `FIXTURE_MODE` picks how it is wired: `run` (`Deferred::run`), `start` (`Deferred::start`
+//! + plain `lambda_runtime::run`), `naive` (no extension: the flush is spawned and the
+//! handler returns, the design this library replaces) or `sync` (flush before returning).
+//! `FLUSH_TIMEOUT_MS` sets the builder's flush timeout. Each invocation's payload is a [`Plan`]:
+//! what the handler does and which actions it defers. Actions post marks to the emulator
+//! (`start:<name>`, `end:<name>`) so tests can order them against the protocol timeline.
+
+use std::time::Duration;
+
+use deferred_core::{Deferred, defer, deferred_handler};
+use deferred_testkit::telemetry;
+use lambda_runtime::{Error, LambdaEvent, service_fn};
+use opentelemetry::trace::TraceContextExt;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Plan {
+    #[serde(default)]
+    actions: Vec<ActionPlan>,
+    #[serde(default)]
+    handler: HandlerPlan,
+    #[serde(default)]
+    handler_ms: u64,
+}
+
+#[derive(Debug, Deserialize, Default, PartialEq)]
+#[serde(rename_all = "lowercase")]
+enum HandlerPlan {
+    #[default]
+    Ok,
+    Err,
+    Panic,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+struct ActionPlan {
+    name: String,
+    #[serde(default)]
+    ms: u64,
+    #[serde(default)]
+    kind: ActionKind,
+}
+
+#[derive(Debug, Deserialize, Default, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum ActionKind {
+    #[default]
+    Ok,
+    Err,
+    Panic,
+    Hang,
+}
+
+#[deferred_handler]
+async fn handler(event: LambdaEvent<Plan>) -> Result<Value, Error> {
+    let plan = event.payload;
+    let request_id = event.context.request_id;
+    let trace_id = current_trace_id();
+    work(plan.handler_ms).await;
+    for action in plan.actions {
+        let request_id = request_id.clone();
+        defer!(action.name.clone(), run_action(action, request_id));
+    }
+    match plan.handler {
+        HandlerPlan::Ok => Ok(json!({ "trace_id": trace_id })),
+        HandlerPlan::Err => Err("the handler failed on purpose".into()),
+        HandlerPlan::Panic => panic!("the handler panicked on purpose"),
+    }
+}
+
+/// The handler of the naive design: spawn the flush and return at once.
+async fn naive_handler(
+    event: LambdaEvent<Plan>,
+    tracer: opentelemetry_sdk::trace::SdkTracerProvider,
+) -> Result<Value, Error> {
+    let trace_id = current_trace_id();
+    let request_id = event.context.request_id;
+    work(event.payload.handler_ms).await;
+    tokio::spawn(async move {
+        let _ = tokio::task::spawn_blocking(move || tracer.force_flush()).await;
+        mark(&request_id, "naive-flushed").await;
+    });
+    Ok(json!({ "trace_id": trace_id }))
+}
+
+/// The handler of the synchronous design: flush, then return.
+async fn sync_handler(
+    event: LambdaEvent<Plan>,
+    tracer: opentelemetry_sdk::trace::SdkTracerProvider,
+) -> Result<Value, Error> {
+    let trace_id = current_trace_id();
+    work(event.payload.handler_ms).await;
+    let _ = tokio::task::spawn_blocking(move || tracer.force_flush()).await;
+    Ok(json!({ "trace_id": trace_id }))
+}
+
+async fn work(ms: u64) {
+    async {
+        if ms > 0 {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+    }
+    .instrument(tracing::info_span!("handler-work"))
+    .await;
+}
+
+fn current_trace_id() -> String {
+    tracing::Span::current()
+        .context()
+        .span()
+        .span_context()
+        .trace_id()
+        .to_string()
+}
+
+async fn run_action(action: ActionPlan, request_id: String) -> Result<(), String> {
+    let span = tracing::info_span!("deferred-action", action = %action.name);
+    async move {
+        mark(&request_id, &format!("start:{}", action.name)).await;
+        tokio::time::sleep(Duration::from_millis(action.ms)).await;
+        let result = match action.kind {
+            ActionKind::Ok => Ok(()),
+            ActionKind::Err => Err(format!("action {} failed on purpose", action.name)),
+            ActionKind::Panic => panic!("action {} panicked on purpose", action.name),
+            ActionKind::Hang => std::future::pending().await,
+        };
+        mark(&request_id, &format!("end:{}", action.name)).await;
+        result
+    }
+    .instrument(span)
+    .await
+}
+
+/// Posts a mark to the emulator's test-only endpoint, with a minimal HTTP/1.1 request.
+async fn mark(request_id: &str, text: &str) {
+    let Ok(api) = std::env::var("AWS_LAMBDA_RUNTIME_API") else {
+        return;
+    };
+    let Ok(mut stream) = tokio::net::TcpStream::connect(&api).await else {
+        return;
+    };
+    let request = format!(
+        "POST /__testkit/mark HTTP/1.1\r\nHost: {api}\r\nLambda-Runtime-Aws-Request-Id: {request_id}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
+        text.len()
+    );
+    if stream.write_all(request.as_bytes()).await.is_ok() {
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer).await;
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    let telemetry = telemetry::init_from_env("fixture")?;
+    let tracer = telemetry.tracer_provider.clone();
+    let flush_timeout = std::env::var("FLUSH_TIMEOUT_MS")
+        .ok()
+        .and_then(|ms| ms.parse().ok())
+        .map_or(Duration::from_secs(10), Duration::from_millis);
+    let deferred = Deferred::new()
+        .flush(tracer.clone())
+        .flush_timeout(flush_timeout);
+    match std::env::var("FIXTURE_MODE").as_deref() {
+        Ok("run") | Err(_) => deferred.run(service_fn(handler)).await,
+        Ok("start") => {
+            deferred.start().await?;
+            lambda_runtime::run(service_fn(handler)).await
+        }
+        Ok("naive") => lambda_runtime::run(service_fn(|e| naive_handler(e, tracer.clone()))).await,
+        Ok("sync") => lambda_runtime::run(service_fn(|e| sync_handler(e, tracer.clone()))).await,
+        Ok(other) => Err(format!("unknown FIXTURE_MODE {other:?}").into()),
+    }
+}
