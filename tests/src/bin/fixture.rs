@@ -1,7 +1,7 @@
 //! A Lambda function for the integration tests, run as a child process of the emulator.
 //!
 //! `FIXTURE_MODE` picks how it is wired: `run` (`Deferred::run`), `start` (`Deferred::start`
-//! + plain `lambda_runtime::run`), `naive` (no extension: the flush is spawned and the
+//! and plain `lambda_runtime::run`), `naive` (no extension: the flush is spawned and the
 //! handler returns, the design this library replaces) or `sync` (flush before returning).
 //! `FLUSH_TIMEOUT_MS` sets the builder's flush timeout. Each invocation's payload is a [`Plan`]:
 //! what the handler does and which actions it defers. Actions post marks to the emulator
