@@ -1,0 +1,94 @@
+//! The fallbacks of DESIGN.md: a broken chain runs work inline and re-arms; Managed Instances
+//! run work in the background; SIGTERM flushes within the grace period and exits 0.
+
+mod support;
+
+use std::time::Duration;
+
+use deferred_testkit::emulator::{EmulatorConfig, Fault};
+use serde_json::json;
+use support::{phase_end, start, trace_id};
+
+fn config() -> EmulatorConfig {
+    EmulatorConfig {
+        function_timeout: Duration::from_secs(5),
+        ..EmulatorConfig::default()
+    }
+}
+
+/// `event/next` fails or answers something unusable: the invocation's work runs inline
+/// (nothing lost), and the chain re-arms for the next invocation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_event_next_runs_inline_then_the_chain_re_arms() {
+    for fault in [
+        Fault::EventNextStatus(500),
+        Fault::EventNextMalformedBody,
+        Fault::EventNextUnknownEventType,
+        Fault::EventNextWrongRequestId,
+        Fault::EventNextCloseMidBody,
+    ] {
+        let env = start("run", config(), &[]).await;
+        env.emulator.faults().once(fault.clone());
+        let hit = env.invoke(json!({ "actions": [{ "name": "a" }] })).await;
+        assert!(hit.outcome.is_success(), "{fault:?}: {:?}", hit.outcome);
+        let t = env.completed(&hit.request_id).await;
+        assert!(!t.timed_out, "{fault:?}");
+        let ran = t.mark("end:a").unwrap_or_else(|| panic!("{fault:?}: the action was lost"));
+        assert!(ran <= t.response_posted.expect("posted"), "{fault:?}: inline, before the response");
+
+        // Re-armed: the next invocations are chained again.
+        for _ in 0..2 {
+            let next = env.invoke(json!({ "actions": [{ "name": "b", "ms": 50 }] })).await;
+            assert!(next.outcome.is_success(), "{fault:?}");
+            let t = env.completed(&next.request_id).await;
+            let b = t.mark("start:b").expect("b ran");
+            assert!(b >= t.response_posted.expect("posted"), "{fault:?}: chained again");
+            assert!(phase_end(&t) >= t.mark("end:b").expect("b ended"), "{fault:?}");
+        }
+        assert_eq!(env.emulator.stats().max_concurrent_event_next_per_extension, 1, "{fault:?}");
+    }
+}
+
+/// Lambda Managed Instances: no INVOKE registration; work runs as background tasks after the
+/// answer, one invocation's actions isolated from another's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn managed_instances_run_deferred_work_in_the_background() {
+    let env = start(
+        "run",
+        EmulatorConfig {
+            managed_instances: Some(4),
+            ..config()
+        },
+        &[],
+    )
+    .await;
+    assert!(env.emulator.extensions().is_empty(), "no extension registered");
+    let result = env.invoke(json!({ "actions": [{ "name": "bg", "ms": 300 }] })).await;
+    assert!(result.outcome.is_success());
+    assert!(result.latency < Duration::from_millis(300), "{:?}", result.latency);
+    let id = result.request_id.clone();
+    let ran = env
+        .emulator
+        .wait_until(Duration::from_secs(5), move |_, ts| {
+            ts.iter().any(|t| t.request_id == id && t.mark("end:bg").is_some())
+        })
+        .await;
+    assert!(ran, "the background action ran");
+    assert!(env.logged("Managed Instances").await);
+}
+
+/// SIGTERM: the final flush runs within Lambda's 500 ms grace for internal extensions, and the
+/// process exits 0 by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_flushes_and_exits_within_the_grace_period() {
+    let env = start("run", config(), &[]).await;
+    let result = env.invoke(json!({})).await;
+    let trace = trace_id(&result);
+    env.completed(&result.request_id).await;
+    let shutdown = env.emulator.shutdown().await;
+    assert!(!shutdown.killed, "{shutdown:?}");
+    assert!(shutdown.exit_status.expect("reaped").success(), "{shutdown:?}");
+    assert!(shutdown.duration < Duration::from_millis(500), "{shutdown:?}");
+    assert!(env.sink.spans_in_trace(&trace) > 0);
+    assert!(env.logged("Shutdown").await, "the final flush is reported");
+}
