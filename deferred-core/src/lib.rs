@@ -1,6 +1,66 @@
 //! Run telemetry flushes and deferred actions after an AWS Lambda function has answered.
 //!
-//! (Crate docs are written in `README.md`; see the repository.)
+//! A handler annotated `#[deferred_handler]` returns its response at once; the actions it
+//! queued with [`defer!`] and the flush of every registered [`Flush`] (the OpenTelemetry SDK
+//! providers, or anything wrapped with [`flush_fn`]) run after the response, while an
+//! in-process (internal) Lambda extension keeps the environment from freezing until they are
+//! done.
+//!
+//! ```no_run
+//! use deferred_core::{defer, deferred_handler, Deferred};
+//! use lambda_runtime::{service_fn, Error, LambdaEvent};
+//! use serde_json::{json, Value};
+//!
+//! #[deferred_handler(flush_timeout = "2s")]
+//! async fn handler(event: LambdaEvent<Value>) -> Result<Value, Error> {
+//!     let id = 42;
+//!     defer!("notify", async move { notify(id).await });   // after the response
+//!     Ok(json!({ "status": 202, "id": id }))
+//! }
+//! # async fn notify(_: u64) {}
+//!
+//! #[tokio::main]
+//! async fn main() -> Result<(), Error> {
+//!     let tracer_provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+//!     Deferred::new()
+//!         .flush(tracer_provider.clone())
+//!         .run(service_fn(handler))
+//!         .await
+//! }
+//! ```
+//!
+//! # How it works: the chained `event/next`
+//!
+//! Lambda neither freezes an environment nor delivers the next invocation while a registered
+//! extension has not called `GET /extension/event/next`. The core registers an internal
+//! extension during init and keeps exactly one `event/next` call in flight; the next call is
+//! made only when the previous invocation's deferred phase has ended:
+//!
+//! ```text
+//!  runtime:    next ──► handler ──► POST response ──► next ─────────────────────► handler N+1
+//!  caller:                          ◄── response (at once)
+//!  extension:  event/next ──► INVOKE N            [ actions… ─► flush ] ──► event/next ──► INVOKE N+1
+//!                                                  └─ deferred phase ──┘
+//!  Lambda:                                        environment held until here, then frozen
+//! ```
+//!
+//! With [`Deferred::run`] a `lambda_runtime` layer starts the phase once the response has been
+//! POSTed and the invocation's span has closed, so that span is in the same flush.
+//!
+//! # Budget
+//!
+//! The phase ends before the invocation's deadline minus a safety margin (100 ms by
+//! default). The flush keeps a reserve of `flush_timeout`, but at most half of the time left,
+//! and the actions are cut before they eat into it. Flushers run concurrently, each on a
+//! blocking thread; one that overruns is abandoned, reported, and skipped while it still runs.
+//! Every phase is reported as a `tracing` event with target `deferred` ([`PhaseReport`]).
+//!
+//! # Fallbacks
+//!
+//! Outside Lambda, when registration fails, or while the chain is broken, deferred work runs
+//! inline before the handler returns: slower, but nothing is lost. On Lambda Managed
+//! Instances it runs as background tasks. On SIGTERM the core flushes within the 500 ms Lambda
+//! gives internal extensions, then exits.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 

@@ -15,7 +15,10 @@ type Seen = Arc<Mutex<Vec<(String, String, Option<String>, String)>>>;
 
 /// Serves `answer(path)` for every request; records (method, path, extension id header, body).
 async fn serve(
-    answer: impl Fn(&str) -> (u16, Vec<(&'static str, &'static str)>, &'static str) + Send + Sync + 'static,
+    answer: impl Fn(&str) -> (u16, Vec<(&'static str, &'static str)>, &'static str)
+    + Send
+    + Sync
+    + 'static,
 ) -> (String, Seen) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -67,7 +70,10 @@ async fn register_and_next_keep_the_path_prefix_and_send_the_identifier() {
     let (addr, seen) = serve(|path| match path {
         "/my-fn/2020-01-01/extension/register" => (
             200,
-            vec![("Lambda-Extension-Identifier", "0b3c1e5d-0000-4000-8000-000000000001")],
+            vec![(
+                "Lambda-Extension-Identifier",
+                "0b3c1e5d-0000-4000-8000-000000000001",
+            )],
             r#"{"functionName":"f","functionVersion":"$LATEST","handler":"h"}"#,
         ),
         "/my-fn/2020-01-01/extension/event/next" => (200, vec![], INVOKE),
@@ -75,8 +81,14 @@ async fn register_and_next_keep_the_path_prefix_and_send_the_identifier() {
     })
     .await;
     let client = Client::new(&format!("{addr}/my-fn")).unwrap();
-    let registration = client.register("lambda-deferred-test", &["INVOKE"]).await.unwrap();
-    assert_eq!(registration.extension_id, "0b3c1e5d-0000-4000-8000-000000000001");
+    let registration = client
+        .register("lambda-deferred-test", &["INVOKE"])
+        .await
+        .unwrap();
+    assert_eq!(
+        registration.extension_id,
+        "0b3c1e5d-0000-4000-8000-000000000001"
+    );
     assert_eq!(registration.function_name, "f");
     let event = client.next_event(&registration.extension_id).await.unwrap();
     assert!(matches!(event, NextEvent::Invoke(e) if e.request_id == "req-1"));
@@ -85,7 +97,10 @@ async fn register_and_next_keep_the_path_prefix_and_send_the_identifier() {
     assert_eq!(seen[0].0, "POST");
     assert_eq!(seen[0].3, r#"{"events":["INVOKE"]}"#);
     assert_eq!(seen[1].1, "/my-fn/2020-01-01/extension/event/next");
-    assert_eq!(seen[1].2.as_deref(), Some("0b3c1e5d-0000-4000-8000-000000000001"));
+    assert_eq!(
+        seen[1].2.as_deref(),
+        Some("0b3c1e5d-0000-4000-8000-000000000001")
+    );
 }
 
 #[tokio::test]
@@ -111,9 +126,25 @@ async fn error_answers_carry_the_api_error_type() {
         }
     );
     let broken = client.next_event("id").await.unwrap_err();
-    assert!(matches!(broken, ClientError::Api { status: 500, error_type: None, .. }), "{broken}");
-    client.init_error("id", "Extension.Fatal", "boom").await.unwrap();
-    client.exit_error("id", "Extension.Fatal", "boom").await.unwrap();
+    assert!(
+        matches!(
+            broken,
+            ClientError::Api {
+                status: 500,
+                error_type: None,
+                ..
+            }
+        ),
+        "{broken}"
+    );
+    client
+        .init_error("id", "Extension.Fatal", "boom")
+        .await
+        .unwrap();
+    client
+        .exit_error("id", "Extension.Fatal", "boom")
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -125,8 +156,14 @@ async fn protocol_violations_are_errors() {
     })
     .await;
     let client = Client::new(&addr).unwrap();
-    assert!(matches!(client.register("x", &["INVOKE"]).await, Err(ClientError::Malformed(_))));
-    assert!(matches!(client.next_event("id").await, Err(ClientError::Malformed(_))));
+    assert!(matches!(
+        client.register("x", &["INVOKE"]).await,
+        Err(ClientError::Malformed(_))
+    ));
+    assert!(matches!(
+        client.next_event("id").await,
+        Err(ClientError::Malformed(_))
+    ));
 }
 
 #[tokio::test]

@@ -33,19 +33,36 @@ async fn a_broken_event_next_runs_inline_then_the_chain_re_arms() {
         assert!(hit.outcome.is_success(), "{fault:?}: {:?}", hit.outcome);
         let t = env.completed(&hit.request_id).await;
         assert!(!t.timed_out, "{fault:?}");
-        let ran = t.mark("end:a").unwrap_or_else(|| panic!("{fault:?}: the action was lost"));
-        assert!(ran <= t.response_posted.expect("posted"), "{fault:?}: inline, before the response");
+        let ran = t
+            .mark("end:a")
+            .unwrap_or_else(|| panic!("{fault:?}: the action was lost"));
+        assert!(
+            ran <= t.response_posted.expect("posted"),
+            "{fault:?}: inline, before the response"
+        );
 
         // Re-armed: the next invocations are chained again.
         for _ in 0..2 {
-            let next = env.invoke(json!({ "actions": [{ "name": "b", "ms": 50 }] })).await;
+            let next = env
+                .invoke(json!({ "actions": [{ "name": "b", "ms": 50 }] }))
+                .await;
             assert!(next.outcome.is_success(), "{fault:?}");
             let t = env.completed(&next.request_id).await;
             let b = t.mark("start:b").expect("b ran");
-            assert!(b >= t.response_posted.expect("posted"), "{fault:?}: chained again");
-            assert!(phase_end(&t) >= t.mark("end:b").expect("b ended"), "{fault:?}");
+            assert!(
+                b >= t.response_posted.expect("posted"),
+                "{fault:?}: chained again"
+            );
+            assert!(
+                phase_end(&t) >= t.mark("end:b").expect("b ended"),
+                "{fault:?}"
+            );
         }
-        assert_eq!(env.emulator.stats().max_concurrent_event_next_per_extension, 1, "{fault:?}");
+        assert_eq!(
+            env.emulator.stats().max_concurrent_event_next_per_extension,
+            1,
+            "{fault:?}"
+        );
     }
 }
 
@@ -62,15 +79,25 @@ async fn managed_instances_run_deferred_work_in_the_background() {
         &[],
     )
     .await;
-    assert!(env.emulator.extensions().is_empty(), "no extension registered");
-    let result = env.invoke(json!({ "actions": [{ "name": "bg", "ms": 300 }] })).await;
+    assert!(
+        env.emulator.extensions().is_empty(),
+        "no extension registered"
+    );
+    let result = env
+        .invoke(json!({ "actions": [{ "name": "bg", "ms": 300 }] }))
+        .await;
     assert!(result.outcome.is_success());
-    assert!(result.latency < Duration::from_millis(300), "{:?}", result.latency);
+    assert!(
+        result.latency < Duration::from_millis(300),
+        "{:?}",
+        result.latency
+    );
     let id = result.request_id.clone();
     let ran = env
         .emulator
         .wait_until(Duration::from_secs(5), move |_, ts| {
-            ts.iter().any(|t| t.request_id == id && t.mark("end:bg").is_some())
+            ts.iter()
+                .any(|t| t.request_id == id && t.mark("end:bg").is_some())
         })
         .await;
     assert!(ran, "the background action ran");
@@ -87,8 +114,14 @@ async fn sigterm_flushes_and_exits_within_the_grace_period() {
     env.completed(&result.request_id).await;
     let shutdown = env.emulator.shutdown().await;
     assert!(!shutdown.killed, "{shutdown:?}");
-    assert!(shutdown.exit_status.expect("reaped").success(), "{shutdown:?}");
-    assert!(shutdown.duration < Duration::from_millis(500), "{shutdown:?}");
+    assert!(
+        shutdown.exit_status.expect("reaped").success(),
+        "{shutdown:?}"
+    );
+    assert!(
+        shutdown.duration < Duration::from_millis(500),
+        "{shutdown:?}"
+    );
     assert!(env.sink.spans_in_trace(&trace) > 0);
     assert!(env.logged("Shutdown").await, "the final flush is reported");
 }
