@@ -119,3 +119,81 @@ impl Drop for HandOver<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use super::*;
+    use crate::scope::defer;
+
+    fn invocation() -> Invocation {
+        Invocation {
+            request_id: String::new(),
+            deadline: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn without_start_actions_run_inline_before_returning() {
+        let ran = Arc::new(AtomicUsize::new(0));
+        let r = ran.clone();
+        let out = run(invocation(), Options::default(), async move {
+            defer(None, async move {
+                r.fetch_add(1, Ordering::SeqCst);
+            })
+            .unwrap();
+            7
+        })
+        .await;
+        assert_eq!(out, 7);
+        assert_eq!(ran.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_panicking_handler_still_runs_its_actions_and_the_panic_goes_on() {
+        let ran = Arc::new(AtomicUsize::new(0));
+        let r = ran.clone();
+        let handler = tokio::spawn(run(invocation(), Options::default(), async move {
+            defer(None, async move {
+                r.fetch_add(1, Ordering::SeqCst);
+            })
+            .unwrap();
+            panic!("handler panicked");
+        }));
+        let error = handler.await.unwrap_err();
+        assert!(error.is_panic());
+        assert_eq!(ran.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_handler_future_hands_its_actions_over() {
+        let ran = Arc::new(AtomicUsize::new(0));
+        let r = ran.clone();
+        let handler = run(invocation(), Options::default(), async move {
+            defer(None, async move {
+                r.fetch_add(1, Ordering::SeqCst);
+            })
+            .unwrap();
+            std::future::pending::<()>().await;
+        });
+        // Poll it once (the action is queued), then drop it mid-body.
+        let _ = tokio::time::timeout(Duration::from_millis(20), handler).await;
+        for _ in 0..100 {
+            if ran.load(Ordering::SeqCst) == 1 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the queued action was lost");
+    }
+
+    #[tokio::test]
+    async fn defer_outside_a_handler_is_an_error_not_a_silent_drop() {
+        let error = defer(Some("x".into()), async {}).unwrap_err();
+        assert!(matches!(error, crate::DeferError::OutsideHandler { .. }));
+        assert!(error.to_string().contains("outside a #[deferred_handler]"));
+    }
+}
