@@ -164,7 +164,13 @@ fn rewrite(mut handler: HandlerFn, args: &Args) -> TokenStream {
     brace_token.surround(&mut scoped_body, |tokens| {
         tokens.extend(fake_return);
         tokens.extend(binding);
-        brace_token.surround(tokens, |tokens| body.to_tokens(tokens));
+        // A match arm, not the bare tail: a block as the tail of a block trips `unused_braces`
+        // on one-line bodies, and a `let` would lose the expected type (errors would point at
+        // the macro instead of the user's tail expression).
+        tokens.extend(quote!(match ()));
+        let mut arm = quote!(() =>);
+        brace_token.surround(&mut arm, |tokens| body.to_tokens(tokens));
+        tokens.extend(quote!({ #arm }));
     });
 
     let inner_attrs = inner_attrs.into_iter().map(|mut attr| {
@@ -286,7 +292,7 @@ mod tests {
             "{out}"
         );
         assert!(
-            out.contains("{ Ok (event . payload) } } ,) . await"),
+            out.contains("match () { () => { Ok (event . payload) } } } ,) . await"),
             "{out}"
         );
         assert!(!out.contains("compile_error"), "{out}");
