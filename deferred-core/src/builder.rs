@@ -121,7 +121,10 @@ impl Deferred {
     /// `lambda_runtime::run`): how long an INVOKE event may stay unclaimed by a deferred
     /// handler before the core takes it for one that none will see (an event payload that did
     /// not deserialize) and releases the environment after a flush (default 500 ms). A handler
-    /// that claims its event later runs its deferred work inline.
+    /// that claims its event later runs its deferred work inline. Every invocation that no
+    /// `#[deferred_handler]` claims (an undecodable payload, or a handler left undecorated)
+    /// holds the environment, billed, for this window; with [`run`](Self::run) the runtime
+    /// layer closes such invocations at once and the window never applies.
     pub fn unclaimed_window(mut self, window: Duration) -> Self {
         self.config.stray_window = window;
         self
@@ -180,6 +183,35 @@ impl Deferred {
             .layer(lambda_runtime::layers::TracingLayer::new())
             .layer(handle.layer())
             .run()
+            .await
+    }
+}
+
+impl Deferred {
+    /// Like [`run`](Self::run), but with `lambda_runtime`'s concurrent loop: on Lambda Managed
+    /// Instances it serves `AWS_LAMBDA_MAX_CONCURRENCY` invocations at once (deferred work then
+    /// runs as background tasks); elsewhere it behaves as `run`. Same bounds as
+    /// `lambda_runtime::run_concurrent`.
+    pub async fn run_concurrent<A, F, R, B, S, D, E>(
+        self,
+        handler: F,
+    ) -> Result<(), lambda_runtime::Error>
+    where
+        F: Service<LambdaEvent<A>, Response = R> + Clone + Send + 'static,
+        F::Future: Future<Output = Result<R, F::Error>> + Send + 'static,
+        F::Error: Into<Diagnostic> + fmt::Debug,
+        A: for<'de> Deserialize<'de> + Send + 'static,
+        R: IntoFunctionResponse<B, S> + Send + 'static,
+        B: Serialize + Send + 'static,
+        S: futures_core::Stream<Item = Result<D, E>> + Unpin + Send + 'static,
+        D: Into<bytes::Bytes> + Send + 'static,
+        E: Into<lambda_runtime::Error> + Send + fmt::Debug + 'static,
+    {
+        let handle = self.start().await?;
+        lambda_runtime::Runtime::new(handler)
+            .layer(lambda_runtime::layers::TracingLayer::new())
+            .layer(handle.layer())
+            .run_concurrent()
             .await
     }
 }

@@ -142,8 +142,11 @@ impl Flusher {
         }
     }
 
-    /// Starts the flush on a blocking thread; `None` while a previous call still runs.
-    pub(crate) fn start(&self) -> Option<tokio::task::JoinHandle<Result<(), String>>> {
+    /// Starts the flush on a blocking thread; `None` while a previous call still runs. The
+    /// task yields the flush's result and its own duration.
+    pub(crate) fn start(
+        &self,
+    ) -> Option<tokio::task::JoinHandle<(Result<(), String>, std::time::Duration)>> {
         if self.busy.swap(true, Ordering::AcqRel) {
             return None;
         }
@@ -158,7 +161,9 @@ impl Flusher {
                 }
             }
             let _clear = Clear(busy);
-            inner.flush().map_err(|e| e.to_string())
+            let started = std::time::Instant::now();
+            let result = inner.flush().map_err(|e| e.to_string());
+            (result, started.elapsed())
         }))
     }
 }

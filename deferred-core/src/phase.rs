@@ -162,26 +162,27 @@ pub(crate) async fn run_flushes(
     let mut reports = Vec::with_capacity(running.len());
     let mut timed_out = false;
     for (name, task) in running {
-        let outcome = match task {
-            Err(why) => FlushOutcome::NotRun(why),
+        let (outcome, duration) = match task {
+            Err(why) => (FlushOutcome::NotRun(why), Duration::ZERO),
             Ok(mut task) => match tokio::time::timeout_at(end, &mut task).await {
-                Ok(Ok(Ok(()))) => FlushOutcome::Ok,
-                Ok(Ok(Err(e))) => FlushOutcome::Failed(e),
-                Ok(Err(join)) if join.is_panic() => {
-                    FlushOutcome::Panicked(panic_message(join.into_panic()))
-                }
-                Ok(Err(join)) => FlushOutcome::Failed(join.to_string()),
+                Ok(Ok((Ok(()), took))) => (FlushOutcome::Ok, took),
+                Ok(Ok((Err(e), took))) => (FlushOutcome::Failed(e), took),
+                Ok(Err(join)) if join.is_panic() => (
+                    FlushOutcome::Panicked(panic_message(join.into_panic())),
+                    started.elapsed(),
+                ),
+                Ok(Err(join)) => (FlushOutcome::Failed(join.to_string()), started.elapsed()),
                 // Abandoned: a blocking thread cannot be stopped; the flusher stays busy until
                 // it returns, and later phases skip it meanwhile.
                 Err(_) => {
                     timed_out = true;
-                    FlushOutcome::TimedOut
+                    (FlushOutcome::TimedOut, started.elapsed())
                 }
             },
         };
         reports.push(FlushReport {
             name,
-            duration: started.elapsed(),
+            duration,
             outcome,
         });
     }
@@ -390,6 +391,9 @@ mod tests {
         .await;
         assert_eq!(report.flushes[0].outcome, FlushOutcome::TimedOut);
         assert_eq!(report.flushes[1].outcome, FlushOutcome::Ok);
+        // Each flusher reports its own time, not the slowest one's.
+        assert!(report.flushes[0].duration >= Duration::from_millis(200));
+        assert!(report.flushes[1].duration < Duration::from_millis(100));
         assert!(matches!(report.cut[..], [CutReason::FlushBudget { .. }]));
 
         let again = run(

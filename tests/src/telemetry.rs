@@ -107,7 +107,9 @@ impl Telemetry {
             .with_filter(LevelFilter::INFO);
         let env_filter =
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+        // Plain text when stderr is captured (by the emulator, or Lambda's log collector).
         let stderr = fmt::layer()
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .with_writer(std::io::stderr)
             .with_filter(env_filter);
         tracing_subscriber::registry().with(otel).with(stderr)
