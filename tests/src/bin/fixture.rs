@@ -28,6 +28,19 @@ struct Plan {
     handler: HandlerPlan,
     #[serde(default)]
     handler_ms: u64,
+    /// After `actions`, queue this many tiny actions named `bulk` with `defer!` (past the
+    /// queue's limit `defer!` panics, so the handler panics). Every 500th one that runs posts
+    /// the mark `bulk:<n>` (n = how many bulk actions of this invocation ran so far).
+    #[serde(default)]
+    defer_count: usize,
+    /// Queue the `defer_count` actions with `try_defer!` instead: on the first error, post the
+    /// mark `queue-full:<queued so far>` (the mark text then carries the error) and stop.
+    #[serde(default)]
+    bulk_try: bool,
+    /// Queue one more action, `capture`, that owns a buffer of this many bytes (every page
+    /// written) and posts `capture:<len>`.
+    #[serde(default)]
+    capture_bytes: usize,
 }
 
 #[derive(Debug, Deserialize, Default, PartialEq)]
@@ -56,6 +69,8 @@ enum ActionKind {
     Err,
     Panic,
     Hang,
+    /// Spawns its own task (which sleeps `ms`, then posts `spawned:<name>`) and returns at once.
+    Spawn,
 }
 
 #[deferred_handler]
@@ -68,10 +83,45 @@ async fn handler(event: LambdaEvent<Plan>) -> Result<Value, Error> {
         let request_id = request_id.clone();
         defer!(action.name.clone(), run_action(action, request_id));
     }
+    queue_bulk(plan.defer_count, plan.bulk_try, &request_id);
+    if plan.capture_bytes > 0 {
+        let buffer = vec![0xA5_u8; plan.capture_bytes];
+        let request_id = request_id.clone();
+        defer!("capture", async move {
+            let len = buffer.iter().map(|b| usize::from(*b != 0)).sum::<usize>();
+            mark(&request_id, &format!("capture:{len}")).await;
+        });
+    }
     match plan.handler {
         HandlerPlan::Ok => Ok(json!({ "trace_id": trace_id })),
         HandlerPlan::Err => Err("the handler failed on purpose".into()),
         HandlerPlan::Panic => panic!("the handler panicked on purpose"),
+    }
+}
+
+/// Queues `count` tiny actions (see [`Plan::defer_count`]).
+fn queue_bulk(count: usize, use_try: bool, request_id: &str) {
+    let ran = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    for queued in 0..count {
+        let ran = ran.clone();
+        let rid = request_id.to_owned();
+        let action = async move {
+            let n = ran.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            if n % 500 == 0 {
+                mark(&rid, &format!("bulk:{n}")).await;
+            }
+        };
+        if use_try {
+            if let Err(error) = deferred_core::try_defer!("bulk", action) {
+                let text = format!("queue-full:{queued}:{error}");
+                let request_id = request_id.to_owned();
+                // Posted from a task: the handler itself stays synchronous here.
+                tokio::spawn(async move { mark(&request_id, &text).await });
+                return;
+            }
+        } else {
+            defer!("bulk", action);
+        }
     }
 }
 
@@ -124,12 +174,22 @@ async fn run_action(action: ActionPlan, request_id: String) -> Result<(), String
     let span = tracing::info_span!("deferred-action", action = %action.name);
     async move {
         mark(&request_id, &format!("start:{}", action.name)).await;
+        if let ActionKind::Spawn = action.kind {
+            let (name, ms, rid) = (action.name.clone(), action.ms, request_id.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                mark(&rid, &format!("spawned:{name}")).await;
+            });
+            mark(&request_id, &format!("end:{}", action.name)).await;
+            return Ok(());
+        }
         tokio::time::sleep(Duration::from_millis(action.ms)).await;
         let result = match action.kind {
             ActionKind::Ok => Ok(()),
             ActionKind::Err => Err(format!("action {} failed on purpose", action.name)),
             ActionKind::Panic => panic!("action {} panicked on purpose", action.name),
             ActionKind::Hang => std::future::pending().await,
+            ActionKind::Spawn => Ok(()),
         };
         mark(&request_id, &format!("end:{}", action.name)).await;
         result
