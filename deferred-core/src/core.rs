@@ -2,7 +2,7 @@
 //! runtime layer and the chain.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -139,6 +139,8 @@ pub(crate) struct Core {
     pub(crate) state: watch::Sender<State>,
     /// Set when the runtime layer is installed: it then closes every invocation.
     pub(crate) layer_installed: AtomicBool,
+    /// Phases in a row with a flush that did not succeed.
+    flush_failures: AtomicU32,
     /// Serialises phases with the final flush on SIGTERM.
     pub(crate) phase_lock: tokio::sync::Mutex<()>,
     /// Background phases (Managed Instances) still running, drained on SIGTERM.
@@ -163,6 +165,7 @@ impl Core {
                 closed: VecDeque::new(),
             }),
             layer_installed: AtomicBool::new(false),
+            flush_failures: AtomicU32::new(0),
             phase_lock: tokio::sync::Mutex::new(()),
             background: std::sync::Mutex::new(tokio::task::JoinSet::new()),
         })
@@ -325,6 +328,15 @@ impl Core {
         } else {
             let _serial = self.phase_lock.lock().await;
             phase::run(job, &self.config.flushers, budget, kind).await
+        };
+        let mut report = report;
+        report.consecutive_flush_failures = if report.flushed() {
+            self.flush_failures.store(0, Ordering::Relaxed);
+            0
+        } else {
+            self.flush_failures
+                .fetch_add(1, Ordering::Relaxed)
+                .saturating_add(1)
         };
         report.emit();
         if let Some(hook) = &self.config.on_report {

@@ -84,6 +84,7 @@ pub(crate) async fn run(
         flushes,
         duration: started.elapsed(),
         cut,
+        consecutive_flush_failures: 0,
     }
 }
 

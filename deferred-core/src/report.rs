@@ -109,9 +109,17 @@ pub struct PhaseReport {
     pub duration: Duration,
     /// What was cut, if anything.
     pub cut: Vec<CutReason>,
+    /// How many phases in a row, this one included, had a flush that did not succeed (0 when
+    /// this phase's flushes all succeeded): alert on it rather than on one failure.
+    pub consecutive_flush_failures: u32,
 }
 
 impl PhaseReport {
+    /// True when every flush succeeded (or there was none to run).
+    pub fn flushed(&self) -> bool {
+        self.flushes.iter().all(|f| f.outcome == FlushOutcome::Ok)
+    }
+
     /// True when every action and flush succeeded and nothing was cut.
     pub fn is_clean(&self) -> bool {
         self.cut.is_empty()
@@ -150,6 +158,7 @@ impl PhaseReport {
                 failed_actions,
                 failed_flushes,
                 cut = !self.cut.is_empty(),
+                consecutive_flush_failures = self.consecutive_flush_failures,
                 duration_ms,
                 "{self}"
             );

@@ -59,6 +59,7 @@ pub(crate) async fn final_flush(core: &Core) -> PhaseReport {
         flushes,
         duration: started.elapsed(),
         cut,
+        consecutive_flush_failures: 0,
     };
     report.emit();
     report

@@ -125,3 +125,28 @@ async fn sigterm_flushes_and_exits_within_the_grace_period() {
     assert!(env.sink.spans_in_trace(&trace) > 0);
     assert!(env.logged("Shutdown").await, "the final flush is reported");
 }
+
+/// A failing exporter: the caller is unaffected, each failed flush is reported, and the
+/// report counts consecutive failures (for alerting) until a flush succeeds again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_flushes_are_counted_until_one_succeeds() {
+    let env = start("run", config(), &[]).await;
+    env.sink
+        .set_behaviour(deferred_testkit::otlp::Behaviour::Fail {
+            status: 500,
+            times: 1000,
+        });
+    for _ in 0..2 {
+        let result = env.invoke(json!({ "actions": [{ "name": "a" }] })).await;
+        assert!(result.outcome.is_success());
+        env.completed(&result.request_id).await;
+    }
+    assert!(env.logged("consecutive_flush_failures=2").await);
+    env.sink
+        .set_behaviour(deferred_testkit::otlp::Behaviour::Normal);
+    let result = env.invoke(json!({ "actions": [{ "name": "a" }] })).await;
+    let trace = trace_id(&result);
+    let t = env.completed(&result.request_id).await;
+    assert!(!env.spans_before(&trace, phase_end(&t)).is_empty());
+    assert!(env.logs_matching("consecutive_flush_failures=3").is_empty());
+}
