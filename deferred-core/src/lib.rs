@@ -62,7 +62,7 @@
 //! Instances it runs as background tasks. On SIGTERM the core flushes within the 500 ms Lambda
 //! gives internal extensions, then exits.
 #![forbid(unsafe_code)]
-#![warn(missing_docs)]
+#![deny(missing_docs)]
 
 mod action;
 mod builder;
