@@ -107,7 +107,7 @@ fn queue_bulk(count: usize, use_try: bool, request_id: &str) {
         let rid = request_id.to_owned();
         let action = async move {
             let n = ran.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
-            if n % 500 == 0 {
+            if n.is_multiple_of(500) {
                 mark(&rid, &format!("bulk:{n}")).await;
             }
         };

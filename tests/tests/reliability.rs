@@ -1,0 +1,660 @@
+//! Issue 5, the fault matrix: rows not already covered by guarantees.rs and fallbacks.rs.
+//! Each test runs the fixture function as a child process against the emulator and the OTLP
+//! sink, and asserts the outcome. The tests of this file take a common lock, so the timing
+//! bounds hold even on a loaded 2-core machine.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use deferred_testkit::emulator::{
+    Emulator, EmulatorConfig, Fault, FunctionSpec, InvokeOutcome, Timeline,
+};
+use deferred_testkit::otlp::{Behaviour, OtlpSink};
+use serde_json::json;
+use support::{Env, phase_end, start, trace_id};
+
+/// One test at a time: the deadline and latency bounds must not depend on the other tests.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn config(timeout_s: u64) -> EmulatorConfig {
+    EmulatorConfig {
+        function_timeout: Duration::from_secs(timeout_s),
+        ..EmulatorConfig::default()
+    }
+}
+
+/// The phase report (one log line) of `request_id`.
+async fn report(env: &Env, request_id: &str) -> String {
+    let needle = format!("of {request_id:?} took");
+    env.emulator
+        .wait_for_log(
+            move |l| l.contains("deferred phase") && l.contains(&needle),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap_or_else(|| panic!("no phase report for {request_id}"))
+}
+
+/// A child's resident set (kB) and open file descriptors, from /proc.
+fn rss_and_fds(pid: u32) -> (u64, usize) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fd dir")
+        .count();
+    (rss, fds)
+}
+
+fn assert_released_in_time(t: &Timeline, what: &str) {
+    assert!(!t.timed_out, "{what}: the invocation overran its deadline");
+    assert!(
+        phase_end(t) < t.deadline,
+        "{what}: released after the deadline"
+    );
+}
+
+/// Exporter answers 500, answers 200 with garbage, or refuses connections: the caller is
+/// unaffected, the flush outcome is reported, and the next invocation proceeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exporter_500_garbage_or_refused_leaves_the_caller_unaffected() {
+    let _serial = SERIAL.lock().await;
+    for (label, behaviour) in [
+        (
+            "500",
+            Behaviour::Fail {
+                status: 500,
+                times: 1000,
+            },
+        ),
+        ("garbage", Behaviour::Garbage),
+        ("refused", Behaviour::Refuse),
+    ] {
+        let env = start("run", config(5), &[("FLUSH_TIMEOUT_MS", "1500")]).await;
+        env.invoke(json!({})).await;
+        let plain = env.invoke(json!({})).await;
+        assert!(plain.outcome.is_success(), "{label}");
+        env.completed(&plain.request_id).await;
+
+        env.sink.set_behaviour(behaviour);
+        for round in 0..2 {
+            let hit = env.invoke(json!({ "actions": [{ "name": "a" }] })).await;
+            assert!(
+                hit.outcome.is_success(),
+                "{label}/{round}: {:?}",
+                hit.outcome
+            );
+            assert!(
+                hit.latency < plain.latency + Duration::from_millis(250),
+                "{label}/{round}: caller latency {:?} vs {:?} with a healthy exporter",
+                hit.latency,
+                plain.latency
+            );
+            let trace = trace_id(&hit);
+            let t = env.completed(&hit.request_id).await;
+            assert_released_in_time(&t, label);
+            assert!(t.mark("end:a").is_some(), "{label}: the action ran");
+            let held = phase_end(&t) - t.response_posted.expect("posted");
+            eprintln!(
+                "exporter {label}: caller latency {:?} (healthy: {:?}), environment held {held:?} after the response",
+                hit.latency, plain.latency
+            );
+            // flush_timeout (1.5 s) plus generous slack.
+            assert!(held < Duration::from_millis(2500), "{label}: held {held:?}");
+            let line = report(&env, &hit.request_id).await;
+            match label {
+                "500" => assert!(
+                    line.contains("flush tracer provider failed"),
+                    "{label}: the failed flush is reported: {line}"
+                ),
+                "garbage" => {
+                    // opentelemetry-otlp 0.33 accepts an undecodable 200: the spans count as
+                    // delivered, and the sink recorded them.
+                    assert!(line.contains("flush tracer provider ok"), "{line}");
+                    assert!(
+                        env.spans_before(&trace, phase_end(&t)).len() >= 3,
+                        "{label}: spans delivered"
+                    );
+                }
+                _ => assert!(
+                    line.contains("flush tracer provider failed")
+                        || line.contains("flush tracer provider abandoned"),
+                    "{label}: the failed flush is reported: {line}"
+                ),
+            }
+        }
+        // The collector recovers: the next invocation's flush is clean and its spans arrive.
+        env.sink.set_behaviour(Behaviour::Normal);
+        let mut recovered = false;
+        for _ in 0..10 {
+            let next = env.invoke(json!({ "actions": [{ "name": "b" }] })).await;
+            assert!(next.outcome.is_success(), "{label}");
+            let trace = trace_id(&next);
+            let t = env.completed(&next.request_id).await;
+            assert!(t.mark("end:b").is_some());
+            if report(&env, &next.request_id)
+                .await
+                .contains("flush tracer provider ok")
+            {
+                assert!(env.spans_before(&trace, phase_end(&t)).len() >= 3);
+                recovered = true;
+                break;
+            }
+        }
+        assert!(recovered, "{label}: the flush never recovered");
+        let stats = env.emulator.stats();
+        assert_eq!(stats.resets, 0, "{label}");
+        assert_eq!(stats.max_concurrent_event_next_per_extension, 1, "{label}");
+    }
+}
+
+/// An exporter that stalls longer than `flush_timeout`: the flush is abandoned at the cap and
+/// reported; the next invocation proceeds and skips the still-running flusher; once the
+/// collector recovers, the held spans arrive and the flush is clean again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exporter_stalling_past_flush_timeout_is_abandoned_at_the_cap() {
+    let _serial = SERIAL.lock().await;
+    let env = start(
+        "run",
+        config(5),
+        &[
+            ("FLUSH_TIMEOUT_MS", "300"),
+            // The exporter itself waits longer than the stall: the worker stays busy.
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "8000"),
+        ],
+    )
+    .await;
+    env.invoke(json!({})).await;
+    let plain = env.invoke(json!({})).await;
+    env.completed(&plain.request_id).await;
+
+    env.sink
+        .set_behaviour(Behaviour::StallFor(Duration::from_millis(2500)));
+    let first = env.invoke(json!({ "actions": [{ "name": "a" }] })).await;
+    assert!(first.outcome.is_success());
+    assert!(
+        first.latency < plain.latency + Duration::from_millis(250),
+        "{:?}",
+        first.latency
+    );
+    let first_trace = trace_id(&first);
+    let t = env.completed(&first.request_id).await;
+    assert_released_in_time(&t, "stall");
+    let flush_time = phase_end(&t) - t.mark("end:a").expect("a ran");
+    assert!(
+        flush_time >= Duration::from_millis(290) && flush_time < Duration::from_millis(1300),
+        "abandoned at the 300 ms cap, took {flush_time:?}"
+    );
+    eprintln!(
+        "exporter stalled: caller latency {:?} (healthy: {:?}); flush abandoned {flush_time:?} \
+         after the last action (flush_timeout 300 ms)",
+        first.latency, plain.latency
+    );
+    let line = report(&env, &first.request_id).await;
+    assert!(
+        line.contains("flush tracer provider abandoned after"),
+        "{line}"
+    );
+    assert!(line.contains("flush cut"), "{line}");
+
+    // At once, with the export still held: the flusher is skipped, nothing waits on it.
+    let second = env.invoke(json!({ "actions": [{ "name": "b" }] })).await;
+    assert!(second.outcome.is_success());
+    let t2 = env.completed(&second.request_id).await;
+    assert_released_in_time(&t2, "second");
+    assert!(t2.mark("end:b").is_some());
+    let line = report(&env, &second.request_id).await;
+    assert!(
+        line.contains("not run: its previous flush is still running"),
+        "{line}"
+    );
+    assert!(
+        phase_end(&t2) - t2.response_posted.expect("posted") < Duration::from_millis(300),
+        "no flush to wait for"
+    );
+
+    // The collector answers the held export: the first invocation's spans were not lost.
+    assert!(
+        env.sink
+            .wait_until(Duration::from_secs(10), |s| s.spans_in_trace(&first_trace)
+                >= 3)
+            .await,
+        "the held spans arrive once the collector answers"
+    );
+    env.sink.set_behaviour(Behaviour::Normal);
+    let mut clean = false;
+    for _ in 0..20 {
+        let next = env.invoke(json!({})).await;
+        env.completed(&next.request_id).await;
+        if report(&env, &next.request_id)
+            .await
+            .contains("flush tracer provider ok")
+        {
+            clean = true;
+            break;
+        }
+    }
+    assert!(clean, "the flusher is used again once its thread returned");
+    assert_eq!(env.emulator.stats().resets, 0);
+}
+
+/// An action that spawns its own task and returns: the action is done as far as the phase is
+/// concerned; later actions and the flush run; the spawned task is not awaited (it escapes
+/// the chain, is frozen with the environment, and resumes on the next invocation).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_action_that_spawns_a_task_and_returns_does_not_hold_the_phase() {
+    let _serial = SERIAL.lock().await;
+    let env = start("run", config(5), &[]).await;
+    let result = env
+        .invoke(json!({ "actions": [
+            { "name": "s", "kind": "spawn", "ms": 1000 }, { "name": "after" }
+        ] }))
+        .await;
+    assert!(result.outcome.is_success());
+    let trace = trace_id(&result);
+    let t = env.completed(&result.request_id).await;
+    let end = phase_end(&t);
+    assert!(t.mark("end:s").expect("s returned") <= t.mark("start:after").expect("after ran"));
+    assert!(t.mark("end:after").is_some());
+    assert!(
+        end - t.response_posted.expect("posted") < Duration::from_millis(900),
+        "the phase did not wait for the spawned task"
+    );
+    assert!(
+        t.mark("spawned:s").is_none_or(|at| at > end),
+        "the spawned task finished after the phase"
+    );
+    let line = report(&env, &result.request_id).await;
+    assert!(
+        line.contains("\"s\" (") && line.contains(") ok in"),
+        "{line}"
+    );
+    assert!(line.contains("flush tracer provider ok"), "{line}");
+    assert!(
+        env.spans_before(&trace, end).len() >= 4,
+        "actions + handler + invocation"
+    );
+
+    // The next invocation keeps the environment thawed for 1.5 s: the spawned task resumes.
+    let next = env.invoke(json!({ "handler_ms": 1500 })).await;
+    assert!(next.outcome.is_success());
+    let id = result.request_id.clone();
+    assert!(
+        env.emulator
+            .wait_until(Duration::from_secs(5), move |_, ts| ts
+                .iter()
+                .any(|t| t.request_id == id && t.mark("spawned:s").is_some()))
+            .await,
+        "the spawned task ran on in a later invocation"
+    );
+    assert_eq!(env.emulator.stats().resets, 0);
+}
+
+/// 10,000 `defer!` in one invocation: past the default limit (1000) `defer!` panics with a
+/// clear message, so the handler panics and the caller gets a function error; the 1000 queued
+/// actions still run after the response, within the deadline. `try_defer!` gets the error as a
+/// value instead. A 10 MB capture is released with its action. Memory stays bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_defers_hit_a_clear_limit_with_bounded_memory() {
+    let _serial = SERIAL.lock().await;
+    let env = start("run", config(10), &[]).await;
+    env.invoke(json!({})).await;
+    let pid = env.emulator.child_pid().expect("pid");
+    let (rss_start, fds_start) = rss_and_fds(pid);
+
+    let mut samples = Vec::new();
+    for round in 0..4 {
+        let result = env
+            .invoke(json!({ "actions": [{ "name": "first" }], "defer_count": 10_000 }))
+            .await;
+        match &result.outcome {
+            InvokeOutcome::FunctionError { error_message, .. } => assert!(
+                error_message.contains("already holds 1000 deferred actions")
+                    && error_message.contains("Deferred::max_actions"),
+                "{error_message}"
+            ),
+            other => panic!("expected a function error, got {other:?}"),
+        }
+        let t = env.completed(&result.request_id).await;
+        assert_released_in_time(&t, "10k");
+        let posted = t.response_posted.expect("posted");
+        assert!(t.mark("start:first").expect("first ran") >= posted);
+        // "first" and 999 bulk actions fill the queue of 1000.
+        assert!(
+            t.mark("bulk:500").is_some(),
+            "round {round}: the queued bulk actions ran"
+        );
+        assert!(t.mark("bulk:1000").is_none(), "nothing past the limit ran");
+        assert!(phase_end(&t) >= t.mark("bulk:500").expect("ran"));
+        let line = report(&env, &result.request_id).await;
+        assert_eq!(line.matches("\"bulk\" (").count(), 999, "round {round}");
+
+        // try_defer! hands the error back; the handler answers normally.
+        let tried = env
+            .invoke(json!({ "defer_count": 10_000, "bulk_try": true }))
+            .await;
+        assert!(tried.outcome.is_success(), "{:?}", tried.outcome);
+        let id = tried.request_id.clone();
+        assert!(
+            env.emulator
+                .wait_until(Duration::from_secs(10), move |_, ts| ts.iter().any(|t| {
+                    t.request_id == id
+                        && t.mark("bulk:1000").is_some()
+                        && t.marks
+                            .iter()
+                            .any(|(m, _)| m.starts_with("queue-full:1000:"))
+                }))
+                .await,
+            "try_defer! reports the full queue after 1000 actions"
+        );
+        env.completed(&tried.request_id).await;
+
+        samples.push(rss_and_fds(pid));
+    }
+    let (rss_first, _) = samples[0];
+    let (rss_defers, fds_end) = *samples.last().expect("samples");
+
+    // A 10 MB capture, sixteen times: the buffer is released with its action. glibc keeps
+    // freed blocks of this size in the arenas of the threads that used them (the main thread
+    // and the runtime's workers), so RSS rises by a few such blocks, then stays flat; a leak
+    // would add 10 MB per round, 80 MB over the last eight.
+    let mut captures = Vec::new();
+    for _ in 0..16 {
+        let captured = env
+            .invoke(json!({ "capture_bytes": 10 * 1024 * 1024 }))
+            .await;
+        assert!(captured.outcome.is_success());
+        let t = env.completed(&captured.request_id).await;
+        assert!(t.mark("capture:10485760").is_some(), "the capture ran");
+        captures.push(rss_and_fds(pid).0);
+    }
+    assert_eq!(env.emulator.child_pid(), Some(pid), "no restart");
+    eprintln!(
+        "10k defers: RSS {rss_start} kB at start, {rss_first} kB after round 1, {rss_defers} kB \
+         after round 4; fds {fds_start} -> {fds_end}; RSS after each of 16 x 10 MB captures: \
+         {captures:?} kB"
+    );
+    assert!(
+        rss_defers <= rss_first + 8 * 1024,
+        "RSS grew from {rss_first} kB to {rss_defers} kB"
+    );
+    assert!(fds_end <= fds_start + 8, "fds {fds_start} -> {fds_end}");
+    let settled = captures[7];
+    let last_max = captures[8..].iter().copied().max().unwrap_or(0);
+    assert!(
+        last_max <= settled + 25 * 1024,
+        "10 MB captures leak: RSS {captures:?} kB"
+    );
+}
+
+/// Function timeout 3 s, handler 2.9 s: the deferred work is cut so that the environment is
+/// released before the deadline, with no reset; the next invocation proceeds and the spans the
+/// cut flush left behind are delivered by the next flush.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nearly_spent_deadline_cuts_the_deferred_work_without_a_reset() {
+    let _serial = SERIAL.lock().await;
+    let env = start("run", config(3), &[]).await;
+    env.invoke(json!({})).await;
+    let result = env
+        .invoke(json!({ "handler_ms": 2900, "actions": [{ "name": "late", "ms": 500 }] }))
+        .await;
+    assert!(result.outcome.is_success(), "{:?}", result.outcome);
+    let trace = trace_id(&result);
+    let t = env.completed(&result.request_id).await;
+    assert_released_in_time(&t, "2.9 s handler");
+    eprintln!(
+        "2.9 s handler on a 3 s function: released {:?} before the deadline, caller latency {:?}",
+        t.deadline - phase_end(&t),
+        result.latency
+    );
+    assert!(t.mark("end:late").is_none(), "the 500 ms action was cut");
+    // The chain gives up on the invocation at deadline - margin; the handler returns just
+    // after, so its wrapper gets the work back and runs it inline with no budget left: the
+    // action is reported as not run (or cut), and the response is not delayed.
+    let needle = format!("of {:?} took", result.request_id);
+    let line = env
+        .emulator
+        .wait_for_log(
+            move |l| l.contains(&needle) && l.contains("\"late\" ("),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("the report names the cut action");
+    assert!(
+        line.contains("not run") || line.contains("cut after"),
+        "{line}"
+    );
+    assert!(
+        result.latency < Duration::from_millis(2900 + 400),
+        "{:?}",
+        result.latency
+    );
+    let stats = env.emulator.stats();
+    assert_eq!(stats.resets, 0, "no emulator reset");
+    assert_eq!(stats.timeouts, 0);
+
+    let next = env.invoke(json!({ "actions": [{ "name": "ok" }] })).await;
+    assert!(next.outcome.is_success());
+    let t = env.completed(&next.request_id).await;
+    assert!(t.mark("end:ok").is_some());
+    assert!(
+        env.spans_before(&trace, phase_end(&t)).len() >= 2,
+        "the cut invocation's spans go out with the next flush"
+    );
+    assert_eq!(env.emulator.stats().resets, 0);
+}
+
+/// Starts the fixture with `faults` armed before init.
+async fn start_with_faults(faults: &[Fault]) -> Env {
+    let sink = OtlpSink::start().await.expect("sink");
+    let emulator = Emulator::start(config(5)).await.expect("emulator");
+    for fault in faults {
+        emulator.faults().always(fault.clone());
+    }
+    let spec = FunctionSpec::new(env!("CARGO_BIN_EXE_fixture"))
+        .env("FIXTURE_MODE", "run")
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", sink.endpoint())
+        .env("OTEL_EXPORTER_OTLP_TIMEOUT", "1000")
+        .env("RUST_LOG", "info");
+    emulator.spawn_function(spec).await.expect("function init");
+    Env { emulator, sink }
+}
+
+/// The registration's connection closes without an answer: inline fallback, one clear log
+/// line, the function keeps answering and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registration_connection_closed_falls_back_to_inline() {
+    let _serial = SERIAL.lock().await;
+    let env = start_with_faults(&[Fault::RegisterClose]).await;
+    assert!(env.emulator.extensions().is_empty());
+    for _ in 0..3 {
+        let result = env.invoke(json!({ "actions": [{ "name": "a" }] })).await;
+        assert!(result.outcome.is_success(), "{:?}", result.outcome);
+        let trace = trace_id(&result);
+        let t = env.completed(&result.request_id).await;
+        let posted = t.response_posted.expect("posted");
+        assert!(t.mark("end:a").expect("ran") <= posted, "inline");
+        assert!(
+            env.spans_before(&trace, posted)
+                .iter()
+                .any(|s| s == "deferred-action"),
+            "flushed before the response"
+        );
+    }
+    assert!(env.logged("extension registration failed").await);
+    assert_eq!(env.logs_matching("extension registration failed").len(), 1);
+    assert_eq!(env.emulator.stats().resets, 0);
+}
+
+/// Every Extensions API answer is slow (300 ms, then 1.5 s: longer than the wrapper waits for
+/// its INVOKE event): the function keeps answering, every action runs (chained or inline),
+/// nothing reaches the deadline, and `event/next` is never doubled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_extensions_api_never_loses_work_or_hangs() {
+    let _serial = SERIAL.lock().await;
+    for delay_ms in [300, 1500] {
+        let delay = Duration::from_millis(delay_ms);
+        let env = start_with_faults(&[Fault::ExtensionsApiDelay(delay)]).await;
+        let mut latencies = Vec::new();
+        for _ in 0..3 {
+            let started = Instant::now();
+            let result = env.invoke(json!({ "actions": [{ "name": "a" }] })).await;
+            assert!(
+                result.outcome.is_success(),
+                "{delay:?}: {:?}",
+                result.outcome
+            );
+            latencies.push(result.latency);
+            let t = env.completed(&result.request_id).await;
+            assert!(!t.timed_out, "{delay:?}");
+            assert!(t.mark("end:a").is_some(), "{delay:?}: the action ran");
+            assert!(started.elapsed() < Duration::from_secs(5));
+        }
+        eprintln!("Extensions API delay {delay:?}: caller latencies {latencies:?}");
+        for latency in &latencies {
+            // At most the wrapper's wait for its event (1 s) plus generous slack.
+            assert!(
+                *latency < Duration::from_millis(2500),
+                "{delay:?}: {latency:?}"
+            );
+        }
+        let stats = env.emulator.stats();
+        assert_eq!(stats.resets, 0, "{delay:?}");
+        assert!(
+            stats.max_concurrent_event_next_per_extension <= 1,
+            "{delay:?}"
+        );
+    }
+}
+
+/// Invokes a 2 s action and waits until it runs; returns the request id and trace id.
+async fn phase_running(env: &Env) -> (String, String) {
+    let result = env
+        .invoke(json!({ "actions": [{ "name": "slow", "ms": 2000 }] }))
+        .await;
+    assert!(result.outcome.is_success());
+    let trace = trace_id(&result);
+    let id = result.request_id.clone();
+    assert!(
+        env.emulator
+            .wait_until(Duration::from_secs(5), move |_, ts| ts
+                .iter()
+                .any(|t| t.request_id == id && t.mark("start:slow").is_some()))
+            .await,
+        "the action started"
+    );
+    (result.request_id, trace)
+}
+
+/// SIGTERM while a 2 s action runs: the process flushes within the 500 ms grace and exits 0 by
+/// itself (not killed); the spans that were closed reach the collector.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_deferred_phase_exits_0_within_the_grace() {
+    let _serial = SERIAL.lock().await;
+    let env = start("run", config(10), &[]).await;
+    let (request_id, trace) = phase_running(&env).await;
+    let shutdown = env.emulator.shutdown().await;
+    eprintln!("SIGTERM during a phase: {shutdown:?}");
+    assert!(!shutdown.killed, "{shutdown:?}");
+    assert!(
+        shutdown.exit_status.expect("reaped").success(),
+        "{shutdown:?}"
+    );
+    assert!(
+        shutdown.duration < Duration::from_millis(500),
+        "{shutdown:?}"
+    );
+    assert!(
+        env.sink
+            .wait_until(Duration::from_secs(5), |s| s
+                .spans()
+                .iter()
+                .any(|s| s.trace_id == trace && s.name == "handler-work"))
+            .await,
+        "the handler's span is flushed on SIGTERM"
+    );
+    assert!(env.logged("Shutdown").await, "the final flush is reported");
+    assert!(
+        env.timeline(&request_id).mark("end:slow").is_none(),
+        "the action was cut by the exit"
+    );
+}
+
+/// SIGTERM while an action runs: the invocation's own span ("Lambda runtime invoke") should
+/// reach the collector too. It does not: the running action holds it open (see the reason).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "reason: bug in deferred-core shutdown.rs final_flush: the running action is not \
+            aborted before the final flush, so its future keeps the invocation span (and its \
+            own span) open and they are never exported"]
+async fn sigterm_during_a_deferred_phase_keeps_the_invocation_span() {
+    let _serial = SERIAL.lock().await;
+    let env = start("run", config(10), &[]).await;
+    let (_, trace) = phase_running(&env).await;
+    let shutdown = env.emulator.shutdown().await;
+    assert!(!shutdown.killed, "{shutdown:?}");
+    let names = |s: &OtlpSink| -> Vec<String> {
+        s.spans()
+            .into_iter()
+            .filter(|s| s.trace_id == trace)
+            .map(|s| s.name)
+            .collect()
+    };
+    assert!(
+        env.sink
+            .wait_until(Duration::from_secs(5), |s| names(s)
+                .iter()
+                .any(|n| n == "Lambda runtime invoke"))
+            .await,
+        "the invocation span is lost on SIGTERM: got {:?}",
+        names(&env.sink)
+    );
+}
+
+/// Lambda Managed Instances: SIGTERM right after a response drains the background phase (its
+/// action ends, its spans are flushed) and the process exits 0 within the grace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn managed_instances_drain_background_work_on_sigterm() {
+    let _serial = SERIAL.lock().await;
+    let env = start(
+        "run",
+        EmulatorConfig {
+            managed_instances: Some(8),
+            // Lambda's 500 ms for a function with an internal extension; the emulator's rule
+            // would give 0 ms here, as nothing registers.
+            shutdown_grace: Some(Duration::from_millis(500)),
+            ..config(5)
+        },
+        &[("AWS_LAMBDA_MAX_CONCURRENCY", "8")],
+    )
+    .await;
+    assert!(env.emulator.extensions().is_empty());
+    let result = env
+        .invoke(json!({ "actions": [{ "name": "bg", "ms": 50 }] }))
+        .await;
+    assert!(result.outcome.is_success());
+    let trace = trace_id(&result);
+    let shutdown = env.emulator.shutdown().await;
+    eprintln!("Managed Instances, SIGTERM after a response: {shutdown:?}");
+    assert!(!shutdown.killed, "{shutdown:?}");
+    assert!(
+        shutdown.exit_status.expect("reaped").success(),
+        "{shutdown:?}"
+    );
+    assert!(
+        env.timeline(&result.request_id).mark("end:bg").is_some(),
+        "the background action was drained"
+    );
+    assert!(
+        env.sink
+            .wait_until(Duration::from_secs(5), |s| s
+                .spans()
+                .iter()
+                .any(|s| s.trace_id == trace && s.name == "deferred-action"))
+            .await,
+        "the drained action's span was flushed"
+    );
+}
