@@ -48,13 +48,9 @@ struct RawEvent {
     request_id: Option<String>,
     deadline_ms: Option<u64>,
     invoked_function_arn: Option<String>,
-    tracing: Option<RawTracing>,
+    // A map, not a struct: serde would build a struct from a JSON array too.
+    tracing: Option<serde_json::Map<String, serde_json::Value>>,
     shutdown_reason: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct RawTracing {
-    value: Option<String>,
 }
 
 /// Decodes the body of an `event/next` answer.
@@ -68,8 +64,15 @@ struct RawTracing {
 /// # Ok::<(), deferred_core::extension::ClientError>(())
 /// ```
 pub fn decode_event(body: &[u8]) -> Result<NextEvent, ClientError> {
+    // serde builds a struct from a JSON array as well as from an object; an event is an object.
+    if body.trim_ascii_start().first() != Some(&b'{') {
+        return Err(ClientError::Malformed(
+            "event/next body is not a JSON object".into(),
+        ));
+    }
     let raw: RawEvent = serde_json::from_slice(body)
         .map_err(|e| ClientError::Malformed(format!("event/next body is not an event: {e}")))?;
+    let trace_id = trace_value(raw.tracing)?;
     match raw.event_type.as_str() {
         "INVOKE" => {
             let request_id = raw
@@ -84,7 +87,7 @@ pub fn decode_event(body: &[u8]) -> Result<NextEvent, ClientError> {
                 request_id,
                 deadline,
                 invoked_function_arn: raw.invoked_function_arn,
-                trace_id: raw.tracing.and_then(|t| t.value),
+                trace_id,
             }))
         }
         "SHUTDOWN" => Ok(NextEvent::Shutdown(ShutdownEvent {
@@ -95,6 +98,23 @@ pub fn decode_event(body: &[u8]) -> Result<NextEvent, ClientError> {
             "event/next returned an unknown eventType {other:?}"
         ))),
     }
+}
+
+#[derive(Deserialize)]
+struct RawTracing {
+    value: Option<String>,
+}
+
+/// `tracing.value`, typed strictly (a non-string value is an error, as for every other field).
+fn trace_value(
+    tracing: Option<serde_json::Map<String, serde_json::Value>>,
+) -> Result<Option<String>, ClientError> {
+    let Some(tracing) = tracing else {
+        return Ok(None);
+    };
+    serde_json::from_value::<RawTracing>(serde_json::Value::Object(tracing))
+        .map(|t| t.value)
+        .map_err(|e| ClientError::Malformed(format!("INVOKE event tracing: {e}")))
 }
 
 #[cfg(test)]
