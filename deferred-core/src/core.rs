@@ -141,6 +141,8 @@ pub(crate) struct Core {
     pub(crate) layer_installed: AtomicBool,
     /// Phases in a row with a flush that did not succeed.
     flush_failures: AtomicU32,
+    /// Set on SIGTERM: running phases abandon their action and leave the flush to the final one.
+    pub(crate) stopping: watch::Sender<bool>,
     /// Serialises phases with the final flush on SIGTERM.
     pub(crate) phase_lock: tokio::sync::Mutex<()>,
     /// Background phases (Managed Instances) still running, drained on SIGTERM.
@@ -166,6 +168,7 @@ impl Core {
             }),
             layer_installed: AtomicBool::new(false),
             flush_failures: AtomicU32::new(0),
+            stopping: watch::Sender::new(false),
             phase_lock: tokio::sync::Mutex::new(()),
             background: std::sync::Mutex::new(tokio::task::JoinSet::new()),
         })
@@ -264,6 +267,7 @@ impl Core {
     /// Puts `job` in the chain's slot if the chain holds its invocation.
     fn hand_over(&self, request_id: &str, job: Job) -> Option<Job> {
         let mut job = Some(job);
+        let mut closed_before = false;
         self.state.send_if_modified(|state| {
             if state.expected.as_deref() == Some(request_id) {
                 state.expected = None;
@@ -277,7 +281,8 @@ impl Core {
                 _ => {
                     // Too late (the chain closed it) or never arrived: the chain will close
                     // it on arrival, and the work runs inline, before the response.
-                    if !state.was_closed(request_id) {
+                    closed_before = state.was_closed(request_id);
+                    if !closed_before {
                         state.close(request_id.to_owned());
                     }
                     false
@@ -285,10 +290,16 @@ impl Core {
             }
         });
         if job.is_some() {
+            let why = if closed_before {
+                "its deferred phase was already closed (the deadline minus the safety margin \
+                 came first, or the chain was out of step)"
+            } else {
+                "the extension did not receive its INVOKE event in time"
+            };
             tracing::warn!(
                 target: "deferred",
                 request_id,
-                "the extension did not hold this invocation; running its deferred work inline"
+                "{why}: running this invocation's deferred work inline"
             );
         }
         job
@@ -320,14 +331,18 @@ impl Core {
         }
     }
 
+    fn stop(&self) -> phase::Stop {
+        phase::Stop::new(self.stopping.subscribe())
+    }
+
     /// Runs a phase and reports it. Phases never overlap, except background ones.
     pub(crate) async fn run_phase(&self, job: Job, kind: PhaseKind) -> PhaseReport {
         let budget = Budget::new(job.deadline, self.config.safety_margin);
         let report = if kind == PhaseKind::Background {
-            phase::run(job, &self.config.flushers, budget, kind).await
+            phase::run(job, &self.config.flushers, budget, kind, self.stop()).await
         } else {
             let _serial = self.phase_lock.lock().await;
-            phase::run(job, &self.config.flushers, budget, kind).await
+            phase::run(job, &self.config.flushers, budget, kind, self.stop()).await
         };
         let mut report = report;
         report.consecutive_flush_failures = if report.flushed() {

@@ -58,6 +58,7 @@ pub(crate) async fn run(
     flushers: &[Flusher],
     budget: Budget,
     kind: PhaseKind,
+    mut stop: Stop,
 ) -> PhaseReport {
     let started = Instant::now();
     let mut cut = Vec::new();
@@ -71,11 +72,16 @@ pub(crate) async fn run(
         job.flush_timeout.min(left / 2)
     };
     let actions_end = budget.end.checked_sub(reserve).unwrap_or(started);
-    let actions = run_actions(&job.queue, actions_end, &mut cut, started).await;
+    let actions = run_actions(&job.queue, actions_end, &mut cut, started, &mut stop).await;
 
-    let flush_start = Instant::now();
-    let flush_end = budget.end.min(flush_start + job.flush_timeout);
-    let flushes = run_flushes(flushers, flush_end, &mut cut).await;
+    // On shutdown the final flush flushes everything; this phase yields to it at once.
+    let flushes = if stop.is_set() {
+        Vec::new()
+    } else {
+        let flush_start = Instant::now();
+        let flush_end = budget.end.min(flush_start + job.flush_timeout);
+        run_flushes(flushers, flush_end, &mut cut).await
+    };
 
     PhaseReport {
         request_id: job.request_id,
@@ -88,24 +94,50 @@ pub(crate) async fn run(
     }
 }
 
+/// Tells a running phase that the process is shutting down (SIGTERM).
+#[derive(Debug, Clone)]
+pub(crate) struct Stop(tokio::sync::watch::Receiver<bool>);
+
+impl Stop {
+    pub(crate) fn new(rx: tokio::sync::watch::Receiver<bool>) -> Self {
+        Self(rx)
+    }
+
+    fn is_set(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Resolves once the stop is set; never, if its sender is gone.
+    async fn wait(&mut self) {
+        if self.0.wait_for(|stop| *stop).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
 async fn run_actions(
     queue: &Arc<Queue>,
     end: Instant,
     cut: &mut Vec<CutReason>,
     started: Instant,
+    stop: &mut Stop,
 ) -> Vec<ActionReport> {
     let mut reports = Vec::new();
-    let mut out_of_time = false;
+    let mut cut_short = false;
     // `pop` rather than a drained list: an action may queue more actions, which run after it.
     while let Some(action) = queue.pop() {
         let label = action.label();
-        if out_of_time || Instant::now() >= end {
-            if !out_of_time {
-                out_of_time = true;
-                cut.push(CutReason::ActionBudget {
-                    budget: end.saturating_duration_since(started),
-                });
-            }
+        if !cut_short && stop.is_set() {
+            cut_short = true;
+            cut.push(CutReason::Shutdown);
+        }
+        if !cut_short && Instant::now() >= end {
+            cut_short = true;
+            cut.push(CutReason::ActionBudget {
+                budget: end.saturating_duration_since(started),
+            });
+        }
+        if cut_short {
             reports.push(ActionReport {
                 label,
                 duration: Duration::ZERO,
@@ -116,18 +148,29 @@ async fn run_actions(
         let begun = Instant::now();
         // A task of its own: a panic is caught by tokio, and an overrun can be aborted.
         let mut task = tokio::spawn(with_queue(queue.clone(), action.future));
-        let outcome = match tokio::time::timeout_at(end, &mut task).await {
-            Ok(Ok(Ok(()))) => ActionOutcome::Ok,
-            Ok(Ok(Err(message))) => ActionOutcome::Failed(message),
-            Ok(Err(join)) if join.is_panic() => {
+        let finished = tokio::select! {
+            finished = tokio::time::timeout_at(end, &mut task) => finished.ok(),
+            () = stop.wait() => None,
+        };
+        let outcome = match finished {
+            Some(Ok(Ok(()))) => ActionOutcome::Ok,
+            Some(Ok(Err(message))) => ActionOutcome::Failed(message),
+            Some(Err(join)) if join.is_panic() => {
                 ActionOutcome::Panicked(panic_message(join.into_panic()))
             }
-            Ok(Err(join)) => ActionOutcome::Failed(join.to_string()),
-            Err(_) => {
+            Some(Err(join)) => ActionOutcome::Failed(join.to_string()),
+            None => {
+                // Abandoned. Wait (briefly) for its future to be dropped: it holds the spans
+                // it was queued in, which must close before the flush to be in it.
                 task.abort();
-                out_of_time = true;
-                cut.push(CutReason::ActionBudget {
-                    budget: end.saturating_duration_since(started),
+                let _ = tokio::time::timeout(ABORT_GRACE, &mut task).await;
+                cut_short = true;
+                cut.push(if stop.is_set() {
+                    CutReason::Shutdown
+                } else {
+                    CutReason::ActionBudget {
+                        budget: end.saturating_duration_since(started),
+                    }
                 });
                 ActionOutcome::TimedOut
             }
@@ -140,6 +183,9 @@ async fn run_actions(
     }
     reports
 }
+
+/// How long an aborted action's task may take to be dropped.
+const ABORT_GRACE: Duration = Duration::from_millis(20);
 
 /// Runs every flusher at once, each on its own blocking thread, all bounded by `end`: one slow
 /// or failing provider does not hold up or stop the others.
@@ -230,6 +276,10 @@ mod tests {
         queue
     }
 
+    fn no_stop() -> Stop {
+        Stop::new(tokio::sync::watch::channel(false).1)
+    }
+
     fn budget(secs: u64) -> Budget {
         Budget {
             end: Instant::now() + Duration::from_secs(secs),
@@ -258,6 +308,7 @@ mod tests {
             &flushers,
             budget(10),
             PhaseKind::Chained,
+            no_stop(),
         )
         .await;
         assert_eq!(*log.lock().unwrap(), ["a", "b", "flush"]);
@@ -293,6 +344,7 @@ mod tests {
             &flushers,
             budget(10),
             PhaseKind::Chained,
+            no_stop(),
         )
         .await;
         assert_eq!(ran.load(Ordering::SeqCst), 11);
@@ -328,6 +380,7 @@ mod tests {
             &flushers,
             budget(10),
             PhaseKind::Chained,
+            no_stop(),
         )
         .await;
         assert_eq!(report.actions[0].outcome, ActionOutcome::TimedOut);
@@ -353,6 +406,7 @@ mod tests {
             &flushers,
             budget(3),
             PhaseKind::Chained,
+            no_stop(),
         )
         .await;
         assert_eq!(
@@ -388,6 +442,7 @@ mod tests {
             &flushers,
             budget(10),
             PhaseKind::Chained,
+            no_stop(),
         )
         .await;
         assert_eq!(report.flushes[0].outcome, FlushOutcome::TimedOut);
@@ -402,6 +457,7 @@ mod tests {
             &flushers,
             budget(10),
             PhaseKind::Chained,
+            no_stop(),
         )
         .await;
         assert!(
@@ -434,6 +490,7 @@ mod tests {
             &[],
             budget(10),
             PhaseKind::Chained,
+            no_stop(),
         )
         .await;
         assert_eq!(*log.lock().unwrap(), ["first", "queued by first"]);
@@ -451,9 +508,54 @@ mod tests {
             &flushers,
             past,
             PhaseKind::Chained,
+            no_stop(),
         )
         .await;
         assert_eq!(report.actions[0].outcome, ActionOutcome::NotRun);
         assert!(matches!(report.flushes[0].outcome, FlushOutcome::NotRun(_)));
+    }
+
+    #[tokio::test]
+    async fn a_stop_abandons_the_running_action_and_leaves_the_flush() {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let dropped = Arc::new(AtomicUsize::new(0));
+        struct OnDrop(Arc<AtomicUsize>);
+        impl Drop for OnDrop {
+            fn drop(&mut self) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let guard = OnDrop(dropped.clone());
+        let queue = queue_with(|| {
+            defer(None, async move {
+                let _guard = guard;
+                std::future::pending::<()>().await
+            })
+            .unwrap();
+            defer(None, async {}).unwrap();
+        })
+        .await;
+        let flushers = [Flusher::new(flush_fn("f", || Ok::<(), FlushError>(())))];
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            tx.send_replace(true);
+        });
+        let report = run(
+            job(queue, Duration::from_secs(1)),
+            &flushers,
+            budget(10),
+            PhaseKind::Chained,
+            Stop::new(rx),
+        )
+        .await;
+        assert_eq!(report.actions[0].outcome, ActionOutcome::TimedOut);
+        assert_eq!(report.actions[1].outcome, ActionOutcome::NotRun);
+        assert_eq!(report.cut, [CutReason::Shutdown]);
+        assert!(report.flushes.is_empty(), "the final flush takes over");
+        assert_eq!(
+            dropped.load(Ordering::SeqCst),
+            1,
+            "the abandoned action was dropped"
+        );
     }
 }

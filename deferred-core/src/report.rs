@@ -86,6 +86,9 @@ pub enum CutReason {
         /// The time the actions had in all.
         budget: Duration,
     },
+    /// The process is shutting down (SIGTERM): the running action was abandoned and the final
+    /// flush took over.
+    Shutdown,
     /// The flush ran out of time: `flush_timeout`, or the deadline minus the safety margin.
     FlushBudget {
         /// The time the flush had.
@@ -210,6 +213,7 @@ impl fmt::Display for PhaseReport {
                     "; actions cut: their budget of {} (deadline - safety margin - flush reserve) ran out",
                     Ms(*budget)
                 )?,
+                CutReason::Shutdown => write!(f, "; cut by shutdown: the final flush took over")?,
                 CutReason::FlushBudget { budget } => write!(
                     f,
                     "; flush cut: its budget of {} (flush_timeout, or deadline - safety margin) ran out",

@@ -11,6 +11,9 @@ use crate::phase::run_flushes;
 use crate::report::{PhaseKind, PhaseReport};
 use crate::scope::lock;
 
+/// How long stopped phases get to drop their abandoned actions.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// Listens for SIGTERM; on it, runs the final flush and exits with status 0.
 pub(crate) fn install(core: Arc<Core>) {
     #[cfg(unix)]
@@ -40,11 +43,20 @@ pub(crate) async fn final_flush(core: &Core) -> PhaseReport {
     let started = Instant::now();
     let end = started + core.config.shutdown_timeout;
     let half = started + core.config.shutdown_timeout / 2;
-    // A phase in progress carries spans and actions of the last invocation: let it finish if
-    // it can, but keep half of the time for the flush itself.
-    let _serial = tokio::time::timeout_at(half, core.phase_lock.lock()).await;
     let mut background = std::mem::take(&mut *lock(&core.background));
+    // First half: running phases (the chained one, background ones on Managed Instances) may
+    // finish on their own; their actions carry the last invocations' work.
     let _ = tokio::time::timeout_at(half, async {
+        drop(core.phase_lock.lock().await);
+        while background.join_next().await.is_some() {}
+    })
+    .await;
+    // Then stop them: each abandons its action (dropping it closes the spans it holds) and
+    // leaves the flush to us.
+    core.stopping.send_replace(true);
+    let stopped = end.min(half + STOP_GRACE);
+    let _serial = tokio::time::timeout_at(stopped, core.phase_lock.lock()).await;
+    let _ = tokio::time::timeout_at(stopped, async {
         while background.join_next().await.is_some() {}
     })
     .await;

@@ -584,12 +584,10 @@ async fn sigterm_during_a_deferred_phase_exits_0_within_the_grace() {
     );
 }
 
-/// SIGTERM while an action runs: the invocation's own span ("Lambda runtime invoke") should
-/// reach the collector too. It does not: the running action holds it open (see the reason).
+/// SIGTERM while an action runs: the running action is abandoned (its future dropped, closing
+/// the spans it holds), so the invocation's own span ("Lambda runtime invoke") reaches the
+/// collector in the final flush too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "reason: bug in deferred-core shutdown.rs final_flush: the running action is not \
-            aborted before the final flush, so its future keeps the invocation span (and its \
-            own span) open and they are never exported"]
 async fn sigterm_during_a_deferred_phase_keeps_the_invocation_span() {
     let _serial = SERIAL.lock().await;
     let env = start("run", config(10), &[]).await;
