@@ -1,8 +1,9 @@
 //! A Lambda function for the integration tests, run as a child process of the emulator.
 //!
 //! `FIXTURE_MODE` picks how it is wired: `run` (`Deferred::run`), `start` (`Deferred::start`
-//! and plain `lambda_runtime::run`), `naive` (no extension: the flush is spawned and the
-//! handler returns, the design this library replaces) or `sync` (flush before returning).
+//! and plain `lambda_runtime::run`), `concurrent` (`Deferred::run_concurrent`), `naive` (no
+//! extension: the flush is spawned and the handler returns, the design this library replaces)
+//! or `sync` (flush before returning).
 //! `FLUSH_TIMEOUT_MS` sets the builder's flush timeout. Each invocation's payload is a [`Plan`]:
 //! what the handler does and which actions it defers. Actions post marks to the emulator
 //! (`start:<name>`, `end:<name>`) so tests can order them against the protocol timeline.
@@ -229,6 +230,7 @@ async fn main() -> Result<(), Error> {
         .flush_timeout(flush_timeout);
     match std::env::var("FIXTURE_MODE").as_deref() {
         Ok("run") | Err(_) => deferred.run(service_fn(handler)).await,
+        Ok("concurrent") => deferred.run_concurrent(service_fn(handler)).await,
         Ok("start") => {
             deferred.start().await?;
             lambda_runtime::run(service_fn(handler)).await
