@@ -20,14 +20,16 @@ async fn serve(
     + Sync
     + 'static,
 ) -> (String, Seen) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("test server");
+    let addr = listener.local_addr().expect("test server");
     let seen: Seen = Arc::default();
     let answer = Arc::new(answer);
     let record = seen.clone();
     tokio::spawn(async move {
         loop {
-            let (stream, _) = listener.accept().await.unwrap();
+            let (stream, _) = listener.accept().await.expect("test server");
             let (answer, record) = (answer.clone(), record.clone());
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req: Request<Incoming>| {
@@ -38,9 +40,14 @@ async fn serve(
                         let id = req
                             .headers()
                             .get("Lambda-Extension-Identifier")
-                            .map(|v| v.to_str().unwrap().to_owned());
-                        let body = req.into_body().collect().await.unwrap().to_bytes();
-                        record.lock().unwrap().push((
+                            .map(|v| v.to_str().expect("test server").to_owned());
+                        let body = req
+                            .into_body()
+                            .collect()
+                            .await
+                            .expect("test server")
+                            .to_bytes();
+                        record.lock().expect("test server").push((
                             method,
                             path.clone(),
                             id,
@@ -51,7 +58,11 @@ async fn serve(
                         for (k, v) in headers {
                             response = response.header(k, v);
                         }
-                        Ok::<_, Infallible>(response.body(Full::new(Bytes::from(body))).unwrap())
+                        Ok::<_, Infallible>(
+                            response
+                                .body(Full::new(Bytes::from(body)))
+                                .expect("test server"),
+                        )
                     }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
