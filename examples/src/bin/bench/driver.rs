@@ -1,0 +1,548 @@
+//! The driver: one emulator, one OTLP sink and one child process per mode and scenario.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use deferred_testkit::emulator::{Emulator, EmulatorConfig, FunctionSpec};
+use deferred_testkit::otlp::{Behaviour, OtlpSink};
+use deferred_testkit::telemetry::ENDPOINT_ENV;
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use lambda_runtime::Error;
+
+use super::ROLE_ENV;
+use super::report;
+
+/// The modes compared: (BENCH_MODE, label).
+pub(crate) const MODES: [(&str, &str); 6] = [
+    ("none", "0 no flush (baseline)"),
+    ("sync", "1 sync flush"),
+    ("otel-layer", "2 OpenTelemetryLayer"),
+    ("naive", "4 naive spawn"),
+    ("run", "5 Deferred::run"),
+    ("start", "6 Deferred::start"),
+];
+
+/// Scenario (c) only: plain `lambda_runtime::run` plus a bare extension that re-arms
+/// `event/next` at once: the price of the extension round trip without lambda-deferred.
+pub(crate) const EXT_ONLY: (&str, &str) = ("ext-only", "bare extension (c only)");
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Scenario {
+    A,
+    B,
+    C,
+    D,
+    E,
+}
+
+impl Scenario {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Scenario::A => "a",
+            Scenario::B => "b",
+            Scenario::C => "c",
+            Scenario::D => "d",
+            Scenario::E => "e",
+        }
+    }
+
+    pub(crate) fn describe(self) -> &'static str {
+        match self {
+            Scenario::A => {
+                "back-to-back, handler 20 ms, exporter 5 ms, 2 s stall on every 50th export"
+            }
+            Scenario::B => "as (a) + a 300 ms deferred action",
+            Scenario::C => "overhead: empty handler, no telemetry, no-op flush",
+            Scenario::D => "cold start: process start to first response",
+            Scenario::E => "exporter down: every export stalls 3 s, flush_timeout 1 s",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Sizes {
+    pub(crate) a: usize,
+    pub(crate) b: usize,
+    pub(crate) c_secs: u64,
+    pub(crate) d: usize,
+    pub(crate) e: usize,
+}
+
+const FULL: Sizes = Sizes {
+    a: 1000,
+    b: 200,
+    c_secs: 10,
+    d: 30,
+    e: 10,
+};
+const QUICK: Sizes = Sizes {
+    a: 100,
+    b: 20,
+    c_secs: 2,
+    d: 10,
+    e: 3,
+};
+
+/// One mode in one scenario.
+#[derive(Debug, Clone)]
+pub(crate) struct Row {
+    pub(crate) scenario: Scenario,
+    pub(crate) mode: &'static str,
+    pub(crate) label: &'static str,
+    pub(crate) n: usize,
+    /// Caller latency (scenario d: cold start), from dispatch to the response.
+    pub(crate) latency: Vec<Duration>,
+    pub(crate) per_sec: f64,
+    /// Per invocation: from the response POST to the invocation being complete.
+    pub(crate) busy: Vec<Duration>,
+    pub(crate) spans_created: usize,
+    pub(crate) spans_received: usize,
+    pub(crate) premature: usize,
+    pub(crate) rss_kib: u64,
+    /// CPU time of the child per invocation.
+    pub(crate) cpu_per_inv: Duration,
+    pub(crate) errors: usize,
+    /// Scenario c: context switches of the child (all threads) per invocation.
+    pub(crate) switches_per_inv: f64,
+}
+
+pub(crate) fn pct(v: &[Duration], p: f64) -> Duration {
+    if v.is_empty() {
+        return Duration::ZERO;
+    }
+    let mut s = v.to_vec();
+    s.sort();
+    let rank = ((p / 100.0) * s.len() as f64).ceil() as usize;
+    s[rank.clamp(1, s.len()) - 1]
+}
+
+pub(crate) async fn main() -> Result<(), Error> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let docs = args.iter().any(|a| a == "--docs");
+    let serial = args.iter().any(|a| a == "--serial");
+    let mut sizes = if quick { QUICK } else { FULL };
+    // `--only a,d`: run only these scenarios (for profiling); `--cold N`: N cold starts.
+    let only: Option<String> = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1).cloned());
+    let wanted = |s: Scenario| {
+        only.as_ref()
+            .is_none_or(|o| o.split(',').any(|x| x == s.name()))
+    };
+    if let Some(n) = args
+        .iter()
+        .position(|a| a == "--cold")
+        .and_then(|i| args.get(i + 1)?.parse().ok())
+    {
+        sizes.d = n;
+    }
+    let started = Instant::now();
+    let multi = MultiProgress::new();
+    let mut rows = Vec::new();
+    for scenario in [Scenario::A, Scenario::B, Scenario::E] {
+        if !wanted(scenario) {
+            continue;
+        }
+        let n = match scenario {
+            Scenario::A => sizes.a,
+            Scenario::B => sizes.b,
+            _ => sizes.e,
+        };
+        let mut tasks = Vec::new();
+        for (mode, label) in MODES {
+            let bar = bar(&multi, n as u64, scenario, label);
+            let task = tokio::spawn(steady(scenario, mode, label, n, bar));
+            if serial {
+                rows.push(task.await??);
+            } else {
+                tasks.push(task);
+            }
+        }
+        for task in tasks {
+            rows.push(task.await??);
+        }
+    }
+    if wanted(Scenario::C) {
+        let modes: Vec<_> = MODES.into_iter().chain([EXT_ONLY]).collect();
+        let bar = bar(
+            &multi,
+            sizes.c_secs * modes.len() as u64,
+            Scenario::C,
+            "all modes, interleaved",
+        );
+        rows.extend(overhead(&modes, Duration::from_secs(sizes.c_secs), bar).await?);
+    }
+    for (mode, label) in MODES.into_iter().filter(|_| wanted(Scenario::D)) {
+        let bar = bar(&multi, sizes.d as u64, Scenario::D, label);
+        rows.push(cold_start(mode, label, sizes.d, bar).await?);
+    }
+    multi.clear().ok();
+    let took = started.elapsed();
+    let table = report::table(&rows);
+    println!("{table}");
+    let targets = report::targets(&rows);
+    println!("{targets}");
+    println!(
+        "{} run took {:.0} s",
+        if quick { "quick" } else { "full" },
+        took.as_secs_f64()
+    );
+    if docs {
+        report::write_docs(&rows, &table, &targets, quick, serial, sizes, took)?;
+        println!("wrote docs/BENCHMARKS.md, docs/bench-latency.svg, docs/bench-busy.svg");
+    }
+    Ok(())
+}
+
+fn bar(multi: &MultiProgress, len: u64, scenario: Scenario, label: &str) -> ProgressBar {
+    let bar = multi.add(ProgressBar::new(len));
+    bar.set_style(
+        ProgressStyle::with_template("{prefix:>26} [{bar:30}] {pos}/{len} {elapsed}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(format!("({}) {label}", scenario.name()));
+    bar
+}
+
+fn spec(mode: &str, sink: Option<&OtlpSink>) -> Result<FunctionSpec, Error> {
+    let mut spec = FunctionSpec::new(std::env::current_exe()?)
+        .env(ROLE_ENV, "function")
+        .env("BENCH_MODE", mode)
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "error".into()),
+        );
+    spec = match sink {
+        Some(sink) => spec
+            .env(ENDPOINT_ENV, sink.endpoint())
+            .env("BENCH_MARKS", "1"),
+        None => spec.env("BENCH_NOOP", "1"),
+    };
+    Ok(spec)
+}
+
+fn config() -> EmulatorConfig {
+    EmulatorConfig {
+        // Long enough for a synchronous flush through a 3 s stall: the bench measures the
+        // stall's cost, not the reset that a short timeout would add on top.
+        function_timeout: Duration::from_secs(10),
+        ..EmulatorConfig::default()
+    }
+}
+
+/// /proc/<pid>/status VmHWM (KiB) and utime + stime (clock ticks) of the child.
+fn proc_stats(pid: Option<u32>) -> (u64, u64) {
+    let Some(pid) = pid else { return (0, 0) };
+    let hwm = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0);
+    let ticks = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // Fields after the command name (which is in parentheses): utime is field 14.
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0);
+    (hwm, ticks)
+}
+
+/// Voluntary + involuntary context switches of every thread of the child so far.
+fn switches(pid: Option<u32>) -> u64 {
+    let Some(pid) = pid else { return 0 };
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .flat_map(|s| {
+            s.lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .sum()
+}
+
+const TICK: Duration = Duration::from_millis(10);
+
+/// Scenarios a, b and e: `n` invocations, one after the other.
+async fn steady(
+    scenario: Scenario,
+    mode: &'static str,
+    label: &'static str,
+    n: usize,
+    bar: ProgressBar,
+) -> Result<Row, Error> {
+    let sink = OtlpSink::start().await?;
+    let action_ms = if scenario == Scenario::B { 300 } else { 0 };
+    sink.set_behaviour(match scenario {
+        Scenario::E => Behaviour::StallFor(Duration::from_secs(3)),
+        _ => Behaviour::StallEvery {
+            every: 50,
+            duration: Duration::from_secs(2),
+            base: Duration::from_millis(5),
+        },
+    });
+    let emulator = Emulator::start(config()).await?;
+    let mut spec = spec(mode, Some(&sink))?
+        .env("BENCH_HANDLER_MS", "20")
+        .env("BENCH_ACTION_MS", action_ms.to_string());
+    if scenario == Scenario::E {
+        spec = spec.env("BENCH_FLUSH_TIMEOUT_MS", "1000");
+    }
+    emulator.spawn_function(spec).await?;
+    let (_, ticks0) = proc_stats(emulator.child_pid());
+    let t0 = Instant::now();
+    let mut results = Vec::with_capacity(n);
+    let mut errors = 0;
+    for i in 0..n {
+        let r = emulator.invoke(format!("{{\"i\":{i}}}")).await;
+        if !r.outcome.is_success() {
+            errors += 1;
+        }
+        results.push(r);
+        bar.inc(1);
+    }
+    // The last invocation's deferred phase (or its timeout).
+    let last = results
+        .last()
+        .map(|r| r.request_id.clone())
+        .unwrap_or_default();
+    emulator
+        .wait_until(Duration::from_secs(12), |_, tls| {
+            tls.iter()
+                .any(|t| t.request_id == last && t.complete.is_some())
+        })
+        .await;
+    let elapsed = t0.elapsed();
+    let pid = emulator.child_pid();
+    let (rss_kib, ticks1) = proc_stats(pid);
+    // Give spans already on the wire a moment (a frozen child sends nothing more).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let received = sink.spans_named("bench.handler") + sink.spans_named("bench.action");
+    let created = n + if action_ms > 0 { n } else { 0 };
+    let timelines: HashMap<String, _> = emulator
+        .timelines()
+        .into_iter()
+        .map(|t| (t.request_id.clone(), t))
+        .collect();
+    let mut latency = Vec::new();
+    let mut busy = Vec::new();
+    let mut premature = 0;
+    for r in &results {
+        let Some(t) = timelines.get(&r.request_id) else {
+            continue;
+        };
+        // Caller latency from dispatch: one environment serves one invocation at a time; Lambda
+        // would send a caller that finds it busy to another environment, so the queueing
+        // behind the previous deferred phase is not the caller's latency (it shows in inv/s).
+        let queued = t.invoked.saturating_duration_since(t.requested);
+        latency.push(r.latency.saturating_sub(queued));
+        if let (Some(posted), Some(complete)) = (t.response_posted, t.complete) {
+            busy.push(complete.saturating_duration_since(posted));
+            // Premature readiness: the environment was released (complete: runtime and
+            // extension both waiting in next) while this invocation's deferred work still ran.
+            let late = |text: &str| t.mark(text).is_none_or(|at| at > complete);
+            let flushed = t.mark("flush-start").is_some() && late("flush-end");
+            let acted = action_ms > 0 && late("action-end");
+            let naive_unflushed = mode == "naive" && t.mark("flush-start").is_none();
+            if flushed || acted || naive_unflushed {
+                premature += 1;
+            }
+        }
+    }
+    emulator.shutdown().await;
+    bar.finish();
+    Ok(Row {
+        scenario,
+        mode,
+        label,
+        n,
+        latency,
+        per_sec: n as f64 / elapsed.as_secs_f64(),
+        busy,
+        spans_created: created,
+        spans_received: received,
+        premature,
+        rss_kib,
+        cpu_per_inv: TICK * u32::try_from(ticks1.saturating_sub(ticks0)).unwrap_or(u32::MAX)
+            / n.max(1) as u32,
+        errors,
+        switches_per_inv: 0.0,
+    })
+}
+
+/// Per mode of scenario c: its environment and what was measured so far.
+struct Overhead {
+    emulator: Emulator,
+    ticks: u64,
+    busy_time: Duration,
+    rates: Vec<f64>,
+    latency: Vec<Duration>,
+    busy: Vec<Duration>,
+    n: usize,
+    errors: usize,
+    switches: u64,
+}
+
+/// Scenario c: as many invocations as fit in `window` per mode, no telemetry, no-op flush.
+/// The window is cut into rounds and the modes take turns (one environment each, frozen while
+/// it waits), so that a load change on the machine hits every mode alike; inv/s is the median
+/// over the rounds.
+async fn overhead(
+    modes: &[(&'static str, &'static str)],
+    window: Duration,
+    bar: ProgressBar,
+) -> Result<Vec<Row>, Error> {
+    const ROUNDS: u32 = 5;
+    let mut envs = Vec::new();
+    for (mode, _) in modes {
+        let emulator = Emulator::start(config()).await?;
+        emulator.spawn_function(spec(mode, None)?).await?;
+        for _ in 0..50 {
+            emulator.invoke("{}").await; // warm up
+        }
+        envs.push(Overhead {
+            emulator,
+            ticks: 0,
+            busy_time: Duration::ZERO,
+            rates: Vec::new(),
+            latency: Vec::new(),
+            busy: Vec::new(),
+            n: 0,
+            errors: 0,
+            switches: 0,
+        });
+    }
+    let slice = window / ROUNDS;
+    for _ in 0..ROUNDS {
+        for env in &mut envs {
+            let emulator = &env.emulator;
+            let (_, ticks0) = proc_stats(emulator.child_pid());
+            let switches0 = switches(emulator.child_pid());
+            let t0 = Instant::now();
+            let mut results = Vec::new();
+            while t0.elapsed() < slice {
+                let r = emulator.invoke("{}").await;
+                if !r.outcome.is_success() {
+                    env.errors += 1;
+                }
+                results.push(r);
+            }
+            let last = results
+                .last()
+                .map(|r| r.request_id.clone())
+                .unwrap_or_default();
+            emulator
+                .wait_until(Duration::from_secs(5), |_, tls| {
+                    tls.iter()
+                        .any(|t| t.request_id == last && t.complete.is_some())
+                })
+                .await;
+            let elapsed = t0.elapsed();
+            let (_, ticks1) = proc_stats(emulator.child_pid());
+            env.ticks += ticks1.saturating_sub(ticks0);
+            env.switches += switches(emulator.child_pid()).saturating_sub(switches0);
+            env.busy_time += elapsed;
+            env.rates.push(results.len() as f64 / elapsed.as_secs_f64());
+            env.n += results.len();
+            let timelines: HashMap<String, _> = emulator
+                .timelines()
+                .into_iter()
+                .map(|t| (t.request_id.clone(), t))
+                .collect();
+            for r in &results {
+                if let Some(t) = timelines.get(&r.request_id) {
+                    env.latency.push(
+                        r.latency
+                            .saturating_sub(t.invoked.saturating_duration_since(t.requested)),
+                    );
+                    if let (Some(p), Some(c)) = (t.response_posted, t.complete) {
+                        env.busy.push(c.saturating_duration_since(p));
+                    }
+                }
+            }
+            bar.inc(1);
+        }
+    }
+    bar.finish();
+    let mut rows = Vec::new();
+    for ((mode, label), env) in modes.iter().zip(envs) {
+        let (rss_kib, _) = proc_stats(env.emulator.child_pid());
+        env.emulator.shutdown().await;
+        let mut rates = env.rates.clone();
+        rates.sort_by(f64::total_cmp);
+        let cpu = TICK * u32::try_from(env.ticks).unwrap_or(u32::MAX);
+        rows.push(Row {
+            scenario: Scenario::C,
+            mode,
+            label,
+            n: env.n,
+            latency: env.latency,
+            per_sec: rates.get(rates.len() / 2).copied().unwrap_or(0.0),
+            busy: env.busy,
+            spans_created: 0,
+            spans_received: 0,
+            premature: 0,
+            rss_kib,
+            cpu_per_inv: cpu / env.n.max(1) as u32,
+            errors: env.errors,
+            switches_per_inv: env.switches as f64 / env.n.max(1) as f64,
+        });
+    }
+    Ok(rows)
+}
+
+/// Scenario d: `samples` fresh processes; from the spawn to the first response.
+async fn cold_start(
+    mode: &'static str,
+    label: &'static str,
+    samples: usize,
+    bar: ProgressBar,
+) -> Result<Row, Error> {
+    let mut latency = Vec::new();
+    let mut rss_kib = 0;
+    let mut errors = 0;
+    for _ in 0..samples {
+        let emulator = Emulator::start(config()).await?;
+        let spec = spec(mode, None)?;
+        let t0 = Instant::now();
+        emulator.spawn_function(spec).await?;
+        let r = emulator.invoke("{}").await;
+        latency.push(t0.elapsed());
+        if !r.outcome.is_success() {
+            errors += 1;
+        }
+        rss_kib = rss_kib.max(proc_stats(emulator.child_pid()).0);
+        emulator.shutdown().await;
+        bar.inc(1);
+    }
+    bar.finish();
+    Ok(Row {
+        scenario: Scenario::D,
+        mode,
+        label,
+        n: samples,
+        latency,
+        per_sec: 0.0,
+        busy: Vec::new(),
+        spans_created: 0,
+        spans_received: 0,
+        premature: 0,
+        rss_kib,
+        cpu_per_inv: Duration::ZERO,
+        errors,
+        switches_per_inv: 0.0,
+    })
+}

@@ -1,0 +1,477 @@
+//! The table, the targets of issue 4, docs/BENCHMARKS.md and the SVG charts.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use plotters::prelude::*;
+
+use super::driver::{MODES, Row, Scenario, Sizes, pct};
+
+fn ms(d: Duration) -> String {
+    let ms = d.as_secs_f64() * 1e3;
+    if ms >= 100.0 {
+        format!("{ms:.0}")
+    } else {
+        format!("{ms:.1}")
+    }
+}
+
+fn find(rows: &[Row], s: Scenario, mode: &str) -> Option<Row> {
+    rows.iter()
+        .find(|r| r.scenario == s && r.mode == mode)
+        .cloned()
+}
+
+/// The results as a Markdown table (also readable on a terminal).
+pub(crate) fn table(rows: &[Row]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "| sc | mode | n | p50 ms | p95 ms | p99 ms | max ms | inv/s | busy p50 ms | busy p99 ms | spans sent/recv | premature | RSS MiB | CPU µs/inv | errors |"
+    );
+    let _ = writeln!(
+        out,
+        "|----|------|--:|-------:|-------:|-------:|-------:|------:|------------:|------------:|----------------:|----------:|--------:|-----------:|-------:|"
+    );
+    for r in rows {
+        let (busy50, busy99) = if r.busy.is_empty() {
+            ("-".to_owned(), "-".to_owned())
+        } else {
+            (ms(pct(&r.busy, 50.0)), ms(pct(&r.busy, 99.0)))
+        };
+        let spans = if r.spans_created == 0 {
+            "-".to_owned()
+        } else {
+            format!("{}/{}", r.spans_created, r.spans_received)
+        };
+        let per_sec = if r.per_sec == 0.0 {
+            "-".to_owned()
+        } else {
+            format!("{:.1}", r.per_sec)
+        };
+        let cpu = if r.cpu_per_inv.is_zero() && r.scenario == Scenario::D {
+            "-".to_owned()
+        } else {
+            format!("{:.0}", r.cpu_per_inv.as_secs_f64() * 1e6)
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {} | {} |",
+            r.scenario.name(),
+            r.label,
+            r.n,
+            ms(pct(&r.latency, 50.0)),
+            ms(pct(&r.latency, 95.0)),
+            ms(pct(&r.latency, 99.0)),
+            ms(pct(&r.latency, 100.0)),
+            per_sec,
+            busy50,
+            busy99,
+            spans,
+            r.premature,
+            r.rss_kib as f64 / 1024.0,
+            cpu,
+            r.errors,
+        );
+    }
+    out
+}
+
+/// "No worse than", with the run-to-run noise of this machine: 5% + 0.1 ms.
+fn within(x: Duration, bound: Duration) -> bool {
+    x.as_secs_f64() <= bound.as_secs_f64() * 1.05 + 0.0001
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "**met**" } else { "**missed**" }
+}
+
+/// The targets of issue 4, evaluated on `rows`.
+pub(crate) fn targets(rows: &[Row]) -> String {
+    let mut out = String::new();
+    let get = |s, m| find(rows, s, m);
+    if let (Some(run), Some(none)) = (get(Scenario::A, "run"), get(Scenario::A, "none")) {
+        let (p, b) = (pct(&run.latency, 99.0), pct(&none.latency, 99.0));
+        let ratio = p.as_secs_f64() / b.as_secs_f64().max(1e-9);
+        let _ = writeln!(
+            out,
+            "- (a) p99 of mode 5 within 1.1x of no flush: {} ms vs {} ms = {ratio:.2}x: {}",
+            ms(p),
+            ms(b),
+            verdict(ratio <= 1.1)
+        );
+        let lost = run.spans_created.saturating_sub(run.spans_received);
+        let _ = writeln!(
+            out,
+            "- (a) 0 spans lost in mode 5: {lost} lost ({}/{}): {}",
+            run.spans_received,
+            run.spans_created,
+            verdict(lost == 0)
+        );
+        let _ = writeln!(
+            out,
+            "- (a) 0 premature readiness in mode 5: {}: {}",
+            run.premature,
+            verdict(run.premature == 0)
+        );
+    }
+    if let (Some(run), Some(none)) = (get(Scenario::C, "run"), get(Scenario::C, "none")) {
+        let ratio = run.per_sec / none.per_sec.max(1e-9);
+        let _ = writeln!(
+            out,
+            "- (c) inv/s of mode 5 at least 0.9x of plain lambda_runtime::run: {:.1} vs {:.1} = {ratio:.2}x: {}",
+            run.per_sec,
+            none.per_sec,
+            verdict(ratio >= 0.9)
+        );
+        let over = run.cpu_per_inv.as_secs_f64() * 1e6 - none.cpu_per_inv.as_secs_f64() * 1e6;
+        let _ = writeln!(
+            out,
+            "- (c) wrapper CPU overhead under 50 µs per invocation: {:.0} µs - {:.0} µs = {over:.0} µs (10 ms tick resolution over {} invocations): {}",
+            run.cpu_per_inv.as_secs_f64() * 1e6,
+            none.cpu_per_inv.as_secs_f64() * 1e6,
+            run.n,
+            verdict(over < 50.0)
+        );
+    }
+    if let (Some(run), Some(bare)) = (get(Scenario::C, "run"), get(Scenario::C, "ext-only")) {
+        let over = run.cpu_per_inv.as_secs_f64() * 1e6 - bare.cpu_per_inv.as_secs_f64() * 1e6;
+        let _ = writeln!(
+            out,
+            "- (c) the same, net of the extension's own `event/next` round trip (mode 5 minus a bare extension that re-arms at once): {:.0} µs - {:.0} µs = {over:.0} µs: {}",
+            run.cpu_per_inv.as_secs_f64() * 1e6,
+            bare.cpu_per_inv.as_secs_f64() * 1e6,
+            verdict(over < 50.0)
+        );
+        if let Some(none) = get(Scenario::C, "none") {
+            let _ = writeln!(
+                out,
+                "- (c) context switches of the function (all threads) per invocation: mode 0 {:.1}, bare extension {:.1}, mode 5 {:.1}{}",
+                none.switches_per_inv,
+                bare.switches_per_inv,
+                run.switches_per_inv,
+                get(Scenario::C, "start").map_or(String::new(), |s| format!(
+                    ", mode 6 {:.1}",
+                    s.switches_per_inv
+                ))
+            );
+        }
+    }
+    if let (Some(run), Some(none)) = (get(Scenario::D, "run"), get(Scenario::D, "none")) {
+        let (r, n) = (pct(&run.latency, 50.0), pct(&none.latency, 50.0));
+        let diff = r.as_secs_f64() * 1e3 - n.as_secs_f64() * 1e3;
+        let _ = writeln!(
+            out,
+            "- (d) cold start of mode 5 within 1 ms of plain lambda_runtime (p50): {} ms vs {} ms = {diff:+.2} ms: {}",
+            ms(r),
+            ms(n),
+            verdict(diff <= 1.0)
+        );
+    }
+    for mode in ["run", "start"] {
+        if let (Some(e), Some(a)) = (get(Scenario::E, mode), get(Scenario::A, mode)) {
+            let busy = pct(&e.busy, 100.0);
+            let _ = writeln!(
+                out,
+                "- (e) {}: busy after the response at most 1.1 s per invocation: max {} ms, p50 {} ms: {}",
+                e.label,
+                ms(busy),
+                ms(pct(&e.busy, 50.0)),
+                verdict(busy <= Duration::from_millis(1100))
+            );
+            let (le, la) = (pct(&e.latency, 50.0), pct(&a.latency, 50.0));
+            let ok = le.as_secs_f64() <= la.as_secs_f64() * 1.1 + 0.002;
+            let _ = writeln!(
+                out,
+                "- (e) {}: caller latency unchanged (p50 in e vs a, within 1.1x + 2 ms): {} ms vs {} ms: {}",
+                e.label,
+                ms(le),
+                ms(la),
+                verdict(ok)
+            );
+        }
+    }
+    for s in [Scenario::A, Scenario::B, Scenario::C, Scenario::E] {
+        let Some(run) = get(s, "run") else { continue };
+        let best = ["sync", "otel-layer", "naive"]
+            .into_iter()
+            .filter_map(|m| get(s, m))
+            .min_by_key(|r| pct(&r.busy, 50.0));
+        let layer = get(s, "otel-layer");
+        if let (Some(best), Some(layer)) = (best, layer) {
+            let (r, b, l) = (
+                pct(&run.busy, 50.0),
+                pct(&best.busy, 50.0),
+                pct(&layer.busy, 50.0),
+            );
+            // The environment's whole time per invocation (caller latency + busy after), against
+            // the alternatives that neither lose spans nor release the environment early.
+            let occupancy = |r: &Row| pct(&r.latency, 50.0) + pct(&r.busy, 50.0);
+            let sound = ["sync", "otel-layer", "naive"]
+                .into_iter()
+                .filter_map(|m| get(s, m))
+                .filter(|r| r.premature == 0 && r.spans_received >= r.spans_created)
+                .min_by_key(occupancy);
+            if let Some(sound) = sound {
+                let (o, so) = (occupancy(&run), occupancy(&sound));
+                let _ = writeln!(
+                    out,
+                    "- ({}) whole environment time per invocation (latency p50 + busy p50) of mode 5 vs the best alternative that loses nothing and never releases early ({}): {} ms vs {} ms: {}",
+                    s.name(),
+                    sound.label,
+                    ms(o),
+                    ms(so),
+                    verdict(within(o, so))
+                );
+            }
+            let _ = writeln!(
+                out,
+                "- ({}) busy after the response p50 of mode 5 no worse than the best alternative: {} ms vs {} ms ({}): {}; vs mode 2, the one alternative that also flushes after the response: {} ms: {}",
+                s.name(),
+                ms(r),
+                ms(b),
+                best.label,
+                verdict(within(r, b)),
+                ms(l),
+                verdict(within(r, l))
+            );
+        }
+    }
+    out
+}
+
+fn docs_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs")
+}
+
+fn machine() -> String {
+    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':').map(|(_, v)| v.trim().to_owned()))
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let rustc = std::process::Command::new("rustc")
+        .arg("--version")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .next()
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_owned())
+        })
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map_or(String::new(), |kb| {
+            format!("{:.1} GiB RAM", kb as f64 / 1048576.0)
+        });
+    format!("{nproc} CPUs ({cpu}), {mem}, {rustc}, `--release`")
+}
+
+pub(crate) fn write_docs(
+    rows: &[Row],
+    table: &str,
+    targets: &str,
+    quick: bool,
+    serial: bool,
+    sizes: Sizes,
+    took: Duration,
+) -> Result<(), lambda_runtime::Error> {
+    let dir = docs_dir();
+    std::fs::create_dir_all(&dir)?;
+    latency_svg(rows, &dir.join("bench-latency.svg"))?;
+    busy_svg(rows, &dir.join("bench-busy.svg"))?;
+    let template = include_str!("BENCHMARKS.head.md");
+    let mut doc = template
+        .replace("{{KIND}}", if quick { "QUICK run (`--quick`, reduced sizes): indicative only" } else { "full run" })
+        .replace(
+            "{{COMMAND}}",
+            &format!(
+                "cargo run --release -p examples --bin bench -- --docs{}{}",
+                if quick { " --quick" } else { "" },
+                if serial { " --serial" } else { "" }
+            ),
+        )
+        .replace("{{MACHINE}}", &machine())
+        .replace(
+            "{{SIZES}}",
+            &format!(
+                "(a) {} invocations, (b) {}, (c) {} s per mode, (d) {} cold starts per mode, (e) {}; modes of a, b and e {}; took {:.0} s",
+                sizes.a,
+                sizes.b,
+                sizes.c_secs,
+                sizes.d,
+                sizes.e,
+                if serial { "one after the other" } else { "run at the same time (one emulator, sink and child each)" },
+                took.as_secs_f64()
+            ),
+        );
+    let mut scen = String::new();
+    for s in [
+        Scenario::A,
+        Scenario::B,
+        Scenario::C,
+        Scenario::D,
+        Scenario::E,
+    ] {
+        let _ = writeln!(scen, "- ({}) {}", s.name(), s.describe());
+    }
+    doc = doc
+        .replace("{{SCENARIOS}}", &scen)
+        .replace("{{TABLE}}", table)
+        .replace("{{TARGETS}}", targets);
+    std::fs::write(dir.join("BENCHMARKS.md"), doc)?;
+    Ok(())
+}
+
+const COLORS: [RGBColor; 6] = [
+    RGBColor(120, 120, 120),
+    RGBColor(214, 39, 40),
+    RGBColor(255, 127, 14),
+    RGBColor(148, 103, 189),
+    RGBColor(44, 160, 44),
+    RGBColor(31, 119, 180),
+];
+
+type DrawResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+/// Caller latency p50/p95/p99/max per mode, scenarios a, b and e (log scale).
+fn latency_svg(rows: &[Row], path: &std::path::Path) -> DrawResult {
+    let root = SVGBackend::new(path, (1100, 420)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    let panels = root.split_evenly((1, 3));
+    for (area, s) in panels.iter().zip([Scenario::A, Scenario::B, Scenario::E]) {
+        let mut chart = ChartBuilder::on(area)
+            .caption(
+                format!("({}) caller latency, ms", s.name()),
+                ("sans-serif", 16),
+            )
+            .margin(8)
+            .x_label_area_size(28)
+            .y_label_area_size(48)
+            .build_cartesian_2d(0f64..4f64, (1f64..20_000f64).log_scale())
+            .map_err(|e| e.to_string())?;
+        chart
+            .configure_mesh()
+            .x_labels(4)
+            .x_label_formatter(&|x| match (*x + 0.5) as usize {
+                1 => "p50".into(),
+                2 => "p95".into(),
+                3 => "p99".into(),
+                4 => "max".into(),
+                _ => String::new(),
+            })
+            .disable_x_mesh()
+            .draw()
+            .map_err(|e| e.to_string())?;
+        for (i, (mode, label)) in MODES.iter().enumerate() {
+            let Some(r) = find(rows, s, mode) else {
+                continue;
+            };
+            let w = 0.8 / MODES.len() as f64;
+            let color = COLORS[i];
+            let bars = [50.0, 95.0, 99.0, 100.0]
+                .into_iter()
+                .enumerate()
+                .map(move |(k, p)| {
+                    let x0 = k as f64 + 0.1 + i as f64 * w;
+                    let v = (pct(&r.latency, p).as_secs_f64() * 1e3).max(1.0);
+                    Rectangle::new([(x0, 1.0), (x0 + w, v)], color.filled())
+                });
+            let series = chart.draw_series(bars).map_err(|e| e.to_string())?;
+            if s == Scenario::A {
+                series.label(*label).legend(move |(x, y)| {
+                    Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled())
+                });
+            }
+        }
+        if s == Scenario::A {
+            chart
+                .configure_series_labels()
+                .position(SeriesLabelPosition::UpperLeft)
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .draw()
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    root.present().map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// Environment busy time after the response (p50 and p99) per mode, scenarios a, b, e.
+fn busy_svg(rows: &[Row], path: &std::path::Path) -> DrawResult {
+    let root = SVGBackend::new(path, (1100, 420)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    let panels = root.split_evenly((1, 3));
+    for (area, s) in panels.iter().zip([Scenario::A, Scenario::B, Scenario::E]) {
+        let max = MODES
+            .iter()
+            .filter_map(|(m, _)| find(rows, s, m))
+            .map(|r| pct(&r.busy, 99.0).as_secs_f64() * 1e3)
+            .fold(10.0, f64::max);
+        let mut chart = ChartBuilder::on(area)
+            .caption(
+                format!(
+                    "({}) busy after response, ms (solid p50, light p99)",
+                    s.name()
+                ),
+                ("sans-serif", 14),
+            )
+            .margin(8)
+            .x_label_area_size(28)
+            .y_label_area_size(48)
+            .build_cartesian_2d(0f64..MODES.len() as f64, 0f64..max * 1.1)
+            .map_err(|e| e.to_string())?;
+        chart
+            .configure_mesh()
+            .x_labels(MODES.len())
+            .x_label_formatter(&|x| {
+                let i = x.floor() as usize;
+                MODES.get(i).map_or(String::new(), |(_, l)| {
+                    l.split(' ').next().unwrap_or("").to_owned()
+                })
+            })
+            .disable_x_mesh()
+            .draw()
+            .map_err(|e| e.to_string())?;
+        for (i, (mode, label)) in MODES.iter().enumerate() {
+            let Some(r) = find(rows, s, mode) else {
+                continue;
+            };
+            let color = COLORS[i];
+            let p50 = pct(&r.busy, 50.0).as_secs_f64() * 1e3;
+            let p99 = pct(&r.busy, 99.0).as_secs_f64() * 1e3;
+            let x = i as f64;
+            let series = chart
+                .draw_series([
+                    Rectangle::new([(x + 0.15, 0.0), (x + 0.85, p99)], color.mix(0.3).filled()),
+                    Rectangle::new([(x + 0.15, 0.0), (x + 0.85, p50)], color.filled()),
+                ])
+                .map_err(|e| e.to_string())?;
+            if s == Scenario::A {
+                series.label(*label).legend(move |(x, y)| {
+                    Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled())
+                });
+            }
+        }
+        if s == Scenario::A {
+            chart
+                .configure_series_labels()
+                .position(SeriesLabelPosition::UpperLeft)
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .draw()
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    root.present().map_err(|e| e.to_string())?;
+    Ok(())
+}
