@@ -199,14 +199,18 @@ impl Core {
             return Ticket::Inline;
         }
         let mut ticket = Ticket::Chained(request_id.to_owned());
-        self.state.send_modify(|state| {
+        // Wake the chain only when its decision depends on the change: with the runtime layer
+        // it waits for the response anyway (fewer wake-ups on the hot path).
+        let layer = self.layer_installed();
+        self.state.send_if_modified(|state| {
             if state.was_closed(request_id) {
                 ticket = Ticket::Inline;
-                return;
+                return false;
             }
             match &mut state.slot {
                 Some(slot) if slot.event.request_id == request_id && !slot.claimed => {
                     slot.claimed = true;
+                    !layer
                 }
                 Some(slot) if slot.event.request_id != request_id => {
                     // The extension was given another invocation than the runtime: the chain
@@ -224,10 +228,17 @@ impl Core {
                     state.close(stale);
                     state.close(request_id.to_owned());
                     ticket = Ticket::Inline;
+                    true
                 }
-                Some(_) => {}
-                None if state.chain == Chain::Armed => state.expected = Some(request_id.to_owned()),
-                None => ticket = Ticket::Inline,
+                Some(_) => false,
+                None if state.chain == Chain::Armed => {
+                    state.expected = Some(request_id.to_owned());
+                    false
+                }
+                None => {
+                    ticket = Ticket::Inline;
+                    false
+                }
             }
         });
         ticket
@@ -268,6 +279,7 @@ impl Core {
     fn hand_over(&self, request_id: &str, job: Job) -> Option<Job> {
         let mut job = Some(job);
         let mut closed_before = false;
+        let layer = self.layer_installed();
         self.state.send_if_modified(|state| {
             if state.expected.as_deref() == Some(request_id) {
                 state.expected = None;
@@ -276,7 +288,8 @@ impl Core {
                 Some(slot) if slot.event.request_id == request_id && slot.job.is_none() => {
                     slot.claimed = true;
                     slot.job = job.take();
-                    true
+                    // With the layer, the chain starts on `responded`, which comes after this.
+                    !layer || slot.responded
                 }
                 _ => {
                     // Too late (the chain closed it) or never arrived: the chain will close
