@@ -12,7 +12,7 @@ use deferred_testkit::emulator::{
 };
 use deferred_testkit::otlp::{Behaviour, OtlpSink};
 use serde_json::json;
-use support::{Env, phase_end, start, trace_id};
+use support::{Env, phase_end, rss_and_fds, start, trace_id};
 
 /// One test at a time: the deadline and latency bounds must not depend on the other tests.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -34,20 +34,6 @@ async fn report(env: &Env, request_id: &str) -> String {
         )
         .await
         .unwrap_or_else(|| panic!("no phase report for {request_id}"))
-}
-
-/// A child's resident set (kB) and open file descriptors, from /proc.
-fn rss_and_fds(pid: u32) -> (u64, usize) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    let rss = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS");
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .expect("fd dir")
-        .count();
-    (rss, fds)
 }
 
 fn assert_released_in_time(t: &Timeline, what: &str) {

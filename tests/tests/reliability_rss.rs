@@ -7,16 +7,7 @@ use std::time::Duration;
 
 use deferred_testkit::emulator::EmulatorConfig;
 use serde_json::{Value, json};
-use support::start;
-
-fn rss_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .expect("status")
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
-}
+use support::{rss_and_fds, start};
 
 async fn growth(mode: &str, payload: Value, invocations: usize) -> (u64, u64) {
     let env = start(
@@ -35,13 +26,13 @@ async fn growth(mode: &str, payload: Value, invocations: usize) -> (u64, u64) {
         assert!(result.outcome.is_success());
         if i + 1 == 1000 {
             env.completed(&result.request_id).await;
-            at_1000 = rss_kb(pid);
+            at_1000 = rss_and_fds(pid).0;
         }
         if i + 1 == invocations {
             env.completed(&result.request_id).await;
         }
     }
-    (at_1000, rss_kb(pid))
+    (at_1000, rss_and_fds(pid).0)
 }
 
 /// `cargo test -p deferred-testkit --test reliability_rss -- --ignored --nocapture`
@@ -80,12 +71,12 @@ async fn rss_after_big_invocations() {
         )
         .await;
         let pid = env.emulator.child_pid().expect("pid");
-        let mut samples = vec![rss_kb(pid)];
+        let mut samples = vec![rss_and_fds(pid).0];
         for _ in 0..12 {
             let result = env.invoke(payload.clone()).await;
             assert!(result.outcome.is_success());
             env.completed(&result.request_id).await;
-            samples.push(rss_kb(pid));
+            samples.push(rss_and_fds(pid).0);
         }
         eprintln!("rss {payload}: kB before and after each of 12 rounds {samples:?}");
     }

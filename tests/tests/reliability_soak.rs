@@ -13,20 +13,7 @@ use std::time::{Duration, Instant};
 use deferred_testkit::emulator::EmulatorConfig;
 use deferred_testkit::otlp::Behaviour;
 use serde_json::json;
-use support::{Env, phase_end, start, trace_id};
-
-fn rss_and_fds(pid: u32) -> (u64, usize) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    let rss = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS");
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .expect("fd dir")
-        .count();
-    (rss, fds)
-}
+use support::{Env, phase_end, rss_and_fds, start, trace_id};
 
 /// The spans every invocation of the soak produces.
 const SPANS: [&str; 3] = ["handler-work", "deferred-action", "Lambda runtime invoke"];
@@ -128,7 +115,9 @@ fn check(env: &Env, invoked: &[(String, String)]) -> Checked {
     }
 }
 
-async fn soak(invocations: usize) {
+/// The fixture under `run`, with a 100 ms flush_timeout, and a sink on which 1% of exports
+/// stall 300 ms (3x flush_timeout) before they are answered.
+async fn stalling_env() -> Env {
     let env = start(
         "run",
         EmulatorConfig {
@@ -144,12 +133,16 @@ async fn soak(invocations: usize) {
         ],
     )
     .await;
-    // 1% of exports stall 300 ms (3x flush_timeout) before they are answered.
     env.sink.set_behaviour(Behaviour::StallEvery {
         every: 100,
         duration: Duration::from_millis(300),
         base: Duration::ZERO,
     });
+    env
+}
+
+async fn soak(invocations: usize) {
+    let env = stalling_env().await;
     let pid = env.emulator.child_pid().expect("pid");
     let window = 1000.min(invocations / 2);
     let sample_every = (window / 10).max(1);
@@ -257,24 +250,7 @@ fn stopped(pid: u32) -> bool {
 /// again. The same invariants as the soak hold across the freezes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bursts_of_500_between_frozen_idles() {
-    let env = start(
-        "run",
-        EmulatorConfig {
-            function_timeout: Duration::from_secs(5),
-            ..EmulatorConfig::default()
-        },
-        &[
-            ("FLUSH_TIMEOUT_MS", "100"),
-            ("OTEL_EXPORTER_OTLP_TIMEOUT", "2000"),
-            ("RUST_LOG", "warn,deferred=info"),
-        ],
-    )
-    .await;
-    env.sink.set_behaviour(Behaviour::StallEvery {
-        every: 100,
-        duration: Duration::from_millis(300),
-        base: Duration::ZERO,
-    });
+    let env = stalling_env().await;
     let pid = env.emulator.child_pid().expect("pid");
     let mut invoked = Vec::new();
     let mut per_burst = Vec::new();

@@ -111,3 +111,17 @@ pub fn phase_end(timeline: &Timeline) -> Instant {
         .map(|(_, at)| *at)
         .expect("the extension called event/next")
 }
+
+/// A child's resident set (kB) and open file descriptors, from /proc.
+pub fn rss_and_fds(pid: u32) -> (u64, usize) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fd dir")
+        .count();
+    (rss, fds)
+}
