@@ -10,9 +10,10 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::context::Invocation;
 use crate::core::{Chain, Core, Slot};
 use crate::extension::{Client, InvokeEvent, NextEvent};
-use crate::phase::{Budget, Job};
+use crate::phase::Budget;
 use crate::report::PhaseKind;
 use crate::scope::Queue;
 
@@ -136,11 +137,13 @@ async fn hold(core: &Arc<Core>, event: InvokeEvent) {
             job
         }
     };
-    let job = job.unwrap_or_else(|| Job {
-        request_id,
-        deadline: Some(deadline),
-        queue: Queue::new(0),
-        flush_timeout: core.config.flush_timeout,
+    // Nobody handed a queue over: a phase with no actions, the flush only.
+    let job = job.unwrap_or_else(|| {
+        let invocation = Invocation {
+            request_id,
+            deadline: Some(deadline),
+        };
+        core.job(&invocation, Queue::new(0), None)
     });
     core.run_phase(job, PhaseKind::Chained).await;
 }

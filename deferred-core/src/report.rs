@@ -127,7 +127,7 @@ impl PhaseReport {
     pub fn is_clean(&self) -> bool {
         self.cut.is_empty()
             && self.actions.iter().all(|a| a.outcome == ActionOutcome::Ok)
-            && self.flushes.iter().all(|f| f.outcome == FlushOutcome::Ok)
+            && self.flushed()
     }
 
     /// Logs the report: `info` when clean, `warn` otherwise.
