@@ -1077,7 +1077,9 @@ async fn an_idle_child_is_frozen_and_thawed_on_the_next_invoke() {
         "ticked while frozen"
     );
 
-    assert!(within(emu.invoke("b")).await.outcome.is_success());
+    // The invocation keeps the child thawed for 200 ms: a quick one may be frozen again before
+    // the 5 ms tick thread is scheduled, which is what made this test flaky.
+    assert!(within(emu.invoke("sleep:200")).await.outcome.is_success());
     let target = frozen_at.unwrap_or(0);
     let resumed = emu
         .wait_for_log(

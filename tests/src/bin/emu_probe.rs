@@ -11,7 +11,8 @@
 //!
 //! Payloads: `hang` is never answered; `crash` exits with status 3; `error` posts an invocation
 //! error; `mark:<text>` posts `<text>` to `/__testkit/mark`, then answers `ok`; `env:<NAME>`
-//! answers the variable's value; anything else is echoed.
+//! answers the variable's value; `sleep:<ms>` sleeps that long, then echoes; anything else is
+//! echoed.
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
@@ -200,6 +201,9 @@ fn runtime_loop(api: &str) {
             "ok".to_owned()
         } else if let Some(name) = payload.strip_prefix("env:") {
             std::env::var(name).unwrap_or_default()
+        } else if let Some(ms) = payload.strip_prefix("sleep:") {
+            std::thread::sleep(Duration::from_millis(ms.parse().unwrap_or(0)));
+            payload
         } else {
             payload
         };
