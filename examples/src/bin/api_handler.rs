@@ -40,7 +40,9 @@ use std::time::Duration;
 
 use deferred_core::{Deferred, deferred_handler};
 use lambda_http::http::StatusCode;
-use lambda_http::{Adapter, Body, Error, Request, RequestPayloadExt, Response, service_fn};
+use lambda_http::{
+    Adapter, Body, Error, Request, RequestExt as _, RequestPayloadExt, Response, service_fn,
+};
 use opentelemetry::metrics::Counter;
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry::{KeyValue, global};
@@ -83,11 +85,12 @@ struct Order {
 }
 
 // `instrument` above `deferred_handler`: its span closes before the deferred phase starts, so
-// it is in this invocation's flush.
-#[tracing::instrument(skip_all, fields(method = %request.method(), path = request.uri().path()))]
+// it is in this invocation's flush. Routes on `raw_http_path`: behind a REST API stage,
+// lambda_http puts the stage in front of `uri().path()` (`/prod/orders`).
+#[tracing::instrument(skip_all, fields(method = %request.method(), path = request.raw_http_path()))]
 #[deferred_handler(flush_timeout = "3s")]
 async fn handler(request: Request) -> Result<Response<Body>, Error> {
-    let response = match (request.method().as_str(), request.uri().path()) {
+    let response = match (request.method().as_str(), request.raw_http_path()) {
         ("POST", "/orders") => match request.payload::<NewOrder>() {
             Ok(Some(new)) => {
                 let order = create_order(new).await;

@@ -1,0 +1,644 @@
+//! `lambda_http` on the emulator: a `#[deferred_handler]` of `lambda_http::Request`
+//! (src/bin/http_fixture.rs) invoked with real API Gateway events, built with the
+//! `aws_lambda_events` types lambda_http itself decodes: a REST API (payload 1.0,
+//! `ApiGatewayProxyRequest`), an HTTP API (payload 2.0, `ApiGatewayV2httpRequest`) and a
+//! Lambda function URL (payload 2.0 too).
+//!
+//! Each test checks that the answer decodes as the API Gateway response type that matches the
+//! event, with the status, headers, cookies and body the handler set; that the `defer!`ed audit
+//! action ran after the response was posted and before the environment was released (the
+//! extension's next `event/next`); and that the invocation's spans (lambda_runtime's, the
+//! handler's and the action's) reached the OTLP sink in that same window.
+
+mod support;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use deferred_testkit::emulator::{
+    Emulator, EmulatorConfig, FunctionSpec, InvokeOutcome, InvokeResult, Timeline,
+};
+use deferred_testkit::otlp::OtlpSink;
+use lambda_http::aws_lambda_events::apigw::{
+    ApiGatewayProxyRequest, ApiGatewayProxyResponse, ApiGatewayV2httpRequest,
+    ApiGatewayV2httpResponse,
+};
+use lambda_http::aws_lambda_events::encodings::Body;
+use lambda_http::aws_lambda_events::query_map::QueryMap;
+use lambda_http::http::{HeaderMap, HeaderName, HeaderValue, Method};
+use serde_json::{Value, json};
+use support::{Env, phase_end};
+
+/// The REST API's and the HTTP API's host, and the function URL's.
+const API_ID: &str = "r3pmxmplak";
+const API_HOST: &str = "r3pmxmplak.execute-api.us-east-2.amazonaws.com";
+const URL_ID: &str = "a5vvmxmplf7z2sjzkoeknslo4m0kbcuk";
+const URL_HOST: &str = "a5vvmxmplf7z2sjzkoeknslo4m0kbcuk.lambda-url.us-east-2.on.aws";
+const ACCOUNT: &str = "123456789012";
+
+/// The kind of event source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Api {
+    /// API Gateway REST API, Lambda proxy integration (payload format 1.0), stage `prod`.
+    Rest,
+    /// API Gateway HTTP API (payload format 2.0), stage `$default`.
+    Http,
+    /// A Lambda function URL (payload format 2.0, no route, stage `$default`).
+    FunctionUrl,
+}
+
+/// An HTTP request as the client sent it.
+#[derive(Debug, Clone)]
+struct Call {
+    method: Method,
+    /// The path, without the query.
+    path: &'static str,
+    /// The raw query string, without `?`.
+    query: &'static str,
+    headers: Vec<(&'static str, String)>,
+    cookies: Vec<&'static str>,
+    body: Option<Value>,
+}
+
+impl Call {
+    fn get(path: &'static str) -> Self {
+        Self {
+            method: Method::GET,
+            path,
+            query: "",
+            headers: Vec::new(),
+            cookies: Vec::new(),
+            body: None,
+        }
+    }
+
+    fn post(path: &'static str, body: Value) -> Self {
+        Self {
+            method: Method::POST,
+            body: Some(body),
+            ..Self::get(path)
+        }
+        .header("content-type", "application/json")
+    }
+
+    fn query(mut self, query: &'static str) -> Self {
+        self.query = query;
+        self
+    }
+
+    fn header(mut self, name: &'static str, value: impl Into<String>) -> Self {
+        self.headers.push((name, value.into()));
+        self
+    }
+
+    fn cookie(mut self, cookie: &'static str) -> Self {
+        self.cookies.push(cookie);
+        self
+    }
+
+    /// `<METHOD> <path>`: how the fixture names the route in its audit marks.
+    fn route(&self) -> String {
+        format!("{} {}", self.method, self.path)
+    }
+
+    /// The API Gateway route this call matches (the fixture's two resources).
+    fn resource(&self) -> (&'static str, HashMap<String, String>) {
+        match self.path.strip_prefix("/accounts/") {
+            Some(id) => (
+                "/accounts/{id}",
+                HashMap::from([("id".to_owned(), id.to_owned())]),
+            ),
+            None => ("/accounts", HashMap::new()),
+        }
+    }
+
+    /// The headers API Gateway passes on, for a call to `host`.
+    fn header_map(&self, host: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        let mut add = |name: &str, value: &str| {
+            headers.append(
+                HeaderName::from_bytes(name.as_bytes()).expect("header name"),
+                HeaderValue::from_str(value).expect("header value"),
+            );
+        };
+        add("accept", "application/json");
+        add("host", host);
+        add("user-agent", "curl/8.5.0");
+        add(
+            "x-amzn-trace-id",
+            "Root=1-65f0a9de-4c2d1a0b5e6f7a8b9c0d1e2f",
+        );
+        add("x-forwarded-for", "198.51.100.7");
+        add("x-forwarded-port", "443");
+        add("x-forwarded-proto", "https");
+        if let Some(body) = &self.body {
+            add("content-length", &body.to_string().len().to_string());
+        }
+        for (name, value) in &self.headers {
+            add(name, value);
+        }
+        headers
+    }
+}
+
+/// The event API Gateway (or the function URL) sends for `call`, as JSON.
+fn event(api: Api, call: &Call) -> String {
+    let mut value = match api {
+        Api::Rest => serde_json::to_value(rest_event(call)),
+        Api::Http | Api::FunctionUrl => serde_json::to_value(http_event(api, call)),
+    }
+    .expect("the event serializes");
+    if api != Api::Rest {
+        // Fields of the custom authorizer payload that the type always writes and a real
+        // payload 2.0 event never has.
+        let object = value.as_object_mut().expect("an object");
+        for key in [
+            "type",
+            "methodArn",
+            "httpMethod",
+            "identitySource",
+            "authorizationToken",
+        ] {
+            object.remove(key);
+        }
+    }
+    value.to_string()
+}
+
+/// A REST API proxy event (payload format 1.0), stage `prod`.
+fn rest_event(call: &Call) -> ApiGatewayProxyRequest {
+    let (resource, path_parameters) = call.resource();
+    let headers = {
+        let mut headers = call.header_map(API_HOST);
+        if !call.cookies.is_empty() {
+            headers.insert(
+                "cookie",
+                HeaderValue::from_str(&call.cookies.join("; ")).expect("cookie"),
+            );
+        }
+        headers
+    };
+    let query: QueryMap = call.query.parse().expect("a query string");
+
+    let mut event = ApiGatewayProxyRequest::default();
+    event.resource = Some(resource.to_owned());
+    event.path = Some(call.path.to_owned());
+    event.http_method = call.method.clone();
+    event.headers = headers.clone();
+    event.multi_value_headers = headers;
+    event.query_string_parameters = call.query.parse().expect("a query string");
+    event.multi_value_query_string_parameters = query;
+    event.path_parameters = path_parameters;
+    event.body = call.body.as_ref().map(Value::to_string);
+    event.is_base64_encoded = false;
+
+    let context = &mut event.request_context;
+    context.account_id = Some(ACCOUNT.to_owned());
+    context.apiid = Some(API_ID.to_owned());
+    context.resource_id = Some(if call.path == "/accounts" {
+        "2gxmpl".to_owned()
+    } else {
+        "7kxmpl".to_owned()
+    });
+    context.resource_path = Some(resource.to_owned());
+    context.http_method = call.method.clone();
+    context.stage = Some("prod".to_owned());
+    context.path = Some(format!("/prod{}", call.path));
+    context.protocol = Some("HTTP/1.1".to_owned());
+    context.domain_name = Some(API_HOST.to_owned());
+    context.domain_prefix = Some(API_ID.to_owned());
+    context.request_id = Some("c6af9ac6-7b61-11e6-9a41-93e8deadbeef".to_owned());
+    context.request_time = Some("12/Mar/2025:19:03:58 +0000".to_owned());
+    context.request_time_epoch = 1_741_806_238_000;
+    context.identity.source_ip = Some("198.51.100.7".to_owned());
+    context.identity.user_agent = Some("curl/8.5.0".to_owned());
+    event
+}
+
+/// An HTTP API event or a function URL event (payload format 2.0), stage `$default`.
+fn http_event(api: Api, call: &Call) -> ApiGatewayV2httpRequest {
+    let (host, id) = match api {
+        Api::FunctionUrl => (URL_HOST, URL_ID),
+        _ => (API_HOST, API_ID),
+    };
+    let (resource, path_parameters) = call.resource();
+    let route_key = match api {
+        Api::FunctionUrl => "$default".to_owned(),
+        _ => format!("{} {resource}", call.method),
+    };
+
+    let mut event = ApiGatewayV2httpRequest::default();
+    event.version = Some("2.0".to_owned());
+    event.route_key = Some(route_key.clone());
+    event.raw_path = Some(call.path.to_owned());
+    event.raw_query_string = Some(call.query.to_owned());
+    event.query_string_parameters = call.query.parse().expect("a query string");
+    event.cookies =
+        (!call.cookies.is_empty()).then(|| call.cookies.iter().map(|c| (*c).to_owned()).collect());
+    event.headers = call.header_map(host);
+    if api == Api::Http {
+        event.path_parameters = path_parameters;
+    }
+    event.body = call.body.as_ref().map(Value::to_string);
+    event.is_base64_encoded = false;
+
+    let context = &mut event.request_context;
+    context.route_key = Some(route_key);
+    context.account_id = Some(match api {
+        Api::FunctionUrl => "anonymous".to_owned(), // auth type NONE
+        _ => ACCOUNT.to_owned(),
+    });
+    context.stage = Some("$default".to_owned());
+    context.request_id = Some("JKJaXmPLvHcESHA=".to_owned());
+    context.apiid = Some(id.to_owned());
+    context.domain_name = Some(host.to_owned());
+    context.domain_prefix = Some(id.to_owned());
+    context.time = Some("12/Mar/2025:19:03:58 +0000".to_owned());
+    context.time_epoch = 1_741_806_238_000;
+    context.http.method = call.method.clone();
+    context.http.path = Some(call.path.to_owned());
+    context.http.protocol = Some("HTTP/1.1".to_owned());
+    context.http.source_ip = Some("198.51.100.7".to_owned());
+    context.http.user_agent = Some("curl/8.5.0".to_owned());
+    event
+}
+
+/// An answer, decoded as the response type of the event's source.
+#[derive(Debug)]
+struct Answer {
+    status: i64,
+    headers: HeaderMap,
+    cookies: Vec<String>,
+    body: Value,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// Decodes the function's answer as `ApiGatewayProxyResponse` (REST) or
+/// `ApiGatewayV2httpResponse` (HTTP API, function URL).
+fn decode(api: Api, result: &InvokeResult) -> Answer {
+    let bytes = match &result.outcome {
+        InvokeOutcome::Success(bytes) => bytes,
+        other => panic!("{api:?}: the invocation failed: {other:?}"),
+    };
+    let raw: Value = serde_json::from_slice(bytes).expect("a JSON answer");
+    let text = |body: Option<Body>| match body {
+        Some(Body::Text(text)) => serde_json::from_str(&text).expect("a JSON body"),
+        other => panic!("{api:?}: not a text body: {other:?}"),
+    };
+    match api {
+        Api::Rest => {
+            assert!(
+                raw.get("cookies").is_none(),
+                "a payload 1.0 response has no cookies field: {raw}"
+            );
+            let response: ApiGatewayProxyResponse =
+                serde_json::from_value(raw).expect("an ApiGatewayProxyResponse");
+            assert!(!response.is_base64_encoded);
+            // lambda_http puts every header in multiValueHeaders (API Gateway merges both).
+            let mut headers = response.multi_value_headers;
+            headers.extend(response.headers);
+            Answer {
+                status: response.status_code,
+                headers,
+                cookies: Vec::new(),
+                body: text(response.body),
+            }
+        }
+        Api::Http | Api::FunctionUrl => {
+            let response: ApiGatewayV2httpResponse =
+                serde_json::from_value(raw).expect("an ApiGatewayV2httpResponse");
+            assert!(!response.is_base64_encoded);
+            Answer {
+                status: response.status_code,
+                headers: response.headers,
+                cookies: response.cookies,
+                body: text(response.body),
+            }
+        }
+    }
+}
+
+async fn start(mode: &str) -> Env {
+    let sink = OtlpSink::start().await.expect("sink");
+    let emulator = Emulator::start(EmulatorConfig {
+        function_timeout: Duration::from_secs(5),
+        ..EmulatorConfig::default()
+    })
+    .await
+    .expect("emulator");
+    let spec = FunctionSpec::new(env!("CARGO_BIN_EXE_http_fixture"))
+        .env("HTTP_FIXTURE_MODE", mode)
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", sink.endpoint())
+        .env("OTEL_EXPORTER_OTLP_TIMEOUT", "1000")
+        .env("RUST_LOG", "info");
+    emulator.spawn_function(spec).await.expect("function init");
+    Env { emulator, sink }
+}
+
+async fn call(env: &Env, api: Api, call: &Call) -> InvokeResult {
+    env.emulator.invoke(event(api, call)).await
+}
+
+/// The trace of the invocation `request_id`: the one of lambda_runtime's invocation span.
+fn trace_of(env: &Env, request_id: &str) -> String {
+    env.sink
+        .spans()
+        .into_iter()
+        .find(|s| s.name == "Lambda runtime invoke" && s.attribute("requestId") == Some(request_id))
+        .unwrap_or_else(|| panic!("no invocation span for {request_id}"))
+        .trace_id
+}
+
+/// Asserts that the audit of `call` (status `status`) ran after the response was posted and
+/// ended before the environment was released, and that the invocation's spans, the handler's
+/// and the audit's were exported in that window. Returns the timeline.
+async fn assert_deferred_audit(
+    env: &Env,
+    result: &InvokeResult,
+    call: &Call,
+    status: &str,
+) -> Timeline {
+    let t = env.completed(&result.request_id).await;
+    assert!(!t.timed_out, "{}: timed out", call.route());
+    let posted = t.response_posted.expect("the response was posted");
+    let released = phase_end(&t);
+    let started = t
+        .mark(&format!("audit-start:{}", call.route()))
+        .unwrap_or_else(|| panic!("the audit of {} did not start: {:?}", call.route(), t.marks));
+    let ended = t
+        .mark(&format!("audit:{} {status}", call.route()))
+        .unwrap_or_else(|| panic!("the audit of {} did not end: {:?}", call.route(), t.marks));
+    assert!(
+        started >= posted,
+        "{}: audit before the response",
+        call.route()
+    );
+    assert!(
+        ended <= released,
+        "{}: audit after the release",
+        call.route()
+    );
+
+    let trace = trace_of(env, &result.request_id);
+    let spans = env.spans_before(&trace, released);
+    for name in ["Lambda runtime invoke", "http-handler", "audit"] {
+        assert_eq!(
+            spans.iter().filter(|s| *s == name).count(),
+            1,
+            "{}: span {name} in this invocation's flush: {spans:?}",
+            call.route()
+        );
+    }
+    t
+}
+
+/// A REST API (payload 1.0): GET with path and query parameters, POST with a JSON body, POST
+/// with a bad body; the audit of a slow action stays off the caller's latency.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rest_api_v1_events() {
+    let env = start("run").await;
+
+    let get = Call::get("/accounts/acc-1")
+        .query("verbose=1")
+        .header("x-audit-ms", "300");
+    let result = call(&env, Api::Rest, &get).await;
+    let answer = decode(Api::Rest, &result);
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert_eq!(answer.header("content-type"), Some("application/json"));
+    assert_eq!(answer.header("cache-control"), Some("no-store"));
+    assert_eq!(
+        answer.header("x-request-id"),
+        Some(result.request_id.as_str())
+    );
+    assert_eq!(answer.body["account"]["owner"], "Ada Lovelace");
+    let seen = &answer.body["seen"];
+    assert_eq!(seen["kind"], "rest", "{seen}");
+    assert_eq!(seen["stage"], "prod");
+    assert_eq!(seen["domain"], API_HOST);
+    assert_eq!(seen["raw_path"], "/accounts/acc-1");
+    assert_eq!(
+        seen["uri"],
+        format!("https://{API_HOST}/prod/accounts/acc-1?verbose=1")
+    );
+    assert_eq!(seen["query"], json!({ "verbose": "1" }));
+    assert_eq!(seen["path_parameters"], json!({ "id": "acc-1" }));
+    // The 300 ms audit is not in the caller's latency.
+    assert!(
+        result.latency < Duration::from_millis(300),
+        "caller latency {:?}",
+        result.latency
+    );
+    let t = assert_deferred_audit(&env, &result, &get, "200").await;
+    let ended = t.mark("audit:GET /accounts/acc-1 200").expect("ended");
+    assert!(ended >= t.response_posted.expect("posted") + Duration::from_millis(290));
+    assert_eq!(
+        answer.header("x-trace-id"),
+        Some(trace_of(&env, &result.request_id).as_str()),
+        "the handler's span is in the invocation's trace"
+    );
+
+    let post = Call::post("/accounts", json!({ "owner": "Grace Hopper" }));
+    let result = call(&env, Api::Rest, &post).await;
+    let answer = decode(Api::Rest, &result);
+    assert_eq!(answer.status, 201, "{answer:?}");
+    let id = answer.body["account"]["id"].as_str().expect("an id");
+    assert_eq!(answer.body["account"]["owner"], "Grace Hopper");
+    let location = format!("/accounts/{id}");
+    assert_eq!(answer.header("location"), Some(location.as_str()));
+    // Payload 1.0 has no cookies field: Set-Cookie stays a header.
+    assert_eq!(
+        answer.header("set-cookie"),
+        Some(format!("last-account={location}; Path=/").as_str())
+    );
+    assert_eq!(answer.body["seen"]["path_parameters"], json!({}));
+    assert_deferred_audit(&env, &result, &post, "201").await;
+
+    let bad = Call::post("/accounts", json!({ "name": "no owner" }));
+    let result = call(&env, Api::Rest, &bad).await;
+    let answer = decode(Api::Rest, &result);
+    assert_eq!(answer.status, 400, "{answer:?}");
+    assert!(answer.body["error"].is_string());
+    assert_deferred_audit(&env, &result, &bad, "400").await;
+
+    assert_eq!(env.emulator.stats().resets, 0);
+    assert_eq!(
+        env.emulator.stats().max_concurrent_event_next_per_extension,
+        1
+    );
+}
+
+/// An HTTP API (payload 2.0): cookies in and out, the raw query string, the route's path
+/// parameters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_api_v2_events() {
+    let env = start("run").await;
+
+    let get = Call::get("/accounts/acc-1")
+        .query("verbose=1&fields=owner")
+        .cookie("session=s3cr3t")
+        .cookie("theme=dark");
+    let result = call(&env, Api::Http, &get).await;
+    let answer = decode(Api::Http, &result);
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert_eq!(answer.header("content-type"), Some("application/json"));
+    assert_eq!(answer.header("cache-control"), Some("no-store"));
+    assert_eq!(
+        answer.header("x-request-id"),
+        Some(result.request_id.as_str())
+    );
+    assert!(answer.cookies.is_empty(), "{answer:?}");
+    assert_eq!(answer.body["account"]["balance_cents"], 125_000);
+    let seen = &answer.body["seen"];
+    assert_eq!(seen["kind"], "http", "{seen}");
+    assert_eq!(seen["stage"], "$default");
+    assert_eq!(seen["domain"], API_HOST);
+    assert_eq!(
+        seen["uri"],
+        format!("https://{API_HOST}/accounts/acc-1?verbose=1&fields=owner")
+    );
+    assert_eq!(seen["query"], json!({ "verbose": "1", "fields": "owner" }));
+    assert_eq!(seen["path_parameters"], json!({ "id": "acc-1" }));
+    assert_eq!(seen["cookie"], "session=s3cr3t; theme=dark");
+    assert_deferred_audit(&env, &result, &get, "200").await;
+    assert_eq!(
+        answer.header("x-trace-id"),
+        Some(trace_of(&env, &result.request_id).as_str())
+    );
+
+    let post = Call::post("/accounts", json!({ "owner": "Katherine Johnson" }));
+    let result = call(&env, Api::Http, &post).await;
+    let answer = decode(Api::Http, &result);
+    assert_eq!(answer.status, 201, "{answer:?}");
+    let location = answer.header("location").expect("location").to_owned();
+    assert!(location.starts_with("/accounts/acc-"), "{location}");
+    // Payload 2.0: Set-Cookie goes to the cookies field, not to the headers.
+    assert_eq!(
+        answer.cookies,
+        [format!("last-account={location}; Path=/")],
+        "{answer:?}"
+    );
+    assert_eq!(answer.header("set-cookie"), None);
+    assert_deferred_audit(&env, &result, &post, "201").await;
+}
+
+/// A Lambda function URL (payload 2.0 without a route): lambda_http takes it for an HTTP API
+/// event; its response is an `ApiGatewayV2httpResponse`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn function_url_events() {
+    let env = start("run").await;
+
+    let post = Call::post("/accounts", json!({ "owner": "Dorothy Vaughan" }));
+    let result = call(&env, Api::FunctionUrl, &post).await;
+    let answer = decode(Api::FunctionUrl, &result);
+    assert_eq!(answer.status, 201, "{answer:?}");
+    assert_eq!(answer.body["account"]["owner"], "Dorothy Vaughan");
+    assert_eq!(answer.cookies.len(), 1, "{answer:?}");
+    let seen = &answer.body["seen"];
+    assert_eq!(seen["kind"], "http", "{seen}");
+    assert_eq!(seen["domain"], URL_HOST);
+    assert_eq!(seen["uri"], format!("https://{URL_HOST}/accounts"));
+    assert_deferred_audit(&env, &result, &post, "201").await;
+
+    let missing = Call::get("/accounts/acc-999");
+    let result = call(&env, Api::FunctionUrl, &missing).await;
+    let answer = decode(Api::FunctionUrl, &result);
+    assert_eq!(answer.status, 404, "{answer:?}");
+    assert_eq!(answer.body["error"], "no account acc-999");
+    assert_eq!(answer.header("content-type"), Some("application/json"));
+    // No route, so no path parameters: the handler routes on the raw path.
+    assert_eq!(answer.body["seen"]["path_parameters"], json!({}));
+    assert_deferred_audit(&env, &result, &missing, "404").await;
+}
+
+/// A handler that returns `Err` or panics: the caller gets Lambda's error response at once
+/// (API Gateway turns it into a 502), and the audit queued before the failure still runs
+/// after it, with the flush; the next request is served normally.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_handler_still_answers_and_runs_deferred_work() {
+    let env = start("run").await;
+    for (api, fixture, message) in [
+        (
+            Api::Http,
+            "err",
+            "the account store is unavailable (on purpose)",
+        ),
+        (
+            Api::Rest,
+            "panic",
+            "Lambda panicked: the handler panicked on purpose",
+        ),
+        (
+            Api::FunctionUrl,
+            "err",
+            "the account store is unavailable (on purpose)",
+        ),
+    ] {
+        let failing = Call::get("/accounts/acc-1").header("x-fixture", fixture);
+        let result = call(&env, api, &failing).await;
+        match &result.outcome {
+            InvokeOutcome::FunctionError { error_message, .. } => {
+                assert_eq!(error_message, message, "{api:?} {fixture}");
+            }
+            other => panic!("{api:?} {fixture}: expected a function error, got {other:?}"),
+        }
+        let t = assert_deferred_audit(&env, &result, &failing, "error").await;
+        assert!(t.function_error, "{api:?} {fixture}: posted to /error");
+
+        let ok = Call::get("/accounts/acc-1");
+        let result = call(&env, api, &ok).await;
+        assert_eq!(decode(api, &result).status, 200);
+        assert_deferred_audit(&env, &result, &ok, "200").await;
+    }
+    assert_eq!(env.emulator.stats().resets, 0);
+}
+
+/// The other wirings: `Deferred::start` with `lambda_http::run` (the phase starts when the
+/// handler returns, alongside the response POST), and `start` with a `lambda_runtime::Runtime`
+/// of `lambda_http::Adapter` carrying the handle's `DeferredLayer` (as `run`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_with_lambda_http_run_and_with_the_layer() {
+    for mode in ["start", "layer"] {
+        let env = start(mode).await;
+        for api in [Api::Rest, Api::Http] {
+            let get = Call::get("/accounts/acc-1").header("x-audit-ms", "200");
+            let result = call(&env, api, &get).await;
+            let answer = decode(api, &result);
+            assert_eq!(answer.status, 200, "{mode} {api:?}: {answer:?}");
+            assert!(
+                result.latency < Duration::from_millis(200),
+                "{mode} {api:?}: caller latency {:?}",
+                result.latency
+            );
+            let t = env.completed(&result.request_id).await;
+            assert!(!t.timed_out);
+            let ended = t
+                .mark("audit:GET /accounts/acc-1 200")
+                .unwrap_or_else(|| panic!("{mode} {api:?}: the audit did not run: {:?}", t.marks));
+            assert!(
+                ended <= phase_end(&t),
+                "{mode} {api:?}: audit after the release"
+            );
+            let trace = answer.header("x-trace-id").expect("x-trace-id").to_owned();
+            let spans = env.spans_before(&trace, phase_end(&t));
+            assert!(
+                spans.iter().any(|s| s == "audit"),
+                "{mode} {api:?}: the audit's span in this flush: {spans:?}"
+            );
+            if mode == "layer" {
+                // With the layer, as with `run`: after the response, every span in this flush.
+                assert_deferred_audit(&env, &result, &get, "200").await;
+            }
+        }
+        assert_eq!(
+            env.emulator.stats().max_concurrent_event_next_per_extension,
+            1,
+            "{mode}"
+        );
+        assert_eq!(env.emulator.stats().resets, 0, "{mode}");
+    }
+}
