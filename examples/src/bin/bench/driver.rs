@@ -104,6 +104,20 @@ pub(crate) struct Row {
     pub(crate) errors: usize,
     /// Scenario c: context switches of the child (all threads) per invocation.
     pub(crate) switches_per_inv: f64,
+    /// Scenario c: where each invocation's cycle goes, as the emulator saw it.
+    pub(crate) cycle: Cycle,
+}
+
+/// Scenario c: the parts of an invocation's cycle, per invocation, from the emulator's
+/// timeline. Their p50s show which part a mode lengthens.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Cycle {
+    /// From the event's dispatch to the response POST (handler and runtime).
+    pub(crate) to_response: Vec<Duration>,
+    /// From the response POST to the runtime's next `/next`.
+    pub(crate) to_runtime_next: Vec<Duration>,
+    /// From the response POST to the invocation being complete (the last `event/next`).
+    pub(crate) to_complete: Vec<Duration>,
 }
 
 pub(crate) fn pct(v: &[Duration], p: f64) -> Duration {
@@ -380,6 +394,7 @@ async fn steady(
             / n.max(1) as u32,
         errors,
         switches_per_inv: 0.0,
+        cycle: Cycle::default(),
     })
 }
 
@@ -394,6 +409,7 @@ struct Overhead {
     n: usize,
     errors: usize,
     switches: u64,
+    cycle: Cycle,
 }
 
 /// Scenario c: as many invocations as fit in `window` per mode, no telemetry, no-op flush.
@@ -423,6 +439,7 @@ async fn overhead(
             n: 0,
             errors: 0,
             switches: 0,
+            cycle: Cycle::default(),
         });
     }
     let slice = window / ROUNDS;
@@ -470,6 +487,15 @@ async fn overhead(
                     );
                     if let (Some(p), Some(c)) = (t.response_posted, t.complete) {
                         env.busy.push(c.saturating_duration_since(p));
+                        env.cycle
+                            .to_response
+                            .push(p.saturating_duration_since(t.invoked));
+                        env.cycle.to_complete.push(c.saturating_duration_since(p));
+                        if let Some(next) = t.runtime_next {
+                            env.cycle
+                                .to_runtime_next
+                                .push(next.saturating_duration_since(p));
+                        }
                     }
                 }
             }
@@ -499,6 +525,7 @@ async fn overhead(
             cpu_per_inv: cpu / env.n.max(1) as u32,
             errors: env.errors,
             switches_per_inv: env.switches as f64 / env.n.max(1) as f64,
+            cycle: env.cycle,
         });
     }
     Ok(rows)
@@ -544,5 +571,6 @@ async fn cold_start(
         cpu_per_inv: Duration::ZERO,
         errors,
         switches_per_inv: 0.0,
+        cycle: Cycle::default(),
     })
 }

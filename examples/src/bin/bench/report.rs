@@ -158,6 +158,23 @@ pub(crate) fn targets(rows: &[Row]) -> String {
             );
         }
     }
+    if rows.iter().any(|r| r.scenario == Scenario::C) {
+        let _ = writeln!(
+            out,
+            "- (c) where the cycle goes, p50 µs (dispatch → response POST | POST → runtime `/next` | POST → invocation complete):"
+        );
+        for row in rows.iter().filter(|r| r.scenario == Scenario::C) {
+            let us = |v: &[Duration]| pct(v, 50.0).as_secs_f64() * 1e6;
+            let _ = writeln!(
+                out,
+                "  - {}: {:.0} | {:.0} | {:.0}",
+                row.label,
+                us(&row.cycle.to_response),
+                us(&row.cycle.to_runtime_next),
+                us(&row.cycle.to_complete),
+            );
+        }
+    }
     if let (Some(run), Some(none)) = (get(Scenario::D, "run"), get(Scenario::D, "none")) {
         let (r, n) = (pct(&run.latency, 50.0), pct(&none.latency, 50.0));
         let diff = r.as_secs_f64() * 1e3 - n.as_secs_f64() * 1e3;
