@@ -10,13 +10,55 @@ use std::pin::Pin;
 pub(crate) type BoxAction = Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'static>>;
 
 /// What a deferred action may yield: `()`, or `Result<(), E>` whose error is reported.
+///
+/// Implemented for `()` and for `Result<(), E>` with `E: Display`; anything else is refused
+/// at compile time. A failed action is reported as
+/// [`ActionOutcome::Failed`](crate::ActionOutcome::Failed) with the error's text, and does not
+/// stop the later actions or the flush.
+///
+/// ```
+/// use deferred_core::{defer, deferred_handler};
+/// use lambda_runtime::{Error, LambdaEvent};
+/// use serde_json::Value;
+///
+/// # async fn refresh_cache() {}
+/// # async fn send_receipt(_: &Value) -> Result<(), std::io::Error> { Ok(()) }
+/// #[deferred_handler]
+/// async fn handler(event: LambdaEvent<Value>) -> Result<(), Error> {
+///     defer!(refresh_cache()); // yields ()
+///     let order = event.payload.clone();
+///     defer!("receipt", async move { send_receipt(&order).await }); // yields Result<(), io::Error>
+///     Ok(())
+/// }
+/// ```
+///
+/// An action that yields anything else does not compile:
+///
+/// ```compile_fail,E0277
+/// # use deferred_core::{defer, deferred_handler};
+/// # use lambda_runtime::{Error, LambdaEvent};
+/// # use serde_json::Value;
+/// #[deferred_handler]
+/// async fn handler(event: LambdaEvent<Value>) -> Result<(), Error> {
+///     defer!(async { 42 }); // error: a deferred action must yield `()` or `Result<(), E>`
+///     Ok(())
+/// }
+/// ```
 #[diagnostic::on_unimplemented(
     message = "a deferred action must yield `()` or `Result<(), E>` with `E: Display`, not `{Self}`",
     label = "this is what the action's future yields",
     note = "an `Err` is reported in the deferred phase's report, like a panic; return `()` or map the error"
 )]
 pub trait Outcome: Send + 'static {
-    /// `Err(message)` when the action failed.
+    /// `Err(message)` when the action failed: the text that the report shows.
+    ///
+    /// ```
+    /// use deferred_core::Outcome;
+    ///
+    /// assert_eq!(().into_result(), Ok(()));
+    /// let failed: Result<(), std::io::Error> = Err(std::io::Error::other("queue full"));
+    /// assert_eq!(failed.into_result(), Err("queue full".to_string()));
+    /// ```
     fn into_result(self) -> Result<(), String>;
 }
 
@@ -33,13 +75,55 @@ impl<E: Display + Send + 'static> Outcome for Result<(), E> {
 }
 
 /// A future that `defer!` can queue: `Send + 'static`, yielding an [`Outcome`].
+///
+/// Implemented for every such future: an `async move` block, or the call of an `async fn`
+/// (not awaited). The action runs after the response, so it may not borrow from the handler:
+/// move what it needs into it.
+///
+/// ```
+/// use deferred_core::DeferredAction;
+///
+/// fn queue(_: impl DeferredAction) {}
+///
+/// async fn notify(id: u64) -> Result<(), std::io::Error> { Ok(()) }
+///
+/// let id = 7;
+/// queue(notify(id)); // an async fn call, not awaited
+/// queue(async move { notify(id).await.ok(); }); // an async block that yields ()
+/// ```
+///
+/// A plain closure is not a future, and an action may not borrow a local:
+///
+/// ```compile_fail,E0277
+/// # use deferred_core::DeferredAction;
+/// # fn queue(_: impl DeferredAction) {}
+/// queue(|| println!("not a future"));
+/// ```
+///
+/// ```compile_fail,E0373
+/// # use deferred_core::DeferredAction;
+/// # fn queue(_: impl DeferredAction) {}
+/// let order = String::from("o-1");
+/// queue(async { println!("{}", &order) }); // borrows `order`: not 'static
+/// ```
 #[diagnostic::on_unimplemented(
     message = "`defer!` needs a future, such as `async move {{ … }}`, but `{Self}` is not a future",
     label = "not a future",
     note = "to defer a plain function call, wrap it: `defer!(async move {{ notify(id) }})`; to defer an `async fn`, call it without `.await`: `defer!(notify(id))`"
 )]
 pub trait DeferredAction: Send + 'static {
-    /// Boxes the action for the queue.
+    /// Boxes the action for the queue, its output turned into a `Result<(), String>` with
+    /// [`Outcome::into_result`]. `defer!` calls it; you need not.
+    ///
+    /// ```
+    /// use deferred_core::DeferredAction;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let action = async { Err::<(), _>("no route to host") }.into_boxed();
+    /// assert_eq!(action.await, Err("no route to host".to_string()));
+    /// # }
+    /// ```
     fn into_boxed(self) -> BoxAction;
 }
 
@@ -76,6 +160,44 @@ impl fmt::Debug for Action {
 }
 
 /// How an action is named in reports: its name if it has one, and where it was queued.
+///
+/// Its `Display` is the form the phase's log line uses: `"name" (file:line:column)`, or
+/// `action at file:line:column` for an unnamed action.
+///
+/// ```
+/// use deferred_core::{Deferred, defer, deferred_handler};
+/// use lambda_runtime::{Context, Error, LambdaEvent};
+/// use std::sync::{Arc, Mutex};
+///
+/// #[deferred_handler]
+/// async fn handler(_event: LambdaEvent<()>) -> Result<(), Error> {
+///     defer!("notify", async {});
+///     defer!(async {});
+///     Ok(())
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Error> {
+/// let labels = Arc::new(Mutex::new(Vec::new()));
+/// let seen = labels.clone();
+/// // Outside Lambda the phase runs inline, before the handler returns.
+/// Deferred::new()
+///     .on_report(move |report| {
+///         let mut seen = seen.lock().unwrap();
+///         seen.extend(report.actions.iter().map(|a| a.label.clone()));
+///     })
+///     .start()
+///     .await?;
+/// handler(LambdaEvent::new((), Context::default())).await?;
+///
+/// let labels = labels.lock().unwrap();
+/// assert_eq!(labels[0].name.as_deref(), Some("notify"));
+/// assert!(labels[0].to_string().starts_with("\"notify\" ("));
+/// assert_eq!(labels[1].name, None);
+/// assert!(labels[1].to_string().starts_with("action at "));
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, PartialEq, Eq)]
 pub struct ActionLabel {
     /// The name given to `defer!("name", …)`, if any.

@@ -6,6 +6,23 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// The error a flush reports.
+///
+/// Any `std::error::Error + Send + Sync`, or a string, converts into it with `into()` or `?`;
+/// the report shows its `Display` as [`FlushOutcome::Failed`](crate::FlushOutcome::Failed).
+///
+/// ```
+/// use deferred_core::FlushError;
+///
+/// fn push(ok: bool) -> Result<(), FlushError> {
+///     if !ok {
+///         return Err("collector refused the batch".into());
+///     }
+///     std::fs::metadata("/")?; // an io::Error converts too
+///     Ok(())
+/// }
+///
+/// assert_eq!(push(false).unwrap_err().to_string(), "collector refused the batch");
+/// ```
 pub type FlushError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// Something flushed after every invocation, once the deferred actions have run.
@@ -19,19 +36,69 @@ pub type FlushError = Box<dyn std::error::Error + Send + Sync + 'static>;
 /// [`flush_fn`].
 ///
 /// ```
-/// use deferred_core::{Flush, FlushError};
+/// use deferred_core::{Deferred, Flush, FlushError, defer, deferred_handler};
+/// use lambda_runtime::{Context, Error, LambdaEvent};
 /// use std::borrow::Cow;
+/// use std::sync::Arc;
+/// use std::sync::atomic::{AtomicUsize, Ordering};
 ///
-/// struct StatsdClient;
-/// impl Flush for StatsdClient {
-///     fn name(&self) -> Cow<'static, str> { "statsd".into() }
-///     fn flush(&self) -> Result<(), FlushError> { Ok(()) }
+/// /// Buffers metric lines; `flush` sends them.
+/// #[derive(Clone, Default)]
+/// struct StatsdClient {
+///     sent: Arc<AtomicUsize>,
 /// }
+///
+/// impl Flush for StatsdClient {
+///     fn name(&self) -> Cow<'static, str> {
+///         "statsd".into()
+///     }
+///     fn flush(&self) -> Result<(), FlushError> {
+///         // A blocking send is fine here: this runs on a blocking thread.
+///         self.sent.fetch_add(1, Ordering::SeqCst);
+///         Ok(())
+///     }
+/// }
+///
+/// #[deferred_handler]
+/// async fn handler(_event: LambdaEvent<()>) -> Result<(), Error> {
+///     defer!(async { /* an action: runs before the flush */ });
+///     Ok(())
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Error> {
+/// let statsd = StatsdClient::default();
+/// Deferred::new().flush(statsd.clone()).start().await?;
+/// // Outside Lambda the phase, flush included, runs inline before the handler returns.
+/// handler(LambdaEvent::new((), Context::default())).await?;
+/// assert_eq!(statsd.sent.load(Ordering::SeqCst), 1);
+/// # Ok(())
+/// # }
 /// ```
 pub trait Flush: Send + Sync + 'static {
-    /// How reports name this flusher.
+    /// How reports name this flusher ([`FlushReport::name`](crate::FlushReport::name)). Called
+    /// once, when the flusher is registered.
+    ///
+    /// ```
+    /// use deferred_core::Flush;
+    /// use opentelemetry_sdk::trace::SdkTracerProvider;
+    ///
+    /// let provider = SdkTracerProvider::builder().build();
+    /// assert_eq!(provider.name(), "tracer provider");
+    /// ```
     fn name(&self) -> Cow<'static, str>;
-    /// Flushes, blocking until done or failed.
+
+    /// Flushes, blocking until done or failed. The core calls it after every invocation's
+    /// actions, on a blocking thread; for the OpenTelemetry providers it is `force_flush`.
+    ///
+    /// ```
+    /// use deferred_core::Flush;
+    /// use opentelemetry_sdk::metrics::SdkMeterProvider;
+    ///
+    /// let provider = SdkMeterProvider::builder().build();
+    /// provider.flush()?; // what the deferred phase does
+    /// # Ok::<(), deferred_core::FlushError>(())
+    /// ```
     fn flush(&self) -> Result<(), FlushError>;
 }
 
@@ -73,8 +140,12 @@ impl<T: Flush + ?Sized> Flush for Arc<T> {
 
 /// A [`Flush`] made of a name and a blocking closure.
 ///
+/// The closure returns `Result<(), E>` for any `E` that converts into [`FlushError`] (an
+/// error type, or a string).
+///
 /// ```
-/// use deferred_core::{flush_fn, Deferred};
+/// use deferred_core::{Deferred, flush_fn};
+///
 /// let deferred = Deferred::new().flush(flush_fn("metrics client", || {
 ///     // push buffered metrics somewhere; may block
 ///     Ok::<(), std::io::Error>(())
@@ -91,7 +162,15 @@ where
     }
 }
 
-/// See [`flush_fn`].
+/// The [`Flush`] that [`flush_fn`] returns: its name, and the closure called on every flush.
+///
+/// ```
+/// use deferred_core::{Flush, FlushFn, flush_fn};
+///
+/// let flusher: FlushFn<_> = flush_fn("queue", || Err::<(), _>("queue unreachable"));
+/// assert_eq!(flusher.name(), "queue");
+/// assert_eq!(flusher.flush().unwrap_err().to_string(), "queue unreachable");
+/// ```
 pub struct FlushFn<F> {
     name: Cow<'static, str>,
     f: F,

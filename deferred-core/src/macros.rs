@@ -13,15 +13,56 @@
 ///
 /// When called outside a `#[deferred_handler]` (or in a task spawned from one, which does not
 /// inherit the handler's queue), or past the queue's limit: the action would otherwise be lost
-/// without a trace. Use [`try_defer!`] to handle those cases yourself.
+/// without a trace. Use [`try_defer!`](crate::try_defer) to handle those cases yourself.
+///
+/// # Examples
+///
+/// In the handler, or in any function it calls:
 ///
 /// ```
-/// # use deferred_core::defer;
-/// # async fn validate(_: u64) {}
-/// # fn handler_body(id: u64) {
-/// defer!(async move { validate(id).await });
-/// defer!("audit", async move { Ok::<(), std::io::Error>(()) });
+/// use deferred_core::{defer, deferred_handler};
+/// use lambda_runtime::{Context, Error, LambdaEvent};
+/// use serde_json::{Value, json};
+/// use std::sync::atomic::{AtomicU64, Ordering};
+///
+/// static VALIDATED: AtomicU64 = AtomicU64::new(0);
+///
+/// async fn validate(id: u64) {
+///     VALIDATED.store(id, Ordering::SeqCst);
+/// }
+///
+/// async fn audit(id: u64) -> Result<(), std::io::Error> {
+///     Ok(())
+/// }
+///
+/// fn schedule_audit(id: u64) {
+///     // Not the handler itself, but called while it runs: the action joins its queue.
+///     defer!("audit", audit(id));
+/// }
+///
+/// #[deferred_handler]
+/// async fn handler(event: LambdaEvent<Value>) -> Result<Value, Error> {
+///     let id = event.payload["id"].as_u64().unwrap_or_default();
+///     defer!(async move { validate(id).await }); // an async block
+///     schedule_audit(id);
+///     Ok(json!({ "status": 202, "id": id }))
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Error> {
+/// // Called directly, as in a unit test: with no `Deferred::start()` in the process, the
+/// // actions run inline before the handler returns.
+/// handler(LambdaEvent::new(json!({ "id": 42 }), Context::default())).await?;
+/// assert_eq!(VALIDATED.load(Ordering::SeqCst), 42);
+/// # Ok(())
 /// # }
+/// ```
+///
+/// Outside a handler it panics:
+///
+/// ```should_panic
+/// # use deferred_core::defer;
+/// defer!(async {}); // panics: "defer! at … ran outside a #[deferred_handler]"
 /// ```
 #[macro_export]
 macro_rules! defer {
@@ -39,13 +80,38 @@ macro_rules! defer {
 }
 
 /// Like [`defer!`], but returns `Result<(), DeferError>` instead of panicking when the action
-/// cannot be queued.
+/// cannot be queued: outside a `#[deferred_handler]` ([`DeferError::OutsideHandler`]) or past
+/// the queue's limit ([`DeferError::QueueFull`]).
+///
+/// `try_defer!(future)` or `try_defer!("name", future)`, with the same rules as [`defer!`].
+///
+/// [`DeferError`]: crate::DeferError
+/// [`DeferError::OutsideHandler`]: crate::DeferError::OutsideHandler
+/// [`DeferError::QueueFull`]: crate::DeferError::QueueFull
 ///
 /// ```
-/// # use deferred_core::{try_defer, DeferError};
-/// // Outside a deferred handler the action is handed back as an error, never dropped silently.
-/// let result = try_defer!("cleanup", async {});
-/// assert!(matches!(result, Err(DeferError::OutsideHandler { .. })));
+/// use deferred_core::{DeferError, try_defer};
+///
+/// // Code shared between a handler and a background job: the job has no invocation to attach
+/// // the action to, so it gets an error, and does the work itself.
+/// async fn refresh_cache() {}
+///
+/// async fn after_update() {
+///     match try_defer!("refresh cache", refresh_cache()) {
+///         Ok(()) => {} // queued: runs after the response
+///         Err(DeferError::OutsideHandler { .. }) => refresh_cache().await,
+///         Err(error) => eprintln!("{error}"),
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// after_update().await; // not in a handler: refreshes at once
+/// assert!(matches!(
+///     try_defer!(async {}),
+///     Err(DeferError::OutsideHandler { .. })
+/// ));
+/// # }
 /// ```
 #[macro_export]
 macro_rules! try_defer {

@@ -19,6 +19,33 @@ pub struct Options {
 }
 
 /// Why `try_defer!` could not queue an action.
+///
+/// `defer!` panics with the same message (its `Display`).
+///
+/// ```
+/// use deferred_core::{DeferError, Deferred, deferred_handler, try_defer};
+/// use lambda_runtime::{Context, Error, LambdaEvent};
+///
+/// #[deferred_handler]
+/// async fn handler(_event: LambdaEvent<()>) -> Result<(), Error> {
+///     try_defer!("first", async {})?;
+///     let second = try_defer!("second", async {});
+///     assert!(matches!(second, Err(DeferError::QueueFull { limit: 1, .. })));
+///     Ok(())
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Error> {
+/// Deferred::new().max_actions(1).start().await?;
+/// handler(LambdaEvent::new((), Context::default())).await?;
+///
+/// // Not in a handler: nothing to attach the action to.
+/// let error = try_defer!(async {}).unwrap_err();
+/// assert!(matches!(error, DeferError::OutsideHandler { .. }));
+/// assert!(error.to_string().contains("outside a #[deferred_handler]"));
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum DeferError {

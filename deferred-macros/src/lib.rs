@@ -1,8 +1,8 @@
 //! Procedural macros for lambda-deferred: `#[deferred_handler]`.
 //!
 //! Use them through `deferred-core`, which re-exports them: this crate never depends on the
-//! core, and the code it generates names only `::deferred_core::__private::…` (or the path
-//! given with `crate = "…"`) and `::core::…`.
+//! core (its doc examples do, as a dev-dependency), and the code it generates names only
+//! `::deferred_core::__private::…` (or the path given with `crate = "…"`) and `::core::…`.
 //!
 //! Layout: `args` reads the attribute's arguments, `item` reads the function, `signature`
 //! checks it and finds the event argument, `expand` writes the rewritten function.
@@ -43,10 +43,10 @@ use proc_macro::TokenStream;
 /// Makes an `async fn` Lambda handler's `defer!` actions and telemetry flush run after the
 /// response.
 ///
-/// ```rust,ignore
-/// use deferred_core::{defer, deferred_handler};
-/// use lambda_runtime::{Error, LambdaEvent};
-/// use serde_json::{json, Value};
+/// ```no_run
+/// use deferred_core::{Deferred, defer, deferred_handler};
+/// use lambda_runtime::{Error, LambdaEvent, service_fn};
+/// use serde_json::{Value, json};
 ///
 /// #[deferred_handler(flush_timeout = "10s")]
 /// async fn handler(event: LambdaEvent<Value>) -> Result<Value, Error> {
@@ -55,6 +55,40 @@ use proc_macro::TokenStream;
 ///     defer!("notify", async move { notify(id).await }); // a named action
 ///     Ok(json!({ "status": 202, "id": id }))
 /// }
+///
+/// #[tokio::main]
+/// async fn main() -> Result<(), Error> {
+///     Deferred::new().run(service_fn(handler)).await
+/// }
+/// # async fn store(_: &Value) -> Result<u64, Error> { Ok(42) }
+/// # async fn validate(_: u64) {}
+/// # async fn notify(_: u64) -> Result<(), std::io::Error> { Ok(()) }
+/// ```
+///
+/// The handler stays an ordinary `async fn` that a unit test can call. Without
+/// `Deferred::start()` or `run()` in the process, its actions run inline, before it returns:
+///
+/// ```
+/// use deferred_core::{defer, deferred_handler};
+/// use lambda_runtime::{Context, Error, LambdaEvent};
+/// use serde_json::{Value, json};
+/// use std::sync::atomic::{AtomicBool, Ordering};
+///
+/// static NOTIFIED: AtomicBool = AtomicBool::new(false);
+///
+/// #[deferred_handler]
+/// async fn handler(event: LambdaEvent<Value>) -> Result<Value, Error> {
+///     defer!("notify", async { NOTIFIED.store(true, Ordering::SeqCst) });
+///     Ok(json!({ "echo": event.payload }))
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Error> {
+/// let response = handler(LambdaEvent::new(json!("hi"), Context::default())).await?;
+/// assert_eq!(response, json!({ "echo": "hi" }));
+/// assert!(NOTIFIED.load(Ordering::SeqCst));
+/// # Ok(())
+/// # }
 /// ```
 ///
 /// # The handler
@@ -65,13 +99,44 @@ use proc_macro::TokenStream;
 /// deferred-core). The argument may be a pattern, such as
 /// `LambdaEvent { payload, context }: LambdaEvent<Value>`.
 ///
+/// ```
+/// use deferred_core::{defer, deferred_handler};
+/// use lambda_runtime::{Error, LambdaEvent};
+/// use serde_json::Value;
+///
+/// struct Orders {
+///     table: String,
+/// }
+///
+/// impl Orders {
+///     #[deferred_handler(flush_timeout = "500ms")]
+///     async fn handle(&self, LambdaEvent { payload, context }: LambdaEvent<Value>) -> Result<Value, Error> {
+///         let (table, request_id) = (self.table.clone(), context.request_id);
+///         defer!(async move { println!("{request_id}: audit {table}") });
+///         Ok(payload)
+///     }
+/// }
+/// ```
+///
 /// The signature is kept as written: visibility, attributes and doc comments, generics and
 /// `where` clauses, the return type (`impl Trait` too). The body runs unchanged, with `?` and
 /// `return`, inside the invocation's deferred scope: every `defer!` called while it runs, in
 /// the handler or in any function it calls, queues an action on this invocation. Type errors
 /// in the body point at your code, as they would without the attribute.
 ///
-/// `const fn` and `extern` functions are rejected; `unsafe fn` works.
+/// `const fn` and `extern` functions are rejected; `unsafe fn` works. A function with any
+/// other argument list does not compile:
+///
+/// ```compile_fail
+/// use deferred_core::deferred_handler;
+/// use lambda_runtime::{Error, LambdaEvent};
+/// use serde_json::Value;
+///
+/// #[deferred_handler]
+/// async fn handler(event: LambdaEvent<Value>, extra: u32) -> Result<Value, Error> {
+///     Ok(event.payload)
+/// }
+/// ```
 ///
 /// # Arguments
 ///
@@ -85,11 +150,44 @@ use proc_macro::TokenStream;
 ///   or `::` is read from the crate root, as in a `use` declaration: `"renamed"` means
 ///   `::renamed`.
 ///
+/// ```
+/// // A facade crate that re-exports deferred-core for its users.
+/// mod facade {
+///     pub use deferred_core as deferred;
+/// }
+///
+/// use facade::deferred::{defer, deferred_handler};
+/// use lambda_runtime::{Error, LambdaEvent};
+/// use serde_json::Value;
+///
+/// #[deferred_handler(crate = "crate::facade::deferred", flush_timeout = "1m 30s")]
+/// async fn handler(event: LambdaEvent<Value>) -> Result<Value, Error> {
+///     defer!(async {});
+///     Ok(event.payload)
+/// }
+/// # fn main() {}
+/// ```
+///
+/// A duration out of range is a compile error:
+///
+/// ```compile_fail
+/// # use deferred_core::deferred_handler;
+/// # use lambda_runtime::{Error, LambdaEvent};
+/// # use serde_json::Value;
+/// #[deferred_handler(flush_timeout = "16m")] // error: at most 15 minutes
+/// async fn handler(event: LambdaEvent<Value>) -> Result<Value, Error> {
+///     Ok(event.payload)
+/// }
+/// ```
+///
 /// # With `#[tracing::instrument]`
 ///
 /// Both orders compile. Put `#[tracing::instrument]` **above** `#[deferred_handler]`:
 ///
-/// ```rust,ignore
+/// ```
+/// # use deferred_core::deferred_handler;
+/// # use lambda_runtime::{Error, LambdaEvent};
+/// # use serde_json::Value;
 /// #[tracing::instrument(skip(event), fields(request_id = %event.context.request_id))]
 /// #[deferred_handler]
 /// async fn handler(event: LambdaEvent<Value>) -> Result<Value, Error> {

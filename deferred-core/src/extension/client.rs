@@ -18,12 +18,69 @@ const ERROR_TYPE_HEADER: &str = "Lambda-Extension-Function-Error-Type";
 const MAX_BODY: usize = 256 * 1024;
 
 /// A client of the Extensions API.
+///
+/// The core uses it to register its internal extension and to keep one `event/next` call in
+/// flight; it is public for tests and tools that speak the protocol themselves. Calls are
+/// made on one pooled HTTP/1.1 connection.
+///
+/// ```
+/// use deferred_core::extension::{Client, NextEvent};
+///
+/// # async fn fake_extensions_api() -> String {
+/// #     use http_body_util::Full;
+/// #     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+/// #     let address = listener.local_addr().unwrap().to_string();
+/// #     tokio::spawn(async move {
+/// #         loop {
+/// #             let (stream, _) = listener.accept().await.unwrap();
+/// #             let service = hyper::service::service_fn(|request: hyper::Request<hyper::body::Incoming>| async move {
+/// #                 let response = http::Response::builder().header("Lambda-Extension-Identifier", "ext-1");
+/// #                 let body = match request.uri().path() {
+/// #                     "/2020-01-01/extension/register" => r#"{"functionName":"orders","functionVersion":"$LATEST"}"#,
+/// #                     "/2020-01-01/extension/event/next" => r#"{"eventType":"INVOKE","deadlineMs":1700000003000,"requestId":"req-1"}"#,
+/// #                     _ => "",
+/// #                 };
+/// #                 response.body(Full::new(bytes::Bytes::from(body)))
+/// #             });
+/// #             let io = hyper_util::rt::TokioIo::new(stream);
+/// #             tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(io, service));
+/// #         }
+/// #     });
+/// #     address
+/// # }
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), deferred_core::extension::ClientError> {
+/// # let runtime_api = fake_extensions_api().await;
+/// // `runtime_api` is the value of AWS_LAMBDA_RUNTIME_API (here, a local stand-in).
+/// let client = Client::new(&runtime_api)?;
+/// let registration = client.register("my-extension", &["INVOKE"]).await?;
+/// assert_eq!(registration.function_name, "orders");
+///
+/// match client.next_event(&registration.extension_id).await? {
+///     NextEvent::Invoke(invoke) => assert_eq!(invoke.request_id, "req-1"),
+///     NextEvent::Shutdown(shutdown) => println!("shutting down: {}", shutdown.reason),
+/// }
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct Client {
     http: PooledClient,
 }
 
 /// The answer to a successful registration.
+///
+/// ```no_run
+/// use deferred_core::extension::{Client, Registration};
+///
+/// # async fn example(client: Client) -> Result<(), deferred_core::extension::ClientError> {
+/// let Registration { extension_id, function_name, .. } =
+///     client.register("my-extension", &["INVOKE"]).await?;
+/// println!("extension of {function_name} registered");
+/// let event = client.next_event(&extension_id).await?; // every later call sends the id
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Registration {
     /// The `Lambda-Extension-Identifier` to send on every later call.
@@ -51,6 +108,17 @@ struct ErrorBody {
 impl Client {
     /// A client for `runtime_api`, the value of `AWS_LAMBDA_RUNTIME_API`: `host:port`, possibly
     /// followed by a path prefix (`host:port/prefix`, used by some local tools), which is kept.
+    ///
+    /// Nothing is sent yet: only the address is checked ([`ClientError::Endpoint`]).
+    ///
+    /// ```
+    /// use deferred_core::extension::{Client, ClientError};
+    ///
+    /// let client = Client::new("127.0.0.1:9001")?;
+    /// let with_prefix = Client::new("localhost:9001/my-function")?;
+    /// assert!(matches!(Client::new("not an address"), Err(ClientError::Endpoint(_))));
+    /// # Ok::<(), ClientError>(())
+    /// ```
     pub fn new(runtime_api: &str) -> Result<Self, ClientError> {
         let runtime_api = runtime_api.trim();
         if runtime_api.is_empty() {
@@ -74,6 +142,16 @@ impl Client {
     }
 
     /// A client for the `AWS_LAMBDA_RUNTIME_API` of this process, `None` outside Lambda.
+    ///
+    /// ```
+    /// use deferred_core::extension::Client;
+    ///
+    /// match Client::from_env() {
+    ///     None => println!("not in Lambda"),
+    ///     Some(Ok(client)) => println!("in Lambda: {client:?}"),
+    ///     Some(Err(error)) => eprintln!("{error}"),
+    /// }
+    /// ```
     pub fn from_env() -> Option<Result<Self, ClientError>> {
         std::env::var("AWS_LAMBDA_RUNTIME_API")
             .ok()
@@ -82,6 +160,21 @@ impl Client {
 
     /// `POST /register`: registers an extension named `name` for `events` (e.g. `["INVOKE"]`).
     /// Must happen during init, before the runtime's first `next`.
+    ///
+    /// A name that is not the name of a file in `/opt/extensions` registers an internal
+    /// extension. A registration Lambda refuses is a [`ClientError::Api`].
+    ///
+    /// ```no_run
+    /// use deferred_core::extension::Client;
+    ///
+    /// # async fn example() -> Result<(), deferred_core::extension::ClientError> {
+    /// let client = Client::from_env().expect("in Lambda")?;
+    /// let name = format!("my-extension-{}", std::process::id());
+    /// let registration = client.register(&name, &["INVOKE"]).await?;
+    /// println!("registered as {}", registration.extension_id);
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn register(&self, name: &str, events: &[&str]) -> Result<Registration, ClientError> {
         let body = serde_json::json!({ "events": events }).to_string();
         let request = Request::builder()
@@ -109,6 +202,25 @@ impl Client {
 
     /// `GET /event/next`: blocks until the next event. Never put a timeout on it: Lambda
     /// answers only when the next invocation arrives, which may be hours away.
+    ///
+    /// While this extension has not called it, Lambda neither freezes the environment nor
+    /// delivers the next invocation.
+    ///
+    /// ```no_run
+    /// use deferred_core::extension::{Client, NextEvent};
+    ///
+    /// # async fn example(client: Client, extension_id: String) -> Result<(), deferred_core::extension::ClientError> {
+    /// loop {
+    ///     match client.next_event(&extension_id).await? {
+    ///         NextEvent::Invoke(invoke) => {
+    ///             // The environment is held until the next call: finish this invocation's work.
+    ///             println!("invocation {} until {:?}", invoke.request_id, invoke.deadline);
+    ///         }
+    ///         NextEvent::Shutdown(_) => return Ok(()),
+    ///     }
+    /// }
+    /// # }
+    /// ```
     pub async fn next_event(&self, extension_id: &str) -> Result<NextEvent, ClientError> {
         let request = Request::builder()
             .method(Method::GET)
@@ -121,6 +233,21 @@ impl Client {
 
     /// `POST /init/error`: reports a failed initialisation; the extension may make no further
     /// calls after it.
+    ///
+    /// `error_type` has the form `Extension.<reason>`, e.g. `Extension.ConfigInvalid`.
+    ///
+    /// ```no_run
+    /// use deferred_core::extension::Client;
+    ///
+    /// # async fn example(client: Client, extension_id: String) -> Result<(), deferred_core::extension::ClientError> {
+    /// # let config: Result<(), String> = Err("OTEL_EXPORTER_OTLP_ENDPOINT is not a URL".into());
+    /// if let Err(why) = config {
+    ///     client.init_error(&extension_id, "Extension.ConfigInvalid", &why).await?;
+    ///     std::process::exit(1);
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn init_error(
         &self,
         extension_id: &str,
@@ -133,6 +260,18 @@ impl Client {
 
     /// `POST /exit/error`: reports an error before exiting; the extension may make no further
     /// calls after it.
+    ///
+    /// ```no_run
+    /// use deferred_core::extension::Client;
+    ///
+    /// # async fn example(client: Client, extension_id: String) -> Result<(), deferred_core::extension::ClientError> {
+    /// if let Err(error) = client.next_event(&extension_id).await {
+    ///     client.exit_error(&extension_id, "Extension.UnknownReason", &error.to_string()).await?;
+    ///     std::process::exit(1);
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn exit_error(
         &self,
         extension_id: &str,
@@ -144,6 +283,15 @@ impl Client {
     }
 
     /// Drops pooled connections (after a SnapStart restore they are stale).
+    ///
+    /// ```
+    /// use deferred_core::extension::Client;
+    ///
+    /// let client = Client::new("127.0.0.1:9001")?;
+    /// // After a restore: the next call opens a new connection.
+    /// client.reset_pool();
+    /// # Ok::<(), deferred_core::extension::ClientError>(())
+    /// ```
     pub fn reset_pool(&self) {
         self.http.reset_pool();
     }

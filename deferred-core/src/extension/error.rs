@@ -3,6 +3,35 @@
 use std::fmt;
 
 /// Why a call to the Extensions API failed.
+///
+/// The client never panics on what the API answers: every failure is one of these.
+///
+/// ```
+/// use deferred_core::extension::{Client, ClientError, decode_event};
+///
+/// let error = Client::new("").unwrap_err();
+/// assert!(matches!(error, ClientError::Endpoint(_)));
+/// assert_eq!(error.to_string(), "bad AWS_LAMBDA_RUNTIME_API: empty");
+///
+/// let error = decode_event(b"[]").unwrap_err();
+/// assert!(matches!(error, ClientError::Malformed(_)));
+///
+/// // What a refused registration looks like, and how to tell it apart.
+/// let refused = ClientError::Api {
+///     status: 403,
+///     error_type: Some("Extension.RegistrationClosed".into()),
+///     message: "registration is closed".into(),
+/// };
+/// let closed = matches!(
+///     &refused,
+///     ClientError::Api { error_type: Some(t), .. } if t == "Extension.RegistrationClosed"
+/// );
+/// assert!(closed);
+/// assert_eq!(
+///     refused.to_string(),
+///     "Extensions API answered 403 Extension.RegistrationClosed: registration is closed"
+/// );
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ClientError {

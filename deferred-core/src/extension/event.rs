@@ -8,7 +8,18 @@ use serde::Deserialize;
 use super::error::ClientError;
 use crate::context::deadline_from_epoch_ms;
 
-/// An event delivered to an extension.
+/// An event delivered to an extension, as [`decode_event`] reads it.
+///
+/// ```
+/// use deferred_core::extension::{NextEvent, decode_event};
+///
+/// let body = br#"{"eventType":"SHUTDOWN","shutdownReason":"SPINDOWN","deadlineMs":1700000000500}"#;
+/// match decode_event(body)? {
+///     NextEvent::Invoke(invoke) => println!("invocation {}", invoke.request_id),
+///     NextEvent::Shutdown(shutdown) => assert_eq!(shutdown.reason, "SPINDOWN"),
+/// }
+/// # Ok::<(), deferred_core::extension::ClientError>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NextEvent {
     /// `{"eventType":"INVOKE", …}`: an invocation started.
@@ -18,6 +29,24 @@ pub enum NextEvent {
 }
 
 /// An INVOKE event.
+///
+/// ```
+/// use deferred_core::extension::{NextEvent, decode_event};
+/// use std::time::{Duration, UNIX_EPOCH};
+///
+/// let body = br#"{
+///     "eventType": "INVOKE",
+///     "deadlineMs": 1700000003000,
+///     "requestId": "8476a536-e9f4-11e8-9739-2dfe598c3fcd",
+///     "invokedFunctionArn": "arn:aws:lambda:us-east-1:123456789012:function:orders",
+///     "tracing": { "type": "X-Amzn-Trace-Id", "value": "Root=1-5bef4de7-ad49b0e87f6ef6c87fc2e700;Sampled=1" }
+/// }"#;
+/// let NextEvent::Invoke(invoke) = decode_event(body)? else { unreachable!() };
+/// assert_eq!(invoke.request_id, "8476a536-e9f4-11e8-9739-2dfe598c3fcd");
+/// assert_eq!(invoke.deadline, UNIX_EPOCH + Duration::from_millis(1_700_000_003_000));
+/// assert!(invoke.trace_id.as_deref().is_some_and(|t| t.starts_with("Root=")));
+/// # Ok::<(), deferred_core::extension::ClientError>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InvokeEvent {
     /// The invocation's request id, the same the runtime receives.
@@ -31,6 +60,19 @@ pub struct InvokeEvent {
 }
 
 /// A SHUTDOWN event.
+///
+/// Internal extensions, such as the one deferred-core registers, may not subscribe to it:
+/// they learn of the shutdown from SIGTERM.
+///
+/// ```
+/// use deferred_core::extension::{NextEvent, decode_event};
+///
+/// let body = br#"{"eventType":"SHUTDOWN","shutdownReason":"TIMEOUT","deadlineMs":1700000000500}"#;
+/// let NextEvent::Shutdown(shutdown) = decode_event(body)? else { unreachable!() };
+/// assert_eq!(shutdown.reason, "TIMEOUT");
+/// assert!(shutdown.deadline.is_some());
+/// # Ok::<(), deferred_core::extension::ClientError>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShutdownEvent {
     /// `SPINDOWN`, `TIMEOUT` or `FAILURE`.
