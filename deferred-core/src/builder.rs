@@ -137,6 +137,28 @@ impl Deferred {
         self
     }
 
+    /// Whether each phase reports itself through OpenTelemetry's global providers (default
+    /// true): a span `deferred.phase` (attributes `faas.invocation_id`,
+    /// `deferred.phase.kind`, `deferred.outcome`, `deferred.cut_reason`) with a child span
+    /// `deferred.action` per action and `deferred.flush` per flusher, and the histograms
+    /// `deferred.phase.duration`, `deferred.action.duration` and `deferred.flush.duration`
+    /// (seconds). Scope `lambda-deferred`.
+    ///
+    /// They are recorded when the phase is over, so they leave with the *next* phase's
+    /// flush (or the final flush on SIGTERM): a phase cannot export its own span. Set the
+    /// global providers (`opentelemetry::global::set_tracer_provider`,
+    /// `set_meter_provider`) before the first invocation; without them this costs next to
+    /// nothing.
+    ///
+    /// ```
+    /// let deferred = deferred_core::Deferred::new().phase_telemetry(false);
+    /// # let _ = deferred;
+    /// ```
+    pub fn phase_telemetry(mut self, enabled: bool) -> Self {
+        self.config.phase_telemetry = enabled;
+        self
+    }
+
     /// Registers the internal extension (during init, before the runtime's first `next`) and
     /// arms the chain. Use it when you keep your own `lambda_runtime::run(…)` or
     /// `lambda_http::run(…)`; otherwise prefer [`run`](Self::run).

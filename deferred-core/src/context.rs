@@ -25,9 +25,14 @@ impl Invocation {
     }
 }
 
-/// Converts Lambda's epoch-millisecond deadline; 0 means "not set".
+/// Converts Lambda's epoch-millisecond deadline; 0 means "not set". A deadline the platform's
+/// `SystemTime` cannot represent is unknown too (`UNIX_EPOCH + d` panics there: on Windows,
+/// beyond the year 30828).
 pub(crate) fn deadline_from_epoch_ms(ms: u64) -> Option<SystemTime> {
-    (ms != 0).then(|| UNIX_EPOCH + Duration::from_millis(ms))
+    if ms == 0 {
+        return None;
+    }
+    UNIX_EPOCH.checked_add(Duration::from_millis(ms))
 }
 
 /// A handler argument that carries the Lambda invocation context.
@@ -87,5 +92,20 @@ mod tests {
             inv.deadline,
             Some(UNIX_EPOCH + Duration::from_millis(1_700_000_000_123))
         );
+    }
+
+    /// `Lambda-Runtime-Deadline-Ms` / `deadlineMs` near `u64::MAX` (issue 5, fuzzing): never a
+    /// panic; exact where `SystemTime` can represent it, unknown otherwise.
+    #[test]
+    fn extreme_deadlines_do_not_overflow() {
+        for ms in [u64::MAX, u64::MAX - 1, u64::MAX / 2, 1 << 53, 1] {
+            match deadline_from_epoch_ms(ms) {
+                Some(deadline) => assert_eq!(
+                    deadline.duration_since(UNIX_EPOCH).ok(),
+                    Some(Duration::from_millis(ms))
+                ),
+                None => assert!(UNIX_EPOCH.checked_add(Duration::from_millis(ms)).is_none()),
+            }
+        }
     }
 }

@@ -29,6 +29,8 @@ pub(crate) struct Config {
     pub(crate) shutdown_timeout: Duration,
     pub(crate) handle_sigterm: bool,
     pub(crate) on_report: Option<ReportHook>,
+    /// Report each phase through the global OpenTelemetry providers.
+    pub(crate) phase_telemetry: bool,
 }
 
 /// The `on_report` callback.
@@ -55,6 +57,7 @@ impl Default for Config {
             shutdown_timeout: Duration::from_millis(400),
             handle_sigterm: true,
             on_report: None,
+            phase_telemetry: true,
         }
     }
 }
@@ -357,7 +360,12 @@ impl Core {
             let _serial = self.phase_lock.lock().await;
             phase::run(job, &self.config.flushers, budget, kind, self.stop()).await
         };
-        let mut report = report;
+        self.finish(report)
+    }
+
+    /// What every phase report goes through, the final flush's included: the failure
+    /// counter, the log line, the OpenTelemetry spans and metrics, and the `on_report` hook.
+    pub(crate) fn finish(&self, mut report: PhaseReport) -> PhaseReport {
         report.consecutive_flush_failures = if report.flushed() {
             self.flush_failures.store(0, Ordering::Relaxed);
             0
@@ -367,6 +375,9 @@ impl Core {
                 .saturating_add(1)
         };
         report.emit();
+        if self.config.phase_telemetry {
+            crate::otel::record(&report);
+        }
         if let Some(hook) = &self.config.on_report {
             (hook.0)(&report);
         }

@@ -74,6 +74,7 @@ mod flush;
 mod invocation;
 mod layer;
 mod macros;
+mod otel;
 mod phase;
 mod report;
 mod scope;
@@ -102,5 +103,14 @@ pub mod __private {
     /// The invocation a handler argument belongs to.
     pub fn invocation<T: HandlerInput + ?Sized>(input: &T) -> Invocation {
         input.invocation()
+    }
+
+    /// When the deferred phase of an invocation ending at `deadline` must be over, keeping
+    /// `margin` spare (the phase budget). For the fuzz targets (`fuzz/`) and their corpus replay.
+    pub fn phase_end(
+        deadline: Option<std::time::SystemTime>,
+        margin: std::time::Duration,
+    ) -> std::time::Instant {
+        crate::phase::Budget::new(deadline, margin).end.into_std()
     }
 }

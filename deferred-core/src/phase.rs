@@ -44,7 +44,9 @@ impl Budget {
                 let left = deadline
                     .duration_since(SystemTime::now())
                     .unwrap_or(Duration::ZERO);
-                now + left.saturating_sub(margin)
+                // A deadline too far for `Instant` (`+` would panic) is as good as unknown.
+                now.checked_add(left.saturating_sub(margin))
+                    .unwrap_or(now + MAX_FUNCTION_TIMEOUT)
             }
             None => now + MAX_FUNCTION_TIMEOUT,
         };
@@ -61,6 +63,7 @@ pub(crate) async fn run(
     mut stop: Stop,
 ) -> PhaseReport {
     let started = Instant::now();
+    let started_wall = SystemTime::now();
     let mut cut = Vec::new();
 
     // The flush keeps a reserve: its own timeout, but at most half of what is left, so that a
@@ -80,12 +83,17 @@ pub(crate) async fn run(
     } else {
         let flush_start = Instant::now();
         let flush_end = budget.end.min(flush_start + job.flush_timeout);
-        run_flushes(flushers, flush_end, &mut cut).await
+        let mut flushes = run_flushes(flushers, flush_end, &mut cut).await;
+        for flush in &mut flushes {
+            flush.offset = flush_start.saturating_duration_since(started);
+        }
+        flushes
     };
 
     PhaseReport {
         request_id: job.request_id,
         kind,
+        started: started_wall,
         actions,
         flushes,
         duration: started.elapsed(),
@@ -140,6 +148,7 @@ async fn run_actions(
         if cut_short {
             reports.push(ActionReport {
                 label,
+                offset: started.elapsed(),
                 duration: Duration::ZERO,
                 outcome: ActionOutcome::NotRun,
             });
@@ -177,6 +186,7 @@ async fn run_actions(
         };
         reports.push(ActionReport {
             label,
+            offset: begun.saturating_duration_since(started),
             duration: begun.elapsed(),
             outcome,
         });
@@ -229,6 +239,8 @@ pub(crate) async fn run_flushes(
         };
         reports.push(FlushReport {
             name,
+            // All start together; the caller knows when, relative to its phase.
+            offset: Duration::ZERO,
             duration,
             outcome,
         });
@@ -283,6 +295,24 @@ mod tests {
     fn budget(secs: u64) -> Budget {
         Budget {
             end: Instant::now() + Duration::from_secs(secs),
+        }
+    }
+
+    /// Issue 5, fuzzing: the farthest deadline an event can carry (`deadlineMs` = `u64::MAX`)
+    /// gives a budget, not an overflow panic.
+    #[test]
+    fn a_budget_for_an_extreme_deadline() {
+        let now = Instant::now();
+        let farthest = crate::context::deadline_from_epoch_ms(u64::MAX);
+        for deadline in [farthest, Some(SystemTime::UNIX_EPOCH), None] {
+            for margin in [Duration::ZERO, Duration::from_millis(100), Duration::MAX] {
+                assert!(Budget::new(deadline, margin).end >= now);
+            }
+        }
+        let unknown = Budget::new(None, Duration::ZERO).end;
+        assert!(unknown >= now + MAX_FUNCTION_TIMEOUT);
+        if farthest.is_some() {
+            assert!(Budget::new(farthest, Duration::ZERO).end >= unknown);
         }
     }
 

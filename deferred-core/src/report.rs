@@ -1,7 +1,7 @@
 //! The report of one deferred phase: what ran, how long it took, what was cut and why.
 
 use std::fmt;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use crate::action::ActionLabel;
 
@@ -42,6 +42,8 @@ pub enum ActionOutcome {
 pub struct ActionReport {
     /// The action's name and where it was queued.
     pub label: ActionLabel,
+    /// When it started (or was skipped), from the start of the phase.
+    pub offset: Duration,
     /// How long it ran.
     pub duration: Duration,
     /// What became of it.
@@ -70,6 +72,8 @@ pub enum FlushOutcome {
 pub struct FlushReport {
     /// The flusher's name ([`Flush::name`](crate::Flush::name)).
     pub name: String,
+    /// When it started (or was skipped), from the start of the phase.
+    pub offset: Duration,
     /// How long the flush took (or ran before it was abandoned).
     pub duration: Duration,
     /// What became of it.
@@ -104,6 +108,8 @@ pub struct PhaseReport {
     pub request_id: String,
     /// How the phase ran.
     pub kind: PhaseKind,
+    /// When the phase started (wall clock).
+    pub started: SystemTime,
     /// Every action queued, in queue order.
     pub actions: Vec<ActionReport>,
     /// Every flusher.

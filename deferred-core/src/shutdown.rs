@@ -41,6 +41,7 @@ pub(crate) fn install(core: Arc<Core>) {
 /// flusher, all within `shutdown_timeout`.
 pub(crate) async fn final_flush(core: &Core) -> PhaseReport {
     let started = Instant::now();
+    let started_wall = std::time::SystemTime::now();
     let end = started + core.config.shutdown_timeout;
     let half = started + core.config.shutdown_timeout / 2;
     let mut background = std::mem::take(&mut *lock(&core.background));
@@ -63,16 +64,21 @@ pub(crate) async fn final_flush(core: &Core) -> PhaseReport {
     background.abort_all();
 
     let mut cut = Vec::new();
-    let flushes = run_flushes(&core.config.flushers, end, &mut cut).await;
-    let report = PhaseReport {
+    let flush_started = Instant::now();
+    let mut flushes = run_flushes(&core.config.flushers, end, &mut cut).await;
+    for flush in &mut flushes {
+        flush.offset = flush_started.saturating_duration_since(started);
+    }
+    // Its own spans cannot be exported (this was the last flush); its log line, metrics
+    // and `on_report` still go out.
+    core.finish(PhaseReport {
         request_id: String::new(),
         kind: PhaseKind::Shutdown,
+        started: started_wall,
         actions: Vec::new(),
         flushes,
         duration: started.elapsed(),
         cut,
         consecutive_flush_failures: 0,
-    };
-    report.emit();
-    report
+    })
 }

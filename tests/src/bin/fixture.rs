@@ -4,7 +4,8 @@
 //! and plain `lambda_runtime::run`), `concurrent` (`Deferred::run_concurrent`), `naive` (no
 //! extension: the flush is spawned and the handler returns, the design this library replaces)
 //! or `sync` (flush before returning).
-//! `FLUSH_TIMEOUT_MS` sets the builder's flush timeout. Each invocation's payload is a [`Plan`]:
+//! `FLUSH_TIMEOUT_MS` sets the builder's flush timeout; `FLUSH_METRICS=1` adds the meter
+//! provider to the flush. Each invocation's payload is a [`Plan`]:
 //! what the handler does and which actions it defers. Actions post marks to the emulator
 //! (`start:<name>`, `end:<name>`) so tests can order them against the protocol timeline.
 
@@ -225,9 +226,13 @@ async fn main() -> Result<(), Error> {
         .ok()
         .and_then(|ms| ms.parse().ok())
         .map_or(Duration::from_secs(10), Duration::from_millis);
-    let deferred = Deferred::new()
+    let mut deferred = Deferred::new()
         .flush(tracer.clone())
         .flush_timeout(flush_timeout);
+    // `FLUSH_METRICS=1`: flush the meter provider too (the phase's own histograms).
+    if std::env::var("FLUSH_METRICS").is_ok_and(|v| v == "1") {
+        deferred = deferred.flush(telemetry.meter_provider.clone());
+    }
     match std::env::var("FIXTURE_MODE").as_deref() {
         Ok("run") | Err(_) => deferred.run(service_fn(handler)).await,
         Ok("concurrent") => deferred.run_concurrent(service_fn(handler)).await,

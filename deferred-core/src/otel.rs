@@ -1,0 +1,451 @@
+//! The phase reports itself through OpenTelemetry: a `deferred.phase` span with a child span
+//! per action and per flush, and duration histograms, through the global providers.
+//!
+//! Everything is recorded after the phase, from its report, with the report's timestamps: the
+//! phase's own spans are still in the batch processor when the phase's flush ran, so they go
+//! out with the next phase's flush (or the final flush on SIGTERM). Recording after the fact
+//! keeps the phase itself free of telemetry work.
+
+use std::borrow::Cow;
+use std::sync::OnceLock;
+use std::time::SystemTime;
+
+use opentelemetry::metrics::Histogram;
+use opentelemetry::trace::{Span as _, SpanKind, Status, TraceContextExt as _};
+use opentelemetry::{Context, InstrumentationScope, KeyValue, global};
+
+use crate::report::{ActionOutcome, CutReason, FlushOutcome, PhaseKind, PhaseReport};
+
+/// The instrumentation scope of every span and instrument.
+fn scope() -> InstrumentationScope {
+    InstrumentationScope::builder("lambda-deferred")
+        .with_version(env!("CARGO_PKG_VERSION"))
+        .build()
+}
+
+struct Instruments {
+    phase: Histogram<f64>,
+    action: Histogram<f64>,
+    flush: Histogram<f64>,
+}
+
+impl Instruments {
+    fn new(meter: &opentelemetry::metrics::Meter) -> Self {
+        let histogram = |name: &'static str, description: &'static str| {
+            meter
+                .f64_histogram(name)
+                .with_unit("s")
+                .with_description(description)
+                .build()
+        };
+        Self {
+            phase: histogram(
+                "deferred.phase.duration",
+                "Duration of a deferred phase: its actions, then its flushes",
+            ),
+            action: histogram("deferred.action.duration", "Duration of a deferred action"),
+            flush: histogram(
+                "deferred.flush.duration",
+                "Duration of one provider's flush in a deferred phase",
+            ),
+        }
+    }
+}
+
+/// Made on first use, from the global meter provider of that moment: set it before the first
+/// invocation (as with every instrumented library).
+fn instruments() -> &'static Instruments {
+    static INSTRUMENTS: OnceLock<Instruments> = OnceLock::new();
+    INSTRUMENTS.get_or_init(|| Instruments::new(&global::meter_with_scope(scope())))
+}
+
+/// Records the phase's spans and metrics through the global providers.
+pub(crate) fn record(report: &PhaseReport) {
+    record_to(report, &global::tracer_with_scope(scope()), instruments());
+}
+
+fn record_to<T>(report: &PhaseReport, tracer: &T, metrics: &Instruments)
+where
+    T: opentelemetry::trace::Tracer,
+    T::Span: Send + Sync + 'static,
+{
+    let outcome = phase_outcome(report);
+    let phase_end = report.started + report.duration;
+    let mut attributes = vec![
+        KeyValue::new("faas.invocation_id", report.request_id.clone()),
+        KeyValue::new("deferred.phase.kind", kind(report.kind)),
+        KeyValue::new("deferred.outcome", outcome),
+        KeyValue::new("deferred.actions", report.actions.len() as i64),
+        KeyValue::new(
+            "deferred.consecutive_flush_failures",
+            i64::from(report.consecutive_flush_failures),
+        ),
+    ];
+    if !report.cut.is_empty() {
+        let reasons: Vec<&str> = report.cut.iter().map(cut_reason).collect();
+        attributes.push(KeyValue::new("deferred.cut_reason", reasons.join(",")));
+    }
+
+    let mut phase = tracer
+        .span_builder("deferred.phase")
+        .with_kind(SpanKind::Internal)
+        .with_start_time(report.started)
+        .with_attributes(attributes)
+        .start_with_context(tracer, &Context::new());
+    if outcome != "ok" {
+        phase.set_status(Status::error(summary(report)));
+    }
+    let parent = Context::new().with_span(phase);
+
+    metrics.phase.record(
+        report.duration.as_secs_f64(),
+        &[
+            KeyValue::new("deferred.phase.kind", kind(report.kind)),
+            KeyValue::new("deferred.outcome", outcome),
+        ],
+    );
+
+    for action in &report.actions {
+        let name: Cow<'static, str> = action
+            .label
+            .name
+            .clone()
+            .unwrap_or(Cow::Borrowed("unnamed"));
+        let outcome = action_outcome(&action.outcome);
+        let start = report.started + action.offset;
+        let mut span = tracer
+            .span_builder("deferred.action")
+            .with_start_time(start)
+            .with_attributes([
+                KeyValue::new("deferred.action.name", name.clone()),
+                KeyValue::new("code.file.path", action.label.location.file()),
+                KeyValue::new("code.line.number", i64::from(action.label.location.line())),
+                KeyValue::new("deferred.outcome", outcome),
+            ])
+            .start_with_context(tracer, &parent);
+        if let Some(error) = action_error(&action.outcome) {
+            span.set_status(Status::error(error));
+        }
+        span.end_with_timestamp(start + action.duration);
+        // Actions that never ran have no duration to show.
+        if action.outcome != ActionOutcome::NotRun {
+            metrics.action.record(
+                action.duration.as_secs_f64(),
+                &[
+                    KeyValue::new("deferred.action.name", name),
+                    KeyValue::new("deferred.outcome", outcome),
+                ],
+            );
+        }
+    }
+
+    for flush in &report.flushes {
+        let outcome = flush_outcome(&flush.outcome);
+        let start = report.started + flush.offset;
+        let mut span = tracer
+            .span_builder("deferred.flush")
+            .with_start_time(start)
+            .with_attributes([
+                KeyValue::new("deferred.flush.provider", flush.name.clone()),
+                KeyValue::new("deferred.outcome", outcome),
+            ])
+            .start_with_context(tracer, &parent);
+        if let Some(error) = flush_error(&flush.outcome) {
+            span.set_status(Status::error(error));
+        }
+        span.end_with_timestamp(start + flush.duration);
+        if !matches!(flush.outcome, FlushOutcome::NotRun(_)) {
+            metrics.flush.record(
+                flush.duration.as_secs_f64(),
+                &[
+                    KeyValue::new("deferred.flush.provider", flush.name.clone()),
+                    KeyValue::new("deferred.outcome", outcome),
+                ],
+            );
+        }
+    }
+
+    parent
+        .span()
+        .end_with_timestamp(at_least(phase_end, report.started));
+}
+
+fn at_least(t: SystemTime, floor: SystemTime) -> SystemTime {
+    if t < floor { floor } else { t }
+}
+
+/// `ok`, `cut` (something was cut for time or shutdown), or `error` (an action or a flush
+/// failed, and nothing was cut).
+fn phase_outcome(report: &PhaseReport) -> &'static str {
+    if !report.cut.is_empty() {
+        "cut"
+    } else if report.is_clean() {
+        "ok"
+    } else {
+        "error"
+    }
+}
+
+fn summary(report: &PhaseReport) -> String {
+    let failed_actions = report
+        .actions
+        .iter()
+        .filter(|a| a.outcome != ActionOutcome::Ok)
+        .count();
+    let failed_flushes = report
+        .flushes
+        .iter()
+        .filter(|f| f.outcome != FlushOutcome::Ok)
+        .count();
+    format!(
+        "{failed_actions} of {} actions and {failed_flushes} of {} flushes did not succeed",
+        report.actions.len(),
+        report.flushes.len()
+    )
+}
+
+fn kind(kind: PhaseKind) -> &'static str {
+    match kind {
+        PhaseKind::Chained => "chained",
+        PhaseKind::Inline => "inline",
+        PhaseKind::Background => "background",
+        PhaseKind::Shutdown => "shutdown",
+    }
+}
+
+fn cut_reason(reason: &CutReason) -> &'static str {
+    match reason {
+        CutReason::ActionBudget { .. } => "action_budget",
+        CutReason::Shutdown => "shutdown",
+        CutReason::FlushBudget { .. } => "flush_budget",
+    }
+}
+
+fn action_outcome(outcome: &ActionOutcome) -> &'static str {
+    match outcome {
+        ActionOutcome::Ok => "ok",
+        ActionOutcome::Failed(_) => "failed",
+        ActionOutcome::Panicked(_) => "panicked",
+        ActionOutcome::TimedOut => "timed_out",
+        ActionOutcome::NotRun => "not_run",
+    }
+}
+
+fn action_error(outcome: &ActionOutcome) -> Option<String> {
+    match outcome {
+        ActionOutcome::Ok => None,
+        ActionOutcome::Failed(e) => Some(e.clone()),
+        ActionOutcome::Panicked(m) => Some(format!("panicked: {m}")),
+        ActionOutcome::TimedOut => Some("abandoned: out of budget".to_owned()),
+        ActionOutcome::NotRun => Some("not run: out of budget".to_owned()),
+    }
+}
+
+fn flush_outcome(outcome: &FlushOutcome) -> &'static str {
+    match outcome {
+        FlushOutcome::Ok => "ok",
+        FlushOutcome::Failed(_) => "failed",
+        FlushOutcome::Panicked(_) => "panicked",
+        FlushOutcome::TimedOut => "timed_out",
+        FlushOutcome::NotRun(_) => "not_run",
+    }
+}
+
+fn flush_error(outcome: &FlushOutcome) -> Option<String> {
+    match outcome {
+        FlushOutcome::Ok => None,
+        FlushOutcome::Failed(e) => Some(e.clone()),
+        FlushOutcome::Panicked(m) => Some(format!("panicked: {m}")),
+        FlushOutcome::TimedOut => Some("abandoned at its timeout".to_owned()),
+        FlushOutcome::NotRun(why) => Some(format!("not run: {why}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::borrow::Cow;
+    use std::panic::Location;
+    use std::time::Duration;
+
+    use opentelemetry::trace::{SpanId, Status, TracerProvider as _};
+    use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData};
+    use opentelemetry_sdk::metrics::{InMemoryMetricExporter, PeriodicReader, SdkMeterProvider};
+    use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
+
+    use super::*;
+    use crate::action::ActionLabel;
+    use crate::report::{ActionReport, FlushReport};
+
+    fn report() -> PhaseReport {
+        let label = |name: Option<&'static str>| ActionLabel {
+            name: name.map(Cow::Borrowed),
+            location: Location::caller(),
+        };
+        PhaseReport {
+            request_id: "req-1".into(),
+            kind: PhaseKind::Chained,
+            started: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+            actions: vec![
+                ActionReport {
+                    label: label(Some("audit")),
+                    offset: Duration::from_millis(1),
+                    duration: Duration::from_millis(30),
+                    outcome: ActionOutcome::Ok,
+                },
+                ActionReport {
+                    label: label(None),
+                    offset: Duration::from_millis(31),
+                    duration: Duration::from_millis(5),
+                    outcome: ActionOutcome::Failed("boom".into()),
+                },
+            ],
+            flushes: vec![FlushReport {
+                name: "tracer provider".into(),
+                offset: Duration::from_millis(36),
+                duration: Duration::from_millis(12),
+                outcome: FlushOutcome::Ok,
+            }],
+            duration: Duration::from_millis(50),
+            cut: Vec::new(),
+            consecutive_flush_failures: 0,
+        }
+    }
+
+    fn spans(report: &PhaseReport) -> Vec<SpanData> {
+        let exporter = InMemorySpanExporter::default();
+        let provider = SdkTracerProvider::builder()
+            .with_simple_exporter(exporter.clone())
+            .build();
+        let meters = SdkMeterProvider::builder().build();
+        let instruments = Instruments::new(&opentelemetry::metrics::MeterProvider::meter(
+            &meters, "test",
+        ));
+        record_to(report, &provider.tracer("test"), &instruments);
+        exporter.get_finished_spans().unwrap()
+    }
+
+    fn attribute(span: &SpanData, key: &str) -> Option<String> {
+        span.attributes
+            .iter()
+            .find(|kv| kv.key.as_str() == key)
+            .map(|kv| kv.value.to_string())
+    }
+
+    #[test]
+    fn a_phase_span_with_a_child_per_action_and_per_flush_on_the_report_s_clock() {
+        let report = report();
+        let spans = spans(&report);
+        assert_eq!(spans.len(), 4, "{spans:?}");
+        let phase = spans.iter().find(|s| s.name == "deferred.phase").unwrap();
+        assert_eq!(phase.parent_span_id, SpanId::INVALID);
+        assert_eq!(phase.start_time, report.started);
+        assert_eq!(phase.end_time, report.started + report.duration);
+        assert_eq!(
+            attribute(phase, "faas.invocation_id").as_deref(),
+            Some("req-1")
+        );
+        assert_eq!(
+            attribute(phase, "deferred.outcome").as_deref(),
+            Some("error")
+        );
+        assert_eq!(attribute(phase, "deferred.cut_reason"), None);
+        assert!(matches!(phase.status, Status::Error { .. }));
+
+        let children: Vec<_> = spans
+            .iter()
+            .filter(|s| s.parent_span_id == phase.span_context.span_id())
+            .collect();
+        assert_eq!(children.len(), 3);
+        for child in &children {
+            assert_eq!(child.span_context.trace_id(), phase.span_context.trace_id());
+        }
+        let audit = children
+            .iter()
+            .find(|s| attribute(s, "deferred.action.name").as_deref() == Some("audit"))
+            .unwrap();
+        assert_eq!(audit.name, "deferred.action");
+        assert_eq!(audit.start_time, report.started + Duration::from_millis(1));
+        assert_eq!(audit.end_time, report.started + Duration::from_millis(31));
+        assert_eq!(audit.status, Status::Unset);
+        assert_eq!(attribute(audit, "code.file.path").as_deref(), Some(file!()));
+        let failed = children
+            .iter()
+            .find(|s| attribute(s, "deferred.action.name").as_deref() == Some("unnamed"))
+            .unwrap();
+        assert_eq!(
+            attribute(failed, "deferred.outcome").as_deref(),
+            Some("failed")
+        );
+        assert_eq!(failed.status, Status::error("boom"));
+        let flush = children
+            .iter()
+            .find(|s| s.name == "deferred.flush")
+            .unwrap();
+        assert_eq!(
+            attribute(flush, "deferred.flush.provider").as_deref(),
+            Some("tracer provider")
+        );
+        assert_eq!(flush.start_time, report.started + Duration::from_millis(36));
+        assert_eq!(flush.end_time, report.started + Duration::from_millis(48));
+    }
+
+    #[test]
+    fn a_cut_phase_says_why() {
+        let mut report = report();
+        report.actions.truncate(1);
+        report.actions[0].outcome = ActionOutcome::TimedOut;
+        report.flushes[0].outcome = FlushOutcome::TimedOut;
+        report.cut = vec![
+            CutReason::ActionBudget {
+                budget: Duration::from_secs(1),
+            },
+            CutReason::FlushBudget {
+                budget: Duration::from_secs(1),
+            },
+        ];
+        let spans = spans(&report);
+        let phase = spans.iter().find(|s| s.name == "deferred.phase").unwrap();
+        assert_eq!(attribute(phase, "deferred.outcome").as_deref(), Some("cut"));
+        assert_eq!(
+            attribute(phase, "deferred.cut_reason").as_deref(),
+            Some("action_budget,flush_budget")
+        );
+        let flush = spans.iter().find(|s| s.name == "deferred.flush").unwrap();
+        assert_eq!(
+            attribute(flush, "deferred.outcome").as_deref(),
+            Some("timed_out")
+        );
+        assert!(matches!(flush.status, Status::Error { .. }));
+    }
+
+    #[test]
+    fn durations_go_to_histograms_with_their_outcome() {
+        let exporter = InMemoryMetricExporter::default();
+        let meters = SdkMeterProvider::builder()
+            .with_reader(PeriodicReader::builder(exporter.clone()).build())
+            .build();
+        let instruments = Instruments::new(&opentelemetry::metrics::MeterProvider::meter(
+            &meters, "test",
+        ));
+        let tracer = SdkTracerProvider::builder().build().tracer("test");
+        record_to(&report(), &tracer, &instruments);
+        meters.force_flush().unwrap();
+        let exported = exporter.get_finished_metrics().unwrap();
+        let mut counts = std::collections::BTreeMap::new();
+        for metric in exported
+            .iter()
+            .flat_map(|rm| rm.scope_metrics())
+            .flat_map(|sm| sm.metrics())
+        {
+            let AggregatedMetrics::F64(MetricData::Histogram(h)) = metric.data() else {
+                panic!("{} is not an f64 histogram", metric.name());
+            };
+            assert_eq!(metric.unit(), "s");
+            let n: u64 = h.data_points().map(|p| p.count()).sum();
+            counts.insert(metric.name().to_owned(), n);
+        }
+        assert_eq!(counts.get("deferred.phase.duration"), Some(&1));
+        assert_eq!(counts.get("deferred.action.duration"), Some(&2));
+        assert_eq!(counts.get("deferred.flush.duration"), Some(&1));
+    }
+}
