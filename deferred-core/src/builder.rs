@@ -15,10 +15,6 @@ use crate::flush::{Flush, Flusher};
 use crate::layer::DeferredLayer;
 use crate::report::PhaseReport;
 
-/// How long registration may take before the core gives up and runs deferred work inline.
-/// Lambda's whole init phase is limited to 10 s.
-const REGISTER_TIMEOUT: Duration = Duration::from_secs(5);
-
 /// Configures and starts lambda-deferred.
 ///
 /// ```no_run
@@ -85,14 +81,14 @@ impl Deferred {
     /// Caps the flush of each phase (default 10 s); `#[deferred_handler(flush_timeout = …)]`
     /// overrides it per handler.
     pub fn flush_timeout(mut self, timeout: Duration) -> Self {
-        self.config.flush_timeout = timeout;
+        self.config.flush_timeout = bounded(timeout);
         self
     }
 
     /// How long before the invocation's deadline the deferred phase must be over (default
     /// 100 ms). Lambda stops the environment at the deadline, extension time included.
     pub fn safety_margin(mut self, margin: Duration) -> Self {
-        self.config.safety_margin = margin;
+        self.config.safety_margin = bounded(margin);
         self
     }
 
@@ -106,7 +102,23 @@ impl Deferred {
     /// The time allowed for the final flush on SIGTERM (default 400 ms; Lambda kills the
     /// process 500 ms after SIGTERM when only internal extensions are registered).
     pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
-        self.config.shutdown_timeout = timeout;
+        self.config.shutdown_timeout = bounded(timeout);
+        self
+    }
+
+    /// How long `start` waits for the extension's registration before it gives up and runs
+    /// deferred work inline (default 5 s; Lambda's whole init phase has 10 s). Should the
+    /// registration answer later, the extension only acknowledges events from then on, so
+    /// Lambda never waits for it.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// let deferred = deferred_core::Deferred::new().register_timeout(Duration::from_secs(2));
+    /// # let _ = deferred;
+    /// ```
+    pub fn register_timeout(mut self, timeout: Duration) -> Self {
+        self.config.register_timeout = bounded(timeout);
         self
     }
 
@@ -126,7 +138,7 @@ impl Deferred {
     /// holds the environment, billed, for this window; with [`run`](Self::run) the runtime
     /// layer closes such invocations at once and the window never applies.
     pub fn unclaimed_window(mut self, window: Duration) -> Self {
-        self.config.stray_window = window;
+        self.config.stray_window = bounded(window);
         self
     }
 
@@ -134,6 +146,23 @@ impl Deferred {
     /// alert on repeated flush failures. It runs on the phase's task: keep it short.
     pub fn on_report(mut self, hook: impl Fn(&PhaseReport) + Send + Sync + 'static) -> Self {
         self.config.on_report = Some(ReportHook(Arc::new(hook)));
+        self
+    }
+
+    /// Counts of a [`CountingSpanExporter`](crate::CountingSpanExporter): each report then
+    /// says how many spans were lost (their export failed) since the previous one, in
+    /// [`PhaseReport::spans_lost`](crate::PhaseReport::spans_lost), its log line and its
+    /// `deferred.phase` span.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    ///
+    /// let counts = Arc::new(deferred_core::ExportCounts::default());
+    /// let deferred = deferred_core::Deferred::new().span_export_counts(counts);
+    /// # let _ = deferred;
+    /// ```
+    pub fn span_export_counts(mut self, counts: Arc<crate::ExportCounts>) -> Self {
+        self.config.span_counts = Some(counts);
         self
     }
 
@@ -170,7 +199,7 @@ impl Deferred {
             return Err(StartError::AlreadyStarted);
         }
         let config = self.config;
-        let (mode, chain) = choose_mode().await;
+        let (mode, chain) = choose_mode(config.register_timeout).await;
         let core = Core::new(config, mode);
         if !Core::install(core.clone()) {
             return Err(StartError::AlreadyStarted);
@@ -204,6 +233,7 @@ impl Deferred {
         lambda_runtime::Runtime::new(handler)
             .layer(lambda_runtime::layers::TracingLayer::new())
             .layer(handle.layer())
+            .register_snapstart_resource(handle.snapstart_resource())
             .run()
             .await
     }
@@ -233,6 +263,7 @@ impl Deferred {
         lambda_runtime::Runtime::new(handler)
             .layer(lambda_runtime::layers::TracingLayer::new())
             .layer(handle.layer())
+            .register_snapstart_resource(handle.snapstart_resource())
             .run_concurrent()
             .await
     }
@@ -256,10 +287,55 @@ impl DeferredHandle {
     pub fn layer(&self) -> DeferredLayer {
         DeferredLayer::new(self.core.clone())
     }
+
+    /// The SnapStart resource that re-establishes the extension's `event/next` after a
+    /// restore. [`Deferred::run`] and [`Deferred::run_concurrent`] register it; register it
+    /// yourself when you build your own `lambda_runtime::Runtime` (the free functions
+    /// `lambda_runtime::run` and `lambda_http::run` cannot register SnapStart resources):
+    ///
+    /// ```no_run
+    /// use deferred_core::{Deferred, deferred_handler};
+    /// use lambda_runtime::{Error, LambdaEvent, Runtime, service_fn};
+    /// use serde_json::Value;
+    ///
+    /// #[deferred_handler]
+    /// async fn handler(event: LambdaEvent<Value>) -> Result<Value, Error> {
+    ///     Ok(event.payload)
+    /// }
+    ///
+    /// #[tokio::main]
+    /// async fn main() -> Result<(), Error> {
+    ///     let deferred = Deferred::new().start().await?;
+    ///     Runtime::new(service_fn(handler))
+    ///         .layer(lambda_runtime::layers::TracingLayer::new())
+    ///         .layer(deferred.layer())
+    ///         .register_snapstart_resource(deferred.snapstart_resource())
+    ///         .run()
+    ///         .await
+    /// }
+    /// ```
+    ///
+    /// Under SnapStart (`AWS_LAMBDA_INITIALIZATION_TYPE=snap-start`) the extension's
+    /// `event/next` is in flight when the snapshot is taken. After the restore, the resource
+    /// resets the extension client's connection pool and has the chain send a fresh
+    /// `event/next`: if Lambda refuses it because the call from before the snapshot still
+    /// waits, that call is kept; if the old call fails, or stays silent for 200 ms, it is
+    /// abandoned and the fresh one replaces it. `after_restore` returns once this is settled
+    /// (at most 1 s) and never fails; `before_snapshot` does nothing. Without the resource, an
+    /// `event/next` whose connection did not survive the snapshot is never answered: the first
+    /// invocation after the restore then runs its deferred work inline and holds the
+    /// environment until its deadline. Outside SnapStart, and in the inline and background
+    /// modes, the resource does nothing.
+    pub fn snapstart_resource(&self) -> Arc<dyn lambda_runtime::SnapStartResource> {
+        Arc::new(crate::snapstart::SnapStartHook::new(
+            self.core.clone(),
+            crate::snapstart::Restores::global(),
+        ))
+    }
 }
 
 /// Decides where deferred work runs, registering the extension when it can.
-async fn choose_mode() -> (Mode, Option<(Arc<Client>, String)>) {
+async fn choose_mode(register_timeout: Duration) -> (Mode, Option<(Arc<Client>, String)>) {
     // Lambda Managed Instances run several invocations at once and never freeze; INVOKE
     // registration is refused there (Lambda Managed Instances docs).
     if std::env::var("AWS_LAMBDA_INITIALIZATION_TYPE").as_deref() == Ok("lambda-managed-instances")
@@ -281,9 +357,10 @@ async fn choose_mode() -> (Mode, Option<(Arc<Client>, String)>) {
     // Unique per process; not the name of a file in /opt/extensions, so Lambda treats it as
     // an internal extension (Extensions API docs, "Extensions API reference").
     let name = format!("lambda-deferred-{}", std::process::id());
-    let registered =
-        tokio::time::timeout(REGISTER_TIMEOUT, client.register(&name, &["INVOKE"])).await;
-    match registered {
+    let (registering, registered_as) = (client.clone(), name.clone());
+    let mut registration =
+        Box::pin(async move { registering.register(&registered_as, &["INVOKE"]).await });
+    match tokio::time::timeout(register_timeout, &mut registration).await {
         Ok(Ok(registration)) => {
             tracing::debug!(target: "deferred", extension = %name, "internal extension registered");
             (Mode::Extension, Some((client, registration.extension_id)))
@@ -293,7 +370,10 @@ async fn choose_mode() -> (Mode, Option<(Arc<Client>, String)>) {
             (Mode::Inline, None)
         }
         Err(_) => {
-            tracing::warn!(target: "deferred", timeout = ?REGISTER_TIMEOUT, "extension registration did not answer: deferred work runs inline before each response");
+            tracing::warn!(target: "deferred", timeout = ?register_timeout, "extension registration did not answer: deferred work runs inline before each response");
+            // Not dropped: should Lambda register us after all, it would wait for our
+            // `event/next` before ending init.
+            tokio::spawn(crate::late::pass_through(client, registration));
             (Mode::Inline, None)
         }
     }
@@ -305,4 +385,10 @@ fn log_refused(error: &ClientError) {
         %error,
         "extension registration failed: deferred work runs inline before each response (slower, nothing is lost)"
     );
+}
+
+/// Lambda's longest function timeout: no setting needs more, and a larger one (`Duration::MAX`)
+/// would overflow the clock arithmetic.
+fn bounded(duration: Duration) -> Duration {
+    duration.min(Duration::from_secs(15 * 60))
 }

@@ -16,13 +16,29 @@ use crate::extension::{Client, InvokeEvent, NextEvent};
 use crate::phase::Budget;
 use crate::report::PhaseKind;
 use crate::scope::Queue;
+use crate::snapstart::Restores;
 
 /// Runs the chain until the process ends (or a SHUTDOWN event arrives).
 pub(crate) async fn drive(core: Arc<Core>, client: Arc<Client>, extension_id: String) {
+    drive_with(core, client, extension_id, Restores::global()).await;
+}
+
+/// [`drive`], watching `restores`: after a SnapStart restore the pool is reset and the
+/// `event/next` in flight at the snapshot is re-established (see `snapstart.rs`).
+pub(crate) async fn drive_with(
+    core: Arc<Core>,
+    client: Arc<Client>,
+    extension_id: String,
+    restores: Arc<Restores>,
+) {
+    let mut restores = restores.watch();
     let mut failures: u32 = 0;
     loop {
         core.state.send_modify(|s| s.chain = Chain::Armed);
-        match client.next_event(&extension_id).await {
+        let next = restores
+            .next_event(|| client.next_event(&extension_id), || client.reset_pool())
+            .await;
+        match next {
             Ok(NextEvent::Invoke(event)) => {
                 if failures > 0 {
                     tracing::info!(
@@ -54,13 +70,18 @@ pub(crate) async fn drive(core: Arc<Core>, client: Arc<Client>, extension_id: St
                         "event/next failed: deferred work runs inline until the chain is re-armed"
                     );
                 }
-                tokio::time::sleep(backoff(failures)).await;
+                // A restore ends the backoff: the retry then goes out on a fresh pool.
+                tokio::select! {
+                    () = tokio::time::sleep(backoff(failures)) => {}
+                    _ = restores.changed() => {}
+                }
             }
         }
     }
 }
 
-fn backoff(failures: u32) -> Duration {
+/// How long to wait before calling `event/next` again after `failures` failures in a row.
+pub(crate) fn backoff(failures: u32) -> Duration {
     Duration::from_millis(10u64.saturating_mul(1 << failures.min(7)).min(1000))
 }
 

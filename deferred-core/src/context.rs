@@ -6,6 +6,23 @@ use lambda_runtime::{Context, LambdaEvent};
 
 /// The facts about one invocation that the deferred phase needs: which INVOKE event of the
 /// extension it matches, and when Lambda will stop the environment.
+///
+/// ```
+/// use deferred_core::Invocation;
+/// use lambda_runtime::Context;
+/// use std::time::{Duration, UNIX_EPOCH};
+///
+/// let mut context = Context::default();
+/// context.request_id = "8476a536-e9f4-11e8-9739-2dfe598c3fcd".into();
+/// context.deadline = 1_700_000_003_000; // Lambda-Runtime-Deadline-Ms
+///
+/// let invocation = Invocation::from_context(&context);
+/// assert_eq!(invocation.request_id, "8476a536-e9f4-11e8-9739-2dfe598c3fcd");
+/// assert_eq!(
+///     invocation.deadline,
+///     Some(UNIX_EPOCH + Duration::from_millis(1_700_000_003_000))
+/// );
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Invocation {
     /// The `Lambda-Runtime-Aws-Request-Id` of the invocation.
@@ -17,6 +34,18 @@ pub struct Invocation {
 
 impl Invocation {
     /// Reads the request id and deadline of a `lambda_runtime::Context`.
+    ///
+    /// A deadline of 0 (a `Context::default()`, as in unit tests) is unknown, and so is one
+    /// that `SystemTime` cannot represent:
+    ///
+    /// ```
+    /// use deferred_core::Invocation;
+    /// use lambda_runtime::Context;
+    ///
+    /// let invocation = Invocation::from_context(&Context::default());
+    /// assert_eq!(invocation.request_id, "");
+    /// assert_eq!(invocation.deadline, None);
+    /// ```
     pub fn from_context(context: &Context) -> Self {
         Self {
             request_id: context.request_id.clone(),
@@ -40,6 +69,26 @@ pub(crate) fn deadline_from_epoch_ms(ms: u64) -> Option<SystemTime> {
 /// `#[deferred_handler]` reads the request id and the deadline through this trait before the
 /// handler's body runs. It is implemented for `lambda_runtime::LambdaEvent<T>` and, with the
 /// `http` feature, for `lambda_http::Request`.
+///
+/// ```
+/// use deferred_core::HandlerInput;
+/// use lambda_runtime::{Context, LambdaEvent};
+///
+/// /// The request id of any argument a deferred handler may take.
+/// fn request_id(input: &impl HandlerInput) -> String {
+///     input.invocation().request_id
+/// }
+///
+/// let mut context = Context::default();
+/// context.request_id = "8476a536-e9f4-11e8-9739-2dfe598c3fcd".into();
+/// let event = LambdaEvent::new(serde_json::json!({ "id": 42 }), context);
+/// assert_eq!(request_id(&event), "8476a536-e9f4-11e8-9739-2dfe598c3fcd");
+///
+/// // With the `http` feature: a request built by hand (no Lambda context) runs as outside
+/// // Lambda.
+/// # #[cfg(feature = "http")]
+/// assert_eq!(request_id(&lambda_http::Request::default()), "");
+/// ```
 #[diagnostic::on_unimplemented(
     message = "`#[deferred_handler]` cannot find the Lambda context in an argument of type `{Self}`",
     label = "this argument does not carry the invocation's `lambda_runtime::Context`",
@@ -47,6 +96,16 @@ pub(crate) fn deadline_from_epoch_ms(ms: u64) -> Option<SystemTime> {
 )]
 pub trait HandlerInput {
     /// The invocation this argument belongs to.
+    ///
+    /// ```
+    /// use deferred_core::HandlerInput;
+    /// use lambda_runtime::{Context, LambdaEvent};
+    ///
+    /// let mut context = Context::default();
+    /// context.deadline = 1_700_000_003_000;
+    /// let invocation = LambdaEvent::new((), context).invocation();
+    /// assert!(invocation.deadline.is_some());
+    /// ```
     fn invocation(&self) -> Invocation;
 }
 

@@ -28,7 +28,11 @@ pub(crate) struct Config {
     pub(crate) max_actions: usize,
     pub(crate) shutdown_timeout: Duration,
     pub(crate) handle_sigterm: bool,
+    /// How long `start` waits for the extension's registration.
+    pub(crate) register_timeout: Duration,
     pub(crate) on_report: Option<ReportHook>,
+    /// The span exporter's counts, for `spans_lost` in the reports.
+    pub(crate) span_counts: Option<Arc<crate::counting::ExportCounts>>,
     /// Report each phase through the global OpenTelemetry providers.
     pub(crate) phase_telemetry: bool,
 }
@@ -56,13 +60,30 @@ impl Default for Config {
             // SIGKILL (Extensions API docs, "Shutdown phase").
             shutdown_timeout: Duration::from_millis(400),
             handle_sigterm: true,
+            register_timeout: Duration::from_secs(5),
             on_report: None,
+            span_counts: None,
             phase_telemetry: true,
         }
     }
 }
 
 /// Where deferred work runs in this process.
+///
+/// [`Deferred::start`](crate::Deferred::start) decides it once, and
+/// [`DeferredHandle::mode`](crate::DeferredHandle::mode) tells it:
+///
+/// ```
+/// use deferred_core::{Deferred, Mode};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), deferred_core::StartError> {
+/// let deferred = Deferred::new().start().await?;
+/// // Outside Lambda (no AWS_LAMBDA_RUNTIME_API) no extension holds the environment.
+/// assert_eq!(deferred.mode(), Mode::Inline);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Mode {
@@ -144,6 +165,8 @@ pub(crate) struct Core {
     pub(crate) layer_installed: AtomicBool,
     /// Phases in a row with a flush that did not succeed.
     flush_failures: AtomicU32,
+    /// The lost-span count at the previous report.
+    lost_reported: std::sync::atomic::AtomicU64,
     /// Set on SIGTERM: running phases abandon their action and leave the flush to the final one.
     pub(crate) stopping: watch::Sender<bool>,
     /// Serialises phases with the final flush on SIGTERM.
@@ -171,6 +194,7 @@ impl Core {
             }),
             layer_installed: AtomicBool::new(false),
             flush_failures: AtomicU32::new(0),
+            lost_reported: std::sync::atomic::AtomicU64::new(0),
             stopping: watch::Sender::new(false),
             phase_lock: tokio::sync::Mutex::new(()),
             background: std::sync::Mutex::new(tokio::task::JoinSet::new()),
@@ -366,6 +390,10 @@ impl Core {
     /// What every phase report goes through, the final flush's included: the failure
     /// counter, the log line, the OpenTelemetry spans and metrics, and the `on_report` hook.
     pub(crate) fn finish(&self, mut report: PhaseReport) -> PhaseReport {
+        report.spans_lost = self.config.span_counts.as_ref().map(|counts| {
+            let lost = counts.lost();
+            lost.saturating_sub(self.lost_reported.swap(lost, Ordering::Relaxed))
+        });
         report.consecutive_flush_failures = if report.flushed() {
             self.flush_failures.store(0, Ordering::Relaxed);
             0

@@ -24,6 +24,29 @@ use crate::core::Core;
 /// [`Deferred::run`](crate::Deferred::run) installs it; add it yourself (outermost, i.e. last)
 /// when you build your own `lambda_runtime::Runtime` after
 /// [`Deferred::start`](crate::Deferred::start).
+///
+/// ```no_run
+/// use deferred_core::{Deferred, deferred_handler};
+/// use lambda_runtime::layers::TracingLayer;
+/// use lambda_runtime::{Error, LambdaEvent, Runtime, service_fn};
+/// use serde_json::Value;
+///
+/// #[deferred_handler]
+/// async fn handler(event: LambdaEvent<Value>) -> Result<Value, Error> {
+///     Ok(event.payload)
+/// }
+///
+/// #[tokio::main]
+/// async fn main() -> Result<(), Error> {
+///     let deferred = Deferred::new().start().await?;
+///     // What `Deferred::run` does: your own runtime, with the layer last (outermost).
+///     Runtime::new(service_fn(handler))
+///         .layer(TracingLayer::new())
+///         .layer(deferred.layer())
+///         .run()
+///         .await
+/// }
+/// ```
 #[derive(Clone, Debug)]
 pub struct DeferredLayer {
     core: Arc<Core>,
@@ -49,6 +72,37 @@ impl<S> Layer<S> for DeferredLayer {
 }
 
 /// The service of [`DeferredLayer`].
+///
+/// It wraps the runtime's own stack (the service that decodes the event, calls the handler and
+/// POSTs the response) and passes its result on unchanged:
+///
+/// ```
+/// use deferred_core::Deferred;
+/// use lambda_runtime::tower::{Layer, ServiceExt};
+/// use lambda_runtime::{Context, Error, LambdaInvocation, service_fn};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Error> {
+/// let layer = Deferred::new().start().await?.layer();
+/// // Stands in for lambda_runtime's stack: the handler, then the response POST.
+/// let runtime = service_fn(|invocation: LambdaInvocation| async move {
+///     assert_eq!(invocation.context.request_id, "8476a536-e9f4-11e8-9739-2dfe598c3fcd");
+///     Ok::<(), Error>(())
+/// });
+/// let service = layer.layer(runtime);
+///
+/// let mut context = Context::default();
+/// context.request_id = "8476a536-e9f4-11e8-9739-2dfe598c3fcd".into();
+/// let invocation = LambdaInvocation {
+///     parts: http::Response::new(()).into_parts().0,
+///     body: r#"{"id": 42}"#.into(),
+///     context,
+/// };
+/// // Completes once the inner service has; then the core knows the response is out.
+/// service.oneshot(invocation).await?;
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Debug)]
 pub struct DeferredService<S> {
     inner: S,
@@ -78,6 +132,33 @@ where
 }
 
 /// The future of [`DeferredService`].
+///
+/// It yields the inner future's output; when that is ready (the response is POSTed), it drops
+/// the inner future, closing the invocation's span, and only then tells the core that the
+/// deferred phase may start. A failed POST is passed on as it was:
+///
+/// ```
+/// use deferred_core::{Deferred, ResponseFuture};
+/// use lambda_runtime::tower::{Layer, Service};
+/// use lambda_runtime::{Context, Error, LambdaInvocation, service_fn};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Error> {
+/// let layer = Deferred::new().start().await?.layer();
+/// let mut service = layer.layer(service_fn(|_: LambdaInvocation| async {
+///     Err::<(), Error>("the response POST failed".into())
+/// }));
+/// let invocation = LambdaInvocation {
+///     parts: http::Response::new(()).into_parts().0,
+///     body: Default::default(),
+///     context: Context::default(),
+/// };
+/// std::future::poll_fn(|cx| service.poll_ready(cx)).await?;
+/// let future: ResponseFuture<_> = service.call(invocation);
+/// assert_eq!(future.await.unwrap_err().to_string(), "the response POST failed");
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct ResponseFuture<F> {
     // Boxed so it can be dropped (closing the invocation's span) before the core is told.

@@ -53,7 +53,25 @@
 //! default). The flush keeps a reserve of `flush_timeout`, but at most half of the time left,
 //! and the actions are cut before they eat into it. Flushers run concurrently, each on a
 //! blocking thread; one that overruns is abandoned, reported, and skipped while it still runs.
-//! Every phase is reported as a `tracing` event with target `deferred` ([`PhaseReport`]).
+//!
+//! # Observability
+//!
+//! Every phase reports itself, as a [`PhaseReport`], in three ways:
+//!
+//! - a `tracing` event with target `deferred`: `info` when the phase is clean, `warn`
+//!   otherwise, its message the report's `Display`;
+//! - the hook given to [`Deferred::on_report`];
+//! - OpenTelemetry, through the global providers (scope `lambda-deferred`; turned off with
+//!   [`Deferred::phase_telemetry`]): a span `deferred.phase` (attributes `faas.invocation_id`,
+//!   `deferred.phase.kind`, `deferred.outcome`, `deferred.cut_reason`) with a child span
+//!   `deferred.action` per action and `deferred.flush` per flusher, and the histograms
+//!   `deferred.phase.duration`, `deferred.action.duration` and `deferred.flush.duration`
+//!   (seconds).
+//!
+//! The spans and metrics are recorded from the report once the phase is over, with its
+//! timestamps. A phase cannot export its own span, since its flush is part of it: the span of
+//! phase N goes out with phase N+1's flush, or with the final flush on SIGTERM. Set the global
+//! providers before the first invocation.
 //!
 //! # Fallbacks
 //!
@@ -69,9 +87,11 @@ mod builder;
 mod chain;
 mod context;
 mod core;
+mod counting;
 pub mod extension;
 mod flush;
 mod invocation;
+mod late;
 mod layer;
 mod macros;
 mod otel;
@@ -79,11 +99,13 @@ mod phase;
 mod report;
 mod scope;
 mod shutdown;
+mod snapstart;
 
 pub use action::{ActionLabel, DeferredAction, Outcome};
 pub use builder::{Deferred, DeferredHandle, StartError};
 pub use context::{HandlerInput, Invocation};
 pub use core::Mode;
+pub use counting::{CountingSpanExporter, ExportCounts};
 pub use deferred_macros::deferred_handler;
 pub use flush::{Flush, FlushError, FlushFn, flush_fn};
 pub use layer::{DeferredLayer, DeferredService, ResponseFuture};

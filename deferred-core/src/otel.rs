@@ -81,6 +81,12 @@ where
             i64::from(report.consecutive_flush_failures),
         ),
     ];
+    if let Some(lost) = report.spans_lost {
+        attributes.push(KeyValue::new(
+            "deferred.spans_lost",
+            i64::try_from(lost).unwrap_or(i64::MAX),
+        ));
+    }
     if !report.cut.is_empty() {
         let reasons: Vec<&str> = report.cut.iter().map(cut_reason).collect();
         attributes.push(KeyValue::new("deferred.cut_reason", reasons.join(",")));
@@ -308,6 +314,7 @@ mod tests {
             duration: Duration::from_millis(50),
             cut: Vec::new(),
             consecutive_flush_failures: 0,
+            spans_lost: None,
         }
     }
 

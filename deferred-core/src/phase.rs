@@ -82,7 +82,10 @@ pub(crate) async fn run(
         Vec::new()
     } else {
         let flush_start = Instant::now();
-        let flush_end = budget.end.min(flush_start + job.flush_timeout);
+        // `checked_add`: a `flush_timeout` of years (from the attribute) must not overflow.
+        let flush_end = flush_start
+            .checked_add(job.flush_timeout)
+            .map_or(budget.end, |end| budget.end.min(end));
         let mut flushes = run_flushes(flushers, flush_end, &mut cut).await;
         for flush in &mut flushes {
             flush.offset = flush_start.saturating_duration_since(started);
@@ -99,6 +102,7 @@ pub(crate) async fn run(
         duration: started.elapsed(),
         cut,
         consecutive_flush_failures: 0,
+        spans_lost: None,
     }
 }
 
@@ -314,6 +318,22 @@ mod tests {
         if farthest.is_some() {
             assert!(Budget::new(farthest, Duration::ZERO).end >= unknown);
         }
+    }
+
+    /// A `flush_timeout` of years (`#[deferred_handler(flush_timeout = "1000years")]`) is
+    /// bounded by the deadline, not an overflow panic.
+    #[tokio::test]
+    async fn a_huge_flush_timeout_is_bounded_by_the_budget() {
+        let flushers = [Flusher::new(flush_fn("f", || Ok::<(), FlushError>(())))];
+        let report = run(
+            job(Queue::new(0), Duration::MAX),
+            &flushers,
+            budget(10),
+            PhaseKind::Chained,
+            no_stop(),
+        )
+        .await;
+        assert!(report.is_clean(), "{report}");
     }
 
     #[tokio::test(start_paused = true)]

@@ -6,6 +6,31 @@ use std::time::{Duration, SystemTime};
 use crate::action::ActionLabel;
 
 /// How a phase ran.
+///
+/// Outside Lambda every phase is `Inline`. With `handler` a `#[deferred_handler]` as in
+/// [`PhaseReport`]'s example:
+///
+/// ```
+/// # use deferred_core::{Deferred, deferred_handler};
+/// # use lambda_runtime::{Context, Error, LambdaEvent};
+/// # #[deferred_handler]
+/// # async fn handler(_event: LambdaEvent<()>) -> Result<(), Error> {
+/// #     Ok(())
+/// # }
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Error> {
+/// use deferred_core::PhaseKind;
+///
+/// let (kinds, received) = std::sync::mpsc::channel();
+/// Deferred::new()
+///     .on_report(move |report| kinds.send(report.kind).unwrap())
+///     .start()
+///     .await?;
+/// handler(LambdaEvent::new((), Context::default())).await?;
+/// assert_eq!(received.try_recv()?, PhaseKind::Inline);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum PhaseKind {
@@ -21,6 +46,45 @@ pub enum PhaseKind {
 }
 
 /// What became of one action.
+///
+/// An `Err` and a panic are told apart, and neither stops the later actions. (`TimedOut` and
+/// `NotRun` come with a [`CutReason`]; see its example.)
+///
+/// ```
+/// use deferred_core::{ActionOutcome, Deferred, defer, deferred_handler};
+/// use lambda_runtime::{Context, Error, LambdaEvent};
+///
+/// #[deferred_handler]
+/// async fn handler(_event: LambdaEvent<()>) -> Result<(), Error> {
+///     defer!("cache", async {});
+///     defer!("mail", async { Err::<(), _>("HTTP 503") });
+///     defer!("buggy", async { None::<u32>.expect("a cached value"); });
+///     defer!("after", async {});
+///     Ok(())
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Error> {
+/// let (reports, received) = std::sync::mpsc::channel();
+/// Deferred::new()
+///     .on_report(move |report| reports.send(report.clone()).unwrap())
+///     .start()
+///     .await?;
+/// handler(LambdaEvent::new((), Context::default())).await?;
+///
+/// let outcomes: Vec<_> = received.try_recv()?.actions.into_iter().map(|a| a.outcome).collect();
+/// assert_eq!(
+///     outcomes,
+///     [
+///         ActionOutcome::Ok,
+///         ActionOutcome::Failed("HTTP 503".into()),
+///         ActionOutcome::Panicked("a cached value".into()),
+///         ActionOutcome::Ok,
+///     ]
+/// );
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ActionOutcome {
@@ -37,6 +101,38 @@ pub enum ActionOutcome {
 }
 
 /// One action's line in the report.
+///
+/// Actions run one by one in queue order; `offset` and `duration` show it:
+///
+/// ```
+/// use deferred_core::{Deferred, defer, deferred_handler};
+/// use lambda_runtime::{Context, Error, LambdaEvent};
+/// use std::time::Duration;
+///
+/// #[deferred_handler]
+/// async fn handler(_event: LambdaEvent<()>) -> Result<(), Error> {
+///     defer!("first", tokio::time::sleep(Duration::from_millis(20)));
+///     defer!("second", async {});
+///     Ok(())
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Error> {
+/// let (reports, received) = std::sync::mpsc::channel();
+/// Deferred::new()
+///     .on_report(move |report| reports.send(report.clone()).unwrap())
+///     .start()
+///     .await?;
+/// handler(LambdaEvent::new((), Context::default())).await?;
+///
+/// let report = received.try_recv()?;
+/// let [first, second] = &report.actions[..] else { panic!("{report}") };
+/// assert_eq!(first.label.name.as_deref(), Some("first"));
+/// assert!(first.duration >= Duration::from_millis(20));
+/// assert!(second.offset >= first.offset + first.duration);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ActionReport {
@@ -51,6 +147,38 @@ pub struct ActionReport {
 }
 
 /// What became of one flusher's flush.
+///
+/// Each flusher is reported on its own: one that fails does not fail the others.
+///
+/// ```
+/// use deferred_core::{Deferred, FlushError, FlushOutcome, deferred_handler, flush_fn};
+/// use lambda_runtime::{Context, Error, LambdaEvent};
+///
+/// #[deferred_handler]
+/// async fn handler(_event: LambdaEvent<()>) -> Result<(), Error> {
+///     Ok(())
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Error> {
+/// let (reports, received) = std::sync::mpsc::channel();
+/// Deferred::new()
+///     .flush(flush_fn("statsd", || Ok::<(), FlushError>(())))
+///     .flush(flush_fn("collector", || Err::<(), _>("connection refused")))
+///     .on_report(move |report| reports.send(report.clone()).unwrap())
+///     .start()
+///     .await?;
+/// handler(LambdaEvent::new((), Context::default())).await?;
+///
+/// let report = received.try_recv()?;
+/// assert_eq!(report.flushes[0].outcome, FlushOutcome::Ok);
+/// assert_eq!(
+///     report.flushes[1].outcome,
+///     FlushOutcome::Failed("connection refused".into())
+/// );
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum FlushOutcome {
@@ -67,6 +195,40 @@ pub enum FlushOutcome {
 }
 
 /// One flusher's line in the report.
+///
+/// The flushers start together, once the actions are over:
+///
+/// ```
+/// use deferred_core::{Deferred, FlushOutcome, defer, deferred_handler};
+/// use lambda_runtime::{Context, Error, LambdaEvent};
+/// use opentelemetry_sdk::trace::SdkTracerProvider;
+/// use std::time::Duration;
+///
+/// #[deferred_handler]
+/// async fn handler(_event: LambdaEvent<()>) -> Result<(), Error> {
+///     defer!(tokio::time::sleep(Duration::from_millis(10)));
+///     Ok(())
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Error> {
+/// let (reports, received) = std::sync::mpsc::channel();
+/// Deferred::new()
+///     .flush(SdkTracerProvider::builder().build())
+///     .on_report(move |report| reports.send(report.clone()).unwrap())
+///     .start()
+///     .await?;
+/// handler(LambdaEvent::new((), Context::default())).await?;
+///
+/// let report = received.try_recv()?;
+/// let flush = &report.flushes[0];
+/// assert_eq!(flush.name, "tracer provider");
+/// assert_eq!(flush.outcome, FlushOutcome::Ok);
+/// assert!(flush.offset >= Duration::from_millis(10)); // after the action
+/// assert!(flush.offset + flush.duration <= report.duration);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct FlushReport {
@@ -81,6 +243,45 @@ pub struct FlushReport {
 }
 
 /// Why part of the deferred work was cut.
+///
+/// An invocation whose deadline is 1 s away, with the default safety margin of 100 ms: the
+/// actions have about 900 ms (no flusher, so no flush reserve). The slow action is cancelled
+/// at the end of that budget and the one after it never starts.
+///
+/// ```
+/// use deferred_core::{ActionOutcome, CutReason, Deferred, defer, deferred_handler};
+/// use lambda_runtime::{Context, Error, LambdaEvent};
+/// use std::time::{Duration, SystemTime, UNIX_EPOCH};
+///
+/// #[deferred_handler]
+/// async fn handler(_event: LambdaEvent<()>) -> Result<(), Error> {
+///     defer!("slow", tokio::time::sleep(Duration::from_secs(60)));
+///     defer!("next", async {});
+///     Ok(())
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Error> {
+/// let (reports, received) = std::sync::mpsc::channel();
+/// Deferred::new()
+///     .on_report(move |report| reports.send(report.clone()).unwrap())
+///     .start()
+///     .await?;
+/// let mut context = Context::default();
+/// let deadline = SystemTime::now().duration_since(UNIX_EPOCH)? + Duration::from_secs(1);
+/// context.deadline = u64::try_from(deadline.as_millis())?; // Lambda-Runtime-Deadline-Ms
+/// handler(LambdaEvent::new((), context)).await?;
+///
+/// let report = received.try_recv()?;
+/// assert_eq!(report.actions[0].outcome, ActionOutcome::TimedOut);
+/// assert_eq!(report.actions[1].outcome, ActionOutcome::NotRun);
+/// assert!(matches!(
+///     report.cut[..],
+///     [CutReason::ActionBudget { budget }] if budget <= Duration::from_millis(900)
+/// ));
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum CutReason {
@@ -101,6 +302,59 @@ pub enum CutReason {
 }
 
 /// The report of one deferred phase, logged as a `tracing` event with target `deferred`.
+///
+/// [`Deferred::on_report`](crate::Deferred::on_report) hands every report to a hook of yours,
+/// and [`Deferred::phase_telemetry`](crate::Deferred::phase_telemetry) records it through
+/// OpenTelemetry. Its `Display` is the log line's message.
+///
+/// ```
+/// use deferred_core::{
+///     ActionOutcome, Deferred, FlushError, FlushOutcome, PhaseKind, defer, deferred_handler,
+///     flush_fn,
+/// };
+/// use lambda_runtime::{Context, Error, LambdaEvent};
+///
+/// #[deferred_handler]
+/// async fn handler(_event: LambdaEvent<()>) -> Result<(), Error> {
+///     defer!("audit", async {});
+///     defer!("notify", async { Err::<(), _>("HTTP 503 from the mailer") });
+///     Ok(())
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Error> {
+/// let (reports, received) = std::sync::mpsc::channel();
+/// Deferred::new()
+///     .flush(flush_fn("metrics", || Ok::<(), FlushError>(())))
+///     .on_report(move |report| {
+///         if report.consecutive_flush_failures >= 3 {
+///             eprintln!("telemetry lost three phases in a row: {report}");
+///         }
+///         reports.send(report.clone()).unwrap();
+///     })
+///     .start()
+///     .await?;
+/// // Outside Lambda the phase runs inline: its report is out before the handler returns.
+/// handler(LambdaEvent::new((), Context::default())).await?;
+/// let report = received.try_recv()?;
+///
+/// assert_eq!(report.kind, PhaseKind::Inline);
+/// assert_eq!(report.request_id, ""); // a hand-built Context has none
+/// assert_eq!(report.actions[0].label.name.as_deref(), Some("audit"));
+/// assert_eq!(report.actions[0].outcome, ActionOutcome::Ok);
+/// assert_eq!(
+///     report.actions[1].outcome,
+///     ActionOutcome::Failed("HTTP 503 from the mailer".into())
+/// );
+/// assert_eq!(report.flushes[0].name, "metrics");
+/// assert_eq!(report.flushes[0].outcome, FlushOutcome::Ok);
+/// assert!(report.cut.is_empty());
+/// assert!(report.flushed() && !report.is_clean()); // an action failed, the flush did not
+/// assert_eq!(report.consecutive_flush_failures, 0);
+/// assert!(report.to_string().starts_with("deferred phase (Inline) of \"\" took "));
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct PhaseReport {
@@ -121,17 +375,67 @@ pub struct PhaseReport {
     /// How many phases in a row, this one included, had a flush that did not succeed (0 when
     /// this phase's flushes all succeeded): alert on it rather than on one failure.
     pub consecutive_flush_failures: u32,
+    /// Spans whose export failed since the previous report (this phase's flush, or a
+    /// background export since), when the builder was given
+    /// [`span_export_counts`](crate::Deferred::span_export_counts); `None` otherwise.
+    pub spans_lost: Option<u64>,
 }
 
 impl PhaseReport {
     /// True when every flush succeeded (or there was none to run).
+    ///
+    /// A flusher that keeps failing counts up
+    /// [`consecutive_flush_failures`](Self::consecutive_flush_failures), phase after phase:
+    ///
+    /// ```
+    /// # use deferred_core::{Deferred, deferred_handler, flush_fn};
+    /// # use lambda_runtime::{Context, Error, LambdaEvent};
+    /// # #[deferred_handler]
+    /// # async fn handler(_event: LambdaEvent<()>) -> Result<(), Error> {
+    /// #     Ok(())
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Error> {
+    /// let (reports, received) = std::sync::mpsc::channel();
+    /// Deferred::new()
+    ///     .flush(flush_fn("collector", || Err::<(), _>("connection refused")))
+    ///     .on_report(move |report| reports.send(report.clone()).unwrap())
+    ///     .start()
+    ///     .await?;
+    /// for expected in 1..=2 {
+    ///     handler(LambdaEvent::new((), Context::default())).await?;
+    ///     let report = received.try_recv()?;
+    ///     assert!(!report.flushed());
+    ///     assert_eq!(report.consecutive_flush_failures, expected);
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn flushed(&self) -> bool {
         self.flushes.iter().all(|f| f.outcome == FlushOutcome::Ok)
     }
 
-    /// True when every action and flush succeeded and nothing was cut.
+    /// True when every action and flush succeeded, nothing was cut and no span was lost.
+    ///
+    /// The log line is `info` when it is true, `warn` otherwise. A failed action leaves
+    /// [`flushed`](Self::flushed) true and this false (see [`PhaseReport`]'s example).
+    ///
+    /// ```
+    /// use deferred_core::Deferred;
+    /// use std::sync::atomic::{AtomicU64, Ordering};
+    ///
+    /// static UNCLEAN_PHASES: AtomicU64 = AtomicU64::new(0);
+    ///
+    /// let deferred = Deferred::new().on_report(|report| {
+    ///     if !report.is_clean() {
+    ///         UNCLEAN_PHASES.fetch_add(1, Ordering::Relaxed);
+    ///     }
+    /// });
+    /// # let _ = deferred;
+    /// ```
     pub fn is_clean(&self) -> bool {
-        self.cut.is_empty()
+        self.spans_lost.unwrap_or(0) == 0
+            && self.cut.is_empty()
             && self.actions.iter().all(|a| a.outcome == ActionOutcome::Ok)
             && self.flushed()
     }
@@ -168,6 +472,7 @@ impl PhaseReport {
                 failed_flushes,
                 cut = !self.cut.is_empty(),
                 consecutive_flush_failures = self.consecutive_flush_failures,
+                spans_lost = self.spans_lost.unwrap_or(0),
                 duration_ms,
                 "{self}"
             );
@@ -211,6 +516,9 @@ impl fmt::Display for PhaseReport {
                 FlushOutcome::TimedOut => write!(f, "abandoned after {}", Ms(fl.duration))?,
                 FlushOutcome::NotRun(why) => write!(f, "not run: {why}")?,
             }
+        }
+        if let Some(lost) = self.spans_lost.filter(|n| *n > 0) {
+            write!(f, "; {lost} spans lost (their export failed)")?;
         }
         for cut in &self.cut {
             match cut {

@@ -69,8 +69,8 @@ pub(crate) async fn final_flush(core: &Core) -> PhaseReport {
     for flush in &mut flushes {
         flush.offset = flush_started.saturating_duration_since(started);
     }
-    // Its own spans cannot be exported (this was the last flush); its log line, metrics
-    // and `on_report` still go out.
+    // Its own spans and metrics cannot be exported (this was the last flush); its log line,
+    // the failure counter and `on_report` still see it.
     core.finish(PhaseReport {
         request_id: String::new(),
         kind: PhaseKind::Shutdown,
@@ -80,5 +80,6 @@ pub(crate) async fn final_flush(core: &Core) -> PhaseReport {
         duration: started.elapsed(),
         cut,
         consecutive_flush_failures: 0,
+        spans_lost: None,
     })
 }

@@ -81,6 +81,9 @@ pub const TIMEOUT_ENV: &str = "OTEL_EXPORTER_OTLP_TIMEOUT";
 /// off the async runtime when the collector may be stalled.
 #[derive(Debug, Clone)]
 pub struct Telemetry {
+    /// How many spans the span exporter delivered and lost (for
+    /// `Deferred::span_export_counts`).
+    pub span_counts: std::sync::Arc<deferred_core::ExportCounts>,
     /// Spans, through a [`BatchSpanProcessor`] (its own thread).
     pub tracer_provider: SdkTracerProvider,
     /// Metrics, through a [`PeriodicReader`] (its own thread).
@@ -164,6 +167,9 @@ pub fn build(
         .with_endpoint(format!("{base}/v1/traces"))
         .with_timeout(export_timeout)
         .build()?;
+    // Counted, so phase reports can say how many spans a failed export lost.
+    let span_exporter = deferred_core::CountingSpanExporter::new(span_exporter);
+    let span_counts = span_exporter.counts();
     let tracer_provider = SdkTracerProvider::builder()
         .with_resource(resource.clone())
         .with_span_processor(BatchSpanProcessor::builder(span_exporter).build())
@@ -192,6 +198,7 @@ pub fn build(
         .build();
 
     Ok(Telemetry {
+        span_counts,
         tracer_provider,
         meter_provider,
         logger_provider,

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use deferred_testkit::emulator::{
-    Emulator, EmulatorConfig, Fault, FunctionSpec, InvokeOutcome, InvokeResult,
+    Emulator, EmulatorConfig, Fault, FunctionSpec, InvokeOutcome, InvokeResult, RestoredConnections,
 };
 use http::{HeaderMap, Method, Request};
 use http_body_util::{BodyExt, Full};
@@ -1224,4 +1224,234 @@ async fn a_next_call_dropped_by_its_client_does_not_swallow_the_next_event() {
     let id = event.header("lambda-runtime-aws-request-id");
     respond(&addr, &id, "ok").await;
     assert!(joined(invoke).await.outcome.is_success());
+}
+
+// ----- SnapStart ---------------------------------------------------------------------------------
+
+const RESTORE_NEXT: &str = "/2018-06-01/runtime/restore/next";
+const RESTORE_ERROR: &str = "/2018-06-01/runtime/restore/error";
+
+fn snap_start(connections: RestoredConnections) -> EmulatorConfig {
+    EmulatorConfig {
+        snap_start: true,
+        restored_connections: connections,
+        ..EmulatorConfig::default()
+    }
+}
+
+fn spawn_restore_next(addr: &str) -> JoinHandle<Result<Reply, String>> {
+    let addr = addr.to_owned();
+    tokio::spawn(async move { try_call(&addr, Method::GET, RESTORE_NEXT, &[], "").await })
+}
+
+/// Init ends with the runtime in `/restore/next` and the extension in `event/next`: the
+/// snapshot. Until the restore, Lambda's state rules hold (registration closed, no
+/// `/invocation/next` from a runtime waiting in `/restore/next`, no second `event/next`, no
+/// `/restore/error`); the first invoke restores: `/restore/next` is answered (200, empty), the
+/// restore phase ends with the runtime's `/invocation/next`, and the pre-snapshot `event/next`
+/// (connections survive by default) receives the INVOKE event.
+#[tokio::test]
+async fn snap_start_init_ends_in_a_snapshot_and_the_first_invoke_restores_it() {
+    let (emu, addr) = start(snap_start(RestoredConnections::Survive)).await;
+    let id = register(&addr, "ext-snap", &["INVOKE"]).await;
+    let old_next = spawn_ext_next(&addr, &id);
+    let restore_next = spawn_restore_next(&addr);
+    assert!(emu.wait_until(SECOND, |s, _| s.snapshots == 1).await);
+    assert_eq!(emu.stats().inits, 1);
+
+    register_reply(&addr, "ext-late", &["INVOKE"])
+        .await
+        .assert_error(403, "Extension.RegistrationClosed");
+    call(&addr, Method::GET, NEXT, &[], "")
+        .await
+        .assert_error(403, "InvalidStateTransition");
+    let headers = [("Lambda-Extension-Identifier", id.as_str())];
+    call(&addr, Method::GET, EVENT_NEXT, &headers, "")
+        .await
+        .assert_error(403, "Extension.InvalidExtensionState");
+    assert_eq!(emu.stats().refused_event_next_calls, 1);
+    call(&addr, Method::POST, RESTORE_ERROR, &[], "{}")
+        .await
+        .assert_error(403, "InvalidStateTransition");
+    assert!(!restore_next.is_finished(), "answered before the restore");
+    assert!(emu.restores().is_empty());
+
+    let invoke = spawn_invoke(&emu, "after");
+    let restored = joined(restore_next).await.expect("restore/next answered");
+    assert_eq!(restored.status, 200, "{restored:?}");
+    assert!(restored.body.is_empty());
+    let event = joined(spawn_runtime_next(&addr)).await;
+    assert_eq!(&event.body[..], b"after");
+    let request_id = event.header("lambda-runtime-aws-request-id");
+    let invoke_event = joined(old_next)
+        .await
+        .expect("the pre-snapshot call")
+        .json();
+    assert_eq!(invoke_event["requestId"], request_id.as_str());
+    let _ext = eager_extension(&addr, &id);
+    respond(&addr, &request_id, "done").await;
+    assert_eq!(
+        joined(invoke).await.outcome.body(),
+        Some(&Bytes::from("done"))
+    );
+
+    let restores = emu.restores();
+    assert_eq!(restores.len(), 1);
+    let record = &restores[0];
+    assert!(record.snapshot <= record.restored);
+    let ready = record.runtime_ready.expect("the restore phase ended");
+    assert!(ready >= record.restored && ready <= emu.timelines()[0].invoked);
+    assert!(record.cut_calls.is_empty());
+    assert_eq!(
+        record.refused_event_next.len(),
+        0,
+        "refused before the restore"
+    );
+    assert_eq!(emu.stats().restores, 1);
+    // The restore is over: a second /restore/next is a state error.
+    call(&addr, Method::GET, RESTORE_NEXT, &[], "")
+        .await
+        .assert_error(403, "InvalidStateTransition");
+}
+
+/// `Close` and `Blackhole`: every connection open at the snapshot, pending calls and idle
+/// keep-alive ones, is closed or goes silent at the restore; the runtime's `/restore/next` is
+/// answered all the same. The INVOKE event waits for a fresh `event/next`.
+#[tokio::test]
+async fn a_restore_closes_or_silences_the_connections_open_at_the_snapshot() {
+    for connections in [RestoredConnections::Close, RestoredConnections::Blackhole] {
+        let (emu, addr) = start(snap_start(connections)).await;
+        let id = register(&addr, "ext-cut", &["INVOKE"]).await;
+        let mut idle = Conn::open(&addr).await.expect("connect");
+        assert_eq!(
+            idle.send(Method::POST, MARK, &[], "warm")
+                .await
+                .expect("mark")
+                .status,
+            202
+        );
+        let old_next = spawn_ext_next(&addr, &id);
+        let restore_next = spawn_restore_next(&addr);
+        assert!(emu.wait_until(SECOND, |s, _| s.snapshots == 1).await);
+
+        let invoke = spawn_invoke(&emu, "cut");
+        let restored = joined(restore_next).await.expect("restore/next answered");
+        assert_eq!(restored.status, 200, "{connections:?}");
+        let runtime = spawn_runtime_next(&addr);
+        match connections {
+            RestoredConnections::Close => {
+                assert!(joined(old_next).await.is_err(), "the pending call fails");
+                let reused = within(idle.send(Method::POST, MARK, &[], "again")).await;
+                assert!(reused.is_err(), "the idle connection is closed: {reused:?}");
+            }
+            _ => {
+                let silent = tokio::time::timeout(Duration::from_millis(300), old_next).await;
+                assert!(
+                    silent.is_err(),
+                    "the pending call is neither answered nor closed"
+                );
+                let reused = tokio::time::timeout(
+                    Duration::from_millis(300),
+                    idle.send(Method::POST, MARK, &[], "again"),
+                )
+                .await;
+                assert!(
+                    reused.is_err(),
+                    "a request on an idle connection goes nowhere"
+                );
+            }
+        }
+        let fresh = joined(spawn_ext_next(&addr, &id))
+            .await
+            .expect("a fresh event/next");
+        let event = joined(runtime).await;
+        let request_id = event.header("lambda-runtime-aws-request-id");
+        assert_eq!(fresh.json()["requestId"], request_id.as_str());
+        let _ext = eager_extension(&addr, &id);
+        respond(&addr, &request_id, "ok").await;
+        assert!(joined(invoke).await.outcome.is_success(), "{connections:?}");
+
+        let record = &emu.restores()[0];
+        assert_eq!(record.cut_calls, vec!["event/next ext-cut".to_owned()]);
+        let stats = emu.stats();
+        assert_eq!(
+            stats.max_concurrent_event_next_per_extension, 1,
+            "{stats:?}"
+        );
+        assert_eq!(
+            stats.abandoned_next_calls, 0,
+            "cut calls are not abandoned ones"
+        );
+    }
+}
+
+/// `/restore/error` between the answer to `/restore/next` and the runtime's first
+/// `/invocation/next` fails the restore: the waiting invoke gets the error, and the next one
+/// runs init again.
+#[tokio::test]
+async fn a_restore_error_fails_the_restore() {
+    let (emu, addr) = start(snap_start(RestoredConnections::Survive)).await;
+    let restore_next = spawn_restore_next(&addr);
+    assert!(emu.wait_until(SECOND, |s, _| s.snapshots == 1).await);
+    let invoke = spawn_invoke(&emu, "never");
+    assert_eq!(joined(restore_next).await.expect("answered").status, 200);
+    let reply = call(
+        &addr,
+        Method::POST,
+        RESTORE_ERROR,
+        &[(
+            "Lambda-Runtime-Function-Error-Type",
+            "Runtime.AfterRestoreError",
+        )],
+        r#"{"errorMessage":"hook failed","errorType":"Runtime.AfterRestoreError"}"#,
+    )
+    .await;
+    assert_eq!(reply.status, 202, "{reply:?}");
+    match joined(invoke).await.outcome {
+        InvokeOutcome::InitError(message) => {
+            assert!(message.contains("Runtime.AfterRestoreError"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
+    let record = &emu.restores()[0];
+    assert!(
+        record
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("hook failed"))
+    );
+    assert!(record.runtime_ready.is_none());
+    assert_eq!(emu.stats().init_failures, 1);
+}
+
+/// Outside SnapStart `/restore/next` is refused (Lambda would never answer it).
+#[tokio::test]
+async fn restore_next_is_refused_outside_snap_start() {
+    let (_emu, addr) = start(EmulatorConfig::default()).await;
+    call(&addr, Method::GET, RESTORE_NEXT, &[], "")
+        .await
+        .assert_error(403, "InvalidStateTransition");
+    call(&addr, Method::POST, RESTORE_NEXT, &[], "")
+        .await
+        .assert_error(405, "MethodNotAllowed");
+}
+
+/// A child under SnapStart gets `AWS_LAMBDA_INITIALIZATION_TYPE=snap-start` and stays frozen
+/// from the snapshot to the restore. The probe ignores SnapStart (it goes straight to
+/// `/invocation/next`): the restore then has nothing to answer and its pending `/next` gets
+/// the invocation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snap_start_child_is_frozen_from_the_snapshot_to_the_restore() {
+    let (emu, _addr) = start(snap_start(RestoredConnections::Survive)).await;
+    within(emu.spawn_function(probe())).await.expect("init");
+    let pid = emu.child_pid().expect("child");
+    assert_eq!(emu.stats().snapshots, 1);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(process_state(pid), Some('T'), "frozen by the snapshot");
+    within(emu.restore()).await.expect("restored");
+    let record = &emu.restores()[0];
+    assert_eq!(record.runtime_ready, Some(record.restored));
+    let kind = within(emu.invoke("env:AWS_LAMBDA_INITIALIZATION_TYPE")).await;
+    assert_eq!(kind.outcome.body(), Some(&Bytes::from("snap-start")));
+    assert_eq!(emu.stats().restores, 1, "one restore per snapshot");
 }

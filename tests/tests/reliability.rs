@@ -36,6 +36,14 @@ async fn report(env: &Env, request_id: &str) -> String {
         .unwrap_or_else(|| panic!("no phase report for {request_id}"))
 }
 
+/// The `spans lost` of a report line (0 when it says none).
+fn spans_lost(line: &str) -> u64 {
+    line.split("; ")
+        .find_map(|part| part.split_once(" spans lost (their export failed)"))
+        .map(|(n, _)| n)
+        .map_or(0, |n| n.trim().parse().expect("a count"))
+}
+
 fn assert_released_in_time(t: &Timeline, what: &str) {
     assert!(!t.timed_out, "{what}: the invocation overran its deadline");
     assert!(
@@ -93,14 +101,20 @@ async fn exporter_500_garbage_or_refused_leaves_the_caller_unaffected() {
             assert!(held < Duration::from_millis(2500), "{label}: held {held:?}");
             let line = report(&env, &hit.request_id).await;
             match label {
-                "500" => assert!(
-                    line.contains("flush tracer provider failed"),
-                    "{label}: the failed flush is reported: {line}"
-                ),
+                "500" => {
+                    assert!(
+                        line.contains("flush tracer provider failed"),
+                        "{label}: the failed flush is reported: {line}"
+                    );
+                    // The invocation span, the handler's and the action's, at least.
+                    let lost = spans_lost(&line);
+                    assert!(lost >= 3, "{label}: lost spans counted: {line}");
+                }
                 "garbage" => {
                     // opentelemetry-otlp 0.33 accepts an undecodable 200: the spans count as
                     // delivered, and the sink recorded them.
                     assert!(line.contains("flush tracer provider ok"), "{line}");
+                    assert_eq!(spans_lost(&line), 0, "{line}");
                     assert!(
                         env.spans_before(&trace, phase_end(&t)).len() >= 3,
                         "{label}: spans delivered"
@@ -474,6 +488,54 @@ async fn registration_connection_closed_falls_back_to_inline() {
     assert!(env.logged("extension registration failed").await);
     assert_eq!(env.logs_matching("extension registration failed").len(), 1);
     assert_eq!(env.emulator.stats().resets, 0);
+}
+
+/// Registration answers after the function stopped waiting for it (register timeout 300 ms,
+/// answer after 1.5 s). Lambda has counted the extension in and ends init, and every
+/// invocation, only once it calls `event/next`: a function that forgot it would hang init to
+/// Lambda's 10 s limit. Init completes as soon as the answer comes, the work runs inline, and
+/// the extension never holds the environment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_answered_after_the_timeout_holds_neither_init_nor_invocations() {
+    let _serial = SERIAL.lock().await;
+    let sink = OtlpSink::start().await.expect("sink");
+    let emulator = Emulator::start(config(5)).await.expect("emulator");
+    emulator
+        .faults()
+        .once(Fault::RegisterAnswerDelay(Duration::from_millis(1500)));
+    let spec = FunctionSpec::new(env!("CARGO_BIN_EXE_fixture"))
+        .env("FIXTURE_MODE", "run")
+        .env("REGISTER_TIMEOUT_MS", "300")
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", sink.endpoint())
+        .env("OTEL_EXPORTER_OTLP_TIMEOUT", "1000")
+        .env("RUST_LOG", "info");
+    let started = Instant::now();
+    emulator.spawn_function(spec).await.expect("init completes");
+    let init = started.elapsed();
+    eprintln!("late registration: init took {init:?}");
+    assert!(init < Duration::from_secs(5), "init took {init:?}");
+    assert_eq!(emulator.extensions().len(), 1, "Lambda counted it in");
+    let env = Env { emulator, sink };
+    assert!(
+        env.logged("registration answered after the register timeout")
+            .await
+    );
+    for _ in 0..3 {
+        let result = env.invoke(json!({ "actions": [{ "name": "a" }] })).await;
+        assert!(result.outcome.is_success(), "{:?}", result.outcome);
+        let t = env.completed(&result.request_id).await;
+        let posted = t.response_posted.expect("posted");
+        assert!(t.mark("end:a").expect("ran") <= posted, "inline");
+        let complete = t.complete.expect("complete");
+        assert!(
+            complete.saturating_duration_since(posted) < Duration::from_millis(250),
+            "the extension held the environment {:?} after the response",
+            complete.saturating_duration_since(posted)
+        );
+    }
+    let stats = env.emulator.stats();
+    assert_eq!(stats.resets, 0);
+    assert_eq!(stats.max_concurrent_event_next_per_extension, 1);
 }
 
 /// Every Extensions API answer is slow (300 ms, then 1.5 s: longer than the wrapper waits for

@@ -1,11 +1,13 @@
 //! A Lambda function for the integration tests, run as a child process of the emulator.
 //!
 //! `FIXTURE_MODE` picks how it is wired: `run` (`Deferred::run`), `start` (`Deferred::start`
-//! and plain `lambda_runtime::run`), `concurrent` (`Deferred::run_concurrent`), `naive` (no
+//! and plain `lambda_runtime::run`), `runtime` (`Deferred::start` and a `Runtime` built with
+//! its layer and SnapStart resource; `FIXTURE_SNAPSTART_RESOURCE=0` leaves the resource out),
+//! `concurrent` (`Deferred::run_concurrent`), `naive` (no
 //! extension: the flush is spawned and the handler returns, the design this library replaces)
 //! or `sync` (flush before returning).
-//! `FLUSH_TIMEOUT_MS` sets the builder's flush timeout; `FLUSH_METRICS=1` adds the meter
-//! provider to the flush. Each invocation's payload is a [`Plan`]:
+//! `FLUSH_TIMEOUT_MS` and `REGISTER_TIMEOUT_MS` set the builder's timeouts; `FLUSH_METRICS=1`
+//! adds the meter provider to the flush. Each invocation's payload is a [`Plan`]:
 //! what the handler does and which actions it defers. Actions post marks to the emulator
 //! (`start:<name>`, `end:<name>`) so tests can order them against the protocol timeline.
 
@@ -218,6 +220,24 @@ async fn mark(request_id: &str, text: &str) {
     }
 }
 
+/// `runtime`: `Deferred::start` and a `lambda_runtime::Runtime` built here, as a function that
+/// keeps its own runtime does: the tracing layer, the deferred layer and the SnapStart resource
+/// (left out with `FIXTURE_SNAPSTART_RESOURCE=0`, to show what it is for).
+async fn own_runtime(deferred: Deferred) -> Result<(), Error> {
+    let handle = deferred.start().await?;
+    let runtime = lambda_runtime::Runtime::new(service_fn(handler))
+        .layer(lambda_runtime::layers::TracingLayer::new())
+        .layer(handle.layer());
+    if std::env::var("FIXTURE_SNAPSTART_RESOURCE").is_ok_and(|v| v == "0") {
+        runtime.run().await
+    } else {
+        runtime
+            .register_snapstart_resource(handle.snapstart_resource())
+            .run()
+            .await
+    }
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     let telemetry = telemetry::init_from_env("fixture")?;
@@ -227,8 +247,15 @@ async fn main() -> Result<(), Error> {
         .and_then(|ms| ms.parse().ok())
         .map_or(Duration::from_secs(10), Duration::from_millis);
     let mut deferred = Deferred::new()
+        .span_export_counts(telemetry.span_counts.clone())
         .flush(tracer.clone())
         .flush_timeout(flush_timeout);
+    if let Some(ms) = std::env::var("REGISTER_TIMEOUT_MS")
+        .ok()
+        .and_then(|ms| ms.parse().ok())
+    {
+        deferred = deferred.register_timeout(Duration::from_millis(ms));
+    }
     // `FLUSH_METRICS=1`: flush the meter provider too (the phase's own histograms).
     if std::env::var("FLUSH_METRICS").is_ok_and(|v| v == "1") {
         deferred = deferred.flush(telemetry.meter_provider.clone());
@@ -236,6 +263,7 @@ async fn main() -> Result<(), Error> {
     match std::env::var("FIXTURE_MODE").as_deref() {
         Ok("run") | Err(_) => deferred.run(service_fn(handler)).await,
         Ok("concurrent") => deferred.run_concurrent(service_fn(handler)).await,
+        Ok("runtime") => own_runtime(deferred).await,
         Ok("start") => {
             deferred.start().await?;
             lambda_runtime::run(service_fn(handler)).await

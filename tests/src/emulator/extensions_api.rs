@@ -91,6 +91,12 @@ pub(crate) async fn register(shared: &Arc<Shared>, req: Request<Incoming>) -> Ha
     }
     let mut response = server::json_response(200, &document);
     server::set_header(&mut response, "lambda-extension-identifier", &id);
+    if let Some(Fault::RegisterAnswerDelay(delay)) = shared
+        .faults
+        .take(|f| matches!(f, Fault::RegisterAnswerDelay(_)))
+    {
+        tokio::time::sleep(delay).await;
+    }
     Ok(response)
 }
 

@@ -20,6 +20,10 @@ pub enum Fault {
     },
     /// `POST /extension/register` closes the connection without an answer.
     RegisterClose,
+    /// `POST /extension/register` registers the extension at once but answers only after this
+    /// delay: Lambda counts the extension in (it must call `event/next` before init ends)
+    /// while the function may have stopped waiting for the answer.
+    RegisterAnswerDelay(Duration),
     /// `GET /event/next` answers this status (JSON error body) instead of the event; the event
     /// is kept, so the next call gets it.
     EventNextStatus(u16),

@@ -13,7 +13,9 @@
 //!   every INVOKE subscriber waits in `event/next`; the next invocation is held until then;
 //! - the caller gets the response as soon as the runtime posts it;
 //! - an idle, complete child is frozen (SIGSTOP) and thawed (SIGCONT) on the next invoke;
-//! - a deadline overrun resets the environment (SIGKILL, init again on the next invoke).
+//! - a deadline overrun resets the environment (SIGKILL, init again on the next invoke);
+//! - with SnapStart, init ends in a snapshot (the child frozen while its runtime waits in
+//!   `/restore/next`) and the first invoke restores it (see [`EmulatorConfig::snap_start`]).
 //!
 //! Everything is recorded: a [`Timeline`] per invocation and [`Stats`]. Faults can be injected
 //! through [`Emulator::faults`].
@@ -38,7 +40,7 @@ use tokio::net::TcpListener;
 use tokio::task::AbortHandle;
 
 pub use faults::{Fault, FaultMode, Faults};
-pub use timeline::{Stats, Timeline};
+pub use timeline::{Restore, Stats, Timeline};
 
 use state::Shared;
 
@@ -67,6 +69,47 @@ pub struct EmulatorConfig {
     /// (default) applies Lambda's rule: 0 ms with no extension, 500 ms with internal
     /// extensions only, 2 s with an external one.
     pub shutdown_grace: Option<Duration>,
+    /// SnapStart (default false). The child gets `AWS_LAMBDA_INITIALIZATION_TYPE=snap-start`;
+    /// init ends when the runtime waits in `GET /runtime/restore/next` (or `/invocation/next`)
+    /// and every extension has called `event/next`; then the snapshot is taken: the child is
+    /// frozen and [`Emulator::spawn_function`] returns. The next [`Emulator::invoke`] (or
+    /// [`Emulator::restore`]) restores it: the connections open at the snapshot are treated as
+    /// [`restored_connections`](Self::restored_connections) says, the child is thawed,
+    /// `/restore/next` is answered, and the restore phase ends with the runtime's first
+    /// `/invocation/next` (within `init_timeout`) or fails with `/restore/error`.
+    ///
+    /// In this mode the emulator also applies RAPID's rule that an extension already waiting in
+    /// `event/next` may not call it again: 403 `Extension.InvalidExtensionState`
+    /// (aws-lambda-runtime-interface-emulator, `core/internalagent_states.go`).
+    pub snap_start: bool,
+    /// What the restore does to the connections open at snapshot time (SnapStart only;
+    /// default [`RestoredConnections::Survive`]).
+    pub restored_connections: RestoredConnections,
+}
+
+/// What a SnapStart restore does to the connections to the emulator that were open when the
+/// snapshot was taken, pending calls included. The runtime's `/restore/next` always survives:
+/// the restore answers it.
+///
+/// AWS does not document this. `Survive` is what Lambda's own Runtime API server does as far as
+/// its open-source code shows: `/restore/next` is answered after the restore on the connection
+/// it came on, and an extension's `event/next` pending at the snapshot is answered by the first
+/// invoke (aws-lambda-runtime-interface-emulator, `rapid/handlers.go`: `handleRestore` releases
+/// the runtime, `doInvoke` the agents). `Close` and `Blackhole` model connections that do not
+/// survive (lambda_runtime resets its pool after a restore because "stale connections to RAPID
+/// won't survive the snapshot"), so a function can be tested against the worst case.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum RestoredConnections {
+    /// They work on: a pending call is answered after the restore.
+    #[default]
+    Survive,
+    /// They are closed at the restore: a pending call fails at once (connection closed
+    /// before the answer), an idle keep-alive connection on its next use.
+    Close,
+    /// They are dead without a sign: never answered, never closed. What is written to them
+    /// goes nowhere; a client without a timeout waits forever.
+    Blackhole,
 }
 
 impl Default for EmulatorConfig {
@@ -79,6 +122,8 @@ impl Default for EmulatorConfig {
             function_name: "test-function".to_owned(),
             managed_instances: None,
             shutdown_grace: None,
+            snap_start: false,
+            restored_connections: RestoredConnections::Survive,
         }
     }
 }
@@ -254,6 +299,10 @@ impl Emulator {
             if let Err(message) = self.shared.ensure_ready().await {
                 return failed(message);
             }
+            // SnapStart: the first invocation after the snapshot restores it.
+            if let Err(message) = self.shared.restore().await {
+                return failed(message);
+            }
             match self.shared.dispatch(payload.clone(), requested, permit) {
                 Ok(dispatched) => {
                     let shared = self.shared.clone();
@@ -276,6 +325,22 @@ impl Emulator {
                 Err(back) => permit = back,
             }
         }
+    }
+
+    /// SnapStart: restores the snapshot now, if one waits (otherwise does nothing), and
+    /// returns once the restore phase is over (the runtime called `/invocation/next`). Fails
+    /// with the restore error (`/restore/error`, an exit, or `init_timeout` elapsed); the next
+    /// `invoke()` then runs init again. `invoke()` restores by itself when needed.
+    pub async fn restore(&self) -> io::Result<()> {
+        let Ok(_permit) = self.shared.slots.clone().acquire_owned().await else {
+            return Err(io::Error::other("the emulator is closed"));
+        };
+        self.shared.restore().await.map_err(io::Error::other)
+    }
+
+    /// Every SnapStart restore so far, in order.
+    pub fn restores(&self) -> Vec<Restore> {
+        self.shared.restores()
     }
 
     /// One timeline per dispatched invocation, in dispatch order.

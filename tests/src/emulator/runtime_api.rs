@@ -1,14 +1,16 @@
 //! Runtime API 2018-06-01: `/runtime/invocation/next`, `/invocation/{id}/response`,
-//! `/invocation/{id}/error`, `/init/error`.
+//! `/invocation/{id}/error`, `/init/error`, and SnapStart's `/restore/next` and
+//! `/restore/error`.
 
 use std::io;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use hyper::Request;
 use hyper::body::Incoming;
 use serde::Deserialize;
 
-use super::server::{self, HandlerResult};
+use super::server::{self, ConnTag, HandlerResult};
 use super::state::{Answer, ApiError, MAX_PAYLOAD, Next, Shared};
 
 /// Hard cap on what is read of a response body: past [`MAX_PAYLOAD`] it is refused anyway,
@@ -32,7 +34,7 @@ pub(crate) async fn next(shared: &Arc<Shared>) -> HandlerResult {
         Ok(Next::Now(event)) => event,
         Ok(Next::Wait(rx)) => {
             // Counts the call as abandoned if hyper drops this future (client gone).
-            let mut abandoned = Abandoned(Some(shared));
+            let mut abandoned = Abandoned(Some((shared, shared.restore_epoch())));
             let event = rx.await;
             abandoned.0 = None;
             event.map_err(|_| io::Error::other("environment reset while waiting in /next"))?
@@ -118,12 +120,55 @@ pub(crate) async fn init_error(shared: &Arc<Shared>, req: Request<Incoming>) -> 
     )
 }
 
-/// Reports a blocked `/next` dropped before its answer.
-struct Abandoned<'a>(Option<&'a Shared>);
+/// `GET /runtime/restore/next` (SnapStart): the runtime's init is done; the call blocks while
+/// the snapshot is taken and is answered (200, empty body) after the restore, on this very
+/// connection (RIE `rapi/handler/restorenext.go`, `rendering.RestoreRenderer`). 403
+/// `InvalidStateTransition` outside SnapStart, or once the runtime has left init.
+pub(crate) async fn restore_next(shared: &Arc<Shared>, conn: &ConnTag) -> HandlerResult {
+    // The restore answers this call, so its connection survives whatever the restore does to
+    // the others.
+    conn.survive();
+    let restored = match shared.runtime_restore_next() {
+        Err(e) => return Ok(server::error(&e)),
+        Ok(rx) => rx,
+    };
+    restored
+        .await
+        .map_err(|_| io::Error::other("environment reset while waiting in /restore/next"))?;
+    let mut response = hyper::Response::new(server::full(Bytes::new()));
+    *response.status_mut() = hyper::StatusCode::OK;
+    Ok(response)
+}
+
+/// `POST /runtime/restore/error` -> 202, and the restore fails (RIE
+/// `rapi/handler/restoreerror.go`); 403 `InvalidStateTransition` unless the runtime is
+/// between the answer to `/restore/next` and its first `/invocation/next`.
+pub(crate) async fn restore_error(shared: &Arc<Shared>, req: Request<Incoming>) -> HandlerResult {
+    let header = error_type_header(&req);
+    let (error_type, error_message) = match server::read_body(req, 1024 * 1024).await? {
+        Ok(body) => parse_error(&body, header),
+        Err(_) => (
+            header.unwrap_or_else(|| "Runtime.AfterRestoreError".to_owned()),
+            String::new(),
+        ),
+    };
+    Ok(
+        match shared.runtime_restore_error(&error_type, &error_message) {
+            Ok(()) => server::accepted(),
+            Err(e) => server::error(&e),
+        },
+    )
+}
+
+/// Reports a blocked `/next` dropped before its answer (unless a SnapStart restore cut it:
+/// the client did not go away).
+struct Abandoned<'a>(Option<(&'a Shared, u64)>);
 
 impl Drop for Abandoned<'_> {
     fn drop(&mut self) {
-        if let Some(shared) = self.0 {
+        if let Some((shared, epoch)) = self.0
+            && !shared.cut_since(epoch)
+        {
             shared.note_abandoned();
         }
     }

@@ -4,6 +4,7 @@ use std::convert::Infallible;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -47,25 +48,103 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let shared = shared.clone();
-                async move { route(&shared, req).await }
+            let conn = Arc::new(ConnTag::new(shared.restore_epoch()));
+            let service = service_fn({
+                let (shared, conn) = (shared.clone(), conn.clone());
+                move |req| {
+                    let (shared, conn) = (shared.clone(), conn.clone());
+                    async move { route_cut(&shared, &conn, req).await }
+                }
             });
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let connection = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                cut = shared.cut(&conn) => {
+                    if let Cut::Blackhole(generation) = cut {
+                        // No longer polled: nothing is read or written, the socket stays open
+                        // until the environment is gone.
+                        shared.generation_ended(generation).await;
+                    }
+                    // Dropping the connection closes its socket.
+                }
+            }
         });
     }
 }
 
-async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> HandlerResult {
+/// A connection, as a SnapStart restore sees it.
+#[derive(Debug)]
+pub(crate) struct ConnTag {
+    /// The restore epoch it was accepted in ([`Shared::restore_epoch`]).
+    pub(crate) epoch: u64,
+    /// It carried the runtime's `/restore/next`, which the restore answers.
+    survives: AtomicBool,
+}
+
+impl ConnTag {
+    fn new(epoch: u64) -> Self {
+        Self {
+            epoch,
+            survives: AtomicBool::new(false),
+        }
+    }
+
+    pub(crate) fn survive(&self) {
+        self.survives.store(true, Ordering::SeqCst);
+    }
+
+    pub(crate) fn survives(&self) -> bool {
+        self.survives.load(Ordering::SeqCst)
+    }
+}
+
+/// How a restore ended a connection open at the snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Cut {
+    /// Closed: the client sees the connection end.
+    Close,
+    /// Silent for good (until this environment generation ends).
+    Blackhole(u64),
+}
+
+/// [`route`], unless a SnapStart restore cut the connection: then a request on it (or one
+/// that was pending at the restore) is never answered (`Blackhole`) or the connection closes
+/// (`Close`).
+async fn route_cut(
+    shared: &Arc<Shared>,
+    conn: &Arc<ConnTag>,
+    req: Request<Incoming>,
+) -> HandlerResult {
+    if let Some(cut) = shared.is_cut(conn) {
+        return dead(shared, cut).await;
+    }
+    let result = route(shared, conn, req).await;
+    match shared.is_cut(conn) {
+        Some(cut) => dead(shared, cut).await,
+        None => result,
+    }
+}
+
+async fn dead(shared: &Shared, cut: Cut) -> HandlerResult {
+    if let Cut::Blackhole(generation) = cut {
+        shared.generation_ended(generation).await;
+    }
+    Err(io::Error::other("connection cut by the SnapStart restore"))
+}
+
+async fn route(shared: &Arc<Shared>, conn: &ConnTag, req: Request<Incoming>) -> HandlerResult {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     if let Some(rest) = path.strip_prefix(RUNTIME) {
         return match (rest, &method) {
             ("/invocation/next", &Method::GET) => runtime_api::next(shared).await,
             ("/init/error", &Method::POST) => runtime_api::init_error(shared, req).await,
-            ("/invocation/next" | "/init/error", _) => Ok(method_not_allowed()),
+            ("/restore/next", &Method::GET) => runtime_api::restore_next(shared, conn).await,
+            ("/restore/error", &Method::POST) => runtime_api::restore_error(shared, req).await,
+            ("/invocation/next" | "/init/error" | "/restore/next" | "/restore/error", _) => {
+                Ok(method_not_allowed())
+            }
             _ => match invocation_path(rest) {
                 Some((id, "response")) if method == Method::POST => {
                     runtime_api::response(shared, &id, req).await

@@ -19,8 +19,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch};
 use super::faults::Faults;
 use super::ids;
 use super::process::{self, ChildProcess, LogSink};
-use super::timeline::{Stats, Timeline};
-use super::{EmulatorConfig, FunctionSpec, InvokeOutcome, ShutdownResult};
+use super::server::{ConnTag, Cut};
+use super::timeline::{Restore, Stats, Timeline};
+use super::{EmulatorConfig, FunctionSpec, InvokeOutcome, RestoredConnections, ShutdownResult};
 
 /// Lambda accepts at most 10 extensions ("Lambda Extensions API": `Extension.TooManyExtensions`;
 /// `core.MaxAgentsAllowed` in aws-lambda-runtime-interface-emulator).
@@ -162,7 +163,12 @@ pub(crate) enum Answer {
 enum Phase {
     /// Registration open or init running: no invocation may be dispatched.
     Init,
-    /// Init complete: invocations are dispatched.
+    /// SnapStart: init complete, the snapshot taken (child frozen); waiting for a restore.
+    Snapshot,
+    /// SnapStart: restored, `/restore/next` answered; the restore phase ends with the
+    /// runtime's first `/invocation/next`.
+    Restoring,
+    /// Init (or the restore) complete: invocations are dispatched.
     Ready,
 }
 
@@ -226,6 +232,14 @@ struct RuntimeSlot {
     called_next: bool,
     waiters: VecDeque<oneshot::Sender<RuntimeEvent>>,
     queue: VecDeque<RuntimeEvent>,
+    /// SnapStart: the runtime waits in `/restore/next`.
+    restore: Option<oneshot::Sender<()>>,
+}
+
+impl RuntimeSlot {
+    fn waits_in_restore_next(&self) -> bool {
+        self.restore.as_ref().is_some_and(|tx| !tx.is_closed())
+    }
 }
 
 #[derive(Debug)]
@@ -275,6 +289,11 @@ struct Inner {
     /// Killed children not yet reaped: a new child is not started before they are gone.
     dying: Vec<watch::Receiver<Option<ExitStatus>>>,
     shutting_down: bool,
+    /// SnapStart: when this generation's snapshot was taken.
+    snapshot: Option<Instant>,
+    /// SnapStart: every restore so far, and the index of this generation's.
+    restores: Vec<Restore>,
+    restore_open: Option<usize>,
 }
 
 /// A dispatched invocation, as `invoke()` waits for it.
@@ -293,6 +312,9 @@ pub(crate) struct InFlight {
     shared: Arc<Shared>,
     pub(crate) id: String,
     pub(crate) generation: u64,
+    /// The restore epoch of the call: a SnapStart restore that cut it already took it off
+    /// the books.
+    epoch: u64,
     answered: bool,
 }
 
@@ -305,6 +327,9 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
+        if self.shared.cut_since(self.epoch) {
+            return;
+        }
         if !self.answered {
             self.shared.note_abandoned();
         }
@@ -328,6 +353,8 @@ pub(crate) struct Shared {
     pub(crate) logs: Arc<LogSink>,
     pub(crate) slots: Arc<Semaphore>,
     changed: watch::Sender<u64>,
+    /// Bumped by every SnapStart restore: connections accepted before it may be cut.
+    restore_epoch: watch::Sender<u64>,
     inner: Mutex<Inner>,
 }
 
@@ -349,6 +376,7 @@ impl Shared {
             logs: Arc::new(LogSink::new()),
             slots: Arc::new(Semaphore::new(permits)),
             changed: watch::channel(0).0,
+            restore_epoch: watch::channel(0).0,
             inner: Mutex::new(Inner {
                 generation: 0,
                 phase: Phase::Init,
@@ -365,6 +393,9 @@ impl Shared {
                 child: None,
                 dying: Vec::new(),
                 shutting_down: false,
+                snapshot: None,
+                restores: Vec::new(),
+                restore_open: None,
             }),
         }
     }
@@ -431,6 +462,17 @@ impl Shared {
         let mut guard = self.lock();
         let inner = &mut *guard;
         inner.runtime.waiters.retain(|w| !w.is_closed());
+        // SnapStart: a runtime waiting in `/restore/next` is in RAPID's RestoreReady state.
+        if inner.runtime.waits_in_restore_next() {
+            return Err(ApiError::runtime_state("RestoreReady", "Ready"));
+        }
+        if inner.phase == Phase::Restoring {
+            // The end of the restore phase (RIE `handleRestore`: AwaitRuntimeReady).
+            inner.phase = Phase::Ready;
+            if let Some(record) = inner.restore_open.and_then(|i| inner.restores.get_mut(i)) {
+                record.runtime_ready = Some(now);
+            }
+        }
         if !managed {
             // One invocation at a time: asking for the next one before answering the current
             // one, or twice at once, is a state error in Lambda's runtime state machine.
@@ -550,7 +592,7 @@ impl Shared {
     ) -> Result<(), ApiError> {
         let mut guard = self.lock();
         let inner = &mut *guard;
-        if inner.runtime.called_next || inner.phase == Phase::Ready {
+        if inner.runtime.called_next || inner.phase != Phase::Init {
             return Err(ApiError::runtime_state("Ready", "InitError"));
         }
         self.fail_init(inner, format!("{error_type}: {message}"));
@@ -657,13 +699,31 @@ impl Shared {
         let inner = &mut *guard;
         let index = Self::find_extension(inner, id, "Ready")?;
         let generation = inner.generation;
+        let epoch = self.restore_epoch();
         let Inner {
             extensions,
             timelines,
             stats,
+            restores,
+            restore_open,
             ..
         } = inner;
         let ext = &mut extensions[index];
+        let record = restore_open.and_then(|i| restores.get_mut(i));
+        // SnapStart mode: RAPID refuses a second `next` from an extension that already waits in
+        // one (its Ready state allows no Ready transition: aws-lambda-runtime-interface-emulator,
+        // core/internalagent_states.go; rapi/handler/agentnext.go answers 403).
+        if self.config.snap_start && ext.waiters.iter().any(|w| !w.is_closed()) {
+            stats.refused_event_next_calls += 1;
+            if let Some(record) = record {
+                record.refused_event_next.push((ext.name.clone(), now));
+            }
+            self.bump();
+            return Err(ApiError::extension_state("Ready", "Ready", id));
+        }
+        if let Some(record) = record {
+            record.event_next.push((ext.name.clone(), now));
+        }
         ext.in_flight += 1;
         stats.event_next_calls += 1;
         stats.max_concurrent_event_next_per_extension = stats
@@ -697,6 +757,7 @@ impl Shared {
             shared: self.clone(),
             id: id.to_owned(),
             generation,
+            epoch,
             answered: false,
         };
         Ok((next, in_flight))
@@ -964,17 +1025,235 @@ impl Shared {
         }
     }
 
-    /// Init completes when the runtime and every registered extension have called next.
+    /// Init completes when the runtime and every registered extension have called next (the
+    /// runtime's next may be `/restore/next`). With SnapStart the snapshot is taken then.
     fn check_init(&self, inner: &mut Inner) {
         if inner.phase == Phase::Init
             && inner.init_error.is_none()
-            && inner.runtime.called_next
+            && (inner.runtime.called_next || inner.runtime.waits_in_restore_next())
             && inner.extensions.iter().all(|e| e.called_next && !e.errored)
         {
-            inner.phase = Phase::Ready;
             inner.stats.inits += 1;
+            if self.config.snap_start {
+                self.take_snapshot(inner);
+            } else {
+                inner.phase = Phase::Ready;
+            }
             self.bump();
         }
+    }
+
+    /// SnapStart: init is complete; Lambda snapshots the environment (RIE
+    /// `doRuntimeDomainInit` returns once the runtime is restore-ready and every extension
+    /// ready). The child is frozen until the restore.
+    fn take_snapshot(&self, inner: &mut Inner) {
+        inner.phase = Phase::Snapshot;
+        inner.snapshot = Some(Instant::now());
+        inner.stats.snapshots += 1;
+        if let Some(child) = inner.child.as_mut().filter(|c| !c.frozen && !c.exited())
+            && process::freeze(child.process.pid)
+        {
+            child.frozen = true;
+        }
+    }
+
+    // ----- SnapStart -------------------------------------------------------------------------
+
+    /// The current restore epoch (bumped by every restore).
+    pub(crate) fn restore_epoch(&self) -> u64 {
+        *self.restore_epoch.borrow()
+    }
+
+    /// Whether a call made in restore epoch `epoch` was cut by a restore since (then the
+    /// restore already took it off the books).
+    pub(crate) fn cut_since(&self, epoch: u64) -> bool {
+        self.restore_epoch() != epoch
+            && self.config.restored_connections != RestoredConnections::Survive
+    }
+
+    /// Whether (and how) a restore cut this connection.
+    pub(crate) fn is_cut(&self, conn: &ConnTag) -> Option<Cut> {
+        if self.restore_epoch() <= conn.epoch || conn.survives() {
+            return None;
+        }
+        match self.config.restored_connections {
+            RestoredConnections::Survive => None,
+            RestoredConnections::Close => Some(Cut::Close),
+            RestoredConnections::Blackhole => Some(Cut::Blackhole(self.lock().generation)),
+        }
+    }
+
+    /// Resolves when a restore cuts this connection (never, if none does).
+    pub(crate) async fn cut(&self, conn: &ConnTag) -> Cut {
+        let mut epochs = self.restore_epoch.subscribe();
+        loop {
+            epochs.borrow_and_update();
+            if let Some(cut) = self.is_cut(conn) {
+                return cut;
+            }
+            if epochs.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+    }
+
+    /// Resolves once environment `generation` is over (reset, shutdown, new spec).
+    pub(crate) async fn generation_ended(&self, generation: u64) {
+        let mut changes = self.changed.subscribe();
+        loop {
+            changes.borrow_and_update();
+            if self.lock().generation != generation {
+                return;
+            }
+            if changes.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+    }
+
+    pub(crate) fn restores(&self) -> Vec<Restore> {
+        self.lock().restores.clone()
+    }
+
+    /// `GET /runtime/restore/next`: the receiver resolves when the restore answers it.
+    pub(crate) fn runtime_restore_next(&self) -> Result<oneshot::Receiver<()>, ApiError> {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let state = if inner.runtime.called_next {
+            "Ready"
+        } else if inner.runtime.waits_in_restore_next() {
+            "RestoreReady"
+        } else if inner.phase == Phase::Init {
+            "Started"
+        } else {
+            "RestoreRunning"
+        };
+        // Outside SnapStart Lambda would never answer it (no restore comes): refused here
+        // instead, so a wrongly configured runtime fails fast.
+        if !self.config.snap_start || state != "Started" {
+            return Err(ApiError::runtime_state(state, "RestoreReady"));
+        }
+        // Registration closes when the runtime is restore-ready (RIE `doRuntimeDomainInit`:
+        // `AwaitRuntimeRestoreReady`, then `registrationService.TurnOff()`).
+        inner.registration_open = false;
+        let (tx, rx) = oneshot::channel();
+        inner.runtime.restore = Some(tx);
+        self.check_init(inner);
+        self.bump();
+        Ok(rx)
+    }
+
+    /// `POST /runtime/restore/error`: the restore fails.
+    pub(crate) fn runtime_restore_error(
+        &self,
+        error_type: &str,
+        message: &str,
+    ) -> Result<(), ApiError> {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        if inner.phase != Phase::Restoring || inner.runtime.called_next {
+            let state = if inner.runtime.waits_in_restore_next() {
+                "RestoreReady"
+            } else if inner.phase == Phase::Init {
+                "Started"
+            } else {
+                "Ready"
+            };
+            return Err(ApiError::runtime_state(state, "RestoreError"));
+        }
+        self.fail_init(inner, format!("{error_type}: {message}"));
+        Ok(())
+    }
+
+    /// Restores the snapshot, if one waits, and waits for the end of the restore phase.
+    pub(crate) async fn restore(&self) -> Result<(), String> {
+        let started = tokio::time::Instant::now();
+        let mut changes = self.changed.subscribe();
+        {
+            let mut guard = self.lock();
+            let inner = &mut *guard;
+            if inner.phase != Phase::Snapshot || inner.shutting_down {
+                return Ok(());
+            }
+            self.begin_restore(inner);
+        }
+        let deadline = started + self.config.init_timeout;
+        loop {
+            {
+                let mut guard = self.lock();
+                let inner = &mut *guard;
+                if let Some(error) = inner.init_error.take() {
+                    return Err(error);
+                }
+                match inner.phase {
+                    Phase::Restoring => {}
+                    // Ready: restored. Init: the restore failed and its error was taken.
+                    _ => return Ok(()),
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    let limit = self.config.init_timeout.as_secs_f64();
+                    self.fail_init(inner, format!("Restore timed out after {limit:.3}s"));
+                    return Err(inner.init_error.take().unwrap_or_default());
+                }
+            }
+            let _ = tokio::time::timeout_at(deadline, changes.changed()).await;
+        }
+    }
+
+    /// Cuts the connections open at the snapshot as configured, thaws the child and answers
+    /// `/restore/next`.
+    fn begin_restore(&self, inner: &mut Inner) {
+        let now = Instant::now();
+        inner.stats.restores += 1;
+        let mut record = Restore {
+            snapshot: inner.snapshot.unwrap_or(now),
+            restored: now,
+            runtime_ready: None,
+            cut_calls: Vec::new(),
+            event_next: Vec::new(),
+            refused_event_next: Vec::new(),
+            error: None,
+        };
+        if self.config.restored_connections != RestoredConnections::Survive {
+            for ext in &mut inner.extensions {
+                let pending = ext.waiters.iter().filter(|w| !w.is_closed()).count();
+                for _ in 0..pending {
+                    record.cut_calls.push(format!("event/next {}", ext.name));
+                }
+                // Never answered (their senders are gone) and no longer counted in flight.
+                ext.waiters.clear();
+                ext.in_flight = 0;
+            }
+            if inner.runtime.waiters.iter().any(|w| !w.is_closed()) {
+                record.cut_calls.push("invocation/next".to_owned());
+            }
+            inner.runtime.waiters.clear();
+        }
+        // Connections accepted before this point belong to the snapshot. (Bumped after the
+        // pending calls are counted: the connection tasks act on it at once.)
+        self.restore_epoch.send_modify(|e| *e += 1);
+        if let Some(child) = inner.child.as_mut().filter(|c| c.frozen) {
+            process::thaw(child.process.pid);
+            child.frozen = false;
+        }
+        inner.restore_open = Some(inner.restores.len());
+        inner.restores.push(record);
+        let answered = inner
+            .runtime
+            .restore
+            .take()
+            .is_some_and(|tx| tx.send(()).is_ok());
+        if answered {
+            inner.phase = Phase::Restoring;
+        } else {
+            // The runtime went to `/invocation/next` without `/restore/next`: RAPID's
+            // `handleRestore` has nothing to release and the restore is over at once.
+            inner.phase = Phase::Ready;
+            if let Some(record) = inner.restores.last_mut() {
+                record.runtime_ready = Some(now);
+            }
+        }
+        self.bump();
     }
 
     // ----- lifecycle -----------------------------------------------------------------------
@@ -984,6 +1263,8 @@ impl Shared {
     fn new_generation(&self, inner: &mut Inner) {
         inner.generation += 1;
         inner.phase = Phase::Init;
+        inner.snapshot = None;
+        inner.restore_open = None;
         inner.registration_open = true;
         inner.runtime = RuntimeSlot::default();
         for ext in inner.extensions.drain(..) {
@@ -1003,6 +1284,11 @@ impl Shared {
 
     /// Init failed: kill the child, forget the generation, and let the waiter report `message`.
     fn fail_init(&self, inner: &mut Inner, message: String) {
+        if matches!(inner.phase, Phase::Snapshot | Phase::Restoring)
+            && let Some(record) = inner.restore_open.and_then(|i| inner.restores.get_mut(i))
+        {
+            record.error = Some(message.clone());
+        }
         inner.stats.init_failures += 1;
         inner.init_error = Some(message);
         Self::kill_child(inner);
@@ -1037,7 +1323,7 @@ impl Shared {
             None => "Runtime exited".to_owned(),
         };
         match inner.phase {
-            Phase::Init => self.fail_init(inner, message),
+            Phase::Init | Phase::Snapshot | Phase::Restoring => self.fail_init(inner, message),
             Phase::Ready => self.reset(inner, ResetCause::RuntimeExited(message)),
         }
     }
@@ -1099,10 +1385,12 @@ impl Shared {
                 env.push(("AWS_LAMBDA_MAX_CONCURRENCY".to_owned(), n.to_string()));
             }
             None => {
-                env.push((
-                    "AWS_LAMBDA_INITIALIZATION_TYPE".to_owned(),
-                    "on-demand".to_owned(),
-                ));
+                let kind = if self.config.snap_start {
+                    "snap-start"
+                } else {
+                    "on-demand"
+                };
+                env.push(("AWS_LAMBDA_INITIALIZATION_TYPE".to_owned(), kind.to_owned()));
                 remove.push("AWS_LAMBDA_MAX_CONCURRENCY");
             }
         }
@@ -1149,7 +1437,8 @@ impl Shared {
                 if let Some(error) = inner.init_error.take() {
                     return Err(error);
                 }
-                if inner.phase == Phase::Ready {
+                // A SnapStart snapshot counts: init is complete, `invoke` restores it.
+                if matches!(inner.phase, Phase::Ready | Phase::Snapshot) {
                     return Ok(());
                 }
                 let mut dying = Vec::new();

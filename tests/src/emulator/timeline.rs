@@ -65,6 +65,33 @@ impl Timeline {
     }
 }
 
+/// One SnapStart snapshot and its restore.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Restore {
+    /// When init completed and the snapshot was taken (the child frozen).
+    pub snapshot: Instant,
+    /// When the restore began: connections cut, child thawed, `/restore/next` answered.
+    pub restored: Instant,
+    /// When the runtime called `/invocation/next` after the restore: the end of the restore
+    /// phase (none yet, or the restore failed).
+    pub runtime_ready: Option<Instant>,
+    /// The calls pending at the snapshot that the restore left dead ([`Close`] or
+    /// [`Blackhole`]): `"event/next <extension name>"`, `"invocation/next"`.
+    ///
+    /// [`Close`]: super::RestoredConnections::Close
+    /// [`Blackhole`]: super::RestoredConnections::Blackhole
+    pub cut_calls: Vec<String>,
+    /// Every `event/next` call accepted after the restore (in this environment), by extension
+    /// name, in order.
+    pub event_next: Vec<(String, Instant)>,
+    /// `event/next` calls refused after the restore with 403 `Extension.InvalidExtensionState`
+    /// because the extension already waited in one, by extension name.
+    pub refused_event_next: Vec<(String, Instant)>,
+    /// Why the restore failed (`/restore/error`, an exit, a timeout), if it did.
+    pub error: Option<String>,
+}
+
 /// Counters over the emulator's whole life.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -94,4 +121,11 @@ pub struct Stats {
     pub freezes: u64,
     /// Times the child was thawed (SIGCONT).
     pub thaws: u64,
+    /// SnapStart snapshots taken (init complete in SnapStart mode).
+    pub snapshots: u64,
+    /// SnapStart restores begun.
+    pub restores: u64,
+    /// `event/next` calls refused because the extension already waited in one (SnapStart
+    /// mode only).
+    pub refused_event_next_calls: u64,
 }

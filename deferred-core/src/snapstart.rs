@@ -1,0 +1,578 @@
+//! SnapStart: keeping the chained `event/next` alive across a snapshot and its restore.
+//!
+//! # What happens around a snapshot
+//!
+//! With SnapStart (`AWS_LAMBDA_INITIALIZATION_TYPE=snap-start`) lambda_runtime 1.5 ends init
+//! with `GET /2018-06-01/runtime/restore/next` instead of the first `invocation/next`: it runs
+//! the `before_snapshot` hooks (LIFO), calls `/restore/next` (which blocks while Lambda takes
+//! the snapshot and answers only after a restore), calls `reset_pool()` on its own API client
+//! ("Stale connections to RAPID won't survive the snapshot"), then runs the `after_restore`
+//! hooks (FIFO) before its first `invocation/next`; an `after_restore` error is reported to
+//! `/restore/error` and ends the runtime (lambda_runtime 1.5.0, `runtime.rs`,
+//! `run_restore_lifecycle`; `snapstart.rs`, `SnapStartResource`).
+//!
+//! Lambda takes the snapshot once init is complete, and init completes only when the runtime
+//! waits in `/restore/next` *and* every extension waits in `event/next` (Runtime Interface
+//! Emulator, `rapid/handlers.go`, `doRuntimeDomainInit`: `AwaitRuntimeRestoreReady`, then
+//! `AwaitAgentsReady`). So the chain's first `event/next` is always in flight across the
+//! snapshot.
+//!
+//! # What can happen to that call
+//!
+//! Whether a connection to the Runtime API that is open at snapshot time still works after the
+//! restore is not documented. The evidence says it does: the runtime's own `/restore/next` is
+//! such a call, and Lambda answers it after the restore (RIE `handleRestore` releases the
+//! runtime, and its `RestoreRenderer` writes the 200 to that pending request); an extension's
+//! pending `event/next` is released by the first invoke (`doInvoke`, `agent.Release()`), and
+//! extensions with no restore handling at all (the Datadog extension's plain `event/next`
+//! loop) run under SnapStart. lambda_runtime nevertheless rebuilds its pool, and a connection
+//! that died would leave the chain waiting forever on a call nobody answers: the first
+//! invocation after the restore would then wait for its INVOKE event, run its work inline and
+//! hold the environment until its deadline. So the chain assumes neither:
+//!
+//! - [`SnapStartHook::after_restore`] bumps a restore counter and waits (at most
+//!   [`SETTLE_TIMEOUT`]) until the chain has settled it, so the runtime asks for its first
+//!   invocation only once the chain is in a known state;
+//! - the chain resets the extension client's pool and sends a *probe*: a fresh `event/next`,
+//!   while the pre-snapshot call is kept;
+//! - if Lambda still holds the pre-snapshot call, the probe is refused at once with 403
+//!   `Extension.InvalidExtensionState` (a second `next` from an extension that already waits
+//!   is a state error: RIE `core/internalagent_states.go`, `Ready()` is allowed only from the
+//!   Registered and Running states; `rapi/handler/agentnext.go`). The chain keeps the old call,
+//!   which gets the first INVOKE event: nothing was lost;
+//! - if the pre-snapshot call fails (its connection was closed), the probe is the call;
+//! - if neither answers within [`PROBE_WINDOW`], the pre-snapshot call is taken for dead
+//!   (a silently dropped connection) and abandoned: the probe, which Lambda accepted, is the
+//!   one call in flight.
+//!
+//! The probe never competes with a live call for an event: no invocation can be dispatched
+//! before the runtime's first `invocation/next`, which lambda_runtime makes only after every
+//! `after_restore` hook has returned (RIE `handleRestore`: `AwaitRuntimeReadyWithDeadline`).
+//! Should a refusal take longer than the window, the live call is dropped and the probe's
+//! late refusal sends the chain to its retry path: the first invocation then runs its work
+//! inline (slower, nothing lost) and the chain re-arms once Lambda has released the dropped
+//! call. A closed pre-snapshot call may also fail before the hook runs, and goes the same
+//! retry path (one warning), cut short by the restore.
+//!
+//! `before_snapshot` is a no-op: the chain's `event/next` must stay in flight across the
+//! snapshot (without it init would not complete), and no invocation, so no deferred work, has
+//! run yet when the snapshot is taken.
+
+use std::future::Future;
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+use lambda_runtime::{BoxFuture, Error, SnapStartResource};
+use tokio::sync::watch;
+
+use crate::core::Core;
+use crate::extension::{ClientError, NextEvent};
+
+/// How long the probe may stay unanswered before the pre-snapshot `event/next` is taken for
+/// dead. A refusal of the probe takes one loopback round trip; the window only delays the
+/// restore when the pre-snapshot call is dead and silent.
+pub(crate) const PROBE_WINDOW: Duration = Duration::from_millis(200);
+
+/// How long `after_restore` waits for the chain to settle a restore. Lambda gives the restore
+/// hooks 10 s ("SnapStart runtime hooks": `SnapStartTimeoutException`).
+pub(crate) const SETTLE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The restores of this process, as the `after_restore` hook announces them and the chain
+/// settles them.
+#[derive(Debug)]
+pub(crate) struct Restores {
+    /// How many restores were announced.
+    announced: watch::Sender<u64>,
+    /// The last restore the chain has settled.
+    settled: watch::Sender<u64>,
+}
+
+static GLOBAL: LazyLock<Arc<Restores>> = LazyLock::new(Restores::new);
+
+impl Restores {
+    pub(crate) fn new() -> Arc<Self> {
+        Arc::new(Self {
+            announced: watch::Sender::new(0),
+            settled: watch::Sender::new(0),
+        })
+    }
+
+    /// The restores of this process (the chain of `Deferred::start` watches these).
+    pub(crate) fn global() -> Arc<Self> {
+        GLOBAL.clone()
+    }
+
+    /// What the chain watches, with every restore announced so far counted as seen.
+    pub(crate) fn watch(self: &Arc<Self>) -> RestoreWatch {
+        let rx = self.announced.subscribe();
+        let seen = *rx.borrow();
+        RestoreWatch {
+            restores: self.clone(),
+            rx,
+            seen,
+        }
+    }
+
+    /// Whether anything (the chain) watches the restores: otherwise nobody holds a call across
+    /// the snapshot and nobody would settle a restore.
+    fn watched(&self) -> bool {
+        self.announced.receiver_count() > 0
+    }
+
+    /// Announces a restore; returns its number.
+    fn announce(&self) -> u64 {
+        let mut number = 0;
+        self.announced.send_modify(|n| {
+            *n += 1;
+            number = *n;
+        });
+        number
+    }
+
+    fn settle(&self, number: u64) {
+        self.settled.send_if_modified(|n| {
+            let newer = number > *n;
+            if newer {
+                *n = number;
+            }
+            newer
+        });
+    }
+
+    /// Waits until restore `number` is settled, at most `timeout`; false on timeout.
+    async fn settled(&self, number: u64, timeout: Duration) -> bool {
+        let mut rx = self.settled.subscribe();
+        tokio::time::timeout(timeout, rx.wait_for(|n| *n >= number))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+}
+
+/// The chain's view of the restores.
+#[derive(Debug)]
+pub(crate) struct RestoreWatch {
+    restores: Arc<Restores>,
+    rx: watch::Receiver<u64>,
+    /// The last restore the chain has acted on.
+    seen: u64,
+}
+
+/// How a probe race ended.
+enum Race<T> {
+    /// The answer for the chain (an event, or an error for its retry path).
+    Done(Result<NextEvent, ClientError>),
+    /// The pre-snapshot call is alive: keep waiting on it.
+    KeepOld,
+    /// The pre-snapshot call is dead: the probe is the call in flight.
+    Replace(T),
+}
+
+impl RestoreWatch {
+    /// Waits until a restore newer than the last one acted on is announced; returns its
+    /// number (without marking it seen). Cancel-safe.
+    pub(crate) async fn changed(&mut self) -> u64 {
+        loop {
+            let number = *self.rx.borrow_and_update();
+            if number > self.seen {
+                return number;
+            }
+            if self.rx.changed().await.is_err() {
+                // The sender lives in a static (or in the test that made it): never here.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// `GET event/next` through `call`, across SnapStart restores: when a restore is announced
+    /// while the call is in flight, `reset_pool` is called and a fresh call races the old one
+    /// (see the module docs). Exactly one call is in flight, except during a probe race.
+    pub(crate) async fn next_event<F, Fut>(
+        &mut self,
+        mut call: F,
+        reset_pool: impl Fn(),
+    ) -> Result<NextEvent, ClientError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<NextEvent, ClientError>>,
+    {
+        // A restore announced while no call was in flight (the chain was holding an event or
+        // backing off): there is nothing to abandon, the next call goes out on a fresh pool.
+        let pending = *self.rx.borrow_and_update();
+        if pending > self.seen {
+            reset_pool();
+            self.seen = pending;
+            self.restores.settle(pending);
+        }
+        let mut current = Box::pin(call());
+        loop {
+            tokio::select! {
+                biased;
+                result = &mut current => return result,
+                number = self.changed() => {
+                    reset_pool();
+                    self.seen = number;
+                    match self.race(&mut current, &mut call).await {
+                        Race::Done(result) => return result,
+                        Race::KeepOld => {}
+                        Race::Replace(probe) => current = probe,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends the probe and decides which call survives; settles the restore either way.
+    async fn race<F, Fut>(
+        &mut self,
+        old: &mut std::pin::Pin<Box<Fut>>,
+        call: &mut F,
+    ) -> Race<std::pin::Pin<Box<Fut>>>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<NextEvent, ClientError>>,
+    {
+        let mut probe = Box::pin(call());
+        let window = tokio::time::sleep(PROBE_WINDOW);
+        tokio::pin!(window);
+        let race = loop {
+            tokio::select! {
+                biased;
+                result = &mut probe => break match result {
+                    Err(error) if refused_as_second_call(&error) => {
+                        tracing::info!(target: "deferred", "SnapStart restore: the event/next in flight at the snapshot survived it; the chain keeps it");
+                        Race::KeepOld
+                    }
+                    // An event (the old call was dead), or an error for the retry path (the
+                    // old call, dead or not, is dropped with this race).
+                    other => Race::Done(other),
+                },
+                result = &mut *old => break match result {
+                    // It cannot come before the runtime's first `next` (see the module
+                    // docs), so the probe was refused or is still on its way.
+                    Ok(event) => Race::Done(Ok(event)),
+                    Err(error) => {
+                        tracing::info!(target: "deferred", %error, "SnapStart restore: the event/next in flight at the snapshot failed; a fresh one replaces it");
+                        Race::Replace(probe)
+                    }
+                },
+                () = &mut window => {
+                    tracing::info!(target: "deferred", window = ?PROBE_WINDOW, "SnapStart restore: the event/next in flight at the snapshot is silent; abandoned for a fresh one");
+                    break Race::Replace(probe);
+                }
+                // Another restore meanwhile (not something Lambda does): settle it with this one.
+                number = self.changed() => self.seen = number,
+            }
+        };
+        self.restores.settle(self.seen);
+        race
+    }
+}
+
+/// Lambda's answer to a second `event/next` while the extension already waits in one.
+fn refused_as_second_call(error: &ClientError) -> bool {
+    matches!(
+        error,
+        ClientError::Api { status: 403, error_type: Some(t), .. } if t == "Extension.InvalidExtensionState"
+    )
+}
+
+/// The SnapStart resource of lambda-deferred: see [`crate::DeferredHandle::snapstart_resource`].
+pub(crate) struct SnapStartHook {
+    core: Arc<Core>,
+    restores: Arc<Restores>,
+}
+
+impl std::fmt::Debug for SnapStartHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SnapStartHook")
+            .field("mode", &self.core.mode)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SnapStartHook {
+    pub(crate) fn new(core: Arc<Core>, restores: Arc<Restores>) -> Self {
+        Self { core, restores }
+    }
+}
+
+impl SnapStartResource for SnapStartHook {
+    /// A no-op: the chain's `event/next` must be in flight when the snapshot is taken (init is
+    /// complete only then), and no deferred work exists before the first invocation.
+    fn before_snapshot(&self) -> BoxFuture<'_, Result<(), Error>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    /// Has the chain reset its pool and re-establish its `event/next`, and waits (bounded)
+    /// until it has. Never fails: an error here would end the runtime, and the worst the chain
+    /// can do is to fall back to running deferred work inline.
+    fn after_restore(&self) -> BoxFuture<'_, Result<(), Error>> {
+        Box::pin(async move {
+            // Nothing watches (no chain, or it stopped; no acknowledging extension either):
+            // nothing holds a call across the snapshot.
+            if !self.restores.watched() {
+                return Ok(());
+            }
+            let number = self.restores.announce();
+            if !self.restores.settled(number, SETTLE_TIMEOUT).await {
+                tracing::warn!(target: "deferred", timeout = ?SETTLE_TIMEOUT, "SnapStart restore: the chain did not re-establish its event/next in time; it goes on in the background");
+            }
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tokio::sync::oneshot;
+
+    use super::*;
+    use crate::core::{Config, Mode};
+    use crate::extension::decode_event;
+
+    type Answer = Result<NextEvent, ClientError>;
+
+    /// Stand-in `event/next` calls: each call registers a sender the test answers through;
+    /// a dropped call shows as a closed sender.
+    #[derive(Clone, Default)]
+    struct Calls(Arc<Mutex<Vec<oneshot::Sender<Answer>>>>);
+
+    impl Calls {
+        fn call(&self) -> impl Future<Output = Answer> + use<> {
+            let (tx, rx) = oneshot::channel();
+            self.0.lock().expect("calls").push(tx);
+            async move {
+                match rx.await {
+                    Ok(answer) => answer,
+                    // Never answered: a call nobody will answer, like a dead connection.
+                    Err(_) => std::future::pending().await,
+                }
+            }
+        }
+
+        fn count(&self) -> usize {
+            self.0.lock().expect("calls").len()
+        }
+
+        fn dropped(&self, i: usize) -> bool {
+            self.0.lock().expect("calls")[i].is_closed()
+        }
+
+        fn answer(&self, i: usize, answer: Answer) {
+            let tx = std::mem::replace(&mut self.0.lock().expect("calls")[i], oneshot::channel().0);
+            let _ = tx.send(answer);
+        }
+
+        async fn wait_for(&self, n: usize) {
+            while self.count() < n {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    }
+
+    fn invoke(request_id: &str) -> Answer {
+        let body = format!(
+            r#"{{"eventType":"INVOKE","deadlineMs":1700000003000,"requestId":"{request_id}"}}"#
+        );
+        decode_event(body.as_bytes())
+    }
+
+    fn request_id(answer: Answer) -> String {
+        match answer.expect("an event") {
+            NextEvent::Invoke(invoke) => invoke.request_id,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn refused() -> Answer {
+        Err(ClientError::Api {
+            status: 403,
+            error_type: Some("Extension.InvalidExtensionState".into()),
+            message: "State transition from Ready to Ready failed".into(),
+        })
+    }
+
+    /// Runs `next_event` on a task; returns its handle and the number of pool resets.
+    fn spawn_next(
+        restores: &Arc<Restores>,
+        calls: &Calls,
+    ) -> (tokio::task::JoinHandle<Answer>, Arc<AtomicUsize>) {
+        let mut watch = restores.watch();
+        let resets = Arc::new(AtomicUsize::new(0));
+        let (calls, counter) = (calls.clone(), resets.clone());
+        let task = tokio::spawn(async move {
+            watch
+                .next_event(
+                    || calls.call(),
+                    || {
+                        counter.fetch_add(1, Ordering::SeqCst);
+                    },
+                )
+                .await
+        });
+        (task, resets)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_restore_the_one_call_is_answered() {
+        let (restores, calls) = (Restores::new(), Calls::default());
+        let (task, resets) = spawn_next(&restores, &calls);
+        calls.wait_for(1).await;
+        calls.answer(0, invoke("req-1"));
+        assert_eq!(request_id(task.await.expect("task")), "req-1");
+        assert_eq!((calls.count(), resets.load(Ordering::SeqCst)), (1, 0));
+    }
+
+    /// Lambda still holds the pre-snapshot call: the probe is refused, the old call is kept
+    /// and gets the first event, and the restore is settled at once (no window).
+    #[tokio::test(start_paused = true)]
+    async fn a_surviving_call_is_kept_when_the_probe_is_refused() {
+        let (restores, calls) = (Restores::new(), Calls::default());
+        let (task, resets) = spawn_next(&restores, &calls);
+        calls.wait_for(1).await;
+        let started = tokio::time::Instant::now();
+        let number = restores.announce();
+        calls.wait_for(2).await;
+        calls.answer(1, refused());
+        assert!(restores.settled(number, Duration::from_secs(5)).await);
+        assert!(started.elapsed() < PROBE_WINDOW, "settled by the refusal");
+        assert!(!calls.dropped(0), "the old call is kept");
+        calls.answer(0, invoke("req-1"));
+        assert_eq!(request_id(task.await.expect("task")), "req-1");
+        assert_eq!((calls.count(), resets.load(Ordering::SeqCst)), (2, 1));
+    }
+
+    /// The pre-snapshot call is silent: after the window it is abandoned and the probe is the
+    /// one call in flight; it gets the first event.
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_call_is_abandoned_after_the_window() {
+        let (restores, calls) = (Restores::new(), Calls::default());
+        let (task, _resets) = spawn_next(&restores, &calls);
+        calls.wait_for(1).await;
+        let started = tokio::time::Instant::now();
+        let number = restores.announce();
+        assert!(restores.settled(number, Duration::from_secs(5)).await);
+        assert!(started.elapsed() >= PROBE_WINDOW);
+        assert_eq!(calls.count(), 2);
+        tokio::task::yield_now().await;
+        assert!(calls.dropped(0), "the dead call is abandoned");
+        assert!(!calls.dropped(1), "the probe is kept");
+        calls.answer(1, invoke("req-1"));
+        assert_eq!(request_id(task.await.expect("task")), "req-1");
+    }
+
+    /// The pre-snapshot call fails (its connection was closed): the probe replaces it at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_call_is_replaced_by_the_probe() {
+        let (restores, calls) = (Restores::new(), Calls::default());
+        let (task, _resets) = spawn_next(&restores, &calls);
+        calls.wait_for(1).await;
+        let number = restores.announce();
+        calls.wait_for(2).await;
+        calls.answer(0, Err(ClientError::Transport("connection closed".into())));
+        assert!(restores.settled(number, Duration::from_millis(1)).await);
+        calls.answer(1, invoke("req-1"));
+        assert_eq!(request_id(task.await.expect("task")), "req-1");
+    }
+
+    /// A probe that fails otherwise goes to the chain's retry path (with the old call dropped).
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_probe_is_the_chains_error() {
+        let (restores, calls) = (Restores::new(), Calls::default());
+        let (task, _resets) = spawn_next(&restores, &calls);
+        calls.wait_for(1).await;
+        restores.announce();
+        calls.wait_for(2).await;
+        calls.answer(1, Err(ClientError::Transport("refused".into())));
+        assert!(matches!(
+            task.await.expect("task"),
+            Err(ClientError::Transport(_))
+        ));
+        assert!(calls.dropped(0));
+    }
+
+    /// A restore announced while no call was in flight: the next call goes out on a fresh
+    /// pool and the restore is settled at once, with no probe.
+    #[tokio::test(start_paused = true)]
+    async fn a_restore_between_calls_resets_the_pool_for_the_next_one() {
+        let (restores, calls) = (Restores::new(), Calls::default());
+        let mut watch = restores.watch();
+        let number = restores.announce();
+        assert_eq!(
+            watch.changed().await,
+            number,
+            "seen by the backoff's select"
+        );
+        let resets = AtomicUsize::new(0);
+        let next = watch.next_event(
+            || calls.call(),
+            || {
+                resets.fetch_add(1, Ordering::SeqCst);
+            },
+        );
+        tokio::pin!(next);
+        assert!(futures_poll_once(next.as_mut()).await.is_none());
+        assert!(restores.settled(number, Duration::from_millis(1)).await);
+        assert_eq!((calls.count(), resets.load(Ordering::SeqCst)), (1, 1));
+        calls.answer(0, invoke("req-1"));
+        assert_eq!(request_id(next.await), "req-1");
+    }
+
+    async fn futures_poll_once<F: Future + Unpin>(mut future: F) -> Option<F::Output> {
+        std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(match std::pin::Pin::new(&mut future).poll(cx) {
+                std::task::Poll::Ready(value) => Some(value),
+                std::task::Poll::Pending => None,
+            })
+        })
+        .await
+    }
+
+    /// `after_restore` returns once the chain has settled the restore, and never fails.
+    #[tokio::test(start_paused = true)]
+    async fn after_restore_waits_for_the_chain() {
+        let (restores, calls) = (Restores::new(), Calls::default());
+        let core = Core::new(Config::default(), Mode::Extension);
+        let hook = SnapStartHook::new(core, restores.clone());
+        let (_task, resets) = spawn_next(&restores, &calls);
+        calls.wait_for(1).await;
+        let started = tokio::time::Instant::now();
+        let restored = tokio::spawn(async move { hook.after_restore().await.is_ok() });
+        calls.wait_for(2).await;
+        calls.answer(1, refused());
+        assert!(restored.await.expect("hook"));
+        assert!(started.elapsed() < PROBE_WINDOW);
+        assert_eq!(resets.load(Ordering::SeqCst), 1);
+    }
+
+    /// A chain that does not settle the restore: the hook gives up after its timeout and still
+    /// succeeds. Without a chain (inline and background modes) it returns at once.
+    #[tokio::test(start_paused = true)]
+    async fn after_restore_is_bounded_and_harmless_without_a_chain() {
+        let restores = Restores::new();
+        let core = Core::new(Config::default(), Mode::Extension);
+        let hook = SnapStartHook::new(core, restores.clone());
+        let stuck = restores.watch();
+        let started = tokio::time::Instant::now();
+        assert!(hook.after_restore().await.is_ok());
+        assert!(started.elapsed() >= SETTLE_TIMEOUT);
+        drop(stuck);
+
+        for mode in [Mode::Inline, Mode::Background] {
+            let restores = Restores::new();
+            let hook = SnapStartHook::new(Core::new(Config::default(), mode), restores.clone());
+            let started = tokio::time::Instant::now();
+            assert!(hook.after_restore().await.is_ok());
+            assert_eq!(started.elapsed(), Duration::ZERO, "{mode:?}");
+            assert_eq!(
+                *restores.announced.borrow(),
+                0,
+                "{mode:?}: nothing announced"
+            );
+            assert!(hook.before_snapshot().await.is_ok());
+        }
+    }
+}
