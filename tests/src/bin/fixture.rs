@@ -14,12 +14,12 @@
 use std::time::Duration;
 
 use deferred_core::{Deferred, defer, deferred_handler};
+use deferred_testkit::mark::mark;
 use deferred_testkit::telemetry;
 use lambda_runtime::{Error, LambdaEvent, service_fn};
 use opentelemetry::trace::TraceContextExt;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
@@ -200,24 +200,6 @@ async fn run_action(action: ActionPlan, request_id: String) -> Result<(), String
     }
     .instrument(span)
     .await
-}
-
-/// Posts a mark to the emulator's test-only endpoint, with a minimal HTTP/1.1 request.
-async fn mark(request_id: &str, text: &str) {
-    let Ok(api) = std::env::var("AWS_LAMBDA_RUNTIME_API") else {
-        return;
-    };
-    let Ok(mut stream) = tokio::net::TcpStream::connect(&api).await else {
-        return;
-    };
-    let request = format!(
-        "POST /__testkit/mark HTTP/1.1\r\nHost: {api}\r\nLambda-Runtime-Aws-Request-Id: {request_id}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
-        text.len()
-    );
-    if stream.write_all(request.as_bytes()).await.is_ok() {
-        let mut answer = Vec::new();
-        let _ = stream.read_to_end(&mut answer).await;
-    }
 }
 
 /// `runtime`: `Deferred::start` and a `lambda_runtime::Runtime` built here, as a function that

@@ -31,6 +31,7 @@ use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
 
 use deferred_core::{Deferred, defer, deferred_handler};
+use deferred_testkit::mark::mark;
 use deferred_testkit::telemetry;
 use lambda_http::http::StatusCode;
 use lambda_http::request::RequestContext;
@@ -40,7 +41,6 @@ use lambda_http::{
 use opentelemetry::trace::TraceContextExt as _;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
@@ -224,24 +224,6 @@ async fn audit(request_id: String, route: String, status: String, ms: u64) {
     }
     .instrument(tracing::info_span!("audit"))
     .await;
-}
-
-/// Posts a mark to the emulator's test-only endpoint, with a minimal HTTP/1.1 request.
-async fn mark(request_id: &str, text: &str) {
-    let Ok(api) = std::env::var("AWS_LAMBDA_RUNTIME_API") else {
-        return;
-    };
-    let Ok(mut stream) = tokio::net::TcpStream::connect(&api).await else {
-        return;
-    };
-    let request = format!(
-        "POST /__testkit/mark HTTP/1.1\r\nHost: {api}\r\nLambda-Runtime-Aws-Request-Id: {request_id}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
-        text.len()
-    );
-    if stream.write_all(request.as_bytes()).await.is_ok() {
-        let mut answer = Vec::new();
-        let _ = stream.read_to_end(&mut answer).await;
-    }
 }
 
 #[tokio::main]
