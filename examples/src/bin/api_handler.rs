@@ -162,6 +162,8 @@ fn telemetry() -> Result<(SdkTracerProvider, SdkMeterProvider), Error> {
 async fn main() -> Result<(), Error> {
     let (tracer_provider, meter_provider) = telemetry()?;
     global::set_meter_provider(meter_provider.clone());
+    // The deferred phase reports itself (`deferred.phase` spans) through the global provider.
+    global::set_tracer_provider(tracer_provider.clone());
 
     // `tracing` spans go to OpenTelemetry; log lines go to stdout (CloudWatch).
     let otel = tracing_opentelemetry::layer()

@@ -224,6 +224,8 @@ mod function {
 
     pub(super) async fn main() -> Result<(), Error> {
         let tracer_provider = tracer_provider()?;
+        // The deferred phase reports itself (`deferred.phase` spans) through the global provider.
+        opentelemetry::global::set_tracer_provider(tracer_provider.clone());
         let otel = tracing_opentelemetry::layer()
             .with_tracer(tracer_provider.tracer("accounts-api"))
             .with_filter(tracing_subscriber::filter::LevelFilter::INFO);
