@@ -108,6 +108,7 @@ async fn exporter_500_garbage_or_refused_leaves_the_caller_unaffected() {
                     );
                     // The invocation span, the handler's and the action's, at least.
                     let lost = spans_lost(&line);
+                    eprintln!("exporter {label}: the report counts {lost} spans lost");
                     assert!(lost >= 3, "{label}: lost spans counted: {line}");
                 }
                 "garbage" => {
@@ -120,11 +121,19 @@ async fn exporter_500_garbage_or_refused_leaves_the_caller_unaffected() {
                         "{label}: spans delivered"
                     );
                 }
-                _ => assert!(
-                    line.contains("flush tracer provider failed")
-                        || line.contains("flush tracer provider abandoned"),
-                    "{label}: the failed flush is reported: {line}"
-                ),
+                _ => {
+                    assert!(
+                        line.contains("flush tracer provider failed")
+                            || line.contains("flush tracer provider abandoned"),
+                        "{label}: the failed flush is reported: {line}"
+                    );
+                    // A refused export fails within the exporter's timeout: counted in this
+                    // report, or in a later one when the flush was abandoned first.
+                    eprintln!(
+                        "exporter {label}: the report counts {} spans lost",
+                        spans_lost(&line)
+                    );
+                }
             }
         }
         // The collector recovers: the next invocation's flush is clean and its spans arrive.
