@@ -37,6 +37,32 @@ use crate::report::PhaseReport;
 ///         .await
 /// }
 /// ```
+///
+/// Outside Lambda (a unit test, a local run) the same setup works: no extension can hold the
+/// environment, so the deferred work runs inline, before the handler returns.
+///
+/// ```
+/// use deferred_core::{ActionOutcome, Deferred, defer, deferred_handler};
+/// use lambda_runtime::{Context, Error, LambdaEvent};
+///
+/// #[deferred_handler]
+/// async fn handler(_event: LambdaEvent<()>) -> Result<(), Error> {
+///     defer!("audit", async {});
+///     Ok(())
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Error> {
+/// let (reports, received) = std::sync::mpsc::channel();
+/// Deferred::new()
+///     .on_report(move |report| reports.send(report.clone()).unwrap())
+///     .start()
+///     .await?;
+/// handler(LambdaEvent::new((), Context::default())).await?;
+/// assert_eq!(received.try_recv()?.actions[0].outcome, ActionOutcome::Ok);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Default)]
 #[must_use = "a Deferred does nothing until `.start()` or `.run(…)`"]
 pub struct Deferred {
@@ -45,6 +71,20 @@ pub struct Deferred {
 
 /// Why [`Deferred::start`] failed. Registration problems are not errors: the core falls back
 /// to running deferred work inline, with one log line.
+///
+/// ```
+/// use deferred_core::{Deferred, StartError};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), StartError> {
+/// Deferred::new().start().await?;
+/// // One core per process: a second start (or run) is refused.
+/// let error = Deferred::new().start().await.unwrap_err();
+/// assert!(matches!(error, StartError::AlreadyStarted));
+/// assert!(error.to_string().contains("already started"));
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum StartError {
@@ -66,27 +106,165 @@ impl fmt::Display for StartError {
 impl std::error::Error for StartError {}
 
 impl Deferred {
-    /// A builder with the defaults: no flushers, `flush_timeout` 10 s, safety margin 100 ms.
+    /// A builder with the defaults: no flushers, `flush_timeout` 10 s, safety margin 100 ms,
+    /// at most 1000 actions per invocation, `shutdown_timeout` 400 ms, SIGTERM handled,
+    /// `register_timeout` 5 s, `unclaimed_window` 500 ms, no report hook, no span counts, phase
+    /// telemetry on.
+    ///
+    /// ```
+    /// use deferred_core::{Deferred, defer, deferred_handler};
+    /// use lambda_runtime::{Context, Error, LambdaEvent};
+    ///
+    /// #[deferred_handler]
+    /// async fn handler(_event: LambdaEvent<()>) -> Result<(), Error> {
+    ///     defer!(async {});
+    ///     Ok(())
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Error> {
+    /// let (reports, received) = std::sync::mpsc::channel();
+    /// Deferred::new()
+    ///     .on_report(move |report| reports.send(report.clone()).unwrap())
+    ///     .start()
+    ///     .await?;
+    /// handler(LambdaEvent::new((), Context::default())).await?;
+    /// let report = received.try_recv()?;
+    /// assert_eq!(report.actions.len(), 1);
+    /// assert!(report.flushes.is_empty()); // no flusher unless you add one
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn new() -> Self {
         Self::default()
     }
 
     /// Flushes `flush` after every invocation, after the deferred actions. Any number of
     /// flushers may be added; they flush concurrently, each on its own blocking thread.
+    ///
+    /// Each is reported on its own, in the order they were added:
+    ///
+    /// ```
+    /// use deferred_core::{Deferred, FlushError, FlushOutcome, deferred_handler, flush_fn};
+    /// use lambda_runtime::{Context, Error, LambdaEvent};
+    /// use opentelemetry_sdk::trace::SdkTracerProvider;
+    ///
+    /// #[deferred_handler]
+    /// async fn handler(_event: LambdaEvent<()>) -> Result<(), Error> {
+    ///     Ok(())
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Error> {
+    /// let tracer_provider = SdkTracerProvider::builder().build();
+    /// let (reports, received) = std::sync::mpsc::channel();
+    /// Deferred::new()
+    ///     .flush(tracer_provider.clone())
+    ///     .flush(flush_fn("statsd", || Ok::<(), FlushError>(())))
+    ///     .on_report(move |report| reports.send(report.clone()).unwrap())
+    ///     .start()
+    ///     .await?;
+    /// handler(LambdaEvent::new((), Context::default())).await?;
+    ///
+    /// let report = received.try_recv()?;
+    /// let names: Vec<_> = report.flushes.iter().map(|f| f.name.as_str()).collect();
+    /// assert_eq!(names, ["tracer provider", "statsd"]);
+    /// assert!(report.flushes.iter().all(|f| f.outcome == FlushOutcome::Ok));
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn flush(mut self, flush: impl Flush) -> Self {
         self.config.flushers.push(Flusher::new(flush));
         self
     }
 
     /// Caps the flush of each phase (default 10 s); `#[deferred_handler(flush_timeout = …)]`
-    /// overrides it per handler.
+    /// overrides it per handler. Values above 15 minutes (Lambda's longest function timeout)
+    /// count as 15 minutes.
+    ///
+    /// A flusher still busy at the timeout is abandoned and reported
+    /// [`TimedOut`](crate::FlushOutcome::TimedOut) (its blocking thread runs on):
+    ///
+    /// ```
+    /// use deferred_core::{
+    ///     CutReason, Deferred, FlushError, FlushOutcome, deferred_handler, flush_fn,
+    /// };
+    /// use lambda_runtime::{Context, Error, LambdaEvent};
+    /// use std::time::Duration;
+    ///
+    /// #[deferred_handler]
+    /// async fn handler(_event: LambdaEvent<()>) -> Result<(), Error> {
+    ///     Ok(())
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Error> {
+    /// let stalled = flush_fn("stalled collector", || {
+    ///     std::thread::sleep(Duration::from_millis(300));
+    ///     Ok::<(), FlushError>(())
+    /// });
+    /// let (reports, received) = std::sync::mpsc::channel();
+    /// Deferred::new()
+    ///     .flush(stalled)
+    ///     .flush_timeout(Duration::from_millis(50))
+    ///     .on_report(move |report| reports.send(report.clone()).unwrap())
+    ///     .start()
+    ///     .await?;
+    /// handler(LambdaEvent::new((), Context::default())).await?;
+    ///
+    /// let report = received.try_recv()?;
+    /// assert_eq!(report.flushes[0].outcome, FlushOutcome::TimedOut);
+    /// assert!(matches!(
+    ///     report.cut[..],
+    ///     [CutReason::FlushBudget { budget }] if budget <= Duration::from_millis(50)
+    /// ));
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn flush_timeout(mut self, timeout: Duration) -> Self {
         self.config.flush_timeout = bounded(timeout);
         self
     }
 
     /// How long before the invocation's deadline the deferred phase must be over (default
-    /// 100 ms). Lambda stops the environment at the deadline, extension time included.
+    /// 100 ms). Lambda stops the environment at the deadline, extension time included. Values
+    /// above 15 minutes count as 15 minutes.
+    ///
+    /// With the deadline 1 s away and a margin of 800 ms, the actions have at most 200 ms:
+    ///
+    /// ```
+    /// use deferred_core::{ActionOutcome, CutReason, Deferred, defer, deferred_handler};
+    /// use lambda_runtime::{Context, Error, LambdaEvent};
+    /// use std::time::{Duration, SystemTime, UNIX_EPOCH};
+    ///
+    /// #[deferred_handler]
+    /// async fn handler(_event: LambdaEvent<()>) -> Result<(), Error> {
+    ///     defer!("slow", tokio::time::sleep(Duration::from_secs(60)));
+    ///     Ok(())
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Error> {
+    /// let (reports, received) = std::sync::mpsc::channel();
+    /// Deferred::new()
+    ///     .safety_margin(Duration::from_millis(800))
+    ///     .on_report(move |report| reports.send(report.clone()).unwrap())
+    ///     .start()
+    ///     .await?;
+    /// let mut context = Context::default();
+    /// let deadline = SystemTime::now().duration_since(UNIX_EPOCH)? + Duration::from_secs(1);
+    /// context.deadline = u64::try_from(deadline.as_millis())?;
+    /// handler(LambdaEvent::new((), context)).await?;
+    ///
+    /// let report = received.try_recv()?;
+    /// assert_eq!(report.actions[0].outcome, ActionOutcome::TimedOut);
+    /// assert!(matches!(
+    ///     report.cut[..],
+    ///     [CutReason::ActionBudget { budget }] if budget <= Duration::from_millis(200)
+    /// ));
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn safety_margin(mut self, margin: Duration) -> Self {
         self.config.safety_margin = bounded(margin);
         self
@@ -94,13 +272,45 @@ impl Deferred {
 
     /// The most actions one invocation may queue (default 1000); `defer!` past it panics,
     /// `try_defer!` returns [`DeferError::QueueFull`](crate::DeferError::QueueFull).
+    ///
+    /// ```
+    /// use deferred_core::{DeferError, Deferred, deferred_handler, try_defer};
+    /// use lambda_runtime::{Context, Error, LambdaEvent};
+    ///
+    /// #[deferred_handler]
+    /// async fn handler(_event: LambdaEvent<()>) -> Result<(), Error> {
+    ///     try_defer!(async {})?;
+    ///     try_defer!(async {})?;
+    ///     let third = try_defer!(async {});
+    ///     assert!(matches!(third, Err(DeferError::QueueFull { limit: 2, .. })));
+    ///     Ok(())
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Error> {
+    /// Deferred::new().max_actions(2).start().await?;
+    /// handler(LambdaEvent::new((), Context::default())).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn max_actions(mut self, limit: usize) -> Self {
         self.config.max_actions = limit;
         self
     }
 
     /// The time allowed for the final flush on SIGTERM (default 400 ms; Lambda kills the
-    /// process 500 ms after SIGTERM when only internal extensions are registered).
+    /// process 500 ms after SIGTERM when only internal extensions are registered). Values above
+    /// 15 minutes count as 15 minutes. It applies only where the core handles SIGTERM: in Lambda,
+    /// with the extension registered or on Lambda Managed Instances (see
+    /// [`handle_sigterm`](Self::handle_sigterm)).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// // Leave 200 ms of the 500 ms to your own exit path.
+    /// let deferred = deferred_core::Deferred::new().shutdown_timeout(Duration::from_millis(300));
+    /// # let _ = deferred;
+    /// ```
     pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
         self.config.shutdown_timeout = bounded(timeout);
         self
@@ -109,7 +319,8 @@ impl Deferred {
     /// How long `start` waits for the extension's registration before it gives up and runs
     /// deferred work inline (default 5 s; Lambda's whole init phase has 10 s). Should the
     /// registration answer later, the extension only acknowledges events from then on, so
-    /// Lambda never waits for it.
+    /// Lambda never waits for it. Values above 15 minutes count as 15 minutes (anything above
+    /// Lambda's 10 s init limit only lets init fail first).
     ///
     /// ```
     /// use std::time::Duration;
@@ -124,6 +335,23 @@ impl Deferred {
 
     /// Whether the core handles SIGTERM with a final flush and exits (default true). Turn it
     /// off when the function handles SIGTERM itself.
+    ///
+    /// ```
+    /// use deferred_core::Deferred;
+    /// use tokio::signal::unix::{SignalKind, signal};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let mut sigterm = signal(SignalKind::terminate())?;
+    /// let _deferred = Deferred::new().handle_sigterm(false).start().await?;
+    /// tokio::spawn(async move {
+    ///     sigterm.recv().await;
+    ///     // Your own shutdown: flush your providers, close connections, then exit.
+    ///     std::process::exit(0);
+    /// });
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn handle_sigterm(mut self, handle: bool) -> Self {
         self.config.handle_sigterm = handle;
         self
@@ -136,7 +364,29 @@ impl Deferred {
     /// that claims its event later runs its deferred work inline. Every invocation that no
     /// `#[deferred_handler]` claims (an undecodable payload, or a handler left undecorated)
     /// holds the environment, billed, for this window; with [`run`](Self::run) the runtime
-    /// layer closes such invocations at once and the window never applies.
+    /// layer closes such invocations at once and the window never applies. Values above 15
+    /// minutes count as 15 minutes.
+    ///
+    /// ```no_run
+    /// use deferred_core::{Deferred, deferred_handler};
+    /// use lambda_runtime::{Error, LambdaEvent, service_fn};
+    /// use serde_json::Value;
+    /// use std::time::Duration;
+    ///
+    /// #[deferred_handler]
+    /// async fn handler(event: LambdaEvent<Value>) -> Result<Value, Error> {
+    ///     Ok(event.payload)
+    /// }
+    ///
+    /// #[tokio::main]
+    /// async fn main() -> Result<(), Error> {
+    ///     let _deferred = Deferred::new()
+    ///         .unclaimed_window(Duration::from_millis(200))
+    ///         .start()
+    ///         .await?;
+    ///     lambda_runtime::run(service_fn(handler)).await // no DeferredLayer: the window applies
+    /// }
+    /// ```
     pub fn unclaimed_window(mut self, window: Duration) -> Self {
         self.config.stray_window = bounded(window);
         self
@@ -144,6 +394,35 @@ impl Deferred {
 
     /// Calls `hook` with the report of every deferred phase (after it is logged), e.g. to
     /// alert on repeated flush failures. It runs on the phase's task: keep it short.
+    ///
+    /// ```
+    /// use deferred_core::{Deferred, defer, deferred_handler};
+    /// use lambda_runtime::{Context, Error, LambdaEvent};
+    /// use std::sync::atomic::{AtomicU64, Ordering};
+    ///
+    /// static UNCLEAN: AtomicU64 = AtomicU64::new(0);
+    ///
+    /// #[deferred_handler]
+    /// async fn handler(_event: LambdaEvent<()>) -> Result<(), Error> {
+    ///     defer!("mail", async { Err::<(), _>("HTTP 503") });
+    ///     Ok(())
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Error> {
+    /// Deferred::new()
+    ///     .on_report(|report| {
+    ///         if !report.is_clean() {
+    ///             UNCLEAN.fetch_add(1, Ordering::Relaxed); // or page someone
+    ///         }
+    ///     })
+    ///     .start()
+    ///     .await?;
+    /// handler(LambdaEvent::new((), Context::default())).await?;
+    /// assert_eq!(UNCLEAN.load(Ordering::Relaxed), 1);
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn on_report(mut self, hook: impl Fn(&PhaseReport) + Send + Sync + 'static) -> Self {
         self.config.on_report = Some(ReportHook(Arc::new(hook)));
         self
@@ -168,10 +447,11 @@ impl Deferred {
 
     /// Whether each phase reports itself through OpenTelemetry's global providers (default
     /// true): a span `deferred.phase` (attributes `faas.invocation_id`,
-    /// `deferred.phase.kind`, `deferred.outcome`, `deferred.cut_reason`) with a child span
-    /// `deferred.action` per action and `deferred.flush` per flusher, and the histograms
-    /// `deferred.phase.duration`, `deferred.action.duration` and `deferred.flush.duration`
-    /// (seconds). Scope `lambda-deferred`.
+    /// `deferred.phase.kind`, `deferred.outcome`, `deferred.cut_reason`, and
+    /// `deferred.spans_lost` with [`span_export_counts`](Self::span_export_counts)) with a
+    /// child span `deferred.action` per action and `deferred.flush` per flusher, and the
+    /// histograms `deferred.phase.duration`, `deferred.action.duration` and
+    /// `deferred.flush.duration` (seconds). Scope `lambda-deferred`.
     ///
     /// They are recorded when the phase is over, so they leave with the *next* phase's
     /// flush (or the final flush on SIGTERM): a phase cannot export its own span. Set the
@@ -193,9 +473,45 @@ impl Deferred {
     /// `lambda_http::run(…)`; otherwise prefer [`run`](Self::run).
     ///
     /// Never fails for lack of Lambda: outside Lambda, or when registration is refused, it
-    /// logs one line and deferred work runs inline before each response.
+    /// logs one line and deferred work runs inline before each response. It fails only when
+    /// called a second time in the process ([`StartError::AlreadyStarted`]).
+    ///
+    /// ```
+    /// use deferred_core::{Deferred, Mode, StartError};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), StartError> {
+    /// let deferred = Deferred::new().start().await?;
+    /// assert_eq!(deferred.mode(), Mode::Inline); // not in Lambda
+    /// assert!(matches!(Deferred::new().start().await, Err(StartError::AlreadyStarted)));
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// With your own `lambda_runtime::run`, call it before:
+    ///
+    /// ```no_run
+    /// use deferred_core::{Deferred, deferred_handler};
+    /// use lambda_runtime::{Error, LambdaEvent, service_fn};
+    /// use serde_json::Value;
+    ///
+    /// #[deferred_handler]
+    /// async fn handler(event: LambdaEvent<Value>) -> Result<Value, Error> {
+    ///     Ok(event.payload)
+    /// }
+    ///
+    /// #[tokio::main]
+    /// async fn main() -> Result<(), Error> {
+    ///     # let tracer_provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+    ///     let _deferred = Deferred::new().flush(tracer_provider).start().await?;
+    ///     lambda_runtime::run(service_fn(handler)).await
+    /// }
+    /// ```
     pub async fn start(self) -> Result<DeferredHandle, StartError> {
-        if Core::global().is_some() {
+        // Claimed before registering: a second, concurrent `start` must not register an
+        // extension that nobody drives (Lambda would hold init for its `event/next`).
+        static STARTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if STARTING.swap(true, std::sync::atomic::Ordering::AcqRel) || Core::global().is_some() {
             return Err(StartError::AlreadyStarted);
         }
         let config = self.config;
@@ -215,8 +531,25 @@ impl Deferred {
     }
 
     /// [`start`](Self::start), then the Lambda runtime loop with `handler`, with the layer that
-    /// starts each deferred phase once the response is out. Same bounds as
-    /// `lambda_runtime::run`.
+    /// starts each deferred phase once the response is out, and with the SnapStart resource
+    /// ([`DeferredHandle::snapstart_resource`]). Same bounds as `lambda_runtime::run`.
+    ///
+    /// ```no_run
+    /// use deferred_core::{Deferred, defer, deferred_handler};
+    /// use lambda_runtime::{Error, LambdaEvent, service_fn};
+    /// use serde_json::{Value, json};
+    ///
+    /// #[deferred_handler]
+    /// async fn handler(event: LambdaEvent<Value>) -> Result<Value, Error> {
+    ///     defer!("audit", async move { /* after the response */ });
+    ///     Ok(json!({ "echo": event.payload }))
+    /// }
+    ///
+    /// #[tokio::main]
+    /// async fn main() -> Result<(), Error> {
+    ///     Deferred::new().run(service_fn(handler)).await
+    /// }
+    /// ```
     pub async fn run<A, F, R, B, S, D, E>(self, handler: F) -> Result<(), lambda_runtime::Error>
     where
         F: Service<LambdaEvent<A>, Response = R>,
@@ -243,7 +576,24 @@ impl Deferred {
     /// Like [`run`](Self::run), but with `lambda_runtime`'s concurrent loop: on Lambda Managed
     /// Instances it serves `AWS_LAMBDA_MAX_CONCURRENCY` invocations at once (deferred work then
     /// runs as background tasks); elsewhere it behaves as `run`. Same bounds as
-    /// `lambda_runtime::run_concurrent`.
+    /// `lambda_runtime::run_concurrent`: the handler must be `Clone + Send`.
+    ///
+    /// ```no_run
+    /// use deferred_core::{Deferred, defer, deferred_handler};
+    /// use lambda_runtime::{Error, LambdaEvent, service_fn};
+    /// use serde_json::Value;
+    ///
+    /// #[deferred_handler]
+    /// async fn handler(event: LambdaEvent<Value>) -> Result<Value, Error> {
+    ///     defer!("audit", async move { /* a background task on Managed Instances */ });
+    ///     Ok(event.payload)
+    /// }
+    ///
+    /// #[tokio::main]
+    /// async fn main() -> Result<(), Error> {
+    ///     Deferred::new().run_concurrent(service_fn(handler)).await
+    /// }
+    /// ```
     pub async fn run_concurrent<A, F, R, B, S, D, E>(
         self,
         handler: F,
@@ -271,19 +621,79 @@ impl Deferred {
 
 /// The started core. Keep it if you build your own `lambda_runtime::Runtime` (add
 /// [`layer`](Self::layer) to it); dropping it changes nothing.
+///
+/// ```
+/// use deferred_core::{Deferred, defer, deferred_handler};
+/// use lambda_runtime::{Context, Error, LambdaEvent};
+///
+/// #[deferred_handler]
+/// async fn handler(_event: LambdaEvent<()>) -> Result<(), Error> {
+///     defer!(async {});
+///     Ok(())
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Error> {
+/// let (reports, received) = std::sync::mpsc::channel();
+/// let handle = Deferred::new()
+///     .on_report(move |report| reports.send(report.actions.len()).unwrap())
+///     .start()
+///     .await?;
+/// drop(handle); // the core stays installed for the process
+/// handler(LambdaEvent::new((), Context::default())).await?;
+/// assert_eq!(received.try_recv()?, 1);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone)]
 pub struct DeferredHandle {
     core: Arc<Core>,
 }
 
 impl DeferredHandle {
-    /// Where deferred work runs in this process.
+    /// Where deferred work runs in this process, decided once by [`Deferred::start`].
+    ///
+    /// ```
+    /// use deferred_core::{Deferred, Mode};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), deferred_core::StartError> {
+    /// let deferred = Deferred::new().start().await?;
+    /// if deferred.mode() != Mode::Extension {
+    ///     eprintln!("no extension: deferred work runs before each response");
+    /// }
+    /// assert_eq!(deferred.mode(), Mode::Inline); // outside Lambda
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn mode(&self) -> Mode {
         self.core.mode
     }
 
     /// The layer that starts each phase after the response is posted. Add it last (outermost)
     /// to your `lambda_runtime::Runtime`.
+    ///
+    /// ```no_run
+    /// use deferred_core::{Deferred, deferred_handler};
+    /// use lambda_runtime::{Error, LambdaEvent, Runtime, service_fn};
+    /// use serde_json::Value;
+    ///
+    /// #[deferred_handler]
+    /// async fn handler(event: LambdaEvent<Value>) -> Result<Value, Error> {
+    ///     Ok(event.payload)
+    /// }
+    ///
+    /// #[tokio::main]
+    /// async fn main() -> Result<(), Error> {
+    ///     let deferred = Deferred::new().start().await?;
+    ///     Runtime::new(service_fn(handler))
+    ///         .layer(lambda_runtime::layers::TracingLayer::new())
+    ///         .layer(deferred.layer()) // last = outermost: phases start after the POST
+    ///         .register_snapstart_resource(deferred.snapstart_resource())
+    ///         .run()
+    ///         .await
+    /// }
+    /// ```
     pub fn layer(&self) -> DeferredLayer {
         DeferredLayer::new(self.core.clone())
     }
@@ -324,8 +734,9 @@ impl DeferredHandle {
     /// (at most 1 s) and never fails; `before_snapshot` does nothing. Without the resource, an
     /// `event/next` whose connection did not survive the snapshot is never answered: the first
     /// invocation after the restore then runs its deferred work inline and holds the
-    /// environment until its deadline. Outside SnapStart, and in the inline and background
-    /// modes, the resource does nothing.
+    /// environment until its deadline. Outside SnapStart, and when nothing holds an
+    /// `event/next` (the inline and background modes, unless a late registration made the
+    /// extension acknowledge events), the resource does nothing.
     pub fn snapstart_resource(&self) -> Arc<dyn lambda_runtime::SnapStartResource> {
         Arc::new(crate::snapstart::SnapStartHook::new(
             self.core.clone(),

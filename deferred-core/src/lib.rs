@@ -63,15 +63,22 @@
 //! - the hook given to [`Deferred::on_report`];
 //! - OpenTelemetry, through the global providers (scope `lambda-deferred`; turned off with
 //!   [`Deferred::phase_telemetry`]): a span `deferred.phase` (attributes `faas.invocation_id`,
-//!   `deferred.phase.kind`, `deferred.outcome`, `deferred.cut_reason`) with a child span
-//!   `deferred.action` per action and `deferred.flush` per flusher, and the histograms
-//!   `deferred.phase.duration`, `deferred.action.duration` and `deferred.flush.duration`
-//!   (seconds).
+//!   `deferred.phase.kind`, `deferred.outcome`, `deferred.cut_reason`, `deferred.spans_lost`)
+//!   with a child span `deferred.action` per action and `deferred.flush` per flusher, and the
+//!   histograms `deferred.phase.duration`, `deferred.action.duration` and
+//!   `deferred.flush.duration` (seconds).
 //!
 //! The spans and metrics are recorded from the report once the phase is over, with its
 //! timestamps. A phase cannot export its own span, since its flush is part of it: the span of
 //! phase N goes out with phase N+1's flush, or with the final flush on SIGTERM. Set the global
 //! providers before the first invocation.
+//!
+//! A failed flush does not say how many spans it lost. Wrap the span exporter in a
+//! [`CountingSpanExporter`] and give its counts to [`Deferred::span_export_counts`]: each report
+//! then carries `spans_lost` ([`PhaseReport::spans_lost`]), the spans whose export failed since
+//! the previous report. Its `deferred.phase` span has it as the attribute `deferred.spans_lost`.
+//! When it is not zero the phase is not clean: its log line is a `warn` with a `spans_lost`
+//! field, and its message ends with "N spans lost (their export failed)".
 //!
 //! # Fallbacks
 //!

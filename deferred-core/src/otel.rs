@@ -203,11 +203,15 @@ fn summary(report: &PhaseReport) -> String {
         .iter()
         .filter(|f| f.outcome != FlushOutcome::Ok)
         .count();
-    format!(
+    let mut summary = format!(
         "{failed_actions} of {} actions and {failed_flushes} of {} flushes did not succeed",
         report.actions.len(),
         report.flushes.len()
-    )
+    );
+    if let Some(lost) = report.spans_lost.filter(|n| *n > 0) {
+        summary.push_str(&format!("; {lost} spans lost"));
+    }
+    summary
 }
 
 fn kind(kind: PhaseKind) -> &'static str {

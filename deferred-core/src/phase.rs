@@ -82,7 +82,7 @@ pub(crate) async fn run(
         Vec::new()
     } else {
         let flush_start = Instant::now();
-        // `checked_add`: a `flush_timeout` of years (from the attribute) must not overflow.
+        // `checked_add`: however long `flush_timeout` is, it must not overflow the clock.
         let flush_end = flush_start
             .checked_add(job.flush_timeout)
             .map_or(budget.end, |end| budget.end.min(end));
@@ -320,8 +320,8 @@ mod tests {
         }
     }
 
-    /// A `flush_timeout` of years (`#[deferred_handler(flush_timeout = "1000years")]`) is
-    /// bounded by the deadline, not an overflow panic.
+    /// A `flush_timeout` too long for the clock (`Duration::MAX`) is bounded by the deadline,
+    /// not an overflow panic.
     #[tokio::test]
     async fn a_huge_flush_timeout_is_bounded_by_the_budget() {
         let flushers = [Flusher::new(flush_fn("f", || Ok::<(), FlushError>(())))];
