@@ -270,22 +270,40 @@ fn proc_stats(pid: Option<u32>) -> (u64, u64) {
     (hwm, ticks)
 }
 
-/// Voluntary + involuntary context switches of every thread of the child so far.
-fn switches(pid: Option<u32>) -> u64 {
+/// The sum over the child's live threads of `parse(/proc/<pid>/task/<tid>/<file>)`.
+fn per_thread(pid: Option<u32>, file: &str, parse: impl Fn(&str) -> u64) -> u64 {
     let Some(pid) = pid else { return 0 };
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return 0;
     };
     tasks
         .flatten()
-        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
-        .flat_map(|s| {
-            s.lines()
-                .filter(|l| l.contains("ctxt_switches:"))
-                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-                .collect::<Vec<_>>()
-        })
+        .filter_map(|t| std::fs::read_to_string(t.path().join(file)).ok())
+        .map(|text| parse(&text))
         .sum()
+}
+
+/// Voluntary + involuntary context switches of every thread of the child so far.
+fn switches(pid: Option<u32>) -> u64 {
+    per_thread(pid, "status", |s| {
+        s.lines()
+            .filter(|l| l.contains("ctxt_switches:"))
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum()
+    })
+}
+
+/// CPU time of every live thread of the child so far, in nanoseconds (the first field of
+/// `schedstat`): exact, where utime + stime count 10 ms ticks. Scenario c's windows are
+/// shorter than tokio's 10 s keep-alive of idle blocking threads, so no thread that ran in
+/// one exits during it.
+fn cpu_ns(pid: Option<u32>) -> u64 {
+    per_thread(pid, "schedstat", |s| {
+        s.split_whitespace()
+            .next()
+            .and_then(|ns| ns.parse().ok())
+            .unwrap_or(0)
+    })
 }
 
 const TICK: Duration = Duration::from_millis(10);
@@ -401,7 +419,7 @@ async fn steady(
 /// Per mode of scenario c: its environment and what was measured so far.
 struct Overhead {
     emulator: Emulator,
-    ticks: u64,
+    cpu_ns: u64,
     busy_time: Duration,
     rates: Vec<f64>,
     latency: Vec<Duration>,
@@ -431,7 +449,7 @@ async fn overhead(
         }
         envs.push(Overhead {
             emulator,
-            ticks: 0,
+            cpu_ns: 0,
             busy_time: Duration::ZERO,
             rates: Vec::new(),
             latency: Vec::new(),
@@ -446,7 +464,7 @@ async fn overhead(
     for _ in 0..ROUNDS {
         for env in &mut envs {
             let emulator = &env.emulator;
-            let (_, ticks0) = proc_stats(emulator.child_pid());
+            let cpu0 = cpu_ns(emulator.child_pid());
             let switches0 = switches(emulator.child_pid());
             let t0 = Instant::now();
             let mut results = Vec::new();
@@ -468,8 +486,7 @@ async fn overhead(
                 })
                 .await;
             let elapsed = t0.elapsed();
-            let (_, ticks1) = proc_stats(emulator.child_pid());
-            env.ticks += ticks1.saturating_sub(ticks0);
+            env.cpu_ns += cpu_ns(emulator.child_pid()).saturating_sub(cpu0);
             env.switches += switches(emulator.child_pid()).saturating_sub(switches0);
             env.busy_time += elapsed;
             env.rates.push(results.len() as f64 / elapsed.as_secs_f64());
@@ -509,7 +526,7 @@ async fn overhead(
         env.emulator.shutdown().await;
         let mut rates = env.rates.clone();
         rates.sort_by(f64::total_cmp);
-        let cpu = TICK * u32::try_from(env.ticks).unwrap_or(u32::MAX);
+        let cpu = Duration::from_nanos(env.cpu_ns);
         rows.push(Row {
             scenario: Scenario::C,
             mode,

@@ -128,7 +128,7 @@ pub(crate) fn targets(rows: &[Row]) -> String {
         let over = run.cpu_per_inv.as_secs_f64() * 1e6 - none.cpu_per_inv.as_secs_f64() * 1e6;
         let _ = writeln!(
             out,
-            "- (c) wrapper CPU overhead under 50 µs per invocation: {:.0} µs - {:.0} µs = {over:.0} µs (10 ms tick resolution over {} invocations): {}",
+            "- (c) wrapper CPU overhead under 50 µs per invocation: {:.0} µs - {:.0} µs = {over:.0} µs (schedstat CPU time of every thread, over {} invocations): {}",
             run.cpu_per_inv.as_secs_f64() * 1e6,
             none.cpu_per_inv.as_secs_f64() * 1e6,
             run.n,
