@@ -271,7 +271,9 @@ impl Deferred {
     }
 
     /// The most actions one invocation may queue (default 1000); `defer!` past it panics,
-    /// `try_defer!` returns [`DeferError::QueueFull`](crate::DeferError::QueueFull).
+    /// `try_defer!` returns [`DeferError::QueueFull`](crate::DeferError::QueueFull). 0 forbids
+    /// deferring altogether (every `defer!` panics). The limit bounds the memory that one
+    /// invocation's queue can hold; each action also holds what its future captured.
     ///
     /// ```
     /// use deferred_core::{DeferError, Deferred, deferred_handler, try_defer};

@@ -90,8 +90,6 @@ enum Decision {
     Run,
     /// Run a phase with no actions (the flush): nobody will claim the invocation.
     Empty(&'static str),
-    /// Wait for a change of state, or until then.
-    Wait(Instant),
     /// The wrapper released the event (it did not match): no phase.
     Released,
 }
@@ -134,10 +132,11 @@ async fn hold(core: &Arc<Core>, event: InvokeEvent) {
             decide(core, state.slot.as_ref(), &request_id, stray_at, phase_end)
         };
         match decision {
-            Decision::Wait(until) => {
+            Ok(decision) => break decision,
+            // Undecided: wait for a change of state, or until then.
+            Err(until) => {
                 let _ = tokio::time::timeout_at(until, rx.changed()).await;
             }
-            other => break other,
         }
     };
 
@@ -151,7 +150,7 @@ async fn hold(core: &Arc<Core>, event: InvokeEvent) {
         }
     });
     let job = match decision {
-        Decision::Released | Decision::Wait(_) => return,
+        Decision::Released => return,
         Decision::Run => job,
         Decision::Empty(why) => {
             tracing::debug!(target: "deferred", request_id, why, "phase without actions");
@@ -169,35 +168,40 @@ async fn hold(core: &Arc<Core>, event: InvokeEvent) {
     core.run_phase(job, PhaseKind::Chained).await;
 }
 
+/// What to do with the held event now; `Err(until)` when it is too early to tell.
 fn decide(
     core: &Core,
     slot: Option<&Slot>,
     request_id: &str,
     stray_at: Instant,
     phase_end: Instant,
-) -> Decision {
+) -> Result<Decision, Instant> {
     let Some(slot) = slot.filter(|slot| slot.event.request_id == request_id) else {
-        return Decision::Released;
+        return Ok(Decision::Released);
     };
     let now = Instant::now();
     let layer = core.layer_installed();
     if slot.job.is_some() && (!layer || slot.responded) {
-        return Decision::Run;
+        return Ok(Decision::Run);
     }
     if layer && slot.responded && !slot.claimed {
-        return Decision::Empty(
+        return Ok(Decision::Empty(
             "the runtime answered without calling the handler (undecodable event?)",
-        );
+        ));
     }
     if !layer && !slot.claimed && now >= stray_at {
-        return Decision::Empty("no handler claimed the invocation in time (undecodable event?)");
+        return Ok(Decision::Empty(
+            "no handler claimed the invocation in time (undecodable event?)",
+        ));
     }
     if now >= phase_end {
-        return Decision::Empty("the invocation reached its deadline before its handler returned");
+        return Ok(Decision::Empty(
+            "the invocation reached its deadline before its handler returned",
+        ));
     }
     if !layer && !slot.claimed {
-        Decision::Wait(stray_at.min(phase_end))
+        Err(stray_at.min(phase_end))
     } else {
-        Decision::Wait(phase_end)
+        Err(phase_end)
     }
 }
