@@ -54,9 +54,10 @@
 //! call. A closed pre-snapshot call may also fail before the hook runs, and goes the same
 //! retry path (one warning), cut short by the restore.
 //!
-//! `before_snapshot` is a no-op: the chain's `event/next` must stay in flight across the
-//! snapshot (without it init would not complete), and no invocation, so no deferred work, has
-//! run yet when the snapshot is taken.
+//! `before_snapshot` flushes what init produced, so that every environment restored from the
+//! snapshot does not export it again. It leaves the chain's `event/next` alone: that call must
+//! stay in flight across the snapshot (without it init would not complete), and no
+//! invocation, so no deferred work, has run yet when the snapshot is taken.
 
 use std::future::Future;
 use std::sync::{Arc, LazyLock};
@@ -297,10 +298,32 @@ impl SnapStartHook {
 }
 
 impl SnapStartResource for SnapStartHook {
-    /// A no-op: the chain's `event/next` must be in flight when the snapshot is taken (init is
+    /// Flushes what init produced, so it is exported once, not once by every environment
+    /// restored from the snapshot (each restored copy would otherwise find the same spans in
+    /// its batch processor). Bounded by `flush_timeout`; never fails. The chain's
+    /// `event/next` stays as it is: it must be in flight when the snapshot is taken (init is
     /// complete only then), and no deferred work exists before the first invocation.
     fn before_snapshot(&self) -> BoxFuture<'_, Result<(), Error>> {
-        Box::pin(async { Ok(()) })
+        Box::pin(async move {
+            let flushers = &self.core.config.flushers;
+            if flushers.is_empty() {
+                return Ok(());
+            }
+            let end = tokio::time::Instant::now() + self.core.config.flush_timeout;
+            let mut cut = Vec::new();
+            let flushes = crate::phase::run_flushes(flushers, end, &mut cut).await;
+            let failed: Vec<_> = flushes
+                .iter()
+                .filter(|f| f.outcome != crate::report::FlushOutcome::Ok)
+                .map(|f| format!("{}: {:?}", f.name, f.outcome))
+                .collect();
+            if failed.is_empty() {
+                tracing::debug!(target: "deferred", "SnapStart: init's telemetry flushed before the snapshot");
+            } else {
+                tracing::warn!(target: "deferred", ?failed, "SnapStart: flush before the snapshot did not succeed; what init buffered may be exported by every restored environment");
+            }
+            Ok(())
+        })
     }
 
     /// Has the chain reset its pool and re-establish its `event/next`, and waits (bounded)

@@ -143,6 +143,28 @@ async fn a_surviving_event_next_is_kept_after_the_restore() {
     assert!(env.logged("survived it; the chain keeps it").await);
 }
 
+/// What init traced is flushed before the snapshot (`before_snapshot`), so it is exported once,
+/// not again by every environment restored from the snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_telemetry_is_flushed_before_the_snapshot() {
+    let env = start(
+        "run",
+        config(RestoredConnections::Survive),
+        &[("FIXTURE_INIT_SPAN", "1")],
+    )
+    .await;
+    // `start` returns once the snapshot is taken: the child is frozen.
+    assert_eq!(env.emulator.stats().snapshots, 1);
+    assert_eq!(
+        env.sink.spans_named("init-work"),
+        1,
+        "init's span must be out before the snapshot"
+    );
+    let result = env.invoke(json!({})).await;
+    env.completed(&result.request_id).await;
+    assert_eq!(env.sink.spans_named("init-work"), 1, "exported once");
+}
+
 /// The connections are closed by the restore: the pre-snapshot call fails at once and a fresh
 /// one replaces it before the first invocation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,7 +7,8 @@
 //! extension: the flush is spawned and the handler returns, the design this library replaces)
 //! or `sync` (flush before returning).
 //! `FLUSH_TIMEOUT_MS` and `REGISTER_TIMEOUT_MS` set the builder's timeouts; `FLUSH_METRICS=1`
-//! adds the meter provider to the flush. Each invocation's payload is a [`Plan`]:
+//! adds the meter provider to the flush; `FIXTURE_INIT_SPAN=1` traces a span `init-work` during
+//! init. Each invocation's payload is a [`Plan`]:
 //! what the handler does and which actions it defers. Actions post marks to the emulator
 //! (`start:<name>`, `end:<name>`) so tests can order them against the protocol timeline.
 
@@ -224,6 +225,10 @@ async fn own_runtime(deferred: Deferred) -> Result<(), Error> {
 async fn main() -> Result<(), Error> {
     let telemetry = telemetry::init_from_env("fixture")?;
     let tracer = telemetry.tracer_provider.clone();
+    // `FIXTURE_INIT_SPAN=1`: init's own work, traced (a SnapStart snapshot must not carry it).
+    if std::env::var("FIXTURE_INIT_SPAN").is_ok_and(|v| v == "1") {
+        tracing::info_span!("init-work").in_scope(|| {});
+    }
     let flush_timeout = std::env::var("FLUSH_TIMEOUT_MS")
         .ok()
         .and_then(|ms| ms.parse().ok())
