@@ -41,12 +41,13 @@ impl Budget {
             // Lambda stops the environment at the deadline, extension time included: the phase
             // must be over before it (Extensions API docs, "Invoke phase").
             Some(deadline) => {
+                // No invocation outlives Lambda's longest timeout: a deadline further away is
+                // bogus (and one too far for `Instant` would overflow), so it is capped.
                 let left = deadline
                     .duration_since(SystemTime::now())
-                    .unwrap_or(Duration::ZERO);
-                // A deadline too far for `Instant` (`+` would panic) is as good as unknown.
-                now.checked_add(left.saturating_sub(margin))
-                    .unwrap_or(now + MAX_FUNCTION_TIMEOUT)
+                    .unwrap_or(Duration::ZERO)
+                    .min(MAX_FUNCTION_TIMEOUT);
+                now + left.saturating_sub(margin)
             }
             None => now + MAX_FUNCTION_TIMEOUT,
         };
@@ -315,9 +316,17 @@ mod tests {
         }
         let unknown = Budget::new(None, Duration::ZERO).end;
         assert!(unknown >= now + MAX_FUNCTION_TIMEOUT);
+        // Further than Lambda's longest timeout is bogus: capped like an unknown deadline.
         if farthest.is_some() {
-            assert!(Budget::new(farthest, Duration::ZERO).end >= unknown);
+            let capped = Budget::new(farthest, Duration::ZERO).end;
+            assert!(capped >= now + MAX_FUNCTION_TIMEOUT);
+            assert!(capped <= Instant::now() + MAX_FUNCTION_TIMEOUT);
         }
+        let in_an_hour = SystemTime::now() + Duration::from_secs(3600);
+        assert!(
+            Budget::new(Some(in_an_hour), Duration::ZERO).end
+                <= Instant::now() + MAX_FUNCTION_TIMEOUT
+        );
     }
 
     /// A `flush_timeout` too long for the clock (`Duration::MAX`) is bounded by the deadline,

@@ -145,8 +145,8 @@ pub fn header_map(data: &[u8]) -> HeaderMap {
 }
 
 /// The deadline → phase budget arithmetic (`Budget::new`): no overflow, and the phase ends
-/// between now and the deadline minus the margin, or within Lambda's longest timeout when the
-/// deadline is unknown.
+/// between now and the deadline minus the margin, the deadline capped at Lambda's longest
+/// timeout (which is also the bound when the deadline is unknown).
 fn phase_budget(deadline: Option<SystemTime>) {
     for margin in MARGINS {
         let (before, wall_before) = (Instant::now(), SystemTime::now());
@@ -161,9 +161,10 @@ fn phase_budget(deadline: Option<SystemTime>) {
                     deadline
                         .duration_since(wall)
                         .unwrap_or(Duration::ZERO)
+                        // No invocation outlives Lambda's longest timeout: capped.
+                        .min(MAX_FUNCTION_TIMEOUT)
                         .saturating_sub(margin)
                 };
-                // Where `Instant` cannot hold the end, the budget falls back to "unknown".
                 if let Some(latest) = after.checked_add(left(wall_before)) {
                     assert!(end <= latest, "the phase ends after the deadline");
                 }
