@@ -87,11 +87,7 @@ pub(crate) async fn run(
         let flush_end = flush_start
             .checked_add(job.flush_timeout)
             .map_or(budget.end, |end| budget.end.min(end));
-        let mut flushes = run_flushes(flushers, flush_end, &mut cut).await;
-        for flush in &mut flushes {
-            flush.offset = flush_start.saturating_duration_since(started);
-        }
-        flushes
+        run_flushes(flushers, flush_end, started, &mut cut).await
     };
 
     PhaseReport {
@@ -204,12 +200,16 @@ const ABORT_GRACE: Duration = Duration::from_millis(20);
 
 /// Runs every flusher at once, each on its own blocking thread, all bounded by `end`: one slow
 /// or failing provider does not hold up or stop the others.
+/// `phase_started` is the start of the phase they belong to, which their offsets count from.
 pub(crate) async fn run_flushes(
     flushers: &[Flusher],
     end: Instant,
+    phase_started: Instant,
     cut: &mut Vec<CutReason>,
 ) -> Vec<FlushReport> {
     let started = Instant::now();
+    // All start together.
+    let offset = started.saturating_duration_since(phase_started);
     let mut running = Vec::with_capacity(flushers.len());
     for flusher in flushers {
         let task = if started >= end {
@@ -244,8 +244,7 @@ pub(crate) async fn run_flushes(
         };
         reports.push(FlushReport {
             name,
-            // All start together; the caller knows when, relative to its phase.
-            offset: Duration::ZERO,
+            offset,
             duration,
             outcome,
         });

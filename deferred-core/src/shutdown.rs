@@ -64,11 +64,7 @@ pub(crate) async fn final_flush(core: &Core) -> PhaseReport {
     background.abort_all();
 
     let mut cut = Vec::new();
-    let flush_started = Instant::now();
-    let mut flushes = run_flushes(&core.config.flushers, end, &mut cut).await;
-    for flush in &mut flushes {
-        flush.offset = flush_started.saturating_duration_since(started);
-    }
+    let flushes = run_flushes(&core.config.flushers, end, started, &mut cut).await;
     // Its own spans and metrics cannot be exported (this was the last flush); its log line,
     // the failure counter and `on_report` still see it.
     core.finish(PhaseReport {

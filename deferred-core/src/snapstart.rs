@@ -309,9 +309,10 @@ impl SnapStartResource for SnapStartHook {
             if flushers.is_empty() {
                 return Ok(());
             }
-            let end = tokio::time::Instant::now() + self.core.config.flush_timeout;
+            let now = tokio::time::Instant::now();
+            let end = now + self.core.config.flush_timeout;
             let mut cut = Vec::new();
-            let flushes = crate::phase::run_flushes(flushers, end, &mut cut).await;
+            let flushes = crate::phase::run_flushes(flushers, end, now, &mut cut).await;
             let failed: Vec<_> = flushes
                 .iter()
                 .filter(|f| f.outcome != crate::report::FlushOutcome::Ok)
