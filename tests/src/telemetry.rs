@@ -242,3 +242,16 @@ pub fn export_timeout_from_env() -> Option<Duration> {
         .ok()
         .map(Duration::from_millis)
 }
+
+/// The OpenTelemetry trace id (32 hex digits) of the current `tracing` span, as the
+/// [`Telemetry::subscriber`] layer assigned it; all zeros outside a span.
+pub fn current_trace_id() -> String {
+    use opentelemetry::trace::TraceContextExt as _;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    tracing::Span::current()
+        .context()
+        .span()
+        .span_context()
+        .trace_id()
+        .to_string()
+}

@@ -16,13 +16,11 @@ use std::time::Duration;
 
 use deferred_core::{Deferred, defer, deferred_handler};
 use deferred_testkit::mark::mark;
-use deferred_testkit::telemetry;
+use deferred_testkit::telemetry::{self, current_trace_id};
 use lambda_runtime::{Error, LambdaEvent, service_fn};
-use opentelemetry::trace::TraceContextExt;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tracing::Instrument;
-use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -164,15 +162,6 @@ async fn work(ms: u64) {
     }
     .instrument(tracing::info_span!("handler-work"))
     .await;
-}
-
-fn current_trace_id() -> String {
-    tracing::Span::current()
-        .context()
-        .span()
-        .span_context()
-        .trace_id()
-        .to_string()
 }
 
 async fn run_action(action: ActionPlan, request_id: String) -> Result<(), String> {

@@ -32,17 +32,15 @@ use std::time::Duration;
 
 use deferred_core::{Deferred, defer, deferred_handler};
 use deferred_testkit::mark::mark;
-use deferred_testkit::telemetry;
+use deferred_testkit::telemetry::{self, current_trace_id};
 use lambda_http::http::StatusCode;
 use lambda_http::request::RequestContext;
 use lambda_http::{
     Adapter, Body, Error, Request, RequestExt, RequestPayloadExt, Response, service_fn,
 };
-use opentelemetry::trace::TraceContextExt as _;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tracing::Instrument as _;
-use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 #[derive(Debug, Clone, Serialize)]
 struct Account {
@@ -201,15 +199,6 @@ fn seen(request: &Request) -> Value {
 
 fn header<'r>(request: &'r Request, name: &str) -> Option<&'r str> {
     request.headers().get(name).and_then(|v| v.to_str().ok())
-}
-
-fn current_trace_id() -> String {
-    tracing::Span::current()
-        .context()
-        .span()
-        .span_context()
-        .trace_id()
-        .to_string()
 }
 
 /// The deferred audit record: marks its start and end on the emulator's timeline.
