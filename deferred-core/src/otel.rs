@@ -8,7 +8,6 @@
 
 use std::borrow::Cow;
 use std::sync::OnceLock;
-use std::time::SystemTime;
 
 use opentelemetry::metrics::Histogram;
 use opentelemetry::trace::{Span as _, SpanKind, Status, TraceContextExt as _};
@@ -171,13 +170,7 @@ where
         }
     }
 
-    parent
-        .span()
-        .end_with_timestamp(at_least(phase_end, report.started));
-}
-
-fn at_least(t: SystemTime, floor: SystemTime) -> SystemTime {
-    if t < floor { floor } else { t }
+    parent.span().end_with_timestamp(phase_end);
 }
 
 /// `ok`, `cut` (something was cut for time or shutdown), or `error` (an action or a flush
@@ -193,19 +186,11 @@ fn phase_outcome(report: &PhaseReport) -> &'static str {
 }
 
 fn summary(report: &PhaseReport) -> String {
-    let failed_actions = report
-        .actions
-        .iter()
-        .filter(|a| a.outcome != ActionOutcome::Ok)
-        .count();
-    let failed_flushes = report
-        .flushes
-        .iter()
-        .filter(|f| f.outcome != FlushOutcome::Ok)
-        .count();
     let mut summary = format!(
-        "{failed_actions} of {} actions and {failed_flushes} of {} flushes did not succeed",
+        "{} of {} actions and {} of {} flushes did not succeed",
+        report.failed_actions(),
         report.actions.len(),
+        report.failed_flushes(),
         report.flushes.len()
     );
     if let Some(lost) = report.spans_lost.filter(|n| *n > 0) {
@@ -275,7 +260,7 @@ fn flush_error(outcome: &FlushOutcome) -> Option<String> {
 mod tests {
     use std::borrow::Cow;
     use std::panic::Location;
-    use std::time::Duration;
+    use std::time::{Duration, SystemTime};
 
     use opentelemetry::trace::{SpanId, Status, TracerProvider as _};
     use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData};

@@ -440,18 +440,25 @@ impl PhaseReport {
             && self.flushed()
     }
 
-    /// Logs the report: `info` when clean, `warn` otherwise.
-    pub(crate) fn emit(&self) {
-        let failed_actions = self
-            .actions
+    /// How many actions did not succeed (failed, panicked, cut or not run).
+    pub(crate) fn failed_actions(&self) -> usize {
+        self.actions
             .iter()
             .filter(|a| a.outcome != ActionOutcome::Ok)
-            .count();
-        let failed_flushes = self
-            .flushes
+            .count()
+    }
+
+    /// How many flushes did not succeed.
+    pub(crate) fn failed_flushes(&self) -> usize {
+        self.flushes
             .iter()
             .filter(|f| f.outcome != FlushOutcome::Ok)
-            .count();
+            .count()
+    }
+
+    /// Logs the report: `info` when clean, `warn` otherwise.
+    pub(crate) fn emit(&self) {
+        let (failed_actions, failed_flushes) = (self.failed_actions(), self.failed_flushes());
         let duration_ms = self.duration.as_secs_f64() * 1e3;
         if self.is_clean() {
             tracing::info!(
