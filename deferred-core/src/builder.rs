@@ -513,7 +513,7 @@ impl Deferred {
         // Claimed before registering: a second, concurrent `start` must not register an
         // extension that nobody drives (Lambda would hold init for its `event/next`).
         static STARTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-        if STARTING.swap(true, std::sync::atomic::Ordering::AcqRel) || Core::global().is_some() {
+        if STARTING.swap(true, std::sync::atomic::Ordering::AcqRel) {
             return Err(StartError::AlreadyStarted);
         }
         let config = self.config;
@@ -804,5 +804,5 @@ fn log_refused(error: &ClientError) {
 /// Lambda's longest function timeout: no setting needs more, and a larger one (`Duration::MAX`)
 /// would overflow the clock arithmetic.
 fn bounded(duration: Duration) -> Duration {
-    duration.min(Duration::from_secs(15 * 60))
+    duration.min(crate::phase::MAX_FUNCTION_TIMEOUT)
 }

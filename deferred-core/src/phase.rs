@@ -14,7 +14,7 @@ use crate::report::{
 use crate::scope::{Queue, with_queue};
 
 /// Lambda's longest function timeout: the bound when an invocation's deadline is unknown.
-const MAX_FUNCTION_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+pub(crate) const MAX_FUNCTION_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 
 /// The work of one invocation, handed from the wrapper to whoever runs the phase.
 #[derive(Debug)]
