@@ -211,8 +211,9 @@ pub(crate) async fn error(
     };
     // The body (an optional error document) is read so the connection stays usable.
     let _ = server::read_body(req, 1024 * 1024).await?;
-    Ok(match shared.extension_error(&id, &error_type, kind) {
-        Ok(()) => server::accepted(),
-        Err(e) => server::error(&e),
-    })
+    Ok(server::accepted_or(shared.extension_error(
+        &id,
+        &error_type,
+        kind,
+    )))
 }

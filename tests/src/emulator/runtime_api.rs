@@ -72,10 +72,7 @@ pub(crate) async fn response(
         Ok(body) => Answer::Response(body),
         Err(declared) => Answer::TooLarge(declared.unwrap_or(READ_CAP + 1)),
     };
-    Ok(match shared.runtime_answer(id, answer) {
-        Ok(()) => server::accepted(),
-        Err(e) => server::error(&e),
-    })
+    Ok(server::accepted_or(shared.runtime_answer(id, answer)))
 }
 
 /// `POST /runtime/invocation/{id}/error` -> 202. The error type comes from the body's
@@ -96,28 +93,28 @@ pub(crate) async fn error(shared: &Arc<Shared>, id: &str, req: Request<Incoming>
         error_type,
         error_message,
     };
-    Ok(match shared.runtime_answer(id, answer) {
-        Ok(()) => server::accepted(),
-        Err(e) => server::error(&e),
+    Ok(server::accepted_or(shared.runtime_answer(id, answer)))
+}
+
+/// The error type and message of an init or restore error (body up to 1 MiB); an oversized
+/// body gives the header's type, else `default_type`, and no message.
+async fn read_error(req: Request<Incoming>, default_type: &str) -> io::Result<(String, String)> {
+    let header = error_type_header(&req);
+    Ok(match server::read_body(req, 1024 * 1024).await? {
+        Ok(body) => parse_error(&body, header),
+        Err(_) => (
+            header.unwrap_or_else(|| default_type.to_owned()),
+            String::new(),
+        ),
     })
 }
 
 /// `POST /runtime/init/error` -> 202, and init fails; 403 once init is over.
 pub(crate) async fn init_error(shared: &Arc<Shared>, req: Request<Incoming>) -> HandlerResult {
-    let header = error_type_header(&req);
-    let (error_type, error_message) = match server::read_body(req, 1024 * 1024).await? {
-        Ok(body) => parse_error(&body, header),
-        Err(_) => (
-            header.unwrap_or_else(|| "Unknown".to_owned()),
-            String::new(),
-        ),
-    };
-    Ok(
-        match shared.runtime_init_error(&error_type, &error_message) {
-            Ok(()) => server::accepted(),
-            Err(e) => server::error(&e),
-        },
-    )
+    let (error_type, error_message) = read_error(req, "Unknown").await?;
+    Ok(server::accepted_or(
+        shared.runtime_init_error(&error_type, &error_message),
+    ))
 }
 
 /// `GET /runtime/restore/next` (SnapStart): the runtime's init is done; the call blocks while
@@ -144,20 +141,10 @@ pub(crate) async fn restore_next(shared: &Arc<Shared>, conn: &ConnTag) -> Handle
 /// `rapi/handler/restoreerror.go`); 403 `InvalidStateTransition` unless the runtime is
 /// between the answer to `/restore/next` and its first `/invocation/next`.
 pub(crate) async fn restore_error(shared: &Arc<Shared>, req: Request<Incoming>) -> HandlerResult {
-    let header = error_type_header(&req);
-    let (error_type, error_message) = match server::read_body(req, 1024 * 1024).await? {
-        Ok(body) => parse_error(&body, header),
-        Err(_) => (
-            header.unwrap_or_else(|| "Runtime.AfterRestoreError".to_owned()),
-            String::new(),
-        ),
-    };
-    Ok(
-        match shared.runtime_restore_error(&error_type, &error_message) {
-            Ok(()) => server::accepted(),
-            Err(e) => server::error(&e),
-        },
-    )
+    let (error_type, error_message) = read_error(req, "Runtime.AfterRestoreError").await?;
+    Ok(server::accepted_or(
+        shared.runtime_restore_error(&error_type, &error_message),
+    ))
 }
 
 /// Reports a blocked `/next` dropped before its answer (unless a SnapStart restore cut it:

@@ -272,8 +272,16 @@ pub(crate) fn error(err: &ApiError) -> Response<Body> {
 }
 
 /// 202 `{"status":"OK"}` (RIE `RenderAccepted`).
-pub(crate) fn accepted() -> Response<Body> {
+fn accepted() -> Response<Body> {
     json_response(202, &json!({ "status": "OK" }))
+}
+
+/// 202 when the state change was taken, else its error.
+pub(crate) fn accepted_or(result: Result<(), ApiError>) -> Response<Body> {
+    match result {
+        Ok(()) => accepted(),
+        Err(e) => error(&e),
+    }
 }
 
 fn not_found() -> Response<Body> {
