@@ -210,30 +210,34 @@ async fn own_runtime(deferred: Deferred) -> Result<(), Error> {
     }
 }
 
+/// The environment variable `name` as a number of milliseconds, if set and valid.
+fn env_ms(name: &str) -> Option<Duration> {
+    let ms = std::env::var(name).ok()?.parse().ok()?;
+    Some(Duration::from_millis(ms))
+}
+
+/// Whether the environment variable `name` is `1`.
+fn env_flag(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| v == "1")
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     let telemetry = telemetry::init_from_env("fixture")?;
     let tracer = telemetry.tracer_provider.clone();
     // `FIXTURE_INIT_SPAN=1`: init's own work, traced (a SnapStart snapshot must not carry it).
-    if std::env::var("FIXTURE_INIT_SPAN").is_ok_and(|v| v == "1") {
+    if env_flag("FIXTURE_INIT_SPAN") {
         tracing::info_span!("init-work").in_scope(|| {});
     }
-    let flush_timeout = std::env::var("FLUSH_TIMEOUT_MS")
-        .ok()
-        .and_then(|ms| ms.parse().ok())
-        .map_or(Duration::from_secs(10), Duration::from_millis);
     let mut deferred = Deferred::new()
         .span_export_counts(telemetry.span_counts.clone())
         .flush(tracer.clone())
-        .flush_timeout(flush_timeout);
-    if let Some(ms) = std::env::var("REGISTER_TIMEOUT_MS")
-        .ok()
-        .and_then(|ms| ms.parse().ok())
-    {
-        deferred = deferred.register_timeout(Duration::from_millis(ms));
+        .flush_timeout(env_ms("FLUSH_TIMEOUT_MS").unwrap_or(Duration::from_secs(10)));
+    if let Some(timeout) = env_ms("REGISTER_TIMEOUT_MS") {
+        deferred = deferred.register_timeout(timeout);
     }
     // `FLUSH_METRICS=1`: flush the meter provider too (the phase's own histograms).
-    if std::env::var("FLUSH_METRICS").is_ok_and(|v| v == "1") {
+    if env_flag("FLUSH_METRICS") {
         deferred = deferred.flush(telemetry.meter_provider.clone());
     }
     match std::env::var("FIXTURE_MODE").as_deref() {
