@@ -10,12 +10,11 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::context::Invocation;
 use crate::core::{Chain, Core, Slot};
+use crate::extension::line::Line;
 use crate::extension::{Client, InvokeEvent, NextEvent};
 use crate::phase::Budget;
-use crate::report::PhaseKind;
-use crate::scope::Queue;
+use crate::runner::Runner;
 use crate::snapstart::Restores;
 
 /// Runs the chain until the process ends (or a SHUTDOWN event arrives).
@@ -23,21 +22,66 @@ pub(crate) async fn drive(core: Arc<Core>, client: Arc<Client>, extension_id: St
     drive_with(core, client, extension_id, Restores::global()).await;
 }
 
-/// [`drive`], watching `restores`: after a SnapStart restore the pool is reset and the
-/// `event/next` in flight at the snapshot is re-established (see `snapstart.rs`).
+/// [`drive`], watching `restores`: after a SnapStart restore the line's connection is
+/// replaced and the `event/next` in flight at the snapshot is re-established (see
+/// `snapstart.rs`).
+///
+/// The chain's task reads the answers to `event/next`; it does not run the phases. A phase
+/// starts where its last condition is met (the layer's `responded`, the wrapper's hand-over,
+/// or this task's timers for a stray or overdue event) and runs on the phase thread, which
+/// then sends the next `event/next` (`runner.rs`). This task wakes only for events, for those
+/// timers, and for the watchdog of a flush that overruns.
 pub(crate) async fn drive_with(
     core: Arc<Core>,
     client: Arc<Client>,
     extension_id: String,
     restores: Arc<Restores>,
 ) {
+    let (authority, prefix) = client.endpoint();
+    let line = Arc::new(Line::new(authority, prefix, &extension_id));
+    let runner = match Runner::start(&core, line.clone()) {
+        Ok(runner) => runner,
+        Err(error) => {
+            core.state.send_modify(|s| s.chain = Chain::Stopped);
+            tracing::error!(target: "deferred", %error, "cannot start the chain's phase thread: deferred work runs inline");
+            return;
+        }
+    };
+    if core.runner.set(runner.clone()).is_err() {
+        return;
+    }
     let mut restores = restores.watch();
     let mut failures: u32 = 0;
     loop {
-        core.state.send_modify(|s| s.chain = Chain::Armed);
-        let next = restores
-            .next_event(|| client.next_event(&extension_id), || client.reset_pool())
-            .await;
+        let next = {
+            let call = restores.next_event(|| line.call(), || line.reset());
+            tokio::pin!(call);
+            loop {
+                let wake = runner.wake_at(held_until(&core));
+                let sleep = async {
+                    match wake {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    biased;
+                    next = &mut call => break next,
+                    () = sleep => {
+                        runner.watchdog(&core).await;
+                        let mut ready = None;
+                        core.state.send_if_modified(|state| {
+                            ready = core.take_ready(state, Instant::now());
+                            false
+                        });
+                        if let Some(ready) = ready {
+                            core.submit(ready);
+                        }
+                    }
+                    () = runner.poke.notified() => {}
+                }
+            }
+        };
         match next {
             Ok(NextEvent::Invoke(event)) => {
                 if failures > 0 {
@@ -48,7 +92,7 @@ pub(crate) async fn drive_with(
                     );
                 }
                 failures = 0;
-                hold(&core, event).await;
+                hold(&core, event, line.seq());
             }
             Ok(NextEvent::Shutdown(event)) => {
                 // Internal extensions cannot subscribe to SHUTDOWN; should one arrive anyway,
@@ -70,13 +114,72 @@ pub(crate) async fn drive_with(
                         "event/next failed: deferred work runs inline until the chain is re-armed"
                     );
                 }
-                // A restore ends the backoff: the retry then goes out on a fresh pool.
+                // A restore ends the backoff: the retry then goes out on a fresh connection.
                 tokio::select! {
                     () = tokio::time::sleep(backoff(failures)) => {}
                     _ = restores.changed() => {}
                 }
+                core.state.send_modify(|s| s.chain = Chain::Armed);
             }
         }
+    }
+}
+
+/// When the held event (if any) must be looked at again by the chain's task: the end of its
+/// stray window without the layer, its phase end, and, as a first look for the watchdog, the
+/// builder's `flush_timeout` after its arrival (a flush cannot end sooner, unless a handler
+/// sets a shorter one: then the phase thread pokes the task).
+fn held_until(core: &Core) -> Option<Instant> {
+    let state = core.state.borrow();
+    let slot = state.slot.as_ref()?;
+    let mut at = slot.phase_end;
+    if !core.layer_installed() && !slot.claimed {
+        at = at.min(slot.stray_at);
+    }
+    if slot.watch_from > Instant::now() {
+        at = at.min(slot.watch_from);
+    }
+    Some(at)
+}
+
+/// Holds an INVOKE event (event `seq` on the line) until its invocation is over: its phase
+/// starts where its last condition is met (see [`decide`]).
+fn hold(core: &Arc<Core>, event: InvokeEvent, seq: u64) {
+    let arrived = Instant::now();
+    let phase_end = Budget::new(Some(event.deadline), core.config.safety_margin).end;
+    let stray_at = arrived + core.config.stray_window;
+    let mut closed_already = false;
+    let mut ready = None;
+    core.state.send_modify(|s| {
+        s.chain = Chain::Holding;
+        let request_id = event.request_id.as_str();
+        if s.was_closed(request_id) {
+            // Its wrapper gave up waiting for this event and ran the work inline.
+            closed_already = true;
+            s.chain = Chain::Armed;
+            return;
+        }
+        let claimed = s.expected.as_deref() == Some(request_id);
+        if claimed {
+            s.expected = None;
+        }
+        let responded = s.responded_early.take_if(|id| id == request_id).is_some();
+        s.slot = Some(Slot {
+            event,
+            seq,
+            stray_at,
+            phase_end,
+            watch_from: arrived + core.config.flush_timeout,
+            claimed,
+            job: None,
+            responded,
+        });
+        ready = core.take_ready(s, arrived);
+    });
+    if closed_already {
+        core.arm(seq);
+    } else if let Some(ready) = ready {
+        core.submit(ready);
     }
 }
 
@@ -85,123 +188,35 @@ pub(crate) fn backoff(failures: u32) -> Duration {
     Duration::from_millis(10u64.saturating_mul(1 << failures.min(7)).min(1000))
 }
 
-enum Decision {
-    /// Run the phase with the wrapper's job.
-    Run,
-    /// Run a phase with no actions (the flush): nobody will claim the invocation.
-    Empty(&'static str),
-    /// The wrapper released the event (it did not match): no phase.
-    Released,
-}
-
-/// Holds an INVOKE event until its invocation is over, then runs its phase.
-async fn hold(core: &Arc<Core>, event: InvokeEvent) {
-    let request_id = event.request_id.clone();
-    let deadline = event.deadline;
-    let arrived = Instant::now();
-    let phase_end = Budget::new(Some(deadline), core.config.safety_margin).end;
-    let stray_at = arrived + core.config.stray_window;
-
-    let mut closed_already = false;
-    core.state.send_modify(|s| {
-        s.chain = Chain::Holding;
-        if s.was_closed(&request_id) {
-            // Its wrapper gave up waiting for this event and ran the work inline.
-            closed_already = true;
-            return;
-        }
-        let claimed = s.expected.as_deref() == Some(request_id.as_str());
-        if claimed {
-            s.expected = None;
-        }
-        s.slot = Some(Slot {
-            event,
-            claimed,
-            job: None,
-            responded: false,
-        });
-    });
-    if closed_already {
-        return;
-    }
-
-    let mut rx = core.state.subscribe();
-    let decision = loop {
-        let decision = {
-            let state = rx.borrow_and_update();
-            decide(core, state.slot.as_ref(), &request_id, stray_at, phase_end)
-        };
-        match decision {
-            Ok(decision) => break decision,
-            // Undecided: wait for a change of state, or until then.
-            Err(until) => {
-                let _ = tokio::time::timeout_at(until, rx.changed()).await;
-            }
-        }
-    };
-
-    let mut job = None;
-    core.state.send_modify(|s| {
-        if let Some(slot) = s.slot.take_if(|slot| slot.event.request_id == request_id) {
-            job = slot.job;
-        }
-        if job.is_none() {
-            s.close(request_id.clone());
-        }
-    });
-    let job = match decision {
-        Decision::Released => return,
-        Decision::Run => job,
-        Decision::Empty(why) => {
-            tracing::debug!(target: "deferred", request_id, why, "phase without actions");
-            job
-        }
-    };
-    // Nobody handed a queue over: a phase with no actions, the flush only.
-    let job = job.unwrap_or_else(|| {
-        let invocation = Invocation {
-            request_id,
-            deadline: Some(deadline),
-        };
-        core.job(&invocation, Queue::new(0), None)
-    });
-    core.run_phase(job, PhaseKind::Chained).await;
-}
-
-/// What to do with the held event now; `Err(until)` when it is too early to tell.
-fn decide(
-    core: &Core,
-    slot: Option<&Slot>,
-    request_id: &str,
-    stray_at: Instant,
-    phase_end: Instant,
-) -> Result<Decision, Instant> {
-    let Some(slot) = slot.filter(|slot| slot.event.request_id == request_id) else {
-        return Ok(Decision::Released);
-    };
-    let now = Instant::now();
-    let layer = core.layer_installed();
+/// Whether the held event's phase can start `now`: `Ok(None)` with the wrapper's job,
+/// `Ok(Some(why))` without one (nobody will hand a job over), `Err(until)` when it is too early
+/// to tell.
+pub(crate) fn decide(
+    layer: bool,
+    slot: &Slot,
+    now: Instant,
+) -> Result<Option<&'static str>, Instant> {
     if slot.job.is_some() && (!layer || slot.responded) {
-        return Ok(Decision::Run);
+        return Ok(None);
     }
     if layer && slot.responded && !slot.claimed {
-        return Ok(Decision::Empty(
+        return Ok(Some(
             "the runtime answered without calling the handler (undecodable event?)",
         ));
     }
-    if !layer && !slot.claimed && now >= stray_at {
-        return Ok(Decision::Empty(
+    if !layer && !slot.claimed && now >= slot.stray_at {
+        return Ok(Some(
             "no handler claimed the invocation in time (undecodable event?)",
         ));
     }
-    if now >= phase_end {
-        return Ok(Decision::Empty(
+    if now >= slot.phase_end {
+        return Ok(Some(
             "the invocation reached its deadline before its handler returned",
         ));
     }
     if !layer && !slot.claimed {
-        Err(stray_at.min(phase_end))
+        Err(slot.stray_at.min(slot.phase_end))
     } else {
-        Err(phase_end)
+        Err(slot.phase_end)
     }
 }

@@ -7,12 +7,14 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use crate::extension::InvokeEvent;
 use crate::flush::Flusher;
 use crate::phase::{self, Budget, Job};
 use crate::report::{PhaseKind, PhaseReport};
-use crate::scope::lock;
+use crate::runner::Runner;
+use crate::scope::{Queue, lock};
 
 /// Settings of the core, fixed at `start`.
 #[derive(Debug, Clone)]
@@ -114,6 +116,16 @@ pub(crate) enum Chain {
 #[derive(Debug)]
 pub(crate) struct Slot {
     pub(crate) event: InvokeEvent,
+    /// The event's number on the chain's line: the token its phase arms the next call with.
+    pub(crate) seq: u64,
+    /// Without the runtime layer: when an unclaimed event is taken for an invocation that no
+    /// wrapper will see.
+    pub(crate) stray_at: Instant,
+    /// When the phase must be over (the deadline minus the safety margin).
+    pub(crate) phase_end: Instant,
+    /// The builder's `flush_timeout` after the event arrived: no flush of its phase can be
+    /// overdue sooner (unless a handler sets a shorter one), so the watchdog looks first then.
+    pub(crate) watch_from: Instant,
     /// A wrapper is running for it.
     pub(crate) claimed: bool,
     /// The wrapper's queue, once the handler has returned.
@@ -130,6 +142,9 @@ pub(crate) struct State {
     pub(crate) expected: Option<String>,
     /// Request ids closed without (or before) their wrapper: a late wrapper runs inline.
     pub(crate) closed: VecDeque<String>,
+    /// The runtime answered this invocation before its INVOKE event reached the chain (the
+    /// handler was never called: an undecodable event).
+    pub(crate) responded_early: Option<String>,
 }
 
 const CLOSED_KEPT: usize = 16;
@@ -145,6 +160,13 @@ impl State {
     pub(crate) fn was_closed(&self, request_id: &str) -> bool {
         self.closed.iter().any(|id| id == request_id)
     }
+}
+
+/// A phase that can start: its job, and the event whose next call it arms.
+#[derive(Debug)]
+pub(crate) struct Ready {
+    pub(crate) job: Job,
+    pub(crate) seq: u64,
 }
 
 /// Where a wrapper's work goes when its handler returns.
@@ -170,7 +192,9 @@ pub(crate) struct Core {
     /// Set on SIGTERM: running phases abandon their action and leave the flush to the final one.
     pub(crate) stopping: watch::Sender<bool>,
     /// Serialises phases with the final flush on SIGTERM.
-    pub(crate) phase_lock: tokio::sync::Mutex<()>,
+    pub(crate) phase_lock: Arc<tokio::sync::Mutex<()>>,
+    /// The chain's phase thread and line, once the chain runs.
+    pub(crate) runner: OnceLock<Arc<Runner>>,
     /// Background phases (Managed Instances) still running, drained on SIGTERM.
     pub(crate) background: std::sync::Mutex<tokio::task::JoinSet<()>>,
 }
@@ -191,12 +215,14 @@ impl Core {
                 slot: None,
                 expected: None,
                 closed: VecDeque::new(),
+                responded_early: None,
             }),
             layer_installed: AtomicBool::new(false),
             flush_failures: AtomicU32::new(0),
             lost_reported: std::sync::atomic::AtomicU64::new(0),
             stopping: watch::Sender::new(false),
-            phase_lock: tokio::sync::Mutex::new(()),
+            phase_lock: Arc::new(tokio::sync::Mutex::new(())),
+            runner: OnceLock::new(),
             background: std::sync::Mutex::new(tokio::task::JoinSet::new()),
         })
     }
@@ -226,6 +252,7 @@ impl Core {
             return Ticket::Inline;
         }
         let mut ticket = Ticket::Chained(request_id.to_owned());
+        let mut release = None;
         // Wake the chain only when its decision depends on the change: with the runtime layer
         // it waits for the response anyway (fewer wake-ups on the hot path).
         let layer = self.layer_installed();
@@ -251,7 +278,9 @@ impl Core {
                          running this invocation's deferred work inline"
                     );
                     let stale = slot.event.request_id.clone();
+                    release = Some(slot.seq);
                     state.slot = None;
+                    state.chain = Chain::Armed;
                     state.close(stale);
                     state.close(request_id.to_owned());
                     ticket = Ticket::Inline;
@@ -268,6 +297,10 @@ impl Core {
                 }
             }
         });
+        // The released event has no phase: the next call may go out now.
+        if let Some(seq) = release {
+            self.arm(seq);
+        }
         ticket
     }
 
@@ -306,7 +339,7 @@ impl Core {
     fn hand_over(&self, request_id: &str, job: Job) -> Option<Job> {
         let mut job = Some(job);
         let mut closed_before = false;
-        let layer = self.layer_installed();
+        let mut ready = None;
         self.state.send_if_modified(|state| {
             if state.expected.as_deref() == Some(request_id) {
                 state.expected = None;
@@ -315,8 +348,9 @@ impl Core {
                 Some(slot) if slot.event.request_id == request_id && slot.job.is_none() => {
                     slot.claimed = true;
                     slot.job = job.take();
-                    // With the layer, the chain starts on `responded`, which comes after this.
-                    !layer || slot.responded
+                    // Without the layer the phase starts now; with it, on `responded`.
+                    ready = self.take_ready(state, Instant::now());
+                    false
                 }
                 _ => {
                     // Too late (the chain closed it) or never arrived: the chain will close
@@ -329,6 +363,9 @@ impl Core {
                 }
             }
         });
+        if let Some(ready) = ready {
+            self.submit(ready);
+        }
         if job.is_some() {
             let why = if closed_before {
                 "its deferred phase was already closed (the deadline minus the safety margin \
@@ -347,13 +384,61 @@ impl Core {
 
     /// Called by the runtime layer once the response is posted and the invocation's span closed.
     pub(crate) fn responded(&self, request_id: &str) {
-        self.state.send_if_modified(|state| match &mut state.slot {
-            Some(slot) if slot.event.request_id == request_id => {
-                slot.responded = true;
-                true
+        let mut ready = None;
+        // Nobody waits on this change: the phase (if it can start) is handed over right here,
+        // so the chain's task is not woken on the path to the next invocation.
+        self.state.send_if_modified(|state| {
+            match &mut state.slot {
+                Some(slot) if slot.event.request_id == request_id => {
+                    slot.responded = true;
+                    ready = self.take_ready(state, Instant::now());
+                }
+                _ => state.responded_early = Some(request_id.to_owned()),
             }
-            _ => false,
+            false
         });
+        if let Some(ready) = ready {
+            self.submit(ready);
+        }
+    }
+
+    /// Takes the held event out of the slot if its phase can start now (see `decide`): the
+    /// wrapper's job, or a flush-only job when no wrapper will hand one over.
+    pub(crate) fn take_ready(&self, state: &mut State, now: Instant) -> Option<Ready> {
+        let slot = state.slot.as_ref()?;
+        let why = crate::chain::decide(self.layer_installed(), slot, now).ok()?;
+        let slot = state.slot.take()?;
+        state.chain = Chain::Armed;
+        let job = match slot.job {
+            Some(job) => job,
+            None => {
+                if let Some(why) = why {
+                    tracing::debug!(target: "deferred", request_id = %slot.event.request_id, why, "phase without actions");
+                }
+                let invocation = crate::context::Invocation {
+                    request_id: slot.event.request_id.clone(),
+                    deadline: Some(slot.event.deadline),
+                };
+                state.close(slot.event.request_id);
+                self.job(&invocation, Queue::new(0), None)
+            }
+        };
+        Some(Ready { job, seq: slot.seq })
+    }
+
+    /// Hands a phase to the chain's phase thread, which arms the next call once it has ended.
+    pub(crate) fn submit(&self, ready: Ready) {
+        match self.runner.get() {
+            Some(runner) => runner.submit(ready.job, ready.seq),
+            None => tracing::error!(target: "deferred", "a chained phase without a chain"),
+        }
+    }
+
+    /// Lets the next `event/next` go out for event `seq`, which has no phase.
+    pub(crate) fn arm(&self, seq: u64) {
+        if let Some(runner) = self.runner.get() {
+            runner.line.arm(seq);
+        }
     }
 
     /// The job of a handler that ran with this queue.
@@ -371,7 +456,7 @@ impl Core {
         }
     }
 
-    fn stop(&self) -> phase::Stop {
+    pub(crate) fn stop(&self) -> phase::Stop {
         phase::Stop::new(self.stopping.subscribe())
     }
 

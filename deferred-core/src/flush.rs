@@ -195,6 +195,9 @@ where
     }
 }
 
+/// What one call of a flush gave, and how long it took.
+pub(crate) type Called = (Result<(), String>, std::time::Duration);
+
 /// A registered flusher and whether a call to it is still running (maybe abandoned).
 #[derive(Clone)]
 pub(crate) struct Flusher {
@@ -223,26 +226,38 @@ impl Flusher {
 
     /// Starts the flush on a blocking thread; `None` while a previous call still runs. The
     /// task yields the flush's result and its own duration.
-    pub(crate) fn start(
-        &self,
-    ) -> Option<tokio::task::JoinHandle<(Result<(), String>, std::time::Duration)>> {
+    pub(crate) fn start(&self) -> Option<tokio::task::JoinHandle<Called>> {
         if self.busy.swap(true, Ordering::AcqRel) {
             return None;
         }
-        let inner = self.inner.clone();
-        let busy = self.busy.clone();
-        Some(tokio::task::spawn_blocking(move || {
-            // Cleared even when the flush panics, so the flusher is not skipped forever.
-            struct Clear(Arc<AtomicBool>);
-            impl Drop for Clear {
-                fn drop(&mut self) {
-                    self.0.store(false, Ordering::Release);
-                }
+        let this = self.clone();
+        Some(tokio::task::spawn_blocking(move || this.call()))
+    }
+
+    /// Runs the flush on this thread (the chain's phase thread, which a watchdog replaces if
+    /// the flush overruns); `None` while a previous call still runs. A panic is caught and
+    /// given as `Err` with its message.
+    pub(crate) fn run_here(&self) -> Option<std::thread::Result<Called>> {
+        if self.busy.swap(true, Ordering::AcqRel) {
+            return None;
+        }
+        Some(std::panic::catch_unwind(std::panic::AssertUnwindSafe(
+            || self.call(),
+        )))
+    }
+
+    /// One call of the flush, `busy` set by the caller.
+    fn call(&self) -> Called {
+        // Cleared even when the flush panics, so the flusher is not skipped forever.
+        struct Clear<'a>(&'a AtomicBool);
+        impl Drop for Clear<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::Release);
             }
-            let _clear = Clear(busy);
-            let started = std::time::Instant::now();
-            let result = inner.flush().map_err(|e| e.to_string());
-            (result, started.elapsed())
-        }))
+        }
+        let _clear = Clear(&self.busy);
+        let started = std::time::Instant::now();
+        let result = self.inner.flush().map_err(|e| e.to_string());
+        (result, started.elapsed())
     }
 }

@@ -104,6 +104,7 @@ mod macros;
 mod otel;
 mod phase;
 mod report;
+mod runner;
 mod scope;
 mod shutdown;
 mod snapstart;

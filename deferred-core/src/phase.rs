@@ -61,8 +61,53 @@ pub(crate) async fn run(
     flushers: &[Flusher],
     budget: Budget,
     kind: PhaseKind,
-    mut stop: Stop,
+    stop: Stop,
 ) -> PhaseReport {
+    let mut staged = run_actions_stage(job, flushers, budget, kind, stop).await;
+    let flushes = match staged.flush_end {
+        Some(end) => run_flushes(flushers, end, staged.started, &mut staged.cut).await,
+        None => Vec::new(),
+    };
+    staged.into_report(flushes)
+}
+
+/// A phase whose actions are done: what its report needs, and when its flushes must end.
+#[derive(Debug)]
+pub(crate) struct Staged {
+    request_id: String,
+    kind: PhaseKind,
+    pub(crate) started: Instant,
+    started_wall: SystemTime,
+    actions: Vec<ActionReport>,
+    pub(crate) cut: Vec<CutReason>,
+    /// When the flushes must be over; `None` when they are left to the final flush (SIGTERM).
+    pub(crate) flush_end: Option<Instant>,
+}
+
+impl Staged {
+    pub(crate) fn into_report(self, flushes: Vec<FlushReport>) -> PhaseReport {
+        PhaseReport {
+            request_id: self.request_id,
+            kind: self.kind,
+            started: self.started_wall,
+            actions: self.actions,
+            flushes,
+            duration: self.started.elapsed(),
+            cut: self.cut,
+            consecutive_flush_failures: 0,
+            spans_lost: None,
+        }
+    }
+}
+
+/// The first part of a phase: the actions, cut before they starve the flush.
+pub(crate) async fn run_actions_stage(
+    job: Job,
+    flushers: &[Flusher],
+    budget: Budget,
+    kind: PhaseKind,
+    mut stop: Stop,
+) -> Staged {
     let started = Instant::now();
     let started_wall = SystemTime::now();
     let mut cut = Vec::new();
@@ -76,30 +121,27 @@ pub(crate) async fn run(
         job.flush_timeout.min(left / 2)
     };
     let actions_end = budget.end.checked_sub(reserve).unwrap_or(started);
-    let actions = run_actions(&job.queue, actions_end, &mut cut, started, &mut stop).await;
-
-    // On shutdown the final flush flushes everything; this phase yields to it at once.
-    let flushes = if stop.is_set() {
+    let actions = if job.queue.len() == 0 {
         Vec::new()
     } else {
-        let flush_start = Instant::now();
-        // `checked_add`: however long `flush_timeout` is, it must not overflow the clock.
-        let flush_end = flush_start
-            .checked_add(job.flush_timeout)
-            .map_or(budget.end, |end| budget.end.min(end));
-        run_flushes(flushers, flush_end, started, &mut cut).await
+        run_actions(&job.queue, actions_end, &mut cut, started, &mut stop).await
     };
 
-    PhaseReport {
+    // On shutdown the final flush flushes everything; this phase yields to it at once.
+    let flush_end = (!stop.is_set()).then(|| {
+        // `checked_add`: however long `flush_timeout` is, it must not overflow the clock.
+        Instant::now()
+            .checked_add(job.flush_timeout)
+            .map_or(budget.end, |end| budget.end.min(end))
+    });
+    Staged {
         request_id: job.request_id,
         kind,
-        started: started_wall,
+        started,
+        started_wall,
         actions,
-        flushes,
-        duration: started.elapsed(),
         cut,
-        consecutive_flush_failures: 0,
-        spans_lost: None,
+        flush_end,
     }
 }
 
@@ -207,33 +249,143 @@ pub(crate) async fn run_flushes(
     phase_started: Instant,
     cut: &mut Vec<CutReason>,
 ) -> Vec<FlushReport> {
+    let running = start_flushes(flushers, end);
+    collect_flushes(running, end, phase_started, cut).await
+}
+
+/// Flushes started on blocking threads (or why one was not), with when they started.
+#[derive(Debug)]
+pub(crate) struct Running {
+    started: Instant,
+    tasks: Vec<(String, Result<FlushTask, String>)>,
+    /// Reports of flushes that ran elsewhere (on the chain's phase thread), listed first.
+    done: Vec<FlushReport>,
+}
+
+type FlushTask = tokio::task::JoinHandle<crate::flush::Called>;
+
+/// Starts every flusher on a blocking thread, all at once.
+pub(crate) fn start_flushes(flushers: &[Flusher], end: Instant) -> Running {
     let started = Instant::now();
-    // All start together.
-    let offset = started.saturating_duration_since(phase_started);
-    let mut running = Vec::with_capacity(flushers.len());
-    for flusher in flushers {
-        let task = if started >= end {
-            Err("no time left before the deadline".to_owned())
-        } else {
-            flusher
-                .start()
-                .ok_or_else(|| "its previous flush is still running".to_owned())
-        };
-        running.push((flusher.name.to_string(), task));
+    let tasks = flushers
+        .iter()
+        .map(|flusher| {
+            let task = if started >= end {
+                Err("no time left before the deadline".to_owned())
+            } else {
+                flusher
+                    .start()
+                    .ok_or_else(|| "its previous flush is still running".to_owned())
+            };
+            (flusher.name.to_string(), task)
+        })
+        .collect();
+    Running {
+        started,
+        tasks,
+        done: Vec::new(),
     }
-    let mut reports = Vec::with_capacity(running.len());
-    let mut timed_out = false;
-    for (name, task) in running {
+}
+
+impl Running {
+    /// Adds the report of a flush that ran elsewhere (on the chain's phase thread).
+    pub(crate) fn add_done(&mut self, report: FlushReport) {
+        self.done.push(report);
+    }
+
+    /// The reports as things stand, without waiting: what has not finished timed out. For the
+    /// watchdog that abandons a phase whose flush on the phase thread overran; `inline` names
+    /// that flush.
+    pub(crate) async fn abandon(
+        self,
+        inline: &str,
+        phase_started: Instant,
+        cut: &mut Vec<CutReason>,
+    ) -> Vec<FlushReport> {
+        let offset = self.started.saturating_duration_since(phase_started);
+        let mut reports = vec![FlushReport {
+            name: inline.to_owned(),
+            offset,
+            duration: self.started.elapsed(),
+            outcome: FlushOutcome::TimedOut,
+        }];
+        for (name, task) in self.tasks {
+            let (outcome, duration) = match task {
+                Err(why) => (FlushOutcome::NotRun(why), Duration::ZERO),
+                Ok(task) if task.is_finished() => outcome(task.await, self.started),
+                Ok(_) => (FlushOutcome::TimedOut, self.started.elapsed()),
+            };
+            reports.push(FlushReport {
+                name,
+                offset,
+                duration,
+                outcome,
+            });
+        }
+        cut.push(CutReason::FlushBudget {
+            budget: Instant::now().saturating_duration_since(self.started),
+        });
+        reports
+    }
+}
+
+/// Runs `flusher` on this thread: the chain's phase thread does so with the first flusher,
+/// which saves two thread hand-offs per phase; its watchdog abandons the flush at `end`.
+pub(crate) fn flush_here(flusher: &Flusher, end: Instant, phase_started: Instant) -> FlushReport {
+    let started = Instant::now();
+    let (outcome, duration) = if started >= end {
+        (
+            FlushOutcome::NotRun("no time left before the deadline".to_owned()),
+            Duration::ZERO,
+        )
+    } else {
+        match flusher.run_here() {
+            None => (
+                FlushOutcome::NotRun("its previous flush is still running".to_owned()),
+                Duration::ZERO,
+            ),
+            Some(Ok(done)) => outcome(Ok(done), started),
+            Some(Err(panic)) => (
+                FlushOutcome::Panicked(panic_message(panic)),
+                started.elapsed(),
+            ),
+        }
+    };
+    // Finished, but past its end: as late as an abandoned one, and reported the same way.
+    let outcome = if Instant::now() > end && matches!(outcome, FlushOutcome::Ok) {
+        FlushOutcome::TimedOut
+    } else {
+        outcome
+    };
+    FlushReport {
+        name: flusher.name.to_string(),
+        offset: started.saturating_duration_since(phase_started),
+        duration,
+        outcome,
+    }
+}
+
+/// Waits for the started flushes until `end`; what is still running then is abandoned.
+pub(crate) async fn collect_flushes(
+    running: Running,
+    end: Instant,
+    phase_started: Instant,
+    cut: &mut Vec<CutReason>,
+) -> Vec<FlushReport> {
+    let Running {
+        started,
+        tasks,
+        mut done,
+    } = running;
+    let offset = started.saturating_duration_since(phase_started);
+    let mut timed_out = done
+        .iter()
+        .any(|r| matches!(r.outcome, FlushOutcome::TimedOut));
+    for (name, task) in tasks {
         let (outcome, duration) = match task {
             Err(why) => (FlushOutcome::NotRun(why), Duration::ZERO),
             Ok(mut task) => match tokio::time::timeout_at(end, &mut task).await {
-                Ok(Ok((Ok(()), took))) => (FlushOutcome::Ok, took),
-                Ok(Ok((Err(e), took))) => (FlushOutcome::Failed(e), took),
-                Ok(Err(join)) if join.is_panic() => (
-                    FlushOutcome::Panicked(panic_message(join.into_panic())),
-                    started.elapsed(),
-                ),
-                Ok(Err(join)) => (FlushOutcome::Failed(join.to_string()), started.elapsed()),
+                Ok(joined) => outcome(joined, started),
                 // Abandoned: a blocking thread cannot be stopped; the flusher stays busy until
                 // it returns, and later phases skip it meanwhile.
                 Err(_) => {
@@ -242,7 +394,7 @@ pub(crate) async fn run_flushes(
                 }
             },
         };
-        reports.push(FlushReport {
+        done.push(FlushReport {
             name,
             offset,
             duration,
@@ -254,7 +406,23 @@ pub(crate) async fn run_flushes(
             budget: end.saturating_duration_since(started),
         });
     }
-    reports
+    done
+}
+
+/// What a finished flush reports: its outcome and duration.
+fn outcome(
+    joined: Result<crate::flush::Called, tokio::task::JoinError>,
+    started: Instant,
+) -> (FlushOutcome, Duration) {
+    match joined {
+        Ok((Ok(()), took)) => (FlushOutcome::Ok, took),
+        Ok((Err(e), took)) => (FlushOutcome::Failed(e), took),
+        Err(join) if join.is_panic() => (
+            FlushOutcome::Panicked(panic_message(join.into_panic())),
+            started.elapsed(),
+        ),
+        Err(join) => (FlushOutcome::Failed(join.to_string()), started.elapsed()),
+    }
 }
 
 fn panic_message(payload: Box<dyn Any + Send>) -> String {

@@ -66,6 +66,7 @@ const MAX_BODY: usize = 256 * 1024;
 #[derive(Debug)]
 pub struct Client {
     http: PooledClient,
+    endpoint: Uri,
 }
 
 /// The answer to a successful registration.
@@ -136,9 +137,12 @@ impl Client {
         // AWS_LAMBDA_RUNTIME_API survives, exactly as for the runtime's own calls.
         let http = PooledClient::builder()
             .with_pool_size(1)
-            .with_endpoint(uri)
+            .with_endpoint(uri.clone())
             .build();
-        Ok(Self { http })
+        Ok(Self {
+            http,
+            endpoint: uri,
+        })
     }
 
     /// A client for the `AWS_LAMBDA_RUNTIME_API` of this process, `None` outside Lambda.
@@ -334,18 +338,26 @@ impl Client {
         if parts.status.is_success() {
             return Ok((parts, body));
         }
-        let (error_type, message) = match serde_json::from_slice::<ErrorBody>(&body) {
-            Ok(e) => (
-                e.error_type,
-                e.error_message.unwrap_or_else(|| lossy(&body)),
-            ),
-            Err(_) => (None, lossy(&body)),
-        };
-        Err(ClientError::Api {
-            status: parts.status.as_u16(),
-            error_type,
-            message,
-        })
+        Err(api_error(parts.status.as_u16(), &body))
+    }
+
+    /// `host:port` and the path prefix of the Runtime API, for the chain's own connection.
+    pub(crate) fn endpoint(&self) -> (&str, &str) {
+        let authority = self.endpoint.authority().map_or("", |a| a.as_str());
+        (authority, self.endpoint.path())
+    }
+}
+
+/// The API's answer with a non-2xx `status`, with the `errorType` of its JSON body.
+pub(super) fn api_error(status: u16, body: &[u8]) -> ClientError {
+    let (error_type, message) = match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(e) => (e.error_type, e.error_message.unwrap_or_else(|| lossy(body))),
+        Err(_) => (None, lossy(body)),
+    };
+    ClientError::Api {
+        status,
+        error_type,
+        message,
     }
 }
 

@@ -33,6 +33,7 @@
 mod client;
 mod error;
 mod event;
+pub(crate) mod line;
 
 pub use client::{Client, Registration};
 pub use error::ClientError;

@@ -1,0 +1,351 @@
+//! The chain's own connection for `GET event/next`, split in two: whoever ends a deferred phase
+//! writes the next request at once, from its own thread ([`Line::arm`]), and the chain's task
+//! reads the answers ([`Line::call`]).
+//!
+//! Why not the pooled hyper client: its request goes through the connection's task, and its
+//! answer back through a channel, so every `event/next` costs two more thread wake-ups on the
+//! path from the end of a phase to the next invocation. Writing the request from the thread
+//! that ran the phase costs one `write`. The request is a fixed `GET` without a body, and the
+//! answer is read with `httparse` (with `Content-Length` or chunked).
+//!
+//! The rule of the chain (exactly one `event/next` in flight, the next only once the previous
+//! invocation's phase has ended) is kept here: [`Line::arm`] writes only for the event whose
+//! phase ended (its sequence number) and only when no request is in flight, and the chain's
+//! task writes only while arming is allowed (at start, after a failed call, or once the phase
+//! armed while no connection was open).
+
+use std::io::Write as _;
+use std::sync::{Arc, Mutex};
+
+use tokio::io::AsyncReadExt as _;
+use tokio::sync::Notify;
+
+use super::error::ClientError;
+use super::event::{NextEvent, decode_event};
+use crate::scope::lock;
+
+/// The largest answer head and body accepted (the API's events are a few hundred bytes).
+const MAX_HEAD: usize = 16 * 1024;
+const MAX_BODY: usize = 256 * 1024;
+
+/// One keep-alive connection for `event/next` and who may write on it.
+#[derive(Debug)]
+pub(crate) struct Line {
+    /// `host:port` of the Runtime API.
+    authority: String,
+    /// The request, written as is every time.
+    request: Box<[u8]>,
+    state: Mutex<State>,
+    /// Tells a [`call`](Self::call) waiting to write that it may now.
+    poke: Notify,
+}
+
+#[derive(Debug)]
+struct State {
+    /// The connection, while no call reads on it.
+    idle: Option<Conn>,
+    /// The write side of the current connection (also while a call reads on it).
+    writer: Option<Arc<std::net::TcpStream>>,
+    /// Events answered so far; [`Line::arm`] names the event whose phase ended.
+    seq: u64,
+    /// A request is written and not answered yet.
+    in_flight: bool,
+    /// The next request may go out: no phase is pending for the last event.
+    arm_allowed: bool,
+}
+
+#[derive(Debug)]
+struct Conn {
+    reader: tokio::net::TcpStream,
+    writer: Arc<std::net::TcpStream>,
+    buf: Vec<u8>,
+}
+
+/// What a call does next.
+enum Step {
+    Read(Conn),
+    Connect,
+    Wait,
+}
+
+impl Line {
+    /// A line to `authority` (`host:port`), for requests under `prefix` (the path part of
+    /// `AWS_LAMBDA_RUNTIME_API`, usually empty) with the extension's identifier.
+    pub(crate) fn new(authority: &str, prefix: &str, extension_id: &str) -> Self {
+        let prefix = prefix.trim_end_matches('/');
+        let request = format!(
+            "GET {prefix}/2020-01-01/extension/event/next HTTP/1.1\r\nHost: {authority}\r\n\
+             Lambda-Extension-Identifier: {extension_id}\r\nAccept: */*\r\n\r\n"
+        );
+        Self {
+            authority: authority.to_owned(),
+            request: request.into_bytes().into_boxed_slice(),
+            state: Mutex::new(State {
+                idle: None,
+                writer: None,
+                seq: 0,
+                in_flight: false,
+                arm_allowed: true,
+            }),
+            poke: Notify::new(),
+        }
+    }
+
+    /// The number of the last event answered: the token its phase arms with.
+    pub(crate) fn seq(&self) -> u64 {
+        lock(&self.state).seq
+    }
+
+    /// The phase of event `seq` has ended: sends the next `event/next` now, from this thread,
+    /// unless one is in flight already or `seq` is not the last event (a late, abandoned
+    /// phase). When no connection is open, the chain's task opens one and sends it.
+    pub(crate) fn arm(&self, seq: u64) {
+        let mut state = lock(&self.state);
+        if state.seq != seq || state.in_flight {
+            return;
+        }
+        state.arm_allowed = true;
+        if let Some(writer) = state.writer.clone() {
+            // Non-blocking, and the socket's buffer is empty (one request per answer): a short
+            // write is as good as a failure and goes the same way, through a new connection.
+            if matches!((&*writer).write(&self.request), Ok(n) if n == self.request.len()) {
+                state.in_flight = true;
+                return;
+            }
+            let _ = writer.shutdown(std::net::Shutdown::Both);
+            state.writer = None;
+            state.idle = None;
+        }
+        drop(state);
+        self.poke.notify_one();
+    }
+
+    /// Forgets the current connection: the next call opens a new one (after a SnapStart
+    /// restore, connections from before the snapshot may be dead). A call reading on the old
+    /// one goes on until it ends.
+    pub(crate) fn reset(&self) {
+        let mut state = lock(&self.state);
+        state.idle = None;
+        state.writer = None;
+    }
+
+    /// Waits for the next answer to `event/next`: on the current connection, or on a new one
+    /// (with a new request) when none is open and a request may go out.
+    pub(crate) async fn call(&self) -> Result<NextEvent, ClientError> {
+        loop {
+            let step = {
+                let mut state = lock(&self.state);
+                match state.idle.take() {
+                    Some(conn) => {
+                        if state.arm_allowed && !state.in_flight {
+                            // Ours to send (start, retry): same write as `arm`.
+                            if matches!((&*conn.writer).write(&self.request), Ok(n) if n == self.request.len())
+                            {
+                                state.in_flight = true;
+                                Step::Read(conn)
+                            } else {
+                                state.writer = None;
+                                Step::Connect
+                            }
+                        } else {
+                            // Read even before the phase armed: the answer can only follow
+                            // the request, and a closed connection shows up at once.
+                            Step::Read(conn)
+                        }
+                    }
+                    None if state.arm_allowed => Step::Connect,
+                    None => Step::Wait,
+                }
+            };
+            let conn = match step {
+                Step::Wait => {
+                    self.poke.notified().await;
+                    continue;
+                }
+                Step::Read(conn) => conn,
+                Step::Connect => {
+                    let conn = self.connect().await?;
+                    if !matches!((&*conn.writer).write(&self.request), Ok(n) if n == self.request.len())
+                    {
+                        return Err(ClientError::Transport(
+                            "event/next: the request could not be written".into(),
+                        ));
+                    }
+                    lock(&self.state).in_flight = true;
+                    conn
+                }
+            };
+            match self.read(conn).await {
+                Ok(answer) => return answer,
+                Err(error) => {
+                    let mut state = lock(&self.state);
+                    if state.in_flight {
+                        state.in_flight = false;
+                        return Err(error);
+                    }
+                    // The connection closed while no request was on it (an idle keep-alive
+                    // connection the API dropped): not a failed call; the next request goes
+                    // out on a new connection.
+                    state.writer = None;
+                }
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<Conn, ClientError> {
+        let transport =
+            |e: std::io::Error| ClientError::Transport(format!("{}: {e}", self.authority));
+        let stream = tokio::net::TcpStream::connect(&self.authority)
+            .await
+            .map_err(transport)?;
+        stream.set_nodelay(true).map_err(transport)?;
+        // The write side is a second handle on the same (non-blocking) socket, usable from
+        // any thread without the runtime.
+        let std = stream.into_std().map_err(transport)?;
+        let writer = Arc::new(std.try_clone().map_err(transport)?);
+        let reader = tokio::net::TcpStream::from_std(std).map_err(transport)?;
+        Ok(Conn {
+            reader,
+            writer,
+            buf: Vec::with_capacity(1024),
+        })
+    }
+
+    /// Reads one answer on `conn`; a complete answer (event or API error) keeps the connection
+    /// as the current one.
+    async fn read(&self, mut conn: Conn) -> Result<Result<NextEvent, ClientError>, ClientError> {
+        let (status, body, keep) = read_response(&mut conn).await?;
+        let answer = if (200..300).contains(&status) {
+            decode_event(&body)
+        } else {
+            Err(super::client::api_error(status, &body))
+        };
+        let mut state = lock(&self.state);
+        state.in_flight = false;
+        if answer.is_ok() {
+            state.seq = state.seq.wrapping_add(1);
+            state.arm_allowed = false;
+        }
+        if keep {
+            state.writer = Some(conn.writer.clone());
+            state.idle = Some(conn);
+        } else {
+            state.writer = None;
+        }
+        Ok(answer)
+    }
+}
+
+/// Reads one HTTP/1.1 answer: (status, body, whether the connection stays open).
+async fn read_response(conn: &mut Conn) -> Result<(u16, Vec<u8>, bool), ClientError> {
+    let malformed = |what: String| ClientError::Malformed(format!("event/next answer: {what}"));
+    let (status, head_len, framing, keep) = loop {
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut response = httparse::Response::new(&mut headers);
+        match response.parse(&conn.buf) {
+            Ok(httparse::Status::Complete(len)) => {
+                let status = response.code.unwrap_or(0);
+                let mut framing = Framing::UntilClose;
+                let mut keep = response.version == Some(1);
+                for header in response.headers.iter() {
+                    if header.name.eq_ignore_ascii_case("content-length") {
+                        let length = std::str::from_utf8(header.value)
+                            .ok()
+                            .and_then(|v| v.trim().parse::<usize>().ok())
+                            .ok_or_else(|| malformed("bad Content-Length".into()))?;
+                        framing = Framing::Length(length);
+                    } else if header.name.eq_ignore_ascii_case("transfer-encoding")
+                        && header.value.eq_ignore_ascii_case(b"chunked")
+                    {
+                        framing = Framing::Chunked;
+                    } else if header.name.eq_ignore_ascii_case("connection") {
+                        keep = !header.value.eq_ignore_ascii_case(b"close");
+                    }
+                }
+                if matches!(framing, Framing::UntilClose) {
+                    keep = false;
+                }
+                break (status, len, framing, keep);
+            }
+            Ok(httparse::Status::Partial) if conn.buf.len() < MAX_HEAD => {
+                fill(conn).await?;
+            }
+            Ok(httparse::Status::Partial) => return Err(malformed("head too long".into())),
+            Err(e) => return Err(malformed(e.to_string())),
+        }
+    };
+    conn.buf.drain(..head_len);
+    let body = match framing {
+        Framing::Length(length) if length > MAX_BODY => {
+            return Err(malformed(format!("body of {length} bytes")));
+        }
+        Framing::Length(length) => {
+            while conn.buf.len() < length {
+                fill(conn).await?;
+            }
+            conn.buf.drain(..length).collect()
+        }
+        Framing::Chunked => read_chunked(conn).await?,
+        Framing::UntilClose => {
+            while fill(conn).await.is_ok() {
+                if conn.buf.len() > MAX_BODY {
+                    return Err(malformed("body too long".into()));
+                }
+            }
+            std::mem::take(&mut conn.buf)
+        }
+    };
+    Ok((status, body, keep))
+}
+
+enum Framing {
+    Length(usize),
+    Chunked,
+    UntilClose,
+}
+
+async fn read_chunked(conn: &mut Conn) -> Result<Vec<u8>, ClientError> {
+    let malformed = |what: &str| ClientError::Malformed(format!("event/next answer: {what}"));
+    let mut body = Vec::new();
+    loop {
+        let (skip, size) = loop {
+            match httparse::parse_chunk_size(&conn.buf) {
+                Ok(httparse::Status::Complete((skip, size))) => break (skip, size),
+                Ok(httparse::Status::Partial) if conn.buf.len() < MAX_HEAD => fill(conn).await?,
+                _ => return Err(malformed("bad chunk size")),
+            }
+        };
+        let size = usize::try_from(size)
+            .ok()
+            .filter(|size| body.len().saturating_add(*size) <= MAX_BODY)
+            .ok_or_else(|| malformed("body too long"))?;
+        // The chunk and its CRLF.
+        while conn.buf.len() < skip + size + 2 {
+            fill(conn).await?;
+        }
+        body.extend_from_slice(&conn.buf[skip..skip + size]);
+        if &conn.buf[skip + size..skip + size + 2] != b"\r\n" {
+            return Err(malformed("chunk without CRLF"));
+        }
+        conn.buf.drain(..skip + size + 2);
+        if size == 0 {
+            // No trailers are sent by the API; the last chunk's CRLF ended the body.
+            return Ok(body);
+        }
+    }
+}
+
+/// Reads more bytes into the buffer; a closed connection is an error.
+async fn fill(conn: &mut Conn) -> Result<(), ClientError> {
+    let mut chunk = [0u8; 2048];
+    match conn.reader.read(&mut chunk).await {
+        Ok(0) => Err(ClientError::Transport(
+            "event/next: the connection closed".into(),
+        )),
+        Ok(n) => {
+            conn.buf.extend_from_slice(&chunk[..n]);
+            Ok(())
+        }
+        Err(e) => Err(ClientError::Transport(format!("event/next: {e}"))),
+    }
+}

@@ -1,0 +1,225 @@
+//! The chain's phase thread: runs each chained phase (its actions on the runtime, its first
+//! flush right on this thread), then sends the next `event/next` from here.
+//!
+//! Why a thread of its own: from the response to the next invocation, every hand-off between
+//! threads is a wake-up on the path (and CPU). Here the layer's `responded` wakes this thread
+//! once; with no actions, the flush and the request follow on the same thread. A flush cannot
+//! be interrupted, so the chain's task watches it: when it overruns its end, the watchdog
+//! reports the phase, sends `event/next` itself and starts a fresh phase thread; the stuck one
+//! exits when its flush returns ([`Runner::watchdog`]).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{Notify, OwnedMutexGuard};
+use tokio::time::Instant;
+
+use crate::core::Core;
+use crate::extension::line::Line;
+use crate::phase::{self, Budget, Job, Running, Staged};
+use crate::report::PhaseKind;
+use crate::scope::lock;
+
+/// A phase for the phase thread: the job, and the event it arms the next call for.
+#[derive(Debug)]
+struct Work {
+    job: Job,
+    seq: u64,
+}
+
+/// The phase thread(s) of the chain.
+#[derive(Debug)]
+pub(crate) struct Runner {
+    handle: tokio::runtime::Handle,
+    pub(crate) line: Arc<Line>,
+    tx: mpsc::Sender<Work>,
+    rx: Arc<Mutex<mpsc::Receiver<Work>>>,
+    watch: Mutex<Watch>,
+    /// Wakes the chain's task when a flush must be watched sooner than it planned to wake.
+    pub(crate) poke: Notify,
+}
+
+/// What the watchdog sees, and when the chain's task plans to look next.
+#[derive(Debug, Default)]
+struct Watch {
+    flushing: Option<Flushing>,
+    chain_wakes_at: Option<Instant>,
+}
+
+/// A phase whose first flush runs on the phase thread.
+#[derive(Debug)]
+struct Flushing {
+    seq: u64,
+    staged: Staged,
+    /// The other flushers, on blocking threads.
+    running: Running,
+    /// The flusher on the phase thread.
+    here: String,
+    end: Instant,
+    /// Phases do not overlap (nor the SIGTERM flush): held until the phase is reported.
+    serial: OwnedMutexGuard<()>,
+    /// Set when the watchdog took the phase over: the thread exits once its flush returns.
+    retired: Arc<AtomicBool>,
+}
+
+impl Runner {
+    /// The runner of the chain that talks on `line`; its first phase thread starts now.
+    pub(crate) fn start(core: &Arc<Core>, line: Arc<Line>) -> std::io::Result<Arc<Self>> {
+        let (tx, rx) = mpsc::channel();
+        let runner = Arc::new(Self {
+            handle: tokio::runtime::Handle::current(),
+            line,
+            tx,
+            rx: Arc::new(Mutex::new(rx)),
+            watch: Mutex::new(Watch::default()),
+            poke: Notify::new(),
+        });
+        runner.spawn_thread(core.clone())?;
+        Ok(runner)
+    }
+
+    fn spawn_thread(self: &Arc<Self>, core: Arc<Core>) -> std::io::Result<()> {
+        let runner = self.clone();
+        std::thread::Builder::new()
+            .name("deferred-phase".into())
+            .spawn(move || runner.thread(&core))
+            .map(drop)
+    }
+
+    /// Queues the phase of event `seq`; the phase thread runs it and then arms the next call.
+    pub(crate) fn submit(&self, job: Job, seq: u64) {
+        if let Err(mpsc::SendError(work)) = self.tx.send(Work { job, seq }) {
+            // Every phase thread is gone (one panicked): nothing would arm the next call.
+            tracing::error!(target: "deferred", request_id = %work.job.request_id, "the chain's phase thread is gone: arming without the phase");
+            self.line.arm(work.seq);
+        }
+    }
+
+    fn thread(self: &Arc<Self>, core: &Arc<Core>) {
+        let retired = Arc::new(AtomicBool::new(false));
+        loop {
+            let work = {
+                let rx = lock(&self.rx);
+                match rx.recv() {
+                    Ok(work) => work,
+                    Err(_) => return,
+                }
+            };
+            let seq = work.seq;
+            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.handle.block_on(self.run(core, work, &retired));
+            }));
+            if ran.is_err() {
+                // A panic out of the phase's own code (an `on_report` hook): the chain goes on.
+                tracing::error!(target: "deferred", "a chained phase panicked; the chain goes on");
+                lock(&self.watch).flushing = None;
+                self.line.arm(seq);
+            }
+            if retired.load(Ordering::Acquire) {
+                return;
+            }
+        }
+    }
+
+    /// Runs one chained phase, reports it, and arms the next `event/next`.
+    async fn run(&self, core: &Arc<Core>, work: Work, retired: &Arc<AtomicBool>) {
+        let Work { job, seq } = work;
+        let serial = core.phase_lock.clone().lock_owned().await;
+        let budget = Budget::new(job.deadline, core.config.safety_margin);
+        let flushers = &core.config.flushers;
+        let staged =
+            phase::run_actions_stage(job, flushers, budget, PhaseKind::Chained, core.stop()).await;
+        let (Some(end), Some((first, rest))) = (staged.flush_end, flushers.split_first()) else {
+            core.finish(staged.into_report(Vec::new()));
+            drop(serial);
+            self.line.arm(seq);
+            return;
+        };
+        let running = phase::start_flushes(rest, end);
+        let phase_started = staged.started;
+        let poke = {
+            let mut watch = lock(&self.watch);
+            watch.flushing = Some(Flushing {
+                seq,
+                staged,
+                running,
+                here: first.name.to_string(),
+                end,
+                serial,
+                retired: retired.clone(),
+            });
+            watch.chain_wakes_at.is_none_or(|at| at > end)
+        };
+        if poke {
+            self.poke.notify_one();
+        }
+        let report = phase::flush_here(first, end, phase_started);
+        let Some(flushing) = lock(&self.watch).flushing.take() else {
+            // The watchdog took this phase over (and reported it) while the flush ran.
+            return;
+        };
+        let Flushing {
+            mut staged,
+            mut running,
+            serial,
+            ..
+        } = flushing;
+        running.add_done(report);
+        let flushes = phase::collect_flushes(running, end, phase_started, &mut staged.cut).await;
+        core.finish(staged.into_report(flushes));
+        drop(serial);
+        self.line.arm(seq);
+    }
+
+    /// For the chain's task, before it sleeps until `planned`: when it must wake instead (the
+    /// end of a flush that runs on the phase thread, if sooner).
+    pub(crate) fn wake_at(&self, planned: Option<Instant>) -> Option<Instant> {
+        let mut watch = lock(&self.watch);
+        let at = match (&watch.flushing, planned) {
+            (Some(f), Some(p)) => Some(f.end.min(p)),
+            (Some(f), None) => Some(f.end),
+            (None, p) => p,
+        };
+        watch.chain_wakes_at = at;
+        at
+    }
+
+    /// Abandons the phase whose flush on the phase thread has overrun its end: reports it
+    /// (that flush timed out), arms the next call and starts a fresh phase thread.
+    pub(crate) async fn watchdog(self: &Arc<Self>, core: &Arc<Core>) {
+        let flushing = {
+            let mut watch = lock(&self.watch);
+            if watch
+                .flushing
+                .as_ref()
+                .is_none_or(|f| Instant::now() < f.end)
+            {
+                return;
+            }
+            watch.flushing.take()
+        };
+        let Some(Flushing {
+            seq,
+            mut staged,
+            running,
+            here,
+            serial,
+            retired,
+            ..
+        }) = flushing
+        else {
+            return;
+        };
+        retired.store(true, Ordering::Release);
+        if let Err(error) = self.spawn_thread(core.clone()) {
+            tracing::error!(target: "deferred", %error, "cannot start a new phase thread after a flush overran");
+        }
+        let flushes = running
+            .abandon(&here, staged.started, &mut staged.cut)
+            .await;
+        core.finish(staged.into_report(flushes));
+        drop(serial);
+        self.line.arm(seq);
+    }
+}
