@@ -159,10 +159,12 @@ fn hold(core: &Arc<Core>, event: InvokeEvent, seq: u64) {
             s.chain = Chain::Armed;
             return;
         }
-        let claimed = s.expected.as_deref() == Some(request_id);
+        let mut claimed = s.expected.as_deref() == Some(request_id);
         if claimed {
             s.expected = None;
         }
+        let job = s.parked.take_if(|job| job.request_id == request_id);
+        claimed |= job.is_some();
         let responded = s.responded_early.take_if(|id| id == request_id).is_some();
         s.slot = Some(Slot {
             event,
@@ -171,7 +173,7 @@ fn hold(core: &Arc<Core>, event: InvokeEvent, seq: u64) {
             phase_end,
             watch_from: arrived + core.config.flush_timeout,
             claimed,
-            job: None,
+            job,
             responded,
         });
         ready = core.take_ready(s, arrived);

@@ -143,8 +143,12 @@ pub(crate) struct State {
     /// Request ids closed without (or before) their wrapper: a late wrapper runs inline.
     pub(crate) closed: VecDeque<String>,
     /// The runtime answered this invocation before its INVOKE event reached the chain (the
-    /// handler was never called: an undecodable event).
+    /// handler was never called, or the event is late).
     pub(crate) responded_early: Option<String>,
+    /// With the runtime layer: a finished handler's job whose INVOKE event had not reached the
+    /// chain yet; the event takes it on arrival (or the layer, after the response, gives up
+    /// waiting and runs it).
+    pub(crate) parked: Option<Job>,
 }
 
 const CLOSED_KEPT: usize = 16;
@@ -216,6 +220,7 @@ impl Core {
                 expected: None,
                 closed: VecDeque::new(),
                 responded_early: None,
+                parked: None,
             }),
             layer_installed: AtomicBool::new(false),
             flush_failures: AtomicU32::new(0),
@@ -311,6 +316,11 @@ impl Core {
         let Ticket::Chained(request_id) = ticket else {
             return;
         };
+        if self.layer_installed() {
+            // No waiting before the response: `hand_over` parks the job for its event, and
+            // the layer waits for that after the response if it must.
+            return;
+        }
         let mut rx = self.state.subscribe();
         let wait = rx.wait_for(|s| {
             s.slot
@@ -344,12 +354,20 @@ impl Core {
             if state.expected.as_deref() == Some(request_id) {
                 state.expected = None;
             }
+            let can_park = self.layer_installed()
+                && state.chain == Chain::Armed
+                && !state.was_closed(request_id);
             match &mut state.slot {
                 Some(slot) if slot.event.request_id == request_id && slot.job.is_none() => {
                     slot.claimed = true;
                     slot.job = job.take();
                     // Without the layer the phase starts now; with it, on `responded`.
                     ready = self.take_ready(state, Instant::now());
+                    false
+                }
+                None if can_park => {
+                    // The event is on its way (the call is in flight): it takes the job.
+                    state.parked = job.take();
                     false
                 }
                 _ => {
@@ -382,9 +400,12 @@ impl Core {
         job
     }
 
-    /// Called by the runtime layer once the response is posted and the invocation's span closed.
-    pub(crate) fn responded(&self, request_id: &str) {
+    /// Called by the runtime layer once the response is posted and the invocation's span
+    /// closed. True when the invocation's job is parked for an event that has not arrived:
+    /// the layer then waits for it ([`claim_parked`](Self::claim_parked)).
+    pub(crate) fn responded(&self, request_id: &str) -> bool {
         let mut ready = None;
+        let mut parked = false;
         // Nobody waits on this change: the phase (if it can start) is handed over right here,
         // so the chain's task is not woken on the path to the next invocation.
         self.state.send_if_modified(|state| {
@@ -393,12 +414,54 @@ impl Core {
                     slot.responded = true;
                     ready = self.take_ready(state, Instant::now());
                 }
-                _ => state.responded_early = Some(request_id.to_owned()),
+                _ => {
+                    state.responded_early = Some(request_id.to_owned());
+                    parked = state
+                        .parked
+                        .as_ref()
+                        .is_some_and(|job| job.request_id == request_id);
+                }
             }
             false
         });
         if let Some(ready) = ready {
             self.submit(ready);
+        }
+        parked
+    }
+
+    /// After the response, for a job parked for its event: waits (at most `claim_timeout`)
+    /// for the event to take it; otherwise takes it back and runs it here, before the
+    /// runtime asks for the next invocation (so the environment is not frozen meanwhile).
+    pub(crate) async fn claim_parked(&self, request_id: &str) {
+        let mut rx = self.state.subscribe();
+        let taken = rx.wait_for(|s| {
+            s.parked
+                .as_ref()
+                .is_none_or(|job| job.request_id != request_id)
+        });
+        if tokio::time::timeout(self.config.claim_timeout, taken)
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        let mut job = None;
+        self.state.send_if_modified(|state| {
+            job = state.parked.take_if(|job| job.request_id == request_id);
+            if job.is_some() {
+                state.close(request_id.to_owned());
+            }
+            false
+        });
+        if let Some(job) = job {
+            tracing::warn!(
+                target: "deferred",
+                request_id,
+                "the extension did not receive its INVOKE event in time: running this \
+                 invocation's deferred work before the next invocation"
+            );
+            self.run_phase(job, PhaseKind::Inline).await;
         }
     }
 

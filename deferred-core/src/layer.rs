@@ -125,6 +125,7 @@ where
         let request_id = invocation.context.request_id.clone();
         ResponseFuture {
             inner: Some(Box::pin(self.inner.call(invocation))),
+            claim: None,
             core: self.core.clone(),
             request_id,
         }
@@ -159,12 +160,25 @@ where
 /// # Ok(())
 /// # }
 /// ```
-#[derive(Debug)]
 pub struct ResponseFuture<F> {
     // Boxed so it can be dropped (closing the invocation's span) before the core is told.
     inner: Option<Pin<Box<F>>>,
+    /// After the response, rarely: the wait for the event of a job parked for it, with the
+    /// output to give once it is over.
+    claim: Option<(Claim, Result<(), BoxError>)>,
     core: Arc<Core>,
     request_id: String,
+}
+
+type Claim = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+impl<F> std::fmt::Debug for ResponseFuture<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("request_id", &self.request_id)
+            .field("responded", &self.inner.is_none())
+            .finish_non_exhaustive()
+    }
 }
 
 impl<F> Future for ResponseFuture<F>
@@ -174,12 +188,28 @@ where
     type Output = Result<(), BoxError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if let Some((mut claim, output)) = self.claim.take() {
+            if claim.as_mut().poll(cx).is_pending() {
+                self.claim = Some((claim, output));
+                return Poll::Pending;
+            }
+            return Poll::Ready(output);
+        }
         let Some(inner) = self.inner.as_mut() else {
             return Poll::Ready(Ok(()));
         };
         let output = std::task::ready!(inner.as_mut().poll(cx));
         self.inner = None;
-        self.core.responded(&self.request_id);
-        Poll::Ready(output)
+        if !self.core.responded(&self.request_id) {
+            return Poll::Ready(output);
+        }
+        // The job waits for an INVOKE event that has not arrived: wait for it here, after the
+        // response and before the runtime's next `/next`, so nothing is frozen meanwhile.
+        let (core, request_id) = (self.core.clone(), self.request_id.clone());
+        self.claim = Some((
+            Box::pin(async move { core.claim_parked(&request_id).await }),
+            output,
+        ));
+        self.poll(cx)
     }
 }
