@@ -595,6 +595,55 @@ async fn a_slow_extensions_api_never_loses_work_or_hangs() {
     }
 }
 
+/// A flush that never returns, on the chain's phase thread: the watchdog abandons it at
+/// `flush_timeout`, reports it, sends `event/next` and starts a fresh phase thread; the other
+/// flusher still delivers the invocation's spans, the next phase skips the hung flusher, and
+/// the chain goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_that_never_returns_is_abandoned_by_the_watchdog() {
+    let env = start(
+        "run",
+        config(5),
+        &[("FIXTURE_FLUSH_HANG", "1"), ("FLUSH_TIMEOUT_MS", "500")],
+    )
+    .await;
+    let first = env.invoke(json!({ "actions": [{ "name": "a" }] })).await;
+    assert!(first.outcome.is_success());
+    assert!(
+        first.latency < Duration::from_millis(250),
+        "{:?}",
+        first.latency
+    );
+    let trace = trace_id(&first);
+    let t = env.completed(&first.request_id).await;
+    assert!(!t.timed_out);
+    let held = phase_end(&t) - t.response_posted.expect("posted");
+    assert!(
+        held >= Duration::from_millis(450) && held < Duration::from_millis(1500),
+        "held {held:?}: abandoned at flush_timeout"
+    );
+    assert!(t.mark("end:a").is_some());
+    assert!(env.logged("flush hang abandoned after").await);
+    // The tracer provider (the other flusher) delivered the action's and the handler's spans.
+    let spans = env.spans_before(&trace, phase_end(&t));
+    assert!(spans.iter().any(|s| s == "deferred-action"), "{spans:?}");
+
+    let second = env.invoke(json!({ "actions": [{ "name": "b" }] })).await;
+    assert!(second.outcome.is_success());
+    let t = env.completed(&second.request_id).await;
+    assert!(!t.timed_out);
+    assert!(t.mark("end:b").is_some(), "a fresh phase thread ran it");
+    let held = phase_end(&t) - t.response_posted.expect("posted");
+    assert!(held < Duration::from_millis(450), "held {held:?}");
+    assert!(
+        env.logged("flush hang not run: its previous flush is still running")
+            .await
+    );
+    let stats = env.emulator.stats();
+    assert_eq!(stats.resets, 0);
+    assert_eq!(stats.max_concurrent_event_next_per_extension, 1);
+}
+
 /// Invokes a 2 s action and waits until it runs; returns the request id and trace id.
 async fn phase_running(env: &Env) -> (String, String) {
     let result = env

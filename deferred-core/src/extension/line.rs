@@ -349,3 +349,200 @@ async fn fill(conn: &mut Conn) -> Result<(), ClientError> {
         Err(e) => Err(ClientError::Transport(format!("event/next: {e}"))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    const EVENT: &str = r#"{"eventType":"INVOKE","deadlineMs":4102444800000,"requestId":"r-1","invokedFunctionArn":"arn"}"#;
+
+    async fn server() -> (TcpListener, Line) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let authority = listener.local_addr().expect("addr").to_string();
+        let line = Line::new(&authority, "/prefix/", "ext-1");
+        (listener, line)
+    }
+
+    /// Reads one request head from `stream`.
+    async fn request(stream: &mut TcpStream) -> String {
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            assert_eq!(stream.read(&mut byte).await.expect("read"), 1, "closed");
+            head.push(byte[0]);
+        }
+        String::from_utf8(head).expect("utf-8")
+    }
+
+    fn with_length(body: &str) -> String {
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    }
+
+    /// No request while nothing arms: `true` if none arrives within 100 ms.
+    async fn silent(stream: &mut TcpStream) -> bool {
+        let mut byte = [0u8; 1];
+        tokio::time::timeout(Duration::from_millis(100), stream.read(&mut byte))
+            .await
+            .is_err()
+    }
+
+    #[tokio::test]
+    async fn the_next_request_goes_out_only_when_its_event_is_armed() {
+        let (listener, line) = server().await;
+        let line = Arc::new(line);
+        let call = tokio::spawn({
+            let line = line.clone();
+            async move { line.call().await }
+        });
+        let (mut stream, _) = listener.accept().await.expect("accept");
+        let head = request(&mut stream).await;
+        assert!(
+            head.starts_with("GET /prefix/2020-01-01/extension/event/next HTTP/1.1\r\n"),
+            "{head}"
+        );
+        assert!(
+            head.contains("Lambda-Extension-Identifier: ext-1\r\n"),
+            "{head}"
+        );
+        stream
+            .write_all(with_length(EVENT).as_bytes())
+            .await
+            .expect("write");
+        let event = call.await.expect("join").expect("event");
+        assert!(matches!(event, NextEvent::Invoke(e) if e.request_id == "r-1"));
+        assert_eq!(line.seq(), 1);
+
+        // The chain reads again at once, but nothing is sent before the phase arms.
+        let call = tokio::spawn({
+            let line = line.clone();
+            async move { line.call().await }
+        });
+        assert!(
+            silent(&mut stream).await,
+            "a request before the phase ended"
+        );
+        line.arm(0); // a stale token (an abandoned phase's): ignored
+        assert!(silent(&mut stream).await, "a stale token armed the call");
+        line.arm(1);
+        line.arm(1); // twice: still one request
+        let head = request(&mut stream).await;
+        assert!(head.starts_with("GET /prefix/"), "{head}");
+        // Chunked this time, in two pieces.
+        let body = EVENT.replace("r-1", "r-2");
+        let (a, b) = body.split_at(10);
+        let chunked = format!(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{a}\r\n{:x}\r\n{b}\r\n0\r\n\r\n",
+            a.len(),
+            b.len()
+        );
+        stream.write_all(chunked.as_bytes()).await.expect("write");
+        let event = call.await.expect("join").expect("event");
+        assert!(matches!(event, NextEvent::Invoke(e) if e.request_id == "r-2"));
+        assert!(silent(&mut stream).await, "armed twice: two requests");
+    }
+
+    #[tokio::test]
+    async fn an_error_answer_keeps_the_connection_and_the_retry_reuses_it() {
+        let (listener, line) = server().await;
+        let line = Arc::new(line);
+        let call = tokio::spawn({
+            let line = line.clone();
+            async move { line.call().await }
+        });
+        let (mut stream, _) = listener.accept().await.expect("accept");
+        request(&mut stream).await;
+        let body =
+            r#"{"errorMessage":"already waiting","errorType":"Extension.InvalidExtensionState"}"#;
+        let answer = format!(
+            "HTTP/1.1 403 Forbidden\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(answer.as_bytes()).await.expect("write");
+        let error = call.await.expect("join").unwrap_err();
+        assert!(
+            matches!(&error, ClientError::Api { status: 403, error_type: Some(t), .. } if t == "Extension.InvalidExtensionState"),
+            "{error:?}"
+        );
+        assert_eq!(line.seq(), 0, "an error is not an event");
+        // The retry (no phase is pending) goes out at once, on the same connection.
+        let call = tokio::spawn({
+            let line = line.clone();
+            async move { line.call().await }
+        });
+        request(&mut stream).await;
+        stream
+            .write_all(with_length(EVENT).as_bytes())
+            .await
+            .expect("write");
+        assert!(call.await.expect("join").is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_connection_closed_while_idle_is_replaced_when_the_phase_arms() {
+        let (listener, line) = server().await;
+        let line = Arc::new(line);
+        let call = tokio::spawn({
+            let line = line.clone();
+            async move { line.call().await }
+        });
+        let (mut stream, _) = listener.accept().await.expect("accept");
+        request(&mut stream).await;
+        stream
+            .write_all(with_length(EVENT).as_bytes())
+            .await
+            .expect("write");
+        call.await.expect("join").expect("event");
+        let call = tokio::spawn({
+            let line = line.clone();
+            async move { line.call().await }
+        });
+        // The API drops the idle connection during the phase: not an error, no request yet.
+        drop(stream);
+        let early = tokio::time::timeout(Duration::from_millis(100), listener.accept()).await;
+        assert!(early.is_err(), "reconnected before the phase armed");
+        line.arm(1);
+        let (mut stream, _) = listener.accept().await.expect("accept");
+        request(&mut stream).await;
+        stream
+            .write_all(with_length(EVENT).as_bytes())
+            .await
+            .expect("write");
+        assert!(call.await.expect("join").is_ok());
+    }
+
+    #[tokio::test]
+    async fn malformed_answers_are_errors_not_panics() {
+        for answer in [
+            "HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n".to_owned(),
+            "HTTP/1.1 200 OK\r\nContent-Length: 999999999\r\n\r\n".to_owned(),
+            "NOT HTTP\r\n\r\n".to_owned(),
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n".to_owned(),
+            with_length("[]"),
+            // Closed before the body is complete.
+            "HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n{".to_owned(),
+        ] {
+            let (listener, line) = server().await;
+            let call = tokio::spawn(async move { line.call().await });
+            let (mut stream, _) = listener.accept().await.expect("accept");
+            request(&mut stream).await;
+            stream.write_all(answer.as_bytes()).await.expect("write");
+            drop(stream);
+            let result = call.await.expect("no panic");
+            assert!(
+                matches!(
+                    result,
+                    Err(ClientError::Malformed(_) | ClientError::Transport(_))
+                ),
+                "{answer:?}: {result:?}"
+            );
+        }
+    }
+}

@@ -8,7 +8,9 @@
 //! or `sync` (flush before returning).
 //! `FLUSH_TIMEOUT_MS` and `REGISTER_TIMEOUT_MS` set the builder's timeouts; `FLUSH_METRICS=1`
 //! adds the meter provider to the flush; `FIXTURE_INIT_SPAN=1` traces a span `init-work` during
-//! init. Each invocation's payload is a [`Plan`]:
+//! init; `FIXTURE_FLUSH_HANG=1` registers, before the tracer provider, a flush named `hang`
+//! whose first call never returns (the chain's watchdog must abandon it). Each invocation's
+//! payload is a [`Plan`]:
 //! what the handler does and which actions it defers. Actions post marks to the emulator
 //! (`start:<name>`, `end:<name>`) so tests can order them against the protocol timeline.
 
@@ -229,7 +231,20 @@ async fn main() -> Result<(), Error> {
     if env_flag("FIXTURE_INIT_SPAN") {
         tracing::info_span!("init-work").in_scope(|| {});
     }
-    let mut deferred = Deferred::new()
+    let mut deferred = Deferred::new();
+    if env_flag("FIXTURE_FLUSH_HANG") {
+        // First registered, so it runs on the chain's phase thread.
+        static HUNG: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        deferred = deferred.flush(deferred_core::flush_fn("hang", || {
+            if !HUNG.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                loop {
+                    std::thread::park();
+                }
+            }
+            Ok::<(), String>(())
+        }));
+    }
+    let mut deferred = deferred
         .span_export_counts(telemetry.span_counts.clone())
         .flush(tracer.clone())
         .flush_timeout(env_ms("FLUSH_TIMEOUT_MS").unwrap_or(Duration::from_secs(10)));

@@ -145,6 +145,17 @@ pub(crate) async fn main() -> Result<(), Error> {
         only.as_ref()
             .is_none_or(|o| o.split(',').any(|x| x == s.name()))
     };
+    // `--modes run,none`: run only these modes (by key: none, sync, otel-layer, naive, run,
+    // start, ext-only), for profiling one against another.
+    let only_modes: Option<String> = args
+        .iter()
+        .position(|a| a == "--modes")
+        .and_then(|i| args.get(i + 1).cloned());
+    let mode_wanted = |mode: &str| {
+        only_modes
+            .as_ref()
+            .is_none_or(|o| o.split(',').any(|x| x == mode))
+    };
     if let Some(n) = args
         .iter()
         .position(|a| a == "--cold")
@@ -165,7 +176,7 @@ pub(crate) async fn main() -> Result<(), Error> {
             _ => sizes.e,
         };
         let mut tasks = Vec::new();
-        for (mode, label) in MODES {
+        for (mode, label) in MODES.into_iter().filter(|(m, _)| mode_wanted(m)) {
             let bar = bar(&multi, n as u64, scenario, label);
             let task = tokio::spawn(steady(scenario, mode, label, n, bar));
             if serial {
@@ -179,7 +190,11 @@ pub(crate) async fn main() -> Result<(), Error> {
         }
     }
     if wanted(Scenario::C) {
-        let modes: Vec<_> = MODES.into_iter().chain([EXT_ONLY]).collect();
+        let modes: Vec<_> = MODES
+            .into_iter()
+            .chain([EXT_ONLY])
+            .filter(|(m, _)| mode_wanted(m))
+            .collect();
         let bar = bar(
             &multi,
             sizes.c_secs * modes.len() as u64,
@@ -188,7 +203,10 @@ pub(crate) async fn main() -> Result<(), Error> {
         );
         rows.extend(overhead(&modes, Duration::from_secs(sizes.c_secs), bar).await?);
     }
-    for (mode, label) in MODES.into_iter().filter(|_| wanted(Scenario::D)) {
+    for (mode, label) in MODES
+        .into_iter()
+        .filter(|(m, _)| wanted(Scenario::D) && mode_wanted(m))
+    {
         let bar = bar(&multi, sizes.d as u64, Scenario::D, label);
         rows.push(cold_start(mode, label, sizes.d, bar).await?);
     }
