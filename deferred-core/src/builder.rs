@@ -140,7 +140,7 @@ impl Deferred {
     }
 
     /// Flushes `flush` after every invocation, after the deferred actions. Any number of
-    /// flushers may be added; they flush concurrently, each on its own blocking thread.
+    /// flushers may be added; they flush concurrently, each on a thread of its own.
     ///
     /// Each is reported on its own, in the order they were added:
     ///

@@ -27,8 +27,9 @@ pub type FlushError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// Something flushed after every invocation, once the deferred actions have run.
 ///
-/// `flush` may block (the OpenTelemetry SDK's `force_flush` does): the core always calls it on
-/// a blocking thread (`spawn_blocking`), under the flush's timeout. A flush that overruns is
+/// `flush` may block (the OpenTelemetry SDK's `force_flush` does): the core never calls it on
+/// a runtime worker, but on a thread of its own (a blocking thread, or the chain's phase
+/// thread for the first flusher), under the flush's timeout. A flush that overruns is
 /// abandoned (its thread runs on) and reported, and the next phase skips this flusher while
 /// that call is still running, so a dead exporter never piles up threads.
 ///
@@ -89,7 +90,8 @@ pub trait Flush: Send + Sync + 'static {
     fn name(&self) -> Cow<'static, str>;
 
     /// Flushes, blocking until done or failed. The core calls it after every invocation's
-    /// actions, on a blocking thread; for the OpenTelemetry providers it is `force_flush`.
+    /// actions, on a thread where blocking is fine; for the OpenTelemetry providers it is
+    /// `force_flush`.
     ///
     /// ```
     /// use deferred_core::Flush;

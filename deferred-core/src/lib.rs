@@ -52,7 +52,8 @@
 //! The phase ends before the invocation's deadline minus a safety margin (100 ms by
 //! default). The flush keeps a reserve of `flush_timeout`, but at most half of the time left,
 //! and the actions are cut before they eat into it. Flushers run concurrently, each on a
-//! blocking thread; one that overruns is abandoned, reported, and skipped while it still runs.
+//! thread of its own; one that overruns is abandoned, reported, and skipped while it still
+//! runs.
 //!
 //! # Observability
 //!

@@ -136,6 +136,13 @@ pub(crate) async fn next(shared: &Arc<Shared>, req: Request<Incoming>) -> Handle
     let event =
         event.map_err(|_| io::Error::other("environment reset while waiting in event/next"))?;
     let is_invoke = matches!(event, ExtEvent::Invoke { .. });
+    if is_invoke
+        && let Some(Fault::EventNextAnswerDelay(delay)) = shared
+            .faults
+            .take(|f| matches!(f, Fault::EventNextAnswerDelay(_)))
+    {
+        tokio::time::sleep(delay).await;
+    }
     let fault = shared.faults.take(|f| match f {
         Fault::EventNextStatus(_)
         | Fault::EventNextCloseMidBody

@@ -39,6 +39,9 @@ pub enum Fault {
     EventNextWrongRequestId,
     /// Every Extensions API request is answered only after this delay.
     ExtensionsApiDelay(Duration),
+    /// An INVOKE event reaches the extension this long after the runtime got the invocation
+    /// (the extension's copy is late; the event is still delivered).
+    EventNextAnswerDelay(Duration),
 }
 
 /// How long an injected fault stays armed.
