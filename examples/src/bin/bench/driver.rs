@@ -130,8 +130,38 @@ pub(crate) fn pct(v: &[Duration], p: f64) -> Duration {
     s[rank.clamp(1, s.len()) - 1]
 }
 
+const USAGE: &str = "\
+usage: bench [--quick] [--docs] [--serial] [--only a,b,c,d,e] [--modes none,sync,otel-layer,naive,run,start,ext-only] [--cold N]
+  --quick   reduced sizes (about a minute)
+  --docs    write docs/BENCHMARKS.md and the SVG charts (a full run: --quick, --only and --modes are for exploring)
+  --serial  run the modes of scenarios a, b and e one after the other instead of at once
+  --only    run only these scenarios
+  --modes   run only these modes
+  --cold N  N cold starts in scenario d";
+
+fn usage_error(why: &str) -> ! {
+    eprintln!("bench: {why}\n\n{USAGE}");
+    std::process::exit(2);
+}
+
 pub(crate) async fn main() -> Result<(), Error> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!("{USAGE}");
+        return Ok(());
+    }
+    let mut rest = args.iter();
+    while let Some(arg) = rest.next() {
+        match arg.as_str() {
+            "--quick" | "--docs" | "--serial" => {}
+            "--only" | "--modes" | "--cold" if rest.next().is_some() => {}
+            other => usage_error(&format!("bad argument {other:?}")),
+        }
+    }
+    let partial = ["--quick", "--only", "--modes", "--cold"];
+    if args.iter().any(|a| a == "--docs") && args.iter().any(|a| partial.contains(&a.as_str())) {
+        usage_error("--docs records a full run: no --quick, --only, --modes or --cold with it");
+    }
     let quick = args.iter().any(|a| a == "--quick");
     let docs = args.iter().any(|a| a == "--docs");
     let serial = args.iter().any(|a| a == "--serial");

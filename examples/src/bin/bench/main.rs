@@ -8,7 +8,9 @@
 //! ```
 //!
 //! Flags: `--quick` (reduced sizes), `--docs` (write `docs/BENCHMARKS.md` and the SVG charts),
-//! `--serial` (run the modes of scenarios a, b and e one after the other instead of at once).
+//! `--serial` (run the modes of scenarios a, b and e one after the other instead of at once);
+//! for profiling, `--only c,d` (these scenarios), `--modes none,run,ext-only` (these modes) and
+//! `--cold N` (N cold starts).
 //!
 //! The binary plays both sides: the driver (module `driver`) starts an emulator and a sink per
 //! mode and scenario and re-executes this binary as the Lambda function (`BENCH_ROLE=function`,
