@@ -166,11 +166,13 @@ impl State {
     }
 }
 
-/// A phase that can start: its job, and the event whose next call it arms.
+/// A phase that can start: its job, the event whose next call it arms, and when it must end
+/// (the instant the chain's timers use too).
 #[derive(Debug)]
 pub(crate) struct Ready {
     pub(crate) job: Job,
     pub(crate) seq: u64,
+    pub(crate) end: Instant,
 }
 
 /// Where a wrapper's work goes when its handler returns.
@@ -486,13 +488,17 @@ impl Core {
                 self.job(&invocation, Queue::new(0), None)
             }
         };
-        Some(Ready { job, seq: slot.seq })
+        Some(Ready {
+            job,
+            seq: slot.seq,
+            end: slot.phase_end,
+        })
     }
 
     /// Hands a phase to the chain's phase thread, which arms the next call once it has ended.
     pub(crate) fn submit(&self, ready: Ready) {
         match self.runner.get() {
-            Some(runner) => runner.submit(ready.job, ready.seq),
+            Some(runner) => runner.submit(ready),
             None => tracing::error!(target: "deferred", "a chained phase without a chain"),
         }
     }

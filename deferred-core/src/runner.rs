@@ -8,33 +8,32 @@
 //! reports the phase, sends `event/next` itself and starts a fresh phase thread; the stuck one
 //! exits when its flush returns ([`Runner::watchdog`]).
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use tokio::sync::{Notify, OwnedMutexGuard};
 use tokio::time::Instant;
 
 use crate::core::Core;
 use crate::extension::line::Line;
-use crate::phase::{self, Budget, Job, Running, Staged};
+use crate::phase::{self, Budget, Running, Staged};
 use crate::report::PhaseKind;
 use crate::scope::lock;
 
-/// A phase for the phase thread: the job, and the event it arms the next call for.
-#[derive(Debug)]
-struct Work {
-    job: Job,
-    seq: u64,
-}
+/// A phase for the phase thread: the job, the event it arms the next call for, and its end.
+type Work = crate::core::Ready;
 
 /// The phase thread(s) of the chain.
 #[derive(Debug)]
 pub(crate) struct Runner {
     handle: tokio::runtime::Handle,
     pub(crate) line: Arc<Line>,
-    tx: mpsc::Sender<Work>,
-    rx: Arc<Mutex<mpsc::Receiver<Work>>>,
+    /// Phases to run, and the condition the phase thread waits on. (A mutex and a condvar
+    /// rather than `std::sync::mpsc`: its receiver spins and parks more than once per
+    /// message, each a context switch on the path to the next invocation.)
+    queue: Mutex<VecDeque<Work>>,
+    queued: Condvar,
     watch: Mutex<Watch>,
     /// Wakes the chain's task when a flush must be watched sooner than it planned to wake.
     pub(crate) poke: Notify,
@@ -66,12 +65,11 @@ struct Flushing {
 impl Runner {
     /// The runner of the chain that talks on `line`; its first phase thread starts now.
     pub(crate) fn start(core: &Arc<Core>, line: Arc<Line>) -> std::io::Result<Arc<Self>> {
-        let (tx, rx) = mpsc::channel();
         let runner = Arc::new(Self {
             handle: tokio::runtime::Handle::current(),
             line,
-            tx,
-            rx: Arc::new(Mutex::new(rx)),
+            queue: Mutex::new(VecDeque::new()),
+            queued: Condvar::new(),
             watch: Mutex::new(Watch::default()),
             poke: Notify::new(),
         });
@@ -88,22 +86,24 @@ impl Runner {
     }
 
     /// Queues the phase of event `seq`; the phase thread runs it and then arms the next call.
-    pub(crate) fn submit(&self, job: Job, seq: u64) {
-        if let Err(mpsc::SendError(work)) = self.tx.send(Work { job, seq }) {
-            // Every phase thread is gone (one panicked): nothing would arm the next call.
-            tracing::error!(target: "deferred", request_id = %work.job.request_id, "the chain's phase thread is gone: arming without the phase");
-            self.line.arm(work.seq);
-        }
+    pub(crate) fn submit(&self, work: Work) {
+        lock(&self.queue).push_back(work);
+        self.queued.notify_one();
     }
 
     fn thread(self: &Arc<Self>, core: &Arc<Core>) {
         let retired = Arc::new(AtomicBool::new(false));
         loop {
             let work = {
-                let rx = lock(&self.rx);
-                match rx.recv() {
-                    Ok(work) => work,
-                    Err(_) => return,
+                let mut queue = lock(&self.queue);
+                loop {
+                    if let Some(work) = queue.pop_front() {
+                        break work;
+                    }
+                    queue = self
+                        .queued
+                        .wait(queue)
+                        .unwrap_or_else(|poisoned| poisoned.into_inner());
                 }
             };
             let seq = work.seq;
@@ -124,9 +124,11 @@ impl Runner {
 
     /// Runs one chained phase, reports it, and arms the next `event/next`.
     async fn run(&self, core: &Arc<Core>, work: Work, retired: &Arc<AtomicBool>) {
-        let Work { job, seq } = work;
+        let Work { job, seq, end } = work;
         let serial = core.phase_lock.clone().lock_owned().await;
-        let budget = Budget::new(job.deadline, core.config.safety_margin);
+        // The slot's phase end, not one recomputed from the deadline: the chain's timers use
+        // the same instant, so a flush ending there needs no poke.
+        let budget = Budget { end };
         let flushers = &core.config.flushers;
         let staged =
             phase::run_actions_stage(job, flushers, budget, PhaseKind::Chained, core.stop()).await;
