@@ -52,22 +52,31 @@ pub(crate) async fn drive_with(
     }
     let mut restores = restores.watch();
     let mut failures: u32 = 0;
+    // One timer for the whole chain, moved rather than replaced: a new timer (the first to
+    // exist, or earlier than the one a parked worker sleeps until) wakes that worker through
+    // the driver, once per invocation; moving the only timer later does not.
+    const IDLE: Duration = Duration::from_secs(24 * 3600);
+    let mut idle = Instant::now() + IDLE;
+    let timer = tokio::time::sleep_until(idle);
+    tokio::pin!(timer);
     loop {
         let next = {
             let call = restores.next_event(|| line.call(), || line.reset());
             tokio::pin!(call);
             loop {
                 let wake = runner.wake_at(held_until(&core));
-                let sleep = async {
-                    match wake {
-                        Some(at) => tokio::time::sleep_until(at).await,
-                        None => std::future::pending().await,
-                    }
-                };
+                let now = Instant::now();
+                if idle <= now {
+                    idle = now + IDLE;
+                }
+                let at = wake.unwrap_or(idle);
+                if timer.deadline() != at {
+                    timer.as_mut().reset(at);
+                }
                 tokio::select! {
                     biased;
                     next = &mut call => break next,
-                    () = sleep => {
+                    () = &mut timer, if wake.is_some() => {
                         runner.watchdog(&core).await;
                         let mut ready = None;
                         core.state.send_if_modified(|state| {
