@@ -558,40 +558,43 @@ async fn a_slow_extensions_api_never_loses_work_or_hangs() {
     for delay_ms in [300, 1500] {
         let delay = Duration::from_millis(delay_ms);
         let env = start_with_faults(&[Fault::ExtensionsApiDelay(delay)]).await;
-        let mut latencies = Vec::new();
         for _ in 0..3 {
             let started = Instant::now();
-            let result = env.invoke(json!({ "actions": [{ "name": "a" }] })).await;
-            assert!(
-                result.outcome.is_success(),
-                "{delay:?}: {:?}",
-                result.outcome
-            );
-            latencies.push(result.latency);
-            let t = env.completed(&result.request_id).await;
-            assert!(!t.timed_out, "{delay:?}");
-            let ran = t.mark("end:a").expect("the action ran");
-            assert!(
-                ran >= t.response_posted.expect("posted"),
-                "{delay:?}: the action ran after the response"
-            );
+            // The delay holds readiness, not the response.
+            answered_at_once_and_ran_after(&env, &format!("{delay:?}")).await;
             assert!(started.elapsed() < Duration::from_secs(5));
         }
-        eprintln!("Extensions API delay {delay:?}: caller latencies {latencies:?}");
-        for latency in &latencies {
-            // Generous bound: the delay holds readiness, not the response.
-            assert!(
-                *latency < Duration::from_millis(250),
-                "{delay:?}: {latency:?}"
-            );
-        }
-        let stats = env.emulator.stats();
-        assert_eq!(stats.resets, 0, "{delay:?}");
-        assert!(
-            stats.max_concurrent_event_next_per_extension <= 1,
-            "{delay:?}"
-        );
+        never_reset_nor_doubled(&env, &format!("{delay:?}"));
     }
+}
+
+/// Invokes one action `a`: the caller is answered at once (250 ms: a generous bound), the
+/// invocation ends before its deadline, and the action runs after the response. Returns the
+/// response's and the action's end.
+async fn answered_at_once_and_ran_after(env: &Env, label: &str) -> (Instant, Instant) {
+    let result = env.invoke(json!({ "actions": [{ "name": "a" }] })).await;
+    assert!(result.outcome.is_success(), "{label}: {:?}", result.outcome);
+    assert!(
+        result.latency < Duration::from_millis(250),
+        "{label}: the response waited {:?}",
+        result.latency
+    );
+    let t = env.completed(&result.request_id).await;
+    assert!(!t.timed_out, "{label}");
+    let posted = t.response_posted.expect("posted");
+    let ran = t.mark("end:a").expect("the action ran");
+    assert!(ran >= posted, "{label}: the action ran after the response");
+    (posted, ran)
+}
+
+/// No reset (no deadline reached) and never two `event/next` at once.
+fn never_reset_nor_doubled(env: &Env, label: &str) {
+    let stats = env.emulator.stats();
+    assert_eq!(stats.resets, 0, "{label}");
+    assert!(
+        stats.max_concurrent_event_next_per_extension <= 1,
+        "{label}"
+    );
 }
 
 /// The extension's copy of the INVOKE event is late (300 ms, then 1.5 s: longer than the layer
@@ -605,21 +608,7 @@ async fn a_late_invoke_event_is_not_waited_for_on_the_response_path() {
         let delay = Duration::from_millis(delay_ms);
         let env = start_with_faults(&[Fault::EventNextAnswerDelay(delay)]).await;
         for _ in 0..2 {
-            let result = env.invoke(json!({ "actions": [{ "name": "a" }] })).await;
-            assert!(result.outcome.is_success(), "{delay:?}");
-            assert!(
-                result.latency < Duration::from_millis(250),
-                "{delay:?}: the response waited {:?}",
-                result.latency
-            );
-            let t = env.completed(&result.request_id).await;
-            assert!(!t.timed_out, "{delay:?}");
-            let posted = t.response_posted.expect("posted");
-            let ran = t.mark("end:a").expect("the action ran");
-            assert!(
-                ran >= posted,
-                "{delay:?}: the action ran after the response"
-            );
+            let (posted, ran) = answered_at_once_and_ran_after(&env, &format!("{delay:?}")).await;
             if chained {
                 assert!(
                     ran >= posted + delay - Duration::from_millis(50),
@@ -633,12 +622,7 @@ async fn a_late_invoke_event_is_not_waited_for_on_the_response_path() {
             !chained,
             "{delay:?}"
         );
-        let stats = env.emulator.stats();
-        assert_eq!(stats.resets, 0, "{delay:?}");
-        assert!(
-            stats.max_concurrent_event_next_per_extension <= 1,
-            "{delay:?}"
-        );
+        never_reset_nor_doubled(&env, &format!("{delay:?}"));
     }
 }
 

@@ -386,6 +386,19 @@ mod tests {
         )
     }
 
+    /// Waits for a request on `stream` and answers it with `response`; returns the request.
+    async fn answer(stream: &mut TcpStream, response: &str) -> String {
+        let head = request(stream).await;
+        stream.write_all(response.as_bytes()).await.expect("write");
+        head
+    }
+
+    /// The chain's read, on a task of its own.
+    fn spawn_call(line: &Arc<Line>) -> tokio::task::JoinHandle<Result<NextEvent, ClientError>> {
+        let line = line.clone();
+        tokio::spawn(async move { line.call().await })
+    }
+
     /// No request while nothing arms: `true` if none arrives within 100 ms.
     async fn silent(stream: &mut TcpStream) -> bool {
         let mut byte = [0u8; 1];
@@ -398,10 +411,7 @@ mod tests {
     async fn the_next_request_goes_out_only_when_its_event_is_armed() {
         let (listener, line) = server().await;
         let line = Arc::new(line);
-        let call = tokio::spawn({
-            let line = line.clone();
-            async move { line.call().await }
-        });
+        let call = spawn_call(&line);
         let (mut stream, _) = listener.accept().await.expect("accept");
         let head = request(&mut stream).await;
         assert!(
@@ -421,10 +431,7 @@ mod tests {
         assert_eq!(line.seq(), 1);
 
         // The chain reads again at once, but nothing is sent before the phase arms.
-        let call = tokio::spawn({
-            let line = line.clone();
-            async move { line.call().await }
-        });
+        let call = spawn_call(&line);
         assert!(
             silent(&mut stream).await,
             "a request before the phase ended"
@@ -453,19 +460,15 @@ mod tests {
     async fn an_error_answer_keeps_the_connection_and_the_retry_reuses_it() {
         let (listener, line) = server().await;
         let line = Arc::new(line);
-        let call = tokio::spawn({
-            let line = line.clone();
-            async move { line.call().await }
-        });
+        let call = spawn_call(&line);
         let (mut stream, _) = listener.accept().await.expect("accept");
-        request(&mut stream).await;
         let body =
             r#"{"errorMessage":"already waiting","errorType":"Extension.InvalidExtensionState"}"#;
-        let answer = format!(
+        let refusal = format!(
             "HTTP/1.1 403 Forbidden\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
         );
-        stream.write_all(answer.as_bytes()).await.expect("write");
+        answer(&mut stream, &refusal).await;
         let error = call.await.expect("join").unwrap_err();
         assert!(
             matches!(&error, ClientError::Api { status: 403, error_type: Some(t), .. } if t == "Extension.InvalidExtensionState"),
@@ -473,15 +476,8 @@ mod tests {
         );
         assert_eq!(line.seq(), 0, "an error is not an event");
         // The retry (no phase is pending) goes out at once, on the same connection.
-        let call = tokio::spawn({
-            let line = line.clone();
-            async move { line.call().await }
-        });
-        request(&mut stream).await;
-        stream
-            .write_all(with_length(EVENT).as_bytes())
-            .await
-            .expect("write");
+        let call = spawn_call(&line);
+        answer(&mut stream, &with_length(EVENT)).await;
         assert!(call.await.expect("join").is_ok());
     }
 
@@ -489,32 +485,18 @@ mod tests {
     async fn a_connection_closed_while_idle_is_replaced_when_the_phase_arms() {
         let (listener, line) = server().await;
         let line = Arc::new(line);
-        let call = tokio::spawn({
-            let line = line.clone();
-            async move { line.call().await }
-        });
+        let call = spawn_call(&line);
         let (mut stream, _) = listener.accept().await.expect("accept");
-        request(&mut stream).await;
-        stream
-            .write_all(with_length(EVENT).as_bytes())
-            .await
-            .expect("write");
+        answer(&mut stream, &with_length(EVENT)).await;
         call.await.expect("join").expect("event");
-        let call = tokio::spawn({
-            let line = line.clone();
-            async move { line.call().await }
-        });
+        let call = spawn_call(&line);
         // The API drops the idle connection during the phase: not an error, no request yet.
         drop(stream);
         let early = tokio::time::timeout(Duration::from_millis(100), listener.accept()).await;
         assert!(early.is_err(), "reconnected before the phase armed");
         line.arm(1);
         let (mut stream, _) = listener.accept().await.expect("accept");
-        request(&mut stream).await;
-        stream
-            .write_all(with_length(EVENT).as_bytes())
-            .await
-            .expect("write");
+        answer(&mut stream, &with_length(EVENT)).await;
         assert!(call.await.expect("join").is_ok());
     }
 
