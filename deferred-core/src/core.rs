@@ -437,17 +437,17 @@ impl Core {
     /// runtime asks for the next invocation (so the environment is not frozen meanwhile).
     pub(crate) async fn claim_parked(&self, request_id: &str) {
         let mut rx = self.state.subscribe();
-        let taken = rx.wait_for(|s| {
+        // Taken by its event, or the event will not come: the call failed (the chain is
+        // broken) or was answered with another invocation.
+        let settled = rx.wait_for(|s| {
             s.parked
                 .as_ref()
                 .is_none_or(|job| job.request_id != request_id)
+                || s.chain == Chain::Broken
+                || s.chain == Chain::Stopped
+                || s.slot.is_some()
         });
-        if tokio::time::timeout(self.config.claim_timeout, taken)
-            .await
-            .is_ok()
-        {
-            return;
-        }
+        let _ = tokio::time::timeout(self.config.claim_timeout, settled).await;
         let mut job = None;
         self.state.send_if_modified(|state| {
             job = state.parked.take_if(|job| job.request_id == request_id);
@@ -460,8 +460,8 @@ impl Core {
             tracing::warn!(
                 target: "deferred",
                 request_id,
-                "the extension did not receive its INVOKE event in time: running this \
-                 invocation's deferred work before the next invocation"
+                "the extension did not receive its INVOKE event in time (or its call failed): \
+                 running this invocation's deferred work before the next invocation"
             );
             self.run_phase(job, PhaseKind::Inline).await;
         }
