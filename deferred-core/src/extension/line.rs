@@ -6,7 +6,10 @@
 //! answer back through a channel, so every `event/next` costs two more thread wake-ups on the
 //! path from the end of a phase to the next invocation. Writing the request from the thread
 //! that ran the phase costs one `write`. The request is a fixed `GET` without a body, and the
-//! answer is read with `httparse` (with `Content-Length` or chunked).
+//! answer is read with `httparse`, framed by `Content-Length` or chunked: the Runtime Interface
+//! Emulator serves the API with Go's `net/http`, which "adds chunking automatically if handlers
+//! don't set a Content-Length header" (`net/http/internal`, `NewChunkedWriter`), and nothing
+//! documents which framing Lambda itself uses.
 //!
 //! The rule of the chain (exactly one `event/next` in flight, the next only once the previous
 //! invocation's phase has ended) is kept here: [`Line::arm`] writes only for the event whose
