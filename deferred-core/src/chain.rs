@@ -44,6 +44,8 @@ pub(crate) async fn drive_with(
         Err(error) => {
             core.state.send_modify(|s| s.chain = Chain::Stopped);
             tracing::error!(target: "deferred", %error, "cannot start the chain's phase thread: deferred work runs inline");
+            // Registered all the same: Lambda must not wait for this extension.
+            crate::late::acknowledge(client, extension_id).await;
             return;
         }
     };

@@ -26,16 +26,19 @@ pub(crate) async fn pass_through(
         "extension registration answered after the register timeout: the extension now only \
          acknowledges events, so Lambda does not wait for it; deferred work stays inline"
     );
+    acknowledge(client, registration.extension_id).await;
+}
+
+/// Calls `event/next` again as soon as each event arrives, holding nothing, until SHUTDOWN or
+/// the end of the process: for a registered extension whose deferred work runs inline.
+pub(crate) async fn acknowledge(client: Arc<Client>, extension_id: String) {
     // Its `event/next` is in flight across a SnapStart snapshot too: watch the restores as the
     // chain does.
     let mut restores = crate::snapstart::Restores::global().watch();
     let mut failures: u32 = 0;
     loop {
         let next = restores
-            .next_event(
-                || client.next_event(&registration.extension_id),
-                || client.reset_pool(),
-            )
+            .next_event(|| client.next_event(&extension_id), || client.reset_pool())
             .await;
         match next {
             Ok(NextEvent::Invoke(_)) => failures = 0,

@@ -113,7 +113,15 @@ impl Runner {
             if ran.is_err() {
                 // A panic out of the phase's own code (an `on_report` hook): the chain goes on.
                 tracing::error!(target: "deferred", "a chained phase panicked; the chain goes on");
-                lock(&self.watch).flushing = None;
+                let mut watch = lock(&self.watch);
+                if watch
+                    .flushing
+                    .as_ref()
+                    .is_some_and(|f| Arc::ptr_eq(&f.retired, &retired))
+                {
+                    watch.flushing = None;
+                }
+                drop(watch);
                 self.line.arm(seq);
             }
             if retired.load(Ordering::Acquire) {
