@@ -109,9 +109,7 @@ impl Line {
         }
         state.arm_allowed = true;
         if let Some(writer) = state.writer.clone() {
-            // Non-blocking, and the socket's buffer is empty (one request per answer): a short
-            // write is as good as a failure and goes the same way, through a new connection.
-            if matches!((&*writer).write(&self.request), Ok(n) if n == self.request.len()) {
+            if self.send(&writer) {
                 state.in_flight = true;
                 return;
             }
@@ -141,9 +139,8 @@ impl Line {
                 match state.idle.take() {
                     Some(conn) => {
                         if state.arm_allowed && !state.in_flight {
-                            // Ours to send (start, retry): same write as `arm`.
-                            if matches!((&*conn.writer).write(&self.request), Ok(n) if n == self.request.len())
-                            {
+                            // Ours to send (start, retry).
+                            if self.send(&conn.writer) {
                                 state.in_flight = true;
                                 Step::Read(conn)
                             } else {
@@ -168,8 +165,7 @@ impl Line {
                 Step::Read(conn) => conn,
                 Step::Connect => {
                     let conn = self.connect().await?;
-                    if !matches!((&*conn.writer).write(&self.request), Ok(n) if n == self.request.len())
-                    {
+                    if !self.send(&conn.writer) {
                         return Err(ClientError::Transport(
                             "event/next: the request could not be written".into(),
                         ));
@@ -193,6 +189,13 @@ impl Line {
                 }
             }
         }
+    }
+
+    /// Writes the request on `writer`; false if it did not all go out. The socket is
+    /// non-blocking and its buffer empty (one request per answer), so a short write is as good
+    /// as a failure and goes the same way: through a new connection.
+    fn send(&self, mut writer: &std::net::TcpStream) -> bool {
+        matches!(writer.write(&self.request), Ok(n) if n == self.request.len())
     }
 
     async fn connect(&self) -> Result<Conn, ClientError> {
