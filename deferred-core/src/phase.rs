@@ -121,11 +121,7 @@ pub(crate) async fn run_actions_stage(
         job.flush_timeout.min(left / 2)
     };
     let actions_end = budget.end.checked_sub(reserve).unwrap_or(started);
-    let actions = if job.queue.len() == 0 {
-        Vec::new()
-    } else {
-        run_actions(&job.queue, actions_end, &mut cut, started, &mut stop).await
-    };
+    let actions = run_actions(&job.queue, actions_end, &mut cut, started, &mut stop).await;
 
     // On shutdown the final flush flushes everything; this phase yields to it at once.
     let flush_end = (!stop.is_set()).then(|| {
@@ -270,13 +266,7 @@ pub(crate) fn start_flushes(flushers: &[Flusher], end: Instant) -> Running {
     let tasks = flushers
         .iter()
         .map(|flusher| {
-            let task = if started >= end {
-                Err("no time left before the deadline".to_owned())
-            } else {
-                flusher
-                    .start()
-                    .ok_or_else(|| "its previous flush is still running".to_owned())
-            };
+            let task = startable(started, end, || flusher.start());
             (flusher.name.to_string(), task)
         })
         .collect();
@@ -333,23 +323,13 @@ impl Running {
 /// which saves two thread hand-offs per phase; its watchdog abandons the flush at `end`.
 pub(crate) fn flush_here(flusher: &Flusher, end: Instant, phase_started: Instant) -> FlushReport {
     let started = Instant::now();
-    let (outcome, duration) = if started >= end {
-        (
-            FlushOutcome::NotRun("no time left before the deadline".to_owned()),
-            Duration::ZERO,
-        )
-    } else {
-        match flusher.run_here() {
-            None => (
-                FlushOutcome::NotRun("its previous flush is still running".to_owned()),
-                Duration::ZERO,
-            ),
-            Some(Ok(done)) => outcome(Ok(done), started),
-            Some(Err(panic)) => (
-                FlushOutcome::Panicked(panic_message(panic)),
-                started.elapsed(),
-            ),
-        }
+    let (outcome, duration) = match startable(started, end, || flusher.run_here()) {
+        Err(why) => (FlushOutcome::NotRun(why), Duration::ZERO),
+        Ok(Ok(done)) => outcome(Ok(done), started),
+        Ok(Err(panic)) => (
+            FlushOutcome::Panicked(panic_message(panic)),
+            started.elapsed(),
+        ),
     };
     // Finished, but past its end: as late as an abandoned one, and reported the same way.
     let outcome = if Instant::now() > end && matches!(outcome, FlushOutcome::Ok) {
@@ -363,6 +343,19 @@ pub(crate) fn flush_here(flusher: &Flusher, end: Instant, phase_started: Instant
         duration,
         outcome,
     }
+}
+
+/// Starts a flush with `start` unless it is too late, or `start` finds its previous call still
+/// running (`None`); `Err` says why it was not run.
+fn startable<T>(
+    now: Instant,
+    end: Instant,
+    start: impl FnOnce() -> Option<T>,
+) -> Result<T, String> {
+    if now >= end {
+        return Err("no time left before the deadline".to_owned());
+    }
+    start().ok_or_else(|| "its previous flush is still running".to_owned())
 }
 
 /// Waits for the started flushes until `end`; what is still running then is abandoned.
