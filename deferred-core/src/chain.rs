@@ -136,18 +136,20 @@ pub(crate) async fn drive_with(
     }
 }
 
-/// When the held event (if any) must be looked at again by the chain's task: the end of its
-/// stray window without the layer, its phase end, and, as a first look for the watchdog, the
-/// builder's `flush_timeout` after its arrival (a flush cannot end sooner, unless a handler
-/// sets a shorter one: then the phase thread pokes the task).
+/// When the held event (if any) must be looked at again by the chain's task: when [`decide`]
+/// can next tell (the end of its stray window without the layer, or its phase end), and, as a
+/// first look for the watchdog, the builder's `flush_timeout` after its arrival (a flush
+/// cannot end sooner, unless a handler sets a shorter one: then the phase thread pokes the
+/// task).
 fn held_until(core: &Core) -> Option<Instant> {
     let state = core.state.borrow();
     let slot = state.slot.as_ref()?;
-    let mut at = slot.phase_end;
-    if !core.layer_installed() && !slot.claimed {
-        at = at.min(slot.stray_at);
-    }
-    if slot.watch_from > Instant::now() {
+    let now = Instant::now();
+    // When `decide` can next tell; if it can already, now (the timer's branch takes it).
+    let mut at = decide(core.layer_installed(), slot, now)
+        .err()
+        .unwrap_or(now);
+    if slot.watch_from > now {
         at = at.min(slot.watch_from);
     }
     Some(at)
