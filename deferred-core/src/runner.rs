@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use crate::core::Core;
 use crate::extension::line::Line;
 use crate::phase::{self, Budget, Running, Staged};
-use crate::report::PhaseKind;
+use crate::report::{FlushReport, PhaseKind};
 use crate::scope::lock;
 
 /// A phase for the phase thread: the job, the event it arms the next call for, and its end.
@@ -141,9 +141,7 @@ impl Runner {
         let staged =
             phase::run_actions_stage(job, flushers, budget, PhaseKind::Chained, core.stop()).await;
         let (Some(end), Some((first, rest))) = (staged.flush_end, flushers.split_first()) else {
-            core.finish(staged.into_report(Vec::new()));
-            drop(serial);
-            self.line.arm(seq);
+            self.end_phase(core, staged, Vec::new(), serial, seq);
             return;
         };
         let running = phase::start_flushes(rest, end);
@@ -177,6 +175,19 @@ impl Runner {
         } = flushing;
         running.add_done(report);
         let flushes = phase::collect_flushes(running, end, phase_started, &mut staged.cut).await;
+        self.end_phase(core, staged, flushes, serial, seq);
+    }
+
+    /// The end of every chained phase, whoever ends it: reports it, lets the next phase (or
+    /// the SIGTERM flush) run, and arms the next `event/next`.
+    fn end_phase(
+        &self,
+        core: &Core,
+        staged: Staged,
+        flushes: Vec<FlushReport>,
+        serial: OwnedMutexGuard<()>,
+        seq: u64,
+    ) {
         core.finish(staged.into_report(flushes));
         drop(serial);
         self.line.arm(seq);
@@ -228,8 +239,6 @@ impl Runner {
         let flushes = running
             .abandon(&here, staged.started, &mut staged.cut)
             .await;
-        core.finish(staged.into_report(flushes));
-        drop(serial);
-        self.line.arm(seq);
+        self.end_phase(core, staged, flushes, serial, seq);
     }
 }
