@@ -276,6 +276,14 @@ impl Answer {
     fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
+
+    /// A 200 with the handler's JSON, not cached, naming the invocation it came from.
+    fn assert_json_ok(&self, request_id: &str) {
+        assert_eq!(self.status, 200, "{self:?}");
+        assert_eq!(self.header("content-type"), Some("application/json"));
+        assert_eq!(self.header("cache-control"), Some("no-store"));
+        assert_eq!(self.header("x-request-id"), Some(request_id));
+    }
 }
 
 /// Decodes the function's answer as `ApiGatewayProxyResponse` (REST) or
@@ -408,13 +416,7 @@ async fn rest_api_v1_events() {
         .header("x-audit-ms", "300");
     let result = call(&env, Api::Rest, &get).await;
     let answer = decode(Api::Rest, &result);
-    assert_eq!(answer.status, 200, "{answer:?}");
-    assert_eq!(answer.header("content-type"), Some("application/json"));
-    assert_eq!(answer.header("cache-control"), Some("no-store"));
-    assert_eq!(
-        answer.header("x-request-id"),
-        Some(result.request_id.as_str())
-    );
+    answer.assert_json_ok(&result.request_id);
     assert_eq!(answer.body["account"]["owner"], "Ada Lovelace");
     let seen = &answer.body["seen"];
     assert_eq!(seen["kind"], "rest", "{seen}");
@@ -484,13 +486,7 @@ async fn http_api_v2_events() {
         .cookie("theme=dark");
     let result = call(&env, Api::Http, &get).await;
     let answer = decode(Api::Http, &result);
-    assert_eq!(answer.status, 200, "{answer:?}");
-    assert_eq!(answer.header("content-type"), Some("application/json"));
-    assert_eq!(answer.header("cache-control"), Some("no-store"));
-    assert_eq!(
-        answer.header("x-request-id"),
-        Some(result.request_id.as_str())
-    );
+    answer.assert_json_ok(&result.request_id);
     assert!(answer.cookies.is_empty(), "{answer:?}");
     assert_eq!(answer.body["account"]["balance_cents"], 125_000);
     let seen = &answer.body["seen"];
