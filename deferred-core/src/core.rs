@@ -260,9 +260,6 @@ impl Core {
         }
         let mut ticket = Ticket::Chained(request_id.to_owned());
         let mut release = None;
-        // Wake the chain only when its decision depends on the change: with the runtime layer
-        // it waits for the response anyway (fewer wake-ups on the hot path).
-        let layer = self.layer_installed();
         self.state.send_if_modified(|state| {
             if state.was_closed(request_id) {
                 ticket = Ticket::Inline;
@@ -270,8 +267,9 @@ impl Core {
             }
             match &mut state.slot {
                 Some(slot) if slot.event.request_id == request_id && !slot.claimed => {
+                    // Nobody waits on a claim: the chain looks at it on its own timer.
                     slot.claimed = true;
-                    !layer
+                    false
                 }
                 Some(slot) if slot.event.request_id != request_id => {
                     // The extension was given another invocation than the runtime: the chain
