@@ -101,6 +101,9 @@ pub(crate) struct Row {
     pub(crate) rss_kib: u64,
     /// CPU time of the child per invocation.
     pub(crate) cpu_per_inv: Duration,
+    /// Scenario c: the part of `cpu_per_inv` spent on the extension's own thread (the phase
+    /// thread of modes 5 and 6, the bare extension's thread); the rest is the runtime's.
+    pub(crate) extension_cpu_per_inv: Duration,
     pub(crate) errors: usize,
     /// Scenario c: context switches of the child (all threads) per invocation.
     pub(crate) switches_per_inv: f64,
@@ -320,12 +323,25 @@ fn proc_stats(pid: Option<u32>) -> (u64, u64) {
 
 /// The sum over the child's live threads of `parse(/proc/<pid>/task/<tid>/<file>)`.
 fn per_thread(pid: Option<u32>, file: &str, parse: impl Fn(&str) -> u64) -> u64 {
+    threads_named(pid, |_| true, file, parse)
+}
+
+/// [`per_thread`] over the threads whose name (`comm`) passes `named`.
+fn threads_named(
+    pid: Option<u32>,
+    named: impl Fn(&str) -> bool,
+    file: &str,
+    parse: impl Fn(&str) -> u64,
+) -> u64 {
     let Some(pid) = pid else { return 0 };
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return 0;
     };
     tasks
         .flatten()
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|comm| named(comm.trim()))
+        })
         .filter_map(|t| std::fs::read_to_string(t.path().join(file)).ok())
         .map(|text| parse(&text))
         .sum()
@@ -346,12 +362,26 @@ fn switches(pid: Option<u32>) -> u64 {
 /// shorter than tokio's 10 s keep-alive of idle blocking threads, so no thread that ran in
 /// one exits during it.
 fn cpu_ns(pid: Option<u32>) -> u64 {
-    per_thread(pid, "schedstat", |s| {
-        s.split_whitespace()
-            .next()
-            .and_then(|ns| ns.parse().ok())
-            .unwrap_or(0)
-    })
+    per_thread(pid, "schedstat", schedstat_ns)
+}
+
+/// [`cpu_ns`] of the extension's own thread: the phase thread of lambda-deferred, or the bare
+/// extension's.
+fn extension_cpu_ns(pid: Option<u32>) -> u64 {
+    threads_named(
+        pid,
+        |name| name == "deferred-phase" || name == "bare-extension",
+        "schedstat",
+        schedstat_ns,
+    )
+}
+
+/// The CPU time in a thread's `schedstat` (its first field, in nanoseconds).
+fn schedstat_ns(text: &str) -> u64 {
+    text.split_whitespace()
+        .next()
+        .and_then(|ns| ns.parse().ok())
+        .unwrap_or(0)
 }
 
 const TICK: Duration = Duration::from_millis(10);
@@ -459,6 +489,7 @@ async fn steady(
         cpu_per_inv: TICK * u32::try_from(ticks1.saturating_sub(ticks0)).unwrap_or(u32::MAX)
             / n.max(1) as u32,
         errors,
+        extension_cpu_per_inv: Duration::ZERO,
         switches_per_inv: 0.0,
         cycle: Cycle::default(),
     })
@@ -468,6 +499,7 @@ async fn steady(
 struct Overhead {
     emulator: Emulator,
     cpu_ns: u64,
+    extension_cpu_ns: u64,
     busy_time: Duration,
     rates: Vec<f64>,
     latency: Vec<Duration>,
@@ -498,6 +530,7 @@ async fn overhead(
         envs.push(Overhead {
             emulator,
             cpu_ns: 0,
+            extension_cpu_ns: 0,
             busy_time: Duration::ZERO,
             rates: Vec::new(),
             latency: Vec::new(),
@@ -513,6 +546,7 @@ async fn overhead(
         for env in &mut envs {
             let emulator = &env.emulator;
             let cpu0 = cpu_ns(emulator.child_pid());
+            let extension_cpu0 = extension_cpu_ns(emulator.child_pid());
             let switches0 = switches(emulator.child_pid());
             let t0 = Instant::now();
             let mut results = Vec::new();
@@ -535,6 +569,8 @@ async fn overhead(
                 .await;
             let elapsed = t0.elapsed();
             env.cpu_ns += cpu_ns(emulator.child_pid()).saturating_sub(cpu0);
+            env.extension_cpu_ns +=
+                extension_cpu_ns(emulator.child_pid()).saturating_sub(extension_cpu0);
             env.switches += switches(emulator.child_pid()).saturating_sub(switches0);
             env.busy_time += elapsed;
             env.rates.push(results.len() as f64 / elapsed.as_secs_f64());
@@ -588,6 +624,7 @@ async fn overhead(
             premature: 0,
             rss_kib,
             cpu_per_inv: cpu / env.n.max(1) as u32,
+            extension_cpu_per_inv: Duration::from_nanos(env.extension_cpu_ns) / env.n.max(1) as u32,
             errors: env.errors,
             switches_per_inv: env.switches as f64 / env.n.max(1) as f64,
             cycle: env.cycle,
@@ -635,6 +672,7 @@ async fn cold_start(
         rss_kib,
         cpu_per_inv: Duration::ZERO,
         errors,
+        extension_cpu_per_inv: Duration::ZERO,
         switches_per_inv: 0.0,
         cycle: Cycle::default(),
     })

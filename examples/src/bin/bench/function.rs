@@ -249,7 +249,10 @@ fn bare_extension() -> Result<(), Error> {
                 .then(|| value.trim().to_owned())
         })
         .ok_or("no Lambda-Extension-Identifier")?;
-    std::thread::spawn(move || {
+    // Named, so that the benchmark can tell this thread's CPU from the runtime's.
+    std::thread::Builder::new()
+        .name("bare-extension".into())
+        .spawn(move || {
         let next = format!(
             "GET /2020-01-01/extension/event/next HTTP/1.1\r\nHost: {api}\r\nLambda-Extension-Identifier: {id}\r\n\r\n"
         );
@@ -258,7 +261,7 @@ fn bare_extension() -> Result<(), Error> {
                 return;
             }
         }
-    });
+    })?;
     Ok(())
 }
 

@@ -161,6 +161,24 @@ pub(crate) fn targets(rows: &[Row]) -> String {
     if rows.iter().any(|r| r.scenario == Scenario::C) {
         let _ = writeln!(
             out,
+            "- (c) where the CPU goes, µs per invocation (the runtime's threads | the extension's own thread):"
+        );
+        for row in rows.iter().filter(|r| r.scenario == Scenario::C) {
+            let own = row.extension_cpu_per_inv.as_secs_f64() * 1e6;
+            let _ = writeln!(
+                out,
+                "  - {}: {:.0} | {}",
+                row.label,
+                row.cpu_per_inv.as_secs_f64() * 1e6 - own,
+                if own > 0.0 {
+                    format!("{own:.0}")
+                } else {
+                    "-".into()
+                }
+            );
+        }
+        let _ = writeln!(
+            out,
             "- (c) where the cycle goes, p50 µs (dispatch → response POST | POST → runtime `/next` | POST → invocation complete):"
         );
         for row in rows.iter().filter(|r| r.scenario == Scenario::C) {
