@@ -101,6 +101,8 @@ pub(crate) struct Row {
     pub(crate) rss_kib: u64,
     /// CPU time of the child per invocation.
     pub(crate) cpu_per_inv: Duration,
+    /// Scenario c: `cpu_per_inv` in each round (the modes take turns), to show its spread.
+    pub(crate) cpu_rounds: Vec<Duration>,
     /// Scenario c: the part of `cpu_per_inv` spent on the extension's own thread (the phase
     /// thread of modes 5 and 6, the bare extension's thread); the rest is the runtime's.
     pub(crate) extension_cpu_per_inv: Duration,
@@ -489,6 +491,7 @@ async fn steady(
         cpu_per_inv: TICK * u32::try_from(ticks1.saturating_sub(ticks0)).unwrap_or(u32::MAX)
             / n.max(1) as u32,
         errors,
+        cpu_rounds: Vec::new(),
         extension_cpu_per_inv: Duration::ZERO,
         switches_per_inv: 0.0,
         cycle: Cycle::default(),
@@ -502,6 +505,7 @@ struct Overhead {
     extension_cpu_ns: u64,
     busy_time: Duration,
     rates: Vec<f64>,
+    cpu_rounds: Vec<Duration>,
     latency: Vec<Duration>,
     busy: Vec<Duration>,
     n: usize,
@@ -533,6 +537,7 @@ async fn overhead(
             extension_cpu_ns: 0,
             busy_time: Duration::ZERO,
             rates: Vec::new(),
+            cpu_rounds: Vec::new(),
             latency: Vec::new(),
             busy: Vec::new(),
             n: 0,
@@ -568,7 +573,10 @@ async fn overhead(
                 })
                 .await;
             let elapsed = t0.elapsed();
-            env.cpu_ns += cpu_ns(emulator.child_pid()).saturating_sub(cpu0);
+            let round_ns = cpu_ns(emulator.child_pid()).saturating_sub(cpu0);
+            env.cpu_ns += round_ns;
+            env.cpu_rounds
+                .push(Duration::from_nanos(round_ns) / results.len().max(1) as u32);
             env.extension_cpu_ns +=
                 extension_cpu_ns(emulator.child_pid()).saturating_sub(extension_cpu0);
             env.switches += switches(emulator.child_pid()).saturating_sub(switches0);
@@ -624,6 +632,7 @@ async fn overhead(
             premature: 0,
             rss_kib,
             cpu_per_inv: cpu / env.n.max(1) as u32,
+            cpu_rounds: env.cpu_rounds,
             extension_cpu_per_inv: Duration::from_nanos(env.extension_cpu_ns) / env.n.max(1) as u32,
             errors: env.errors,
             switches_per_inv: env.switches as f64 / env.n.max(1) as f64,
@@ -672,6 +681,7 @@ async fn cold_start(
         rss_kib,
         cpu_per_inv: Duration::ZERO,
         errors,
+        cpu_rounds: Vec::new(),
         extension_cpu_per_inv: Duration::ZERO,
         switches_per_inv: 0.0,
         cycle: Cycle::default(),

@@ -134,6 +134,17 @@ pub(crate) fn targets(rows: &[Row]) -> String {
             run.n,
             verdict(over < 50.0)
         );
+        let rounds: Vec<String> = run
+            .cpu_rounds
+            .iter()
+            .zip(&none.cpu_rounds)
+            .map(|(r, n)| format!("{:.0}", r.as_secs_f64() * 1e6 - n.as_secs_f64() * 1e6))
+            .collect();
+        let _ = writeln!(
+            out,
+            "- (c) the same per round (the modes take turns): {} µs",
+            rounds.join(" | ")
+        );
     }
     if let (Some(run), Some(bare)) = (get(Scenario::C, "run"), get(Scenario::C, "ext-only")) {
         let over = run.cpu_per_inv.as_secs_f64() * 1e6 - bare.cpu_per_inv.as_secs_f64() * 1e6;
