@@ -367,11 +367,19 @@ mod tests {
 
     const EVENT: &str = r#"{"eventType":"INVOKE","deadlineMs":4102444800000,"requestId":"r-1","invokedFunctionArn":"arn"}"#;
 
-    async fn server() -> (TcpListener, Line) {
+    /// The chain's call, on a task of its own.
+    type Call = tokio::task::JoinHandle<Result<NextEvent, ClientError>>;
+
+    /// A fake Runtime API and a line to it whose first call (the chain's, on a task of its
+    /// own) has connected: the listener, the line, the call, and the API's end of the
+    /// connection.
+    async fn first_call() -> (TcpListener, Arc<Line>, Call, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let authority = listener.local_addr().expect("addr").to_string();
-        let line = Line::new(&authority, "/prefix/", "ext-1");
-        (listener, line)
+        let line = Arc::new(Line::new(&authority, "/prefix/", "ext-1"));
+        let call = spawn_call(&line);
+        let (stream, _) = listener.accept().await.expect("accept");
+        (listener, line, call, stream)
     }
 
     /// Reads one request head from `stream`.
@@ -400,7 +408,7 @@ mod tests {
     }
 
     /// The chain's read, on a task of its own.
-    fn spawn_call(line: &Arc<Line>) -> tokio::task::JoinHandle<Result<NextEvent, ClientError>> {
+    fn spawn_call(line: &Arc<Line>) -> Call {
         let line = line.clone();
         tokio::spawn(async move { line.call().await })
     }
@@ -415,10 +423,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_next_request_goes_out_only_when_its_event_is_armed() {
-        let (listener, line) = server().await;
-        let line = Arc::new(line);
-        let call = spawn_call(&line);
-        let (mut stream, _) = listener.accept().await.expect("accept");
+        let (_listener, line, call, mut stream) = first_call().await;
         let head = request(&mut stream).await;
         assert!(
             head.starts_with("GET /prefix/2020-01-01/extension/event/next HTTP/1.1\r\n"),
@@ -464,10 +469,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_error_answer_keeps_the_connection_and_the_retry_reuses_it() {
-        let (listener, line) = server().await;
-        let line = Arc::new(line);
-        let call = spawn_call(&line);
-        let (mut stream, _) = listener.accept().await.expect("accept");
+        let (_listener, line, call, mut stream) = first_call().await;
         let body =
             r#"{"errorMessage":"already waiting","errorType":"Extension.InvalidExtensionState"}"#;
         let refusal = format!(
@@ -489,10 +491,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_closed_while_idle_is_replaced_when_the_phase_arms() {
-        let (listener, line) = server().await;
-        let line = Arc::new(line);
-        let call = spawn_call(&line);
-        let (mut stream, _) = listener.accept().await.expect("accept");
+        let (listener, line, call, mut stream) = first_call().await;
         answer(&mut stream, &with_length(EVENT)).await;
         call.await.expect("join").expect("event");
         let call = spawn_call(&line);
@@ -517,9 +516,7 @@ mod tests {
             // Closed before the body is complete.
             "HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n{".to_owned(),
         ] {
-            let (listener, line) = server().await;
-            let call = tokio::spawn(async move { line.call().await });
-            let (mut stream, _) = listener.accept().await.expect("accept");
+            let (_listener, _line, call, mut stream) = first_call().await;
             request(&mut stream).await;
             stream.write_all(answer.as_bytes()).await.expect("write");
             drop(stream);
