@@ -149,6 +149,17 @@ fn usage_error(why: &str) -> ! {
     std::process::exit(2);
 }
 
+/// The value after `flag` in `args`, if the flag is there.
+fn value<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
+    let at = args.iter().position(|a| a == flag)?;
+    args.get(at + 1).map(String::as_str)
+}
+
+/// Whether `name` is in the comma-separated `list`; everything is when there is no list.
+fn listed(list: Option<&str>, name: &str) -> bool {
+    list.is_none_or(|list| list.split(',').any(|x| x == name))
+}
+
 pub(crate) async fn main() -> Result<(), Error> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|a| a == "--help" || a == "-h") {
@@ -171,31 +182,13 @@ pub(crate) async fn main() -> Result<(), Error> {
     let docs = args.iter().any(|a| a == "--docs");
     let serial = args.iter().any(|a| a == "--serial");
     let mut sizes = if quick { QUICK } else { FULL };
-    // `--only a,d`: run only these scenarios (for profiling); `--cold N`: N cold starts.
-    let only: Option<String> = args
-        .iter()
-        .position(|a| a == "--only")
-        .and_then(|i| args.get(i + 1).cloned());
-    let wanted = |s: Scenario| {
-        only.as_ref()
-            .is_none_or(|o| o.split(',').any(|x| x == s.name()))
-    };
-    // `--modes run,none`: run only these modes (by key: none, sync, otel-layer, naive, run,
-    // start, ext-only), for profiling one against another.
-    let only_modes: Option<String> = args
-        .iter()
-        .position(|a| a == "--modes")
-        .and_then(|i| args.get(i + 1).cloned());
-    let mode_wanted = |mode: &str| {
-        only_modes
-            .as_ref()
-            .is_none_or(|o| o.split(',').any(|x| x == mode))
-    };
-    if let Some(n) = args
-        .iter()
-        .position(|a| a == "--cold")
-        .and_then(|i| args.get(i + 1)?.parse().ok())
-    {
+    // `--only a,d`: run only these scenarios; `--modes run,none`: only these modes (by key:
+    // none, sync, otel-layer, naive, run, start, ext-only); for profiling one against another.
+    let (only, only_modes) = (value(&args, "--only"), value(&args, "--modes"));
+    let wanted = |s: Scenario| listed(only, s.name());
+    let mode_wanted = |mode: &str| listed(only_modes, mode);
+    // `--cold N`: N cold starts.
+    if let Some(n) = value(&args, "--cold").and_then(|n| n.parse().ok()) {
         sizes.d = n;
     }
     let started = Instant::now();
