@@ -316,67 +316,53 @@ fn proc_stats(pid: Option<u32>) -> (u64, u64) {
     (hwm, ticks)
 }
 
-/// The sum over the child's live threads of `parse(/proc/<pid>/task/<tid>/<file>)`.
-fn per_thread(pid: Option<u32>, file: &str, parse: impl Fn(&str) -> u64) -> u64 {
-    threads_named(pid, |_| true, file, parse)
-}
-
-/// [`per_thread`] over the threads whose name (`comm`) passes `named`.
-fn threads_named(
-    pid: Option<u32>,
-    named: impl Fn(&str) -> bool,
-    file: &str,
-    parse: impl Fn(&str) -> u64,
-) -> u64 {
-    let Some(pid) = pid else { return 0 };
+/// The child's live threads: each one's name (`comm`) and its
+/// `/proc/<pid>/task/<tid>/<file>`.
+fn per_thread(pid: Option<u32>, file: &str) -> Vec<(String, String)> {
+    let Some(pid) = pid else { return Vec::new() };
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0;
+        return Vec::new();
     };
     tasks
         .flatten()
-        .filter(|t| {
-            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|comm| named(comm.trim()))
+        .filter_map(|t| {
+            let name = std::fs::read_to_string(t.path().join("comm")).ok()?;
+            let text = std::fs::read_to_string(t.path().join(file)).ok()?;
+            Some((name.trim().to_owned(), text))
         })
-        .filter_map(|t| std::fs::read_to_string(t.path().join(file)).ok())
-        .map(|text| parse(&text))
-        .sum()
+        .collect()
 }
 
 /// Voluntary + involuntary context switches of every thread of the child so far.
 fn switches(pid: Option<u32>) -> u64 {
-    per_thread(pid, "status", |s| {
-        s.lines()
-            .filter(|l| l.contains("ctxt_switches:"))
-            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-            .sum()
-    })
+    per_thread(pid, "status")
+        .iter()
+        .flat_map(|(_, s)| s.lines())
+        .filter(|l| l.contains("ctxt_switches:"))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum()
 }
 
-/// CPU time of every live thread of the child so far, in nanoseconds (the first field of
-/// `schedstat`): exact, where utime + stime count 10 ms ticks. Scenario c's windows are
+/// CPU time of the child so far, in nanoseconds (the first field of `schedstat`: exact, where
+/// utime + stime count 10 ms ticks): of every live thread, and of the extension's own thread
+/// (the phase thread of lambda-deferred, or the bare extension's). Scenario c's windows are
 /// shorter than tokio's 10 s keep-alive of idle blocking threads, so no thread that ran in
 /// one exits during it.
-fn cpu_ns(pid: Option<u32>) -> u64 {
-    per_thread(pid, "schedstat", schedstat_ns)
-}
-
-/// [`cpu_ns`] of the extension's own thread: the phase thread of lambda-deferred, or the bare
-/// extension's.
-fn extension_cpu_ns(pid: Option<u32>) -> u64 {
-    threads_named(
-        pid,
-        |name| name == "deferred-phase" || name == "bare-extension",
-        "schedstat",
-        schedstat_ns,
-    )
-}
-
-/// The CPU time in a thread's `schedstat` (its first field, in nanoseconds).
-fn schedstat_ns(text: &str) -> u64 {
-    text.split_whitespace()
-        .next()
-        .and_then(|ns| ns.parse().ok())
-        .unwrap_or(0)
+fn cpu_ns(pid: Option<u32>) -> (u64, u64) {
+    let mut all = 0;
+    let mut extension = 0;
+    for (name, text) in per_thread(pid, "schedstat") {
+        let ns: u64 = text
+            .split_whitespace()
+            .next()
+            .and_then(|ns| ns.parse().ok())
+            .unwrap_or(0);
+        all += ns;
+        if name == "deferred-phase" || name == "bare-extension" {
+            extension += ns;
+        }
+    }
+    (all, extension)
 }
 
 const TICK: Duration = Duration::from_millis(10);
@@ -543,8 +529,7 @@ async fn overhead(
     for _ in 0..ROUNDS {
         for env in &mut envs {
             let emulator = &env.emulator;
-            let cpu0 = cpu_ns(emulator.child_pid());
-            let extension_cpu0 = extension_cpu_ns(emulator.child_pid());
+            let (cpu0, extension_cpu0) = cpu_ns(emulator.child_pid());
             let switches0 = switches(emulator.child_pid());
             let t0 = Instant::now();
             let mut results = Vec::new();
@@ -566,12 +551,12 @@ async fn overhead(
                 })
                 .await;
             let elapsed = t0.elapsed();
-            let round_ns = cpu_ns(emulator.child_pid()).saturating_sub(cpu0);
+            let (cpu1, extension_cpu1) = cpu_ns(emulator.child_pid());
+            let round_ns = cpu1.saturating_sub(cpu0);
             env.cpu_ns += round_ns;
             env.cpu_rounds
                 .push(Duration::from_nanos(round_ns) / results.len().max(1) as u32);
-            env.extension_cpu_ns +=
-                extension_cpu_ns(emulator.child_pid()).saturating_sub(extension_cpu0);
+            env.extension_cpu_ns += extension_cpu1.saturating_sub(extension_cpu0);
             env.switches += switches(emulator.child_pid()).saturating_sub(switches0);
             env.busy_time += elapsed;
             env.rates.push(results.len() as f64 / elapsed.as_secs_f64());
