@@ -293,12 +293,14 @@ impl Running {
         cut: &mut Vec<CutReason>,
     ) -> Vec<FlushReport> {
         let offset = self.started.saturating_duration_since(phase_started);
-        let mut reports = vec![FlushReport {
+        // Flushes that ran elsewhere first, as `collect_flushes` lists them.
+        let mut reports = self.done;
+        reports.push(FlushReport {
             name: inline.to_owned(),
             offset,
             duration: self.started.elapsed(),
             outcome: FlushOutcome::TimedOut,
-        }];
+        });
         for (name, task) in self.tasks {
             let (outcome, duration) = match task {
                 Err(why) => (FlushOutcome::NotRun(why), Duration::ZERO),
