@@ -26,6 +26,14 @@ pub(crate) const MODES: [(&str, &str); 6] = [
 /// `event/next` at once: the price of the extension round trip without lambda-deferred.
 pub(crate) const EXT_ONLY: (&str, &str) = ("ext-only", "bare extension (c only)");
 
+/// Scenario (c) only: the same bare extension, re-arming only once a layer says the response
+/// is POSTed: the least a design that flushes after the POST and off the runtime's threads
+/// can cost.
+pub(crate) const EXT_AFTER_POST: (&str, &str) = (
+    "ext-after-post",
+    "floor: bare extension, re-armed after the POST (c only)",
+);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Scenario {
     A,
@@ -136,7 +144,7 @@ pub(crate) fn pct(v: &[Duration], p: f64) -> Duration {
 }
 
 const USAGE: &str = "\
-usage: bench [--quick] [--docs] [--serial] [--only a,b,c,d,e] [--modes none,sync,otel-layer,naive,run,start,ext-only] [--cold N]
+usage: bench [--quick] [--docs] [--serial] [--only a,b,c,d,e] [--modes none,sync,otel-layer,naive,run,start,ext-only,ext-after-post] [--cold N]
   --quick   reduced sizes (about a minute)
   --docs    write docs/BENCHMARKS.md and the SVG charts (a full run: --quick, --only and --modes are for exploring)
   --serial  run the modes of scenarios a, b and e one after the other instead of at once
@@ -183,7 +191,8 @@ pub(crate) async fn main() -> Result<(), Error> {
     let serial = args.iter().any(|a| a == "--serial");
     let mut sizes = if quick { QUICK } else { FULL };
     // `--only a,d`: run only these scenarios; `--modes run,none`: only these modes (by key:
-    // none, sync, otel-layer, naive, run, start, ext-only); for profiling one against another.
+    // none, sync, otel-layer, naive, run, start, ext-only, ext-after-post); for profiling one
+    // against another.
     let (only, only_modes) = (value(&args, "--only"), value(&args, "--modes"));
     let wanted = |s: Scenario| listed(only, s.name());
     let mode_wanted = |mode: &str| listed(only_modes, mode);
@@ -220,7 +229,7 @@ pub(crate) async fn main() -> Result<(), Error> {
     if wanted(Scenario::C) {
         let modes: Vec<_> = MODES
             .into_iter()
-            .chain([EXT_ONLY])
+            .chain([EXT_ONLY, EXT_AFTER_POST])
             .filter(|(m, _)| mode_wanted(m))
             .collect();
         let bar = bar(

@@ -9,11 +9,12 @@
 //! environment was released while that work still ran.
 
 use std::io::{Read as _, Write as _};
-use std::sync::Mutex;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use deferred_core::{Deferred, defer, deferred_handler, flush_fn};
 use lambda_runtime::layers::OpenTelemetryLayer;
+use lambda_runtime::tower::util::MapResultLayer;
 use lambda_runtime::{Error, LambdaEvent, Runtime, service_fn};
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use serde_json::{Value, json};
@@ -220,18 +221,58 @@ pub(crate) async fn main() -> Result<(), Error> {
         }
         "none" => lambda_runtime::run(service_fn(|e| spawned(e, None))).await,
         "ext-only" => {
-            bare_extension()?;
+            bare_extension(None)?;
             lambda_runtime::run(service_fn(|e| spawned(e, None))).await
+        }
+        "ext-after-post" => {
+            let posted = Arc::new(Posted::default());
+            bare_extension(Some(posted.clone()))?;
+            // Outermost, like `DeferredLayer`: its result is mapped once the POST has returned.
+            Runtime::new(service_fn(|e| spawned(e, None)))
+                .layer(MapResultLayer::new(move |result| {
+                    posted.signal();
+                    result
+                }))
+                .run()
+                .await
         }
         other => Err(format!("unknown BENCH_MODE {other:?}").into()),
     }
 }
 
-/// Mode "ext-only" (scenario c only): plain `lambda_runtime::run` plus a bare internal extension
-/// that registers for INVOKE and calls `event/next` again at once, on a thread of its own with
-/// one keep-alive connection. It prices the extension's round trip alone, so that
-/// `Deferred::run` minus this mode is the cost of the wrapper and the core.
-fn bare_extension() -> Result<(), Error> {
+/// How many responses have been POSTed, for the extension of mode "ext-after-post".
+#[derive(Default)]
+struct Posted {
+    count: Mutex<u64>,
+    changed: Condvar,
+}
+
+impl Posted {
+    fn signal(&self) {
+        *self.count.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        self.changed.notify_one();
+    }
+
+    /// Waits until `n` responses have been POSTed.
+    fn wait_for(&self, n: u64) {
+        let mut count = self.count.lock().unwrap_or_else(|p| p.into_inner());
+        while *count < n {
+            count = self.changed.wait(count).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+/// Modes "ext-only" and "ext-after-post" (scenario c only): plain `lambda_runtime` plus a bare
+/// internal extension that registers for INVOKE and calls `event/next` again, on a thread of
+/// its own with one keep-alive connection.
+///
+/// Without `posted` ("ext-only") it calls again at once: the extension's round trip alone, so
+/// that `Deferred::run` minus this mode is the cost of the wrapper and the core. With `posted`
+/// ("ext-after-post") it calls again only once the runtime has POSTed the invocation's
+/// response (a layer's signal, the same mutex and condvar as lambda-deferred's phase thread):
+/// the one hand-off that any design keeping the flush after the POST (G3) and off the
+/// runtime's threads (G4) must make, with no flush, no report and no checks.
+fn bare_extension(posted: Option<Arc<Posted>>) -> Result<(), Error> {
     let api = std::env::var("AWS_LAMBDA_RUNTIME_API")?;
     let mut stream = std::net::TcpStream::connect(&api)?;
     let body = r#"{"events":["INVOKE"]}"#;
@@ -256,9 +297,12 @@ fn bare_extension() -> Result<(), Error> {
         let next = format!(
             "GET /2020-01-01/extension/event/next HTTP/1.1\r\nHost: {api}\r\nLambda-Extension-Identifier: {id}\r\n\r\n"
         );
-        loop {
+        for invocation in 1.. {
             if stream.write_all(next.as_bytes()).is_err() || read_response(&mut stream).is_err() {
                 return;
+            }
+            if let Some(posted) = &posted {
+                posted.wait_for(invocation);
             }
         }
     })?;
