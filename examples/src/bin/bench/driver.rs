@@ -111,6 +111,8 @@ pub(crate) struct Row {
     pub(crate) cpu_per_inv: Duration,
     /// Scenario c: `cpu_per_inv` in each round (the modes take turns), to show its spread.
     pub(crate) cpu_rounds: Vec<Duration>,
+    /// Scenario c: invocations per second in each round (`per_sec` is their median).
+    pub(crate) rate_rounds: Vec<f64>,
     /// Scenario c: the part of `cpu_per_inv` spent on the extension's own thread (the phase
     /// thread of modes 5 and 6, the bare extension's thread); the rest is the runtime's.
     pub(crate) extension_cpu_per_inv: Duration,
@@ -480,6 +482,7 @@ async fn steady(
             / n.max(1) as u32,
         errors,
         cpu_rounds: Vec::new(),
+        rate_rounds: Vec::new(),
         extension_cpu_per_inv: Duration::ZERO,
         switches_per_inv: 0.0,
         cycle: Cycle::default(),
@@ -620,6 +623,7 @@ async fn overhead(
             rss_kib,
             cpu_per_inv: cpu / env.n.max(1) as u32,
             cpu_rounds: env.cpu_rounds,
+            rate_rounds: env.rates,
             extension_cpu_per_inv: Duration::from_nanos(env.extension_cpu_ns) / env.n.max(1) as u32,
             errors: env.errors,
             switches_per_inv: env.switches as f64 / env.n.max(1) as f64,
@@ -669,6 +673,7 @@ async fn cold_start(
         cpu_per_inv: Duration::ZERO,
         errors,
         cpu_rounds: Vec::new(),
+        rate_rounds: Vec::new(),
         extension_cpu_per_inv: Duration::ZERO,
         switches_per_inv: 0.0,
         cycle: Cycle::default(),

@@ -125,6 +125,17 @@ pub(crate) fn targets(rows: &[Row]) -> String {
             none.per_sec,
             verdict(ratio >= 0.9)
         );
+        let ratios: Vec<String> = run
+            .rate_rounds
+            .iter()
+            .zip(&none.rate_rounds)
+            .map(|(r, n)| format!("{:.2}x", r / n.max(1e-9)))
+            .collect();
+        let _ = writeln!(
+            out,
+            "- (c) the same per round (the medians above are of these rounds): {}",
+            ratios.join(" | ")
+        );
         let over = run.cpu_per_inv.as_secs_f64() * 1e6 - none.cpu_per_inv.as_secs_f64() * 1e6;
         let _ = writeln!(
             out,
