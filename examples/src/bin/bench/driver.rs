@@ -146,10 +146,13 @@ pub(crate) fn pct(v: &[Duration], p: f64) -> Duration {
 }
 
 const USAGE: &str = "\
-usage: bench [--quick] [--docs] [--serial] [--only a,b,c,d,e] [--modes none,sync,otel-layer,naive,run,start,ext-only,ext-after-post] [--cold N]
+usage: bench [--quick] [--docs] [--serial] [--check] [--only a,b,c,d,e] [--modes none,sync,otel-layer,naive,run,start,ext-only,ext-after-post] [--cold N]
   --quick   reduced sizes (about a minute)
   --docs    write docs/BENCHMARKS.md and the SVG charts (a full run: --quick, --only and --modes are for exploring)
   --serial  run the modes of scenarios a, b and e one after the other instead of at once
+  --check   fail (exit 1) if an invocation failed, or if modes 5 and 6 lost a span or released
+            the environment early in scenarios a and b (guarantees; the ratio targets are not
+            checked: they move with the machine)
   --only    run only these scenarios
   --modes   run only these modes
   --cold N  N cold starts in scenario d";
@@ -179,7 +182,7 @@ pub(crate) async fn main() -> Result<(), Error> {
     let mut rest = args.iter();
     while let Some(arg) = rest.next() {
         match arg.as_str() {
-            "--quick" | "--docs" | "--serial" => {}
+            "--quick" | "--docs" | "--serial" | "--check" => {}
             "--only" | "--modes" | "--cold" if rest.next().is_some() => {}
             other => usage_error(&format!("bad argument {other:?}")),
         }
@@ -199,8 +202,10 @@ pub(crate) async fn main() -> Result<(), Error> {
     let wanted = |s: Scenario| listed(only, s.name());
     let mode_wanted = |mode: &str| listed(only_modes, mode);
     // `--cold N`: N cold starts.
-    if let Some(n) = value(&args, "--cold").and_then(|n| n.parse().ok()) {
-        sizes.d = n;
+    if let Some(n) = value(&args, "--cold") {
+        sizes.d = n
+            .parse()
+            .unwrap_or_else(|_| usage_error(&format!("--cold takes a number, not {n:?}")));
     }
     let started = Instant::now();
     let multi = MultiProgress::new();
@@ -263,6 +268,18 @@ pub(crate) async fn main() -> Result<(), Error> {
     if docs {
         report::write_docs(&rows, &table, &targets, quick, serial, sizes, took)?;
         println!("wrote docs/BENCHMARKS.md, docs/bench-latency.svg, docs/bench-busy.svg");
+    }
+    if args.iter().any(|a| a == "--check") {
+        let failures = report::broken_guarantees(&rows);
+        if !failures.is_empty() {
+            for failure in &failures {
+                eprintln!("bench --check: {failure}");
+            }
+            std::process::exit(1);
+        }
+        println!(
+            "check: every invocation succeeded; modes 5 and 6 lost no span and never released early in (a) and (b)"
+        );
     }
     Ok(())
 }

@@ -8,7 +8,9 @@
 //! ```
 //!
 //! Flags: `--quick` (reduced sizes), `--docs` (write `docs/BENCHMARKS.md` and the SVG charts),
-//! `--serial` (run the modes of scenarios a, b and e one after the other instead of at once);
+//! `--serial` (run the modes of scenarios a, b and e one after the other instead of at once),
+//! `--check` (exit 1 on a failed invocation, or on a lost span or an early release in modes 5
+//! and 6 in scenarios a and b: `.ci/run` runs `--quick --check`);
 //! for profiling, `--only c,d` (these scenarios), `--modes none,run,ext-only` (these modes) and
 //! `--cold N` (N cold starts).
 //!
