@@ -23,14 +23,18 @@ fn find(rows: &[Row], s: Scenario, mode: &str) -> Option<Row> {
         .cloned()
 }
 
-/// What `--check` fails on: invocations that did not succeed (any mode), and, for modes 5 and
-/// 6 in scenarios a and b, spans the sink did not receive or invocations released while their
-/// deferred work still ran (G2, G3). Scenario e is left out: there the flush abandoned at
+/// What `--check` fails on: a row with no invocation, invocations that did not succeed (any
+/// mode), and, for modes 5 and
+/// 6 in scenarios a and b, spans the sink did not receive or invocations released while
+/// their deferred work still ran (G2, G3). Scenario e is left out: there the flush abandoned at
 /// `flush_timeout` outlives its phase by design, and its spans wait in the frozen function.
 pub(crate) fn broken_guarantees(rows: &[Row]) -> Vec<String> {
     let mut failures = Vec::new();
     for row in rows {
         let at = format!("({}) {}", row.scenario.name(), row.label);
+        if row.n == 0 {
+            failures.push(format!("{at}: no invocation ran"));
+        }
         if row.errors > 0 {
             failures.push(format!("{at}: {} invocations failed", row.errors));
         }
@@ -619,15 +623,17 @@ mod tests {
     }
 
     #[test]
-    fn check_fails_on_lost_spans_early_release_and_failed_invocations() {
+    fn check_fails_on_lost_spans_early_release_failed_and_missing_invocations() {
         let mut lost = row(Scenario::A, "run");
         lost.spans_received = 9;
         let mut early = row(Scenario::B, "start");
         early.premature = 1;
         let mut failed = row(Scenario::C, "none");
         failed.errors = 2;
-        let failures = broken_guarantees(&[lost, early, failed]);
-        assert_eq!(failures.len(), 3, "{failures:?}");
+        let mut empty = row(Scenario::D, "sync");
+        empty.n = 0;
+        let failures = broken_guarantees(&[lost, early, failed, empty]);
+        assert_eq!(failures.len(), 4, "{failures:?}");
         assert!(
             failures[0].contains("(a) run: 9 of 10 spans"),
             "{failures:?}"
