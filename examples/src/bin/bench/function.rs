@@ -13,7 +13,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use deferred_core::{Deferred, defer, deferred_handler, flush_fn};
-use lambda_runtime::layers::OpenTelemetryLayer;
+use lambda_runtime::layers::{OpenTelemetryLayer, TracingLayer};
 use lambda_runtime::tower::util::MapResultLayer;
 use lambda_runtime::{Error, LambdaEvent, Runtime, service_fn};
 use opentelemetry_sdk::trace::SdkTracerProvider;
@@ -227,8 +227,10 @@ pub(crate) async fn main() -> Result<(), Error> {
         "ext-after-post" => {
             let posted = Arc::new(Posted::default());
             bare_extension(Some(posted.clone()))?;
-            // Outermost, like `DeferredLayer`: its result is mapped once the POST has returned.
+            // As `lambda_runtime::run` (mode 0) and `Deferred::run` build it: `TracingLayer`, then
+            // outermost, like `DeferredLayer`, the signal, mapped once the POST has returned.
             Runtime::new(service_fn(|e| spawned(e, None)))
+                .layer(TracingLayer::new())
                 .layer(MapResultLayer::new(move |result| {
                     posted.signal();
                     result
