@@ -24,10 +24,10 @@ fn find(rows: &[Row], s: Scenario, mode: &str) -> Option<Row> {
 }
 
 /// What `--check` fails on: a row with no invocation, invocations that did not succeed (any
-/// mode), and, for modes 5 and
-/// 6 in scenarios a and b, spans the sink did not receive or invocations released while
-/// their deferred work still ran (G2, G3). Scenario e is left out: there the flush abandoned at
-/// `flush_timeout` outlives its phase by design, and its spans wait in the frozen function.
+/// mode), and, for modes 5 and 6 in scenarios a and b, spans the sink did not receive or
+/// invocations released while their deferred work still ran (G2, G3). Scenario e is left out:
+/// there the flush abandoned at `flush_timeout` outlives its phase by design, and its spans
+/// wait in the frozen function.
 pub(crate) fn broken_guarantees(rows: &[Row]) -> Vec<String> {
     let mut failures = Vec::new();
     for row in rows {
@@ -644,6 +644,10 @@ mod tests {
         );
         assert!(
             failures[2].contains("(c) none: 2 invocations failed"),
+            "{failures:?}"
+        );
+        assert!(
+            failures[3].contains("(d) sync: no invocation ran"),
             "{failures:?}"
         );
     }
