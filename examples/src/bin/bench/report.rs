@@ -117,6 +117,11 @@ fn within(x: Duration, bound: Duration) -> bool {
     x.as_secs_f64() <= bound.as_secs_f64() * 1.05 + 0.0001
 }
 
+/// `a / b`, with a zero `b` (a mode that ran nothing) kept from dividing by zero.
+fn times(a: f64, b: f64) -> f64 {
+    a / b.max(1e-9)
+}
+
 fn verdict(ok: bool) -> &'static str {
     if ok { "**met**" } else { "**missed**" }
 }
@@ -127,7 +132,7 @@ pub(crate) fn targets(rows: &[Row]) -> String {
     let get = |s, m| find(rows, s, m);
     if let (Some(run), Some(none)) = (get(Scenario::A, "run"), get(Scenario::A, "none")) {
         let (p, b) = (pct(&run.latency, 99.0), pct(&none.latency, 99.0));
-        let ratio = p.as_secs_f64() / b.as_secs_f64().max(1e-9);
+        let ratio = times(p.as_secs_f64(), b.as_secs_f64());
         let _ = writeln!(
             out,
             "- (a) p99 of mode 5 within 1.1x of no flush: {} ms vs {} ms = {ratio:.2}x: {}",
@@ -151,7 +156,7 @@ pub(crate) fn targets(rows: &[Row]) -> String {
         );
     }
     if let (Some(run), Some(none)) = (get(Scenario::C, "run"), get(Scenario::C, "none")) {
-        let ratio = run.per_sec / none.per_sec.max(1e-9);
+        let ratio = times(run.per_sec, none.per_sec);
         let _ = writeln!(
             out,
             "- (c) inv/s of mode 5 at least 0.9x of plain lambda_runtime::run: {:.1} vs {:.1} = {ratio:.2}x: {}",
@@ -163,7 +168,7 @@ pub(crate) fn targets(rows: &[Row]) -> String {
             .rate_rounds
             .iter()
             .zip(&none.rate_rounds)
-            .map(|(r, n)| format!("{:.2}x", r / n.max(1e-9)))
+            .map(|(r, n)| format!("{:.2}x", times(*r, *n)))
             .collect();
         let _ = writeln!(
             out,
@@ -223,10 +228,10 @@ pub(crate) fn targets(rows: &[Row]) -> String {
         let _ = writeln!(
             out,
             "- (c) the floor of the design (a bare extension that re-arms only once a layer signals the POST: one hand-off, no flush, no report): {:.2}x of plain's inv/s, {:.0} µs of CPU over plain, {:.1} context switches per invocation; mode 5 against it: {:.2}x inv/s, {:+.0} µs of CPU",
-            floor.per_sec / none.per_sec.max(1e-9),
+            times(floor.per_sec, none.per_sec),
             us(&floor) - us(&none),
             floor.switches_per_inv,
-            run.per_sec / floor.per_sec.max(1e-9),
+            times(run.per_sec, floor.per_sec),
             us(&run) - us(&floor),
         );
     }
