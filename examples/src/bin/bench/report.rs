@@ -639,22 +639,15 @@ mod tests {
         empty.n = 0;
         let failures = broken_guarantees(&[lost, early, failed, empty]);
         assert_eq!(failures.len(), 4, "{failures:?}");
-        assert!(
-            failures[0].contains("(a) run: 9 of 10 spans"),
-            "{failures:?}"
-        );
-        assert!(
-            failures[1].contains("(b) start: 1 invocations released"),
-            "{failures:?}"
-        );
-        assert!(
-            failures[2].contains("(c) none: 2 invocations failed"),
-            "{failures:?}"
-        );
-        assert!(
-            failures[3].contains("(d) sync: no invocation ran"),
-            "{failures:?}"
-        );
+        let expected = [
+            "(a) run: 9 of 10 spans",
+            "(b) start: 1 invocations released",
+            "(c) none: 2 invocations failed",
+            "(d) sync: no invocation ran",
+        ];
+        for (failure, expected) in failures.iter().zip(expected) {
+            assert!(failure.contains(expected), "{failures:?}");
+        }
     }
 
     #[test]
