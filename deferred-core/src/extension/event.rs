@@ -1,9 +1,12 @@
 //! The events `GET /event/next` answers, decoded strictly: a malformed or unknown event is an
 //! error value, never a panic or a silent default.
 
+use std::borrow::Cow;
+use std::fmt;
 use std::time::SystemTime;
 
 use serde::Deserialize;
+use serde::de::{self, Deserializer, MapAccess, Visitor};
 
 use super::error::ClientError;
 use crate::context::deadline_from_epoch_ms;
@@ -83,15 +86,17 @@ pub struct ShutdownEvent {
 
 // Field names per the Extensions API reference ("Next event"): eventType, deadlineMs,
 // requestId, invokedFunctionArn, tracing{type,value}; shutdownReason for SHUTDOWN.
+// Read once per invocation on the path to the handler: what is only compared is borrowed,
+// and `tracing` is read without an intermediate `serde_json::Value`.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct RawEvent {
-    event_type: String,
+struct RawEvent<'a> {
+    #[serde(borrow)]
+    event_type: Cow<'a, str>,
     request_id: Option<String>,
     deadline_ms: Option<u64>,
     invoked_function_arn: Option<String>,
-    // A map, not a struct: serde would build a struct from a JSON array too.
-    tracing: Option<serde_json::Map<String, serde_json::Value>>,
+    tracing: Option<RawTracing>,
     shutdown_reason: Option<String>,
 }
 
@@ -112,10 +117,10 @@ pub fn decode_event(body: &[u8]) -> Result<NextEvent, ClientError> {
             "event/next body is not a JSON object".into(),
         ));
     }
-    let raw: RawEvent = serde_json::from_slice(body)
+    let raw: RawEvent<'_> = serde_json::from_slice(body)
         .map_err(|e| ClientError::Malformed(format!("event/next body is not an event: {e}")))?;
-    let trace_id = trace_value(raw.tracing)?;
-    match raw.event_type.as_str() {
+    let trace_id = raw.tracing.and_then(|t| t.value);
+    match &*raw.event_type {
         "INVOKE" => {
             let request_id = raw
                 .request_id
@@ -142,21 +147,54 @@ pub fn decode_event(body: &[u8]) -> Result<NextEvent, ClientError> {
     }
 }
 
-#[derive(Deserialize)]
+/// `tracing`: its `value`, typed strictly (a non-string value is an error, as for every other
+/// field); its other keys are ignored.
 struct RawTracing {
     value: Option<String>,
 }
 
-/// `tracing.value`, typed strictly (a non-string value is an error, as for every other field).
-fn trace_value(
-    tracing: Option<serde_json::Map<String, serde_json::Value>>,
-) -> Result<Option<String>, ClientError> {
-    let Some(tracing) = tracing else {
-        return Ok(None);
-    };
-    serde_json::from_value::<RawTracing>(serde_json::Value::Object(tracing))
-        .map(|t| t.value)
-        .map_err(|e| ClientError::Malformed(format!("INVOKE event tracing: {e}")))
+impl<'de> Deserialize<'de> for RawTracing {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        // Only a JSON object: a derived struct would accept an array as well.
+        deserializer.deserialize_map(TracingVisitor)
+    }
+}
+
+struct TracingVisitor;
+
+/// The keys of `tracing`, read without allocating.
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "lowercase")]
+enum TracingKey {
+    Value,
+    #[serde(other)]
+    Other,
+}
+
+impl<'de> Visitor<'de> for TracingVisitor {
+    type Value = RawTracing;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a tracing object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawTracing, A::Error> {
+        let mut value: Option<Option<String>> = None;
+        while let Some(key) = map.next_key::<TracingKey>()? {
+            match key {
+                TracingKey::Value if value.is_some() => {
+                    return Err(de::Error::duplicate_field("value"));
+                }
+                TracingKey::Value => value = Some(map.next_value()?),
+                TracingKey::Other => {
+                    map.next_value::<de::IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(RawTracing {
+            value: value.flatten(),
+        })
+    }
 }
 
 #[cfg(test)]
@@ -175,6 +213,20 @@ mod tests {
             ev.deadline,
             std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_700_000_000_500)
         );
+    }
+
+    #[test]
+    fn tracing_without_value_and_escaped_strings() {
+        // Escapes make serde hand over owned strings rather than borrowed ones: both decode.
+        let body = br#"{"eventType":"INV\u004fKE","deadlineMs":1700000000500,"requestId":"a\"b","tracing":{"type":"X-Amzn-Trace-Id","extra":{"nested":[1,2]}}}"#;
+        let NextEvent::Invoke(ev) = decode_event(body).expect("valid") else {
+            panic!("expected INVOKE")
+        };
+        assert_eq!(ev.request_id, "a\"b");
+        assert_eq!(ev.trace_id, None);
+        assert_eq!(ev.invoked_function_arn, None);
+        let body = br#"{"eventType":"INVOKE","deadlineMs":1700000000500,"requestId":"a","tracing":{"value":null}}"#;
+        assert!(matches!(decode_event(body), Ok(NextEvent::Invoke(ev)) if ev.trace_id.is_none()));
     }
 
     #[test]
@@ -199,6 +251,11 @@ mod tests {
             b"{\"eventType\":7}",
             b"{\"eventType\":\"RESTART\"}",
             b"\xff\xfe",
+            // `tracing` must be an object whose `value` is a string, given once.
+            b"{\"eventType\":\"INVOKE\",\"requestId\":\"a\",\"deadlineMs\":5,\"tracing\":[\"X\",\"Root=1\"]}",
+            b"{\"eventType\":\"INVOKE\",\"requestId\":\"a\",\"deadlineMs\":5,\"tracing\":{\"value\":7}}",
+            b"{\"eventType\":\"INVOKE\",\"requestId\":\"a\",\"deadlineMs\":5,\"tracing\":{\"value\":\"a\",\"value\":\"b\"}}",
+            b"{\"eventType\":\"INVOKE\",\"requestId\":\"a\",\"deadlineMs\":5,\"tracing\":\"Root=1\"}",
         ] {
             assert!(
                 matches!(decode_event(body), Err(ClientError::Malformed(_))),
