@@ -100,7 +100,14 @@ where
     if outcome != "ok" {
         phase.set_status(Status::error(summary(report)));
     }
-    let parent = Context::new().with_span(phase);
+    // A phase span that is not recorded (no global tracer provider, or sampled out) gets no
+    // children: they would be built for nobody, or exported without their parent.
+    let parent = if phase.is_recording() {
+        Some(Context::new().with_span(phase))
+    } else {
+        phase.end_with_timestamp(phase_end);
+        None
+    };
 
     metrics.phase.record(
         report.duration.as_secs_f64(),
@@ -117,21 +124,23 @@ where
             .clone()
             .unwrap_or(Cow::Borrowed("unnamed"));
         let outcome = action_outcome(&action.outcome);
-        let start = report.started + action.offset;
-        let mut span = tracer
-            .span_builder("deferred.action")
-            .with_start_time(start)
-            .with_attributes([
-                KeyValue::new("deferred.action.name", name.clone()),
-                KeyValue::new("code.file.path", action.label.location.file()),
-                KeyValue::new("code.line.number", i64::from(action.label.location.line())),
-                KeyValue::new("deferred.outcome", outcome),
-            ])
-            .start_with_context(tracer, &parent);
-        if let Some(error) = action_error(&action.outcome) {
-            span.set_status(Status::error(error));
+        if let Some(parent) = &parent {
+            let start = report.started + action.offset;
+            let mut span = tracer
+                .span_builder("deferred.action")
+                .with_start_time(start)
+                .with_attributes([
+                    KeyValue::new("deferred.action.name", name.clone()),
+                    KeyValue::new("code.file.path", action.label.location.file()),
+                    KeyValue::new("code.line.number", i64::from(action.label.location.line())),
+                    KeyValue::new("deferred.outcome", outcome),
+                ])
+                .start_with_context(tracer, parent);
+            if let Some(error) = action_error(&action.outcome) {
+                span.set_status(Status::error(error));
+            }
+            span.end_with_timestamp(start + action.duration);
         }
-        span.end_with_timestamp(start + action.duration);
         // Actions that never ran have no duration to show.
         if action.outcome != ActionOutcome::NotRun {
             metrics.action.record(
@@ -146,19 +155,21 @@ where
 
     for flush in &report.flushes {
         let outcome = flush_outcome(&flush.outcome);
-        let start = report.started + flush.offset;
-        let mut span = tracer
-            .span_builder("deferred.flush")
-            .with_start_time(start)
-            .with_attributes([
-                KeyValue::new("deferred.flush.provider", flush.name.clone()),
-                KeyValue::new("deferred.outcome", outcome),
-            ])
-            .start_with_context(tracer, &parent);
-        if let Some(error) = flush_error(&flush.outcome) {
-            span.set_status(Status::error(error));
+        if let Some(parent) = &parent {
+            let start = report.started + flush.offset;
+            let mut span = tracer
+                .span_builder("deferred.flush")
+                .with_start_time(start)
+                .with_attributes([
+                    KeyValue::new("deferred.flush.provider", flush.name.clone()),
+                    KeyValue::new("deferred.outcome", outcome),
+                ])
+                .start_with_context(tracer, parent);
+            if let Some(error) = flush_error(&flush.outcome) {
+                span.set_status(Status::error(error));
+            }
+            span.end_with_timestamp(start + flush.duration);
         }
-        span.end_with_timestamp(start + flush.duration);
         if !matches!(flush.outcome, FlushOutcome::NotRun(_)) {
             metrics.flush.record(
                 flush.duration.as_secs_f64(),
@@ -170,7 +181,9 @@ where
         }
     }
 
-    parent.span().end_with_timestamp(phase_end);
+    if let Some(parent) = parent {
+        parent.span().end_with_timestamp(phase_end);
+    }
 }
 
 /// `ok`, `cut` (something was cut for time or shutdown), or `error` (an action or a flush
@@ -262,10 +275,15 @@ mod tests {
     use std::panic::Location;
     use std::time::{Duration, SystemTime};
 
-    use opentelemetry::trace::{SpanId, Status, TracerProvider as _};
+    use std::collections::BTreeMap;
+
+    use opentelemetry::trace::{Link, SpanId, Status, TraceId, TraceState, TracerProvider as _};
     use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData};
     use opentelemetry_sdk::metrics::{InMemoryMetricExporter, PeriodicReader, SdkMeterProvider};
-    use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
+    use opentelemetry_sdk::trace::{
+        InMemorySpanExporter, Sampler, SamplingDecision, SamplingResult, SdkTracerProvider,
+        ShouldSample, SpanData,
+    };
 
     use super::*;
     use crate::action::ActionLabel;
@@ -414,21 +432,31 @@ mod tests {
         assert!(matches!(flush.status, Status::Error { .. }));
     }
 
-    #[test]
-    fn durations_go_to_histograms_with_their_outcome() {
-        let exporter = InMemoryMetricExporter::default();
+    /// Records `report` with a tracer provider of `sampler` and a meter provider: the finished
+    /// spans, and the number of data points per histogram.
+    fn record_with(
+        report: &PhaseReport,
+        sampler: impl ShouldSample + 'static,
+    ) -> (Vec<SpanData>, BTreeMap<String, u64>) {
+        let spans = InMemorySpanExporter::default();
+        let tracer = SdkTracerProvider::builder()
+            .with_sampler(sampler)
+            .with_simple_exporter(spans.clone())
+            .build()
+            .tracer("test");
+        let metrics = InMemoryMetricExporter::default();
         let meters = SdkMeterProvider::builder()
-            .with_reader(PeriodicReader::builder(exporter.clone()).build())
+            .with_reader(PeriodicReader::builder(metrics.clone()).build())
             .build();
         let instruments = Instruments::new(&opentelemetry::metrics::MeterProvider::meter(
             &meters, "test",
         ));
-        let tracer = SdkTracerProvider::builder().build().tracer("test");
-        record_to(&report(), &tracer, &instruments);
+        record_to(report, &tracer, &instruments);
         meters.force_flush().unwrap();
-        let exported = exporter.get_finished_metrics().unwrap();
-        let mut counts = std::collections::BTreeMap::new();
-        for metric in exported
+        let mut counts = BTreeMap::new();
+        for metric in metrics
+            .get_finished_metrics()
+            .unwrap()
             .iter()
             .flat_map(|rm| rm.scope_metrics())
             .flat_map(|sm| sm.metrics())
@@ -440,8 +468,52 @@ mod tests {
             let n: u64 = h.data_points().map(|p| p.count()).sum();
             counts.insert(metric.name().to_owned(), n);
         }
+        (spans.get_finished_spans().unwrap(), counts)
+    }
+
+    fn assert_every_duration_recorded(counts: &BTreeMap<String, u64>) {
         assert_eq!(counts.get("deferred.phase.duration"), Some(&1));
         assert_eq!(counts.get("deferred.action.duration"), Some(&2));
         assert_eq!(counts.get("deferred.flush.duration"), Some(&1));
+    }
+
+    #[test]
+    fn durations_go_to_histograms_with_their_outcome() {
+        let (spans, counts) = record_with(&report(), Sampler::AlwaysOn);
+        assert_eq!(spans.len(), 4);
+        assert_every_duration_recorded(&counts);
+    }
+
+    /// Samples every span but the phase's, as a sampler that is not parent-based may.
+    #[derive(Clone, Debug)]
+    struct DropsThePhase;
+
+    impl ShouldSample for DropsThePhase {
+        fn should_sample(
+            &self,
+            _: Option<&Context>,
+            _: TraceId,
+            name: &str,
+            _: &SpanKind,
+            _: &[KeyValue],
+            _: &[Link],
+        ) -> SamplingResult {
+            SamplingResult {
+                decision: if name == "deferred.phase" {
+                    SamplingDecision::Drop
+                } else {
+                    SamplingDecision::RecordAndSample
+                },
+                attributes: Vec::new(),
+                trace_state: TraceState::default(),
+            }
+        }
+    }
+
+    #[test]
+    fn a_phase_span_not_recorded_gets_no_children_and_still_its_metrics() {
+        let (spans, counts) = record_with(&report(), DropsThePhase);
+        assert!(spans.is_empty(), "children without their parent: {spans:?}");
+        assert_every_duration_recorded(&counts);
     }
 }
