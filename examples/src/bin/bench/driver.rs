@@ -1,6 +1,7 @@
 //! The driver: one emulator, one OTLP sink and one child process per mode and scenario.
 
 use std::collections::HashMap;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use deferred_testkit::emulator::{Emulator, EmulatorConfig, FunctionSpec};
@@ -146,7 +147,7 @@ pub(crate) fn pct(v: &[Duration], p: f64) -> Duration {
 }
 
 const USAGE: &str = "\
-usage: bench [--quick] [--docs] [--serial] [--check] [--only a,b,c,d,e] [--modes none,sync,otel-layer,naive,run,start,ext-only,ext-after-post] [--cold N]
+usage: bench [--quick] [--docs] [--serial] [--check] [--only a,b,c,d,e] [--modes none,sync,otel-layer,naive,run,start,ext-only,ext-after-post] [--cold N] [--wrap CMD]
   --quick   reduced sizes (about a minute)
   --docs    write docs/BENCHMARKS.md and the SVG charts (a full run: --quick, --only and --modes are for exploring)
   --serial  run the modes of scenarios a, b and e one after the other instead of at once
@@ -155,7 +156,10 @@ usage: bench [--quick] [--docs] [--serial] [--check] [--only a,b,c,d,e] [--modes
             checked: they move with the machine)
   --only    run only these scenarios
   --modes   run only these modes
-  --cold N  N cold starts in scenario d";
+  --cold N  N cold starts in scenario d
+  --wrap    start the function as `CMD <this binary>` (words split at spaces), to profile it:
+            --wrap \"taskset -c 1\", --wrap \"valgrind --tool=callgrind\"; CMD must run the
+            function in its own process (exec it), as taskset and valgrind do";
 
 fn usage_error(why: &str) -> ! {
     eprintln!("bench: {why}\n\n{USAGE}");
@@ -183,13 +187,15 @@ pub(crate) async fn main() -> Result<(), Error> {
     while let Some(arg) = rest.next() {
         match arg.as_str() {
             "--quick" | "--docs" | "--serial" | "--check" => {}
-            "--only" | "--modes" | "--cold" if rest.next().is_some() => {}
+            "--only" | "--modes" | "--cold" | "--wrap" if rest.next().is_some() => {}
             other => usage_error(&format!("bad argument {other:?}")),
         }
     }
-    let partial = ["--quick", "--only", "--modes", "--cold"];
+    let partial = ["--quick", "--only", "--modes", "--cold", "--wrap"];
     if args.iter().any(|a| a == "--docs") && args.iter().any(|a| partial.contains(&a.as_str())) {
-        usage_error("--docs records a full run: no --quick, --only, --modes or --cold with it");
+        usage_error(
+            "--docs records a full run: no --quick, --only, --modes, --cold or --wrap with it",
+        );
     }
     let quick = args.iter().any(|a| a == "--quick");
     let docs = args.iter().any(|a| a == "--docs");
@@ -206,6 +212,13 @@ pub(crate) async fn main() -> Result<(), Error> {
         sizes.d = n
             .parse()
             .unwrap_or_else(|_| usage_error(&format!("--cold takes a number, not {n:?}")));
+    }
+    if let Some(wrap) = value(&args, "--wrap") {
+        let words: Vec<String> = wrap.split_whitespace().map(str::to_owned).collect();
+        if words.is_empty() {
+            usage_error("--wrap takes a command, not an empty string");
+        }
+        WRAP.get_or_init(|| words);
     }
     let started = Instant::now();
     let multi = MultiProgress::new();
@@ -295,14 +308,24 @@ fn bar(multi: &MultiProgress, len: u64, scenario: Scenario, label: &str) -> Prog
     bar
 }
 
+/// `--wrap`: the command the function is started under, if any.
+static WRAP: OnceLock<Vec<String>> = OnceLock::new();
+
 fn spec(mode: &str, sink: Option<&OtlpSink>) -> Result<FunctionSpec, Error> {
-    let mut spec = FunctionSpec::new(std::env::current_exe()?)
-        .env(ROLE_ENV, "function")
-        .env("BENCH_MODE", mode)
-        .env(
-            "RUST_LOG",
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "error".into()),
-        );
+    let exe = std::env::current_exe()?;
+    let mut spec = match WRAP.get().and_then(|w| w.split_first()) {
+        Some((program, args)) => args
+            .iter()
+            .fold(FunctionSpec::new(program), |spec, arg| spec.arg(arg))
+            .arg(exe.to_string_lossy()),
+        None => FunctionSpec::new(exe),
+    }
+    .env(ROLE_ENV, "function")
+    .env("BENCH_MODE", mode)
+    .env(
+        "RUST_LOG",
+        std::env::var("RUST_LOG").unwrap_or_else(|_| "error".into()),
+    );
     spec = match sink {
         Some(sink) => spec
             .env(ENDPOINT_ENV, sink.endpoint())

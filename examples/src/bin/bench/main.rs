@@ -11,8 +11,9 @@
 //! `--serial` (run the modes of scenarios a, b and e one after the other instead of at once),
 //! `--check` (exit 1 on a failed invocation, or on a lost span or an early release in modes 5
 //! and 6 in scenarios a and b: `.ci/run` runs `--quick --check`);
-//! for profiling, `--only c,d` (these scenarios), `--modes none,run,ext-only` (these modes) and
-//! `--cold N` (N cold starts).
+//! for profiling, `--only c,d` (these scenarios), `--modes none,run,ext-only` (these modes),
+//! `--cold N` (N cold starts) and `--wrap CMD` (start the function under `CMD`: `taskset`,
+//! `valgrind --tool=callgrind`).
 //!
 //! The binary plays both sides: the driver (module `driver`) starts an emulator and a sink per
 //! mode and scenario and re-executes this binary as the Lambda function (`BENCH_ROLE=function`,
