@@ -451,7 +451,8 @@ impl Deferred {
     /// true): a span `deferred.phase` (attributes `faas.invocation_id`,
     /// `deferred.phase.kind`, `deferred.outcome`, `deferred.cut_reason`, and
     /// `deferred.spans_lost` with [`span_export_counts`](Self::span_export_counts)) with a
-    /// child span `deferred.action` per action and `deferred.flush` per flusher, and the
+    /// child span `deferred.action` per action and `deferred.flush` per flusher (only when
+    /// the phase's span is recorded), and the
     /// histograms `deferred.phase.duration`, `deferred.action.duration` and
     /// `deferred.flush.duration` (seconds). Scope `lambda-deferred`.
     ///
