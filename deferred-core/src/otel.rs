@@ -13,7 +13,7 @@ use opentelemetry::metrics::Histogram;
 use opentelemetry::trace::{Span as _, SpanKind, Status, TraceContextExt as _};
 use opentelemetry::{Context, InstrumentationScope, KeyValue, global};
 
-use crate::report::{ActionOutcome, CutReason, FlushOutcome, PhaseKind, PhaseReport};
+use crate::report::{ActionOutcome, ActionReport, CutReason, FlushOutcome, PhaseKind, PhaseReport};
 
 /// The instrumentation scope of every span and instrument.
 fn scope() -> InstrumentationScope {
@@ -117,73 +117,91 @@ where
         ],
     );
 
-    for action in &report.actions {
-        let name: Cow<'static, str> = action
-            .label
-            .name
-            .clone()
-            .unwrap_or(Cow::Borrowed("unnamed"));
-        let outcome = action_outcome(&action.outcome);
-        if let Some(parent) = &parent {
-            let start = report.started + action.offset;
+    if let Some(parent) = &parent {
+        let actions = report.actions.iter().map(|action| {
+            let attributes = vec![
+                KeyValue::new("deferred.action.name", action_name(action)),
+                KeyValue::new("code.file.path", action.label.location.file()),
+                KeyValue::new("code.line.number", i64::from(action.label.location.line())),
+                KeyValue::new("deferred.outcome", action_outcome(&action.outcome)),
+            ];
+            let error = action_error(&action.outcome);
+            (
+                "deferred.action",
+                action.offset,
+                action.duration,
+                attributes,
+                error,
+            )
+        });
+        let flushes = report.flushes.iter().map(|flush| {
+            let attributes = vec![
+                KeyValue::new("deferred.flush.provider", flush.name.clone()),
+                KeyValue::new("deferred.outcome", flush_outcome(&flush.outcome)),
+            ];
+            let error = flush_error(&flush.outcome);
+            (
+                "deferred.flush",
+                flush.offset,
+                flush.duration,
+                attributes,
+                error,
+            )
+        });
+        for (name, offset, duration, attributes, error) in actions.chain(flushes) {
+            let start = report.started + offset;
             let mut span = tracer
-                .span_builder("deferred.action")
+                .span_builder(name)
                 .with_start_time(start)
-                .with_attributes([
-                    KeyValue::new("deferred.action.name", name.clone()),
-                    KeyValue::new("code.file.path", action.label.location.file()),
-                    KeyValue::new("code.line.number", i64::from(action.label.location.line())),
-                    KeyValue::new("deferred.outcome", outcome),
-                ])
+                .with_attributes(attributes)
                 .start_with_context(tracer, parent);
-            if let Some(error) = action_error(&action.outcome) {
+            if let Some(error) = error {
                 span.set_status(Status::error(error));
             }
-            span.end_with_timestamp(start + action.duration);
-        }
-        // Actions that never ran have no duration to show.
-        if action.outcome != ActionOutcome::NotRun {
-            metrics.action.record(
-                action.duration.as_secs_f64(),
-                &[
-                    KeyValue::new("deferred.action.name", name),
-                    KeyValue::new("deferred.outcome", outcome),
-                ],
-            );
+            span.end_with_timestamp(start + duration);
         }
     }
 
-    for flush in &report.flushes {
-        let outcome = flush_outcome(&flush.outcome);
-        if let Some(parent) = &parent {
-            let start = report.started + flush.offset;
-            let mut span = tracer
-                .span_builder("deferred.flush")
-                .with_start_time(start)
-                .with_attributes([
-                    KeyValue::new("deferred.flush.provider", flush.name.clone()),
-                    KeyValue::new("deferred.outcome", outcome),
-                ])
-                .start_with_context(tracer, parent);
-            if let Some(error) = flush_error(&flush.outcome) {
-                span.set_status(Status::error(error));
-            }
-            span.end_with_timestamp(start + flush.duration);
-        }
-        if !matches!(flush.outcome, FlushOutcome::NotRun(_)) {
-            metrics.flush.record(
-                flush.duration.as_secs_f64(),
-                &[
-                    KeyValue::new("deferred.flush.provider", flush.name.clone()),
-                    KeyValue::new("deferred.outcome", outcome),
-                ],
-            );
-        }
+    // Actions and flushes that never ran have no duration to show.
+    for action in report
+        .actions
+        .iter()
+        .filter(|a| a.outcome != ActionOutcome::NotRun)
+    {
+        metrics.action.record(
+            action.duration.as_secs_f64(),
+            &[
+                KeyValue::new("deferred.action.name", action_name(action)),
+                KeyValue::new("deferred.outcome", action_outcome(&action.outcome)),
+            ],
+        );
+    }
+    for flush in report
+        .flushes
+        .iter()
+        .filter(|f| !matches!(f.outcome, FlushOutcome::NotRun(_)))
+    {
+        metrics.flush.record(
+            flush.duration.as_secs_f64(),
+            &[
+                KeyValue::new("deferred.flush.provider", flush.name.clone()),
+                KeyValue::new("deferred.outcome", flush_outcome(&flush.outcome)),
+            ],
+        );
     }
 
     if let Some(parent) = parent {
         parent.span().end_with_timestamp(phase_end);
     }
+}
+
+/// The action's name, `unnamed` when it has none.
+fn action_name(action: &ActionReport) -> Cow<'static, str> {
+    action
+        .label
+        .name
+        .clone()
+        .unwrap_or(Cow::Borrowed("unnamed"))
 }
 
 /// `ok`, `cut` (something was cut for time or shutdown), or `error` (an action or a flush
