@@ -11,7 +11,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use lambda_runtime::Error;
 
 use super::ROLE_ENV;
-use super::report;
+use super::{instructions, report};
 
 /// The modes compared: (BENCH_MODE, label).
 pub(crate) const MODES: [(&str, &str); 6] = [
@@ -147,7 +147,7 @@ pub(crate) fn pct(v: &[Duration], p: f64) -> Duration {
 }
 
 const USAGE: &str = "\
-usage: bench [--quick] [--docs] [--serial] [--check] [--only a,b,c,d,e] [--modes none,sync,otel-layer,naive,run,start,ext-only,ext-after-post] [--cold N] [--wrap CMD]
+usage: bench [--quick] [--docs] [--serial] [--check] [--only a,b,c,d,e] [--modes none,sync,otel-layer,naive,run,start,ext-only,ext-after-post] [--cold N] [--wrap CMD] [--instructions]
   --quick   reduced sizes (about a minute)
   --docs    write docs/BENCHMARKS.md and the SVG charts (a full run: --quick, --only and --modes are for exploring)
   --serial  run the modes of scenarios a, b and e one after the other instead of at once
@@ -159,7 +159,11 @@ usage: bench [--quick] [--docs] [--serial] [--check] [--only a,b,c,d,e] [--modes
   --cold N  N cold starts in scenario d
   --wrap    start the function as `CMD <this binary>` (words split at spaces), to profile it:
             --wrap \"taskset -c 1\", --wrap \"valgrind --tool=callgrind\"; CMD must run the
-            function in its own process (exec it), as taskset and valgrind do";
+            function in its own process (exec it), as taskset and valgrind do
+  --instructions
+            also count the instructions per invocation of modes 0, floor and 5 in scenario c
+            under callgrind (needs valgrind; about a minute); with --check, fail if mode 5
+            adds more than 50k over the floor";
 
 fn usage_error(why: &str) -> ! {
     eprintln!("bench: {why}\n\n{USAGE}");
@@ -186,15 +190,22 @@ pub(crate) async fn main() -> Result<(), Error> {
     let mut rest = args.iter();
     while let Some(arg) = rest.next() {
         match arg.as_str() {
-            "--quick" | "--docs" | "--serial" | "--check" => {}
+            "--quick" | "--docs" | "--serial" | "--check" | "--instructions" => {}
             "--only" | "--modes" | "--cold" | "--wrap" if rest.next().is_some() => {}
             other => usage_error(&format!("bad argument {other:?}")),
         }
     }
-    let partial = ["--quick", "--only", "--modes", "--cold", "--wrap"];
+    let partial = [
+        "--quick",
+        "--only",
+        "--modes",
+        "--cold",
+        "--wrap",
+        "--instructions",
+    ];
     if args.iter().any(|a| a == "--docs") && args.iter().any(|a| partial.contains(&a.as_str())) {
         usage_error(
-            "--docs records a full run: no --quick, --only, --modes, --cold or --wrap with it",
+            "--docs records a full run: no --quick, --only, --modes, --cold, --wrap or --instructions with it",
         );
     }
     let quick = args.iter().any(|a| a == "--quick");
@@ -205,6 +216,24 @@ pub(crate) async fn main() -> Result<(), Error> {
     // none, sync, otel-layer, naive, run, start, ext-only, ext-after-post); for profiling one
     // against another.
     let (only, only_modes) = (value(&args, "--only"), value(&args, "--modes"));
+    let scenarios = [
+        Scenario::A,
+        Scenario::B,
+        Scenario::C,
+        Scenario::D,
+        Scenario::E,
+    ];
+    for name in only.into_iter().flat_map(|list| list.split(',')) {
+        if !scenarios.iter().any(|s| s.name() == name) {
+            usage_error(&format!("--only: no scenario {name:?}"));
+        }
+    }
+    let keys = MODES.iter().chain([&EXT_ONLY, &EXT_AFTER_POST]);
+    for name in only_modes.into_iter().flat_map(|list| list.split(',')) {
+        if !keys.clone().any(|(key, _)| *key == name) {
+            usage_error(&format!("--modes: no mode {name:?}"));
+        }
+    }
     let wanted = |s: Scenario| listed(only, s.name());
     let mode_wanted = |mode: &str| listed(only_modes, mode);
     // `--cold N`: N cold starts.
@@ -267,12 +296,30 @@ pub(crate) async fn main() -> Result<(), Error> {
         let bar = bar(&multi, sizes.d as u64, Scenario::D, label);
         rows.push(cold_start(mode, label, sizes.d, bar).await?);
     }
+    let counted = if args.iter().any(|a| a == "--instructions") {
+        let modes: Vec<_> = [MODES[0], EXT_AFTER_POST, MODES[4]]
+            .into_iter()
+            .filter(|(m, _)| mode_wanted(m))
+            .collect();
+        let bar = bar(
+            &multi,
+            2 * modes.len() as u64,
+            Scenario::C,
+            "instructions (callgrind)",
+        );
+        Some(instructions::measure(&modes, bar).await?)
+    } else {
+        None
+    };
     multi.clear().ok();
     let took = started.elapsed();
     let table = report::table(&rows);
     println!("{table}");
     let targets = report::targets(&rows);
     println!("{targets}");
+    if let Some(counts) = &counted {
+        println!("{}", instructions::line(counts));
+    }
     println!(
         "{} run took {:.0} s",
         if quick { "quick" } else { "full" },
@@ -283,7 +330,8 @@ pub(crate) async fn main() -> Result<(), Error> {
         println!("wrote docs/BENCHMARKS.md, docs/bench-latency.svg, docs/bench-busy.svg");
     }
     if args.iter().any(|a| a == "--check") {
-        let failures = report::broken_guarantees(&rows);
+        let mut failures = report::broken_guarantees(&rows);
+        failures.extend(counted.as_deref().and_then(instructions::over_bound));
         if !failures.is_empty() {
             for failure in &failures {
                 eprintln!("bench --check: {failure}");
@@ -291,7 +339,12 @@ pub(crate) async fn main() -> Result<(), Error> {
             std::process::exit(1);
         }
         println!(
-            "check: every invocation succeeded; modes 5 and 6 lost no span and never released early in (a) and (b)"
+            "check: every invocation succeeded; modes 5 and 6 lost no span and never released early in (a) and (b){}",
+            if counted.is_some() {
+                "; lambda-deferred's own instructions per invocation are within their bound"
+            } else {
+                ""
+            }
         );
     }
     Ok(())
@@ -312,8 +365,17 @@ fn bar(multi: &MultiProgress, len: u64, scenario: Scenario, label: &str) -> Prog
 static WRAP: OnceLock<Vec<String>> = OnceLock::new();
 
 fn spec(mode: &str, sink: Option<&OtlpSink>) -> Result<FunctionSpec, Error> {
+    spec_under(WRAP.get().map_or(&[], Vec::as_slice), mode, sink)
+}
+
+/// The function in `mode`, started as `wrap <this binary>` when `wrap` is not empty.
+pub(crate) fn spec_under(
+    wrap: &[String],
+    mode: &str,
+    sink: Option<&OtlpSink>,
+) -> Result<FunctionSpec, Error> {
     let exe = std::env::current_exe()?;
-    let mut spec = match WRAP.get().and_then(|w| w.split_first()) {
+    let mut spec = match wrap.split_first() {
         Some((program, args)) => args
             .iter()
             .fold(FunctionSpec::new(program), |spec, arg| spec.arg(arg))
@@ -335,7 +397,7 @@ fn spec(mode: &str, sink: Option<&OtlpSink>) -> Result<FunctionSpec, Error> {
     Ok(spec)
 }
 
-fn config() -> EmulatorConfig {
+pub(crate) fn config() -> EmulatorConfig {
     EmulatorConfig {
         // Long enough for a synchronous flush through a 3 s stall: the bench measures the
         // stall's cost, not the reset that a short timeout would add on top.

@@ -13,7 +13,9 @@
 //! and 6 in scenarios a and b: `.ci/run` runs `--quick --check`);
 //! for profiling, `--only c,d` (these scenarios), `--modes none,run,ext-only` (these modes),
 //! `--cold N` (N cold starts) and `--wrap CMD` (start the function under `CMD`: `taskset`,
-//! `valgrind --tool=callgrind`).
+//! `valgrind --tool=callgrind`); `--instructions` (module `instructions`) counts the
+//! instructions per invocation of scenario (c) under callgrind, which `--check` then holds to
+//! a bound.
 //!
 //! The binary plays both sides: the driver (module `driver`) starts an emulator and a sink per
 //! mode and scenario and re-executes this binary as the Lambda function (`BENCH_ROLE=function`,
@@ -21,6 +23,7 @@
 
 mod driver;
 mod function;
+mod instructions;
 mod report;
 
 /// Set on the child process: run as the Lambda function rather than as the driver.
