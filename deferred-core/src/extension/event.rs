@@ -227,6 +227,11 @@ mod tests {
         assert_eq!(ev.invoked_function_arn, None);
         let body = br#"{"eventType":"INVOKE","deadlineMs":1700000000500,"requestId":"a","tracing":{"value":null}}"#;
         assert!(matches!(decode_event(body), Ok(NextEvent::Invoke(ev)) if ev.trace_id.is_none()));
+        // The shape the malformed cases below break, whole.
+        let body = br#"{"eventType":"INVOKE","requestId":"a","deadlineMs":5,"tracing":{"value":"Root=1"}}"#;
+        assert!(
+            matches!(decode_event(body), Ok(NextEvent::Invoke(ev)) if ev.trace_id.as_deref() == Some("Root=1"))
+        );
     }
 
     #[test]
