@@ -1,6 +1,7 @@
 //! The driver: one emulator, one OTLP sink and one child process per mode and scenario.
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -162,8 +163,8 @@ usage: bench [--quick] [--docs] [--serial] [--check] [--only a,b,c,d,e] [--modes
             function in its own process (exec it), as taskset and valgrind do
   --instructions
             also count the instructions per invocation of modes 0, floor and 5 in scenario c
-            under callgrind (needs valgrind; about a minute); with --check, fail if mode 5
-            adds more than 50k over the floor";
+            under callgrind (needs valgrind; about 15 s; --docs counts whenever valgrind is
+            installed); with --check, fail if mode 5 adds more than 50k over the floor";
 
 fn usage_error(why: &str) -> ! {
     eprintln!("bench: {why}\n\n{USAGE}");
@@ -296,7 +297,9 @@ pub(crate) async fn main() -> Result<(), Error> {
         let bar = bar(&multi, sizes.d as u64, Scenario::D, label);
         rows.push(cold_start(mode, label, sizes.d, bar).await?);
     }
-    let counted = if args.iter().any(|a| a == "--instructions") {
+    // A full run for the docs counts too, where valgrind is installed.
+    let count = args.iter().any(|a| a == "--instructions") || (docs && instructions::available());
+    let counted = if count {
         let modes: Vec<_> = [MODES[0], EXT_AFTER_POST, MODES[4]]
             .into_iter()
             .filter(|(m, _)| mode_wanted(m))
@@ -315,11 +318,20 @@ pub(crate) async fn main() -> Result<(), Error> {
     let took = started.elapsed();
     let table = report::table(&rows);
     println!("{table}");
-    let targets = report::targets(&rows);
-    println!("{targets}");
-    if let Some(counts) = &counted {
-        println!("{}", instructions::line(counts));
+    let mut targets = report::targets(&rows);
+    match &counted {
+        Some(counts) => {
+            let _ = writeln!(targets, "{}", instructions::line(counts));
+        }
+        None if docs => {
+            let _ = writeln!(
+                targets,
+                "- (c) instructions per invocation: not counted (valgrind not found)"
+            );
+        }
+        None => {}
     }
+    println!("{targets}");
     println!(
         "{} run took {:.0} s",
         if quick { "quick" } else { "full" },

@@ -40,13 +40,20 @@ pub(crate) struct Count {
     pub(crate) per_invocation: f64,
 }
 
+/// Whether valgrind can be run.
+pub(crate) fn available() -> bool {
+    Command::new("valgrind")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
 /// Counts each of `modes` (key, label), two runs each: the bar moves once per run.
 pub(crate) async fn measure(
     modes: &[(&'static str, &'static str)],
     bar: ProgressBar,
 ) -> Result<Vec<Count>, Error> {
-    let version = Command::new("valgrind").arg("--version").output();
-    if !version.is_ok_and(|o| o.status.success()) {
+    if !available() {
         return Err(
             "bench --instructions needs valgrind (Debian: apt-get install valgrind)".into(),
         );
