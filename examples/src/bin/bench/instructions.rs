@@ -78,7 +78,7 @@ pub(crate) async fn measure(
 }
 
 /// Mode 5 (`run`) minus the floor (`ext-after-post`), when both were counted.
-fn own(counts: &[Count]) -> Option<f64> {
+pub(crate) fn own(counts: &[Count]) -> Option<f64> {
     let of = |mode: &str| {
         counts
             .iter()
