@@ -87,7 +87,7 @@ pub(crate) fn table(rows: &[Row]) -> String {
         let cpu = if r.cpu_per_inv.is_zero() && r.scenario == Scenario::D {
             "-".to_owned()
         } else {
-            format!("{:.0}", r.cpu_per_inv.as_secs_f64() * 1e6)
+            format!("{:.0}", micros(r.cpu_per_inv))
         };
         let _ = writeln!(
             out,
@@ -115,6 +115,11 @@ pub(crate) fn table(rows: &[Row]) -> String {
 /// "No worse than", with the run-to-run noise of this machine: 5% + 0.1 ms.
 fn within(x: Duration, bound: Duration) -> bool {
     x.as_secs_f64() <= bound.as_secs_f64() * 1.05 + 0.0001
+}
+
+/// `d` in microseconds.
+fn micros(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
 }
 
 /// `a / b`, with a zero `b` (a mode that ran nothing) kept from dividing by zero.
@@ -175,12 +180,12 @@ pub(crate) fn targets(rows: &[Row]) -> String {
             "- (c) the same per round (the medians above are of these rounds): {}",
             ratios.join(" | ")
         );
-        let over = run.cpu_per_inv.as_secs_f64() * 1e6 - none.cpu_per_inv.as_secs_f64() * 1e6;
+        let over = micros(run.cpu_per_inv) - micros(none.cpu_per_inv);
         let _ = writeln!(
             out,
             "- (c) wrapper CPU overhead under 50 µs per invocation: {:.0} µs - {:.0} µs = {over:.0} µs (schedstat CPU time of every thread, over {} invocations): {}",
-            run.cpu_per_inv.as_secs_f64() * 1e6,
-            none.cpu_per_inv.as_secs_f64() * 1e6,
+            micros(run.cpu_per_inv),
+            micros(none.cpu_per_inv),
             run.n,
             verdict(over < 50.0)
         );
@@ -188,7 +193,7 @@ pub(crate) fn targets(rows: &[Row]) -> String {
             .cpu_rounds
             .iter()
             .zip(&none.cpu_rounds)
-            .map(|(r, n)| format!("{:.0}", r.as_secs_f64() * 1e6 - n.as_secs_f64() * 1e6))
+            .map(|(r, n)| format!("{:.0}", micros(*r) - micros(*n)))
             .collect();
         let _ = writeln!(
             out,
@@ -197,12 +202,12 @@ pub(crate) fn targets(rows: &[Row]) -> String {
         );
     }
     if let (Some(run), Some(bare)) = (get(Scenario::C, "run"), get(Scenario::C, "ext-only")) {
-        let over = run.cpu_per_inv.as_secs_f64() * 1e6 - bare.cpu_per_inv.as_secs_f64() * 1e6;
+        let over = micros(run.cpu_per_inv) - micros(bare.cpu_per_inv);
         let _ = writeln!(
             out,
             "- (c) the same, net of the extension's own `event/next` round trip (mode 5 minus a bare extension that re-arms at once): {:.0} µs - {:.0} µs = {over:.0} µs: {}",
-            run.cpu_per_inv.as_secs_f64() * 1e6,
-            bare.cpu_per_inv.as_secs_f64() * 1e6,
+            micros(run.cpu_per_inv),
+            micros(bare.cpu_per_inv),
             verdict(over < 50.0)
         );
         if let Some(none) = get(Scenario::C, "none") {
@@ -224,15 +229,14 @@ pub(crate) fn targets(rows: &[Row]) -> String {
         get(Scenario::C, "none"),
         get(Scenario::C, "ext-after-post"),
     ) {
-        let us = |r: &Row| r.cpu_per_inv.as_secs_f64() * 1e6;
         let _ = writeln!(
             out,
             "- (c) the floor of the design (a bare extension that re-arms only once a layer signals the POST: one hand-off, no flush, no report): {:.2}x of plain's inv/s, {:.0} µs of CPU over plain, {:.1} context switches per invocation; mode 5 against it: {:.2}x inv/s, {:+.0} µs of CPU",
             times(floor.per_sec, none.per_sec),
-            us(&floor) - us(&none),
+            micros(floor.cpu_per_inv) - micros(none.cpu_per_inv),
             floor.switches_per_inv,
             times(run.per_sec, floor.per_sec),
-            us(&run) - us(&floor),
+            micros(run.cpu_per_inv) - micros(floor.cpu_per_inv),
         );
     }
     if rows.iter().any(|r| r.scenario == Scenario::C) {
@@ -241,12 +245,12 @@ pub(crate) fn targets(rows: &[Row]) -> String {
             "- (c) where the CPU goes, µs per invocation (the runtime's threads | the extension's own thread):"
         );
         for row in rows.iter().filter(|r| r.scenario == Scenario::C) {
-            let own = row.extension_cpu_per_inv.as_secs_f64() * 1e6;
+            let own = micros(row.extension_cpu_per_inv);
             let _ = writeln!(
                 out,
                 "  - {}: {:.0} | {}",
                 row.label,
-                row.cpu_per_inv.as_secs_f64() * 1e6 - own,
+                micros(row.cpu_per_inv) - own,
                 if own > 0.0 {
                     format!("{own:.0}")
                 } else {
@@ -259,7 +263,7 @@ pub(crate) fn targets(rows: &[Row]) -> String {
             "- (c) where the cycle goes, p50 µs (dispatch → response POST | POST → runtime `/next` | POST → invocation complete):"
         );
         for row in rows.iter().filter(|r| r.scenario == Scenario::C) {
-            let us = |v: &[Duration]| pct(v, 50.0).as_secs_f64() * 1e6;
+            let us = |v: &[Duration]| micros(pct(v, 50.0));
             let _ = writeln!(
                 out,
                 "  - {}: {:.0} | {:.0} | {:.0}",
