@@ -177,6 +177,16 @@ fn value<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
     args.get(at + 1).map(String::as_str)
 }
 
+/// Exits with a usage error when the comma-separated `list` after `flag` names something that
+/// is not in `names`.
+fn known(flag: &str, what: &str, list: Option<&str>, names: &[&str]) {
+    for name in list.into_iter().flat_map(|list| list.split(',')) {
+        if !names.contains(&name) {
+            usage_error(&format!("{flag}: no {what} {name:?}"));
+        }
+    }
+}
+
 /// Whether `name` is in the comma-separated `list`; everything is when there is no list.
 fn listed(list: Option<&str>, name: &str) -> bool {
     list.is_none_or(|list| list.split(',').any(|x| x == name))
@@ -224,17 +234,14 @@ pub(crate) async fn main() -> Result<(), Error> {
         Scenario::D,
         Scenario::E,
     ];
-    for name in only.into_iter().flat_map(|list| list.split(',')) {
-        if !scenarios.iter().any(|s| s.name() == name) {
-            usage_error(&format!("--only: no scenario {name:?}"));
-        }
-    }
+    known("--only", "scenario", only, &scenarios.map(Scenario::name));
     let keys = MODES.iter().chain([&EXT_ONLY, &EXT_AFTER_POST]);
-    for name in only_modes.into_iter().flat_map(|list| list.split(',')) {
-        if !keys.clone().any(|(key, _)| *key == name) {
-            usage_error(&format!("--modes: no mode {name:?}"));
-        }
-    }
+    known(
+        "--modes",
+        "mode",
+        only_modes,
+        &keys.map(|(key, _)| *key).collect::<Vec<_>>(),
+    );
     let wanted = |s: Scenario| listed(only, s.name());
     let mode_wanted = |mode: &str| listed(only_modes, mode);
     // `--cold N`: N cold starts.
