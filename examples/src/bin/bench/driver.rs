@@ -118,6 +118,11 @@ pub(crate) struct Row {
     /// Scenario c: the part of `cpu_per_inv` spent on the extension's own thread (the phase
     /// thread of modes 5 and 6, the bare extension's thread); the rest is the runtime's.
     pub(crate) extension_cpu_per_inv: Duration,
+    /// Scenario c: CPU time of the benchmark's own process per invocation: the emulator
+    /// serving the Runtime and Extensions APIs, and the caller. An extension's `event/next`
+    /// costs this side too, as it costs Lambda's API server, which shares the function's
+    /// vCPUs.
+    pub(crate) api_cpu_per_inv: Duration,
     pub(crate) errors: usize,
     /// Scenario c: context switches of the child (all threads) per invocation.
     pub(crate) switches_per_inv: f64,
@@ -475,8 +480,9 @@ fn switches(pid: Option<u32>) -> u64 {
         .sum()
 }
 
-/// CPU time of the child so far, in nanoseconds (the first field of `schedstat`: exact, where
-/// utime + stime count 10 ms ticks): of every live thread, and of the extension's own thread
+/// CPU time of a process (the child, or the benchmark itself) so far, in nanoseconds (the
+/// first field of `schedstat`: exact, where utime + stime count 10 ms ticks): of every live
+/// thread, and of the extension's own thread
 /// (the phase thread of lambda-deferred, or the bare extension's). Scenario c's windows are
 /// shorter than tokio's 10 s keep-alive of idle blocking threads, so no thread that ran in
 /// one exits during it.
@@ -605,6 +611,7 @@ async fn steady(
         cpu_rounds: Vec::new(),
         rate_rounds: Vec::new(),
         extension_cpu_per_inv: Duration::ZERO,
+        api_cpu_per_inv: Duration::ZERO,
         switches_per_inv: 0.0,
         cycle: Cycle::default(),
     })
@@ -615,6 +622,7 @@ struct Overhead {
     emulator: Emulator,
     cpu_ns: u64,
     extension_cpu_ns: u64,
+    api_cpu_ns: u64,
     busy_time: Duration,
     rates: Vec<f64>,
     cpu_rounds: Vec<Duration>,
@@ -647,6 +655,7 @@ async fn overhead(
             emulator,
             cpu_ns: 0,
             extension_cpu_ns: 0,
+            api_cpu_ns: 0,
             busy_time: Duration::ZERO,
             rates: Vec::new(),
             cpu_rounds: Vec::new(),
@@ -664,6 +673,7 @@ async fn overhead(
             let emulator = &env.emulator;
             let (cpu0, extension_cpu0) = cpu_ns(emulator.child_pid());
             let switches0 = switches(emulator.child_pid());
+            let (api_cpu0, _) = cpu_ns(Some(std::process::id()));
             let t0 = Instant::now();
             let mut results = Vec::new();
             while t0.elapsed() < slice {
@@ -685,6 +695,8 @@ async fn overhead(
                 .await;
             let elapsed = t0.elapsed();
             let (cpu1, extension_cpu1) = cpu_ns(emulator.child_pid());
+            let (api_cpu1, _) = cpu_ns(Some(std::process::id()));
+            env.api_cpu_ns += api_cpu1.saturating_sub(api_cpu0);
             let round_ns = cpu1.saturating_sub(cpu0);
             env.cpu_ns += round_ns;
             env.cpu_rounds
@@ -746,6 +758,7 @@ async fn overhead(
             cpu_rounds: env.cpu_rounds,
             rate_rounds: env.rates,
             extension_cpu_per_inv: Duration::from_nanos(env.extension_cpu_ns) / env.n.max(1) as u32,
+            api_cpu_per_inv: Duration::from_nanos(env.api_cpu_ns) / env.n.max(1) as u32,
             errors: env.errors,
             switches_per_inv: env.switches as f64 / env.n.max(1) as f64,
             cycle: env.cycle,
@@ -796,6 +809,7 @@ async fn cold_start(
         cpu_rounds: Vec::new(),
         rate_rounds: Vec::new(),
         extension_cpu_per_inv: Duration::ZERO,
+        api_cpu_per_inv: Duration::ZERO,
         switches_per_inv: 0.0,
         cycle: Cycle::default(),
     })

@@ -242,20 +242,21 @@ pub(crate) fn targets(rows: &[Row]) -> String {
     if rows.iter().any(|r| r.scenario == Scenario::C) {
         let _ = writeln!(
             out,
-            "- (c) where the CPU goes, µs per invocation (the runtime's threads | the extension's own thread):"
+            "- (c) where the CPU goes, µs per invocation (the function: the runtime's threads | the extension's own thread; the API side: the emulator and the caller, in the benchmark's process):"
         );
         for row in rows.iter().filter(|r| r.scenario == Scenario::C) {
             let own = micros(row.extension_cpu_per_inv);
             let _ = writeln!(
                 out,
-                "  - {}: {:.0} | {}",
+                "  - {}: {:.0} | {}; {:.0}",
                 row.label,
                 micros(row.cpu_per_inv) - own,
                 if own > 0.0 {
                     format!("{own:.0}")
                 } else {
                     "-".into()
-                }
+                },
+                micros(row.api_cpu_per_inv)
             );
         }
         let _ = writeln!(
@@ -615,10 +616,25 @@ mod tests {
             cpu_rounds: Vec::new(),
             rate_rounds: Vec::new(),
             extension_cpu_per_inv: Duration::ZERO,
+            api_cpu_per_inv: Duration::ZERO,
             errors: 0,
             switches_per_inv: 0.0,
             cycle: Cycle::default(),
         }
+    }
+
+    #[test]
+    fn the_cpu_line_splits_the_function_and_gives_the_api_side() {
+        let mut plain = row(Scenario::C, "none");
+        plain.cpu_per_inv = Duration::from_micros(150);
+        plain.api_cpu_per_inv = Duration::from_micros(120);
+        let mut run = row(Scenario::C, "run");
+        run.cpu_per_inv = Duration::from_micros(180);
+        run.extension_cpu_per_inv = Duration::from_micros(20);
+        run.api_cpu_per_inv = Duration::from_micros(140);
+        let text = targets(&[plain, run]);
+        assert!(text.contains("  - none: 150 | -; 120\n"), "{text}");
+        assert!(text.contains("  - run: 160 | 20; 140\n"), "{text}");
     }
 
     #[test]
