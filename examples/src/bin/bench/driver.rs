@@ -119,9 +119,9 @@ pub(crate) struct Row {
     /// thread of modes 5 and 6, the bare extension's thread); the rest is the runtime's.
     pub(crate) extension_cpu_per_inv: Duration,
     /// Scenario c: CPU time of the benchmark's own process per invocation: the emulator
-    /// serving the Runtime and Extensions APIs, and the caller. An extension's `event/next`
-    /// costs this side too, as it costs Lambda's API server, which shares the function's
-    /// vCPUs.
+    /// serving the Runtime and Extensions APIs, and the caller (plus the benchmark's own
+    /// bookkeeping and progress bar, the same in every mode). An extension's `event/next`
+    /// costs this side too, as on Lambda it costs the server behind the APIs.
     pub(crate) api_cpu_per_inv: Duration,
     pub(crate) errors: usize,
     /// Scenario c: context switches of the child (all threads) per invocation.
@@ -482,10 +482,9 @@ fn switches(pid: Option<u32>) -> u64 {
 
 /// CPU time of a process (the child, or the benchmark itself) so far, in nanoseconds (the
 /// first field of `schedstat`: exact, where utime + stime count 10 ms ticks): of every live
-/// thread, and of the extension's own thread
-/// (the phase thread of lambda-deferred, or the bare extension's). Scenario c's windows are
-/// shorter than tokio's 10 s keep-alive of idle blocking threads, so no thread that ran in
-/// one exits during it.
+/// thread, and of the extension's own thread (the phase thread of lambda-deferred, or the
+/// bare extension's). Scenario c's windows are shorter than tokio's 10 s keep-alive of idle
+/// blocking threads, so no thread that ran in one exits during it.
 fn cpu_ns(pid: Option<u32>) -> (u64, u64) {
     let mut all = 0;
     let mut extension = 0;
