@@ -262,6 +262,13 @@ pub(crate) async fn main() -> Result<(), Error> {
         }
         WRAP.get_or_init(|| words);
     }
+    // A full run for the docs counts too, where valgrind is installed; an explicit
+    // `--instructions` without it fails before anything runs.
+    let asked = args.iter().any(|a| a == "--instructions");
+    let count = (asked || docs) && instructions::available();
+    if asked && !count {
+        return Err(instructions::NEEDS_VALGRIND.into());
+    }
     let started = Instant::now();
     let multi = MultiProgress::new();
     let mut rows = Vec::new();
@@ -309,11 +316,11 @@ pub(crate) async fn main() -> Result<(), Error> {
         let bar = bar(&multi, sizes.d as u64, Scenario::D, label);
         rows.push(cold_start(mode, label, sizes.d, bar).await?);
     }
-    // A full run for the docs counts too, where valgrind is installed.
-    let count = args.iter().any(|a| a == "--instructions") || (docs && instructions::available());
     let counted = if count {
-        let modes: Vec<_> = [MODES[0], EXT_AFTER_POST, MODES[4]]
-            .into_iter()
+        let all: Vec<_> = MODES.into_iter().chain([EXT_AFTER_POST]).collect();
+        let modes: Vec<_> = instructions::COUNTED
+            .iter()
+            .filter_map(|name| all.iter().find(|(m, _)| m == name).copied())
             .filter(|(m, _)| mode_wanted(m))
             .collect();
         let bar = bar(

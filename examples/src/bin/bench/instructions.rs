@@ -22,6 +22,16 @@ use super::driver::{config, spec_under};
 /// floor) may add before `--check` fails: about twice what it adds now (docs/BENCHMARKS.md).
 pub(crate) const OWN_BOUND: f64 = 50_000.0;
 
+/// The modes counted, by key: plain, the floor and mode 5 ([`own`] is the last minus the
+/// floor).
+pub(crate) const COUNTED: [&str; 3] = ["none", FLOOR, RUN];
+const FLOOR: &str = "ext-after-post";
+const RUN: &str = "run";
+
+/// What an explicit `--instructions` needs.
+pub(crate) const NEEDS_VALGRIND: &str =
+    "bench --instructions needs valgrind (Debian: apt-get install valgrind)";
+
 /// Invocations before the counted ones, in both runs.
 const WARM_UP: usize = 50;
 /// Invocations of the shorter run.
@@ -48,16 +58,12 @@ pub(crate) fn available() -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-/// Counts each of `modes` (key, label), two runs each: the bar moves once per run.
+/// Counts each of `modes` (key, label), two runs each: the bar moves once per run. The caller
+/// has checked that valgrind is [`available`].
 pub(crate) async fn measure(
     modes: &[(&'static str, &'static str)],
     bar: ProgressBar,
 ) -> Result<Vec<Count>, Error> {
-    if !available() {
-        return Err(
-            "bench --instructions needs valgrind (Debian: apt-get install valgrind)".into(),
-        );
-    }
     let dir = std::env::temp_dir().join(format!("bench-callgrind-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let mut counts = Vec::new();
@@ -85,7 +91,7 @@ pub(crate) fn own(counts: &[Count]) -> Option<f64> {
             .find(|c| c.mode == mode)
             .map(|c| c.per_invocation)
     };
-    Some(of("run")? - of("ext-after-post")?)
+    Some(of(RUN)? - of(FLOOR)?)
 }
 
 /// The figures as a line of the report.
@@ -174,6 +180,19 @@ mod tests {
             mode,
             label: mode,
             per_invocation,
+        }
+    }
+
+    #[test]
+    fn every_counted_mode_is_a_mode_of_c() {
+        // The driver picks the counted modes by key and would skip an unknown one silently.
+        let keys: Vec<&str> = crate::driver::MODES
+            .iter()
+            .chain([&crate::driver::EXT_AFTER_POST])
+            .map(|(key, _)| *key)
+            .collect();
+        for key in COUNTED {
+            assert!(keys.contains(&key), "{key} is not a mode");
         }
     }
 
