@@ -36,6 +36,12 @@ pub(crate) const EXT_AFTER_POST: (&str, &str) = (
     "floor: bare extension, re-armed after the POST (c only)",
 );
 
+/// Every mode of scenario c, in table order: the six modes, then the bare extension and the
+/// floor.
+pub(crate) fn c_modes() -> impl Iterator<Item = (&'static str, &'static str)> {
+    MODES.into_iter().chain([EXT_ONLY, EXT_AFTER_POST])
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Scenario {
     A,
@@ -240,12 +246,11 @@ pub(crate) async fn main() -> Result<(), Error> {
         Scenario::E,
     ];
     known("--only", "scenario", only, &scenarios.map(Scenario::name));
-    let keys = MODES.iter().chain([&EXT_ONLY, &EXT_AFTER_POST]);
     known(
         "--modes",
         "mode",
         only_modes,
-        &keys.map(|(key, _)| *key).collect::<Vec<_>>(),
+        &c_modes().map(|(key, _)| key).collect::<Vec<_>>(),
     );
     let wanted = |s: Scenario| listed(only, s.name());
     let mode_wanted = |mode: &str| listed(only_modes, mode);
@@ -296,11 +301,7 @@ pub(crate) async fn main() -> Result<(), Error> {
         }
     }
     if wanted(Scenario::C) {
-        let modes: Vec<_> = MODES
-            .into_iter()
-            .chain([EXT_ONLY, EXT_AFTER_POST])
-            .filter(|(m, _)| mode_wanted(m))
-            .collect();
+        let modes: Vec<_> = c_modes().filter(|(m, _)| mode_wanted(m)).collect();
         let bar = bar(
             &multi,
             sizes.c_secs * modes.len() as u64,
@@ -317,10 +318,9 @@ pub(crate) async fn main() -> Result<(), Error> {
         rows.push(cold_start(mode, label, sizes.d, bar).await?);
     }
     let counted = if count {
-        let all: Vec<_> = MODES.into_iter().chain([EXT_AFTER_POST]).collect();
         let modes: Vec<_> = instructions::COUNTED
             .iter()
-            .filter_map(|name| all.iter().find(|(m, _)| m == name).copied())
+            .filter_map(|name| c_modes().find(|(m, _)| m == name))
             .filter(|(m, _)| mode_wanted(m))
             .collect();
         let bar = bar(
