@@ -450,7 +450,8 @@ impl Deferred {
     /// Whether each phase reports itself through OpenTelemetry's global providers (default
     /// true): a span `deferred.phase` (attributes `faas.invocation_id`,
     /// `deferred.phase.kind`, `deferred.outcome`, `deferred.cut_reason`, and
-    /// `deferred.spans_lost` with [`span_export_counts`](Self::span_export_counts)) with a
+    /// `deferred.spans_lost` with [`span_export_counts`](Self::span_export_counts)), in the
+    /// invocation's trace (see [`PhaseReport::invocation_span`](crate::PhaseReport::invocation_span)), with a
     /// child span `deferred.action` per action and `deferred.flush` per flusher (only when
     /// the phase's span is recorded), and the
     /// histograms `deferred.phase.duration`, `deferred.action.duration` and

@@ -483,7 +483,8 @@ impl Core {
                     deadline: Some(slot.event.deadline),
                 };
                 state.close(slot.event.request_id);
-                self.job(&invocation, Queue::new(0), None)
+                // The handler never ran: no span of the invocation to hang the phase under.
+                self.job(&invocation, Queue::new(0), None, None)
             }
         };
         Some(Ready {
@@ -514,12 +515,14 @@ impl Core {
         invocation: &crate::context::Invocation,
         queue: Arc<crate::scope::Queue>,
         flush_timeout: Option<Duration>,
+        parent: Option<opentelemetry::trace::SpanContext>,
     ) -> Job {
         Job {
             request_id: invocation.request_id.clone(),
             deadline: invocation.deadline,
             queue,
             flush_timeout: flush_timeout.unwrap_or(self.config.flush_timeout),
+            parent,
         }
     }
 

@@ -7,6 +7,8 @@ use std::pin::pin;
 use std::sync::{Arc, OnceLock};
 use std::task::Poll;
 
+use opentelemetry::trace::SpanContext;
+
 use crate::context::Invocation;
 use crate::core::{Config, Core, Mode, Ticket};
 use crate::report::PhaseKind;
@@ -16,12 +18,20 @@ pub(crate) async fn run<F: Future>(invocation: Invocation, options: Options, bod
     let core = current_core();
     let ticket = core.begin(&invocation.request_id);
     let queue = Queue::new(core.config.max_actions);
+    // Taken before the body runs: lambda_runtime polls this future inside the invocation's
+    // span, and the body may enter spans of its own.
+    let parent = if core.config.phase_telemetry {
+        crate::otel::current_span()
+    } else {
+        None
+    };
     let mut guard = HandOver {
         core: &core,
         ticket: &ticket,
         invocation: &invocation,
         queue: &queue,
         options,
+        parent,
         armed: true,
     };
 
@@ -39,7 +49,12 @@ pub(crate) async fn run<F: Future>(invocation: Invocation, options: Options, bod
 
     core.await_event(&ticket).await;
     guard.armed = false;
-    let job = core.job(&invocation, queue.clone(), options.flush_timeout);
+    let job = core.job(
+        &invocation,
+        queue.clone(),
+        options.flush_timeout,
+        guard.parent.take(),
+    );
     if let Some(job) = core.dispatch(&ticket, job) {
         core.run_phase(job, PhaseKind::Inline).await;
     }
@@ -75,6 +90,7 @@ struct HandOver<'a> {
     invocation: &'a Invocation,
     queue: &'a Arc<Queue>,
     options: Options,
+    parent: Option<SpanContext>,
     armed: bool,
 }
 
@@ -87,6 +103,7 @@ impl Drop for HandOver<'_> {
             self.invocation,
             self.queue.clone(),
             self.options.flush_timeout,
+            self.parent.take(),
         );
         let Some(job) = self.core.dispatch(self.ticket, job) else {
             return;

@@ -58,6 +58,15 @@ fn instruments() -> &'static Instruments {
     INSTRUMENTS.get_or_init(|| Instruments::new(&global::meter_with_scope(scope())))
 }
 
+/// The span current on this thread (as `tracing-opentelemetry` activates it), if any: the
+/// parent of the phase span.
+pub(crate) fn current_span() -> Option<opentelemetry::trace::SpanContext> {
+    Context::map_current(|cx| {
+        let span = cx.span().span_context().clone();
+        span.is_valid().then_some(span)
+    })
+}
+
 /// Records the phase's spans and metrics through the global providers.
 pub(crate) fn record(report: &PhaseReport) {
     record_to(report, &global::tracer_with_scope(scope()), instruments());
@@ -91,12 +100,18 @@ where
         attributes.push(KeyValue::new("deferred.cut_reason", reasons.join(",")));
     }
 
+    // A child of the invocation's span where the handler had one: the phase then shows in the
+    // invocation's trace, though it starts after that span ended.
+    let parent = match &report.invocation_span {
+        Some(span) => Context::new().with_remote_span_context(span.clone()),
+        None => Context::new(),
+    };
     let mut phase = tracer
         .span_builder("deferred.phase")
         .with_kind(SpanKind::Internal)
         .with_start_time(report.started)
         .with_attributes(attributes)
-        .start_with_context(tracer, &Context::new());
+        .start_with_context(tracer, &parent);
     if outcome != "ok" {
         phase.set_status(Status::error(summary(report)));
     }
@@ -295,7 +310,9 @@ mod tests {
 
     use std::collections::BTreeMap;
 
-    use opentelemetry::trace::{Link, SpanId, Status, TraceId, TraceState, TracerProvider as _};
+    use opentelemetry::trace::{
+        Link, SpanContext, SpanId, Status, TraceFlags, TraceId, TraceState, TracerProvider as _,
+    };
     use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData};
     use opentelemetry_sdk::metrics::{InMemoryMetricExporter, PeriodicReader, SdkMeterProvider};
     use opentelemetry_sdk::trace::{
@@ -314,6 +331,7 @@ mod tests {
         };
         PhaseReport {
             request_id: "req-1".into(),
+            invocation_span: None,
             kind: PhaseKind::Chained,
             started: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
             actions: vec![
@@ -419,6 +437,60 @@ mod tests {
         );
         assert_eq!(flush.start_time, report.started + Duration::from_millis(36));
         assert_eq!(flush.end_time, report.started + Duration::from_millis(48));
+    }
+
+    #[test]
+    fn the_phase_span_is_a_child_of_the_invocation_span_in_its_trace() {
+        let invocation = SpanContext::new(
+            TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap(),
+            SpanId::from_hex("00f067aa0ba902b7").unwrap(),
+            TraceFlags::SAMPLED,
+            false,
+            TraceState::default(),
+        );
+        let mut report = report();
+        report.invocation_span = Some(invocation.clone());
+        let spans = spans(&report);
+        assert_eq!(spans.len(), 4, "{spans:?}");
+        let phase = spans.iter().find(|s| s.name == "deferred.phase").unwrap();
+        assert_eq!(phase.parent_span_id, invocation.span_id());
+        assert!(!phase.parent_span_is_remote);
+        for span in &spans {
+            assert_eq!(span.span_context.trace_id(), invocation.trace_id());
+        }
+    }
+
+    #[test]
+    fn an_invocation_sampled_out_takes_its_phase_with_it() {
+        // The default sampler follows the parent: an unsampled invocation's phase is not
+        // recorded either, so a trace never holds a phase without its invocation.
+        let mut report = report();
+        report.invocation_span = Some(SpanContext::new(
+            TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap(),
+            SpanId::from_hex("00f067aa0ba902b7").unwrap(),
+            TraceFlags::default(),
+            false,
+            TraceState::default(),
+        ));
+        assert!(spans(&report).is_empty());
+    }
+
+    #[test]
+    fn current_span_is_the_attached_context_s_valid_span() {
+        assert_eq!(current_span(), None);
+        let span = SpanContext::new(
+            TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap(),
+            SpanId::from_hex("00f067aa0ba902b7").unwrap(),
+            TraceFlags::SAMPLED,
+            false,
+            TraceState::default(),
+        );
+        let guard = Context::new()
+            .with_remote_span_context(span.clone())
+            .attach();
+        assert_eq!(current_span(), Some(span));
+        drop(guard);
+        assert_eq!(current_span(), None);
     }
 
     #[test]

@@ -5,6 +5,7 @@ use std::any::Any;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use opentelemetry::trace::SpanContext;
 use tokio::time::Instant;
 
 use crate::flush::Flusher;
@@ -25,6 +26,8 @@ pub(crate) struct Job {
     pub(crate) queue: Arc<Queue>,
     /// `flush_timeout` of the handler, or of the builder.
     pub(crate) flush_timeout: Duration,
+    /// The span that was current when the handler started: the phase span's parent.
+    pub(crate) parent: Option<SpanContext>,
 }
 
 /// When the phase must be over: the invocation's deadline minus the safety margin.
@@ -75,6 +78,7 @@ pub(crate) async fn run(
 #[derive(Debug)]
 pub(crate) struct Staged {
     request_id: String,
+    parent: Option<SpanContext>,
     kind: PhaseKind,
     pub(crate) started: Instant,
     started_wall: SystemTime,
@@ -88,6 +92,7 @@ impl Staged {
     pub(crate) fn into_report(self, flushes: Vec<FlushReport>) -> PhaseReport {
         PhaseReport {
             request_id: self.request_id,
+            invocation_span: self.parent,
             kind: self.kind,
             started: self.started_wall,
             actions: self.actions,
@@ -132,6 +137,7 @@ pub(crate) async fn run_actions_stage(
     });
     Staged {
         request_id: job.request_id,
+        parent: job.parent,
         kind,
         started,
         started_wall,
@@ -445,6 +451,7 @@ mod tests {
             deadline: None,
             queue,
             flush_timeout,
+            parent: None,
         }
     }
 

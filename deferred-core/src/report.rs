@@ -360,6 +360,13 @@ pub enum CutReason {
 pub struct PhaseReport {
     /// The invocation's request id (empty outside Lambda).
     pub request_id: String,
+    /// The OpenTelemetry span that was current when the handler started: with
+    /// `tracing-opentelemetry` (which activates a span's context on entry by default), the
+    /// span `lambda_runtime` opens for the invocation. The `deferred.phase` span is its child,
+    /// in the invocation's trace. `None` when there was none (no OpenTelemetry context, phase
+    /// telemetry off, a phase whose handler never ran, or the final flush): the phase span is
+    /// then the root of a trace of its own.
+    pub invocation_span: Option<opentelemetry::trace::SpanContext>,
     /// How the phase ran.
     pub kind: PhaseKind,
     /// When the phase started (wall clock).

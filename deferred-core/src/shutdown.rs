@@ -69,6 +69,7 @@ pub(crate) async fn final_flush(core: &Core) -> PhaseReport {
     // the failure counter and `on_report` still see it.
     core.finish(PhaseReport {
         request_id: String::new(),
+        invocation_span: None,
         kind: PhaseKind::Shutdown,
         started: started_wall,
         actions: Vec::new(),

@@ -60,7 +60,19 @@ async fn phase_n_is_exported_in_phase_n_plus_1_with_its_actions_and_flushes() {
         phase.received_at <= phase_end(&second_done),
         "phase 1's span must be in phase 2's flush, before the release"
     );
-    assert_eq!(phase.parent_span_id, None);
+    // The phase hangs under the span lambda_runtime opened for the invocation (which the
+    // fixture's tracing-opentelemetry layer exports): one trace per invocation, phase included.
+    let invoke = spans
+        .iter()
+        .find(|s| {
+            s.name == "Lambda runtime invoke" && s.attribute("requestId") == Some(&first.request_id)
+        })
+        .expect("the invocation's span");
+    assert_eq!(
+        phase.parent_span_id.as_deref(),
+        Some(invoke.span_id.as_str())
+    );
+    assert_eq!(phase.trace_id, invoke.trace_id);
     assert_eq!(phase.scope, "lambda-deferred");
     assert_eq!(phase.attribute("deferred.phase.kind"), Some("chained"));
     // One action returned Err: the phase is an error, not a cut.

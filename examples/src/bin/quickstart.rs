@@ -135,8 +135,9 @@ mod driver {
              answers at once and queues a 300 ms \"send receipt\" action; after it, the spans are\n\
              flushed (flush_timeout = 1 s). The collector stalls during invocations 3 and 4.\n\n\
              caller latency: what the caller waited. deferred phase: from the response until the\n\
-             function let Lambda move on. spans exported: spans of the invocation's trace that\n\
-             reached the collector by the end of its deferred phase (and later, if any).\n"
+             function let Lambda move on. spans exported: the invocation's spans that reached\n\
+             the collector by the end of its deferred phase (and later, if any); the phase's own\n\
+             spans (scope lambda-deferred) join the same trace with the next flush.\n"
         );
 
         let mut rows = Vec::new();
@@ -231,14 +232,18 @@ mod driver {
     }
 
     /// The number of spans received in the trace of the invocation `request_id`, found through
-    /// lambda_runtime's root span ("Lambda runtime invoke", attribute `requestId`).
+    /// lambda_runtime's root span ("Lambda runtime invoke", attribute `requestId`), without
+    /// the phase's own spans: those are recorded after the phase, so they come one flush later.
     fn spans_of(sink: &OtlpSink, request_id: &str) -> usize {
         let spans = sink.spans();
         spans
             .iter()
             .find(|s| s.attribute("requestId") == Some(request_id))
             .map_or(0, |root| {
-                spans.iter().filter(|s| s.trace_id == root.trace_id).count()
+                spans
+                    .iter()
+                    .filter(|s| s.trace_id == root.trace_id && s.scope != "lambda-deferred")
+                    .count()
             })
     }
 
