@@ -437,7 +437,7 @@ pub(crate) fn config() -> EmulatorConfig {
     }
 }
 
-/// /proc/<pid>/status VmHWM (KiB) and utime + stime (clock ticks) of the child.
+/// `/proc/<pid>/status` VmHWM (KiB) and utime + stime (clock ticks) of the child.
 fn proc_stats(pid: Option<u32>) -> (u64, u64) {
     let Some(pid) = pid else { return (0, 0) };
     let hwm = std::fs::read_to_string(format!("/proc/{pid}/status"))
