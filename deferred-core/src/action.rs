@@ -74,6 +74,40 @@ impl<E: Display + Send + 'static> Outcome for Result<(), E> {
     }
 }
 
+/// The return type of a function pointer: it names `!` on stable Rust, where `!` itself may
+/// not be written as a type yet. Public only so that the impl below is (through `__private`).
+pub trait Returns {
+    /// `R` of `fn() -> R`.
+    type Output;
+}
+
+impl<R> Returns for fn() -> R {
+    type Output = R;
+}
+
+/// `!`, the type of an action that can only panic: `async { panic!("…") }` yields it in edition
+/// 2024 (where a diverging block no longer falls back to `()`). It never yields a value; its
+/// panic is reported like any action's.
+///
+/// ```
+/// # use deferred_core::{defer, deferred_handler};
+/// # use lambda_runtime::{Error, LambdaEvent};
+/// # use serde_json::Value;
+/// #[deferred_handler]
+/// async fn handler(event: LambdaEvent<Value>) -> Result<(), Error> {
+///     defer!("unreachable", async { panic!("a state the handler ruled out") });
+///     Ok(())
+/// }
+/// ```
+// Left out of the "other types implement `Outcome`" hint, which would print it by its
+// stand-in name: a diverging action is not what a wrong output type is missing.
+#[diagnostic::do_not_recommend]
+impl Outcome for <fn() -> ! as Returns>::Output {
+    fn into_result(self) -> Result<(), String> {
+        match self {}
+    }
+}
+
 /// A future that `defer!` can queue: `Send + 'static`, yielding an [`Outcome`].
 ///
 /// Implemented for every such future: an `async move` block, or the call of an `async fn`

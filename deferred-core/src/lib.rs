@@ -129,6 +129,7 @@ pub use scope::DeferError;
 /// changes without notice.
 #[doc(hidden)]
 pub mod __private {
+    pub use crate::action::Returns;
     pub use crate::context::{HandlerInput, Invocation};
     pub use crate::scope::{Options, defer, defer_or_panic, scope};
     pub use ::core;

@@ -550,12 +550,8 @@ mod tests {
         let ran = Arc::new(AtomicUsize::new(0));
         let (r1, r2) = (ran.clone(), ran.clone());
         let queue = queue_with(|| {
-            defer(None, async {
-                panic!("boom");
-                #[allow(unreachable_code)]
-                ()
-            })
-            .unwrap();
+            // Of type `!`: an action that can only panic.
+            defer(None, async { panic!("boom") }).unwrap();
             defer(None, async { Err::<(), _>("bad input") }).unwrap();
             defer(None, async move {
                 r1.fetch_add(1, Ordering::SeqCst);
