@@ -538,6 +538,26 @@ async fn runtime_answers_follow_lambdas_state_rules() {
         other => panic!("{other:?}"),
     }
 
+    // Streamed, the same size passes (up to 200 MB), and the caller gets all of it.
+    let runtime = spawn_runtime_next(&addr);
+    let invoke = spawn_invoke(&emu, "streamed");
+    let id = joined(runtime)
+        .await
+        .header("lambda-runtime-aws-request-id");
+    let reply = call(
+        &addr,
+        Method::POST,
+        &format!("/2018-06-01/runtime/invocation/{id}/response"),
+        &[("Lambda-Runtime-Function-Response-Mode", "streaming")],
+        vec![b'x'; 6 * 1024 * 1024 + 101],
+    )
+    .await;
+    assert_eq!(reply.status, 202);
+    match joined(invoke).await.outcome {
+        InvokeOutcome::Success(body) => assert_eq!(body.len(), 6 * 1024 * 1024 + 101),
+        other => panic!("{other:?}"),
+    }
+
     // An invocation error reaches the caller with its type and message.
     let runtime = spawn_runtime_next(&addr);
     let invoke = spawn_invoke(&emu, "three");
@@ -560,7 +580,7 @@ async fn runtime_answers_follow_lambdas_state_rules() {
             error_message: "boom".to_owned(),
         }
     );
-    assert!(emu.timelines()[2].function_error);
+    assert!(emu.timelines().last().is_some_and(|t| t.function_error));
 }
 
 #[tokio::test]

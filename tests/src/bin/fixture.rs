@@ -11,7 +11,7 @@
 //! init; `FIXTURE_FLUSH_HANG=1` registers, before the tracer provider, a flush named `hang`
 //! whose first call never returns (the chain's watchdog must abandon it). Each invocation's
 //! payload is a [`Plan`]:
-//! what the handler does and which actions it defers. Actions post marks to the emulator
+//! what the handler does, which actions it defers, and whether it streams its answer. Actions post marks to the emulator
 //! (`start:<name>`, `end:<name>`) so tests can order them against the protocol timeline.
 
 use std::time::Duration;
@@ -19,7 +19,8 @@ use std::time::Duration;
 use deferred_core::{Deferred, defer, deferred_handler};
 use deferred_testkit::mark::mark;
 use deferred_testkit::telemetry::{self, current_trace_id};
-use lambda_runtime::{Error, LambdaEvent, service_fn};
+use lambda_runtime::streaming::Body;
+use lambda_runtime::{Error, FunctionResponse, LambdaEvent, StreamResponse, service_fn};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tracing::Instrument;
@@ -46,6 +47,23 @@ struct Plan {
     /// written) and posts `capture:<len>`.
     #[serde(default)]
     capture_bytes: usize,
+    /// Stream the answer (a response-streaming function) instead of returning it whole.
+    #[serde(default)]
+    stream: Option<StreamPlan>,
+}
+
+/// A streamed answer: a line `trace_id <id>`, then `chunks` lines `chunk <i>`, `ms` apart,
+/// written by a task of the handler's after it returned. The task posts `stream-end` after
+/// the last line (before the stream is closed). With `fail`, the stream then ends in an
+/// error, which lambda_runtime writes into the stream.
+#[derive(Debug, Deserialize, Clone, Copy)]
+#[serde(deny_unknown_fields)]
+struct StreamPlan {
+    chunks: usize,
+    #[serde(default)]
+    ms: u64,
+    #[serde(default)]
+    fail: bool,
 }
 
 #[derive(Debug, Deserialize, Default, PartialEq)]
@@ -79,7 +97,7 @@ enum ActionKind {
 }
 
 #[deferred_handler]
-async fn handler(event: LambdaEvent<Plan>) -> Result<Value, Error> {
+async fn handler(event: LambdaEvent<Plan>) -> Result<FunctionResponse<Value, Body>, Error> {
     let plan = event.payload;
     let request_id = event.context.request_id;
     let trace_id = current_trace_id();
@@ -98,10 +116,46 @@ async fn handler(event: LambdaEvent<Plan>) -> Result<Value, Error> {
         });
     }
     match plan.handler {
-        HandlerPlan::Ok => Ok(json!({ "trace_id": trace_id })),
+        HandlerPlan::Ok => Ok(match plan.stream {
+            None => FunctionResponse::BufferedResponse(json!({ "trace_id": trace_id })),
+            Some(stream) => {
+                FunctionResponse::StreamingResponse(streamed(stream, trace_id, request_id))
+            }
+        }),
         HandlerPlan::Err => Err("the handler failed on purpose".into()),
         HandlerPlan::Panic => panic!("the handler panicked on purpose"),
     }
+}
+
+/// The streamed answer of [`StreamPlan`]: its lines come from a task, after the handler returned.
+fn streamed(plan: StreamPlan, trace_id: String, request_id: String) -> StreamResponse<Body> {
+    let (mut sender, body) = lambda_runtime::streaming::channel();
+    tokio::spawn(async move {
+        if sender
+            .send_data(format!("trace_id {trace_id}\n").into())
+            .await
+            .is_err()
+        {
+            return;
+        }
+        for i in 0..plan.chunks {
+            tokio::time::sleep(Duration::from_millis(plan.ms)).await;
+            if sender
+                .send_data(format!("chunk {i}\n").into())
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        mark(&request_id, "stream-end").await;
+        if plan.fail {
+            sender.send_error(lambda_runtime_api_client::Error::new(
+                "the stream failed on purpose",
+            ));
+        }
+    });
+    StreamResponse::from(body)
 }
 
 /// Queues `count` tiny actions (see [`Plan::defer_count`]).

@@ -11,7 +11,9 @@
 //!   `init_timeout`;
 //! - an invocation is complete only when the runtime has answered and called `/next` again and
 //!   every INVOKE subscriber waits in `event/next`; the next invocation is held until then;
-//! - the caller gets the response as soon as the runtime posts it;
+//! - the caller gets the response as soon as the runtime posts it; a streamed response
+//!   (`Lambda-Runtime-Function-Response-Mode: streaming`) may reach 200 MB instead of 6 MB,
+//!   and reaches the caller whole, metadata prelude included, once its last chunk is in;
 //! - an idle, complete child is frozen (SIGSTOP) and thawed (SIGCONT) on the next invoke;
 //! - a deadline overrun resets the environment (SIGKILL, init again on the next invoke);
 //! - with SnapStart, init ends in a snapshot (the child frozen while its runtime waits in

@@ -11,7 +11,7 @@ use hyper::body::Incoming;
 use serde::Deserialize;
 
 use super::server::{self, ConnTag, HandlerResult};
-use super::state::{Answer, ApiError, MAX_PAYLOAD, Next, Shared};
+use super::state::{Answer, ApiError, MAX_PAYLOAD, MAX_STREAMED_PAYLOAD, Next, Shared};
 
 /// Hard cap on what is read of a response body: past [`MAX_PAYLOAD`] it is refused anyway,
 /// this only bounds memory.
@@ -61,16 +61,32 @@ pub(crate) async fn next(shared: &Arc<Shared>) -> HandlerResult {
 }
 
 /// `POST /runtime/invocation/{id}/response` -> 202; 400 unknown id; 403 already answered;
-/// 413 over 6 MiB + 100 bytes.
+/// 413 over 6 MiB + 100 bytes, or over 200 MB when streamed. A streamed response
+/// (`Lambda-Runtime-Function-Response-Mode: streaming`) is answered once its last chunk is in:
+/// the caller gets the whole stream, metadata prelude included, as the response.
 pub(crate) async fn response(
     shared: &Arc<Shared>,
     id: &str,
     req: Request<Incoming>,
 ) -> HandlerResult {
-    let answer = match server::read_body(req, READ_CAP).await? {
-        Ok(body) if body.len() > MAX_PAYLOAD => Answer::TooLarge(body.len()),
+    let streamed = server::header_str(req.headers(), "lambda-runtime-function-response-mode")
+        .is_some_and(|mode| mode.eq_ignore_ascii_case("streaming"));
+    let limit = if streamed {
+        MAX_STREAMED_PAYLOAD
+    } else {
+        MAX_PAYLOAD
+    };
+    let cap = READ_CAP.max(limit + 1);
+    let answer = match server::read_body(req, cap).await? {
+        Ok(body) if body.len() > limit => Answer::TooLarge {
+            size: body.len(),
+            limit,
+        },
         Ok(body) => Answer::Response(body),
-        Err(declared) => Answer::TooLarge(declared.unwrap_or(READ_CAP + 1)),
+        Err(declared) => Answer::TooLarge {
+            size: declared.unwrap_or(cap + 1),
+            limit,
+        },
     };
     Ok(server::accepted_or(shared.runtime_answer(id, answer)))
 }

@@ -31,6 +31,11 @@ pub(crate) const MAX_EXTENSIONS: usize = 10;
 /// aws-lambda-runtime-interface-emulator, lambda/interop/model.go).
 pub(crate) const MAX_PAYLOAD: usize = 6 * 1024 * 1024 + 100;
 
+/// Largest streamed response (`Lambda-Runtime-Function-Response-Mode: streaming`): 200 MB,
+/// against 6 MB buffered (Lambda developer guide, "Response streaming for Lambda functions").
+/// RIE has no streaming; lambda_runtime sends such a response chunked, metadata prelude first.
+pub(crate) const MAX_STREAMED_PAYLOAD: usize = 200 * 1024 * 1024;
+
 /// Memory size and version the emulated function reports.
 pub(crate) const MEMORY_SIZE: &str = "128";
 pub(crate) const FUNCTION_VERSION: &str = "$LATEST";
@@ -152,7 +157,12 @@ pub(crate) enum ExtensionErrorKind {
 #[derive(Debug)]
 pub(crate) enum Answer {
     Response(Bytes),
-    TooLarge(usize),
+    TooLarge {
+        /// The body's size (at least this much, when it was not read to its end).
+        size: usize,
+        /// The limit it passed: [`MAX_PAYLOAD`], or [`MAX_STREAMED_PAYLOAD`] when streamed.
+        limit: usize,
+    },
     Error {
         error_type: String,
         error_message: String,
@@ -549,17 +559,17 @@ impl Shared {
         let (outcome, result) = match answer {
             Answer::Response(body) => (InvokeOutcome::Success(body), Ok(())),
             // RIE answers 413 and hands the caller Function.ResponseSizeTooLarge.
-            Answer::TooLarge(size) => (
+            Answer::TooLarge { size, limit } => (
                 InvokeOutcome::FunctionError {
                     error_type: "Function.ResponseSizeTooLarge".to_owned(),
                     error_message: format!(
-                        "Response payload size ({size} bytes) exceeded maximum allowed payload size ({MAX_PAYLOAD} bytes)."
+                        "Response payload size ({size} bytes) exceeded maximum allowed payload size ({limit} bytes)."
                     ),
                 },
                 Err(ApiError::new(
                     413,
                     "RequestEntityTooLarge",
-                    format!("Exceeded maximum allowed payload size ({MAX_PAYLOAD} bytes)."),
+                    format!("Exceeded maximum allowed payload size ({limit} bytes)."),
                 )),
             ),
             Answer::Error {
