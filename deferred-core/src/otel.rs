@@ -439,15 +439,20 @@ mod tests {
         assert_eq!(flush.end_time, report.started + Duration::from_millis(48));
     }
 
-    #[test]
-    fn the_phase_span_is_a_child_of_the_invocation_span_in_its_trace() {
-        let invocation = SpanContext::new(
+    /// A local span context, as the handler's invocation span would give, with `flags`.
+    fn invocation_span(flags: TraceFlags) -> SpanContext {
+        SpanContext::new(
             TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap(),
             SpanId::from_hex("00f067aa0ba902b7").unwrap(),
-            TraceFlags::SAMPLED,
+            flags,
             false,
             TraceState::default(),
-        );
+        )
+    }
+
+    #[test]
+    fn the_phase_span_is_a_child_of_the_invocation_span_in_its_trace() {
+        let invocation = invocation_span(TraceFlags::SAMPLED);
         let mut report = report();
         report.invocation_span = Some(invocation.clone());
         let spans = spans(&report);
@@ -465,26 +470,14 @@ mod tests {
         // The default sampler follows the parent: an unsampled invocation's phase is not
         // recorded either, so a trace never holds a phase without its invocation.
         let mut report = report();
-        report.invocation_span = Some(SpanContext::new(
-            TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap(),
-            SpanId::from_hex("00f067aa0ba902b7").unwrap(),
-            TraceFlags::default(),
-            false,
-            TraceState::default(),
-        ));
+        report.invocation_span = Some(invocation_span(TraceFlags::default()));
         assert!(spans(&report).is_empty());
     }
 
     #[test]
     fn current_span_is_the_attached_context_s_valid_span() {
         assert_eq!(current_span(), None);
-        let span = SpanContext::new(
-            TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap(),
-            SpanId::from_hex("00f067aa0ba902b7").unwrap(),
-            TraceFlags::SAMPLED,
-            false,
-            TraceState::default(),
-        );
+        let span = invocation_span(TraceFlags::SAMPLED);
         let guard = Context::new()
             .with_remote_span_context(span.clone())
             .attach();
