@@ -199,6 +199,21 @@ fn spawn_invoke(emu: &Emulator, payload: &'static str) -> JoinHandle<InvokeResul
     tokio::spawn(async move { emu.invoke(payload).await })
 }
 
+/// Invokes with `payload` and takes the invocation as the runtime: its request id, and the
+/// caller's pending result.
+async fn dispatched(
+    emu: &Emulator,
+    addr: &str,
+    payload: &'static str,
+) -> (String, JoinHandle<InvokeResult>) {
+    let runtime = spawn_runtime_next(addr);
+    let invoke = spawn_invoke(emu, payload);
+    let id = joined(runtime)
+        .await
+        .header("lambda-runtime-aws-request-id");
+    (id, invoke)
+}
+
 async fn respond(addr: &str, request_id: &str, body: &'static str) -> Reply {
     call(
         addr,
@@ -516,11 +531,7 @@ async fn runtime_answers_follow_lambdas_state_rules() {
         .assert_error(403, "InvalidStateTransition");
 
     // Over 6 MiB + 100 bytes: 413, and the caller gets Function.ResponseSizeTooLarge.
-    let runtime = spawn_runtime_next(&addr);
-    let invoke = spawn_invoke(&emu, "two");
-    let id = joined(runtime)
-        .await
-        .header("lambda-runtime-aws-request-id");
+    let (id, invoke) = dispatched(&emu, &addr, "two").await;
     let too_big = vec![b'x'; 6 * 1024 * 1024 + 101];
     call(
         &addr,
@@ -539,11 +550,7 @@ async fn runtime_answers_follow_lambdas_state_rules() {
     }
 
     // Streamed, the same size passes (up to 200 MB), and the caller gets all of it.
-    let runtime = spawn_runtime_next(&addr);
-    let invoke = spawn_invoke(&emu, "streamed");
-    let id = joined(runtime)
-        .await
-        .header("lambda-runtime-aws-request-id");
+    let (id, invoke) = dispatched(&emu, &addr, "streamed").await;
     let reply = call(
         &addr,
         Method::POST,
@@ -559,11 +566,7 @@ async fn runtime_answers_follow_lambdas_state_rules() {
     }
 
     // An invocation error reaches the caller with its type and message.
-    let runtime = spawn_runtime_next(&addr);
-    let invoke = spawn_invoke(&emu, "three");
-    let id = joined(runtime)
-        .await
-        .header("lambda-runtime-aws-request-id");
+    let (id, invoke) = dispatched(&emu, &addr, "three").await;
     let reply = call(
         &addr,
         Method::POST,
@@ -667,11 +670,7 @@ async fn the_caller_gets_the_response_before_the_invocation_completes() {
     let (emu, addr) = start(EmulatorConfig::default()).await;
     let id = register(&addr, "ext-slow", &["INVOKE"]).await;
     let ext = spawn_ext_next(&addr, &id);
-    let runtime = spawn_runtime_next(&addr);
-    let invoke = spawn_invoke(&emu, "payload");
-    let request_id = joined(runtime)
-        .await
-        .header("lambda-runtime-aws-request-id");
+    let (request_id, invoke) = dispatched(&emu, &addr, "payload").await;
     joined(ext).await.expect("event");
     assert_eq!(respond(&addr, &request_id, "fast").await.status, 202);
     let _runtime = spawn_runtime_next(&addr);
@@ -738,11 +737,7 @@ async fn the_timeline_records_each_phase_and_test_marks() {
 
     let id = register(&addr, "ext-tl", &["INVOKE"]).await;
     let ext = spawn_ext_next(&addr, &id);
-    let runtime = spawn_runtime_next(&addr);
-    let invoke = spawn_invoke(&emu, "x");
-    let request_id = joined(runtime)
-        .await
-        .header("lambda-runtime-aws-request-id");
+    let (request_id, invoke) = dispatched(&emu, &addr, "x").await;
     joined(ext).await.expect("event");
     respond(&addr, &request_id, "y").await;
     joined(invoke).await;
