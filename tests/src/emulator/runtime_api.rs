@@ -13,8 +13,9 @@ use serde::Deserialize;
 use super::server::{self, ConnTag, HandlerResult};
 use super::state::{Answer, ApiError, MAX_PAYLOAD, MAX_STREAMED_PAYLOAD, Next, Shared};
 
-/// Hard cap on what is read of a response body: past [`MAX_PAYLOAD`] it is refused anyway,
-/// this only bounds memory.
+/// Hard cap on what is read of a buffered response body: past [`MAX_PAYLOAD`] it is refused
+/// anyway, this only bounds memory. A streamed one is read to just past
+/// [`MAX_STREAMED_PAYLOAD`].
 const READ_CAP: usize = 64 * 1024 * 1024;
 
 /// The error document runtimes post (`{"errorMessage","errorType","stackTrace"?}`).
