@@ -46,6 +46,26 @@ struct Watch {
     chain_wakes_at: Option<Instant>,
 }
 
+impl Watch {
+    /// For the phase thread whose flush has returned: its own phase back, unless the watchdog
+    /// took it over. By then the slot may hold a later phase, of the thread that replaced this
+    /// one (which set it just before its own flush), and that one is not this thread's to end:
+    /// ending it here would arm a stale `event/next` and leave the later one unarmed, so the
+    /// environment would be held to its deadline.
+    fn claim(&mut self, thread: &Arc<AtomicBool>) -> Option<Flushing> {
+        self.flushing.take_if(|f| Arc::ptr_eq(&f.retired, thread))
+    }
+
+    /// For the watchdog: the phase whose flush has overrun its end (by `now`), taken over, its
+    /// thread retired. Retired under this lock, so that thread, back from its flush, finds the
+    /// phase gone and exits rather than serving the queue beside its replacement.
+    fn overrun(&mut self, now: Instant) -> Option<Flushing> {
+        let flushing = self.flushing.take_if(|f| now >= f.end)?;
+        flushing.retired.store(true, Ordering::Release);
+        Some(flushing)
+    }
+}
+
 /// A phase whose first flush runs on the phase thread.
 #[derive(Debug)]
 struct Flushing {
@@ -113,15 +133,7 @@ impl Runner {
             if ran.is_err() {
                 // A panic out of the phase's own code (an `on_report` hook): the chain goes on.
                 tracing::error!(target: "deferred", "a chained phase panicked; the chain goes on");
-                let mut watch = lock(&self.watch);
-                if watch
-                    .flushing
-                    .as_ref()
-                    .is_some_and(|f| Arc::ptr_eq(&f.retired, &retired))
-                {
-                    watch.flushing = None;
-                }
-                drop(watch);
+                drop(lock(&self.watch).claim(&retired));
                 self.line.arm(seq);
             }
             if retired.load(Ordering::Acquire) {
@@ -163,7 +175,7 @@ impl Runner {
             self.poke.notify_one();
         }
         let report = phase::flush_here(first, end, phase_started);
-        let Some(flushing) = lock(&self.watch).flushing.take() else {
+        let Some(flushing) = lock(&self.watch).claim(retired) else {
             // The watchdog took this phase over (and reported it) while the flush ran.
             return;
         };
@@ -209,30 +221,17 @@ impl Runner {
     /// Abandons the phase whose flush on the phase thread has overrun its end: reports it
     /// (that flush timed out), arms the next call and starts a fresh phase thread.
     pub(crate) async fn watchdog(self: &Arc<Self>, core: &Arc<Core>) {
-        let flushing = {
-            let mut watch = lock(&self.watch);
-            if watch
-                .flushing
-                .as_ref()
-                .is_none_or(|f| Instant::now() < f.end)
-            {
-                return;
-            }
-            watch.flushing.take()
-        };
         let Some(Flushing {
             seq,
             mut staged,
             running,
             here,
             serial,
-            retired,
             ..
-        }) = flushing
+        }) = lock(&self.watch).overrun(Instant::now())
         else {
             return;
         };
-        retired.store(true, Ordering::Release);
         if let Err(error) = self.spawn_thread(core.clone()) {
             tracing::error!(target: "deferred", %error, "cannot start a new phase thread after a flush overran");
         }
@@ -240,5 +239,79 @@ impl Runner {
             .abandon(&here, staged.started, &mut staged.cut)
             .await;
         self.end_phase(core, staged, flushes, serial, seq);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::phase::{Job, Stop};
+    use crate::scope::Queue;
+
+    /// A phase of event `seq` flushing on the phase thread `thread` until `end`.
+    async fn flushing(thread: &Arc<AtomicBool>, seq: u64, end: Instant) -> Flushing {
+        let job = Job {
+            request_id: format!("r-{seq}"),
+            deadline: None,
+            queue: Queue::new(0),
+            flush_timeout: Duration::from_millis(100),
+            parent: None,
+        };
+        let stop = Stop::new(tokio::sync::watch::channel(false).1);
+        let staged =
+            phase::run_actions_stage(job, &[], Budget { end }, PhaseKind::Chained, stop).await;
+        Flushing {
+            seq,
+            staged,
+            running: phase::start_flushes(&[], end),
+            here: "f".into(),
+            end,
+            serial: Arc::new(tokio::sync::Mutex::new(())).lock_owned().await,
+            retired: thread.clone(),
+        }
+    }
+
+    /// The soak's hang: thread A's flush overran and the watchdog took its phase over; thread
+    /// B, its replacement, has put a later phase in the slot when A's flush returns. A must
+    /// not take (and end, with its own stale event) B's phase.
+    #[tokio::test]
+    async fn a_phase_thread_claims_only_its_own_phase() {
+        let (a, b) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let now = Instant::now();
+        let mut watch = Watch {
+            flushing: Some(flushing(&a, 1, now).await),
+            ..Watch::default()
+        };
+        let taken = watch.overrun(now).map(|f| f.seq);
+        assert_eq!(taken, Some(1));
+        assert!(a.load(Ordering::Acquire), "A is retired with the take-over");
+
+        watch.flushing = Some(flushing(&b, 2, now + Duration::from_secs(60)).await);
+        assert!(watch.claim(&a).is_none(), "A found B's phase and left it");
+        assert!(watch.overrun(now).is_none(), "B's flush has time left");
+        assert!(!b.load(Ordering::Acquire));
+        assert_eq!(watch.claim(&b).map(|f| f.seq), Some(2));
+        assert!(watch.flushing.is_none());
+    }
+
+    /// A flush that returns in time: its thread claims its phase, and the watchdog, later,
+    /// finds nothing to take over.
+    #[tokio::test]
+    async fn a_flush_back_in_time_is_not_taken_over() {
+        let a = Arc::new(AtomicBool::new(false));
+        let end = Instant::now() + Duration::from_secs(60);
+        let mut watch = Watch {
+            flushing: Some(flushing(&a, 7, end).await),
+            ..Watch::default()
+        };
+        assert!(watch.overrun(Instant::now()).is_none());
+        assert_eq!(watch.claim(&a).map(|f| f.seq), Some(7));
+        assert!(watch.overrun(end).is_none());
+        assert!(!a.load(Ordering::Acquire), "not retired");
     }
 }

@@ -115,6 +115,26 @@ fn check(env: &Env, invoked: &[(String, String)]) -> Checked {
     }
 }
 
+/// Fails at once, naming them with their logs, if invocations overran their deadline: the
+/// reset that follows a timeout would otherwise surface later, as a child gone from /proc.
+fn assert_no_timeout(env: &Env) {
+    if env.emulator.stats().timeouts == 0 {
+        return;
+    }
+    let overran: Vec<String> = env
+        .emulator
+        .timelines()
+        .into_iter()
+        .filter(|t| t.timed_out)
+        .map(|t| t.request_id)
+        .collect();
+    let logs: Vec<String> = overran
+        .iter()
+        .flat_map(|id| env.logs_matching(id))
+        .collect();
+    panic!("invocations overran their deadline: {overran:?}; their logs: {logs:#?}");
+}
+
 /// The fixture under `run`, with a 100 ms flush_timeout, and a sink on which 1% of exports
 /// stall 300 ms (3x flush_timeout) before they are answered.
 async fn stalling_env() -> Env {
@@ -156,6 +176,7 @@ async fn soak(invocations: usize) {
         if (i + 1) % sample_every == 0 {
             // Sampled once the phase is over and the child idles (frozen).
             env.completed(&result.request_id).await;
+            assert_no_timeout(&env);
             let (rss, fds) = rss_and_fds(pid);
             samples.push((i + 1, rss, fds));
         }
@@ -270,6 +291,7 @@ async fn bursts_of_500_between_frozen_idles() {
         }
         // The idle period itself is what is tested here, not a synchronisation.
         tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_no_timeout(&env);
         if burst > 0 {
             assert!(stopped(pid), "burst {burst}: stopped while idle");
         }
