@@ -395,7 +395,13 @@ impl Deferred {
     }
 
     /// Calls `hook` with the report of every deferred phase (after it is logged), e.g. to
-    /// alert on repeated flush failures. It runs on the phase's task: keep it short.
+    /// alert on repeated flush failures.
+    ///
+    /// The hook runs before the environment is released, so Lambda waits while it runs: a
+    /// hook that blocks (a synchronous HTTP call, a lock held elsewhere) holds its invocation,
+    /// up to the deadline, and no watchdog can cut it short. Keep it to counting or queuing;
+    /// to send something, record it where a registered flusher picks it up (an OpenTelemetry
+    /// counter goes out with the meter provider's next flush).
     ///
     /// ```
     /// use deferred_core::{Deferred, defer, deferred_handler};
