@@ -397,9 +397,11 @@ impl Deferred {
     /// Calls `hook` with the report of every deferred phase (after it is logged), e.g. to
     /// alert on repeated flush failures.
     ///
-    /// The hook runs before the environment is released, so Lambda waits while it runs: a
-    /// hook that blocks (a synchronous HTTP call, a lock held elsewhere) holds its invocation,
-    /// up to the deadline, and no watchdog can cut it short. Keep it to counting or queuing;
+    /// The hook runs before the environment is released, so Lambda waits while it runs. A
+    /// hook that blocks (a synchronous HTTP call, a lock held elsewhere) cannot be interrupted:
+    /// it holds its invocation until the phase's end plus half the safety margin, where the
+    /// extension releases the environment anyway and logs an error, and what the hook still
+    /// does may then be frozen; the next phase waits for it. Keep it to counting or queuing;
     /// to send something, record it where a registered flusher picks it up (an OpenTelemetry
     /// counter goes out with the meter provider's next flush).
     ///

@@ -54,6 +54,8 @@ pub(crate) async fn drive_with(
     }
     let mut restores = restores.watch();
     let mut failures: u32 = 0;
+    // The last event held, until its phase arms the next call.
+    let mut due: Option<Due> = None;
     // One timer for the whole chain, moved rather than replaced: a new timer (the first to
     // exist, or earlier than the one a parked worker sleeps until) wakes that worker through
     // the driver, once per invocation; moving the only timer later does not.
@@ -66,7 +68,14 @@ pub(crate) async fn drive_with(
             let call = restores.next_event(|| line.call(), || line.reset());
             tokio::pin!(call);
             loop {
-                let wake = runner.wake_at(held_until(&core));
+                if due.as_ref().is_some_and(|d| line.armed(d.seq)) {
+                    due = None;
+                }
+                let planned = match (held_until(&core), due.as_ref().map(|d| d.at)) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                let wake = runner.wake_at(planned);
                 let now = Instant::now();
                 if idle <= now {
                     idle = now + IDLE;
@@ -88,6 +97,9 @@ pub(crate) async fn drive_with(
                         if let Some(ready) = ready {
                             core.submit(ready);
                         }
+                        if let Some(due) = due.take_if(|d| Instant::now() >= d.at) {
+                            due.release(&line);
+                        }
                     }
                     () = runner.poke.notified() => {}
                 }
@@ -103,7 +115,13 @@ pub(crate) async fn drive_with(
                     );
                 }
                 failures = 0;
-                hold(&core, event, line.seq());
+                let seq = line.seq();
+                due = hold(&core, event, seq).map(|(request_id, end)| Due {
+                    seq,
+                    request_id,
+                    // Past its end only by the few ms an aborted action may take to drop.
+                    at: end + core.config.safety_margin / 2,
+                });
             }
             Ok(NextEvent::Shutdown(event)) => {
                 // Internal extensions cannot subscribe to SHUTDOWN; should one arrive anyway,
@@ -155,14 +173,45 @@ fn held_until(core: &Core) -> Option<Instant> {
     Some(at)
 }
 
+/// An event whose phase has not armed the next call yet, and when the chain's task arms it
+/// itself: a safety net for G4. A phase ends by its end (its actions and flushes are cut
+/// there, a flush on the phase thread by the watchdog), so this fires only when something
+/// after them holds the phase thread (a blocking `on_report` hook), or on a bug: the
+/// environment is released rather than held to the deadline, where Lambda would time the
+/// invocation out and reset it.
+#[derive(Debug)]
+struct Due {
+    seq: u64,
+    request_id: String,
+    at: Instant,
+}
+
+impl Due {
+    fn release(self, line: &Line) {
+        if line.armed(self.seq) {
+            return;
+        }
+        tracing::error!(
+            target: "deferred",
+            request_id = %self.request_id,
+            "the deferred phase had not ended by its end (the deadline minus the safety \
+             margin, plus half the margin): the environment is released now, and what the \
+             phase still runs may be frozen with it (a blocking on_report hook?)"
+        );
+        line.arm(self.seq);
+    }
+}
+
 /// Holds an INVOKE event (event `seq` on the line) until its invocation is over: its phase
-/// starts where its last condition is met (see [`decide`]).
-fn hold(core: &Arc<Core>, event: InvokeEvent, seq: u64) {
+/// starts where its last condition is met (see [`decide`]). Returns the request id and its
+/// phase end, unless the event is released at once.
+fn hold(core: &Arc<Core>, event: InvokeEvent, seq: u64) -> Option<(String, Instant)> {
     let arrived = Instant::now();
     let phase_end = Budget::new(Some(event.deadline), core.config.safety_margin).end;
     let stray_at = arrived + core.config.stray_window;
     let mut closed_already = false;
     let mut ready = None;
+    let request_id = event.request_id.clone();
     core.state.send_modify(|s| {
         s.chain = Chain::Holding;
         let request_id = event.request_id.as_str();
@@ -193,9 +242,12 @@ fn hold(core: &Arc<Core>, event: InvokeEvent, seq: u64) {
     });
     if closed_already {
         core.arm(seq);
-    } else if let Some(ready) = ready {
+        return None;
+    }
+    if let Some(ready) = ready {
         core.submit(ready);
     }
+    Some((request_id, phase_end))
 }
 
 /// How long to wait before calling `event/next` again after `failures` failures in a row.

@@ -675,6 +675,46 @@ async fn a_flush_that_never_returns_is_abandoned_by_the_watchdog() {
     assert_eq!(stats.max_concurrent_event_next_per_extension, 1);
 }
 
+/// An `on_report` hook that blocks for 4 s on a 3 s function: nothing can interrupt it, so
+/// the chain's safety net releases the environment at the phase's end plus half the margin
+/// (here 3 s - 1 s + 0.5 s), with an error, instead of letting the invocation time out and the
+/// environment be reset. The next invocation's phase waits for the hook, then runs as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocking_report_hook_does_not_hold_the_environment_to_the_deadline() {
+    let env = start(
+        "run",
+        config(3),
+        &[
+            ("REPORT_HOOK_BLOCK_MS", "4000"),
+            ("SAFETY_MARGIN_MS", "1000"),
+        ],
+    )
+    .await;
+    let first = env.invoke(json!({ "actions": [{ "name": "a" }] })).await;
+    assert!(first.outcome.is_success());
+    let t = env.completed(&first.request_id).await;
+    assert!(!t.timed_out, "held to the deadline");
+    assert!(t.mark("end:a").is_some());
+    let released = phase_end(&t) - t.invoked;
+    assert!(
+        released >= Duration::from_millis(2400) && released < Duration::from_millis(2950),
+        "released after {released:?}: at the phase's end plus half the margin"
+    );
+    assert!(env.logged("had not ended by its end").await);
+
+    let second = env.invoke(json!({ "actions": [{ "name": "b" }] })).await;
+    assert!(second.outcome.is_success());
+    let t = env.completed(&second.request_id).await;
+    assert!(!t.timed_out);
+    assert!(
+        t.mark("end:b").is_some(),
+        "its phase ran once the hook returned"
+    );
+    let stats = env.emulator.stats();
+    assert_eq!((stats.timeouts, stats.resets), (0, 0));
+    assert_eq!(stats.max_concurrent_event_next_per_extension, 1);
+}
+
 /// Invokes a 2 s action and waits until it runs; returns the request id and trace id.
 async fn phase_running(env: &Env) -> (String, String) {
     let result = env

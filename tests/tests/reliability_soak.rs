@@ -86,6 +86,7 @@ fn check(env: &Env, wiring: Wiring, invoked: &[(String, String)]) -> Checked {
         previous_end = Some(end);
     }
     assert_eq!(premature, 0, "event/next before the response or the action");
+    assert_no_timeout(env);
     let stats = env.emulator.stats();
     assert_eq!(stats.max_concurrent_event_next_per_extension, 1);
     assert_eq!(stats.resets, 0);
@@ -149,9 +150,15 @@ fn check(env: &Env, wiring: Wiring, invoked: &[(String, String)]) -> Checked {
     }
 }
 
-/// Fails at once, naming them with their logs, if invocations overran their deadline: the
-/// reset that follows a timeout would otherwise surface later, as a child gone from /proc.
+/// Fails at once, naming them with their logs, if invocations overran their deadline (the
+/// reset that follows a timeout would otherwise surface later, as a child gone from /proc), or
+/// if the chain's safety net had to release one (which hides such a bug from the emulator).
 fn assert_no_timeout(env: &Env) {
+    let released = env.logs_matching("had not ended by its end");
+    assert!(
+        released.is_empty(),
+        "released by the safety net: {released:#?}"
+    );
     if env.emulator.stats().timeouts == 0 {
         return;
     }

@@ -99,6 +99,13 @@ impl Line {
         lock(&self.state).seq
     }
 
+    /// Whether the call after event `seq` may go out (or is out): its phase armed it, or the
+    /// line has moved past `seq`.
+    pub(crate) fn armed(&self, seq: u64) -> bool {
+        let state = lock(&self.state);
+        state.seq != seq || state.arm_allowed || state.in_flight
+    }
+
     /// The phase of event `seq` has ended: sends the next `event/next` now, from this thread,
     /// unless one is in flight already or `seq` is not the last event (a late, abandoned
     /// phase). When no connection is open, the chain's task opens one and sends it.

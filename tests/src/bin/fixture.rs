@@ -305,6 +305,19 @@ async fn main() -> Result<(), Error> {
     if let Some(timeout) = env_ms("REGISTER_TIMEOUT_MS") {
         deferred = deferred.register_timeout(timeout);
     }
+    if let Some(margin) = env_ms("SAFETY_MARGIN_MS") {
+        deferred = deferred.safety_margin(margin);
+    }
+    // `REPORT_HOOK_BLOCK_MS`: the first phase's `on_report` hook blocks that long (a hook
+    // doing blocking I/O).
+    if let Some(block) = env_ms("REPORT_HOOK_BLOCK_MS") {
+        static BLOCKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        deferred = deferred.on_report(move |_| {
+            if !BLOCKED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                std::thread::sleep(block);
+            }
+        });
+    }
     // `FLUSH_METRICS=1`: flush the meter provider too (the phase's own histograms).
     if env_flag("FLUSH_METRICS") {
         deferred = deferred.flush(telemetry.meter_provider.clone());
