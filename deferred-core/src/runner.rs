@@ -5,8 +5,9 @@
 //! threads is a wake-up on the path (and CPU). Here the layer's `responded` wakes this thread
 //! once; with no actions, the flush and the request follow on the same thread. A flush cannot
 //! be interrupted, so the chain's task watches it: when it overruns its end, the watchdog
-//! reports the phase, sends `event/next` itself and starts a fresh phase thread; the stuck one
-//! exits when its flush returns ([`Runner::watchdog`]).
+//! takes the phase over and starts a fresh phase thread, and a blocking thread reports the
+//! phase and sends `event/next`; the stuck one exits when its flush returns
+//! ([`Runner::watchdog`]).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -218,8 +219,9 @@ impl Runner {
         at
     }
 
-    /// Abandons the phase whose flush on the phase thread has overrun its end: reports it
-    /// (that flush timed out), arms the next call and starts a fresh phase thread.
+    /// Abandons the phase whose flush on the phase thread has overrun its end: starts a fresh
+    /// phase thread, and has a blocking thread report the phase (that flush timed out) and arm
+    /// the next call.
     pub(crate) async fn watchdog(self: &Arc<Self>, core: &Arc<Core>) {
         let Some(Flushing {
             seq,
@@ -238,7 +240,11 @@ impl Runner {
         let flushes = running
             .abandon(&here, staged.started, &mut staged.cut)
             .await;
-        self.end_phase(core, staged, flushes, serial, seq);
+        // The report runs the user's `on_report` hook: not on the chain's task, which must
+        // stay free to read events and to release an event whose phase does not end (a hook
+        // that blocks here would otherwise hold the invocation to its deadline).
+        let (runner, core) = (self.clone(), core.clone());
+        tokio::task::spawn_blocking(move || runner.end_phase(&core, staged, flushes, serial, seq));
     }
 }
 

@@ -715,6 +715,44 @@ async fn a_blocking_report_hook_does_not_hold_the_environment_to_the_deadline() 
     assert_eq!(stats.max_concurrent_event_next_per_extension, 1);
 }
 
+/// A blocking hook behind a flush that the watchdog abandons: the watchdog reports that phase
+/// off the chain's task, so the task stays free to release the environment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocking_report_hook_after_an_abandoned_flush_does_not_hold_the_environment() {
+    let env = start(
+        "run",
+        config(3),
+        &[
+            ("FIXTURE_FLUSH_HANG", "1"),
+            ("FLUSH_TIMEOUT_MS", "500"),
+            // From the abandon at 0.5 s to 3.5 s: past the first release (2.5 s), within the
+            // second invocation's budget (its phase waits for the hook).
+            ("REPORT_HOOK_BLOCK_MS", "3000"),
+            ("SAFETY_MARGIN_MS", "1000"),
+        ],
+    )
+    .await;
+    let first = env.invoke(json!({ "actions": [{ "name": "a" }] })).await;
+    assert!(first.outcome.is_success());
+    let t = env.completed(&first.request_id).await;
+    assert!(!t.timed_out, "held to the deadline");
+    let released = phase_end(&t) - t.invoked;
+    assert!(
+        released >= Duration::from_millis(2400) && released < Duration::from_millis(2950),
+        "released after {released:?}: at the phase's end plus half the margin"
+    );
+    assert!(env.logged("flush hang abandoned after").await);
+    assert!(env.logged("had not ended by its end").await);
+    let second = env.invoke(json!({ "actions": [{ "name": "b" }] })).await;
+    assert!(second.outcome.is_success());
+    let t = env.completed(&second.request_id).await;
+    assert!(!t.timed_out);
+    assert!(t.mark("end:b").is_some());
+    let stats = env.emulator.stats();
+    assert_eq!((stats.timeouts, stats.resets), (0, 0));
+    assert_eq!(stats.max_concurrent_event_next_per_extension, 1);
+}
+
 /// Invokes a 2 s action and waits until it runs; returns the request id and trace id.
 async fn phase_running(env: &Env) -> (String, String) {
     let result = env
