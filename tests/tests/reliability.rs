@@ -675,21 +675,16 @@ async fn a_flush_that_never_returns_is_abandoned_by_the_watchdog() {
     assert_eq!(stats.max_concurrent_event_next_per_extension, 1);
 }
 
-/// An `on_report` hook that blocks for 4 s on a 3 s function: nothing can interrupt it, so
-/// the chain's safety net releases the environment at the phase's end plus half the margin
-/// (here 3 s - 1 s + 0.5 s), with an error, instead of letting the invocation time out and the
-/// environment be reset. The next invocation's phase waits for the hook, then runs as usual.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_blocking_report_hook_does_not_hold_the_environment_to_the_deadline() {
-    let env = start(
-        "run",
-        config(3),
-        &[
-            ("REPORT_HOOK_BLOCK_MS", "4000"),
-            ("SAFETY_MARGIN_MS", "1000"),
-        ],
-    )
-    .await;
+/// Two invocations on a 3 s function with a safety margin of 1 s and `settings`, which make
+/// the first phase's `on_report` hook block: nothing can interrupt it, so the chain's safety
+/// net releases the environment at the phase's end plus half the margin (3 s - 1 s + 0.5 s
+/// after the invoke), with an error and the lines in `logged`, instead of letting the
+/// invocation time out and the environment be reset. The second invocation's phase waits for
+/// the hook, then runs its action.
+async fn released_by_the_safety_net(settings: &[(&str, &str)], logged: &[&str]) {
+    let mut all = vec![("SAFETY_MARGIN_MS", "1000")];
+    all.extend_from_slice(settings);
+    let env = start("run", config(3), &all).await;
     let first = env.invoke(json!({ "actions": [{ "name": "a" }] })).await;
     assert!(first.outcome.is_success());
     let t = env.completed(&first.request_id).await;
@@ -700,7 +695,9 @@ async fn a_blocking_report_hook_does_not_hold_the_environment_to_the_deadline() 
         released >= Duration::from_millis(2400) && released < Duration::from_millis(2950),
         "released after {released:?}: at the phase's end plus half the margin"
     );
-    assert!(env.logged("had not ended by its end").await);
+    for line in logged.iter().chain(&["had not ended by its end"]) {
+        assert!(env.logged(line).await, "{line}");
+    }
 
     let second = env.invoke(json!({ "actions": [{ "name": "b" }] })).await;
     assert!(second.outcome.is_success());
@@ -715,42 +712,27 @@ async fn a_blocking_report_hook_does_not_hold_the_environment_to_the_deadline() 
     assert_eq!(stats.max_concurrent_event_next_per_extension, 1);
 }
 
-/// A blocking hook behind a flush that the watchdog abandons: the watchdog reports that phase
-/// off the chain's task, so the task stays free to release the environment.
+/// An `on_report` hook that blocks for 4 s (from the end of the first phase, at about 0 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocking_report_hook_does_not_hold_the_environment_to_the_deadline() {
+    released_by_the_safety_net(&[("REPORT_HOOK_BLOCK_MS", "4000")], &[]).await;
+}
+
+/// The hook behind a flush that the watchdog abandons: the watchdog reports that phase off the
+/// chain's task, so the task stays free to release the environment.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blocking_report_hook_after_an_abandoned_flush_does_not_hold_the_environment() {
-    let env = start(
-        "run",
-        config(3),
+    released_by_the_safety_net(
         &[
             ("FIXTURE_FLUSH_HANG", "1"),
             ("FLUSH_TIMEOUT_MS", "500"),
             // From the abandon at 0.5 s to 3.5 s: past the first release (2.5 s), within the
             // second invocation's budget (its phase waits for the hook).
             ("REPORT_HOOK_BLOCK_MS", "3000"),
-            ("SAFETY_MARGIN_MS", "1000"),
         ],
+        &["flush hang abandoned after"],
     )
     .await;
-    let first = env.invoke(json!({ "actions": [{ "name": "a" }] })).await;
-    assert!(first.outcome.is_success());
-    let t = env.completed(&first.request_id).await;
-    assert!(!t.timed_out, "held to the deadline");
-    let released = phase_end(&t) - t.invoked;
-    assert!(
-        released >= Duration::from_millis(2400) && released < Duration::from_millis(2950),
-        "released after {released:?}: at the phase's end plus half the margin"
-    );
-    assert!(env.logged("flush hang abandoned after").await);
-    assert!(env.logged("had not ended by its end").await);
-    let second = env.invoke(json!({ "actions": [{ "name": "b" }] })).await;
-    assert!(second.outcome.is_success());
-    let t = env.completed(&second.request_id).await;
-    assert!(!t.timed_out);
-    assert!(t.mark("end:b").is_some());
-    let stats = env.emulator.stats();
-    assert_eq!((stats.timeouts, stats.resets), (0, 0));
-    assert_eq!(stats.max_concurrent_event_next_per_extension, 1);
 }
 
 /// Invokes a 2 s action and waits until it runs; returns the request id and trace id.
