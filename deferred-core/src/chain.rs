@@ -71,10 +71,10 @@ pub(crate) async fn drive_with(
                 if due.as_ref().is_some_and(|d| line.armed(d.seq)) {
                     due = None;
                 }
-                let planned = match (held_until(&core), due.as_ref().map(|d| d.at)) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                };
+                let planned = held_until(&core)
+                    .into_iter()
+                    .chain(due.as_ref().map(|d| d.at))
+                    .min();
                 let wake = runner.wake_at(planned);
                 let now = Instant::now();
                 if idle <= now {
