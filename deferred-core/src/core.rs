@@ -297,6 +297,10 @@ impl Core {
                     false
                 }
                 None => {
+                    // The chain is broken (or stopped): the work runs inline. Closed, so
+                    // that the INVOKE event, should a retried `event/next` still bring it,
+                    // is released at once rather than given a second, flush-only phase.
+                    state.close(request_id.to_owned());
                     ticket = Ticket::Inline;
                     false
                 }

@@ -73,6 +73,14 @@ async fn a_broken_event_next_runs_inline_then_the_chain_re_arms() {
             1,
             "{fault:?}"
         );
+        // One phase, one report: an INVOKE event that a retried `event/next` still brings
+        // after the inline phase is released, not given a flush-only phase of its own.
+        let reports = env.logs_matching(&format!(
+            "deferred phase (Inline) of \"{}\"",
+            hit.request_id
+        ));
+        let all = env.logs_matching(&format!(") of \"{}\"", hit.request_id));
+        assert_eq!((reports.len(), all.len()), (1, 1), "{fault:?}: {all:#?}");
     }
 }
 

@@ -1,0 +1,587 @@
+//! Chaos: back-to-back invocations, each with a plan drawn at random (a seeded RNG): handlers
+//! that succeed, fail, panic, stream or nearly spend the deadline; actions that succeed, fail,
+//! panic, hang or spawn a task; idle gaps (the environment is frozen); a collector whose
+//! behaviour changes every few invocations (slow, stalling, failing, refusing, answering
+//! garbage); late INVOKE events, slow Extensions API answers and failed `event/next` calls.
+//! The soak (`reliability_soak.rs`) holds one fault steady; this mixes them, to find the
+//! interleavings no single fault produces.
+//!
+//! What must hold for every invocation, whatever the mix:
+//! - G1: the response does not wait for deferred work;
+//! - G2: the environment is released (the runtime and the extension both wait in their `next`
+//!   calls) only after the invocation's actions have ended;
+//! - G3: under `run`, a chained phase follows the response (a phase run inline, when the chain
+//!   is broken, runs before it);
+//! - G4: no invocation reaches its deadline, none is released by the chain's safety net, the
+//!   environment is never reset, and `event/next` is never called twice at once;
+//! - G5: every action that ends by itself ran, whatever the handler or the other actions did;
+//! - each invocation is reported exactly once;
+//! - spans: a clean flush delivered the invocation's spans before the release, and every span
+//!   is delivered in the end unless a report in between counted spans lost (their export
+//!   failed).
+//!
+//! `CHAOS_SEED` replays a run (the seed is printed, and named on failure);
+//! `CHAOS_INVOCATIONS` sets its size.
+
+mod support;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use deferred_testkit::emulator::{EmulatorConfig, Fault, InvokeOutcome, InvokeResult, Timeline};
+use deferred_testkit::otlp::{Behaviour, Reply};
+use serde_json::{Value, json};
+use support::{Env, phase_end, start};
+
+/// When the environment was released after `t`: both the runtime and the extension wait in
+/// their `next` calls (Lambda freezes it then). The extension alone calls `event/next` early
+/// when the phase ran inline, before the runtime's next call.
+fn released(t: &Timeline) -> Instant {
+    t.complete.expect("the invocation completed")
+}
+
+/// Whether the phase report of an invocation says it ran inline (the chain was broken).
+fn inline(report: &str) -> bool {
+    report.contains("deferred phase (Inline)")
+}
+
+/// The function's timeout: short, so a hanging action (cut at the deadline minus the 100 ms
+/// safety margin) costs under a second.
+const FUNCTION_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How much later than the handler's own time the response may be posted (G1): generous, for
+/// a loaded 2-core machine; a response that waited on a hanging action or a stalled export
+/// would take at least 300 ms more.
+const RESPONSE_SLACK: Duration = Duration::from_millis(250);
+
+/// One invocation's plan, and what it lets the test expect.
+#[derive(Debug)]
+struct Case {
+    payload: Value,
+    /// `ok`, `err` or `panic`.
+    handler: &'static str,
+    handler_ms: u64,
+    /// The streamed answer's extra time (chunks x ms), if it streams.
+    stream_ms: Option<u64>,
+    /// The actions that end by themselves (ok, err, spawn): each must post `end:<name>`.
+    ending: Vec<String>,
+    /// How many of those trace a span that closes (ok, err).
+    action_spans: usize,
+    /// Whether an action hangs (queued last: it is cut at the phase's end).
+    hangs: bool,
+    /// Whether the handler leaves too little time for the actions (they may not run).
+    nearly_spent: bool,
+    /// Idle before the invocation (the environment freezes).
+    idle: Option<Duration>,
+    /// The collector's new behaviour, from this invocation on.
+    behaviour: Option<Behaviour>,
+    /// An emulator fault armed (once) before the invocation.
+    fault: Option<Fault>,
+}
+
+/// Draws plans from a seeded RNG.
+struct Planner {
+    rng: fastrand::Rng,
+}
+
+impl Planner {
+    fn case(&mut self, i: usize) -> Case {
+        let rng = &mut self.rng;
+        let handler = match rng.u32(0..100) {
+            0..88 => "ok",
+            88..94 => "err",
+            _ => "panic",
+        };
+        let nearly_spent = rng.u32(0..100) == 0;
+        let handler_ms = if nearly_spent {
+            rng.u64(820..=850)
+        } else {
+            rng.u64(0..=20)
+        };
+        let stream = (handler == "ok" && rng.u32(0..100) < 6).then(|| {
+            let (chunks, ms) = (rng.u64(0..=3), rng.u64(0..=5));
+            (json!({ "chunks": chunks, "ms": ms }), chunks * ms)
+        });
+        let mut actions = Vec::new();
+        let mut ending = Vec::new();
+        let mut action_spans = 0;
+        for n in 0..rng.usize(0..=3) {
+            let name = format!("a{n}");
+            let (kind, ms) = match rng.u32(0..100) {
+                0..72 => ("ok", rng.u64(0..=15)),
+                72..82 => ("err", rng.u64(0..=5)),
+                82..90 => ("panic", rng.u64(0..=5)),
+                _ => ("spawn", rng.u64(0..=100)),
+            };
+            if matches!(kind, "ok" | "err") {
+                action_spans += 1;
+            }
+            ending.push(name.clone());
+            actions.push(json!({ "name": name, "kind": kind, "ms": ms }));
+        }
+        // Panicking actions post their start mark only.
+        ending.retain(|name| {
+            !actions
+                .iter()
+                .any(|a| a["name"] == name.as_str() && a["kind"] == "panic")
+        });
+        let hangs = rng.u32(0..100) == 0;
+        if hangs {
+            actions.push(json!({ "name": "hang", "kind": "hang" }));
+        }
+        let mut payload = json!({
+            "handler": handler,
+            "handler_ms": handler_ms,
+            "actions": actions,
+        });
+        if let Some((stream, _)) = &stream {
+            payload["stream"] = stream.clone();
+        }
+        let idle = (rng.u32(0..100) < 3).then(|| Duration::from_millis(rng.u64(20..=150)));
+        let behaviour = (i == 0 || rng.u32(0..100) < 4).then(|| self.behaviour());
+        let fault = (self.rng.u32(0..100) < 3).then(|| self.fault());
+        Case {
+            payload,
+            handler,
+            handler_ms,
+            stream_ms: stream.map(|(_, ms)| ms),
+            ending,
+            action_spans,
+            hangs,
+            nearly_spent,
+            idle,
+            behaviour,
+            fault,
+        }
+    }
+
+    /// A collector: healthy, slow, stalling now and then, or a mixed schedule.
+    fn behaviour(&mut self) -> Behaviour {
+        let rng = &mut self.rng;
+        let ms = |rng: &mut fastrand::Rng, range| Duration::from_millis(rng.u64(range));
+        match rng.u32(0..100) {
+            0..40 => Behaviour::Normal,
+            40..60 => Behaviour::Slow(ms(rng, 1..=30)),
+            60..75 => Behaviour::StallEvery {
+                every: rng.u32(5..=50),
+                duration: ms(rng, 100..=600),
+                base: ms(rng, 0..=2),
+            },
+            _ => Behaviour::Cycle(
+                (0..rng.usize(5..=30))
+                    .map(|_| match rng.u32(0..100) {
+                        0..80 => Reply::Answer(ms(rng, 0..=3)),
+                        80..88 => Reply::Hold(ms(rng, 50..=400)),
+                        88..92 => Reply::Fail([500, 503, 429][rng.usize(0..3)]),
+                        92..95 => Reply::Garbage,
+                        95..98 => Reply::Refuse,
+                        _ => Reply::Stall,
+                    })
+                    .collect(),
+            ),
+        }
+    }
+
+    /// A protocol fault the library recovers from without losing the invocation's phase.
+    fn fault(&mut self) -> Fault {
+        let rng = &mut self.rng;
+        match rng.u32(0..3) {
+            0 => Fault::EventNextAnswerDelay(Duration::from_millis(rng.u64(10..=200))),
+            1 => Fault::ExtensionsApiDelay(Duration::from_millis(rng.u64(10..=200))),
+            _ => Fault::EventNextStatus([500, 503][rng.usize(0..2)]),
+        }
+    }
+}
+
+/// The trace id the fixture answers with: in a JSON body, or as a streamed answer's first line
+/// (after lambda_runtime's prelude and its eight NUL bytes).
+fn answered_trace_id(result: &InvokeResult) -> Option<String> {
+    let body = result.outcome.body()?;
+    if let Some(at) = body.windows(8).position(|w| w == [0; 8]) {
+        let text = std::str::from_utf8(&body[at + 8..]).ok()?;
+        let line = text.lines().next()?;
+        return line.strip_prefix("trace_id ").map(str::to_owned);
+    }
+    let value: Value = serde_json::from_slice(body).ok()?;
+    value["trace_id"].as_str().map(str::to_owned)
+}
+
+/// How the fixture is wired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wiring {
+    /// `Deferred::run`: the phase follows the response POST.
+    Run,
+    /// `Deferred::start` and plain `lambda_runtime::run`: the phase starts when the handler
+    /// returns, and the runtime's invoke span goes out with a later flush.
+    Start,
+}
+
+/// One invocation as run: its case, the caller's result, and the trace id it answered.
+struct Ran {
+    case: Case,
+    result: InvokeResult,
+    trace_id: Option<String>,
+}
+
+/// The phase reports the function logged, by request id: how many, and their text.
+fn reports(env: &Env) -> HashMap<String, Vec<String>> {
+    let mut by_id: HashMap<String, Vec<String>> = HashMap::new();
+    for line in env.emulator.function_logs() {
+        let Some(rest) = line.split("deferred phase (").nth(1) else {
+            continue;
+        };
+        let Some(id) = rest
+            .split(") of \"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+        else {
+            continue;
+        };
+        by_id.entry(id.to_owned()).or_default().push(line.clone());
+    }
+    by_id
+}
+
+/// Every per-invocation invariant of the module's list; the failures, each naming its
+/// invocation.
+fn check(env: &Env, wiring: Wiring, ran: &[Ran]) -> Vec<String> {
+    let mut failures = Vec::new();
+    let timelines: HashMap<String, Timeline> = env
+        .emulator
+        .timelines()
+        .into_iter()
+        .map(|t| (t.request_id.clone(), t))
+        .collect();
+    let reports = reports(env);
+    let mut previous_release: Option<Instant> = None;
+    for (i, Ran { case, result, .. }) in ran.iter().enumerate() {
+        let id = &result.request_id;
+        let mut fail = |what: String| failures.push(format!("#{i} {id} {case:?}: {what}"));
+        let expected = match case.handler {
+            "ok" => result.outcome.is_success(),
+            _ => matches!(result.outcome, InvokeOutcome::FunctionError { .. }),
+        };
+        if !expected {
+            fail(format!("outcome {:?}", result.outcome));
+        }
+        let Some(t) = timelines.get(id) else {
+            fail("no timeline".into());
+            continue;
+        };
+        if t.timed_out {
+            fail("timed out".into());
+            continue;
+        }
+        let release = released(t);
+        let Some(posted) = t.response_posted else {
+            fail("no response".into());
+            continue;
+        };
+        // G1: the response waited for nothing deferred.
+        let own = Duration::from_millis(case.handler_ms + case.stream_ms.unwrap_or(0));
+        let answered_in = posted.duration_since(t.invoked);
+        if answered_in > own + RESPONSE_SLACK {
+            fail(format!("response after {answered_in:?} (handler {own:?})"));
+        }
+        let count = reports.get(id).map_or(0, Vec::len);
+        if count != 1 {
+            fail(format!("{count} phase reports"));
+        }
+        let chained = reports
+            .get(id)
+            .and_then(|r| r.first())
+            .is_some_and(|r| !inline(r));
+        // G3: a chained phase (under `run`) follows the response.
+        if wiring == Wiring::Run && chained && phase_end(t) < posted {
+            fail("the chained phase ended before the response".into());
+        }
+        // G2: released after every action's end.
+        for name in &case.ending {
+            match t.mark(&format!("end:{name}")) {
+                Some(end) if end > release => fail(format!("released before {name} ended")),
+                Some(_) => {}
+                None if !case.nearly_spent => fail(format!("{name} never ended")),
+                None => {}
+            }
+        }
+        if previous_release.is_some_and(|p| t.invoked < p) {
+            fail("invoked before the previous phase ended".into());
+        }
+        previous_release = Some(release);
+    }
+    failures.extend(lost_spans(env, wiring, ran, &reports));
+    failures
+}
+
+/// The span checks: a clean flush delivered the invocation's own spans before its release;
+/// every span was delivered in the end, unless a report from its invocation up to the next
+/// clean flush counted spans lost.
+fn lost_spans(
+    env: &Env,
+    wiring: Wiring,
+    ran: &[Ran],
+    reports: &HashMap<String, Vec<String>>,
+) -> Vec<String> {
+    let report = |id: &str| reports.get(id).and_then(|r| r.first()).cloned();
+    let clean: Vec<bool> = ran
+        .iter()
+        .map(|r| {
+            report(&r.result.request_id).is_some_and(|l| l.contains("flush tracer provider ok"))
+        })
+        .collect();
+    let counted_lost: Vec<bool> = ran
+        .iter()
+        .map(|r| report(&r.result.request_id).is_some_and(|l| l.contains("spans lost")))
+        .collect();
+    let mut by_trace: HashMap<String, Vec<(String, Instant)>> = HashMap::new();
+    for span in env.sink.spans() {
+        by_trace
+            .entry(span.trace_id.to_ascii_lowercase())
+            .or_default()
+            .push((span.name, span.received_at));
+    }
+    let mut failures = Vec::new();
+    for (i, r) in ran.iter().enumerate() {
+        let Some(trace) = &r.trace_id else { continue };
+        let spans = by_trace
+            .get(&trace.to_ascii_lowercase())
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let id = &r.result.request_id;
+        let count = |name: &str, by: Option<Instant>| {
+            spans
+                .iter()
+                .filter(|(n, at)| n == name && by.is_none_or(|by| *at <= by))
+                .count()
+        };
+        let next_clean = (i + 1..ran.len()).find(|&j| clean[j]);
+        // Before the release, by its own flush.
+        if clean[i] && !r.case.hangs {
+            let release = released(&env.timeline(id));
+            let mut missing = Vec::new();
+            if count("handler-work", Some(release)) == 0 {
+                missing.push("handler-work");
+            }
+            if !r.case.nearly_spent && count("deferred-action", Some(release)) < r.case.action_spans
+            {
+                missing.push("deferred-action");
+            }
+            // Run inline (before the response), the phase cannot carry the runtime's span.
+            let chained = report(id).is_some_and(|r| !inline(&r));
+            if wiring == Wiring::Run
+                && chained
+                && count("Lambda runtime invoke", Some(release)) == 0
+            {
+                missing.push("Lambda runtime invoke");
+            }
+            if !missing.is_empty() {
+                let seen: Vec<(&String, i128)> = spans
+                    .iter()
+                    .map(|(n, at)| (n, signed_ms(*at, release)))
+                    .collect();
+                failures.push(format!(
+                    "#{i} {id} {:?}: its clean flush missed {missing:?}; spans (ms after the \
+                     release) {seen:?}; reports {:?}",
+                    r.case,
+                    reports.get(id)
+                ));
+            }
+        }
+        // In the end (a later clean flush carries what a skipped or abandoned one left).
+        let Some(j) = next_clean else { continue };
+        if counted_lost[i..=j].iter().any(|&lost| lost) {
+            continue;
+        }
+        let mut missing = Vec::new();
+        if count("handler-work", None) == 0 {
+            missing.push("handler-work");
+        }
+        if !r.case.nearly_spent && count("deferred-action", None) < r.case.action_spans {
+            missing.push("deferred-action");
+        }
+        if count("Lambda runtime invoke", None) == 0 {
+            missing.push("Lambda runtime invoke");
+        }
+        if !missing.is_empty() {
+            failures.push(format!(
+                "#{i} {id}: never delivered {missing:?} (next clean flush #{j})"
+            ));
+        }
+    }
+    failures
+}
+
+/// `at` relative to `origin`, in ms (negative: before).
+fn signed_ms(at: Instant, origin: Instant) -> i128 {
+    match at.checked_duration_since(origin) {
+        Some(after) => after.as_millis() as i128,
+        None => -(origin.duration_since(at).as_millis() as i128),
+    }
+}
+
+/// G4, over the whole run: no timeout, no reset, no restart, no release by the safety net,
+/// never two `event/next` at once.
+fn assert_no_overrun(env: &Env, pid: u32, seed: u64) {
+    let stats = env.emulator.stats();
+    let net = env.logs_matching("had not ended by its end");
+    let overran: Vec<String> = env
+        .emulator
+        .timelines()
+        .into_iter()
+        .filter(|t| t.timed_out)
+        .map(|t| t.request_id)
+        .collect();
+    let logs: Vec<String> = overran
+        .iter()
+        .flat_map(|id| env.logs_matching(id))
+        .collect();
+    assert!(
+        overran.is_empty() && net.is_empty() && stats.resets == 0,
+        "seed {seed}: overran {overran:?}, released by the net {net:#?}, resets {}; logs \
+         {logs:#?}",
+        stats.resets
+    );
+    assert_eq!(
+        stats.max_concurrent_event_next_per_extension, 1,
+        "seed {seed}"
+    );
+    assert_eq!(
+        env.emulator.child_pid(),
+        Some(pid),
+        "seed {seed}: restarted"
+    );
+}
+
+/// The seed of this run: `CHAOS_SEED` if set, else `default`.
+fn seed(default: u64) -> u64 {
+    std::env::var("CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+async fn chaos(wiring: Wiring, default_seed: u64) {
+    let seed = seed(default_seed);
+    let invocations = std::env::var("CHAOS_INVOCATIONS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(600);
+    let mode = match wiring {
+        Wiring::Run => "run",
+        Wiring::Start => "start",
+    };
+    let env = start(
+        mode,
+        EmulatorConfig {
+            function_timeout: FUNCTION_TIMEOUT,
+            ..EmulatorConfig::default()
+        },
+        &[
+            ("FLUSH_TIMEOUT_MS", "100"),
+            // Longer than the longest held export (600 ms): an export held that long is
+            // answered, not timed out; a `Stall` is, and its spans are counted lost.
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "2000"),
+            ("RUST_LOG", "warn,deferred=info"),
+        ],
+    )
+    .await;
+    let pid = env.emulator.child_pid().expect("pid");
+    let mut planner = Planner {
+        rng: fastrand::Rng::with_seed(seed),
+    };
+    eprintln!("chaos ({wiring:?}): seed {seed}, {invocations} invocations");
+    let started = Instant::now();
+    let mut ran = Vec::with_capacity(invocations + 5);
+    for i in 0..invocations + 5 {
+        // The last five: a healthy collector and plain invocations, whose clean flushes carry
+        // whatever the chaos left queued.
+        let case = if i < invocations {
+            planner.case(i)
+        } else {
+            Case {
+                payload: json!({}),
+                handler: "ok",
+                handler_ms: 0,
+                stream_ms: None,
+                ending: Vec::new(),
+                action_spans: 0,
+                hangs: false,
+                nearly_spent: false,
+                idle: None,
+                behaviour: (i == invocations).then_some(Behaviour::Normal),
+                fault: None,
+            }
+        };
+        if let Some(idle) = case.idle {
+            tokio::time::sleep(idle).await;
+        }
+        if let Some(behaviour) = &case.behaviour {
+            env.sink.set_behaviour(behaviour.clone());
+        }
+        if let Some(fault) = &case.fault {
+            env.emulator.faults().once(fault.clone());
+        }
+        let result = env.invoke(case.payload.clone()).await;
+        let trace_id = answered_trace_id(&result);
+        ran.push(Ran {
+            case,
+            result,
+            trace_id,
+        });
+        if i % 100 == 99 {
+            assert_no_overrun(&env, pid, seed);
+        }
+    }
+    let last = ran.last().expect("invocations").result.request_id.clone();
+    env.completed(&last).await;
+    assert!(
+        env.logged(&format!("of \"{last}\"")).await,
+        "seed {seed}: the last report"
+    );
+    let elapsed = started.elapsed();
+    assert_no_overrun(&env, pid, seed);
+    let failures = check(&env, wiring, &ran);
+    let stats = env.emulator.stats();
+    eprintln!(
+        "chaos ({wiring:?}): seed {seed}, {} invocations in {elapsed:?}; {} failures; hangs {}, \
+         nearly spent {}, faults {}, collector changes {}, handler errors {}; sink {:?}; \
+         emulator {stats:?}",
+        ran.len(),
+        failures.len(),
+        ran.iter().filter(|r| r.case.hangs).count(),
+        ran.iter().filter(|r| r.case.nearly_spent).count(),
+        ran.iter().filter(|r| r.case.fault.is_some()).count(),
+        ran.iter().filter(|r| r.case.behaviour.is_some()).count(),
+        ran.iter().filter(|r| r.case.handler != "ok").count(),
+        env.sink.requests(),
+    );
+    if !failures.is_empty() {
+        let ids: Vec<&str> = failures
+            .iter()
+            .filter_map(|f| f.split_whitespace().nth(1))
+            .take(3)
+            .collect();
+        let logs: Vec<String> = ids.iter().flat_map(|id| env.logs_matching(id)).collect();
+        panic!(
+            "seed {seed}: {} failures (replay with CHAOS_SEED={seed}): {:#?}\nlogs of the first: \
+             {logs:#?}",
+            failures.len(),
+            &failures[..failures.len().min(20)],
+        );
+    }
+    let shutdown = env.emulator.shutdown().await;
+    assert!(
+        !shutdown.killed && shutdown.exit_status.is_some_and(|s| s.success()),
+        "seed {seed}: {shutdown:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_under_run() {
+    chaos(Wiring::Run, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_under_start() {
+    chaos(Wiring::Start, 2).await;
+}
