@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::core::{Chain, Core, Slot};
+use crate::core::{Chain, Core, Slot, State};
 use crate::extension::line::Line;
 use crate::extension::{Client, InvokeEvent, NextEvent};
 use crate::phase::Budget;
@@ -133,7 +133,7 @@ pub(crate) async fn drive_with(
             }
             Err(error) => {
                 failures = failures.saturating_add(1);
-                core.state.send_modify(|s| s.chain = Chain::Broken);
+                core.state.send_modify(State::call_failed);
                 // One clear line when the chain breaks, then one per 100 failed retries.
                 if failures == 1 || failures.is_multiple_of(100) {
                     tracing::warn!(

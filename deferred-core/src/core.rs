@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -164,6 +164,24 @@ impl State {
     pub(crate) fn was_closed(&self, request_id: &str) -> bool {
         self.closed.iter().any(|id| id == request_id)
     }
+
+    /// An `event/next` call failed: it may have carried the INVOKE event of the invocation in
+    /// progress, lost with it (a connection closed mid-body, an undecodable body). The wrapper
+    /// waiting for that event, or whose job is parked for it, must not wait it out: its
+    /// invocation is closed, so its work runs outside the chain now, and the event, should a
+    /// retried call still bring it, is released at once.
+    pub(crate) fn call_failed(&mut self) {
+        self.chain = Chain::Broken;
+        let waiting = self
+            .expected
+            .take()
+            .or_else(|| self.parked.as_ref().map(|job| job.request_id.clone()));
+        if let Some(request_id) = waiting
+            && !self.was_closed(&request_id)
+        {
+            self.close(request_id);
+        }
+    }
 }
 
 /// A phase that can start: its job, the event whose next call it arms, and when it must end
@@ -316,7 +334,7 @@ impl Core {
     /// Called by the wrapper when the handler returned, before [`dispatch`](Self::dispatch):
     /// usually the INVOKE event is there already; if the extension's answer is still on its
     /// way, wait for it briefly (after the body, so rarely on the response path).
-    pub(crate) async fn await_event(&self, ticket: &Ticket) {
+    pub(crate) async fn await_event(&self, ticket: &Ticket, deadline: Option<SystemTime>) {
         let Ticket::Chained(request_id) = ticket else {
             return;
         };
@@ -333,7 +351,16 @@ impl Core {
                 || s.chain != Chain::Armed
                 || s.was_closed(request_id)
         });
-        let _ = tokio::time::timeout(self.config.claim_timeout, wait).await;
+        let _ = tokio::time::timeout(self.claim_window(deadline), wait).await;
+    }
+
+    /// How long a wrapper (or the layer) waits for a late INVOKE event before it runs the work
+    /// itself: `claim_timeout`, but never more than half of what the invocation has left, so
+    /// that the work still has time to run before the deadline.
+    fn claim_window(&self, deadline: Option<SystemTime>) -> Duration {
+        let end = Budget::new(deadline, self.config.safety_margin).end;
+        let left = end.saturating_duration_since(Instant::now());
+        self.config.claim_timeout.min(left / 2)
     }
 
     /// Hands a finished handler's `job` to the chain or to a background task; gives it back
@@ -439,8 +466,14 @@ impl Core {
     /// runtime asks for the next invocation (so the environment is not frozen meanwhile).
     pub(crate) async fn claim_parked(&self, request_id: &str) {
         let mut rx = self.state.subscribe();
+        let deadline = rx
+            .borrow()
+            .parked
+            .as_ref()
+            .filter(|job| job.request_id == request_id)
+            .and_then(|job| job.deadline);
         // Taken by its event, or the event will not come: the call failed (the chain is
-        // broken) or was answered with another invocation.
+        // broken, or was and closed this invocation) or was answered with another invocation.
         let settled = rx.wait_for(|s| {
             s.parked
                 .as_ref()
@@ -448,12 +481,13 @@ impl Core {
                 || s.chain == Chain::Broken
                 || s.chain == Chain::Stopped
                 || s.slot.is_some()
+                || s.was_closed(request_id)
         });
-        let _ = tokio::time::timeout(self.config.claim_timeout, settled).await;
+        let _ = tokio::time::timeout(self.claim_window(deadline), settled).await;
         let mut job = None;
         self.state.send_if_modified(|state| {
             job = state.parked.take_if(|job| job.request_id == request_id);
-            if job.is_some() {
+            if job.is_some() && !state.was_closed(request_id) {
                 state.close(request_id.to_owned());
             }
             false
@@ -579,5 +613,72 @@ impl Core {
         tasks.spawn(async move {
             core.run_phase(job, PhaseKind::Background).await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The wait for a late INVOKE event leaves the work half of what the invocation has left.
+    #[tokio::test]
+    async fn the_claim_window_is_bounded_by_the_deadline() {
+        let core = Core::new(Config::default(), Mode::Extension);
+        let in_ = |d: Duration| Some(SystemTime::now() + d);
+        assert_eq!(core.claim_window(None), core.config.claim_timeout);
+        assert_eq!(
+            core.claim_window(in_(Duration::from_secs(60))),
+            core.config.claim_timeout
+        );
+        // 1 s left, 100 ms of margin: at most half of the 900 ms.
+        let window = core.claim_window(in_(Duration::from_secs(1)));
+        assert!(
+            window <= Duration::from_millis(450) && window >= Duration::from_millis(400),
+            "{window:?}"
+        );
+        assert_eq!(
+            core.claim_window(Some(SystemTime::now() - Duration::from_secs(1))),
+            Duration::ZERO
+        );
+    }
+
+    /// A failed `event/next` closes the invocation whose event it may have carried: the one
+    /// its wrapper expects, or whose job is parked; nothing else.
+    #[tokio::test]
+    async fn a_failed_call_closes_the_invocation_waiting_for_its_event() {
+        let core = Core::new(Config::default(), Mode::Extension);
+        core.state.send_modify(|s| s.chain = Chain::Armed);
+        assert_eq!(core.begin("r-1"), Ticket::Chained("r-1".into()));
+        core.state.send_modify(State::call_failed);
+        let state = core.state.borrow();
+        assert_eq!(state.chain, Chain::Broken);
+        assert!(state.was_closed("r-1"));
+        assert!(state.expected.is_none());
+        drop(state);
+
+        core.state.send_modify(|s| {
+            s.chain = Chain::Armed;
+            s.parked = Some(Job {
+                request_id: "r-2".into(),
+                deadline: None,
+                queue: Queue::new(0),
+                flush_timeout: Duration::from_millis(100),
+                parent: None,
+            });
+        });
+        core.state.send_modify(State::call_failed);
+        let state = core.state.borrow();
+        assert!(state.was_closed("r-2"), "the parked job's invocation");
+        assert!(
+            state.parked.is_some(),
+            "its job stays for the layer to take back"
+        );
+        assert_eq!(state.closed.len(), 2);
+        drop(state);
+
+        // With nobody waiting, a failure closes nothing.
+        core.state.send_modify(|s| s.parked = None);
+        core.state.send_modify(State::call_failed);
+        assert_eq!(core.state.borrow().closed.len(), 2);
     }
 }

@@ -47,7 +47,7 @@ pub(crate) async fn run<F: Future>(invocation: Invocation, options: Options, bod
     )
     .await;
 
-    core.await_event(&ticket).await;
+    core.await_event(&ticket, invocation.deadline).await;
     guard.armed = false;
     let job = core.job(
         &invocation,

@@ -84,6 +84,70 @@ async fn a_broken_event_next_runs_inline_then_the_chain_re_arms() {
     }
 }
 
+/// Without the layer (`start`), the wrapper waits (briefly) after the body for the INVOKE event.
+/// When the `event/next` call that carried it fails and the event is lost with it, the wait
+/// must end with the failure, not run to its 1 s cap. Here the failed answer comes 30 ms into
+/// the handler (so the wrapper is waiting for the event by then), and the handler takes longer
+/// than that plus the chain's first backoff, so the chain is armed again (waiting for the next
+/// event) by the time the wrapper looks. The work then runs inline, the invocation is reported once, and the chain
+/// serves the next invocation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_start_a_lost_invoke_event_does_not_hold_the_response() {
+    for fault in [
+        Fault::EventNextCloseMidBody,
+        Fault::EventNextMalformedBody,
+        Fault::EventNextUnknownEventType,
+    ] {
+        let env = start("start", config(), &[]).await;
+        env.emulator
+            .faults()
+            .once(Fault::EventNextAnswerDelay(Duration::from_millis(30)));
+        env.emulator.faults().once(fault.clone());
+        let hit = env
+            .invoke(json!({ "handler_ms": 100, "actions": [{ "name": "a" }] }))
+            .await;
+        assert!(hit.outcome.is_success(), "{fault:?}: {:?}", hit.outcome);
+        let t = env.completed(&hit.request_id).await;
+        let answered = t.response_posted.expect("posted") - t.invoked;
+        // The handler's 100 ms, plus a generous slack; waiting the event out takes 1 s more.
+        assert!(
+            answered < Duration::from_millis(600),
+            "{fault:?}: the response waited {answered:?}"
+        );
+        let ran = t.mark("end:a").expect("the action ran");
+        assert!(
+            ran <= t.response_posted.expect("posted"),
+            "{fault:?}: inline"
+        );
+        assert!(
+            env.logged(&format!(
+                "deferred phase (Inline) of \"{}\"",
+                hit.request_id
+            ))
+            .await,
+            "{fault:?}"
+        );
+        let next = env
+            .invoke(json!({ "actions": [{ "name": "b", "ms": 50 }] }))
+            .await;
+        let t = env.completed(&next.request_id).await;
+        assert!(
+            phase_end(&t) >= t.mark("end:b").expect("b ended"),
+            "{fault:?}: chained again"
+        );
+        assert!(
+            env.logged(&format!(
+                "deferred phase (Chained) of \"{}\"",
+                next.request_id
+            ))
+            .await,
+            "{fault:?}"
+        );
+        let reports = env.logs_matching(&format!(") of \"{}\"", hit.request_id));
+        assert_eq!(reports.len(), 1, "{fault:?}: {reports:#?}");
+    }
+}
+
 /// Lambda Managed Instances: no INVOKE registration; work runs as background tasks after the
 /// answer, one invocation's actions isolated from another's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

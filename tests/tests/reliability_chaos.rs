@@ -185,10 +185,14 @@ impl Planner {
     /// A protocol fault the library recovers from without losing the invocation's phase.
     fn fault(&mut self) -> Fault {
         let rng = &mut self.rng;
-        match rng.u32(0..3) {
+        match rng.u32(0..7) {
             0 => Fault::EventNextAnswerDelay(Duration::from_millis(rng.u64(10..=200))),
             1 => Fault::ExtensionsApiDelay(Duration::from_millis(rng.u64(10..=200))),
-            _ => Fault::EventNextStatus([500, 503][rng.usize(0..2)]),
+            2 => Fault::EventNextStatus([500, 503][rng.usize(0..2)]),
+            3 => Fault::EventNextCloseMidBody,
+            4 => Fault::EventNextMalformedBody,
+            5 => Fault::EventNextUnknownEventType,
+            _ => Fault::EventNextWrongRequestId,
         }
     }
 }
@@ -420,10 +424,19 @@ fn signed_ms(at: Instant, origin: Instant) -> i128 {
 }
 
 /// G4, over the whole run: no timeout, no reset, no restart, no release by the safety net,
-/// never two `event/next` at once.
-fn assert_no_overrun(env: &Env, pid: u32, seed: u64) {
+/// never two `event/next` at once. Checked after every invocation, so that on failure the
+/// last cases and the function's last log lines are those of the fault.
+fn assert_no_overrun(env: &Env, pid: u32, seed: u64, ran: &[Ran]) {
     let stats = env.emulator.stats();
     let net = env.logs_matching("had not ended by its end");
+    if stats.timeouts == 0
+        && stats.resets == 0
+        && net.is_empty()
+        && stats.max_concurrent_event_next_per_extension <= 1
+        && env.emulator.child_pid() == Some(pid)
+    {
+        return;
+    }
     let overran: Vec<String> = env
         .emulator
         .timelines()
@@ -431,24 +444,18 @@ fn assert_no_overrun(env: &Env, pid: u32, seed: u64) {
         .filter(|t| t.timed_out)
         .map(|t| t.request_id)
         .collect();
-    let logs: Vec<String> = overran
+    let last: Vec<String> = ran
         .iter()
-        .flat_map(|id| env.logs_matching(id))
+        .enumerate()
+        .rev()
+        .take(3)
+        .map(|(i, r)| format!("#{i} {}: {:?}", r.result.request_id, r.case))
         .collect();
-    assert!(
-        overran.is_empty() && net.is_empty() && stats.resets == 0,
-        "seed {seed}: overran {overran:?}, released by the net {net:#?}, resets {}; logs \
-         {logs:#?}",
-        stats.resets
-    );
-    assert_eq!(
-        stats.max_concurrent_event_next_per_extension, 1,
-        "seed {seed}"
-    );
-    assert_eq!(
-        env.emulator.child_pid(),
-        Some(pid),
-        "seed {seed}: restarted"
+    let logs = env.emulator.function_logs();
+    let tail = &logs[logs.len().saturating_sub(60)..];
+    panic!(
+        "seed {seed} (replay with CHAOS_SEED={seed}): overran {overran:?}, released by the net \
+         {net:#?}; {stats:?}; the last cases {last:#?}; the function's last logs {tail:#?}"
     );
 }
 
@@ -528,9 +535,7 @@ async fn chaos(wiring: Wiring, default_seed: u64) {
             result,
             trace_id,
         });
-        if i % 100 == 99 {
-            assert_no_overrun(&env, pid, seed);
-        }
+        assert_no_overrun(&env, pid, seed, &ran);
     }
     let last = ran.last().expect("invocations").result.request_id.clone();
     env.completed(&last).await;
@@ -539,7 +544,7 @@ async fn chaos(wiring: Wiring, default_seed: u64) {
         "seed {seed}: the last report"
     );
     let elapsed = started.elapsed();
-    assert_no_overrun(&env, pid, seed);
+    assert_no_overrun(&env, pid, seed, &ran);
     let failures = check(&env, wiring, &ran);
     let stats = env.emulator.stats();
     eprintln!(
