@@ -489,6 +489,9 @@ async fn chaos(wiring: Wiring, default_seed: u64) {
             // answered, not timed out; a `Stall` is, and its spans are counted lost.
             ("OTEL_EXPORTER_OTLP_TIMEOUT", "2000"),
             ("RUST_LOG", "warn,deferred=info"),
+            // A panic's backtrace, resolved from a debug build's symbols, takes the panicking
+            // handler's response 300 ms the first time: not what G1 is about.
+            ("RUST_BACKTRACE", "0"),
         ],
     )
     .await;
