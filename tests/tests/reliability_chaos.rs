@@ -444,7 +444,7 @@ fn signed_ms(at: Instant, origin: Instant) -> i128 {
 /// last cases and the function's last log lines are those of the fault.
 fn assert_no_overrun(env: &Env, pid: u32, seed: u64, ran: &[Ran]) {
     let stats = env.emulator.stats();
-    let net = env.logs_matching("had not ended by its end");
+    let net = env.safety_net_releases();
     if stats.timeouts == 0
         && stats.resets == 0
         && net.is_empty()
@@ -453,13 +453,7 @@ fn assert_no_overrun(env: &Env, pid: u32, seed: u64, ran: &[Ran]) {
     {
         return;
     }
-    let overran: Vec<String> = env
-        .emulator
-        .timelines()
-        .into_iter()
-        .filter(|t| t.timed_out)
-        .map(|t| t.request_id)
-        .collect();
+    let overran = env.overran();
     let last: Vec<String> = ran
         .iter()
         .enumerate()
@@ -600,11 +594,14 @@ async fn chaos(wiring: Wiring, default_seed: u64) {
     );
 }
 
+/// `Deferred::run`: the layer's wiring, phases after the response POST.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_under_run() {
     chaos(Wiring::Run, 1).await;
 }
 
+/// `Deferred::start` with plain `lambda_runtime::run`: no layer, the wrapper hands the job over
+/// (and waits for the INVOKE event) after the body.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_under_start() {
     chaos(Wiring::Start, 2).await;

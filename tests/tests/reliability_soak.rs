@@ -153,7 +153,7 @@ fn check(env: &Env, wiring: Wiring, invoked: &[(String, String)]) -> Checked {
 /// reset that follows a timeout would otherwise surface later, as a child gone from /proc), or
 /// if the chain's safety net had to release one (which hides such a bug from the emulator).
 fn assert_no_overrun(env: &Env) {
-    let released = env.logs_matching("had not ended by its end");
+    let released = env.safety_net_releases();
     assert!(
         released.is_empty(),
         "released by the safety net: {released:#?}"
@@ -161,13 +161,7 @@ fn assert_no_overrun(env: &Env) {
     if env.emulator.stats().timeouts == 0 {
         return;
     }
-    let overran: Vec<String> = env
-        .emulator
-        .timelines()
-        .into_iter()
-        .filter(|t| t.timed_out)
-        .map(|t| t.request_id)
-        .collect();
+    let overran = env.overran();
     let logs: Vec<String> = overran
         .iter()
         .flat_map(|id| env.logs_matching(id))

@@ -86,6 +86,22 @@ impl Env {
             .is_some()
     }
 
+    /// The request ids of the invocations that overran their deadline.
+    pub fn overran(&self) -> Vec<String> {
+        self.emulator
+            .timelines()
+            .into_iter()
+            .filter(|t| t.timed_out)
+            .map(|t| t.request_id)
+            .collect()
+    }
+
+    /// The error lines of the chain's safety net: an environment released because its phase
+    /// had not ended by its end (which hides a G4 bug from the emulator's timeout count).
+    pub fn safety_net_releases(&self) -> Vec<String> {
+        self.logs_matching("had not ended by its end")
+    }
+
     pub fn logs_matching(&self, needle: &str) -> Vec<String> {
         self.emulator
             .function_logs()
