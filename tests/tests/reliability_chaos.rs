@@ -122,15 +122,12 @@ impl Planner {
             if matches!(kind, "ok" | "err") {
                 action_spans += 1;
             }
-            ending.push(name.clone());
+            // A panicking action posts its start mark only.
+            if kind != "panic" {
+                ending.push(name.clone());
+            }
             actions.push(json!({ "name": name, "kind": kind, "ms": ms }));
         }
-        // Panicking actions post their start mark only.
-        ending.retain(|name| {
-            !actions
-                .iter()
-                .any(|a| a["name"] == name.as_str() && a["kind"] == "panic")
-        });
         let hangs = rng.u32(0..100) == 0;
         if hangs {
             actions.push(json!({ "name": "hang", "kind": "hang" }));
