@@ -88,6 +88,8 @@ struct Case {
 /// Draws plans from a seeded RNG.
 struct Planner {
     rng: fastrand::Rng,
+    /// Only collector behaviours that lose nothing (no failed, refused or stalled export).
+    lossless: bool,
 }
 
 impl Planner {
@@ -160,6 +162,7 @@ impl Planner {
 
     /// A collector: healthy, slow, stalling now and then, or a mixed schedule.
     fn behaviour(&mut self) -> Behaviour {
+        let lossless = self.lossless;
         let rng = &mut self.rng;
         let ms = |rng: &mut fastrand::Rng, range| Duration::from_millis(rng.u64(range));
         match rng.u32(0..100) {
@@ -179,6 +182,12 @@ impl Planner {
                         92..95 => Reply::Garbage,
                         95..98 => Reply::Refuse,
                         _ => Reply::Stall,
+                    })
+                    .map(|reply| match reply {
+                        Reply::Fail(_) | Reply::Refuse | Reply::Stall if lossless => {
+                            Reply::Answer(Duration::ZERO)
+                        }
+                        reply => reply,
                     })
                     .collect(),
             ),
@@ -466,6 +475,26 @@ fn assert_no_overrun(env: &Env, pid: u32, seed: u64, ran: &[Ran]) {
     );
 }
 
+/// The fixture's settings in every chaos run.
+const FIXTURE_ENV: &[(&str, &str)] = &[
+    ("FLUSH_TIMEOUT_MS", "100"),
+    // Longer than the longest held export (600 ms): an export held that long is answered, not
+    // timed out; a `Stall` is, and its spans are counted lost.
+    ("OTEL_EXPORTER_OTLP_TIMEOUT", "2000"),
+    ("RUST_LOG", "warn,deferred=info"),
+    // A panic's backtrace, resolved from a debug build's symbols, takes the panicking handler's
+    // response 300 ms the first time: not what G1 is about.
+    ("RUST_BACKTRACE", "0"),
+];
+
+/// The number of invocations of this run: `CHAOS_INVOCATIONS` if set, else 600.
+fn invocations() -> usize {
+    std::env::var("CHAOS_INVOCATIONS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(600)
+}
+
 /// The seed of this run: `CHAOS_SEED` if set, else `default`.
 fn seed(default: u64) -> u64 {
     std::env::var("CHAOS_SEED")
@@ -476,10 +505,7 @@ fn seed(default: u64) -> u64 {
 
 async fn chaos(wiring: Wiring, default_seed: u64) {
     let seed = seed(default_seed);
-    let invocations = std::env::var("CHAOS_INVOCATIONS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(600);
+    let invocations = invocations();
     let mode = match wiring {
         Wiring::Run => "run",
         Wiring::Start => "start",
@@ -490,21 +516,13 @@ async fn chaos(wiring: Wiring, default_seed: u64) {
             function_timeout: FUNCTION_TIMEOUT,
             ..EmulatorConfig::default()
         },
-        &[
-            ("FLUSH_TIMEOUT_MS", "100"),
-            // Longer than the longest held export (600 ms): an export held that long is
-            // answered, not timed out; a `Stall` is, and its spans are counted lost.
-            ("OTEL_EXPORTER_OTLP_TIMEOUT", "2000"),
-            ("RUST_LOG", "warn,deferred=info"),
-            // A panic's backtrace, resolved from a debug build's symbols, takes the panicking
-            // handler's response 300 ms the first time: not what G1 is about.
-            ("RUST_BACKTRACE", "0"),
-        ],
+        FIXTURE_ENV,
     )
     .await;
     let pid = env.emulator.child_pid().expect("pid");
     let mut planner = Planner {
         rng: fastrand::Rng::with_seed(seed),
+        lossless: false,
     };
     eprintln!("chaos ({wiring:?}): seed {seed}, {invocations} invocations");
     let started = Instant::now();
@@ -602,4 +620,212 @@ async fn chaos_under_run() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_under_start() {
     chaos(Wiring::Start, 2).await;
+}
+
+/// Callers at once in [`chaos_concurrent`]: the function's `AWS_LAMBDA_MAX_CONCURRENCY`.
+const CONCURRENCY: usize = 8;
+
+/// Lambda Managed Instances (`Deferred::run_concurrent`, eight invocations at once): no
+/// extension, every phase a background task after its response. Eight callers each run their
+/// share of the plans back to back, on a collector whose changes lose nothing (so every span
+/// must arrive). Asserted for every invocation: its outcome; G1; each action that ends by
+/// itself ran exactly once, in its own invocation (isolated queues); exactly one phase
+/// report; no timeout or reset; and, after SIGTERM (the drain, then the final flush), every
+/// span of every successful invocation at the collector and a clean exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_concurrent() {
+    let seed = seed(3);
+    let invocations = invocations();
+    let env = start(
+        "concurrent",
+        EmulatorConfig {
+            function_timeout: FUNCTION_TIMEOUT,
+            managed_instances: Some(CONCURRENCY as u32),
+            // No extension, so Lambda's rule would give 0 ms: give the drain time.
+            shutdown_grace: Some(Duration::from_millis(1500)),
+            ..EmulatorConfig::default()
+        },
+        FIXTURE_ENV,
+    )
+    .await;
+    let mut planner = Planner {
+        rng: fastrand::Rng::with_seed(seed),
+        lossless: true,
+    };
+    let mut shares: Vec<Vec<Case>> = (0..CONCURRENCY).map(|_| Vec::new()).collect();
+    for i in 0..invocations {
+        let mut case = planner.case(i);
+        // No extension: its faults cannot apply.
+        case.fault = None;
+        shares[i % CONCURRENCY].push(case);
+    }
+    eprintln!("chaos (concurrent): seed {seed}, {invocations} invocations");
+    let started = Instant::now();
+    let callers: Vec<_> = shares
+        .into_iter()
+        .map(|share| {
+            let (emulator, sink) = (env.emulator.clone(), env.sink.clone());
+            tokio::spawn(async move {
+                let mut ran = Vec::with_capacity(share.len());
+                for case in share {
+                    if let Some(idle) = case.idle {
+                        tokio::time::sleep(idle).await;
+                    }
+                    if let Some(behaviour) = &case.behaviour {
+                        sink.set_behaviour(behaviour.clone());
+                    }
+                    let result = emulator.invoke(case.payload.to_string()).await;
+                    let trace_id = answered_trace_id(&result);
+                    ran.push(Ran {
+                        case,
+                        result,
+                        trace_id,
+                    });
+                }
+                ran
+            })
+        })
+        .collect();
+    let mut ran = Vec::with_capacity(invocations);
+    for caller in callers {
+        ran.extend(caller.await.expect("caller"));
+    }
+    let answered = started.elapsed();
+    env.sink.set_behaviour(Behaviour::Normal);
+
+    // Every phase reported (they run after the responses, in the background).
+    let ids: Vec<String> = ran.iter().map(|r| r.result.request_id.clone()).collect();
+    let reported = env
+        .emulator
+        .wait_for_log(
+            {
+                let reports = std::sync::Mutex::new(std::collections::HashSet::new());
+                move |line| {
+                    let mut seen = reports.lock().expect("reports");
+                    if let Some(id) = line
+                        .split(") of \"")
+                        .nth(1)
+                        .and_then(|r| r.split('"').next())
+                    {
+                        seen.insert(id.to_owned());
+                    }
+                    ids.iter().all(|id| seen.contains(id))
+                }
+            },
+            Duration::from_secs(20),
+        )
+        .await
+        .is_some();
+    let reports = reports(&env);
+    let timelines: HashMap<String, Timeline> = env
+        .emulator
+        .timelines()
+        .into_iter()
+        .map(|t| (t.request_id.clone(), t))
+        .collect();
+    let mut failures = Vec::new();
+    if !reported {
+        failures.push(format!(
+            "only {} of {invocations} phases reported in 20 s",
+            reports.len()
+        ));
+    }
+    for (i, Ran { case, result, .. }) in ran.iter().enumerate() {
+        let id = &result.request_id;
+        let mut fail = |what: String| failures.push(format!("#{i} {id} {case:?}: {what}"));
+        let expected = match case.handler {
+            "ok" => result.outcome.is_success(),
+            _ => matches!(result.outcome, InvokeOutcome::FunctionError { .. }),
+        };
+        if !expected {
+            fail(format!("outcome {:?}", result.outcome));
+        }
+        let Some(t) = timelines.get(id) else {
+            fail("no timeline".into());
+            continue;
+        };
+        let (Some(received), Some(posted)) = (t.runtime_received, t.response_posted) else {
+            fail("no response".into());
+            continue;
+        };
+        let own = Duration::from_millis(case.handler_ms + case.stream_ms.unwrap_or(0));
+        let answered_in = posted.duration_since(received);
+        if answered_in > own + RESPONSE_SLACK {
+            fail(format!("response after {answered_in:?} (handler {own:?})"));
+        }
+        // Isolation: its own actions, each once (marks carry the request id the action was
+        // queued with, so another queue running them shows as a missing or repeated end).
+        for name in &case.ending {
+            let ends = t
+                .marks
+                .iter()
+                .filter(|(m, _)| *m == format!("end:{name}"))
+                .count();
+            if ends != 1 && !(ends == 0 && case.nearly_spent) {
+                fail(format!("{name} ended {ends} times"));
+            }
+        }
+        let count = reports.get(id).map_or(0, Vec::len);
+        if count != 1 {
+            fail(format!("{count} phase reports"));
+        }
+    }
+    let stats = env.emulator.stats();
+    if stats.timeouts > 0 || stats.resets > 0 {
+        failures.push(format!("overran {:?}; {stats:?}", env.overran()));
+    }
+
+    // SIGTERM: the drain and the final flush deliver what is still queued.
+    let shutdown = env.emulator.shutdown().await;
+    if shutdown.killed || !shutdown.exit_status.is_some_and(|s| s.success()) {
+        failures.push(format!("shutdown {shutdown:?}"));
+    }
+    let mut by_trace: HashMap<String, Vec<String>> = HashMap::new();
+    for span in env.sink.spans() {
+        by_trace
+            .entry(span.trace_id.to_ascii_lowercase())
+            .or_default()
+            .push(span.name);
+    }
+    for (i, r) in ran.iter().enumerate() {
+        let Some(trace) = &r.trace_id else { continue };
+        let spans = by_trace
+            .get(&trace.to_ascii_lowercase())
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let count = |name: &str| spans.iter().filter(|n| *n == name).count();
+        let mut missing = Vec::new();
+        if count("handler-work") == 0 {
+            missing.push("handler-work");
+        }
+        if !r.case.nearly_spent && count("deferred-action") < r.case.action_spans {
+            missing.push("deferred-action");
+        }
+        if count("Lambda runtime invoke") == 0 {
+            missing.push("Lambda runtime invoke");
+        }
+        if !missing.is_empty() {
+            failures.push(format!(
+                "#{i} {}: never delivered {missing:?}",
+                r.result.request_id
+            ));
+        }
+    }
+    eprintln!(
+        "chaos (concurrent): seed {seed}, {invocations} invocations answered in {answered:?}; {} \
+         failures; hangs {}, nearly spent {}, collector changes {}, handler errors {}; sink \
+         {:?}; emulator {stats:?}",
+        failures.len(),
+        ran.iter().filter(|r| r.case.hangs).count(),
+        ran.iter().filter(|r| r.case.nearly_spent).count(),
+        ran.iter().filter(|r| r.case.behaviour.is_some()).count(),
+        ran.iter().filter(|r| r.case.handler != "ok").count(),
+        env.sink.requests(),
+    );
+    assert!(
+        failures.is_empty(),
+        "seed {seed}: {} failures (replay with CHAOS_SEED={seed}): {:#?}",
+        failures.len(),
+        &failures[..failures.len().min(20)],
+    );
 }
