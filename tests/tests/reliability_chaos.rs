@@ -506,17 +506,24 @@ fn seed(default: u64) -> u64 {
 async fn chaos(wiring: Wiring, default_seed: u64) {
     let seed = seed(default_seed);
     let invocations = invocations();
-    let mode = match wiring {
-        Wiring::Run => "run",
-        Wiring::Start => "start",
+    // Each wiring also takes one more flusher, so that both flush paths see the chaos: under
+    // `run` the meter provider (a second flusher, on a blocking thread, beside the tracer
+    // provider on the phase thread); under `start` a first flusher whose first call never
+    // returns (the watchdog takes that phase over; the tracer provider then flushes on
+    // blocking threads for the whole run).
+    let (mode, extra) = match wiring {
+        Wiring::Run => ("run", ("FLUSH_METRICS", "1")),
+        Wiring::Start => ("start", ("FIXTURE_FLUSH_HANG", "1")),
     };
+    let mut fixture_env = FIXTURE_ENV.to_vec();
+    fixture_env.push(extra);
     let env = start(
         mode,
         EmulatorConfig {
             function_timeout: FUNCTION_TIMEOUT,
             ..EmulatorConfig::default()
         },
-        FIXTURE_ENV,
+        &fixture_env,
     )
     .await;
     let pid = env.emulator.child_pid().expect("pid");
