@@ -418,7 +418,8 @@ impl Core {
         if job.is_some() {
             let why = if closed_before {
                 "its deferred phase was already closed (the deadline minus the safety margin \
-                 came first, or the chain was out of step)"
+                 came first, the chain was out of step, or the event/next call that would have \
+                 brought its INVOKE event failed)"
             } else {
                 "the extension did not receive its INVOKE event in time"
             };
