@@ -28,7 +28,9 @@ mod support;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use deferred_testkit::emulator::{EmulatorConfig, Fault, InvokeOutcome, InvokeResult, Timeline};
+use deferred_testkit::emulator::{
+    EmulatorConfig, Fault, InvokeOutcome, InvokeResult, RestoredConnections, Timeline,
+};
 use deferred_testkit::otlp::{Behaviour, Reply};
 use serde_json::{Value, json};
 use support::{Env, phase_end, start};
@@ -230,6 +232,17 @@ enum Wiring {
     /// `Deferred::start` and plain `lambda_runtime::run`: the phase starts when the handler
     /// returns, and the runtime's invoke span goes out with a later flush.
     Start,
+    /// `Deferred::start` and a `Runtime` of the function's own with the deferred layer and the
+    /// SnapStart resource, restored from a snapshot before the first invocation: the phase
+    /// follows the response POST, as with `run`.
+    SnapStart,
+}
+
+impl Wiring {
+    /// Whether the runtime layer is installed (the phase follows the response POST).
+    fn layered(self) -> bool {
+        self != Self::Start
+    }
 }
 
 /// One invocation as run: its case, the caller's result, and the trace id it answered.
@@ -318,7 +331,7 @@ fn check(env: &Env, wiring: Wiring, ran: &[Ran]) -> Vec<String> {
             .and_then(|r| r.first())
             .is_some_and(|r| !inline(r));
         // G3: a chained phase (under `run`) follows the response.
-        if wiring == Wiring::Run && chained && phase_end(t) < posted {
+        if wiring.layered() && chained && phase_end(t) < posted {
             fail("the chained phase ended before the response".into());
         }
         // G2: released after every action's end.
@@ -394,10 +407,7 @@ fn lost_spans(
             }
             // Run inline (before the response), the phase cannot carry the runtime's span.
             let chained = report(id).is_some_and(|r| !inline(&r));
-            if wiring == Wiring::Run
-                && chained
-                && count("Lambda runtime invoke", Some(release)) == 0
-            {
+            if wiring.layered() && chained && count("Lambda runtime invoke", Some(release)) == 0 {
                 missing.push("Lambda runtime invoke");
             }
             if !missing.is_empty() {
@@ -511,16 +521,27 @@ async fn chaos(wiring: Wiring, default_seed: u64) {
     // provider on the phase thread); under `start` a first flusher whose first call never
     // returns (the watchdog takes that phase over; the tracer provider then flushes on
     // blocking threads for the whole run).
+    // Under SnapStart, what the restore does to the `event/next` in flight at the snapshot
+    // follows the seed: it survives (Lambda's own Runtime API server), is closed, or is left
+    // dead and silent.
     let (mode, extra) = match wiring {
         Wiring::Run => ("run", ("FLUSH_METRICS", "1")),
         Wiring::Start => ("start", ("FIXTURE_FLUSH_HANG", "1")),
+        Wiring::SnapStart => ("runtime", ("FIXTURE_INIT_SPAN", "1")),
     };
+    let restored_connections = [
+        RestoredConnections::Survive,
+        RestoredConnections::Close,
+        RestoredConnections::Blackhole,
+    ][(seed % 3) as usize];
     let mut fixture_env = FIXTURE_ENV.to_vec();
     fixture_env.push(extra);
     let env = start(
         mode,
         EmulatorConfig {
             function_timeout: FUNCTION_TIMEOUT,
+            snap_start: wiring == Wiring::SnapStart,
+            restored_connections,
             ..EmulatorConfig::default()
         },
         &fixture_env,
@@ -627,6 +648,14 @@ async fn chaos_under_run() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_under_start() {
     chaos(Wiring::Start, 2).await;
+}
+
+/// SnapStart: a function with its own `Runtime` (the deferred layer and the SnapStart
+/// resource), restored before its first invocation; seed 5 leaves the `event/next` in flight
+/// at the snapshot dead and silent after the restore (the hard case).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_after_a_snapstart_restore() {
+    chaos(Wiring::SnapStart, 5).await;
 }
 
 /// Callers at once in [`chaos_concurrent`]: the function's `AWS_LAMBDA_MAX_CONCURRENCY`.
