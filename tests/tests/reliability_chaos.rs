@@ -252,6 +252,114 @@ struct Ran {
     trace_id: Option<String>,
 }
 
+impl Ran {
+    /// The spans of its trace in `by_trace` (see [`spans_by_trace`]); none when it answered no
+    /// trace id (a failed or panicked handler).
+    fn spans<'s>(
+        &self,
+        by_trace: &'s HashMap<String, Vec<(String, Instant)>>,
+    ) -> Option<&'s [(String, Instant)]> {
+        let trace = self.trace_id.as_ref()?.to_ascii_lowercase();
+        Some(by_trace.get(&trace).map(Vec::as_slice).unwrap_or_default())
+    }
+
+    /// The checks every wiring shares: the outcome the handler chose; G1, the response posted
+    /// within the handler's own time (and its stream's) plus the slack, unless the chain was
+    /// broken and the phase ran inline (before the response, by design): then for that phase
+    /// too, but not for the INVOKE event the broken chain will not bring; one phase report.
+    /// The timeline and when the response was posted, unless it has none.
+    fn answered<'t>(
+        &self,
+        timelines: &'t HashMap<String, Timeline>,
+        reports: &HashMap<String, Vec<String>>,
+        fail: &mut impl FnMut(String),
+    ) -> Option<(&'t Timeline, Instant)> {
+        let (case, id) = (&self.case, &self.result.request_id);
+        let expected = match case.handler {
+            "ok" => self.result.outcome.is_success(),
+            _ => matches!(self.result.outcome, InvokeOutcome::FunctionError { .. }),
+        };
+        if !expected {
+            fail(format!("outcome {:?}", self.result.outcome));
+        }
+        let report = reports.get(id);
+        let count = report.map_or(0, Vec::len);
+        if count != 1 {
+            fail(format!("{count} phase reports"));
+        }
+        let Some(t) = timelines.get(id) else {
+            fail("no timeline".into());
+            return None;
+        };
+        let (Some(received), Some(posted)) = (t.runtime_received, t.response_posted) else {
+            fail("no response".into());
+            return None;
+        };
+        let mut own = Duration::from_millis(case.handler_ms + case.stream_ms.unwrap_or(0));
+        if let Some(took) = report
+            .and_then(|r| r.first())
+            .filter(|r| inline(r))
+            .and_then(|r| took(r))
+        {
+            own += took;
+        }
+        let answered_in = posted.duration_since(received);
+        if answered_in > own + RESPONSE_SLACK {
+            fail(format!("response after {answered_in:?} (handler {own:?})"));
+        }
+        Some((t, posted))
+    }
+}
+
+/// The emulator's timelines, by request id.
+fn timelines(env: &Env) -> HashMap<String, Timeline> {
+    env.emulator
+        .timelines()
+        .into_iter()
+        .map(|t| (t.request_id.clone(), t))
+        .collect()
+}
+
+/// The spans the collector received (name, when), by trace id in lower case.
+fn spans_by_trace(env: &Env) -> HashMap<String, Vec<(String, Instant)>> {
+    let mut by_trace: HashMap<String, Vec<(String, Instant)>> = HashMap::new();
+    for span in env.sink.spans() {
+        by_trace
+            .entry(span.trace_id.to_ascii_lowercase())
+            .or_default()
+            .push((span.name, span.received_at));
+    }
+    by_trace
+}
+
+/// Which of an invocation's spans are not among `spans` (received by `by`, if given): its
+/// `handler-work`, its actions' spans (unless it nearly spent its deadline, when they may not
+/// run), and, with `runtime_span`, lambda_runtime's `Lambda runtime invoke`.
+fn missing(
+    case: &Case,
+    spans: &[(String, Instant)],
+    by: Option<Instant>,
+    runtime_span: bool,
+) -> Vec<&'static str> {
+    let count = |name: &str| {
+        spans
+            .iter()
+            .filter(|(n, at)| n == name && by.is_none_or(|by| *at <= by))
+            .count()
+    };
+    let mut missing = Vec::new();
+    if count("handler-work") == 0 {
+        missing.push("handler-work");
+    }
+    if !case.nearly_spent && count("deferred-action") < case.action_spans {
+        missing.push("deferred-action");
+    }
+    if runtime_span && count("Lambda runtime invoke") == 0 {
+        missing.push("Lambda runtime invoke");
+    }
+    missing
+}
+
 /// The phase reports the function logged, by request id: how many, and their text.
 fn reports(env: &Env) -> HashMap<String, Vec<String>> {
     let mut by_id: HashMap<String, Vec<String>> = HashMap::new();
@@ -275,26 +383,13 @@ fn reports(env: &Env) -> HashMap<String, Vec<String>> {
 /// invocation.
 fn check(env: &Env, wiring: Wiring, ran: &[Ran]) -> Vec<String> {
     let mut failures = Vec::new();
-    let timelines: HashMap<String, Timeline> = env
-        .emulator
-        .timelines()
-        .into_iter()
-        .map(|t| (t.request_id.clone(), t))
-        .collect();
+    let timelines = timelines(env);
     let reports = reports(env);
     let mut previous_release: Option<Instant> = None;
-    for (i, Ran { case, result, .. }) in ran.iter().enumerate() {
-        let id = &result.request_id;
+    for (i, r) in ran.iter().enumerate() {
+        let (case, id) = (&r.case, &r.result.request_id);
         let mut fail = |what: String| failures.push(format!("#{i} {id} {case:?}: {what}"));
-        let expected = match case.handler {
-            "ok" => result.outcome.is_success(),
-            _ => matches!(result.outcome, InvokeOutcome::FunctionError { .. }),
-        };
-        if !expected {
-            fail(format!("outcome {:?}", result.outcome));
-        }
-        let Some(t) = timelines.get(id) else {
-            fail("no timeline".into());
+        let Some((t, posted)) = r.answered(&timelines, &reports, &mut fail) else {
             continue;
         };
         if t.timed_out {
@@ -302,30 +397,6 @@ fn check(env: &Env, wiring: Wiring, ran: &[Ran]) -> Vec<String> {
             continue;
         }
         let release = released(t);
-        let Some(posted) = t.response_posted else {
-            fail("no response".into());
-            continue;
-        };
-        // G1: the response waited for nothing deferred, unless the chain was broken and the
-        // phase ran inline (before the response, by design): then for that phase only, and
-        // not for the INVOKE event that the broken chain will not bring.
-        let mut own = Duration::from_millis(case.handler_ms + case.stream_ms.unwrap_or(0));
-        if let Some(took) = reports
-            .get(id)
-            .and_then(|r| r.first())
-            .filter(|r| inline(r))
-            .and_then(|r| took(r))
-        {
-            own += took;
-        }
-        let answered_in = posted.duration_since(t.invoked);
-        if answered_in > own + RESPONSE_SLACK {
-            fail(format!("response after {answered_in:?} (handler {own:?})"));
-        }
-        let count = reports.get(id).map_or(0, Vec::len);
-        if count != 1 {
-            fail(format!("{count} phase reports"));
-        }
         let chained = reports
             .get(id)
             .and_then(|r| r.first())
@@ -372,44 +443,20 @@ fn lost_spans(
         .iter()
         .map(|r| report(&r.result.request_id).is_some_and(|l| l.contains("spans lost")))
         .collect();
-    let mut by_trace: HashMap<String, Vec<(String, Instant)>> = HashMap::new();
-    for span in env.sink.spans() {
-        by_trace
-            .entry(span.trace_id.to_ascii_lowercase())
-            .or_default()
-            .push((span.name, span.received_at));
-    }
+    let by_trace = spans_by_trace(env);
     let mut failures = Vec::new();
     for (i, r) in ran.iter().enumerate() {
-        let Some(trace) = &r.trace_id else { continue };
-        let spans = by_trace
-            .get(&trace.to_ascii_lowercase())
-            .map(Vec::as_slice)
-            .unwrap_or_default();
-        let id = &r.result.request_id;
-        let count = |name: &str, by: Option<Instant>| {
-            spans
-                .iter()
-                .filter(|(n, at)| n == name && by.is_none_or(|by| *at <= by))
-                .count()
+        let Some(spans) = r.spans(&by_trace) else {
+            continue;
         };
+        let id = &r.result.request_id;
         let next_clean = (i + 1..ran.len()).find(|&j| clean[j]);
         // Before the release, by its own flush.
         if clean[i] && !r.case.hangs {
             let release = released(&env.timeline(id));
-            let mut missing = Vec::new();
-            if count("handler-work", Some(release)) == 0 {
-                missing.push("handler-work");
-            }
-            if !r.case.nearly_spent && count("deferred-action", Some(release)) < r.case.action_spans
-            {
-                missing.push("deferred-action");
-            }
             // Run inline (before the response), the phase cannot carry the runtime's span.
             let chained = report(id).is_some_and(|r| !inline(&r));
-            if wiring.layered() && chained && count("Lambda runtime invoke", Some(release)) == 0 {
-                missing.push("Lambda runtime invoke");
-            }
+            let missing = missing(&r.case, spans, Some(release), wiring.layered() && chained);
             if !missing.is_empty() {
                 let seen: Vec<(&String, i128)> = spans
                     .iter()
@@ -428,16 +475,7 @@ fn lost_spans(
         if counted_lost[i..=j].iter().any(|&lost| lost) {
             continue;
         }
-        let mut missing = Vec::new();
-        if count("handler-work", None) == 0 {
-            missing.push("handler-work");
-        }
-        if !r.case.nearly_spent && count("deferred-action", None) < r.case.action_spans {
-            missing.push("deferred-action");
-        }
-        if count("Lambda runtime invoke", None) == 0 {
-            missing.push("Lambda runtime invoke");
-        }
+        let missing = missing(&r.case, spans, None, true);
         if !missing.is_empty() {
             failures.push(format!(
                 "#{i} {id}: never delivered {missing:?} (next clean flush #{j})"
@@ -753,12 +791,7 @@ async fn chaos_concurrent() {
         .await
         .is_some();
     let reports = reports(&env);
-    let timelines: HashMap<String, Timeline> = env
-        .emulator
-        .timelines()
-        .into_iter()
-        .map(|t| (t.request_id.clone(), t))
-        .collect();
+    let timelines = timelines(&env);
     let mut failures = Vec::new();
     if !reported {
         failures.push(format!(
@@ -766,29 +799,12 @@ async fn chaos_concurrent() {
             reports.len()
         ));
     }
-    for (i, Ran { case, result, .. }) in ran.iter().enumerate() {
-        let id = &result.request_id;
+    for (i, r) in ran.iter().enumerate() {
+        let (case, id) = (&r.case, &r.result.request_id);
         let mut fail = |what: String| failures.push(format!("#{i} {id} {case:?}: {what}"));
-        let expected = match case.handler {
-            "ok" => result.outcome.is_success(),
-            _ => matches!(result.outcome, InvokeOutcome::FunctionError { .. }),
-        };
-        if !expected {
-            fail(format!("outcome {:?}", result.outcome));
-        }
-        let Some(t) = timelines.get(id) else {
-            fail("no timeline".into());
+        let Some((t, _)) = r.answered(&timelines, &reports, &mut fail) else {
             continue;
         };
-        let (Some(received), Some(posted)) = (t.runtime_received, t.response_posted) else {
-            fail("no response".into());
-            continue;
-        };
-        let own = Duration::from_millis(case.handler_ms + case.stream_ms.unwrap_or(0));
-        let answered_in = posted.duration_since(received);
-        if answered_in > own + RESPONSE_SLACK {
-            fail(format!("response after {answered_in:?} (handler {own:?})"));
-        }
         // Isolation: its own actions, each once (marks carry the request id the action was
         // queued with, so another queue running them shows as a missing or repeated end).
         for name in &case.ending {
@@ -801,10 +817,6 @@ async fn chaos_concurrent() {
                 fail(format!("{name} ended {ends} times"));
             }
         }
-        let count = reports.get(id).map_or(0, Vec::len);
-        if count != 1 {
-            fail(format!("{count} phase reports"));
-        }
     }
     let stats = env.emulator.stats();
     if stats.timeouts > 0 || stats.resets > 0 {
@@ -816,30 +828,12 @@ async fn chaos_concurrent() {
     if shutdown.killed || !shutdown.exit_status.is_some_and(|s| s.success()) {
         failures.push(format!("shutdown {shutdown:?}"));
     }
-    let mut by_trace: HashMap<String, Vec<String>> = HashMap::new();
-    for span in env.sink.spans() {
-        by_trace
-            .entry(span.trace_id.to_ascii_lowercase())
-            .or_default()
-            .push(span.name);
-    }
+    let by_trace = spans_by_trace(&env);
     for (i, r) in ran.iter().enumerate() {
-        let Some(trace) = &r.trace_id else { continue };
-        let spans = by_trace
-            .get(&trace.to_ascii_lowercase())
-            .map(Vec::as_slice)
-            .unwrap_or_default();
-        let count = |name: &str| spans.iter().filter(|n| *n == name).count();
-        let mut missing = Vec::new();
-        if count("handler-work") == 0 {
-            missing.push("handler-work");
-        }
-        if !r.case.nearly_spent && count("deferred-action") < r.case.action_spans {
-            missing.push("deferred-action");
-        }
-        if count("Lambda runtime invoke") == 0 {
-            missing.push("Lambda runtime invoke");
-        }
+        let Some(spans) = r.spans(&by_trace) else {
+            continue;
+        };
+        let missing = missing(&r.case, spans, None, true);
         if !missing.is_empty() {
             failures.push(format!(
                 "#{i} {}: never delivered {missing:?}",
