@@ -657,7 +657,11 @@ async fn chaos(wiring: Wiring, default_seed: u64) {
     if !failures.is_empty() {
         let ids: Vec<&str> = failures
             .iter()
-            .filter_map(|f| f.split_whitespace().nth(1))
+            .filter_map(|f| {
+                f.split_whitespace()
+                    .nth(1)
+                    .map(|id| id.trim_end_matches(':'))
+            })
             .take(3)
             .collect();
         let logs: Vec<String> = ids.iter().flat_map(|id| env.logs_matching(id)).collect();
