@@ -592,7 +592,7 @@ async fn chaos(wiring: Wiring, default_seed: u64) {
     };
     eprintln!("chaos ({wiring:?}): seed {seed}, {invocations} invocations");
     let started = Instant::now();
-    let mut ran = Vec::with_capacity(invocations + 5);
+    let mut ran: Vec<Ran> = Vec::with_capacity(invocations + 5);
     for i in 0..invocations + 5 {
         // The last five: a healthy collector and plain invocations, whose clean flushes carry
         // whatever the chaos left queued.
@@ -620,6 +620,13 @@ async fn chaos(wiring: Wiring, default_seed: u64) {
             env.sink.set_behaviour(behaviour.clone());
         }
         if let Some(fault) = &case.fault {
+            // The fault is this invocation's: armed once the previous one is complete (its
+            // response comes before its phase's end). Armed earlier, an Extensions API delay
+            // would land on the previous release call, and 200 ms more on an invocation that
+            // nearly spent its deadline is a timeout no library can prevent.
+            if let Some(previous) = ran.last() {
+                env.completed(&previous.result.request_id).await;
+            }
             env.emulator.faults().once(fault.clone());
         }
         let result = env.invoke(case.payload.clone()).await;
