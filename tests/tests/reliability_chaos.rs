@@ -147,6 +147,14 @@ impl Planner {
         let idle = (rng.u32(0..100) < 3).then(|| Duration::from_millis(rng.u64(20..=150)));
         let behaviour = (i == 0 || rng.u32(0..100) < 4).then(|| self.behaviour());
         let fault = (self.rng.u32(0..100) < 3).then(|| self.fault());
+        // An Extensions API delay lands on the invocation's own release (`event/next` after its
+        // phase). A phase that ends near the deadline (a handler that nearly spends it, or an
+        // action cut at the deadline minus the 100 ms margin) has no room for 200 ms more: a
+        // timeout no library can prevent (seed 109053062, #543: handler 846 ms, delay 141 ms).
+        // Drawn all the same, so that a seed's other plans do not change.
+        let fault = fault.filter(|fault| {
+            !((nearly_spent || hangs) && matches!(fault, Fault::ExtensionsApiDelay(_)))
+        });
         Case {
             payload,
             handler,
