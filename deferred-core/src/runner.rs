@@ -7,11 +7,12 @@
 //! be interrupted, so the chain's task watches it: when it overruns its end, the watchdog
 //! takes the phase over and starts a fresh phase thread, and a blocking thread reports the
 //! phase and sends `event/next`; the stuck one exits when its flush returns
-//! ([`Runner::watchdog`]).
+//! ([`Runner::watchdog`]). Should the OS refuse that thread, no phase is left unrun: the next
+//! one tries again, or runs on the runtime's blocking pool ([`Runner::revive`]).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 
 use tokio::sync::{Notify, OwnedMutexGuard};
 use tokio::time::Instant;
@@ -25,19 +26,41 @@ use crate::scope::lock;
 /// A phase for the phase thread: the job, the event it arms the next call for, and its end.
 type Work = crate::core::Ready;
 
+/// Starts an OS thread running the closure: [`os_thread`]; in tests, one the OS refuses.
+type Spawner = fn(Box<dyn FnOnce() + Send>) -> std::io::Result<()>;
+
+fn os_thread(run: Box<dyn FnOnce() + Send>) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("deferred-phase".into())
+        .spawn(run)
+        .map(drop)
+}
+
 /// The phase thread(s) of the chain.
 #[derive(Debug)]
 pub(crate) struct Runner {
     handle: tokio::runtime::Handle,
     pub(crate) line: Arc<Line>,
+    /// The chain's core, for a phase thread started later (the core holds the runner).
+    core: Weak<Core>,
+    spawner: Spawner,
     /// Phases to run, and the condition the phase thread waits on. (A mutex and a condvar
     /// rather than `std::sync::mpsc`: its receiver spins and parks more than once per
     /// message, each a context switch on the path to the next invocation.)
-    queue: Mutex<VecDeque<Work>>,
+    queue: Mutex<Pending>,
     queued: Condvar,
     watch: Mutex<Watch>,
     /// Wakes the chain's task when a flush must be watched sooner than it planned to wake.
     pub(crate) poke: Notify,
+}
+
+/// The phases waiting for the phase thread.
+#[derive(Debug, Default)]
+struct Pending {
+    work: VecDeque<Work>,
+    /// No phase thread serves the queue: the OS refused the watchdog's replacement (Lambda
+    /// quotas: "Execution processes/threads: 1,024"). Cleared by whoever serves it again.
+    threadless: bool,
 }
 
 /// What the watchdog sees, and when the chain's task plans to look next.
@@ -86,44 +109,87 @@ struct Flushing {
 impl Runner {
     /// The runner of the chain that talks on `line`; its first phase thread starts now.
     pub(crate) fn start(core: &Arc<Core>, line: Arc<Line>) -> std::io::Result<Arc<Self>> {
+        Self::start_with(core, line, os_thread)
+    }
+
+    fn start_with(
+        core: &Arc<Core>,
+        line: Arc<Line>,
+        spawner: Spawner,
+    ) -> std::io::Result<Arc<Self>> {
         let runner = Arc::new(Self {
             handle: tokio::runtime::Handle::current(),
             line,
-            queue: Mutex::new(VecDeque::new()),
+            core: Arc::downgrade(core),
+            spawner,
+            queue: Mutex::default(),
             queued: Condvar::new(),
             watch: Mutex::new(Watch::default()),
             poke: Notify::new(),
         });
-        runner.spawn_thread(core.clone())?;
+        runner.spawn_thread()?;
         Ok(runner)
     }
 
-    fn spawn_thread(self: &Arc<Self>, core: Arc<Core>) -> std::io::Result<()> {
+    fn spawn_thread(self: &Arc<Self>) -> std::io::Result<()> {
+        let core = self.core.upgrade().ok_or_else(|| {
+            std::io::Error::other("the chain's core is gone: no phase thread to start")
+        })?;
         let runner = self.clone();
-        std::thread::Builder::new()
-            .name("deferred-phase".into())
-            .spawn(move || runner.thread(&core))
-            .map(drop)
+        (self.spawner)(Box::new(move || runner.serve(&core, false)))
     }
 
     /// Queues the phase of event `seq`; the phase thread runs it and then arms the next call.
-    pub(crate) fn submit(&self, work: Work) {
-        lock(&self.queue).push_back(work);
-        self.queued.notify_one();
+    pub(crate) fn submit(self: &Arc<Self>, work: Work) {
+        let threadless = {
+            let mut pending = lock(&self.queue);
+            pending.work.push_back(work);
+            std::mem::take(&mut pending.threadless)
+        };
+        if threadless {
+            self.revive();
+        } else {
+            self.queued.notify_one();
+        }
     }
 
-    fn thread(self: &Arc<Self>, core: &Arc<Core>) {
+    /// With no phase thread (the OS refused the watchdog's replacement): starts one now, or,
+    /// if the OS still refuses, runs the queued phases on a thread of the runtime's blocking
+    /// pool (which keeps idle threads: the flushes run there), so that none is left unrun.
+    fn revive(self: &Arc<Self>) {
+        let Err(error) = self.spawn_thread() else {
+            return;
+        };
+        lock(&self.queue).threadless = true;
+        let Some(core) = self.core.upgrade() else {
+            return;
+        };
+        tracing::error!(target: "deferred", %error, "cannot start a phase thread: this phase runs on a blocking thread of the runtime");
+        let runner = self.clone();
+        drop(
+            self.handle
+                .spawn_blocking(move || runner.serve(&core, true)),
+        );
+    }
+
+    /// Runs the queued phases, one at a time: for ever on a phase thread, or until the queue
+    /// is empty (`until_empty`, on a blocking thread standing in for one). Returns when the
+    /// watchdog retired it, unless no other thread took its place.
+    fn serve(self: &Arc<Self>, core: &Arc<Core>, until_empty: bool) {
         let retired = Arc::new(AtomicBool::new(false));
         loop {
             let work = {
-                let mut queue = lock(&self.queue);
+                let mut pending = lock(&self.queue);
                 loop {
-                    if let Some(work) = queue.pop_front() {
+                    if let Some(work) = pending.work.pop_front() {
                         break work;
                     }
-                    queue = self
+                    if until_empty {
+                        return;
+                    }
+                    pending = self
                         .queued
-                        .wait(queue)
+                        .wait(pending)
                         .unwrap_or_else(|poisoned| poisoned.into_inner());
                 }
             };
@@ -137,10 +203,21 @@ impl Runner {
                 drop(lock(&self.watch).claim(&retired));
                 self.line.arm(seq);
             }
-            if retired.load(Ordering::Acquire) {
+            if retired.load(Ordering::Acquire) && !self.resume(&retired) {
                 return;
             }
         }
+    }
+
+    /// For a retired thread back from its flush: whether it serves the queue again, because
+    /// the OS refused its replacement and no thread has served it since.
+    fn resume(&self, retired: &AtomicBool) -> bool {
+        let mut pending = lock(&self.queue);
+        if !std::mem::take(&mut pending.threadless) {
+            return false;
+        }
+        retired.store(false, Ordering::Release);
+        true
     }
 
     /// Runs one chained phase, reports it, and arms the next `event/next`.
@@ -234,8 +311,11 @@ impl Runner {
         else {
             return;
         };
-        if let Err(error) = self.spawn_thread(core.clone()) {
+        if let Err(error) = self.spawn_thread() {
+            // The queue is empty: the next phase comes after this one's release, below. It
+            // tries again ([`Runner::submit`]).
             tracing::error!(target: "deferred", %error, "cannot start a new phase thread after a flush overran");
+            lock(&self.queue).threadless = true;
         }
         let flushes = running
             .abandon(&here, staged.started, &mut staged.cut)
@@ -303,6 +383,114 @@ mod tests {
         assert!(!b.load(Ordering::Acquire));
         assert_eq!(watch.claim(&b).map(|f| f.seq), Some(2));
         assert!(watch.flushing.is_none());
+    }
+
+    /// Spawns the first phase thread; the OS "refuses" every later one.
+    fn first_thread_only(run: Box<dyn FnOnce() + Send>) -> std::io::Result<()> {
+        static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        if STARTED.fetch_add(1, Ordering::SeqCst) > 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::WouldBlock,
+                "Resource temporarily unavailable (test)",
+            ));
+        }
+        os_thread(run)
+    }
+
+    /// Waits (up to 5 s) until `reports` holds `id`.
+    async fn reported(reports: &Mutex<Vec<String>>, id: &str) -> bool {
+        for _ in 0..500 {
+            if lock(reports).iter().any(|r| r == id) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    }
+
+    /// A phase with no actions, of event `seq`, ending in `budget`.
+    fn work(seq: u64, budget: Duration) -> Work {
+        Work {
+            job: Job {
+                request_id: format!("r-{seq}"),
+                deadline: None,
+                queue: Queue::new(0),
+                flush_timeout: Duration::from_millis(100),
+                parent: None,
+            },
+            seq,
+            end: Instant::now() + budget,
+        }
+    }
+
+    /// The flush on the phase thread never returns and the OS refuses the thread that should
+    /// replace it (Lambda caps a function at 1,024 threads): the later phases run all the same,
+    /// on the runtime's blocking pool, and then on the old thread once its flush returns.
+    /// (Before, none ran again: each invocation was held to the safety net, its actions lost.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn phases_run_when_the_os_refuses_a_new_phase_thread() {
+        let (started, flushing) = std::sync::mpsc::channel::<()>();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let released = Mutex::new(released);
+        let first = AtomicBool::new(true);
+        let stuck = crate::flush_fn("stuck", move || {
+            if first.swap(false, Ordering::SeqCst) {
+                let _ = started.send(());
+                let _ = lock(&released).recv();
+            }
+            Ok::<(), String>(())
+        });
+        let reports: Arc<Mutex<Vec<String>>> = Arc::default();
+        let hook = reports.clone();
+        let core = Core::new(
+            crate::core::Config {
+                flushers: vec![crate::flush::Flusher::new(stuck)],
+                flush_timeout: Duration::from_millis(100),
+                on_report: Some(crate::core::ReportHook(Arc::new(move |report| {
+                    lock(&hook).push(report.request_id.clone());
+                }))),
+                phase_telemetry: false,
+                ..crate::core::Config::default()
+            },
+            crate::core::Mode::Extension,
+        );
+        // Nothing listens: the calls the phases arm go nowhere.
+        let line = Arc::new(Line::new("127.0.0.1:9", "", "ext-1"));
+        let runner = Runner::start_with(&core, line, first_thread_only).expect("first thread");
+
+        let first = work(1, Duration::from_millis(100));
+        let end = first.end;
+        runner.submit(first);
+        let flushing =
+            tokio::task::spawn_blocking(move || flushing.recv_timeout(Duration::from_secs(5)));
+        assert!(matches!(flushing.await, Ok(Ok(()))), "the flush started");
+        // As the chain's task does once the flush's end has passed.
+        tokio::time::sleep_until(end).await;
+        runner.watchdog(&core).await;
+        assert!(reported(&reports, "r-1").await, "the watchdog took it over");
+        assert!(
+            lock(&runner.queue).threadless,
+            "the replacement was refused"
+        );
+
+        runner.submit(work(2, Duration::from_secs(5)));
+        assert!(reported(&reports, "r-2").await, "a blocking thread ran it");
+
+        // The stuck flush returns: its thread, retired, finds no thread serving and serves.
+        release.send(()).expect("the flush waits");
+        for _ in 0..500 {
+            if !lock(&runner.queue).threadless {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            !lock(&runner.queue).threadless,
+            "the old thread serves again"
+        );
+        runner.submit(work(3, Duration::from_secs(5)));
+        assert!(reported(&reports, "r-3").await, "the old thread ran it");
+        assert_eq!(*lock(&reports), ["r-1", "r-2", "r-3"]);
     }
 
     /// A flush that returns in time: its thread claims its phase, and the watchdog, later,
