@@ -166,10 +166,9 @@ impl Runner {
         };
         tracing::error!(target: "deferred", %error, "cannot start a phase thread: this phase runs on a blocking thread of the runtime");
         let runner = self.clone();
-        drop(
-            self.handle
-                .spawn_blocking(move || runner.serve(&core, true)),
-        );
+        if to_blocking_pool(&self.handle, move || runner.serve(&core, true)).is_err() {
+            tracing::error!(target: "deferred", "no blocking thread either: this phase waits for the next phase thread");
+        }
     }
 
     /// Runs the queued phases, one at a time: for ever on a phase thread, or until the queue
@@ -324,7 +323,36 @@ impl Runner {
         // stay free to read events and to release an event whose phase does not end (a hook
         // that blocks here would otherwise hold the invocation to its deadline).
         let (runner, core) = (self.clone(), core.clone());
-        tokio::task::spawn_blocking(move || runner.end_phase(&core, staged, flushes, serial, seq));
+        let end = move || runner.end_phase(&core, staged, flushes, serial, seq);
+        if let Err(end) = to_blocking_pool(&self.handle, end) {
+            // Here, rather than not at all: the chain's task must live on.
+            end();
+        }
+    }
+}
+
+/// Runs `run` on a thread of the runtime's blocking pool; gives it back when tokio cannot
+/// start one (its pool has no thread and the OS refuses a new one: `spawn_blocking` panics).
+fn to_blocking_pool<F>(handle: &tokio::runtime::Handle, run: F) -> Result<(), F>
+where
+    F: FnOnce() + Send + 'static,
+{
+    let slot = Arc::new(Mutex::new(Some(run)));
+    let theirs = slot.clone();
+    let spawned = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        drop(handle.spawn_blocking(move || {
+            let run = lock(&theirs).take();
+            if let Some(run) = run {
+                run();
+            }
+        }));
+    }));
+    if spawned.is_ok() {
+        return Ok(());
+    }
+    match lock(&slot).take() {
+        Some(run) => Err(run),
+        None => Ok(()),
     }
 }
 
@@ -491,6 +519,19 @@ mod tests {
         runner.submit(work(3, Duration::from_secs(5)));
         assert!(reported(&reports, "r-3").await, "the old thread ran it");
         assert_eq!(*lock(&reports), ["r-1", "r-2", "r-3"]);
+    }
+
+    /// The closure runs, once, on another thread.
+    #[tokio::test]
+    async fn to_blocking_pool_runs_the_closure_on_a_blocking_thread() {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let here = std::thread::current().id();
+        let sent = to_blocking_pool(&tokio::runtime::Handle::current(), move || {
+            let _ = tx.send(std::thread::current().id());
+        });
+        assert!(sent.is_ok());
+        let there = rx.await.expect("it ran");
+        assert_ne!(there, here);
     }
 
     /// A flush that returns in time: its thread claims its phase, and the watchdog, later,
