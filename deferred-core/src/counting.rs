@@ -47,6 +47,11 @@ impl ExportCounts {
 /// The batch processor drops a batch whose export failed (the OTLP exporter retries 429, 502,
 /// 503 and 504 itself before it fails), so the spans of a failed export are lost for good.
 ///
+/// What it cannot count: spans the batch processor drops before any export, because its queue
+/// is full (`max_queue_size`, 2,048 by default in opentelemetry_sdk 0.33; a stalled exporter
+/// holds the queue's one worker). Those never reach the exporter. The SDK logs the first such
+/// drop (`BatchSpanProcessor.SpanDroppingStarted`) and the total at shutdown.
+///
 /// ```
 /// use deferred_core::{CountingSpanExporter, Deferred};
 /// use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
