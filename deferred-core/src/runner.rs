@@ -58,9 +58,10 @@ pub(crate) struct Runner {
 #[derive(Debug, Default)]
 struct Pending {
     work: VecDeque<Work>,
-    /// No phase thread serves the queue: the OS refused the watchdog's replacement (Lambda
-    /// quotas: "Execution processes/threads: 1,024"). Cleared by whoever serves it again.
-    threadless: bool,
+    /// The threads that serve the queue (or are starting to): the phase thread; none when
+    /// the OS refused the watchdog's replacement (Lambda quotas: "Execution
+    /// processes/threads: 1,024") until one serves it again.
+    servers: usize,
 }
 
 /// What the watchdog sees, and when the chain's task plans to look next.
@@ -122,7 +123,10 @@ impl Runner {
             line,
             core: Arc::downgrade(core),
             spawner,
-            queue: Mutex::default(),
+            queue: Mutex::new(Pending {
+                work: VecDeque::new(),
+                servers: 1,
+            }),
             queued: Condvar::new(),
             watch: Mutex::new(Watch::default()),
             poke: Notify::new(),
@@ -144,7 +148,10 @@ impl Runner {
         let threadless = {
             let mut pending = lock(&self.queue);
             pending.work.push_back(work);
-            std::mem::take(&mut pending.threadless)
+            // The server this call starts, counted now so that no other call starts one too.
+            let threadless = pending.servers == 0;
+            pending.servers += usize::from(threadless);
+            threadless
         };
         if threadless {
             self.revive();
@@ -156,17 +163,20 @@ impl Runner {
     /// With no phase thread (the OS refused the watchdog's replacement): starts one now, or,
     /// if the OS still refuses, runs the queued phases on a thread of the runtime's blocking
     /// pool (which keeps idle threads: the flushes run there), so that none is left unrun.
+    /// The server is counted already.
     fn revive(self: &Arc<Self>) {
         let Err(error) = self.spawn_thread() else {
             return;
         };
-        lock(&self.queue).threadless = true;
-        let Some(core) = self.core.upgrade() else {
-            return;
-        };
         tracing::error!(target: "deferred", %error, "cannot start a phase thread: this phase runs on a blocking thread of the runtime");
         let runner = self.clone();
-        if to_blocking_pool(&self.handle, move || runner.serve(&core, true)).is_err() {
+        let standing_in = self
+            .core
+            .upgrade()
+            .map(|core| to_blocking_pool(&self.handle, move || runner.serve(&core, true)));
+        if !matches!(standing_in, Some(Ok(()))) {
+            let mut pending = lock(&self.queue);
+            pending.servers = pending.servers.saturating_sub(1);
             tracing::error!(target: "deferred", "no blocking thread either: this phase waits for the next phase thread");
         }
     }
@@ -184,6 +194,7 @@ impl Runner {
                         break work;
                     }
                     if until_empty {
+                        pending.servers = pending.servers.saturating_sub(1);
                         return;
                     }
                     pending = self
@@ -209,12 +220,13 @@ impl Runner {
     }
 
     /// For a retired thread back from its flush: whether it serves the queue again, because
-    /// the OS refused its replacement and no thread has served it since.
+    /// no other thread does (the OS refused its replacement).
     fn resume(&self, retired: &AtomicBool) -> bool {
         let mut pending = lock(&self.queue);
-        if !std::mem::take(&mut pending.threadless) {
+        if pending.servers > 0 {
             return false;
         }
+        pending.servers = 1;
         retired.store(false, Ordering::Release);
         true
     }
@@ -310,11 +322,13 @@ impl Runner {
         else {
             return;
         };
+        // The retired thread's count passes to its replacement.
         if let Err(error) = self.spawn_thread() {
             // The queue is empty: the next phase comes after this one's release, below. It
             // tries again ([`Runner::submit`]).
             tracing::error!(target: "deferred", %error, "cannot start a new phase thread after a flush overran");
-            lock(&self.queue).threadless = true;
+            let mut pending = lock(&self.queue);
+            pending.servers = pending.servers.saturating_sub(1);
         }
         let flushes = running
             .abandon(&here, staged.started, &mut staged.cut)
@@ -413,10 +427,12 @@ mod tests {
         assert!(watch.flushing.is_none());
     }
 
+    /// How many threads [`first_thread_only`] was asked for.
+    static ASKED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
     /// Spawns the first phase thread; the OS "refuses" every later one.
     fn first_thread_only(run: Box<dyn FnOnce() + Send>) -> std::io::Result<()> {
-        static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        if STARTED.fetch_add(1, Ordering::SeqCst) > 0 {
+        if ASKED.fetch_add(1, Ordering::SeqCst) > 0 {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::WouldBlock,
                 "Resource temporarily unavailable (test)",
@@ -425,15 +441,20 @@ mod tests {
         os_thread(run)
     }
 
-    /// Waits (up to 5 s) until `reports` holds `id`.
-    async fn reported(reports: &Mutex<Vec<String>>, id: &str) -> bool {
+    /// Waits (up to 5 s) until `done` holds.
+    async fn until(done: impl Fn() -> bool) -> bool {
         for _ in 0..500 {
-            if lock(reports).iter().any(|r| r == id) {
+            if done() {
                 return true;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         false
+    }
+
+    /// Waits (up to 5 s) until `reports` holds `id`.
+    async fn reported(reports: &Mutex<Vec<String>>, id: &str) -> bool {
+        until(|| lock(reports).iter().any(|r| r == id)).await
     }
 
     /// A phase with no actions, of event `seq`, ending in `budget`.
@@ -496,29 +517,27 @@ mod tests {
         tokio::time::sleep_until(end).await;
         runner.watchdog(&core).await;
         assert!(reported(&reports, "r-1").await, "the watchdog took it over");
-        assert!(
-            lock(&runner.queue).threadless,
-            "the replacement was refused"
-        );
+        let servers = || lock(&runner.queue).servers;
+        assert_eq!(servers(), 0, "the replacement was refused");
 
         runner.submit(work(2, Duration::from_secs(5)));
         assert!(reported(&reports, "r-2").await, "a blocking thread ran it");
+        assert!(
+            until(|| servers() == 0).await,
+            "and left with the queue empty"
+        );
 
         // The stuck flush returns: its thread, retired, finds no thread serving and serves.
         release.send(()).expect("the flush waits");
-        for _ in 0..500 {
-            if !lock(&runner.queue).threadless {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
         assert!(
-            !lock(&runner.queue).threadless,
+            until(|| servers() == 1).await,
             "the old thread serves again"
         );
         runner.submit(work(3, Duration::from_secs(5)));
         assert!(reported(&reports, "r-3").await, "the old thread ran it");
         assert_eq!(*lock(&reports), ["r-1", "r-2", "r-3"]);
+        // The first thread, the watchdog's replacement, the one for r-2; none for r-3.
+        assert_eq!(ASKED.load(Ordering::SeqCst), 3);
     }
 
     /// The closure runs, once, on another thread.
