@@ -346,7 +346,8 @@ impl Runner {
 }
 
 /// Runs `run` on a thread of the runtime's blocking pool; gives it back when tokio cannot
-/// start one (its pool has no thread and the OS refuses a new one: `spawn_blocking` panics).
+/// start one (its pool has no thread and the OS refuses a new one: `spawn_blocking` panics;
+/// built with `panic = "abort"`, that ends the process, as any panic would).
 fn to_blocking_pool<F>(handle: &tokio::runtime::Handle, run: F) -> Result<(), F>
 where
     F: FnOnce() + Send + 'static,
