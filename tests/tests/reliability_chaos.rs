@@ -680,9 +680,12 @@ async fn chaos(wiring: Wiring, default_seed: u64) {
             .take(3)
             .collect();
         let logs: Vec<String> = ids.iter().flat_map(|id| env.logs_matching(id)).collect();
+        // Spans the batch processor drops on a full queue are counted nowhere (the SDK logs
+        // the first drop only): a span failure with this line has its explanation.
+        let dropped = env.logs_matching("SpanDroppingStarted");
         panic!(
             "seed {seed}: {} failures (replay with CHAOS_SEED={seed}): {:#?}\nlogs of the first: \
-             {logs:#?}",
+             {logs:#?}\nthe batch processor's queue-full drops: {dropped:#?}",
             failures.len(),
             &failures[..failures.len().min(20)],
         );
