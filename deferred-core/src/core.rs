@@ -213,6 +213,8 @@ pub(crate) struct Core {
     flush_failures: AtomicU32,
     /// The lost-span count at the previous report.
     lost_reported: std::sync::atomic::AtomicU64,
+    /// The most spans found dropped on a full queue so far: what the reports have counted.
+    dropped_reported: std::sync::atomic::AtomicU64,
     /// Set on SIGTERM: running phases abandon their action and leave the flush to the final one.
     pub(crate) stopping: watch::Sender<bool>,
     /// Serialises phases with the final flush on SIGTERM.
@@ -245,6 +247,7 @@ impl Core {
             layer_installed: AtomicBool::new(false),
             flush_failures: AtomicU32::new(0),
             lost_reported: std::sync::atomic::AtomicU64::new(0),
+            dropped_reported: std::sync::atomic::AtomicU64::new(0),
             stopping: watch::Sender::new(false),
             phase_lock: Arc::new(tokio::sync::Mutex::new(())),
             runner: OnceLock::new(),
@@ -572,22 +575,44 @@ impl Core {
     /// Runs a phase and reports it. Phases never overlap, except background ones.
     pub(crate) async fn run_phase(&self, job: Job, kind: PhaseKind) -> PhaseReport {
         let budget = Budget::new(job.deadline, self.config.safety_margin);
+        let (flushers, counts) = (&self.config.flushers, self.config.span_counts.as_deref());
         let report = if kind == PhaseKind::Background {
-            phase::run(job, &self.config.flushers, budget, kind, self.stop()).await
+            phase::run(job, flushers, budget, kind, self.stop(), counts).await
         } else {
             let _serial = self.phase_lock.lock().await;
-            phase::run(job, &self.config.flushers, budget, kind, self.stop()).await
+            phase::run(job, flushers, budget, kind, self.stop(), counts).await
         };
         self.finish(report)
+    }
+
+    /// [`ExportCounts::ended`](crate::ExportCounts::ended), when the builder has span counts
+    /// that a [`CountingSpanProcessor`](crate::CountingSpanProcessor) feeds.
+    pub(crate) fn spans_ended(&self) -> Option<u64> {
+        self.config
+            .span_counts
+            .as_deref()
+            .and_then(crate::ExportCounts::ended_if_counted)
     }
 
     /// What every phase report goes through, the final flush's included: the failure
     /// counter, the log line, the OpenTelemetry spans and metrics, and the `on_report` hook.
     pub(crate) fn finish(&self, mut report: PhaseReport) -> PhaseReport {
-        report.spans_lost = self.config.span_counts.as_ref().map(|counts| {
+        if let Some(counts) = &self.config.span_counts {
             let lost = counts.lost();
-            lost.saturating_sub(self.lost_reported.swap(lost, Ordering::Relaxed))
-        });
+            report.spans_lost =
+                Some(lost.saturating_sub(self.lost_reported.swap(lost, Ordering::Relaxed)));
+            // After a flush that succeeded, every span that ended before it began has been
+            // exported, lost in a failed export, or dropped on a full queue (which no exporter
+            // sees). Spans that ended during the flush may hide a drop: a lower bound.
+            report.spans_dropped = report
+                .ended_before_flush
+                .filter(|_| !report.flushes.is_empty() && report.flushed())
+                .map(|ended| {
+                    let dropped = ended.saturating_sub(counts.exported().saturating_add(lost));
+                    dropped
+                        .saturating_sub(self.dropped_reported.fetch_max(dropped, Ordering::Relaxed))
+                });
+        }
         report.consecutive_flush_failures = if report.flushed() {
             self.flush_failures.store(0, Ordering::Relaxed);
             0
@@ -619,7 +644,129 @@ impl Core {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+
     use super::*;
+
+    /// An exporter whose first export waits until the test releases it (so that the batch
+    /// processor's one worker is busy and its queue fills up).
+    #[derive(Debug)]
+    struct HeldOnce {
+        started: Mutex<Option<std::sync::mpsc::Sender<()>>>,
+        release: Mutex<std::sync::mpsc::Receiver<()>>,
+    }
+
+    impl opentelemetry_sdk::trace::SpanExporter for HeldOnce {
+        async fn export(
+            &self,
+            _batch: Vec<opentelemetry_sdk::trace::SpanData>,
+        ) -> opentelemetry_sdk::error::OTelSdkResult {
+            let started = crate::scope::lock(&self.started).take();
+            if let Some(started) = started {
+                let _ = started.send(());
+                let _ = crate::scope::lock(&self.release).recv();
+            }
+            Ok(())
+        }
+    }
+
+    fn inline_job(request_id: &str) -> Job {
+        Job {
+            request_id: request_id.into(),
+            deadline: None,
+            queue: Queue::new(0),
+            flush_timeout: Duration::from_secs(5),
+            parent: None,
+        }
+    }
+
+    /// Spans the batch processor drops on a full queue never reach the exporter; with a
+    /// `CountingSpanProcessor` the next report after a clean flush counts them, once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_report_counts_the_spans_the_batch_processor_dropped() {
+        use opentelemetry::trace::{Tracer as _, TracerProvider as _};
+        use opentelemetry_sdk::trace::{BatchConfigBuilder, BatchSpanProcessor, SdkTracerProvider};
+
+        let (started, export_started) = std::sync::mpsc::channel();
+        let (release, released) = std::sync::mpsc::channel();
+        let exporter = crate::CountingSpanExporter::new(HeldOnce {
+            started: Mutex::new(Some(started)),
+            release: Mutex::new(released),
+        });
+        let counts = exporter.counts();
+        let config = BatchConfigBuilder::default()
+            .with_max_queue_size(4)
+            .with_max_export_batch_size(1)
+            .build();
+        let batch = BatchSpanProcessor::builder(exporter)
+            .with_batch_config(config)
+            .build();
+        let provider = SdkTracerProvider::builder()
+            .with_span_processor(crate::CountingSpanProcessor::new(batch, counts.clone()))
+            .build();
+        let tracer = provider.tracer("test");
+        // The first span fills a batch: the worker exports it, and waits in the exporter.
+        tracer.in_span("first", |_| {});
+        export_started
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the first export started");
+        // Ten more: four fit in the queue, six are dropped.
+        for _ in 0..10 {
+            tracer.in_span("more", |_| {});
+        }
+        release.send(()).expect("the exporter waits");
+
+        let core = Core::new(
+            Config {
+                flushers: vec![crate::flush::Flusher::new(provider.clone())],
+                span_counts: Some(counts.clone()),
+                phase_telemetry: false,
+                ..Config::default()
+            },
+            Mode::Inline,
+        );
+        let report = core.run_phase(inline_job("r-1"), PhaseKind::Inline).await;
+        assert!(report.flushed(), "{report}");
+        assert_eq!((counts.ended(), counts.exported()), (11, 5));
+        assert_eq!(report.spans_lost, Some(0));
+        assert_eq!(report.spans_dropped, Some(6), "{report}");
+        assert!(!report.is_clean());
+        assert!(
+            report
+                .to_string()
+                .ends_with("; 6 spans dropped (the batch processor's queue was full)"),
+            "{report}"
+        );
+
+        // Counted once: the next clean phase finds none.
+        tracer.in_span("later", |_| {});
+        let again = core.run_phase(inline_job("r-2"), PhaseKind::Inline).await;
+        assert_eq!(again.spans_dropped, Some(0), "{again}");
+        assert!(again.is_clean(), "{again}");
+    }
+
+    /// Without a `CountingSpanProcessor` the report cannot tell, and says so with `None`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn without_a_counting_processor_drops_are_unknown() {
+        let exporter = crate::CountingSpanExporter::new(
+            opentelemetry_sdk::trace::InMemorySpanExporter::default(),
+        );
+        let counts = exporter.counts();
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .build();
+        let core = Core::new(
+            Config {
+                flushers: vec![crate::flush::Flusher::new(provider)],
+                span_counts: Some(counts),
+                phase_telemetry: false,
+                ..Config::default()
+            },
+            Mode::Inline,
+        );
+        let report = core.run_phase(inline_job("r-1"), PhaseKind::Inline).await;
+        assert_eq!((report.spans_lost, report.spans_dropped), (Some(0), None));
+    }
 
     /// The wait for a late INVOKE event leaves the work half of what the invocation has left.
     #[tokio::test]

@@ -1,14 +1,17 @@
 //! Counting the spans an exporter could not deliver, so a phase report can say how many were
-//! lost: the SDK's flush only says that an export failed, not what it carried.
+//! lost: the SDK's flush only says that an export failed, not what it carried. And counting
+//! the spans that end, so that it can also tell spans the batch processor dropped on a full
+//! queue, which never reach the exporter.
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use opentelemetry::Context;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::OTelSdkResult;
-use opentelemetry_sdk::trace::{SpanData, SpanExporter};
+use opentelemetry_sdk::trace::{Span, SpanData, SpanExporter, SpanProcessor};
 
 /// How many spans a [`CountingSpanExporter`] has delivered and lost so far.
 ///
@@ -27,6 +30,9 @@ use opentelemetry_sdk::trace::{SpanData, SpanExporter};
 pub struct ExportCounts {
     exported: AtomicU64,
     lost: AtomicU64,
+    ended: AtomicU64,
+    /// Whether a [`CountingSpanProcessor`] counts into `ended`.
+    processor: AtomicBool,
 }
 
 impl ExportCounts {
@@ -39,6 +45,16 @@ impl ExportCounts {
     pub fn lost(&self) -> u64 {
         self.lost.load(Ordering::Relaxed)
     }
+
+    /// Spans handed to a [`CountingSpanProcessor`] with these counts (0 without one).
+    pub fn ended(&self) -> u64 {
+        self.ended.load(Ordering::Acquire)
+    }
+
+    /// [`ended`](Self::ended), if a [`CountingSpanProcessor`] counts it.
+    pub(crate) fn ended_if_counted(&self) -> Option<u64> {
+        self.processor.load(Ordering::Relaxed).then(|| self.ended())
+    }
 }
 
 /// A span exporter that passes every batch on to `E` and counts its spans as exported or lost
@@ -47,10 +63,12 @@ impl ExportCounts {
 /// The batch processor drops a batch whose export failed (the OTLP exporter retries 429, 502,
 /// 503 and 504 itself before it fails), so the spans of a failed export are lost for good.
 ///
-/// What it cannot count: spans the batch processor drops before any export, because its queue
-/// is full (`max_queue_size`, 2,048 by default in opentelemetry_sdk 0.33; a stalled exporter
-/// holds the queue's one worker). Those never reach the exporter. The SDK logs the first such
-/// drop (`BatchSpanProcessor.SpanDroppingStarted`) and the total at shutdown.
+/// What it cannot count alone: spans the batch processor drops before any export, because
+/// its queue is full (`max_queue_size`, 2,048 by default in opentelemetry_sdk 0.33; a stalled
+/// exporter holds the queue's one worker). Those never reach the exporter; the SDK logs only
+/// the first such drop (`BatchSpanProcessor.SpanDroppingStarted`) and the total at shutdown.
+/// Wrap the batch processor in a [`CountingSpanProcessor`] with the same counts, and the
+/// reports count those too ([`PhaseReport::spans_dropped`](crate::PhaseReport::spans_dropped)).
 ///
 /// ```
 /// use deferred_core::{CountingSpanExporter, Deferred};
@@ -120,6 +138,75 @@ impl<E: SpanExporter> SpanExporter for CountingSpanExporter<E> {
 
     fn force_flush(&self) -> OTelSdkResult {
         self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource);
+    }
+}
+
+/// A span processor that passes every call on to `P`, the batch processor, and counts the
+/// spans that end into it ([`ExportCounts::ended`]).
+///
+/// With the counts of the [`CountingSpanExporter`] inside that processor, a phase whose flush
+/// succeeded can tell how many spans the processor dropped on a full queue: every span that
+/// ended before the flush began has then been exported, lost in a failed export, or dropped.
+/// The report's [`spans_dropped`](crate::PhaseReport::spans_dropped) is that difference: a
+/// lower bound (spans that end during the flush may be exported in it and hide a drop), never
+/// an overcount. The tracer provider must be one of the core's flushers.
+///
+/// ```
+/// use deferred_core::{CountingSpanExporter, CountingSpanProcessor, Deferred};
+/// use opentelemetry_sdk::trace::{BatchSpanProcessor, InMemorySpanExporter, SdkTracerProvider};
+///
+/// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+/// let exporter = CountingSpanExporter::new(InMemorySpanExporter::default());
+/// let counts = exporter.counts();
+/// let batch = BatchSpanProcessor::builder(exporter).build();
+/// let provider = SdkTracerProvider::builder()
+///     .with_span_processor(CountingSpanProcessor::new(batch, counts.clone()))
+///     .build();
+/// let handle = Deferred::new()
+///     .flush(provider.clone())
+///     .span_export_counts(counts)
+///     .start()
+///     .await?;
+/// # let _ = handle;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct CountingSpanProcessor<P> {
+    inner: P,
+    counts: Arc<ExportCounts>,
+}
+
+impl<P> CountingSpanProcessor<P> {
+    /// Wraps `inner`, counting into `counts` (those of the exporter inside `inner`).
+    pub fn new(inner: P, counts: Arc<ExportCounts>) -> Self {
+        counts.processor.store(true, Ordering::Relaxed);
+        Self { inner, counts }
+    }
+}
+
+impl<P: SpanProcessor> SpanProcessor for CountingSpanProcessor<P> {
+    fn on_start(&self, span: &mut Span, cx: &Context) {
+        self.inner.on_start(span, cx);
+    }
+
+    fn on_end(&self, span: SpanData) {
+        self.inner.on_end(span);
+        // Counted once the processor has queued (or dropped) it: a flush that begins after
+        // this count then covers it.
+        self.counts.ended.fetch_add(1, Ordering::Release);
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
     }
 
     fn set_resource(&mut self, resource: &Resource) {

@@ -116,7 +116,7 @@ pub use action::{ActionLabel, DeferredAction, Outcome};
 pub use builder::{Deferred, DeferredHandle, StartError};
 pub use context::{HandlerInput, Invocation};
 pub use core::Mode;
-pub use counting::{CountingSpanExporter, ExportCounts};
+pub use counting::{CountingSpanExporter, CountingSpanProcessor, ExportCounts};
 pub use deferred_macros::deferred_handler;
 pub use flush::{Flush, FlushError, FlushFn, flush_fn};
 pub use layer::{DeferredLayer, DeferredService, ResponseFuture};

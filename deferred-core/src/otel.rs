@@ -95,6 +95,12 @@ where
             i64::try_from(lost).unwrap_or(i64::MAX),
         ));
     }
+    if let Some(dropped) = report.spans_dropped {
+        attributes.push(KeyValue::new(
+            "deferred.spans_dropped",
+            i64::try_from(dropped).unwrap_or(i64::MAX),
+        ));
+    }
     if !report.cut.is_empty() {
         let reasons: Vec<&str> = report.cut.iter().map(cut_reason).collect();
         attributes.push(KeyValue::new("deferred.cut_reason", reasons.join(",")));
@@ -242,6 +248,9 @@ fn summary(report: &PhaseReport) -> String {
     if let Some(lost) = report.spans_lost.filter(|n| *n > 0) {
         summary.push_str(&format!("; {lost} spans lost"));
     }
+    if let Some(dropped) = report.spans_dropped.filter(|n| *n > 0) {
+        summary.push_str(&format!("; {dropped} spans dropped"));
+    }
     summary
 }
 
@@ -358,6 +367,8 @@ mod tests {
             cut: Vec::new(),
             consecutive_flush_failures: 0,
             spans_lost: None,
+            spans_dropped: None,
+            ended_before_flush: None,
         }
     }
 

@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 use opentelemetry::trace::SpanContext;
 use tokio::time::Instant;
 
+use crate::counting::ExportCounts;
 use crate::flush::Flusher;
 use crate::report::{
     ActionOutcome, ActionReport, CutReason, FlushOutcome, FlushReport, PhaseKind, PhaseReport,
@@ -65,8 +66,9 @@ pub(crate) async fn run(
     budget: Budget,
     kind: PhaseKind,
     stop: Stop,
+    counts: Option<&ExportCounts>,
 ) -> PhaseReport {
-    let mut staged = run_actions_stage(job, flushers, budget, kind, stop).await;
+    let mut staged = run_actions_stage(job, flushers, budget, kind, stop, counts).await;
     let flushes = match staged.flush_end {
         Some(end) => run_flushes(flushers, end, staged.started, &mut staged.cut).await,
         None => Vec::new(),
@@ -86,6 +88,9 @@ pub(crate) struct Staged {
     pub(crate) cut: Vec<CutReason>,
     /// When the flushes must be over; `None` when they are left to the final flush (SIGTERM).
     pub(crate) flush_end: Option<Instant>,
+    /// [`ExportCounts::ended`](crate::ExportCounts::ended) once the actions are done, just
+    /// before the flushes: how the report tells spans dropped on a full queue.
+    ended_before_flush: Option<u64>,
 }
 
 impl Staged {
@@ -101,6 +106,8 @@ impl Staged {
             cut: self.cut,
             consecutive_flush_failures: 0,
             spans_lost: None,
+            spans_dropped: None,
+            ended_before_flush: self.ended_before_flush,
         }
     }
 }
@@ -112,6 +119,7 @@ pub(crate) async fn run_actions_stage(
     budget: Budget,
     kind: PhaseKind,
     mut stop: Stop,
+    counts: Option<&ExportCounts>,
 ) -> Staged {
     let started = Instant::now();
     let started_wall = SystemTime::now();
@@ -144,6 +152,7 @@ pub(crate) async fn run_actions_stage(
         actions,
         cut,
         flush_end,
+        ended_before_flush: counts.and_then(ExportCounts::ended_if_counted),
     }
 }
 
@@ -509,6 +518,7 @@ mod tests {
             budget(10),
             PhaseKind::Chained,
             no_stop(),
+            None,
         )
         .await;
         assert!(report.is_clean(), "{report}");
@@ -537,6 +547,7 @@ mod tests {
             budget(10),
             PhaseKind::Chained,
             no_stop(),
+            None,
         )
         .await;
         assert_eq!(*log.lock().unwrap(), ["a", "b", "flush"]);
@@ -569,6 +580,7 @@ mod tests {
             budget(10),
             PhaseKind::Chained,
             no_stop(),
+            None,
         )
         .await;
         assert_eq!(ran.load(Ordering::SeqCst), 11);
@@ -605,6 +617,7 @@ mod tests {
             budget(10),
             PhaseKind::Chained,
             no_stop(),
+            None,
         )
         .await;
         assert_eq!(report.actions[0].outcome, ActionOutcome::TimedOut);
@@ -631,6 +644,7 @@ mod tests {
             budget(3),
             PhaseKind::Chained,
             no_stop(),
+            None,
         )
         .await;
         assert_eq!(
@@ -667,6 +681,7 @@ mod tests {
             budget(10),
             PhaseKind::Chained,
             no_stop(),
+            None,
         )
         .await;
         assert_eq!(report.flushes[0].outcome, FlushOutcome::TimedOut);
@@ -682,6 +697,7 @@ mod tests {
             budget(10),
             PhaseKind::Chained,
             no_stop(),
+            None,
         )
         .await;
         assert!(
@@ -715,6 +731,7 @@ mod tests {
             budget(10),
             PhaseKind::Chained,
             no_stop(),
+            None,
         )
         .await;
         assert_eq!(*log.lock().unwrap(), ["first", "queued by first"]);
@@ -733,6 +750,7 @@ mod tests {
             past,
             PhaseKind::Chained,
             no_stop(),
+            None,
         )
         .await;
         assert_eq!(report.actions[0].outcome, ActionOutcome::NotRun);
@@ -770,6 +788,7 @@ mod tests {
             budget(10),
             PhaseKind::Chained,
             Stop::new(rx),
+            None,
         )
         .await;
         assert_eq!(report.actions[0].outcome, ActionOutcome::TimedOut);

@@ -386,6 +386,14 @@ pub struct PhaseReport {
     /// background export since), when the builder was given
     /// [`span_export_counts`](crate::Deferred::span_export_counts); `None` otherwise.
     pub spans_lost: Option<u64>,
+    /// Spans the batch processor dropped on a full queue (they never reached the exporter)
+    /// since the previous report that counted any: at least this many. Known after a phase
+    /// whose flushes all succeeded, when the batch processor is wrapped in a
+    /// [`CountingSpanProcessor`](crate::CountingSpanProcessor) with the counts given to
+    /// [`span_export_counts`](crate::Deferred::span_export_counts); `None` otherwise.
+    pub spans_dropped: Option<u64>,
+    /// [`ExportCounts::ended`](crate::ExportCounts::ended) just before the flushes began.
+    pub(crate) ended_before_flush: Option<u64>,
 }
 
 impl PhaseReport {
@@ -422,7 +430,8 @@ impl PhaseReport {
         self.flushes.iter().all(|f| f.outcome == FlushOutcome::Ok)
     }
 
-    /// True when every action and flush succeeded, nothing was cut and no span was lost.
+    /// True when every action and flush succeeded, nothing was cut and no span was lost or
+    /// dropped.
     ///
     /// The log line is `info` when it is true, `warn` otherwise. A failed action leaves
     /// [`flushed`](Self::flushed) true and this false (see [`PhaseReport`]'s example).
@@ -442,6 +451,7 @@ impl PhaseReport {
     /// ```
     pub fn is_clean(&self) -> bool {
         self.spans_lost.unwrap_or(0) == 0
+            && self.spans_dropped.unwrap_or(0) == 0
             && self.cut.is_empty()
             && self.actions.iter().all(|a| a.outcome == ActionOutcome::Ok)
             && self.flushed()
@@ -487,6 +497,7 @@ impl PhaseReport {
                 cut = !self.cut.is_empty(),
                 consecutive_flush_failures = self.consecutive_flush_failures,
                 spans_lost = self.spans_lost.unwrap_or(0),
+                spans_dropped = self.spans_dropped.unwrap_or(0),
                 duration_ms,
                 "{self}"
             );
@@ -533,6 +544,12 @@ impl fmt::Display for PhaseReport {
         }
         if let Some(lost) = self.spans_lost.filter(|n| *n > 0) {
             write!(f, "; {lost} spans lost (their export failed)")?;
+        }
+        if let Some(dropped) = self.spans_dropped.filter(|n| *n > 0) {
+            write!(
+                f,
+                "; {dropped} spans dropped (the batch processor's queue was full)"
+            )?;
         }
         for cut in &self.cut {
             match cut {

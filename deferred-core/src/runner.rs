@@ -239,8 +239,16 @@ impl Runner {
         // the same instant, so a flush ending there needs no poke.
         let budget = Budget { end };
         let flushers = &core.config.flushers;
-        let staged =
-            phase::run_actions_stage(job, flushers, budget, PhaseKind::Chained, core.stop()).await;
+        let counts = core.config.span_counts.as_deref();
+        let staged = phase::run_actions_stage(
+            job,
+            flushers,
+            budget,
+            PhaseKind::Chained,
+            core.stop(),
+            counts,
+        )
+        .await;
         let (Some(end), Some((first, rest))) = (staged.flush_end, flushers.split_first()) else {
             self.end_phase(core, staged, Vec::new(), serial, seq);
             return;
@@ -390,7 +398,8 @@ mod tests {
         };
         let stop = Stop::new(tokio::sync::watch::channel(false).1);
         let staged =
-            phase::run_actions_stage(job, &[], Budget { end }, PhaseKind::Chained, stop).await;
+            phase::run_actions_stage(job, &[], Budget { end }, PhaseKind::Chained, stop, None)
+                .await;
         Flushing {
             seq,
             staged,
