@@ -167,12 +167,17 @@ pub fn build(
         .with_endpoint(format!("{base}/v1/traces"))
         .with_timeout(export_timeout)
         .build()?;
-    // Counted, so phase reports can say how many spans a failed export lost.
+    // Counted, so phase reports can say how many spans a failed export lost, and how many the
+    // batch processor dropped on a full queue.
     let span_exporter = deferred_core::CountingSpanExporter::new(span_exporter);
     let span_counts = span_exporter.counts();
+    let batch = BatchSpanProcessor::builder(span_exporter).build();
     let tracer_provider = SdkTracerProvider::builder()
         .with_resource(resource.clone())
-        .with_span_processor(BatchSpanProcessor::builder(span_exporter).build())
+        .with_span_processor(deferred_core::CountingSpanProcessor::new(
+            batch,
+            span_counts.clone(),
+        ))
         .build();
 
     let metric_exporter = MetricExporter::builder()

@@ -251,6 +251,78 @@ async fn exporter_stalling_past_flush_timeout_is_abandoned_at_the_cap() {
     assert_eq!(env.emulator.stats().resets, 0);
 }
 
+/// The count of a report line's `N spans dropped (...)` (0 when it says none).
+fn spans_dropped(line: &str) -> u64 {
+    line.split("; ")
+        .find_map(|part| part.split_once(" spans dropped (the batch processor's queue was full)"))
+        .map(|(n, _)| n)
+        .map_or(0, |n| n.trim().parse().expect("a count"))
+}
+
+/// While the collector holds an export, spans pile up in the batch processor's queue (16 here,
+/// `OTEL_BSP_MAX_QUEUE_SIZE`), and the ones that do not fit are dropped before any export:
+/// no exporter sees them. The first clean flush after the collector answers counts them in
+/// its report (the fixture wraps the batch processor in a `CountingSpanProcessor`), once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_dropped_on_a_full_queue_are_counted_in_the_report() {
+    let _serial = SERIAL.lock().await;
+    let env = start(
+        "run",
+        config(5),
+        &[
+            ("FLUSH_TIMEOUT_MS", "200"),
+            ("OTEL_BSP_MAX_QUEUE_SIZE", "16"),
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "8000"),
+        ],
+    )
+    .await;
+    let warm = env.invoke(json!({})).await;
+    env.completed(&warm.request_id).await;
+
+    env.sink
+        .set_behaviour(Behaviour::StallFor(Duration::from_millis(1500)));
+    let mut during = Vec::new();
+    for _ in 0..8 {
+        let hit = env
+            .invoke(json!({ "actions": [{ "name": "a" }, { "name": "b" }] }))
+            .await;
+        assert!(hit.outcome.is_success());
+        env.completed(&hit.request_id).await;
+        during.push(report(&env, &hit.request_id).await);
+    }
+    // Flushes abandoned or skipped while the export is held: no count of drops from them.
+    for line in &during {
+        assert_eq!(spans_dropped(line), 0, "{line}");
+    }
+    env.sink.set_behaviour(Behaviour::Normal);
+
+    let mut counted = None;
+    for _ in 0..20 {
+        let next = env.invoke(json!({})).await;
+        env.completed(&next.request_id).await;
+        let line = report(&env, &next.request_id).await;
+        if line.contains("flush tracer provider ok") {
+            counted = Some(line);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let line = counted.expect("a clean flush once the collector answers");
+    let dropped = spans_dropped(&line);
+    eprintln!(
+        "queue of 16, 8 invocations during a 1.5 s stall: the report counts {dropped} spans dropped"
+    );
+    // 8 invocations end at least 32 spans (the invocation's, the handler's, two actions'):
+    // with one export held, at most 16 + one batch can be queued or in flight.
+    assert!(dropped >= 1, "{line}");
+
+    let after = env.invoke(json!({})).await;
+    env.completed(&after.request_id).await;
+    let line = report(&env, &after.request_id).await;
+    assert!(line.contains("flush tracer provider ok"), "{line}");
+    assert_eq!(spans_dropped(&line), 0, "counted once: {line}");
+}
+
 /// An action that spawns its own task and returns: the action is done as far as the phase is
 /// concerned; later actions and the flush run; the spawned task is not awaited (it escapes
 /// the chain, is frozen with the environment, and resumes on the next invocation).

@@ -18,7 +18,8 @@
 //! - each invocation is reported exactly once;
 //! - spans: a clean flush delivered the invocation's spans before the release, and every span
 //!   is delivered in the end unless a report in between counted spans lost (their export
-//!   failed).
+//!   failed); no report counts spans dropped on a full queue (2,048 spans cannot pile up
+//!   here, so such a count would be false).
 //!
 //! `CHAOS_SEED` replays a run (the seed is printed, and named on failure);
 //! `CHAOS_INVOCATIONS` sets its size.
@@ -421,6 +422,13 @@ fn check(env: &Env, wiring: Wiring, ran: &[Ran]) -> Vec<String> {
                 None if !case.nearly_spent => fail(format!("{name} never ended")),
                 None => {}
             }
+        }
+        // The batch processor's queue (2,048) cannot fill here: a drop count would be false.
+        if reports
+            .get(id)
+            .is_some_and(|r| r.iter().any(|l| l.contains("spans dropped")))
+        {
+            fail("its report counts spans dropped".into());
         }
         if previous_release.is_some_and(|p| t.invoked < p) {
             fail("invoked before the previous phase ended".into());
