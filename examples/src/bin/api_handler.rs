@@ -7,6 +7,9 @@
 //! - `#[tracing::instrument]` spans exported through tracing-opentelemetry, and a counter;
 //! - `Deferred::new().flush(tracer).flush(meter)`: both providers flushed after every
 //!   response, concurrently, within `flush_timeout`;
+//! - lost spans counted: the span exporter wrapped in a `CountingSpanExporter` and the batch
+//!   processor in a `CountingSpanProcessor`, so that each phase report says how many spans a
+//!   failed export lost and how many a full queue dropped (alert on them);
 //! - a `lambda_http` handler: `#[deferred_handler]` on a function of `lambda_http::Request`
 //!   (feature `http` of deferred-core), run through `lambda_http::Adapter`.
 //!
@@ -34,11 +37,13 @@
 //! The function timeout (10 s here) must cover the handler plus the deferred phase: the
 //! flush may take up to `flush_timeout` (3 s) after the response.
 
-use std::sync::LazyLock;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-use deferred_core::{Deferred, deferred_handler};
+use deferred_core::{
+    CountingSpanExporter, CountingSpanProcessor, Deferred, ExportCounts, deferred_handler,
+};
 use lambda_http::http::StatusCode;
 use lambda_http::{
     Adapter, Body, Error, Request, RequestExt as _, RequestPayloadExt, Response, service_fn,
@@ -128,21 +133,26 @@ fn json_response(status: StatusCode, body: &impl Serialize) -> Result<Response<B
         .body(Body::from(serde_json::to_string(body)?))?)
 }
 
-/// The tracer and meter providers, exporting OTLP/HTTP to `OTEL_EXPORTER_OTLP_ENDPOINT`.
-fn telemetry() -> Result<(SdkTracerProvider, SdkMeterProvider), Error> {
+/// The tracer and meter providers, exporting OTLP/HTTP to `OTEL_EXPORTER_OTLP_ENDPOINT`, and
+/// the span counts for the phase reports.
+fn telemetry() -> Result<(SdkTracerProvider, SdkMeterProvider, Arc<ExportCounts>), Error> {
     let service = std::env::var("OTEL_SERVICE_NAME")
         .or_else(|_| std::env::var("AWS_LAMBDA_FUNCTION_NAME"))
         .unwrap_or_else(|_| "orders-api".to_owned());
     let resource = Resource::builder().with_service_name(service).build();
 
-    let spans = SpanExporter::builder()
-        .with_http()
-        .with_protocol(Protocol::HttpBinary)
-        .with_timeout(EXPORT_TIMEOUT)
-        .build()?;
+    let spans = CountingSpanExporter::new(
+        SpanExporter::builder()
+            .with_http()
+            .with_protocol(Protocol::HttpBinary)
+            .with_timeout(EXPORT_TIMEOUT)
+            .build()?,
+    );
+    let counts = spans.counts();
+    let batch = BatchSpanProcessor::builder(spans).build();
     let tracer_provider = SdkTracerProvider::builder()
         .with_resource(resource.clone())
-        .with_span_processor(BatchSpanProcessor::builder(spans).build())
+        .with_span_processor(CountingSpanProcessor::new(batch, counts.clone()))
         .build();
 
     let metrics = MetricExporter::builder()
@@ -155,12 +165,12 @@ fn telemetry() -> Result<(SdkTracerProvider, SdkMeterProvider), Error> {
         .with_reader(PeriodicReader::builder(metrics).build())
         .build();
 
-    Ok((tracer_provider, meter_provider))
+    Ok((tracer_provider, meter_provider, counts))
 }
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
-    let (tracer_provider, meter_provider) = telemetry()?;
+    let (tracer_provider, meter_provider, span_counts) = telemetry()?;
     global::set_meter_provider(meter_provider.clone());
     // The deferred phase reports itself (`deferred.phase` spans) through the global provider.
     global::set_tracer_provider(tracer_provider.clone());
@@ -178,6 +188,7 @@ async fn main() -> Result<(), Error> {
     Deferred::new()
         .flush(tracer_provider)
         .flush(meter_provider)
+        .span_export_counts(span_counts)
         .run(Adapter::from(service_fn(handler)))
         .await
 }
