@@ -441,7 +441,10 @@ impl Deferred {
     /// Counts of a [`CountingSpanExporter`](crate::CountingSpanExporter): each report then
     /// says how many spans were lost (their export failed) since the previous one, in
     /// [`PhaseReport::spans_lost`](crate::PhaseReport::spans_lost), its log line and its
-    /// `deferred.phase` span.
+    /// `deferred.phase` span. When a [`CountingSpanProcessor`](crate::CountingSpanProcessor)
+    /// wraps the batch processor with the same counts, a report after a clean flush also says
+    /// how many spans the processor dropped on a full queue
+    /// ([`PhaseReport::spans_dropped`](crate::PhaseReport::spans_dropped)).
     ///
     /// ```
     /// use std::sync::Arc;
@@ -458,7 +461,8 @@ impl Deferred {
     /// Whether each phase reports itself through OpenTelemetry's global providers (default
     /// true): a span `deferred.phase` (attributes `faas.invocation_id`,
     /// `deferred.phase.kind`, `deferred.outcome`, `deferred.cut_reason`, and
-    /// `deferred.spans_lost` with [`span_export_counts`](Self::span_export_counts)), in the
+    /// `deferred.spans_lost` and `deferred.spans_dropped` with
+    /// [`span_export_counts`](Self::span_export_counts)), in the
     /// invocation's trace (see [`PhaseReport::invocation_span`](crate::PhaseReport::invocation_span)), with a
     /// child span `deferred.action` per action and `deferred.flush` per flusher (only when
     /// the phase's span is recorded), and the
