@@ -392,6 +392,45 @@ mod tests {
             .map(|kv| kv.value.to_string())
     }
 
+    /// The span counts, when known, are attributes of the phase span; a drop makes the
+    /// phase an error even when every action and flush succeeded.
+    #[test]
+    fn lost_and_dropped_spans_are_attributes_of_the_phase_span() {
+        let mut report = report();
+        report.actions.retain(|a| a.outcome == ActionOutcome::Ok);
+        report.spans_lost = Some(0);
+        report.spans_dropped = Some(7);
+        let recorded = spans(&report);
+        let phase = recorded
+            .iter()
+            .find(|s| s.name == "deferred.phase")
+            .unwrap();
+        assert_eq!(
+            attribute(phase, "deferred.spans_lost").as_deref(),
+            Some("0")
+        );
+        assert_eq!(
+            attribute(phase, "deferred.spans_dropped").as_deref(),
+            Some("7")
+        );
+        assert_eq!(
+            attribute(phase, "deferred.outcome").as_deref(),
+            Some("error")
+        );
+        assert!(
+            matches!(&phase.status, Status::Error { description } if description.contains("7 spans dropped"))
+        );
+
+        report.spans_dropped = None;
+        let recorded = spans(&report);
+        let phase = recorded
+            .iter()
+            .find(|s| s.name == "deferred.phase")
+            .unwrap();
+        assert_eq!(attribute(phase, "deferred.spans_dropped"), None);
+        assert_eq!(attribute(phase, "deferred.outcome").as_deref(), Some("ok"));
+    }
+
     #[test]
     fn a_phase_span_with_a_child_per_action_and_per_flush_on_the_report_s_clock() {
         let report = report();
