@@ -36,12 +36,25 @@ async fn report(env: &Env, request_id: &str) -> String {
         .unwrap_or_else(|| panic!("no phase report for {request_id}"))
 }
 
-/// The `spans lost` of a report line (0 when it says none).
-fn spans_lost(line: &str) -> u64 {
+/// The count `N` of a report line's `; N<what>` (0 when it says none).
+fn counted(line: &str, what: &str) -> u64 {
     line.split("; ")
-        .find_map(|part| part.split_once(" spans lost (their export failed)"))
+        .find_map(|part| part.split_once(what))
         .map(|(n, _)| n)
         .map_or(0, |n| n.trim().parse().expect("a count"))
+}
+
+/// The `spans lost` of a report line (0 when it says none).
+fn spans_lost(line: &str) -> u64 {
+    counted(line, " spans lost (their export failed)")
+}
+
+/// The `spans dropped` of a report line (0 when it says none).
+fn spans_dropped(line: &str) -> u64 {
+    counted(
+        line,
+        " spans dropped (the batch processor's queue was full)",
+    )
 }
 
 fn assert_released_in_time(t: &Timeline, what: &str) {
@@ -249,14 +262,6 @@ async fn exporter_stalling_past_flush_timeout_is_abandoned_at_the_cap() {
     }
     assert!(clean, "the flusher is used again once its thread returned");
     assert_eq!(env.emulator.stats().resets, 0);
-}
-
-/// The count of a report line's `N spans dropped (...)` (0 when it says none).
-fn spans_dropped(line: &str) -> u64 {
-    line.split("; ")
-        .find_map(|part| part.split_once(" spans dropped (the batch processor's queue was full)"))
-        .map(|(n, _)| n)
-        .map_or(0, |n| n.trim().parse().expect("a count"))
 }
 
 /// While the collector holds an export, spans pile up in the batch processor's queue (16 here,
