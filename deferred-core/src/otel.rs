@@ -226,7 +226,7 @@ fn action_name(action: &ActionReport) -> Cow<'static, str> {
 }
 
 /// `ok`, `cut` (something was cut for time or shutdown), or `error` (an action or a flush
-/// failed, and nothing was cut).
+/// failed, or spans were lost or dropped, and nothing was cut).
 fn phase_outcome(report: &PhaseReport) -> &'static str {
     if !report.cut.is_empty() {
         "cut"
