@@ -372,6 +372,18 @@ fn missing(
 /// The phase reports the function logged, by request id: how many, and their text.
 fn reports(env: &Env) -> HashMap<String, Vec<String>> {
     let mut by_id: HashMap<String, Vec<String>> = HashMap::new();
+    for (id, line) in reports_in_order(env) {
+        by_id.entry(id).or_default().push(line);
+    }
+    by_id
+}
+
+/// Every phase report the function logged, in order, with its request id: the test's
+/// invocations', and also those of INVOKE events it never sent (an `event/next` answer whose
+/// `requestId` a fault replaced gets a phase of its own, and its report may be the one that
+/// counts spans lost).
+fn reports_in_order(env: &Env) -> Vec<(String, String)> {
+    let mut reports = Vec::new();
     for line in env.emulator.function_logs() {
         let Some(rest) = line.split("deferred phase (").nth(1) else {
             continue;
@@ -383,9 +395,9 @@ fn reports(env: &Env) -> HashMap<String, Vec<String>> {
         else {
             continue;
         };
-        by_id.entry(id.to_owned()).or_default().push(line.clone());
+        reports.push((id.to_owned(), line.clone()));
     }
-    by_id
+    reports
 }
 
 /// Every per-invocation invariant of the module's list; the failures, each naming its
@@ -455,10 +467,24 @@ fn lost_spans(
             report(&r.result.request_id).is_some_and(|l| l.contains("flush tracer provider ok"))
         })
         .collect();
-    let counted_lost: Vec<bool> = ran
-        .iter()
-        .map(|r| report(&r.result.request_id).is_some_and(|l| l.contains("spans lost")))
-        .collect();
+    // Whether a report from invocation `i`'s to invocation `j`'s, in log order (the reports of
+    // events the test never sent included), counted spans lost.
+    let in_order = reports_in_order(env);
+    let mut position: HashMap<&str, usize> = HashMap::new();
+    for (at, (id, _)) in in_order.iter().enumerate() {
+        position.entry(id.as_str()).or_insert(at);
+    }
+    let counted_lost = |i: usize, j: usize| {
+        let at = |k: usize| position.get(ran[k].result.request_id.as_str()).copied();
+        match (at(i), at(j)) {
+            (Some(from), Some(to)) if from <= to => in_order[from..=to]
+                .iter()
+                .any(|(_, line)| line.contains("spans lost")),
+            _ => ran[i..=j]
+                .iter()
+                .any(|r| report(&r.result.request_id).is_some_and(|l| l.contains("spans lost"))),
+        }
+    };
     let by_trace = spans_by_trace(env);
     let mut failures = Vec::new();
     for (i, r) in ran.iter().enumerate() {
@@ -488,7 +514,7 @@ fn lost_spans(
         }
         // In the end (a later clean flush carries what a skipped or abandoned one left).
         let Some(j) = next_clean else { continue };
-        if counted_lost[i..=j].iter().any(|&lost| lost) {
+        if counted_lost(i, j) {
             continue;
         }
         let missing = missing(&r.case, spans, None, true);
