@@ -64,6 +64,13 @@ struct Pending {
     servers: usize,
 }
 
+impl Pending {
+    /// A server stops serving the queue, or never started.
+    fn leave(&mut self) {
+        self.servers = self.servers.saturating_sub(1);
+    }
+}
+
 /// What the watchdog sees, and when the chain's task plans to look next.
 #[derive(Debug, Default)]
 struct Watch {
@@ -175,8 +182,7 @@ impl Runner {
             .upgrade()
             .map(|core| to_blocking_pool(&self.handle, move || runner.serve(&core, true)));
         if !matches!(standing_in, Some(Ok(()))) {
-            let mut pending = lock(&self.queue);
-            pending.servers = pending.servers.saturating_sub(1);
+            lock(&self.queue).leave();
             tracing::error!(target: "deferred", "no blocking thread either: this phase waits for the next phase thread");
         }
     }
@@ -194,7 +200,7 @@ impl Runner {
                         break work;
                     }
                     if until_empty {
-                        pending.servers = pending.servers.saturating_sub(1);
+                        pending.leave();
                         return;
                     }
                     pending = self
@@ -335,8 +341,7 @@ impl Runner {
             // The queue is empty: the next phase comes after this one's release, below. It
             // tries again ([`Runner::submit`]).
             tracing::error!(target: "deferred", %error, "cannot start a new phase thread after a flush overran");
-            let mut pending = lock(&self.queue);
-            pending.servers = pending.servers.saturating_sub(1);
+            lock(&self.queue).leave();
         }
         let flushes = running
             .abandon(&here, staged.started, &mut staged.cut)

@@ -369,11 +369,11 @@ fn missing(
     missing
 }
 
-/// The phase reports the function logged, by request id: how many, and their text.
-fn reports(env: &Env) -> HashMap<String, Vec<String>> {
+/// The phase reports of [`reports_in_order`], by request id: how many, and their text.
+fn reports(in_order: &[(String, String)]) -> HashMap<String, Vec<String>> {
     let mut by_id: HashMap<String, Vec<String>> = HashMap::new();
-    for (id, line) in reports_in_order(env) {
-        by_id.entry(id).or_default().push(line);
+    for (id, line) in in_order {
+        by_id.entry(id.clone()).or_default().push(line.clone());
     }
     by_id
 }
@@ -405,7 +405,8 @@ fn reports_in_order(env: &Env) -> Vec<(String, String)> {
 fn check(env: &Env, wiring: Wiring, ran: &[Ran]) -> Vec<String> {
     let mut failures = Vec::new();
     let timelines = timelines(env);
-    let reports = reports(env);
+    let in_order = reports_in_order(env);
+    let reports = reports(&in_order);
     let mut previous_release: Option<Instant> = None;
     for (i, r) in ran.iter().enumerate() {
         let (case, id) = (&r.case, &r.result.request_id);
@@ -447,7 +448,7 @@ fn check(env: &Env, wiring: Wiring, ran: &[Ran]) -> Vec<String> {
         }
         previous_release = Some(release);
     }
-    failures.extend(lost_spans(env, wiring, ran, &reports));
+    failures.extend(lost_spans(env, wiring, ran, &reports, &in_order));
     failures
 }
 
@@ -459,6 +460,7 @@ fn lost_spans(
     wiring: Wiring,
     ran: &[Ran],
     reports: &HashMap<String, Vec<String>>,
+    in_order: &[(String, String)],
 ) -> Vec<String> {
     let report = |id: &str| reports.get(id).and_then(|r| r.first()).cloned();
     let clean: Vec<bool> = ran
@@ -469,7 +471,6 @@ fn lost_spans(
         .collect();
     // Whether a report from invocation `i`'s to invocation `j`'s, in log order (the reports of
     // events the test never sent included), counted spans lost.
-    let in_order = reports_in_order(env);
     let mut position: HashMap<&str, usize> = HashMap::new();
     for (at, (id, _)) in in_order.iter().enumerate() {
         position.entry(id.as_str()).or_insert(at);
@@ -846,7 +847,7 @@ async fn chaos_concurrent() {
         )
         .await
         .is_some();
-    let reports = reports(&env);
+    let reports = reports(&reports_in_order(&env));
     let timelines = timelines(&env);
     let mut failures = Vec::new();
     if !reported {
