@@ -575,23 +575,14 @@ impl Core {
     /// Runs a phase and reports it. Phases never overlap, except background ones.
     pub(crate) async fn run_phase(&self, job: Job, kind: PhaseKind) -> PhaseReport {
         let budget = Budget::new(job.deadline, self.config.safety_margin);
-        let (flushers, counts) = (&self.config.flushers, self.config.span_counts.as_deref());
+        let flushers = &self.config.flushers;
         let report = if kind == PhaseKind::Background {
-            phase::run(job, flushers, budget, kind, self.stop(), counts).await
+            phase::run(job, flushers, budget, kind, self.stop()).await
         } else {
             let _serial = self.phase_lock.lock().await;
-            phase::run(job, flushers, budget, kind, self.stop(), counts).await
+            phase::run(job, flushers, budget, kind, self.stop()).await
         };
         self.finish(report)
-    }
-
-    /// [`ExportCounts::ended`](crate::ExportCounts::ended), when the builder has span counts
-    /// that a [`CountingSpanProcessor`](crate::CountingSpanProcessor) feeds.
-    pub(crate) fn spans_ended(&self) -> Option<u64> {
-        self.config
-            .span_counts
-            .as_deref()
-            .and_then(crate::ExportCounts::ended_if_counted)
     }
 
     /// What every phase report goes through, the final flush's included: the failure
@@ -601,11 +592,12 @@ impl Core {
             let lost = counts.lost();
             report.spans_lost =
                 Some(lost.saturating_sub(self.lost_reported.swap(lost, Ordering::Relaxed)));
-            // After a flush that succeeded, every span that ended before it began has been
-            // exported, lost in a failed export, or dropped on a full queue (which no exporter
-            // sees). Spans that ended during the flush may hide a drop: a lower bound.
-            report.spans_dropped = report
-                .ended_before_flush
+            // After a flush of the batch processor that succeeded, every span that ended before
+            // it began has been exported, lost in a failed export, or dropped on a full queue
+            // (which no exporter sees). The processor notes how many had ended when its latest
+            // such flush began. Spans exported since may hide a drop: a lower bound.
+            report.spans_dropped = counts
+                .flushed_if_counted()
                 .filter(|_| !report.flushes.is_empty() && report.flushed())
                 .map(|ended| {
                     let dropped = ended.saturating_sub(counts.exported().saturating_add(lost));
@@ -766,6 +758,52 @@ mod tests {
         );
         let report = core.run_phase(inline_job("r-1"), PhaseKind::Inline).await;
         assert_eq!((report.spans_lost, report.spans_dropped), (Some(0), None));
+    }
+
+    /// Spans still queued in a batch processor that no flush has covered are not counted as
+    /// dropped, even when the core's flushers (which succeeded) do not include its provider.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn spans_no_flush_covered_are_not_counted_as_dropped() {
+        use opentelemetry::trace::{Tracer as _, TracerProvider as _};
+        use opentelemetry_sdk::trace::{BatchSpanProcessor, InMemorySpanExporter};
+
+        let exporter = crate::CountingSpanExporter::new(InMemorySpanExporter::default());
+        let counts = exporter.counts();
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+            .with_span_processor(crate::CountingSpanProcessor::new(
+                BatchSpanProcessor::builder(exporter).build(),
+                counts.clone(),
+            ))
+            .build();
+        let core = Core::new(
+            Config {
+                flushers: vec![crate::flush::Flusher::new(crate::flush_fn(
+                    "metrics",
+                    || Ok::<_, crate::FlushError>(()),
+                ))],
+                span_counts: Some(counts.clone()),
+                phase_telemetry: false,
+                ..Config::default()
+            },
+            Mode::Inline,
+        );
+        // Three spans wait in the batch processor (its 5 s timer has not fired).
+        let tracer = provider.tracer("test");
+        for _ in 0..3 {
+            tracer.in_span("queued", |_| {});
+        }
+        let report = core.run_phase(inline_job("r-1"), PhaseKind::Inline).await;
+        assert!(report.flushed(), "{report}");
+        assert_eq!((counts.ended(), counts.exported()), (3, 0));
+        assert_eq!(report.spans_dropped, Some(0), "{report}");
+
+        // Once the provider itself is flushed, they are out, and still none is dropped.
+        provider
+            .force_flush()
+            .expect("the in-memory export succeeds");
+        assert_eq!((counts.flushed(), counts.exported()), (3, 3));
+        let report = core.run_phase(inline_job("r-2"), PhaseKind::Inline).await;
+        assert_eq!(report.spans_dropped, Some(0), "{report}");
     }
 
     /// The wait for a late INVOKE event leaves the work half of what the invocation has left.

@@ -31,7 +31,9 @@ pub struct ExportCounts {
     exported: AtomicU64,
     lost: AtomicU64,
     ended: AtomicU64,
-    /// Whether a [`CountingSpanProcessor`] counts into `ended`.
+    /// `ended` when the latest flush of the [`CountingSpanProcessor`] that succeeded began.
+    flushed: AtomicU64,
+    /// Whether a [`CountingSpanProcessor`] counts into `ended` and `flushed`.
     processor: AtomicBool,
 }
 
@@ -46,14 +48,36 @@ impl ExportCounts {
         self.lost.load(Ordering::Relaxed)
     }
 
-    /// Spans handed to a [`CountingSpanProcessor`] with these counts (0 without one).
+    /// Sampled spans handed to a [`CountingSpanProcessor`] with these counts (0 without one).
     pub fn ended(&self) -> u64 {
         self.ended.load(Ordering::Acquire)
     }
 
-    /// [`ended`](Self::ended), if a [`CountingSpanProcessor`] counts it.
-    pub(crate) fn ended_if_counted(&self) -> Option<u64> {
-        self.processor.load(Ordering::Relaxed).then(|| self.ended())
+    /// How many spans had [`ended`](Self::ended) when the latest flush of the
+    /// [`CountingSpanProcessor`] that succeeded began (0 before one): each of them has since
+    /// been exported, lost in a failed export, or dropped on a full queue.
+    pub fn flushed(&self) -> u64 {
+        self.flushed.load(Ordering::Acquire)
+    }
+
+    /// [`flushed`](Self::flushed), if a [`CountingSpanProcessor`] counts it.
+    pub(crate) fn flushed_if_counted(&self) -> Option<u64> {
+        self.processor
+            .load(Ordering::Relaxed)
+            .then(|| self.flushed())
+    }
+
+    /// Runs a flush (or shutdown) of the processor, and notes what it covered if it succeeded.
+    fn flush(&self, flush: impl FnOnce() -> OTelSdkResult) -> OTelSdkResult {
+        // Read before the flush begins: a span counted here was queued (or dropped) before
+        // the flush's own message, so the flush covers it.
+        let ended = self.ended();
+        let result = flush();
+        if result.is_ok() {
+            // `fetch_max`: flushes from several threads may finish out of order.
+            self.flushed.fetch_max(ended, Ordering::AcqRel);
+        }
+        result
     }
 }
 
@@ -151,9 +175,10 @@ impl<E: SpanExporter> SpanExporter for CountingSpanExporter<E> {
 /// With the counts of the [`CountingSpanExporter`] inside that processor, a phase whose flush
 /// succeeded can tell how many spans the processor dropped on a full queue: every span that
 /// ended before the flush began has then been exported, lost in a failed export, or dropped.
-/// The report's [`spans_dropped`](crate::PhaseReport::spans_dropped) is that difference: a
-/// lower bound (spans that end during the flush may be exported in it and hide a drop), never
-/// an overcount. The tracer provider must be one of the core's flushers.
+/// The processor notes how many that was ([`ExportCounts::flushed`]), whoever flushed it. The
+/// report's [`spans_dropped`](crate::PhaseReport::spans_dropped) is that difference: a lower
+/// bound (spans that end after the flush began may be exported and hide a drop), never an
+/// overcount. Only sampled spans are counted: the SDK's simple processor exports no others.
 ///
 /// ```
 /// use deferred_core::{CountingSpanExporter, CountingSpanProcessor, Deferred};
@@ -195,18 +220,23 @@ impl<P: SpanProcessor> SpanProcessor for CountingSpanProcessor<P> {
     }
 
     fn on_end(&self, span: SpanData) {
+        let sampled = span.span_context.is_sampled();
         self.inner.on_end(span);
         // Counted once the processor has queued (or dropped) it: a flush that begins after
-        // this count then covers it.
-        self.counts.ended.fetch_add(1, Ordering::Release);
+        // this count then covers it. An unsampled span may be exported or not, depending on
+        // the processor: leaving it out can only lower the count of drops.
+        if sampled {
+            self.counts.ended.fetch_add(1, Ordering::Release);
+        }
     }
 
     fn force_flush(&self) -> OTelSdkResult {
-        self.inner.force_flush()
+        self.counts.flush(|| self.inner.force_flush())
     }
 
     fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
-        self.inner.shutdown_with_timeout(timeout)
+        self.counts
+            .flush(|| self.inner.shutdown_with_timeout(timeout))
     }
 
     fn set_resource(&mut self, resource: &Resource) {
@@ -216,9 +246,15 @@ impl<P: SpanProcessor> SpanProcessor for CountingSpanProcessor<P> {
 
 #[cfg(test)]
 mod tests {
-    use opentelemetry::trace::{Tracer as _, TracerProvider as _};
+    use opentelemetry::KeyValue;
+    use opentelemetry::trace::{
+        Link, SpanKind, TraceId, TraceState, Tracer as _, TracerProvider as _,
+    };
     use opentelemetry_sdk::error::OTelSdkError;
-    use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
+    use opentelemetry_sdk::trace::{
+        BatchSpanProcessor, InMemorySpanExporter, SamplingDecision, SamplingResult,
+        SdkTracerProvider, ShouldSample, SimpleSpanProcessor,
+    };
 
     use super::*;
 
@@ -248,6 +284,75 @@ mod tests {
         spans(&provider, 3);
         assert!(provider.force_flush().is_err());
         assert_eq!((counts.exported(), counts.lost()), (0, 3));
+    }
+
+    /// Samples every span as record-only: recorded, handed to the processors, not sampled.
+    #[derive(Debug, Clone)]
+    struct RecordOnly;
+
+    impl ShouldSample for RecordOnly {
+        fn should_sample(
+            &self,
+            _: Option<&Context>,
+            _: TraceId,
+            _: &str,
+            _: &SpanKind,
+            _: &[KeyValue],
+            _: &[Link],
+        ) -> SamplingResult {
+            SamplingResult {
+                decision: SamplingDecision::RecordOnly,
+                attributes: Vec::new(),
+                trace_state: TraceState::default(),
+            }
+        }
+    }
+
+    /// A provider whose batch processor and exporter both count, into the counts returned.
+    fn counted_batch(
+        exporter: impl SpanExporter + 'static,
+    ) -> (SdkTracerProvider, Arc<ExportCounts>) {
+        let exporter = CountingSpanExporter::new(exporter);
+        let counts = exporter.counts();
+        let batch = BatchSpanProcessor::builder(exporter).build();
+        let provider = SdkTracerProvider::builder()
+            .with_span_processor(CountingSpanProcessor::new(batch, counts.clone()))
+            .build();
+        (provider, counts)
+    }
+
+    #[test]
+    fn a_flush_notes_the_spans_it_covered_only_when_it_succeeds() {
+        let (provider, counts) = counted_batch(Failing);
+        spans(&provider, 2);
+        assert!(provider.force_flush().is_err());
+        assert_eq!((counts.ended(), counts.flushed(), counts.lost()), (2, 0, 2));
+
+        let (provider, counts) = counted_batch(InMemorySpanExporter::default());
+        spans(&provider, 3);
+        assert_eq!((counts.ended(), counts.flushed()), (3, 0));
+        provider.force_flush().unwrap();
+        assert_eq!(
+            (counts.ended(), counts.flushed(), counts.exported()),
+            (3, 3, 3)
+        );
+        assert_eq!(counts.flushed_if_counted(), Some(3));
+    }
+
+    #[test]
+    fn unsampled_spans_are_not_counted_as_ended() {
+        let counts = Arc::new(ExportCounts::default());
+        assert_eq!(counts.flushed_if_counted(), None);
+        let simple = SimpleSpanProcessor::new(InMemorySpanExporter::default());
+        let provider = SdkTracerProvider::builder()
+            .with_sampler(RecordOnly)
+            .with_span_processor(CountingSpanProcessor::new(simple, counts.clone()))
+            .build();
+        spans(&provider, 2);
+        provider.force_flush().unwrap();
+        // The simple processor exports no unsampled span: counted, they would read as dropped.
+        assert_eq!((counts.ended(), counts.flushed()), (0, 0));
+        assert_eq!(counts.flushed_if_counted(), Some(0));
     }
 
     #[test]

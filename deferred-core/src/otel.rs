@@ -368,7 +368,6 @@ mod tests {
             consecutive_flush_failures: 0,
             spans_lost: None,
             spans_dropped: None,
-            ended_before_flush: None,
         }
     }
 

@@ -8,7 +8,6 @@ use std::time::{Duration, SystemTime};
 use opentelemetry::trace::SpanContext;
 use tokio::time::Instant;
 
-use crate::counting::ExportCounts;
 use crate::flush::Flusher;
 use crate::report::{
     ActionOutcome, ActionReport, CutReason, FlushOutcome, FlushReport, PhaseKind, PhaseReport,
@@ -66,9 +65,8 @@ pub(crate) async fn run(
     budget: Budget,
     kind: PhaseKind,
     stop: Stop,
-    counts: Option<&ExportCounts>,
 ) -> PhaseReport {
-    let mut staged = run_actions_stage(job, flushers, budget, kind, stop, counts).await;
+    let mut staged = run_actions_stage(job, flushers, budget, kind, stop).await;
     let flushes = match staged.flush_end {
         Some(end) => run_flushes(flushers, end, staged.started, &mut staged.cut).await,
         None => Vec::new(),
@@ -88,9 +86,6 @@ pub(crate) struct Staged {
     pub(crate) cut: Vec<CutReason>,
     /// When the flushes must be over; `None` when they are left to the final flush (SIGTERM).
     pub(crate) flush_end: Option<Instant>,
-    /// [`ExportCounts::ended`](crate::ExportCounts::ended) once the actions are done, just
-    /// before the flushes: how the report tells spans dropped on a full queue.
-    ended_before_flush: Option<u64>,
 }
 
 impl Staged {
@@ -107,7 +102,6 @@ impl Staged {
             consecutive_flush_failures: 0,
             spans_lost: None,
             spans_dropped: None,
-            ended_before_flush: self.ended_before_flush,
         }
     }
 }
@@ -119,7 +113,6 @@ pub(crate) async fn run_actions_stage(
     budget: Budget,
     kind: PhaseKind,
     mut stop: Stop,
-    counts: Option<&ExportCounts>,
 ) -> Staged {
     let started = Instant::now();
     let started_wall = SystemTime::now();
@@ -152,7 +145,6 @@ pub(crate) async fn run_actions_stage(
         actions,
         cut,
         flush_end,
-        ended_before_flush: counts.and_then(ExportCounts::ended_if_counted),
     }
 }
 
@@ -518,7 +510,6 @@ mod tests {
             budget(10),
             PhaseKind::Chained,
             no_stop(),
-            None,
         )
         .await;
         assert!(report.is_clean(), "{report}");
@@ -547,7 +538,6 @@ mod tests {
             budget(10),
             PhaseKind::Chained,
             no_stop(),
-            None,
         )
         .await;
         assert_eq!(*log.lock().unwrap(), ["a", "b", "flush"]);
@@ -580,7 +570,6 @@ mod tests {
             budget(10),
             PhaseKind::Chained,
             no_stop(),
-            None,
         )
         .await;
         assert_eq!(ran.load(Ordering::SeqCst), 11);
@@ -617,7 +606,6 @@ mod tests {
             budget(10),
             PhaseKind::Chained,
             no_stop(),
-            None,
         )
         .await;
         assert_eq!(report.actions[0].outcome, ActionOutcome::TimedOut);
@@ -644,7 +632,6 @@ mod tests {
             budget(3),
             PhaseKind::Chained,
             no_stop(),
-            None,
         )
         .await;
         assert_eq!(
@@ -681,7 +668,6 @@ mod tests {
             budget(10),
             PhaseKind::Chained,
             no_stop(),
-            None,
         )
         .await;
         assert_eq!(report.flushes[0].outcome, FlushOutcome::TimedOut);
@@ -697,7 +683,6 @@ mod tests {
             budget(10),
             PhaseKind::Chained,
             no_stop(),
-            None,
         )
         .await;
         assert!(
@@ -731,7 +716,6 @@ mod tests {
             budget(10),
             PhaseKind::Chained,
             no_stop(),
-            None,
         )
         .await;
         assert_eq!(*log.lock().unwrap(), ["first", "queued by first"]);
@@ -750,7 +734,6 @@ mod tests {
             past,
             PhaseKind::Chained,
             no_stop(),
-            None,
         )
         .await;
         assert_eq!(report.actions[0].outcome, ActionOutcome::NotRun);
@@ -788,7 +771,6 @@ mod tests {
             budget(10),
             PhaseKind::Chained,
             Stop::new(rx),
-            None,
         )
         .await;
         assert_eq!(report.actions[0].outcome, ActionOutcome::TimedOut);

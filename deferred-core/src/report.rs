@@ -387,13 +387,12 @@ pub struct PhaseReport {
     /// [`span_export_counts`](crate::Deferred::span_export_counts); `None` otherwise.
     pub spans_lost: Option<u64>,
     /// Spans the batch processor dropped on a full queue (they never reached the exporter)
-    /// since the previous report that counted any: at least this many. Known after a phase
-    /// whose flushes all succeeded, when the batch processor is wrapped in a
+    /// since the previous report that counted any: at least this many, counted up to the
+    /// latest successful flush of that processor. Known after a phase whose flushes all
+    /// succeeded, when the batch processor is wrapped in a
     /// [`CountingSpanProcessor`](crate::CountingSpanProcessor) with the counts given to
     /// [`span_export_counts`](crate::Deferred::span_export_counts); `None` otherwise.
     pub spans_dropped: Option<u64>,
-    /// [`ExportCounts::ended`](crate::ExportCounts::ended) just before the flushes began.
-    pub(crate) ended_before_flush: Option<u64>,
 }
 
 impl PhaseReport {

@@ -245,16 +245,8 @@ impl Runner {
         // the same instant, so a flush ending there needs no poke.
         let budget = Budget { end };
         let flushers = &core.config.flushers;
-        let counts = core.config.span_counts.as_deref();
-        let staged = phase::run_actions_stage(
-            job,
-            flushers,
-            budget,
-            PhaseKind::Chained,
-            core.stop(),
-            counts,
-        )
-        .await;
+        let staged =
+            phase::run_actions_stage(job, flushers, budget, PhaseKind::Chained, core.stop()).await;
         let (Some(end), Some((first, rest))) = (staged.flush_end, flushers.split_first()) else {
             self.end_phase(core, staged, Vec::new(), serial, seq);
             return;
@@ -403,8 +395,7 @@ mod tests {
         };
         let stop = Stop::new(tokio::sync::watch::channel(false).1);
         let staged =
-            phase::run_actions_stage(job, &[], Budget { end }, PhaseKind::Chained, stop, None)
-                .await;
+            phase::run_actions_stage(job, &[], Budget { end }, PhaseKind::Chained, stop).await;
         Flushing {
             seq,
             staged,

@@ -64,7 +64,6 @@ pub(crate) async fn final_flush(core: &Core) -> PhaseReport {
     background.abort_all();
 
     let mut cut = Vec::new();
-    let ended_before_flush = core.spans_ended();
     let flushes = run_flushes(&core.config.flushers, end, started, &mut cut).await;
     // Its own spans and metrics cannot be exported (this was the last flush); its log line,
     // the failure counter and `on_report` still see it.
@@ -80,6 +79,5 @@ pub(crate) async fn final_flush(core: &Core) -> PhaseReport {
         consecutive_flush_failures: 0,
         spans_lost: None,
         spans_dropped: None,
-        ended_before_flush,
     })
 }
