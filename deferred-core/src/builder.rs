@@ -395,7 +395,8 @@ impl Deferred {
     }
 
     /// Calls `hook` with the report of every deferred phase (after it is logged), e.g. to
-    /// alert on repeated flush failures.
+    /// alert on repeated flush failures. A panic in the hook is caught and logged as an error;
+    /// it does not stop the phase's release nor the chain.
     ///
     /// The hook runs before the environment is released, so Lambda waits while it runs. A
     /// hook that blocks (a synchronous HTTP call, a lock held elsewhere) cannot be interrupted:

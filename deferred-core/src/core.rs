@@ -618,7 +618,20 @@ impl Core {
             crate::otel::record(&report);
         }
         if let Some(hook) = &self.config.on_report {
-            (hook.0)(&report);
+            // Caught: a hook's panic would otherwise unwind through the phase's end and leave
+            // its `event/next` unsent (the environment held to the safety net), or turn a
+            // handler's `Ok` into a panic on the inline path.
+            let called = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                (hook.0)(&report);
+            }));
+            if let Err(panic) = called {
+                tracing::error!(
+                    target: "deferred",
+                    request_id = %report.request_id,
+                    "the on_report hook panicked: {}; the phase is over and the chain goes on",
+                    phase::panic_message(panic),
+                );
+            }
         }
         report
     }

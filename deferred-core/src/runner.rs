@@ -214,7 +214,8 @@ impl Runner {
                 self.handle.block_on(self.run(core, work, &retired));
             }));
             if ran.is_err() {
-                // A panic out of the phase's own code (an `on_report` hook): the chain goes on.
+                // A panic out of the phase's own code (`finish` catches the `on_report`
+                // hook's): the chain goes on.
                 tracing::error!(target: "deferred", "a chained phase panicked; the chain goes on");
                 drop(lock(&self.watch).claim(&retired));
                 self.line.arm(seq);

@@ -534,18 +534,21 @@ async fn a_nearly_spent_deadline_cuts_the_deferred_work_without_a_reset() {
     assert_eq!(env.emulator.stats().resets, 0);
 }
 
-/// Starts the fixture with `faults` armed before init.
-async fn start_with_faults(faults: &[Fault]) -> Env {
+/// Starts the fixture with `faults` armed before init, and `settings` in its environment.
+async fn start_with_faults(faults: &[Fault], settings: &[(&str, &str)]) -> Env {
     let sink = OtlpSink::start().await.expect("sink");
     let emulator = Emulator::start(config(5)).await.expect("emulator");
     for fault in faults {
         emulator.faults().always(fault.clone());
     }
-    let spec = FunctionSpec::new(env!("CARGO_BIN_EXE_fixture"))
+    let mut spec = FunctionSpec::new(env!("CARGO_BIN_EXE_fixture"))
         .env("FIXTURE_MODE", "run")
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", sink.endpoint())
         .env("OTEL_EXPORTER_OTLP_TIMEOUT", "1000")
         .env("RUST_LOG", "info");
+    for &(key, value) in settings {
+        spec = spec.env(key, value);
+    }
     emulator.spawn_function(spec).await.expect("function init");
     Env { emulator, sink }
 }
@@ -555,7 +558,7 @@ async fn start_with_faults(faults: &[Fault]) -> Env {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registration_connection_closed_falls_back_to_inline() {
     let _serial = SERIAL.lock().await;
-    let env = start_with_faults(&[Fault::RegisterClose]).await;
+    let env = start_with_faults(&[Fault::RegisterClose], &[]).await;
     assert!(env.emulator.extensions().is_empty());
     for _ in 0..3 {
         let result = env.invoke(json!({ "actions": [{ "name": "a" }] })).await;
@@ -634,7 +637,7 @@ async fn a_slow_extensions_api_never_loses_work_or_hangs() {
     let _serial = SERIAL.lock().await;
     for delay_ms in [300, 1500] {
         let delay = Duration::from_millis(delay_ms);
-        let env = start_with_faults(&[Fault::ExtensionsApiDelay(delay)]).await;
+        let env = start_with_faults(&[Fault::ExtensionsApiDelay(delay)], &[]).await;
         for _ in 0..3 {
             let started = Instant::now();
             // The delay holds readiness, not the response.
@@ -683,7 +686,7 @@ async fn a_late_invoke_event_is_not_waited_for_on_the_response_path() {
     let _serial = SERIAL.lock().await;
     for (delay_ms, chained) in [(300, true), (1500, false)] {
         let delay = Duration::from_millis(delay_ms);
-        let env = start_with_faults(&[Fault::EventNextAnswerDelay(delay)]).await;
+        let env = start_with_faults(&[Fault::EventNextAnswerDelay(delay)], &[]).await;
         for _ in 0..2 {
             let (posted, ran) = answered_at_once_and_ran_after(&env, &format!("{delay:?}")).await;
             if chained {
@@ -709,6 +712,7 @@ async fn a_late_invoke_event_is_not_waited_for_on_the_response_path() {
 /// the chain goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flush_that_never_returns_is_abandoned_by_the_watchdog() {
+    let _serial = SERIAL.lock().await;
     let env = start(
         "run",
         config(5),
@@ -759,6 +763,7 @@ async fn a_flush_that_never_returns_is_abandoned_by_the_watchdog() {
 /// invocation time out and the environment be reset. The second invocation's phase waits for
 /// the hook, then runs its action.
 async fn released_by_the_safety_net(settings: &[(&str, &str)], logged: &[&str]) {
+    let _serial = SERIAL.lock().await;
     let mut all = vec![("SAFETY_MARGIN_MS", "1000")];
     all.extend_from_slice(settings);
     let env = start("run", config(3), &all).await;
@@ -810,6 +815,58 @@ async fn a_blocking_report_hook_after_an_abandoned_flush_does_not_hold_the_envir
         &["flush hang abandoned after"],
     )
     .await;
+}
+
+/// An `on_report` hook that panics on every report, under `run` (the phase thread ends the
+/// phase) and under `start`: the panic is logged, and each phase still releases its invocation
+/// at once, runs its actions and flushes; the handler's answer stays a success.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_report_hook_is_logged_and_the_chain_goes_on() {
+    let _serial = SERIAL.lock().await;
+    let hook = [("REPORT_HOOK_PANIC", "1")];
+    for mode in ["inline", "run", "start"] {
+        let env = match mode {
+            // The registration fails: every phase runs inline, before the handler returns.
+            "inline" => start_with_faults(&[Fault::RegisterClose], &hook).await,
+            _ => start(mode, config(5), &hook).await,
+        };
+        for n in 0..3 {
+            let name = format!("a{n}");
+            let result = env.invoke(json!({ "actions": [{ "name": name }] })).await;
+            assert!(
+                result.outcome.is_success(),
+                "{mode} #{n}: {:?}",
+                result.outcome
+            );
+            let t = env.completed(&result.request_id).await;
+            assert!(!t.timed_out, "{mode} #{n}");
+            assert!(t.mark(&format!("end:{name}")).is_some(), "{mode} #{n}");
+            // Released with its phase, not by the safety net at the deadline minus half the
+            // margin (about 4.95 s after the invoke).
+            let released = t.complete.expect("complete") - t.invoked;
+            assert!(
+                released < Duration::from_secs(2),
+                "{mode} #{n}: {released:?}"
+            );
+            let report = report(&env, &result.request_id).await;
+            assert!(
+                report.contains("flush tracer provider ok"),
+                "{mode}: {report}"
+            );
+        }
+        assert!(
+            env.logged("the on_report hook panicked: hook bug at").await,
+            "{mode}"
+        );
+        let logs = env.emulator.function_logs();
+        let net: Vec<_> = logs
+            .iter()
+            .filter(|l| l.contains("had not ended by its end"))
+            .collect();
+        assert!(net.is_empty(), "{mode}: {net:?}");
+        let stats = env.emulator.stats();
+        assert_eq!((stats.timeouts, stats.resets), (0, 0), "{mode}");
+    }
 }
 
 /// Invokes a 2 s action and waits until it runs; returns the request id and trace id.

@@ -318,6 +318,11 @@ async fn main() -> Result<(), Error> {
             }
         });
     }
+    // `REPORT_HOOK_PANIC=1`: every phase's `on_report` hook panics (a hook that unwraps a
+    // send to a receiver that is gone).
+    if env_flag("REPORT_HOOK_PANIC") {
+        deferred = deferred.on_report(|report| panic!("hook bug at {}", report.request_id));
+    }
     // `FLUSH_METRICS=1`: flush the meter provider too (the phase's own histograms).
     if env_flag("FLUSH_METRICS") {
         deferred = deferred.flush(telemetry.meter_provider.clone());
