@@ -817,17 +817,23 @@ async fn a_blocking_report_hook_after_an_abandoned_flush_does_not_hold_the_envir
     .await;
 }
 
-/// An `on_report` hook that panics on every report, under `run` (the phase thread ends the
-/// phase) and under `start`: the panic is logged, and each phase still releases its invocation
-/// at once, runs its actions and flushes; the handler's answer stays a success.
+/// An `on_report` hook that panics on every report: inline (no extension), after a flush the
+/// watchdog abandons (it ends the phase on a blocking thread), under `run` and under `start`.
+/// The panic is logged, and each phase still runs its actions, flushes and releases its
+/// invocation with its end, not by the safety net; the handler's answer stays a success.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_report_hook_is_logged_and_the_chain_goes_on() {
     let _serial = SERIAL.lock().await;
     let hook = [("REPORT_HOOK_PANIC", "1")];
-    for mode in ["inline", "run", "start"] {
+    for mode in ["inline", "abandoned", "run", "start"] {
         let env = match mode {
             // The registration fails: every phase runs inline, before the handler returns.
             "inline" => start_with_faults(&[Fault::RegisterClose], &hook).await,
+            // The second flusher never returns: the watchdog ends each phase at 0.5 s.
+            "abandoned" => {
+                let hang = [("FIXTURE_FLUSH_HANG", "1"), ("FLUSH_TIMEOUT_MS", "500")];
+                start("run", config(5), &[hook[0], hang[0], hang[1]]).await
+            }
             _ => start(mode, config(5), &hook).await,
         };
         for n in 0..3 {
