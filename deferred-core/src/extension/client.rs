@@ -187,7 +187,14 @@ impl Client {
             .header(NAME_HEADER, name)
             .header(http::header::CONTENT_TYPE, "application/json")
             .body(Body::from(body));
-        let (parts, body) = self.send(request).await?;
+        // Lambda has registered the extension once it answers with the identifier: a body that
+        // then fails to arrive must not turn that into a failure, or no one would call
+        // `event/next` for an extension Lambda waits for.
+        let (parts, body) = self.send_head(request).await?;
+        let body = read_body(body).await.unwrap_or_default();
+        if !parts.status.is_success() {
+            return Err(api_error(parts.status.as_u16(), &body));
+        }
         let extension_id = parts
             .headers
             .get(ID_HEADER)
@@ -323,22 +330,26 @@ impl Client {
         &self,
         request: http::Result<Request<Body>>,
     ) -> Result<(http::response::Parts, bytes::Bytes), ClientError> {
+        let (parts, body) = self.send_head(request).await?;
+        let body = read_body(body).await?;
+        if parts.status.is_success() {
+            return Ok((parts, body));
+        }
+        Err(api_error(parts.status.as_u16(), &body))
+    }
+
+    /// Sends a request and returns the answer's head, its body not yet read.
+    async fn send_head(
+        &self,
+        request: http::Result<Request<Body>>,
+    ) -> Result<(http::response::Parts, hyper::body::Incoming), ClientError> {
         let request = request.map_err(|e| ClientError::Malformed(format!("request: {e}")))?;
         let response = self
             .http
             .call(request)
             .await
             .map_err(|e| ClientError::Transport(error_chain(e.as_ref())))?;
-        let (parts, body) = response.into_parts();
-        let body = Limited::new(body, MAX_BODY)
-            .collect()
-            .await
-            .map_err(|e| ClientError::Transport(format!("reading the answer: {e}")))?
-            .to_bytes();
-        if parts.status.is_success() {
-            return Ok((parts, body));
-        }
-        Err(api_error(parts.status.as_u16(), &body))
+        Ok(response.into_parts())
     }
 
     /// `host:port` and the path prefix of the Runtime API, for the chain's own connection.
@@ -378,9 +389,67 @@ fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
+/// Reads an answer's body, at most [`MAX_BODY`].
+async fn read_body(body: hyper::body::Incoming) -> Result<bytes::Bytes, ClientError> {
+    Ok(Limited::new(body, MAX_BODY)
+        .collect()
+        .await
+        .map_err(|e| ClientError::Transport(format!("reading the answer: {e}")))?
+        .to_bytes())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Answers one request on a fresh loopback listener with `answer`, then closes.
+    async fn answering(answer: &'static str) -> String {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut request = Vec::new();
+            let mut buf = [0; 1024];
+            // The register request: its head, then its short JSON body.
+            while !request.ends_with(b"]}") {
+                let n = socket.read(&mut buf).await.unwrap();
+                assert!(n > 0, "the request ended early");
+                request.extend_from_slice(&buf[..n]);
+            }
+            socket.write_all(answer.as_bytes()).await.unwrap();
+        });
+        addr
+    }
+
+    /// Lambda has registered the extension once it answers with the identifier: a body cut
+    /// short does not make the registration fail (the core would fall back to inline work,
+    /// and no one would call `event/next` for an extension Lambda waits for).
+    #[tokio::test]
+    async fn a_registration_whose_body_is_cut_short_still_succeeds() {
+        let addr = answering(
+            "HTTP/1.1 200 OK\r\nLambda-Extension-Identifier: ext-1\r\n\
+             Content-Length: 100\r\n\r\n{\"functionName\":",
+        )
+        .await;
+        let client = Client::new(&addr).unwrap();
+        let registration = client.register("deferred", &["INVOKE"]).await.unwrap();
+        assert_eq!(registration.extension_id, "ext-1");
+        assert_eq!(registration.function_name, "");
+    }
+
+    /// A refusal whose body is cut short is still a refusal.
+    #[tokio::test]
+    async fn a_refused_registration_with_a_cut_body_is_an_api_error() {
+        let addr =
+            answering("HTTP/1.1 403 Forbidden\r\nContent-Length: 100\r\n\r\n{\"errorType\":").await;
+        let client = Client::new(&addr).unwrap();
+        let error = client.register("deferred", &["INVOKE"]).await.unwrap_err();
+        assert!(
+            matches!(error, ClientError::Api { status: 403, .. }),
+            "{error:?}"
+        );
+    }
 
     #[test]
     fn endpoint_forms() {
