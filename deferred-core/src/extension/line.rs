@@ -181,10 +181,22 @@ impl Line {
                     conn
                 }
             };
+            let writer = conn.writer.clone();
             match self.read(conn).await {
                 Ok(answer) => return answer,
                 Err(error) => {
                     let mut state = lock(&self.state);
+                    // The connection is done (its reader is gone): a later `arm` must not
+                    // write on it, where no one would read the answer, but go through a new
+                    // one. Only if it is still the current one (a SnapStart restore may have
+                    // replaced it).
+                    if state
+                        .writer
+                        .as_ref()
+                        .is_some_and(|w| Arc::ptr_eq(w, &writer))
+                    {
+                        state.writer = None;
+                    }
                     if state.in_flight {
                         state.in_flight = false;
                         return Err(error);
@@ -192,7 +204,6 @@ impl Line {
                     // The connection closed while no request was on it (an idle keep-alive
                     // connection the API dropped): not a failed call; the next request goes
                     // out on a new connection.
-                    state.writer = None;
                 }
             }
         }
@@ -508,6 +519,34 @@ mod tests {
         assert!(early.is_err(), "reconnected before the phase armed");
         line.arm(1);
         let (mut stream, _) = listener.accept().await.expect("accept");
+        answer(&mut stream, &with_length(EVENT)).await;
+        assert!(call.await.expect("join").is_ok());
+    }
+
+    /// A request's answer that fails to read ends its connection: a second `arm` for the same
+    /// event (the chain's safety net after the phase's own) must not write on it, where no one
+    /// reads, but leave the request to the chain's retry, on a new connection.
+    #[tokio::test]
+    async fn a_failed_answer_retires_its_connection_for_later_arms() {
+        let (listener, line, call, mut stream) = first_call().await;
+        answer(&mut stream, &with_length(EVENT)).await;
+        call.await.expect("join").expect("event");
+        let call = spawn_call(&line);
+        line.arm(1);
+        // The API answers on the same connection, garbled, and keeps it open.
+        answer(&mut stream, "HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n").await;
+        let error = call.await.expect("join").unwrap_err();
+        assert!(matches!(error, ClientError::Malformed(_)), "{error:?}");
+        line.arm(1);
+        // Nothing arrives on it: it stays silent, or closes now that no one holds it.
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_millis(100), stream.read(&mut byte)).await;
+        assert!(
+            !matches!(read, Ok(Ok(n)) if n > 0),
+            "a request on the dead connection"
+        );
+        let call = spawn_call(&line);
+        let (mut stream, _) = listener.accept().await.expect("the retry connects anew");
         answer(&mut stream, &with_length(EVENT)).await;
         assert!(call.await.expect("join").is_ok());
     }
