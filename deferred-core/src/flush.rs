@@ -233,7 +233,18 @@ impl Flusher {
             return None;
         }
         let this = self.clone();
-        Some(tokio::task::spawn_blocking(move || this.call()))
+        // `spawn_blocking` panics when it cannot start a thread (its pool empty and the OS
+        // refusing one): the flush never ran, so it must not count as still running.
+        let spawned = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            tokio::task::spawn_blocking(move || this.call())
+        }));
+        match spawned {
+            Ok(task) => Some(task),
+            Err(panic) => {
+                self.busy.store(false, Ordering::Release);
+                std::panic::resume_unwind(panic)
+            }
+        }
     }
 
     /// Runs the flush on this thread (the chain's phase thread, which a watchdog replaces if
@@ -261,5 +272,28 @@ impl Flusher {
         let started = std::time::Instant::now();
         let result = self.inner.flush().map_err(|e| e.to_string());
         (result, started.elapsed())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A flush whose thread could not be started is not taken for one still running: the
+    /// next phase calls it.
+    #[test]
+    fn a_flush_whose_thread_cannot_start_is_called_next_time() {
+        let flusher = Flusher::new(flush_fn("f", || Ok::<(), FlushError>(())));
+        // Outside a runtime `spawn_blocking` panics, as it does when the OS refuses a thread.
+        let refused = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| flusher.start()));
+        assert!(refused.is_err());
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("a runtime");
+        let (result, _) = runtime.block_on(async {
+            let task = flusher.start().expect("not skipped as still running");
+            task.await.expect("the flush ran")
+        });
+        assert!(result.is_ok());
     }
 }
