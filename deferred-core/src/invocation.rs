@@ -114,8 +114,8 @@ impl Drop for HandOver<'_> {
         if self.queue.len() == 0 && self.core.config.flushers.is_empty() {
             return;
         }
-        // Cannot await in drop: run it as a task, so the work is still done if the process
-        // lives on.
+        // Cannot await in drop: run it as a background phase, so the work is still done if the
+        // process lives on, and the SIGTERM flush waits for it.
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
                 tracing::warn!(
@@ -124,10 +124,8 @@ impl Drop for HandOver<'_> {
                     "the handler's future was dropped before it completed; running its deferred \
                      work as a background task"
                 );
-                let core = self.core.clone();
-                runtime.spawn(async move {
-                    core.run_phase(job, PhaseKind::Background).await;
-                });
+                let _entered = runtime.enter();
+                self.core.spawn_background(job);
             }
             Err(_) => tracing::error!(
                 target: "deferred",
@@ -201,6 +199,9 @@ mod tests {
         });
         // Poll it once (the action is queued), then drop it mid-body.
         let _ = tokio::time::timeout(Duration::from_millis(20), handler).await;
+        // A background phase of the core, which the SIGTERM flush waits for (a finished one
+        // stays in the set until the next is spawned).
+        assert!(!crate::scope::lock(&current_core().background).is_empty());
         for _ in 0..100 {
             if ran.load(Ordering::SeqCst) == 1 {
                 return;
