@@ -302,3 +302,41 @@ async fn managed_instances_serve_concurrent_invocations_with_isolated_queues() {
         "{shutdown:?}"
     );
 }
+
+/// An `AWS_LAMBDA_RUNTIME_API` that is set but not text is reported as a broken endpoint
+/// (deferred work then runs inline), not taken for "outside Lambda".
+#[cfg(unix)]
+#[test]
+fn a_runtime_api_that_is_not_text_is_named_a_broken_endpoint() {
+    use std::os::unix::ffi::OsStrExt as _;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fixture"))
+        .env("FIXTURE_MODE", "start")
+        .env(
+            "AWS_LAMBDA_RUNTIME_API",
+            std::ffi::OsStr::from_bytes(b"127.0.0.1:\xff"),
+        )
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the fixture starts");
+    // It stops by itself (lambda_runtime cannot run without the rest of Lambda's
+    // environment); the bound only keeps a bug from hanging the test.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while child.try_wait().expect("wait").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the fixture did not stop");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let output = child.wait_with_output().expect("output");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    assert!(
+        text.contains("bad AWS_LAMBDA_RUNTIME_API: not valid UTF-8"),
+        "{text}"
+    );
+    assert!(!text.contains("not running in Lambda"), "{text}");
+}

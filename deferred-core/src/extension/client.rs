@@ -157,9 +157,12 @@ impl Client {
     /// }
     /// ```
     pub fn from_env() -> Option<Result<Self, ClientError>> {
-        std::env::var("AWS_LAMBDA_RUNTIME_API")
-            .ok()
-            .map(|api| Self::new(&api))
+        let api = std::env::var_os("AWS_LAMBDA_RUNTIME_API")?;
+        // Set but not text is a broken endpoint, not "outside Lambda".
+        Some(match api.to_str() {
+            Some(api) => Self::new(api),
+            None => Err(ClientError::Endpoint(format!("not valid UTF-8: {api:?}"))),
+        })
     }
 
     /// `POST /register`: registers an extension named `name` for `events` (e.g. `["INVOKE"]`).
