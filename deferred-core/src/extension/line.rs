@@ -311,7 +311,8 @@ async fn read_response(conn: &mut Conn) -> Result<(u16, Vec<u8>, bool), ClientEr
         }
         Framing::Chunked => read_chunked(conn).await?,
         Framing::UntilClose => {
-            while fill(conn).await.is_ok() {
+            // The close ends the body; an I/O error (a reset) does not: it is a failed read.
+            while read_more(conn).await? {
                 if conn.buf.len() > MAX_BODY {
                     return Err(malformed("body too long".into()));
                 }
@@ -361,14 +362,23 @@ async fn read_chunked(conn: &mut Conn) -> Result<Vec<u8>, ClientError> {
 
 /// Reads more bytes into the buffer; a closed connection is an error.
 async fn fill(conn: &mut Conn) -> Result<(), ClientError> {
+    if read_more(conn).await? {
+        Ok(())
+    } else {
+        Err(ClientError::Transport(
+            "event/next: the connection closed".into(),
+        ))
+    }
+}
+
+/// Reads more bytes into the buffer: `false` when the connection closed.
+async fn read_more(conn: &mut Conn) -> Result<bool, ClientError> {
     let mut chunk = [0u8; 2048];
     match conn.reader.read(&mut chunk).await {
-        Ok(0) => Err(ClientError::Transport(
-            "event/next: the connection closed".into(),
-        )),
+        Ok(0) => Ok(false),
         Ok(n) => {
             conn.buf.extend_from_slice(&chunk[..n]);
-            Ok(())
+            Ok(true)
         }
         Err(e) => Err(ClientError::Transport(format!("event/next: {e}"))),
     }
@@ -549,6 +559,33 @@ mod tests {
         let (mut stream, _) = listener.accept().await.expect("the retry connects anew");
         answer(&mut stream, &with_length(EVENT)).await;
         assert!(call.await.expect("join").is_ok());
+    }
+
+    /// An answer framed by the connection's close ends at the close; a reset before it is a
+    /// failed read (`Transport`), not a short body taken for a malformed event.
+    #[tokio::test]
+    async fn a_body_framed_by_the_close_ends_there_and_a_reset_is_a_transport_error() {
+        let (_listener, _line, call, mut stream) = first_call().await;
+        request(&mut stream).await;
+        let head = "HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n";
+        stream
+            .write_all(format!("{head}{EVENT}").as_bytes())
+            .await
+            .expect("write");
+        drop(stream);
+        assert!(call.await.expect("join").is_ok());
+
+        let (_listener, _line, call, mut stream) = first_call().await;
+        request(&mut stream).await;
+        stream
+            .write_all(format!("{head}{{").as_bytes())
+            .await
+            .expect("write");
+        // Dropped with a zero linger: a reset, not a close.
+        stream.set_zero_linger().expect("linger");
+        drop(stream);
+        let error = call.await.expect("join").unwrap_err();
+        assert!(matches!(error, ClientError::Transport(_)), "{error:?}");
     }
 
     #[tokio::test]
