@@ -230,6 +230,20 @@ async fn failed_flushes_are_counted_until_one_succeeds() {
     let trace = trace_id(&result);
     let t = env.completed(&result.request_id).await;
     assert!(!env.spans_before(&trace, phase_end(&t)).is_empty());
+    // The success reset the count: the next failure is a first one again.
+    env.sink
+        .set_behaviour(deferred_testkit::otlp::Behaviour::Fail {
+            status: 500,
+            times: 1000,
+        });
+    let result = env.invoke(json!({ "actions": [{ "name": "a" }] })).await;
+    env.completed(&result.request_id).await;
+    let firsts = || env.logs_matching("consecutive_flush_failures=1").len();
+    let waited = std::time::Instant::now();
+    while firsts() < 2 && waited.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(firsts(), 2, "{:?}", env.logs_matching("consecutive_flush"));
     assert!(env.logs_matching("consecutive_flush_failures=3").is_empty());
 }
 
