@@ -832,7 +832,7 @@ mod tests {
         // 1 s left, 100 ms of margin: at most half of the 900 ms.
         let window = core.claim_window(in_(Duration::from_secs(1)));
         assert!(
-            window <= Duration::from_millis(450) && window >= Duration::from_millis(400),
+            window <= Duration::from_millis(450) && window >= Duration::from_millis(250),
             "{window:?}"
         );
         assert_eq!(

@@ -1081,8 +1081,9 @@ async fn an_idle_child_is_frozen_and_thawed_on_the_next_invoke() {
     let pid = emu.child_pid().expect("child");
     assert!(within(emu.invoke("a")).await.outcome.is_success());
     assert!(emu.wait_until(SECOND, |_, t| t[0].frozen.is_some()).await);
-    // Let a line written just before SIGSTOP drain, then the counter must stand still.
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Let a line written just before SIGSTOP drain (generously: the emulator's reader may lag
+    // on a loaded machine), then the counter must stand still.
+    tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(process_state(pid), Some('T'));
     let frozen_at = last_tick(&emu.function_logs());
     tokio::time::sleep(Duration::from_millis(250)).await;

@@ -205,6 +205,17 @@ async fn g5_failures_do_not_stop_the_phase() {
         assert!(
             t.mark(&format!("start:{handler}")).expect("ran") >= t.response_posted.expect("posted")
         );
+        // And its flush: the phase report names the tracer provider's, done.
+        let needle = format!("of {:?} took", result.request_id);
+        let report = env
+            .emulator
+            .wait_for_log(move |l| l.contains(&needle), Duration::from_secs(10))
+            .await
+            .expect("a phase report");
+        assert!(
+            report.contains("flush tracer provider ok"),
+            "{handler}: {report}"
+        );
     }
 }
 

@@ -224,7 +224,19 @@ mod tests {
                 Reply::Hold(hold)
             ]
         );
-        // A new behaviour restarts the count.
+        // A new behaviour restarts the count: one turn into the old one (7th), every 2nd
+        // holds from the new one's first turn, not from the 8th.
+        assert_eq!(replies(&s, 1), vec![Reply::Answer(base)]);
+        s.set(Behaviour::StallEvery {
+            every: 2,
+            duration: hold,
+            base,
+        });
+        assert_eq!(
+            replies(&s, 3),
+            vec![Reply::Answer(base), Reply::Hold(hold), Reply::Answer(base)]
+        );
+        // `every: 0` never holds.
         s.set(Behaviour::StallEvery {
             every: 0,
             duration: hold,
