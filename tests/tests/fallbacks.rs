@@ -310,6 +310,24 @@ async fn managed_instances_serve_concurrent_invocations_with_isolated_queues() {
             .collect();
         assert_eq!(ends.len(), 1, "{}: {ends:?}", t.request_id);
     }
+    // A mark names the invocation that deferred the action, not the phase that ran it: the
+    // phase reports tell which queue each action ran from.
+    for (i, result) in results.iter().enumerate() {
+        let needle = format!("of {:?} took", result.request_id);
+        let report = env
+            .emulator
+            .wait_for_log(
+                move |l| l.contains("deferred phase") && l.contains(&needle),
+                Duration::from_secs(5),
+            )
+            .await
+            .expect("a phase report");
+        let ran: Vec<&str> = report
+            .match_indices("\"own-")
+            .filter_map(|(at, _)| report[at + 1..].split('"').next())
+            .collect();
+        assert_eq!(ran, [format!("own-{i}")], "{report}");
+    }
     let shutdown = env.emulator.shutdown().await;
     assert!(
         shutdown.exit_status.expect("reaped").success(),

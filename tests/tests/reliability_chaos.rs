@@ -370,6 +370,16 @@ fn missing(
 }
 
 /// The phase reports of [`reports_in_order`], by request id: how many, and their text.
+/// The actions a phase report names, in its order (each `"name" (file:line) outcome`).
+fn actions_in(report: &str) -> Vec<&str> {
+    report
+        .split("; ")
+        .filter_map(|part| part.strip_prefix('"')?.split_once('"'))
+        .filter(|(_, tail)| tail.starts_with(" ("))
+        .map(|(name, _)| name)
+        .collect()
+}
+
 fn reports(in_order: &[(String, String)]) -> HashMap<String, Vec<String>> {
     let mut by_id: HashMap<String, Vec<String>> = HashMap::new();
     for (id, line) in in_order {
@@ -862,8 +872,27 @@ async fn chaos_concurrent() {
         let Some((t, _)) = r.answered(&timelines, &reports, &mut fail) else {
             continue;
         };
-        // Isolation: its own actions, each once (marks carry the request id the action was
-        // queued with, so another queue running them shows as a missing or repeated end).
+        // Isolation: its own actions, each once. A mark names the invocation that queued the
+        // action, whichever phase ran it; the phase's report names what that phase ran, none
+        // of it from another queue.
+        if let Some([report]) = reports.get(id).map(Vec::as_slice) {
+            let mut queued: Vec<&str> = case.payload["actions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|action| action["name"].as_str())
+                .collect();
+            for name in actions_in(report) {
+                match queued.iter().position(|q| *q == name) {
+                    Some(at) => {
+                        queued.remove(at);
+                    }
+                    None => fail(format!(
+                        "its phase ran {name:?}, not queued by it: {report}"
+                    )),
+                }
+            }
+        }
         for name in &case.ending {
             let ends = t
                 .marks
@@ -915,4 +944,12 @@ async fn chaos_concurrent() {
         failures.len(),
         &failures[..failures.len().min(20)],
     );
+}
+
+#[test]
+fn actions_in_names_the_actions_of_a_report() {
+    let report = "INFO deferred: deferred phase (Chained) of \"r-1\" took 4.1ms; \"a0\" \
+                  (tests/src/bin/fixture.rs:107:9) ok in 2.4ms; \"hang\" (tests/src/bin/fixture.rs:107:9) \
+                  cut after 1ms; flush tracer provider ok in 1.6ms request_id=r-1";
+    assert_eq!(actions_in(report), ["a0", "hang"]);
 }
