@@ -433,9 +433,19 @@ fn check(env: &Env, wiring: Wiring, ran: &[Ran]) -> Vec<String> {
             .get(id)
             .and_then(|r| r.first())
             .is_some_and(|r| !inline(r));
-        // G3: a chained phase (under `run`) follows the response.
-        if wiring.layered() && chained && phase_end(t) < posted {
-            fail("the chained phase ended before the response".into());
+        // G3: a chained phase (under `run`) follows the response, its actions included.
+        if wiring.layered() && chained {
+            if phase_end(t) < posted {
+                fail("the chained phase ended before the response".into());
+            }
+            let names = case.payload["actions"].as_array().into_iter().flatten();
+            for name in names.filter_map(|action| action["name"].as_str()) {
+                if t.mark(&format!("start:{name}"))
+                    .is_some_and(|at| at < posted)
+                {
+                    fail(format!("{name} started before the response"));
+                }
+            }
         }
         // G2: released after every action's end.
         for name in &case.ending {
