@@ -21,10 +21,14 @@ use crate::signature;
 /// the function itself cannot be rewritten.
 pub(crate) fn deferred_handler(args: TokenStream, item: TokenStream) -> TokenStream {
     let (args, args_error) = Args::parse(args);
-    let handler: HandlerFn = match syn::parse2(item.clone()) {
+    let mut handler: HandlerFn = match syn::parse2(item.clone()) {
         Ok(handler) => handler,
         Err(error) => return with_errors(item, [args_error, Some(error)]),
     };
+    if let Some(error) = applied_again(&mut handler) {
+        // Expanded again, it would open a second scope for the same invocation.
+        return with_errors(unchanged(handler), [args_error, Some(error)]);
+    }
     if let Err(error) = signature::check(&handler.sig) {
         return with_errors(unchanged(handler), [args_error, Some(error)]);
     }
@@ -43,6 +47,23 @@ fn with_errors(
         tokens.extend(error.into_compile_error());
     }
     tokens
+}
+
+/// A second `#[deferred_handler]` on the same function: taken off it, and reported.
+fn applied_again(handler: &mut HandlerFn) -> Option<Error> {
+    let again = |attr: &syn::Attribute| {
+        attr.path()
+            .segments
+            .last()
+            .is_some_and(|segment| segment.ident == "deferred_handler")
+    };
+    let at = handler.outer_attrs.iter().position(again)?;
+    let attr = handler.outer_attrs.remove(at);
+    handler.outer_attrs.retain(|attr| !again(attr));
+    Some(Error::new_spanned(
+        attr,
+        "`#[deferred_handler]` is applied twice to this function: remove one",
+    ))
 }
 
 /// The function as written, minus what our error already reports and rustc would report again

@@ -147,8 +147,8 @@ use proc_macro::TokenStream;
 /// - `crate = "…"`: the path of the deferred-core crate, when the dependency is renamed in
 ///   `Cargo.toml` (`crate = "renamed"`) or re-exported (`crate = "my_facade::deferred"`, or
 ///   `crate = "crate::reexport"`). A path that does not start with `crate`, `self`, `super`
-///   or `::` is read from the crate root, as in a `use` declaration: `"renamed"` means
-///   `::renamed`.
+///   or `::` starts with the name of another crate: `"renamed"` means `::renamed`; for a
+///   module of your own crate, start it with `crate::`.
 ///
 /// ```
 /// // A facade crate that re-exports deferred-core for its users.

@@ -25,13 +25,20 @@ pub(crate) fn check(sig: &Signature) -> syn::Result<()> {
         ));
     }
     if sig.asyncness.is_none() {
-        errors.push(Error::new_spanned(
-            sig.fn_token,
-            format!(
-                "`#[deferred_handler]` needs an `async fn`: write `async fn {}(…)`",
-                sig.ident
-            ),
-        ));
+        let mut message = format!(
+            "`#[deferred_handler]` needs an `async fn`: write `async fn {}(…)`",
+            sig.ident
+        );
+        if returns_a_future(sig) {
+            // What `#[async_trait]` makes of an `async fn` in a trait impl, before this
+            // attribute sees it.
+            message.push_str(
+                "; this one returns a future, as `#[async_trait]` rewrites trait methods: put \
+                 `#[deferred_handler]` on an inherent `async fn` and call that from the trait \
+                 method",
+            );
+        }
+        errors.push(Error::new_spanned(sig.fn_token, message));
     }
     if let Some(abi) = &sig.abi {
         let rust = abi.name.as_ref().is_some_and(|name| name.value() == "Rust");
@@ -107,5 +114,20 @@ pub(crate) fn check(sig: &Signature) -> syn::Result<()> {
             first.extend(errors);
             Err(first)
         }
+    }
+}
+
+/// Whether the return type names a `Future` (`impl Future<…>`, `Pin<Box<dyn Future<…>>>`).
+fn returns_a_future(sig: &Signature) -> bool {
+    fn names_future(tokens: proc_macro2::TokenStream) -> bool {
+        tokens.into_iter().any(|token| match token {
+            proc_macro2::TokenTree::Ident(ident) => ident == "Future",
+            proc_macro2::TokenTree::Group(group) => names_future(group.stream()),
+            _ => false,
+        })
+    }
+    match &sig.output {
+        syn::ReturnType::Type(_, ty) => names_future(quote::ToTokens::to_token_stream(ty)),
+        syn::ReturnType::Default => false,
     }
 }
