@@ -211,6 +211,38 @@ mod tests {
         panic!("the queued action was lost");
     }
 
+    /// A deferred handler called by another joins the caller's invocation: its action waits
+    /// for the invocation's phase, after the caller's body, instead of a phase of its own.
+    #[tokio::test]
+    async fn a_handler_called_by_another_joins_its_invocation() {
+        let (outer, inner) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (o, i) = (outer.clone(), inner.clone());
+        let ran = inner.clone();
+        crate::scope::scope(invocation(), Options::default(), async move {
+            defer(None, async move {
+                o.fetch_add(1, Ordering::SeqCst);
+            })
+            .unwrap();
+            crate::scope::scope(invocation(), Options::default(), async move {
+                defer(None, async move {
+                    i.fetch_add(1, Ordering::SeqCst);
+                })
+                .unwrap();
+            })
+            .await;
+            assert_eq!(
+                ran.load(Ordering::SeqCst),
+                0,
+                "ran before the caller's body ended"
+            );
+        })
+        .await;
+        assert_eq!(
+            (outer.load(Ordering::SeqCst), inner.load(Ordering::SeqCst)),
+            (1, 1)
+        );
+    }
+
     #[tokio::test]
     async fn defer_outside_a_handler_is_an_error_not_a_silent_drop() {
         let error = defer(Some("x".into()), async {}).unwrap_err();

@@ -167,6 +167,14 @@ pub fn defer_or_panic<A: DeferredAction>(name: Option<Cow<'static, str>>, action
 }
 
 /// Runs a handler's body in an invocation scope, then hands its queue to the core.
+///
+/// A deferred handler called by another (a router calling the route's handler) runs in the
+/// caller's scope: its actions join the caller's queue and run in the invocation's one phase,
+/// after the caller's body. A scope of its own would hand a second queue over for the same
+/// invocation.
 pub async fn scope<F: Future>(invocation: Invocation, options: Options, body: F) -> F::Output {
+    if QUEUE.try_with(|_| ()).is_ok() {
+        return body.await;
+    }
     crate::invocation::run(invocation, options, body).await
 }
