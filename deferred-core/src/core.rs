@@ -399,7 +399,8 @@ impl Core {
                     ready = self.take_ready(state, Instant::now());
                     false
                 }
-                None if can_park => {
+                // Never over another parked job: that one's actions would be lost.
+                None if can_park && state.parked.is_none() => {
                     // The event is on its way (the call is in flight): it takes the job.
                     state.parked = job.take();
                     false
