@@ -580,7 +580,21 @@ impl Core {
         let report = if kind == PhaseKind::Background {
             phase::run(job, flushers, budget, kind, self.stop()).await
         } else {
-            let _serial = self.phase_lock.lock().await;
+            // A phase thread can hold the lock past its phase's end (a blocking `on_report`
+            // hook, whose invocation the chain's safety net releases): wait for it at most half
+            // of what is left, then run unserialized rather than hold this invocation's work,
+            // or its response, to the deadline.
+            let now = Instant::now();
+            let waited = now + budget.end.saturating_duration_since(now) / 2;
+            let serial = tokio::time::timeout_at(waited, self.phase_lock.lock()).await;
+            if serial.is_err() {
+                tracing::warn!(
+                    target: "deferred",
+                    request_id = %job.request_id,
+                    "the previous deferred phase still holds the phase lock (an on_report hook \
+                     that blocks?): this phase runs beside it"
+                );
+            }
             phase::run(job, flushers, budget, kind, self.stop()).await
         };
         self.finish(report)
@@ -818,6 +832,47 @@ mod tests {
         assert_eq!((counts.flushed(), counts.exported()), (3, 3));
         let report = core.run_phase(inline_job("r-2"), PhaseKind::Inline).await;
         assert_eq!(report.spans_dropped, Some(0), "{report}");
+    }
+
+    /// An inline phase does not wait without bound for a phase that holds the lock past its
+    /// end (a blocking `on_report` hook): after half of what is left, it runs beside it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_inline_phase_does_not_wait_forever_for_a_stuck_phase() {
+        let core = Core::new(
+            Config {
+                phase_telemetry: false,
+                ..Config::default()
+            },
+            Mode::Inline,
+        );
+        let stuck = core.phase_lock.clone().lock_owned().await;
+        let ran = Arc::new(AtomicBool::new(false));
+        let queue = Queue::new(1);
+        let r = ran.clone();
+        crate::scope::with_queue(queue.clone(), async move {
+            crate::scope::defer(None, async move { r.store(true, Ordering::SeqCst) }).unwrap();
+        })
+        .await;
+        let job = Job {
+            queue,
+            deadline: Some(SystemTime::now() + Duration::from_secs(2)),
+            ..inline_job("r-1")
+        };
+        let started = std::time::Instant::now();
+        let report = tokio::time::timeout(
+            Duration::from_secs(10),
+            core.run_phase(job, PhaseKind::Inline),
+        )
+        .await
+        .expect("the phase ran, beside the stuck one");
+        assert!(ran.load(Ordering::SeqCst), "{report}");
+        // Half of the 1.9 s left, give or take.
+        assert!(
+            started.elapsed() < Duration::from_millis(1800),
+            "{:?}",
+            started.elapsed()
+        );
+        drop(stuck);
     }
 
     /// The wait for a late INVOKE event leaves the work half of what the invocation has left.
