@@ -122,7 +122,9 @@ use proc_macro::TokenStream;
 /// `where` clauses, the return type (`impl Trait` too). The body runs unchanged, with `?` and
 /// `return`, inside the invocation's deferred scope: every `defer!` called while it runs, in
 /// the handler or in any function it calls, queues an action on this invocation. Type errors
-/// in the body point at your code, as they would without the attribute.
+/// in the body point at your code, as they would without the attribute. A deferred handler
+/// called from another's body (a router calling its route's handler) joins the caller's
+/// invocation: its actions run in the invocation's one deferred phase, after the caller's body.
 ///
 /// `const fn` and `extern` functions are rejected; `unsafe fn` works. A function with any
 /// other argument list does not compile:
