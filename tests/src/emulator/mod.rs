@@ -68,8 +68,8 @@ pub struct EmulatorConfig {
     /// Default `None`.
     pub managed_instances: Option<u32>,
     /// The time the child gets between SIGTERM and SIGKILL on [`Emulator::shutdown`]. `None`
-    /// (default) applies Lambda's rule: 0 ms with no extension, 500 ms with internal
-    /// extensions only, 2 s with an external one.
+    /// (default) applies Lambda's rule: 0 ms with no extension, 500 ms with an internal one,
+    /// 300 ms with external ones only; external extensions get the rest of the 2 s phase.
     pub shutdown_grace: Option<Duration>,
     /// SnapStart (default false). The child gets `AWS_LAMBDA_INITIALIZATION_TYPE=snap-start`;
     /// init ends when the runtime waits in `GET /runtime/restore/next` (or `/invocation/next`)
@@ -219,8 +219,10 @@ pub struct ShutdownResult {
     pub killed: bool,
     /// From the `shutdown()` call to the child being gone.
     pub duration: Duration,
-    /// The grace period applied between SIGTERM and SIGKILL.
+    /// The grace period applied between SIGTERM and SIGKILL of the runtime process.
     pub grace: Duration,
+    /// The whole Shutdown phase: the external extensions' `deadlineMs` (2 s with one).
+    pub phase: Duration,
     /// Names of the external extensions that were sent a SHUTDOWN event.
     pub shutdown_events: Vec<String>,
 }

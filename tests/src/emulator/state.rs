@@ -1496,24 +1496,33 @@ impl Shared {
     /// the (thawed) child, SIGKILL after the grace period.
     pub(crate) async fn shutdown(self: &Arc<Self>) -> ShutdownResult {
         let started = Instant::now();
-        let (grace, child, notified, mut changes) = {
+        let (grace, phase, child, notified, mut changes) = {
             let mut guard = self.lock();
             let inner = &mut *guard;
             inner.shutting_down = true;
             let changes = self.changed.subscribe();
-            // Shutdown phase limit: 0 ms with no extension, 500 ms with internal ones only,
-            // 2 s with an external one (Lambda execution environment lifecycle, Shutdown).
-            let grace = self.config.shutdown_grace.unwrap_or_else(|| {
-                if inner.extensions.iter().any(|e| e.external) {
-                    Duration::from_millis(2000)
-                } else if inner.extensions.is_empty() {
-                    Duration::ZERO
-                } else {
-                    Duration::from_millis(500)
-                }
+            // The runtime process's share of the Shutdown phase: "Lambda reserves up to 300 ms
+            // (500 ms for a runtime with an internal extension) for the runtime process to
+            // perform a graceful shutdown. Lambda allocates the remainder of the 2,000 ms
+            // limit for external extensions" (Extensions API, Shutdown phase); 0 ms with no
+            // extension at all.
+            let external = inner.extensions.iter().any(|e| e.external);
+            let internal = inner.extensions.iter().any(|e| !e.external);
+            let grace = self.config.shutdown_grace.unwrap_or(if internal {
+                Duration::from_millis(500)
+            } else if external {
+                Duration::from_millis(300)
+            } else {
+                Duration::ZERO
             });
+            // The external extensions' deadline: the whole phase.
+            let phase = if external {
+                grace.max(Duration::from_millis(2000))
+            } else {
+                grace
+            };
             let deadline_ms =
-                ids::epoch_ms_now() + u64::try_from(grace.as_millis()).unwrap_or(u64::MAX / 2);
+                ids::epoch_ms_now() + u64::try_from(phase.as_millis()).unwrap_or(u64::MAX / 2);
             let mut notified = Vec::new();
             for ext in inner
                 .extensions
@@ -1538,7 +1547,7 @@ impl Shared {
                 }
                 process::terminate(child.process.pid);
             }
-            (grace, child, notified, changes)
+            (grace, phase, child, notified, changes)
         };
         let deadline = tokio::time::Instant::now() + grace;
         let mut exit_status = None;
@@ -1563,8 +1572,9 @@ impl Shared {
                 }
             }
         } else {
-            // No process to wait for (attach mode): wait, within the grace period, until the
+            // No process to wait for (attach mode): wait, within the phase, until the
             // external extensions have taken their SHUTDOWN event.
+            let deadline = tokio::time::Instant::now() + phase;
             loop {
                 let pending = self.lock().extensions.iter().any(|e| {
                     e.queue
@@ -1589,6 +1599,7 @@ impl Shared {
             killed,
             duration: started.elapsed(),
             grace,
+            phase,
             shutdown_events: notified,
         }
     }
