@@ -178,8 +178,10 @@ async fn run_actions(
 ) -> Vec<ActionReport> {
     let mut reports = Vec::new();
     let mut cut_short = false;
-    // `pop` rather than a drained list: an action may queue more actions, which run after it.
-    while let Some(action) = queue.pop() {
+    // One at a time rather than a drained list: an action may queue more actions, which run
+    // after it. Once it is empty the queue is closed: an abandoned action that runs on cannot
+    // queue work that nothing would run (its `defer!` fails instead).
+    while let Some(action) = queue.pop_or_close() {
         let label = action.label();
         if !cut_short && stop.is_set() {
             cut_short = true;
@@ -496,6 +498,42 @@ mod tests {
         assert!(
             Budget::new(Some(in_an_hour), Duration::ZERO).end
                 <= Instant::now() + MAX_FUNCTION_TIMEOUT
+        );
+    }
+
+    /// An action abandoned at its budget while it blocks, which then queues another action:
+    /// its `defer!` fails (nothing would run it) instead of queuing work that is never run
+    /// nor reported.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_abandoned_action_cannot_queue_work_after_the_phase() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let queue = queue_with(|| {
+            defer(None, async move {
+                std::thread::sleep(Duration::from_millis(400));
+                let _ = tx.send(defer(None, async {}));
+            })
+            .unwrap();
+        })
+        .await;
+        let budget = Budget {
+            end: Instant::now() + Duration::from_millis(100),
+        };
+        let report = run(
+            job(queue, Duration::from_secs(1)),
+            &[],
+            budget,
+            PhaseKind::Chained,
+            no_stop(),
+        )
+        .await;
+        assert_eq!(report.actions.len(), 1, "{report}");
+        assert_eq!(report.actions[0].outcome, ActionOutcome::TimedOut);
+        let late = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the action ran on");
+        assert!(
+            matches!(late, Err(crate::DeferError::PhaseOver { .. })),
+            "{late:?}"
         );
     }
 

@@ -62,6 +62,12 @@ pub enum DeferError {
         /// The limit (`Deferred::max_actions`).
         limit: usize,
     },
+    /// Called by an action after its invocation's actions were over: an action abandoned at
+    /// its budget (or at SIGTERM) that ran on. Nothing would run what it queues.
+    PhaseOver {
+        /// Where `defer!` was called.
+        location: &'static Location<'static>,
+    },
 }
 
 impl fmt::Display for DeferError {
@@ -78,6 +84,11 @@ impl fmt::Display for DeferError {
                 "defer! at {location}: this invocation already holds {limit} deferred actions, \
                  the limit set by Deferred::max_actions"
             ),
+            Self::PhaseOver { location } => write!(
+                f,
+                "defer! at {location} ran after its invocation's deferred actions were over (in \
+                 an action abandoned at its budget): nothing would run it"
+            ),
         }
     }
 }
@@ -88,20 +99,33 @@ impl std::error::Error for DeferError {}
 /// actions themselves (an action may queue more).
 #[derive(Debug)]
 pub(crate) struct Queue {
-    actions: Mutex<VecDeque<Action>>,
+    actions: Mutex<Actions>,
     limit: usize,
+}
+
+#[derive(Debug, Default)]
+struct Actions {
+    queued: VecDeque<Action>,
+    /// The phase found the queue empty and went on: a later push would never run.
+    closed: bool,
 }
 
 impl Queue {
     pub(crate) fn new(limit: usize) -> Arc<Self> {
         Arc::new(Self {
-            actions: Mutex::new(VecDeque::new()),
+            actions: Mutex::new(Actions::default()),
             limit,
         })
     }
 
     fn push(&self, action: Action) -> Result<(), DeferError> {
         let mut actions = lock(&self.actions);
+        if actions.closed {
+            return Err(DeferError::PhaseOver {
+                location: action.location,
+            });
+        }
+        let actions = &mut actions.queued;
         if actions.len() >= self.limit {
             return Err(DeferError::QueueFull {
                 location: action.location,
@@ -112,12 +136,17 @@ impl Queue {
         Ok(())
     }
 
-    pub(crate) fn pop(&self) -> Option<Action> {
-        lock(&self.actions).pop_front()
+    /// The next action; when there is none, closes the queue (in the same step, so that no
+    /// action queued meanwhile is left behind).
+    pub(crate) fn pop_or_close(&self) -> Option<Action> {
+        let mut actions = lock(&self.actions);
+        let next = actions.queued.pop_front();
+        actions.closed = next.is_none();
+        next
     }
 
     pub(crate) fn len(&self) -> usize {
-        lock(&self.actions).len()
+        lock(&self.actions).queued.len()
     }
 }
 
