@@ -121,8 +121,10 @@ pub(crate) async fn run_actions_stage(
     // The flush keeps a reserve: its own timeout, but at most half of what is left, so that a
     // long flush_timeout on a short function does not leave the actions no time at all.
     let left = budget.end.saturating_duration_since(started);
+    // Without flushers, the reserve is the wait for a cut action to let go (`ABORT_GRACE`),
+    // so that the phase still ends by `budget.end`; with them, that wait is in the flush's.
     let reserve = if flushers.is_empty() {
-        Duration::ZERO
+        ABORT_GRACE.min(left)
     } else {
         job.flush_timeout.min(left / 2)
     };
@@ -499,6 +501,29 @@ mod tests {
             Budget::new(Some(in_an_hour), Duration::ZERO).end
                 <= Instant::now() + MAX_FUNCTION_TIMEOUT
         );
+    }
+
+    /// Without flushers, a hung action is cut early enough that the wait for it to let go
+    /// (`ABORT_GRACE`) still ends within the budget.
+    #[tokio::test(start_paused = true)]
+    async fn an_action_cut_without_flushers_leaves_room_for_its_abort() {
+        let queue = queue_with(|| {
+            defer(None, std::future::pending::<()>()).unwrap();
+        })
+        .await;
+        let report = run(
+            job(queue, Duration::from_secs(1)),
+            &[],
+            budget(1),
+            PhaseKind::Chained,
+            no_stop(),
+        )
+        .await;
+        assert_eq!(report.actions[0].outcome, ActionOutcome::TimedOut);
+        let [CutReason::ActionBudget { budget }] = report.cut[..] else {
+            panic!("{report}");
+        };
+        assert_eq!(budget, Duration::from_secs(1) - ABORT_GRACE);
     }
 
     /// An action abandoned at its budget while it blocks, which then queues another action:
