@@ -200,6 +200,9 @@ where
 /// What one call of a flush gave, and how long it took.
 pub(crate) type Called = (Result<(), String>, std::time::Duration);
 
+/// Why a flusher was not called: its previous call has not returned.
+const STILL_RUNNING: &str = "its previous flush is still running";
+
 /// A registered flusher and whether a call to it is still running (maybe abandoned).
 #[derive(Clone)]
 pub(crate) struct Flusher {
@@ -226,35 +229,37 @@ impl Flusher {
         }
     }
 
-    /// Starts the flush on a blocking thread; `None` while a previous call still runs. The
-    /// task yields the flush's result and its own duration.
-    pub(crate) fn start(&self) -> Option<tokio::task::JoinHandle<Called>> {
+    /// Starts the flush on a blocking thread; `Err` says why it did not start (a previous
+    /// call still runs, or no thread could be had). The task yields the flush's result and
+    /// its own duration.
+    pub(crate) fn start(&self) -> Result<tokio::task::JoinHandle<Called>, String> {
         if self.busy.swap(true, Ordering::AcqRel) {
-            return None;
+            return Err(STILL_RUNNING.to_owned());
         }
         let this = self.clone();
         // `spawn_blocking` panics when it cannot start a thread (its pool empty and the OS
-        // refusing one): the flush never ran, so it must not count as still running.
+        // refusing one): the flush did not run, so it must not count as still running, and
+        // the phase reports it rather than dying of the panic.
         let spawned = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             tokio::task::spawn_blocking(move || this.call())
         }));
-        match spawned {
-            Ok(task) => Some(task),
-            Err(panic) => {
-                self.busy.store(false, Ordering::Release);
-                std::panic::resume_unwind(panic)
-            }
-        }
+        spawned.map_err(|panic| {
+            self.busy.store(false, Ordering::Release);
+            format!(
+                "no thread could be started for it: {}",
+                crate::phase::panic_message(panic)
+            )
+        })
     }
 
     /// Runs the flush on this thread (the chain's phase thread, which a watchdog replaces if
     /// the flush overruns); `None` while a previous call still runs. A panic is caught and
-    /// given as `Err` with its message.
-    pub(crate) fn run_here(&self) -> Option<std::thread::Result<Called>> {
+    /// given as `Ok(Err(_))` with its message.
+    pub(crate) fn run_here(&self) -> Result<std::thread::Result<Called>, String> {
         if self.busy.swap(true, Ordering::AcqRel) {
-            return None;
+            return Err(STILL_RUNNING.to_owned());
         }
-        Some(std::panic::catch_unwind(std::panic::AssertUnwindSafe(
+        Ok(std::panic::catch_unwind(std::panic::AssertUnwindSafe(
             || self.call(),
         )))
     }
@@ -285,8 +290,11 @@ mod tests {
     fn a_flush_whose_thread_cannot_start_is_called_next_time() {
         let flusher = Flusher::new(flush_fn("f", || Ok::<(), FlushError>(())));
         // Outside a runtime `spawn_blocking` panics, as it does when the OS refuses a thread.
-        let refused = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| flusher.start()));
-        assert!(refused.is_err());
+        let refused = flusher.start().expect_err("no thread outside a runtime");
+        assert!(
+            refused.starts_with("no thread could be started for it"),
+            "{refused}"
+        );
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()
             .expect("a runtime");

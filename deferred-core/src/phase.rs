@@ -358,17 +358,17 @@ pub(crate) fn flush_here(flusher: &Flusher, end: Instant, phase_started: Instant
     }
 }
 
-/// Starts a flush with `start` unless it is too late, or `start` finds its previous call still
-/// running (`None`); `Err` says why it was not run.
+/// Starts a flush with `start` unless it is too late; `Err` says why it was not run (too
+/// late, or what `start` found: its previous call still running, no thread to be had).
 fn startable<T>(
     now: Instant,
     end: Instant,
-    start: impl FnOnce() -> Option<T>,
+    start: impl FnOnce() -> Result<T, String>,
 ) -> Result<T, String> {
     if now >= end {
         return Err("no time left before the deadline".to_owned());
     }
-    start().ok_or_else(|| "its previous flush is still running".to_owned())
+    start()
 }
 
 /// Waits for the started flushes until `end`; what is still running then is abandoned.
@@ -500,6 +500,27 @@ mod tests {
         assert!(
             Budget::new(Some(in_an_hour), Duration::ZERO).end
                 <= Instant::now() + MAX_FUNCTION_TIMEOUT
+        );
+    }
+
+    /// A flush that cannot get a thread (tokio's `spawn_blocking` panics when its pool is
+    /// empty and the OS refuses one; here: outside a runtime) is reported as not run, with
+    /// why, and the phase goes on to its report.
+    #[test]
+    fn a_flush_without_a_thread_is_reported_not_run() {
+        let flushers = [Flusher::new(flush_fn("f", || Ok::<(), FlushError>(())))];
+        let end = Instant::now() + Duration::from_secs(1);
+        let running = start_flushes(&flushers, end);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("a runtime");
+        let mut cut = Vec::new();
+        let reports = runtime.block_on(collect_flushes(running, end, Instant::now(), &mut cut));
+        assert!(
+            matches!(&reports[0].outcome, FlushOutcome::NotRun(why) if why.starts_with("no thread could be started")),
+            "{:?}",
+            reports[0].outcome
         );
     }
 
