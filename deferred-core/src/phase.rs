@@ -131,7 +131,11 @@ pub(crate) async fn run_actions_stage(
     let actions_end = budget.end.checked_sub(reserve).unwrap_or(started);
     let actions = run_actions(&job.queue, actions_end, &mut cut, started, &mut stop).await;
 
-    // On shutdown the final flush flushes everything; this phase yields to it at once.
+    // On shutdown the final flush flushes everything; this phase yields to it at once, and
+    // says so (its own flush did not run).
+    if stop.is_set() && !flushers.is_empty() && !cut.contains(&CutReason::Shutdown) {
+        cut.push(CutReason::Shutdown);
+    }
     let flush_end = (!stop.is_set()).then(|| {
         // `checked_add`: however long `flush_timeout` is, it must not overflow the clock.
         Instant::now()
@@ -366,9 +370,22 @@ fn startable<T>(
     start: impl FnOnce() -> Result<T, String>,
 ) -> Result<T, String> {
     if now >= end {
-        return Err("no time left before the deadline".to_owned());
+        return Err(NO_TIME.to_owned());
     }
     start()
+}
+
+/// Why a flush was not run: its end (the deadline minus the margin, or `flush_timeout`) had
+/// come. The phase is then cut ([`CutReason::FlushBudget`]).
+const NO_TIME: &str = "no time left before the deadline or the flush_timeout";
+
+/// Whether a flush report is one of a flush its budget cut (abandoned, or never started).
+fn out_of_budget(outcome: &FlushOutcome) -> bool {
+    match outcome {
+        FlushOutcome::TimedOut => true,
+        FlushOutcome::NotRun(why) => why == NO_TIME,
+        _ => false,
+    }
 }
 
 /// Waits for the started flushes until `end`; what is still running then is abandoned.
@@ -384,12 +401,13 @@ pub(crate) async fn collect_flushes(
         mut done,
     } = running;
     let offset = started.saturating_duration_since(phase_started);
-    let mut timed_out = done
-        .iter()
-        .any(|r| matches!(r.outcome, FlushOutcome::TimedOut));
+    let mut timed_out = done.iter().any(|r| out_of_budget(&r.outcome));
     for (name, task) in tasks {
         let (outcome, duration) = match task {
-            Err(why) => (FlushOutcome::NotRun(why), Duration::ZERO),
+            Err(why) => {
+                timed_out |= why == NO_TIME;
+                (FlushOutcome::NotRun(why), Duration::ZERO)
+            }
             Ok(mut task) => match tokio::time::timeout_at(end, &mut task).await {
                 Ok(joined) => outcome(joined, started),
                 // Abandoned: a blocking thread cannot be stopped; the flusher stays busy until
@@ -501,6 +519,48 @@ mod tests {
             Budget::new(Some(in_an_hour), Duration::ZERO).end
                 <= Instant::now() + MAX_FUNCTION_TIMEOUT
         );
+    }
+
+    /// A zero `flush_timeout` leaves the flush no time: it is not run, and the phase says it
+    /// was cut, rather than reporting a failure with no cut (and a clean-looking count).
+    #[tokio::test]
+    async fn a_flush_with_no_time_is_cut_not_failed() {
+        let flushers = [Flusher::new(flush_fn("f", || Ok::<(), FlushError>(())))];
+        let report = run(
+            job(Queue::new(0), Duration::ZERO),
+            &flushers,
+            budget(10),
+            PhaseKind::Chained,
+            no_stop(),
+        )
+        .await;
+        assert!(
+            matches!(&report.flushes[0].outcome, FlushOutcome::NotRun(why) if why == NO_TIME),
+            "{report}"
+        );
+        assert!(
+            matches!(report.cut[..], [CutReason::FlushBudget { .. }]),
+            "{report}"
+        );
+        assert!(!report.is_clean());
+    }
+
+    /// A phase stopped by SIGTERM leaves its flush to the final one, and says so.
+    #[tokio::test]
+    async fn a_stopped_phase_says_its_flush_was_left_to_the_final_one() {
+        let flushers = [Flusher::new(flush_fn("f", || Ok::<(), FlushError>(())))];
+        let (_stopping, stopped) = tokio::sync::watch::channel(true);
+        let report = run(
+            job(Queue::new(0), Duration::from_secs(1)),
+            &flushers,
+            budget(10),
+            PhaseKind::Chained,
+            Stop::new(stopped),
+        )
+        .await;
+        assert!(report.flushes.is_empty(), "{report}");
+        assert_eq!(report.cut, [CutReason::Shutdown]);
+        assert!(!report.is_clean());
     }
 
     /// A flush that cannot get a thread (tokio's `spawn_blocking` panics when its pool is
