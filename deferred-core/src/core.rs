@@ -834,6 +834,36 @@ mod tests {
         assert_eq!(report.spans_dropped, Some(0), "{report}");
     }
 
+    /// Background phases (Managed Instances) overlap: one whose flusher is busy with the
+    /// other's flush waits for it and flushes after, instead of reporting its flush as not run
+    /// (a failure, which would make the failure count flap under load).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn overlapping_background_phases_each_flush() {
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = calls.clone();
+        let core = Core::new(
+            Config {
+                flushers: vec![crate::flush::Flusher::new(crate::flush_fn(
+                    "slow",
+                    move || {
+                        counted.fetch_add(1, Ordering::SeqCst);
+                        std::thread::sleep(Duration::from_millis(150));
+                        Ok::<_, crate::FlushError>(())
+                    },
+                ))],
+                phase_telemetry: false,
+                ..Config::default()
+            },
+            Mode::Background,
+        );
+        let (a, b) = tokio::join!(
+            core.run_phase(inline_job("r-1"), PhaseKind::Background),
+            core.run_phase(inline_job("r-2"), PhaseKind::Background),
+        );
+        assert!(a.flushed() && b.flushed(), "{a}\n{b}");
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
     /// An inline phase does not wait without bound for a phase that holds the lock past its
     /// end (a blocking `on_report` hook): after half of what is left, it runs beside it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

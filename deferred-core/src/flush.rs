@@ -209,6 +209,8 @@ pub(crate) struct Flusher {
     pub(crate) name: Cow<'static, str>,
     inner: Arc<dyn Flush>,
     busy: Arc<AtomicBool>,
+    /// Told when a call returns.
+    returned: Arc<tokio::sync::Notify>,
 }
 
 impl fmt::Debug for Flusher {
@@ -226,6 +228,25 @@ impl Flusher {
             name: flush.name(),
             inner: Arc::new(flush),
             busy: Arc::new(AtomicBool::new(false)),
+            returned: Arc::new(tokio::sync::Notify::new()),
+        }
+    }
+
+    /// Waits, until `end` at most, for a call of another phase to return. For concurrent
+    /// background phases (Managed Instances), where the running call is a live one: each
+    /// phase then flushes after it, instead of reporting its flush as not run.
+    pub(crate) async fn wait_returned(&self, end: tokio::time::Instant) {
+        loop {
+            let returned = self.returned.notified();
+            tokio::pin!(returned);
+            // Registered before the check: a return in between is not missed.
+            returned.as_mut().enable();
+            if !self.busy.load(Ordering::Acquire) {
+                return;
+            }
+            if tokio::time::timeout_at(end, returned).await.is_err() {
+                return;
+            }
         }
     }
 
@@ -267,13 +288,14 @@ impl Flusher {
     /// One call of the flush, `busy` set by the caller.
     fn call(&self) -> Called {
         // Cleared even when the flush panics, so the flusher is not skipped forever.
-        struct Clear<'a>(&'a AtomicBool);
+        struct Clear<'a>(&'a Flusher);
         impl Drop for Clear<'_> {
             fn drop(&mut self) {
-                self.0.store(false, Ordering::Release);
+                self.0.busy.store(false, Ordering::Release);
+                self.0.returned.notify_waiters();
             }
         }
-        let _clear = Clear(&self.busy);
+        let _clear = Clear(self);
         let started = std::time::Instant::now();
         let result = self.inner.flush().map_err(|e| e.to_string());
         (result, started.elapsed())

@@ -68,7 +68,15 @@ pub(crate) async fn run(
 ) -> PhaseReport {
     let mut staged = run_actions_stage(job, flushers, budget, kind, stop).await;
     let flushes = match staged.flush_end {
-        Some(end) => run_flushes(flushers, end, staged.started, &mut staged.cut).await,
+        Some(end) => {
+            if kind == PhaseKind::Background {
+                // Background phases overlap: a flusher busy now is another phase's flush.
+                for flusher in flushers {
+                    flusher.wait_returned(end).await;
+                }
+            }
+            run_flushes(flushers, end, staged.started, &mut staged.cut).await
+        }
         None => Vec::new(),
     };
     staged.into_report(flushes)
