@@ -312,6 +312,7 @@ impl Running {
     pub(crate) async fn abandon(
         self,
         inline: &str,
+        end: Instant,
         phase_started: Instant,
         cut: &mut Vec<CutReason>,
     ) -> Vec<FlushReport> {
@@ -337,8 +338,9 @@ impl Running {
                 outcome,
             });
         }
+        // The budget it had, as `collect_flushes` reports it; not how late the watchdog came.
         cut.push(CutReason::FlushBudget {
-            budget: Instant::now().saturating_duration_since(self.started),
+            budget: end.saturating_duration_since(self.started),
         });
         reports
     }

@@ -324,6 +324,7 @@ impl Runner {
             running,
             here,
             serial,
+            end,
             ..
         }) = lock(&self.watch).overrun(Instant::now())
         else {
@@ -337,7 +338,7 @@ impl Runner {
             lock(&self.queue).leave();
         }
         let flushes = running
-            .abandon(&here, staged.started, &mut staged.cut)
+            .abandon(&here, end, staged.started, &mut staged.cut)
             .await;
         // The report runs the user's `on_report` hook: not on the chain's task, which must
         // stay free to read events and to release an event whose phase does not end (a hook

@@ -736,6 +736,16 @@ async fn a_flush_that_never_returns_is_abandoned_by_the_watchdog() {
     );
     assert!(t.mark("end:a").is_some());
     assert!(env.logged("flush hang abandoned after").await);
+    // The cut names the budget the flush had (500 ms from its start), not how late the
+    // watchdog came.
+    let line = report(&env, &first.request_id).await;
+    let budget = line
+        .split("flush cut: its budget of ")
+        .nth(1)
+        .and_then(|rest| rest.split("ms").next())
+        .and_then(|ms| ms.trim().parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no flush budget in {line}"));
+    assert!(budget <= 500.0 && budget > 400.0, "{line}");
     // The tracer provider (the other flusher) delivered the action's and the handler's spans.
     let spans = env.spans_before(&trace, phase_end(&t));
     assert!(spans.iter().any(|s| s == "deferred-action"), "{spans:?}");
