@@ -885,6 +885,30 @@ async fn a_panicking_report_hook_is_logged_and_the_chain_goes_on() {
     }
 }
 
+/// A handler that overruns its deadline: Lambda resets the environment, and "the reset
+/// behaves like a Shutdown event" (execution environment lifecycle): SIGTERM with the
+/// runtime's 500 ms, so the function's final flush runs and reports before it goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_invocation_gets_the_final_flush_before_the_reset() {
+    let _serial = SERIAL.lock().await;
+    let env = start("run", config(1), &[]).await;
+    let result = env
+        .invoke(json!({ "handler_ms": 3000, "actions": [{ "name": "never" }] }))
+        .await;
+    assert!(
+        matches!(result.outcome, InvokeOutcome::Timeout),
+        "{:?}",
+        result.outcome
+    );
+    assert!(env.logged("deferred phase (Shutdown)").await);
+    assert_eq!(env.emulator.stats().resets, 1);
+    // The environment comes back for the next invocation.
+    let next = env
+        .invoke(json!({ "actions": [{ "name": "after" }] }))
+        .await;
+    assert!(next.outcome.is_success(), "{:?}", next.outcome);
+}
+
 /// Invokes a 2 s action and waits until it runs; returns the request id and trace id.
 async fn phase_running(env: &Env) -> (String, String) {
     let result = env

@@ -15,7 +15,9 @@
 //!   (`Lambda-Runtime-Function-Response-Mode: streaming`) may reach 200 MB instead of 6 MB,
 //!   and reaches the caller whole, metadata prelude included, once its last chunk is in;
 //! - an idle, complete child is frozen (SIGSTOP) and thawed (SIGCONT) on the next invoke;
-//! - a deadline overrun resets the environment (SIGKILL, init again on the next invoke);
+//! - a deadline overrun resets the environment, which "behaves like a Shutdown event": SIGTERM
+//!   and the runtime's grace when an extension is registered, then SIGKILL; init again on the
+//!   next invoke;
 //! - with SnapStart, init ends in a snapshot (the child frozen while its runtime waits in
 //!   `/restore/next`) and the first invoke restores it (see [`EmulatorConfig::snap_start`]).
 //!
@@ -67,7 +69,8 @@ pub struct EmulatorConfig {
     /// registration refused, nothing frozen, timeouts end only the invocation concerned.
     /// Default `None`.
     pub managed_instances: Option<u32>,
-    /// The time the child gets between SIGTERM and SIGKILL on [`Emulator::shutdown`]. `None`
+    /// The time the child gets between SIGTERM and SIGKILL on [`Emulator::shutdown`] and on a
+    /// reset (a timeout, a crash). `None`
     /// (default) applies Lambda's rule: 0 ms with no extension, 500 ms with an internal one,
     /// 300 ms with external ones only; external extensions get the rest of the 2 s phase.
     pub shutdown_grace: Option<Duration>,

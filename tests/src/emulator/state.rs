@@ -1316,8 +1316,55 @@ impl Shared {
                 let _ = responder.send(cause.outcome());
             }
         }
-        Self::kill_child(inner);
+        // "If the Lambda function crashes or times out during the Invoke phase, Lambda resets
+        // the execution environment. The reset behaves like a Shutdown event" (execution
+        // environment lifecycle): SIGTERM and the runtime's share of the Shutdown phase when an
+        // extension is registered, then SIGKILL.
+        let grace = self.runtime_grace(inner);
+        if grace.is_zero() {
+            Self::kill_child(inner);
+        } else {
+            Self::terminate_child(inner, grace);
+        }
         self.new_generation(inner);
+    }
+
+    /// The runtime process's share of the Shutdown phase: "Lambda reserves up to 300 ms (500 ms
+    /// for a runtime with an internal extension) for the runtime process to perform a graceful
+    /// shutdown. Lambda allocates the remainder of the 2,000 ms limit for external extensions"
+    /// (Extensions API, Shutdown phase); 0 ms with no extension at all.
+    fn runtime_grace(&self, inner: &Inner) -> Duration {
+        let external = inner.extensions.iter().any(|e| e.external);
+        let internal = inner.extensions.iter().any(|e| !e.external);
+        self.config.shutdown_grace.unwrap_or(if internal {
+            Duration::from_millis(500)
+        } else if external {
+            Duration::from_millis(300)
+        } else {
+            Duration::ZERO
+        })
+    }
+
+    /// SIGTERM to the child (thawed first), SIGKILL if it still runs after `grace`.
+    fn terminate_child(inner: &mut Inner, grace: Duration) {
+        let Some(child) = inner.child.take() else {
+            return;
+        };
+        if !child.exited() {
+            if child.frozen {
+                process::thaw(child.process.pid);
+                inner.stats.thaws += 1;
+            }
+            process::terminate(child.process.pid);
+            let (pid, mut exit) = (child.process.pid, child.process.exit.clone());
+            tokio::spawn(async move {
+                let exited = tokio::time::timeout(grace, exit.wait_for(|s| s.is_some())).await;
+                if exited.is_err() {
+                    process::kill_now(pid);
+                }
+            });
+        }
+        inner.dying.push(child.process.exit);
     }
 
     /// The child exited on its own.
@@ -1501,22 +1548,9 @@ impl Shared {
             let inner = &mut *guard;
             inner.shutting_down = true;
             let changes = self.changed.subscribe();
-            // The runtime process's share of the Shutdown phase: "Lambda reserves up to 300 ms
-            // (500 ms for a runtime with an internal extension) for the runtime process to
-            // perform a graceful shutdown. Lambda allocates the remainder of the 2,000 ms
-            // limit for external extensions" (Extensions API, Shutdown phase); 0 ms with no
-            // extension at all.
-            let external = inner.extensions.iter().any(|e| e.external);
-            let internal = inner.extensions.iter().any(|e| !e.external);
-            let grace = self.config.shutdown_grace.unwrap_or(if internal {
-                Duration::from_millis(500)
-            } else if external {
-                Duration::from_millis(300)
-            } else {
-                Duration::ZERO
-            });
+            let grace = self.runtime_grace(inner);
             // The external extensions' deadline: the whole phase.
-            let phase = if external {
+            let phase = if inner.extensions.iter().any(|e| e.external) {
                 grace.max(Duration::from_millis(2000))
             } else {
                 grace
