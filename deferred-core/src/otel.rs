@@ -139,6 +139,8 @@ where
     );
 
     if let Some(parent) = &parent {
+        // What cut the actions that were cut: the budget, or SIGTERM.
+        let shutdown = report.cut.contains(&CutReason::Shutdown);
         let actions = report.actions.iter().map(|action| {
             let attributes = vec![
                 KeyValue::new("deferred.action.name", action_name(action)),
@@ -146,7 +148,7 @@ where
                 KeyValue::new("code.line.number", i64::from(action.label.location.line())),
                 KeyValue::new("deferred.outcome", action_outcome(&action.outcome)),
             ];
-            let error = action_error(&action.outcome);
+            let error = action_error(&action.outcome, shutdown);
             (
                 "deferred.action",
                 action.offset,
@@ -281,13 +283,18 @@ fn action_outcome(outcome: &ActionOutcome) -> &'static str {
     }
 }
 
-fn action_error(outcome: &ActionOutcome) -> Option<String> {
+fn action_error(outcome: &ActionOutcome, shutdown: bool) -> Option<String> {
+    let why = if shutdown {
+        "shutdown"
+    } else {
+        "out of budget"
+    };
     match outcome {
         ActionOutcome::Ok => None,
         ActionOutcome::Failed(e) => Some(e.clone()),
         ActionOutcome::Panicked(m) => Some(format!("panicked: {m}")),
-        ActionOutcome::TimedOut => Some("abandoned: out of budget".to_owned()),
-        ActionOutcome::NotRun => Some("not run: out of budget".to_owned()),
+        ActionOutcome::TimedOut => Some(format!("abandoned: {why}")),
+        ActionOutcome::NotRun => Some(format!("not run: {why}")),
     }
 }
 
@@ -428,6 +435,32 @@ mod tests {
             .unwrap();
         assert_eq!(attribute(phase, "deferred.spans_dropped"), None);
         assert_eq!(attribute(phase, "deferred.outcome").as_deref(), Some("ok"));
+    }
+
+    /// An action cut by SIGTERM says so in its span's status, not "out of budget".
+    #[test]
+    fn actions_cut_by_shutdown_say_so() {
+        let mut report = report();
+        report.actions[1].outcome = ActionOutcome::TimedOut;
+        report.cut = vec![CutReason::Shutdown];
+        let status = |report: &PhaseReport| {
+            spans(report)
+                .into_iter()
+                .find(|s| {
+                    s.name == "deferred.action"
+                        && attribute(s, "deferred.outcome").as_deref() == Some("timed_out")
+                })
+                .map(|s| s.status)
+        };
+        assert!(
+            matches!(status(&report), Some(Status::Error { description }) if description == "abandoned: shutdown")
+        );
+        report.cut = vec![CutReason::ActionBudget {
+            budget: Duration::from_millis(30),
+        }];
+        assert!(
+            matches!(status(&report), Some(Status::Error { description }) if description == "abandoned: out of budget")
+        );
     }
 
     #[test]
