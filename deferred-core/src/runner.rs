@@ -252,6 +252,14 @@ impl Runner {
             self.end_phase(core, staged, Vec::new(), serial, seq);
             return;
         };
+        if Instant::now() >= end {
+            // No time left to flush (the handler ran to the phase's end): every flusher is
+            // reported not run, here, with no watchdog to race for a flush that never began.
+            let mut staged = staged;
+            let flushes = phase::run_flushes(flushers, end, staged.started, &mut staged.cut).await;
+            self.end_phase(core, staged, flushes, serial, seq);
+            return;
+        }
         let running = phase::start_flushes(rest, end);
         let phase_started = staged.started;
         let poke = {
