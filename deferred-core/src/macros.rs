@@ -80,14 +80,16 @@ macro_rules! defer {
 }
 
 /// Like [`defer!`], but returns `Result<(), DeferError>` instead of panicking when the action
-/// cannot be queued: outside a `#[deferred_handler]` ([`DeferError::OutsideHandler`]) or past
-/// the queue's limit ([`DeferError::QueueFull`]).
+/// cannot be queued: outside a `#[deferred_handler]` ([`DeferError::OutsideHandler`]), past
+/// the queue's limit ([`DeferError::QueueFull`]), or from an action abandoned at its budget
+/// that ran on after its invocation's actions were over ([`DeferError::PhaseOver`]).
 ///
 /// `try_defer!(future)` or `try_defer!("name", future)`, with the same rules as [`defer!`].
 ///
 /// [`DeferError`]: crate::DeferError
 /// [`DeferError::OutsideHandler`]: crate::DeferError::OutsideHandler
 /// [`DeferError::QueueFull`]: crate::DeferError::QueueFull
+/// [`DeferError::PhaseOver`]: crate::DeferError::PhaseOver
 ///
 /// ```
 /// use deferred_core::{DeferError, try_defer};
