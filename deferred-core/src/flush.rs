@@ -200,8 +200,48 @@ where
 /// What one call of a flush gave, and how long it took.
 pub(crate) type Called = (Result<(), String>, std::time::Duration);
 
-/// Why a flusher was not called: its previous call has not returned.
-const STILL_RUNNING: &str = "its previous flush is still running";
+/// Why a flusher was not called; the report gives its `Display` as
+/// [`FlushOutcome::NotRun`](crate::FlushOutcome::NotRun).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum NotStarted {
+    /// Its end (the deadline minus the margin, or `flush_timeout`) had come: the phase is
+    /// cut ([`CutReason::FlushBudget`](crate::CutReason::FlushBudget)).
+    NoTime,
+    /// Its previous call has not returned (an earlier phase abandoned it).
+    StillRunning,
+    /// tokio could not start a thread for it; the panic's message.
+    NoThread(String),
+}
+
+impl fmt::Display for NotStarted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NoTime => f.write_str("no time left before the deadline or the flush_timeout"),
+            Self::StillRunning => f.write_str("its previous flush is still running"),
+            Self::NoThread(why) => write!(f, "no thread could be started for it: {why}"),
+        }
+    }
+}
+
+/// `spawn_blocking` on `handle` (the current runtime's when `None`), its panic given as
+/// `Err` with the panic's message. tokio panics when it cannot start a thread (the pool has
+/// none free and the OS refuses a new one) and outside a runtime; the work then did not
+/// start, and the caller must say so rather than die of the panic. Built with
+/// `panic = "abort"`, the panic ends the process, as any panic would.
+pub(crate) fn try_spawn_blocking<F, R>(
+    handle: Option<&tokio::runtime::Handle>,
+    work: F,
+) -> Result<tokio::task::JoinHandle<R>, String>
+where
+    F: FnOnce() -> R + Send + 'static,
+    R: Send + 'static,
+{
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match handle {
+        Some(handle) => handle.spawn_blocking(work),
+        None => tokio::task::spawn_blocking(work),
+    }))
+    .map_err(crate::phase::panic_message)
+}
 
 /// A registered flusher and whether a call to it is still running (maybe abandoned).
 #[derive(Clone)]
@@ -253,32 +293,24 @@ impl Flusher {
     /// Starts the flush on a blocking thread; `Err` says why it did not start (a previous
     /// call still runs, or no thread could be had). The task yields the flush's result and
     /// its own duration.
-    pub(crate) fn start(&self) -> Result<tokio::task::JoinHandle<Called>, String> {
+    pub(crate) fn start(&self) -> Result<tokio::task::JoinHandle<Called>, NotStarted> {
         if self.busy.swap(true, Ordering::AcqRel) {
-            return Err(STILL_RUNNING.to_owned());
+            return Err(NotStarted::StillRunning);
         }
         let this = self.clone();
-        // `spawn_blocking` panics when it cannot start a thread (its pool empty and the OS
-        // refusing one): the flush did not run, so it must not count as still running, and
-        // the phase reports it rather than dying of the panic.
-        let spawned = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            tokio::task::spawn_blocking(move || this.call())
-        }));
-        spawned.map_err(|panic| {
+        try_spawn_blocking(None, move || this.call()).map_err(|panic| {
+            // The flush did not run: it must not count as still running.
             self.busy.store(false, Ordering::Release);
-            format!(
-                "no thread could be started for it: {}",
-                crate::phase::panic_message(panic)
-            )
+            NotStarted::NoThread(panic)
         })
     }
 
     /// Runs the flush on this thread (the chain's phase thread, which a watchdog replaces if
-    /// the flush overruns); `None` while a previous call still runs. A panic is caught and
+    /// the flush overruns); `Err` while a previous call still runs. A panic is caught and
     /// given as `Ok(Err(_))` with its message.
-    pub(crate) fn run_here(&self) -> Result<std::thread::Result<Called>, String> {
+    pub(crate) fn run_here(&self) -> Result<std::thread::Result<Called>, NotStarted> {
         if self.busy.swap(true, Ordering::AcqRel) {
-            return Err(STILL_RUNNING.to_owned());
+            return Err(NotStarted::StillRunning);
         }
         Ok(std::panic::catch_unwind(std::panic::AssertUnwindSafe(
             || self.call(),
@@ -313,10 +345,7 @@ mod tests {
         let flusher = Flusher::new(flush_fn("f", || Ok::<(), FlushError>(())));
         // Outside a runtime `spawn_blocking` panics, as it does when the OS refuses a thread.
         let refused = flusher.start().expect_err("no thread outside a runtime");
-        assert!(
-            refused.starts_with("no thread could be started for it"),
-            "{refused}"
-        );
+        assert!(matches!(refused, NotStarted::NoThread(_)), "{refused}");
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()
             .expect("a runtime");

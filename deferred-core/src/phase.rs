@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use opentelemetry::trace::SpanContext;
 use tokio::time::Instant;
 
-use crate::flush::Flusher;
+use crate::flush::{Flusher, NotStarted};
 use crate::report::{
     ActionOutcome, ActionReport, CutReason, FlushOutcome, FlushReport, PhaseKind, PhaseReport,
 };
@@ -276,7 +276,7 @@ pub(crate) async fn run_flushes(
 #[derive(Debug)]
 pub(crate) struct Running {
     started: Instant,
-    tasks: Vec<(String, Result<FlushTask, String>)>,
+    tasks: Vec<(String, Result<FlushTask, NotStarted>)>,
     /// Reports of flushes that ran elsewhere (on the chain's phase thread), listed first.
     done: Vec<FlushReport>,
 }
@@ -327,7 +327,7 @@ impl Running {
         });
         for (name, task) in self.tasks {
             let (outcome, duration) = match task {
-                Err(why) => (FlushOutcome::NotRun(why), Duration::ZERO),
+                Err(why) => (FlushOutcome::NotRun(why.to_string()), Duration::ZERO),
                 Ok(task) if task.is_finished() => outcome(task.await, self.started),
                 Ok(_) => (FlushOutcome::TimedOut, self.started.elapsed()),
             };
@@ -347,11 +347,12 @@ impl Running {
 }
 
 /// Runs `flusher` on this thread: the chain's phase thread does so with the first flusher,
-/// which saves two thread hand-offs per phase; its watchdog abandons the flush at `end`.
+/// which saves two thread hand-offs per phase; its watchdog abandons the flush at `end`. The
+/// caller has checked that `end` has not come.
 pub(crate) fn flush_here(flusher: &Flusher, end: Instant, phase_started: Instant) -> FlushReport {
     let started = Instant::now();
-    let (outcome, duration) = match startable(started, end, || flusher.run_here()) {
-        Err(why) => (FlushOutcome::NotRun(why), Duration::ZERO),
+    let (outcome, duration) = match flusher.run_here() {
+        Err(why) => (FlushOutcome::NotRun(why.to_string()), Duration::ZERO),
         Ok(Ok(done)) => outcome(Ok(done), started),
         Ok(Err(panic)) => (
             FlushOutcome::Panicked(panic_message(panic)),
@@ -372,30 +373,16 @@ pub(crate) fn flush_here(flusher: &Flusher, end: Instant, phase_started: Instant
     }
 }
 
-/// Starts a flush with `start` unless it is too late; `Err` says why it was not run (too
-/// late, or what `start` found: its previous call still running, no thread to be had).
+/// Starts a flush with `start` unless its end has come; `Err` says why it was not run.
 fn startable<T>(
     now: Instant,
     end: Instant,
-    start: impl FnOnce() -> Result<T, String>,
-) -> Result<T, String> {
+    start: impl FnOnce() -> Result<T, NotStarted>,
+) -> Result<T, NotStarted> {
     if now >= end {
-        return Err(NO_TIME.to_owned());
+        return Err(NotStarted::NoTime);
     }
     start()
-}
-
-/// Why a flush was not run: its end (the deadline minus the margin, or `flush_timeout`) had
-/// come. The phase is then cut ([`CutReason::FlushBudget`]).
-const NO_TIME: &str = "no time left before the deadline or the flush_timeout";
-
-/// Whether a flush report is one of a flush its budget cut (abandoned, or never started).
-fn out_of_budget(outcome: &FlushOutcome) -> bool {
-    match outcome {
-        FlushOutcome::TimedOut => true,
-        FlushOutcome::NotRun(why) => why == NO_TIME,
-        _ => false,
-    }
 }
 
 /// Waits for the started flushes until `end`; what is still running then is abandoned.
@@ -411,12 +398,14 @@ pub(crate) async fn collect_flushes(
         mut done,
     } = running;
     let offset = started.saturating_duration_since(phase_started);
-    let mut timed_out = done.iter().any(|r| out_of_budget(&r.outcome));
+    // Cut by the budget: a flush abandoned (or finished past its end), or never started for
+    // lack of time.
+    let mut timed_out = done.iter().any(|r| r.outcome == FlushOutcome::TimedOut);
     for (name, task) in tasks {
         let (outcome, duration) = match task {
             Err(why) => {
-                timed_out |= why == NO_TIME;
-                (FlushOutcome::NotRun(why), Duration::ZERO)
+                timed_out |= why == NotStarted::NoTime;
+                (FlushOutcome::NotRun(why.to_string()), Duration::ZERO)
             }
             Ok(mut task) => match tokio::time::timeout_at(end, &mut task).await {
                 Ok(joined) => outcome(joined, started),
@@ -545,7 +534,7 @@ mod tests {
         )
         .await;
         assert!(
-            matches!(&report.flushes[0].outcome, FlushOutcome::NotRun(why) if why == NO_TIME),
+            matches!(&report.flushes[0].outcome, FlushOutcome::NotRun(why) if *why == NotStarted::NoTime.to_string()),
             "{report}"
         );
         assert!(

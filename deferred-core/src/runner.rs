@@ -19,6 +19,7 @@ use tokio::time::Instant;
 
 use crate::core::Core;
 use crate::extension::line::Line;
+use crate::flush::try_spawn_blocking;
 use crate::phase::{self, Budget, Running, Staged};
 use crate::report::{FlushReport, PhaseKind};
 use crate::scope::lock;
@@ -361,22 +362,20 @@ impl Runner {
 }
 
 /// Runs `run` on a thread of the runtime's blocking pool; gives it back when tokio cannot
-/// start one (its pool has no thread and the OS refuses a new one: `spawn_blocking` panics;
-/// built with `panic = "abort"`, that ends the process, as any panic would).
+/// start one ([`try_spawn_blocking`]).
 fn to_blocking_pool<F>(handle: &tokio::runtime::Handle, run: F) -> Result<(), F>
 where
     F: FnOnce() + Send + 'static,
 {
+    // The closure moves into the task; a slot lets it come back when the task never starts.
     let slot = Arc::new(Mutex::new(Some(run)));
     let theirs = slot.clone();
-    let spawned = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        drop(handle.spawn_blocking(move || {
-            let run = lock(&theirs).take();
-            if let Some(run) = run {
-                run();
-            }
-        }));
-    }));
+    let spawned = try_spawn_blocking(Some(handle), move || {
+        let run = lock(&theirs).take();
+        if let Some(run) = run {
+            run();
+        }
+    });
     if spawned.is_ok() {
         return Ok(());
     }
