@@ -628,25 +628,20 @@ impl Core {
                 .fetch_add(1, Ordering::Relaxed)
                 .saturating_add(1)
         };
-        report.emit();
+        // Each observer's panic is caught (the user's hook, a tracing subscriber, a global
+        // provider's exporter): it would otherwise unwind through the phase's end and leave
+        // its `event/next` unsent (the environment held to the safety net), or turn a
+        // handler's `Ok` into a panic on the inline path. The others still run.
+        observe("the phase's log line", &report.request_id, || report.emit());
         if self.config.phase_telemetry {
-            crate::otel::record(&report);
+            observe("the phase's telemetry", &report.request_id, || {
+                crate::otel::record(&report);
+            });
         }
         if let Some(hook) = &self.config.on_report {
-            // Caught: a hook's panic would otherwise unwind through the phase's end and leave
-            // its `event/next` unsent (the environment held to the safety net), or turn a
-            // handler's `Ok` into a panic on the inline path.
-            let called = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                (hook.0)(&report);
-            }));
-            if let Err(panic) = called {
-                tracing::error!(
-                    target: "deferred",
-                    request_id = %report.request_id,
-                    "the on_report hook panicked: {}; the phase is over and the chain goes on",
-                    phase::panic_message(panic),
-                );
-            }
+            observe("the on_report hook", &report.request_id, || {
+                (hook.0)(&report)
+            });
         }
         report
     }
@@ -659,6 +654,27 @@ impl Core {
         tasks.spawn(async move {
             core.run_phase(job, PhaseKind::Background).await;
         });
+    }
+}
+
+/// Runs `observer` (`what`, for the log) of the phase of `request_id`, its panic caught and
+/// logged; on stderr when logging panics too (the subscriber may be what panicked).
+fn observe(what: &str, request_id: &str, observer: impl FnOnce()) {
+    let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(observer)) else {
+        return;
+    };
+    let message = phase::panic_message(panic);
+    let logged = std::panic::catch_unwind(|| {
+        tracing::error!(
+            target: "deferred",
+            request_id = %request_id,
+            "{what} panicked: {message}; the phase is over and the chain goes on",
+        );
+    });
+    if logged.is_err() {
+        eprintln!(
+            "deferred: {what} panicked (request {request_id}): {message}; the phase is over and the chain goes on"
+        );
     }
 }
 
@@ -903,6 +919,54 @@ mod tests {
             started.elapsed()
         );
         drop(stuck);
+    }
+
+    /// A tracing subscriber that panics on every event.
+    struct PanickingSubscriber;
+
+    impl tracing::Subscriber for PanickingSubscriber {
+        fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+            true
+        }
+        fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+            tracing::span::Id::from_u64(1)
+        }
+        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+        fn event(&self, _: &tracing::Event<'_>) {
+            panic!("the subscriber panicked");
+        }
+        fn enter(&self, _: &tracing::span::Id) {}
+        fn exit(&self, _: &tracing::span::Id) {}
+    }
+
+    /// A panic in the phase's log line (the user's tracing subscriber) does not unwind out of
+    /// the phase's end, where it would leave the `event/next` unsent; the hook still runs.
+    #[tokio::test]
+    async fn a_panicking_subscriber_does_not_unwind_out_of_the_phase_end() {
+        let hooked = Arc::new(AtomicBool::new(false));
+        let h = hooked.clone();
+        let core = Core::new(
+            Config {
+                phase_telemetry: false,
+                on_report: Some(ReportHook(Arc::new(move |_| {
+                    h.store(true, Ordering::SeqCst);
+                }))),
+                ..Config::default()
+            },
+            Mode::Inline,
+        );
+        let report = core.run_phase(inline_job("r-1"), PhaseKind::Inline).await;
+        hooked.store(false, Ordering::SeqCst);
+        let finished = tracing::subscriber::with_default(PanickingSubscriber, || {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| core.finish(report)))
+        });
+        let report = finished.expect("the subscriber's panic was caught");
+        assert_eq!(report.request_id, "r-1");
+        assert!(
+            hooked.load(Ordering::SeqCst),
+            "the hook ran after the panic"
+        );
     }
 
     /// The wait for a late INVOKE event leaves the work half of what the invocation has left.
