@@ -19,7 +19,7 @@ use tokio::time::Instant;
 
 use crate::core::Core;
 use crate::extension::line::Line;
-use crate::flush::try_spawn_blocking;
+use crate::flush::{Flusher, try_spawn_blocking};
 use crate::phase::{self, Budget, Running, Staged};
 use crate::report::{FlushReport, PhaseKind};
 use crate::scope::lock;
@@ -212,7 +212,7 @@ impl Runner {
             };
             let seq = work.seq;
             let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                self.handle.block_on(self.run(core, work, &retired));
+                self.run(core, work, &retired);
             }));
             if ran.is_err() {
                 // A panic out of the phase's own code (`finish` catches the `on_report`
@@ -239,8 +239,34 @@ impl Runner {
         true
     }
 
-    /// Runs one chained phase, reports it, and arms the next `event/next`.
-    async fn run(&self, core: &Arc<Core>, work: Work, retired: &Arc<AtomicBool>) {
+    /// Runs one chained phase, reports it, and arms the next `event/next`. The first flush
+    /// runs outside `block_on`: within it the thread counts as the runtime's own, and tokio
+    /// panics at a flush that waits on async work there (`Handle::block_on`, `blocking_recv`),
+    /// which [`Flush`](crate::Flush) allows ("a thread where blocking is fine").
+    fn run(&self, core: &Arc<Core>, work: Work, retired: &Arc<AtomicBool>) {
+        let Some((first, end, phase_started)) =
+            self.handle.block_on(self.begin(core, work, retired))
+        else {
+            return;
+        };
+        let report = {
+            // The runtime's context, as on its blocking threads: `Handle::current()` works.
+            let _runtime = self.handle.enter();
+            phase::flush_here(first, end, phase_started)
+        };
+        self.handle
+            .block_on(self.conclude(core, report, end, phase_started, retired));
+    }
+
+    /// A chained phase up to its first flush: runs its actions, starts the other flushers,
+    /// and leaves the phase to the watchdog should the first flush overrun. `None` when the
+    /// phase is over already (nothing to flush, or no time left).
+    async fn begin<'c>(
+        &self,
+        core: &'c Arc<Core>,
+        work: Work,
+        retired: &Arc<AtomicBool>,
+    ) -> Option<(&'c Flusher, Instant, Instant)> {
         let Work { job, seq, end } = work;
         let serial = core.phase_lock.clone().lock_owned().await;
         // The slot's phase end, not one recomputed from the deadline: the chain's timers use
@@ -251,7 +277,7 @@ impl Runner {
             phase::run_actions_stage(job, flushers, budget, PhaseKind::Chained, core.stop()).await;
         let (Some(end), Some((first, rest))) = (staged.flush_end, flushers.split_first()) else {
             self.end_phase(core, staged, Vec::new(), serial, seq);
-            return;
+            return None;
         };
         if Instant::now() >= end {
             // No time left to flush (the handler ran to the phase's end): every flusher is
@@ -259,7 +285,7 @@ impl Runner {
             let mut staged = staged;
             let flushes = phase::run_flushes(flushers, end, staged.started, &mut staged.cut).await;
             self.end_phase(core, staged, flushes, serial, seq);
-            return;
+            return None;
         }
         let running = phase::start_flushes(rest, end);
         let phase_started = staged.started;
@@ -279,12 +305,25 @@ impl Runner {
         if poke {
             self.poke.notify_one();
         }
-        let report = phase::flush_here(first, end, phase_started);
+        Some((first, end, phase_started))
+    }
+
+    /// A chained phase after its first flush (`report`): unless the watchdog took it over
+    /// meanwhile, collects the other flushes and ends it.
+    async fn conclude(
+        &self,
+        core: &Arc<Core>,
+        report: FlushReport,
+        end: Instant,
+        phase_started: Instant,
+        retired: &Arc<AtomicBool>,
+    ) {
         let Some(flushing) = lock(&self.watch).claim(retired) else {
             // The watchdog took this phase over (and reported it) while the flush ran.
             return;
         };
         let Flushing {
+            seq,
             mut staged,
             mut running,
             serial,
@@ -553,6 +592,49 @@ mod tests {
         assert_eq!(*lock(&reports), ["r-1", "r-2", "r-3"]);
         // The first thread, the watchdog's replacement, the one for r-2; none for r-3.
         assert_eq!(ASKED.load(Ordering::SeqCst), 3);
+    }
+
+    /// A flush that waits on async work (`Handle::block_on`, `blocking_recv`: what a flush
+    /// of an async client does) flushes on the phase thread as on any blocking thread.
+    /// (Before, the phase thread ran it within `block_on`, where tokio panics at both.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flush_may_block_on_async_work_on_the_phase_thread() {
+        let block_on = crate::flush_fn("block_on", || {
+            tokio::runtime::Handle::current().block_on(tokio::task::yield_now());
+            Ok::<(), String>(())
+        });
+        let blocking_recv = crate::flush_fn("blocking_recv", || {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            tokio::spawn(async move { tx.send(()) });
+            rx.blocking_recv().map_err(|e| e.to_string())
+        });
+        let (reported, reports) = std::sync::mpsc::channel();
+        let reported = Mutex::new(reported);
+        let core = Core::new(
+            crate::core::Config {
+                flushers: vec![
+                    crate::flush::Flusher::new(block_on),
+                    crate::flush::Flusher::new(blocking_recv),
+                ],
+                on_report: Some(crate::core::ReportHook(Arc::new(move |report| {
+                    let _ = lock(&reported).send(report.clone());
+                }))),
+                phase_telemetry: false,
+                ..crate::core::Config::default()
+            },
+            crate::core::Mode::Extension,
+        );
+        // Nothing listens: the call the phase arms goes nowhere.
+        let line = Arc::new(Line::new("127.0.0.1:9", "", "ext-1"));
+        let runner = Runner::start(&core, line).expect("a phase thread");
+        runner.submit(work(1, Duration::from_secs(5)));
+        let report =
+            tokio::task::spawn_blocking(move || reports.recv_timeout(Duration::from_secs(5)))
+                .await
+                .expect("joined")
+                .expect("the phase was reported");
+        assert_eq!(report.flushes.len(), 2, "{report}");
+        assert!(report.flushed(), "{report}");
     }
 
     /// The closure runs, once, on another thread.
