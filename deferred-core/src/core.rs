@@ -605,8 +605,10 @@ impl Core {
     pub(crate) fn finish(&self, mut report: PhaseReport) -> PhaseReport {
         if let Some(counts) = &self.config.span_counts {
             let lost = counts.lost();
+            // `fetch_max`: overlapping phases (Managed Instances) may read `lost` in one order
+            // and get here in the other; the mark must not go back, or spans count twice.
             report.spans_lost =
-                Some(lost.saturating_sub(self.lost_reported.swap(lost, Ordering::Relaxed)));
+                Some(lost.saturating_sub(self.lost_reported.fetch_max(lost, Ordering::Relaxed)));
             // After a flush of the batch processor that succeeded, every span that ended before
             // it began has been exported, lost in a failed export, or dropped on a full queue
             // (which no exporter sees). The processor notes how many had ended when its latest
@@ -620,14 +622,19 @@ impl Core {
                         .saturating_sub(self.dropped_reported.fetch_max(dropped, Ordering::Relaxed))
                 });
         }
-        report.consecutive_flush_failures = if report.flushed() {
-            self.flush_failures.store(0, Ordering::Relaxed);
-            0
-        } else {
-            self.flush_failures
-                .fetch_add(1, Ordering::Relaxed)
-                .saturating_add(1)
-        };
+        report.consecutive_flush_failures =
+            if report.flushes.is_empty() && !self.config.flushers.is_empty() {
+                // Not flushed, and not failed: its flush was left to the final one (SIGTERM).
+                // The streak stands as it is.
+                self.flush_failures.load(Ordering::Relaxed)
+            } else if report.flushed() {
+                self.flush_failures.store(0, Ordering::Relaxed);
+                0
+            } else {
+                self.flush_failures
+                    .fetch_add(1, Ordering::Relaxed)
+                    .saturating_add(1)
+            };
         // Each observer's panic is caught (the user's hook, a tracing subscriber, a global
         // provider's exporter): it would otherwise unwind through the phase's end and leave
         // its `event/next` unsent (the environment held to the safety net), or turn a
@@ -850,8 +857,8 @@ mod tests {
         assert_eq!(report.spans_dropped, Some(0), "{report}");
     }
 
-    /// Background phases (Managed Instances) overlap: one whose flusher is busy with the
-    /// other's flush waits for it and flushes after, instead of reporting its flush as not run
+    /// Background phases (Managed Instances) overlap: one whose flusher is busy with
+    /// another's flush waits for it and flushes after, instead of reporting its flush as not run
     /// (a failure, which would make the failure count flap under load).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn overlapping_background_phases_each_flush() {
@@ -872,12 +879,15 @@ mod tests {
             },
             Mode::Background,
         );
-        let (a, b) = tokio::join!(
+        // Three: two wait for the first's flush, and only one of them can call next; the
+        // other waits for that call in turn.
+        let (a, b, c) = tokio::join!(
             core.run_phase(inline_job("r-1"), PhaseKind::Background),
             core.run_phase(inline_job("r-2"), PhaseKind::Background),
+            core.run_phase(inline_job("r-3"), PhaseKind::Background),
         );
-        assert!(a.flushed() && b.flushed(), "{a}\n{b}");
-        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        assert!(a.flushed() && b.flushed() && c.flushed(), "{a}\n{b}\n{c}");
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
     }
 
     /// An inline phase does not wait without bound for a phase that holds the lock past its
@@ -919,6 +929,34 @@ mod tests {
             started.elapsed()
         );
         drop(stuck);
+    }
+
+    /// A phase stopped by SIGTERM leaves its flush to the final one: it neither breaks nor
+    /// extends the streak of failed flushes. (Before, its empty list of flushes counted as
+    /// flushed and reset the streak to 0.)
+    #[tokio::test]
+    async fn a_phase_stopped_by_sigterm_leaves_the_failure_streak_as_it_is() {
+        let core = Core::new(
+            Config {
+                flushers: vec![crate::flush::Flusher::new(crate::flush_fn("down", || {
+                    Err::<(), _>("the collector is down")
+                }))],
+                phase_telemetry: false,
+                ..Config::default()
+            },
+            Mode::Background,
+        );
+        for expected in 1..=2 {
+            let report = core.run_phase(inline_job("r"), PhaseKind::Background).await;
+            assert_eq!(report.consecutive_flush_failures, expected, "{report}");
+        }
+        core.stopping.send_replace(true);
+        let stopped = core
+            .run_phase(inline_job("r-3"), PhaseKind::Background)
+            .await;
+        assert!(stopped.flushes.is_empty(), "{stopped}");
+        assert_eq!(stopped.consecutive_flush_failures, 2, "{stopped}");
+        assert_eq!(core.flush_failures.load(Ordering::Relaxed), 2);
     }
 
     /// A tracing subscriber that panics on every event.

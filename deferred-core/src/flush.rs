@@ -272,10 +272,8 @@ impl Flusher {
         }
     }
 
-    /// Waits, until `end` at most, for a call of another phase to return. For concurrent
-    /// background phases (Managed Instances), where the running call is a live one: each
-    /// phase then flushes after it, instead of reporting its flush as not run.
-    pub(crate) async fn wait_returned(&self, end: tokio::time::Instant) {
+    /// Waits, until `end` at most, for the running call to return.
+    async fn wait_returned(&self, end: tokio::time::Instant) {
         loop {
             let returned = self.returned.notified();
             tokio::pin!(returned);
@@ -303,6 +301,24 @@ impl Flusher {
             self.busy.store(false, Ordering::Release);
             NotStarted::NoThread(panic)
         })
+    }
+
+    /// Starts the flush once its previous call has returned, waiting for that until `end`:
+    /// for phases that overlap other phases' flushes, where a busy flusher is another
+    /// phase's flush (background phases, the final flush at SIGTERM). Several may wait for
+    /// the same call; one of them wins the next, and the others wait for that one in turn.
+    pub(crate) async fn start_when_free(
+        &self,
+        end: tokio::time::Instant,
+    ) -> Result<tokio::task::JoinHandle<Called>, NotStarted> {
+        loop {
+            match self.start() {
+                Err(NotStarted::StillRunning) if tokio::time::Instant::now() < end => {
+                    self.wait_returned(end).await;
+                }
+                started => return started,
+            }
+        }
     }
 
     /// Runs the flush on this thread (the chain's phase thread, which a watchdog replaces if

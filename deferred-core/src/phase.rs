@@ -68,15 +68,11 @@ pub(crate) async fn run(
 ) -> PhaseReport {
     let mut staged = run_actions_stage(job, flushers, budget, kind, stop).await;
     let flushes = match staged.flush_end {
-        Some(end) => {
-            if kind == PhaseKind::Background {
-                // Background phases overlap: a flusher busy now is another phase's flush.
-                for flusher in flushers {
-                    flusher.wait_returned(end).await;
-                }
-            }
-            run_flushes(flushers, end, staged.started, &mut staged.cut).await
+        // Background phases overlap: a flusher busy now is another phase's flush.
+        Some(end) if kind == PhaseKind::Background => {
+            run_flushes_when_free(flushers, end, staged.started, &mut staged.cut).await
         }
+        Some(end) => run_flushes(flushers, end, staged.started, &mut staged.cut).await,
         None => Vec::new(),
     };
     staged.into_report(flushes)
@@ -269,6 +265,46 @@ pub(crate) async fn run_flushes(
     cut: &mut Vec<CutReason>,
 ) -> Vec<FlushReport> {
     let running = start_flushes(flushers, end);
+    collect_flushes(running, end, phase_started, cut).await
+}
+
+/// As [`run_flushes`], for phases that overlap other phases' flushes (background phases on
+/// Managed Instances, the final flush at SIGTERM): a flusher still busy with another phase's
+/// call is waited for, until `end`, and then called, rather than reported not run. The free
+/// ones start at once, and the busy ones are waited for side by side: a stuck flusher holds
+/// up no other.
+pub(crate) async fn run_flushes_when_free(
+    flushers: &[Flusher],
+    end: Instant,
+    phase_started: Instant,
+    cut: &mut Vec<CutReason>,
+) -> Vec<FlushReport> {
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(flushers.len());
+    let mut waiting = Vec::new();
+    for flusher in flushers {
+        let task = startable(started, end, || flusher.start());
+        if task
+            .as_ref()
+            .is_err_and(|why| *why == NotStarted::StillRunning)
+        {
+            let busy = flusher.clone();
+            let wait = tokio::spawn(async move { busy.start_when_free(end).await });
+            waiting.push((tasks.len(), wait));
+        }
+        tasks.push((flusher.name.to_string(), task));
+    }
+    for (at, wait) in waiting {
+        // A join error (the runtime shutting down) leaves it reported still running.
+        if let Ok(task) = wait.await {
+            tasks[at].1 = task;
+        }
+    }
+    let running = Running {
+        started,
+        tasks,
+        done: Vec::new(),
+    };
     collect_flushes(running, end, phase_started, cut).await
 }
 

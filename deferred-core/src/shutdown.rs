@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tokio::time::Instant;
 
 use crate::core::Core;
-use crate::phase::run_flushes;
+use crate::phase::run_flushes_when_free;
 use crate::report::{PhaseKind, PhaseReport};
 use crate::scope::lock;
 
@@ -76,7 +76,9 @@ pub(crate) async fn final_flush(core: &Core) -> PhaseReport {
         );
         cut.push(crate::report::CutReason::Shutdown);
     }
-    let flushes = run_flushes(&core.config.flushers, end, started, &mut cut).await;
+    // A flusher still busy (the flush of a phase that did not stop, or one abandoned
+    // earlier) is waited for: its spans since that call began are in no other flush.
+    let flushes = run_flushes_when_free(&core.config.flushers, end, started, &mut cut).await;
     // Its own spans and metrics cannot be exported (this was the last flush); its log line,
     // the failure counter and `on_report` still see it.
     core.finish(PhaseReport {
@@ -103,7 +105,7 @@ mod tests {
     use super::*;
     use crate::core::{Config, Mode, ReportHook};
     use crate::phase::Job;
-    use crate::report::CutReason;
+    use crate::report::{CutReason, FlushOutcome};
     use crate::scope::Queue;
 
     /// A background phase stuck where stopping cannot reach it (its `on_report` hook blocks
@@ -143,5 +145,80 @@ mod tests {
         let core = Core::new(Config::default(), Mode::Inline);
         let report = final_flush(&core).await;
         assert!(report.cut.is_empty(), "{report}");
+    }
+
+    /// A flusher still busy at SIGTERM (an earlier phase's flush, abandoned or not yet
+    /// back) is waited for and then called: the spans that ended since that call began are
+    /// in no other flush. (Before, it was reported not run and the process exited.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_final_flush_waits_for_a_flush_still_running() {
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = calls.clone();
+        let flusher = crate::flush::Flusher::new(crate::flush_fn("slow", move || {
+            if counted.fetch_add(1, Ordering::SeqCst) == 0 {
+                std::thread::sleep(Duration::from_millis(150));
+            }
+            Ok::<(), String>(())
+        }));
+        let core = Core::new(
+            Config {
+                flushers: vec![flusher.clone()],
+                shutdown_timeout: Duration::from_millis(400),
+                phase_telemetry: false,
+                ..Config::default()
+            },
+            Mode::Inline,
+        );
+        // An earlier phase's call, still running when SIGTERM comes.
+        let earlier = flusher.start().expect("started");
+        let report = final_flush(&core).await;
+        assert!(report.flushed(), "{report}");
+        assert_eq!(calls.load(Ordering::SeqCst), 2, "{report}");
+        assert!(earlier.is_finished());
+    }
+
+    /// A flusher stuck in an earlier call holds up no other at SIGTERM: the free one flushes
+    /// at once, and one that comes back in time flushes then. (A wait for each busy
+    /// flusher in turn left every flusher after a stuck one not run.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stuck_flusher_holds_up_no_other_in_the_final_flush() {
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let released = std::sync::Mutex::new(released);
+        let stuck = crate::flush::Flusher::new(crate::flush_fn("stuck", move || {
+            let _ = crate::scope::lock(&released).recv_timeout(Duration::from_secs(5));
+            Ok::<(), String>(())
+        }));
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = calls.clone();
+        let back_soon = crate::flush::Flusher::new(crate::flush_fn("back-soon", move || {
+            if counted.fetch_add(1, Ordering::SeqCst) == 0 {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Ok::<(), String>(())
+        }));
+        let free = crate::flush::Flusher::new(crate::flush_fn("free", || Ok::<(), String>(())));
+        let core = Core::new(
+            Config {
+                flushers: vec![stuck.clone(), back_soon.clone(), free],
+                shutdown_timeout: Duration::from_millis(400),
+                phase_telemetry: false,
+                ..Config::default()
+            },
+            Mode::Inline,
+        );
+        let _stuck = stuck.start().expect("started");
+        let _back_soon = back_soon.start().expect("started");
+        let report = final_flush(&core).await;
+        release.send(()).expect("the stuck flush waits");
+        let outcomes: Vec<_> = report.flushes.iter().map(|f| f.outcome.clone()).collect();
+        assert!(
+            matches!(&outcomes[..], [
+                FlushOutcome::NotRun(why),
+                FlushOutcome::Ok,
+                FlushOutcome::Ok,
+            ] if why.contains("still running")),
+            "{report}"
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 2, "{report}");
     }
 }
