@@ -302,9 +302,9 @@ impl Deferred {
 
     /// The time allowed for the final flush on SIGTERM (default 400 ms; Lambda kills the
     /// process 500 ms after SIGTERM when only internal extensions are registered). Values above
-    /// 15 minutes count as 15 minutes. It applies only where the core handles SIGTERM: in Lambda,
-    /// with the extension registered or on Lambda Managed Instances (see
-    /// [`handle_sigterm`](Self::handle_sigterm)).
+    /// 15 minutes count as 15 minutes. It applies only where the core handles SIGTERM (see
+    /// [`handle_sigterm`](Self::handle_sigterm)), as it does in Lambda when `start` registers
+    /// the extension within `register_timeout`, and on Lambda Managed Instances.
     ///
     /// ```
     /// use std::time::Duration;
@@ -752,9 +752,10 @@ impl DeferredHandle {
     /// `flush_timeout`), so restored environments do not export it again. Without the resource, an
     /// `event/next` whose connection did not survive the snapshot is never answered: the first
     /// invocation after the restore then runs its deferred work inline and holds the
-    /// environment until its deadline. Outside SnapStart, and when nothing holds an
-    /// `event/next` (the inline and background modes, unless a late registration made the
-    /// extension acknowledge events), the resource does nothing.
+    /// environment until its deadline. Outside SnapStart the resource does nothing. When
+    /// nothing holds an `event/next` (the inline and background modes, unless a late
+    /// registration made the extension acknowledge events), `after_restore` has nothing to
+    /// re-establish, but `before_snapshot` still flushes.
     pub fn snapstart_resource(&self) -> Arc<dyn lambda_runtime::SnapStartResource> {
         Arc::new(crate::snapstart::SnapStartHook::new(
             self.core.clone(),

@@ -39,10 +39,12 @@ use crate::core::Core;
 /// #[tokio::main]
 /// async fn main() -> Result<(), Error> {
 ///     let deferred = Deferred::new().start().await?;
-///     // What `Deferred::run` does: your own runtime, with the layer last (outermost).
+///     // What `Deferred::run` does: your own runtime, with the layer last (outermost), and
+///     // the SnapStart resource (see `DeferredHandle::snapstart_resource`).
 ///     Runtime::new(service_fn(handler))
 ///         .layer(TracingLayer::new())
 ///         .layer(deferred.layer())
+///         .register_snapstart_resource(deferred.snapstart_resource())
 ///         .run()
 ///         .await
 /// }

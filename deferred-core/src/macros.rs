@@ -12,8 +12,9 @@
 /// # Panics
 ///
 /// When called outside a `#[deferred_handler]` (or in a task spawned from one, which does not
-/// inherit the handler's queue), or past the queue's limit: the action would otherwise be lost
-/// without a trace. Use [`try_defer!`](crate::try_defer) to handle those cases yourself.
+/// inherit the handler's queue), past the queue's limit, or from an action abandoned at its
+/// budget that runs on after its invocation's actions were over: the action would otherwise be
+/// lost without a trace. Use [`try_defer!`](crate::try_defer) to handle those cases yourself.
 ///
 /// # Examples
 ///

@@ -36,8 +36,11 @@ use crate::action::ActionLabel;
 pub enum PhaseKind {
     /// After the response, with the extension holding the environment (the normal case).
     Chained,
-    /// Before the handler returned, because no extension holds the environment (outside
-    /// Lambda, registration refused, chain broken, or the invocation was claimed too late).
+    /// Run by the invocation itself, because no extension holds the environment for it:
+    /// before the handler returned (outside Lambda, registration refused, chain broken, or the
+    /// invocation was claimed too late), or, with the layer, right after the response when the
+    /// INVOKE event its work was parked for never arrived (or the chain broke after the handler
+    /// returned), still before the runtime asks for the next invocation.
     Inline,
     /// As a background task (Lambda Managed Instances: nothing is frozen).
     Background,
@@ -94,9 +97,11 @@ pub enum ActionOutcome {
     Failed(String),
     /// It panicked; the panic's message.
     Panicked(String),
-    /// It was still running when the actions' budget ran out, and was abandoned.
+    /// It was still running when the actions' budget ran out, or when SIGTERM stopped the
+    /// phase ([`CutReason::Shutdown`]), and was abandoned.
     TimedOut,
-    /// It never started: the budget had run out.
+    /// It never started: the budget had run out, or SIGTERM had stopped the phase
+    /// ([`CutReason::Shutdown`]).
     NotRun,
 }
 
@@ -245,8 +250,9 @@ pub struct FlushReport {
 /// Why part of the deferred work was cut.
 ///
 /// An invocation whose deadline is 1 s away, with the default safety margin of 100 ms: the
-/// actions have about 900 ms (no flusher, so no flush reserve). The slow action is cancelled
-/// at the end of that budget and the one after it never starts.
+/// actions have about 880 ms (no flusher, so the only reserve is the 20 ms a cancelled action
+/// gets to be dropped). The slow action is cancelled at the end of that budget and the one
+/// after it never starts.
 ///
 /// ```
 /// use deferred_core::{ActionOutcome, CutReason, Deferred, defer, deferred_handler};
