@@ -303,8 +303,8 @@ impl Deferred {
     /// The time allowed for the final flush on SIGTERM (default 400 ms; Lambda kills the
     /// process 500 ms after SIGTERM when only internal extensions are registered). Values above
     /// 15 minutes count as 15 minutes. It applies only where the core handles SIGTERM (see
-    /// [`handle_sigterm`](Self::handle_sigterm)), as it does in Lambda when `start` registers
-    /// the extension within `register_timeout`, and on Lambda Managed Instances.
+    /// [`handle_sigterm`](Self::handle_sigterm)), as it does in Lambda once the extension is
+    /// registered (within `register_timeout` or later), and on Lambda Managed Instances.
     ///
     /// ```
     /// use std::time::Duration;
@@ -321,7 +321,7 @@ impl Deferred {
     /// How long `start` waits for the extension's registration before it gives up and runs
     /// deferred work inline (default 5 s; Lambda's whole init phase has 10 s). Should the
     /// registration answer later, the extension only acknowledges events from then on, so
-    /// Lambda never waits for it. Values above 15 minutes count as 15 minutes (anything above
+    /// Lambda never waits for it, and SIGTERM gets the final flush. Values above 15 minutes count as 15 minutes (anything above
     /// Lambda's 10 s init limit only lets init fail first).
     ///
     /// ```
@@ -532,13 +532,21 @@ impl Deferred {
             return Err(StartError::AlreadyStarted);
         }
         let config = self.config;
-        let (mode, chain) = choose_mode(config.register_timeout).await;
+        let (mode, registered) = choose_mode(config.register_timeout).await;
         let core = Core::new(config, mode);
         if !Core::install(core.clone()) {
             return Err(StartError::AlreadyStarted);
         }
-        if let Some((client, extension_id)) = chain {
-            tokio::spawn(crate::chain::drive(core.clone(), client, extension_id));
+        match registered {
+            Registered::Chain(client, extension_id) => {
+                tokio::spawn(crate::chain::drive(core.clone(), client, extension_id));
+            }
+            // Not dropped: should Lambda register us after all, it would wait for our
+            // `event/next` before ending init.
+            Registered::Late(pending) => {
+                tokio::spawn(crate::late::pass_through(pending, core.clone()));
+            }
+            Registered::No => {}
         }
         let in_lambda = std::env::var_os("AWS_LAMBDA_RUNTIME_API").is_some();
         if core.config.handle_sigterm && in_lambda && mode != Mode::Inline {
@@ -764,23 +772,33 @@ impl DeferredHandle {
     }
 }
 
+/// What registering the extension gave `start`.
+enum Registered {
+    /// No extension: deferred work runs inline, or in the background.
+    No,
+    /// The registered extension's client and identifier, to drive the chain with.
+    Chain(Arc<Client>, String),
+    /// A registration still unanswered at the register timeout.
+    Late(crate::late::Pending),
+}
+
 /// Decides where deferred work runs, registering the extension when it can.
-async fn choose_mode(register_timeout: Duration) -> (Mode, Option<(Arc<Client>, String)>) {
+async fn choose_mode(register_timeout: Duration) -> (Mode, Registered) {
     // Lambda Managed Instances run several invocations at once and never freeze; INVOKE
     // registration is refused there (Lambda Managed Instances docs).
     if std::env::var("AWS_LAMBDA_INITIALIZATION_TYPE").as_deref() == Ok("lambda-managed-instances")
     {
         tracing::info!(target: "deferred", "Lambda Managed Instances: deferred work runs as background tasks, drained on SIGTERM");
-        return (Mode::Background, None);
+        return (Mode::Background, Registered::No);
     }
     let client = match Client::from_env() {
         None => {
             tracing::info!(target: "deferred", "not running in Lambda (no AWS_LAMBDA_RUNTIME_API): deferred work runs inline before each response");
-            return (Mode::Inline, None);
+            return (Mode::Inline, Registered::No);
         }
         Some(Err(error)) => {
             tracing::warn!(target: "deferred", %error, "deferred work runs inline before each response");
-            return (Mode::Inline, None);
+            return (Mode::Inline, Registered::No);
         }
         Some(Ok(client)) => Arc::new(client),
     };
@@ -793,18 +811,22 @@ async fn choose_mode(register_timeout: Duration) -> (Mode, Option<(Arc<Client>, 
     match tokio::time::timeout(register_timeout, &mut registration).await {
         Ok(Ok(registration)) => {
             tracing::debug!(target: "deferred", extension = %name, "internal extension registered");
-            (Mode::Extension, Some((client, registration.extension_id)))
+            (
+                Mode::Extension,
+                Registered::Chain(client, registration.extension_id),
+            )
         }
         Ok(Err(error)) => {
             log_refused(&error);
-            (Mode::Inline, None)
+            (Mode::Inline, Registered::No)
         }
         Err(_) => {
             tracing::warn!(target: "deferred", timeout = ?register_timeout, "extension registration did not answer: deferred work runs inline before each response");
-            // Not dropped: should Lambda register us after all, it would wait for our
-            // `event/next` before ending init.
-            tokio::spawn(crate::late::pass_through(client, registration));
-            (Mode::Inline, None)
+            let pending = crate::late::Pending {
+                client,
+                registration,
+            };
+            (Mode::Inline, Registered::Late(pending))
         }
     }
 }

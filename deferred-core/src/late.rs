@@ -7,17 +7,25 @@
 //! `event/next` at once, holding nothing: Lambda is never kept waiting for us.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
+use crate::core::Core;
 use crate::extension::{Client, ClientError, NextEvent, Registration};
 
-/// Awaits the `registration` that `start` gave up on; if it succeeds after all, acknowledges
-/// every event at once until SHUTDOWN or the end of the process.
-pub(crate) async fn pass_through(
-    client: Arc<Client>,
-    registration: impl Future<Output = Result<Registration, ClientError>>,
-) {
-    let Ok(registration) = registration.await else {
+/// A registration `start` stopped waiting for, still in flight.
+pub(crate) struct Pending {
+    pub(crate) client: Arc<Client>,
+    pub(crate) registration:
+        Pin<Box<dyn Future<Output = Result<Registration, ClientError>> + Send>>,
+}
+
+/// Awaits the registration that `start` gave up on; if it succeeds after all, listens for
+/// SIGTERM (Lambda now sends it, with an internal extension's 500 ms, before stopping the
+/// environment: without a handler the process would die with spans still batched) and
+/// acknowledges every event at once until SHUTDOWN or the end of the process.
+pub(crate) async fn pass_through(pending: Pending, core: Arc<Core>) {
+    let Ok(registration) = pending.registration.await else {
         // Refused or failed: Lambda does not count the extension in, nothing to do.
         return;
     };
@@ -26,7 +34,10 @@ pub(crate) async fn pass_through(
         "extension registration answered after the register timeout: the extension now only \
          acknowledges events, so Lambda does not wait for it; deferred work stays inline"
     );
-    acknowledge(client, registration.extension_id).await;
+    if core.config.handle_sigterm {
+        crate::shutdown::install(core);
+    }
+    acknowledge(pending.client, registration.extension_id).await;
 }
 
 /// Calls `event/next` again as soon as each event arrives, holding nothing, until SHUTDOWN or

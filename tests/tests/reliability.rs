@@ -582,8 +582,8 @@ async fn registration_connection_closed_falls_back_to_inline() {
 /// Registration answers after the function stopped waiting for it (register timeout 300 ms,
 /// answer after 1.5 s). Lambda has counted the extension in and ends init, and every
 /// invocation, only once it calls `event/next`: a function that forgot it would hang init to
-/// Lambda's 10 s limit. Init completes as soon as the answer comes, the work runs inline, and
-/// the extension never holds the environment.
+/// Lambda's 10 s limit. Init completes as soon as the answer comes, the work runs inline, the
+/// extension never holds the environment, and SIGTERM gets the final flush.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_registration_answered_after_the_timeout_holds_neither_init_nor_invocations() {
     let _serial = SERIAL.lock().await;
@@ -625,6 +625,16 @@ async fn a_registration_answered_after_the_timeout_holds_neither_init_nor_invoca
     let stats = env.emulator.stats();
     assert_eq!(stats.resets, 0);
     assert_eq!(stats.max_concurrent_event_next_per_extension, 1);
+    // Lambda counted the extension in, so it sends SIGTERM before it stops the environment:
+    // the final flush runs, and the process exits by itself (before, SIGTERM's default
+    // action killed it, with whatever was still batched).
+    let shutdown = env.emulator.shutdown().await;
+    assert!(!shutdown.killed, "{shutdown:?}");
+    assert!(
+        shutdown.exit_status.expect("reaped").success(),
+        "{shutdown:?}"
+    );
+    assert!(env.logged("Shutdown").await, "the final flush is reported");
 }
 
 /// Every Extensions API answer is slow (300 ms, then 1.5 s: longer than the layer waits for
