@@ -557,7 +557,10 @@ impl Deferred {
 
     /// [`start`](Self::start), then the Lambda runtime loop with `handler`, with the layer that
     /// starts each deferred phase once the response is out, and with the SnapStart resource
-    /// ([`DeferredHandle::snapstart_resource`]). Same bounds as `lambda_runtime::run`.
+    /// ([`DeferredHandle::snapstart_resource`]). Same bounds as `lambda_runtime::run`. Should
+    /// lambda_runtime's loop end with an error (an answer that does not serialize, a failed
+    /// Runtime API call), the deferred work in flight and the final flush run first, within
+    /// `shutdown_timeout`; then the error is returned.
     ///
     /// ```no_run
     /// use deferred_core::{Deferred, defer, deferred_handler};
@@ -588,12 +591,13 @@ impl Deferred {
         E: Into<lambda_runtime::Error> + Send + fmt::Debug,
     {
         let handle = self.start().await?;
-        lambda_runtime::Runtime::new(handler)
+        let ended = lambda_runtime::Runtime::new(handler)
             .layer(lambda_runtime::layers::TracingLayer::new())
             .layer(handle.layer())
             .register_snapstart_resource(handle.snapstart_resource())
             .run()
-            .await
+            .await;
+        handle.drain_if_failed(ended).await
     }
 }
 
@@ -635,12 +639,13 @@ impl Deferred {
         E: Into<lambda_runtime::Error> + Send + fmt::Debug + 'static,
     {
         let handle = self.start().await?;
-        lambda_runtime::Runtime::new(handler)
+        let ended = lambda_runtime::Runtime::new(handler)
             .layer(lambda_runtime::layers::TracingLayer::new())
             .layer(handle.layer())
             .register_snapstart_resource(handle.snapstart_resource())
             .run_concurrent()
-            .await
+            .await;
+        handle.drain_if_failed(ended).await
     }
 }
 
@@ -769,6 +774,27 @@ impl DeferredHandle {
             self.core.clone(),
             crate::snapstart::Restores::global(),
         ))
+    }
+
+    /// For `run` and `run_concurrent`: lambda_runtime's loop ended with `ended`. It ends only
+    /// on an error it cannot answer (a response that does not serialize, a Runtime API call
+    /// that fails), and the process then exits: the deferred work in flight (the failed
+    /// invocation's, handed to the chain) still runs, then the final flush, all within
+    /// `shutdown_timeout`, before the error is returned.
+    async fn drain_if_failed(
+        &self,
+        ended: Result<(), lambda_runtime::Error>,
+    ) -> Result<(), lambda_runtime::Error> {
+        if let Err(error) = &ended {
+            tracing::error!(
+                target: "deferred",
+                %error,
+                "the Lambda runtime loop ended with an error: the deferred work in flight \
+                 runs, then the final flush, before the error is returned"
+            );
+            crate::shutdown::final_flush(&self.core).await;
+        }
+        ended
     }
 }
 

@@ -48,6 +48,14 @@ pub(crate) async fn final_flush(core: &Core) -> PhaseReport {
     // First half: running phases (the chained one, background ones on Managed Instances) may
     // finish on their own; their actions carry the last invocations' work.
     let _ = tokio::time::timeout_at(half, async {
+        // A phase handed to the phase thread may not hold the phase lock yet: wait until the
+        // chain's last event is armed (its phase over). Polled: this runs once per process,
+        // and a notification would cost every invocation.
+        if let Some(runner) = core.runner.get() {
+            while !runner.line.armed(runner.line.seq()) {
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+        }
         drop(core.phase_lock.lock().await);
         while background.join_next().await.is_some() {}
     })

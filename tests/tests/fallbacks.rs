@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use deferred_testkit::emulator::{EmulatorConfig, Fault};
+use deferred_testkit::emulator::{EmulatorConfig, Fault, InvokeOutcome};
 use serde_json::json;
 use support::{phase_end, start, trace_id};
 
@@ -206,6 +206,34 @@ async fn sigterm_flushes_and_exits_within_the_grace_period() {
     );
     assert!(env.sink.spans_in_trace(&trace) > 0);
     assert!(env.logged("Shutdown").await, "the final flush is reported");
+}
+
+/// lambda_runtime's loop ends with an error (the answer does not serialize, so it cannot be
+/// posted, and lambda_runtime stops): `run` still lets the failed invocation's action run and
+/// the final flush go out before it returns the error and the process exits. (Before, `run`
+/// returned at once and the action died with the process, unreported.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runtime_loop_that_fails_still_runs_the_deferred_work() {
+    let env = start("run", config(), &[]).await;
+    let result = env
+        .invoke(json!({ "handler": "unserializable", "actions": [{ "name": "a", "ms": 50 }] }))
+        .await;
+    assert!(
+        matches!(&result.outcome, InvokeOutcome::FunctionError { error_type, .. } if error_type == "Runtime.ExitError"),
+        "{:?}",
+        result.outcome
+    );
+    assert!(
+        env.logged("the Lambda runtime loop ended with an error")
+            .await
+    );
+    assert!(env.logged("Shutdown").await, "the final flush is reported");
+    let t = env.timeline(&result.request_id);
+    assert!(t.mark("end:a").is_some(), "the action ran: {t:?}");
+    assert!(
+        env.logs_matching("abandoned without a report").is_empty(),
+        "the phase ended on its own"
+    );
 }
 
 /// A failing exporter: the caller is unaffected, each failed flush is reported, and the

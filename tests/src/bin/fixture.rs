@@ -73,6 +73,27 @@ enum HandlerPlan {
     Ok,
     Err,
     Panic,
+    /// Returns an answer that fails to serialize: lambda_runtime cannot post it, and its loop
+    /// ends with the error.
+    Unserializable,
+}
+
+/// The handler's answer: JSON, or one whose serialization fails.
+#[derive(Debug)]
+enum Answer {
+    Json(Value),
+    Unserializable,
+}
+
+impl serde::Serialize for Answer {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Json(value) => value.serialize(serializer),
+            Self::Unserializable => Err(serde::ser::Error::custom(
+                "this answer does not serialize, on purpose",
+            )),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize, Clone)]
@@ -97,7 +118,7 @@ enum ActionKind {
 }
 
 #[deferred_handler]
-async fn handler(event: LambdaEvent<Plan>) -> Result<FunctionResponse<Value, Body>, Error> {
+async fn handler(event: LambdaEvent<Plan>) -> Result<FunctionResponse<Answer, Body>, Error> {
     let plan = event.payload;
     let request_id = event.context.request_id;
     let trace_id = current_trace_id();
@@ -117,11 +138,16 @@ async fn handler(event: LambdaEvent<Plan>) -> Result<FunctionResponse<Value, Bod
     }
     match plan.handler {
         HandlerPlan::Ok => Ok(match plan.stream {
-            None => FunctionResponse::BufferedResponse(json!({ "trace_id": trace_id })),
+            None => {
+                FunctionResponse::BufferedResponse(Answer::Json(json!({ "trace_id": trace_id })))
+            }
             Some(stream) => {
                 FunctionResponse::StreamingResponse(streamed(stream, trace_id, request_id))
             }
         }),
+        HandlerPlan::Unserializable => {
+            Ok(FunctionResponse::BufferedResponse(Answer::Unserializable))
+        }
         HandlerPlan::Err => Err("the handler failed on purpose".into()),
         HandlerPlan::Panic => panic!("the handler panicked on purpose"),
     }
