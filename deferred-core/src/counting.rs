@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use opentelemetry::Context;
 use opentelemetry_sdk::Resource;
-use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::trace::{Span, SpanData, SpanExporter, SpanProcessor};
 
 /// How many spans a [`CountingSpanExporter`] has delivered and lost so far.
@@ -71,13 +71,19 @@ impl ExportCounts {
     fn flush(&self, flush: impl FnOnce() -> OTelSdkResult) -> OTelSdkResult {
         // Read before the flush begins: a span counted here was queued (or dropped) before
         // the flush's own message, so the flush covers it.
-        let ended = self.ended();
-        let result = flush();
-        if result.is_ok() {
-            // `fetch_max`: flushes from several threads may finish out of order.
-            self.flushed.fetch_max(ended, Ordering::AcqRel);
+        let (ended, lost) = (self.ended(), self.lost());
+        flush()?;
+        // `fetch_max`: flushes from several threads may finish out of order.
+        self.flushed.fetch_max(ended, Ordering::AcqRel);
+        // The SDK's batch processor (0.33) answers with its last batch's result only: a flush
+        // whose earlier batch failed says `Ok`. Spans lost meanwhile make it a failure, so the
+        // report's failure count sees it.
+        match self.lost().saturating_sub(lost) {
+            0 => Ok(()),
+            n => Err(OTelSdkError::InternalFailure(format!(
+                "{n} spans lost in a failed export during the flush"
+            ))),
         }
-        result
     }
 }
 
@@ -180,6 +186,9 @@ impl<E: SpanExporter> SpanExporter for CountingSpanExporter<E> {
 /// bound (spans that end after the flush began may be exported and hide a drop), never an
 /// overcount. Only sampled spans are counted: the SDK's simple processor exports no others.
 ///
+/// A flush during which spans were lost fails, though the batch processor says `Ok`: it
+/// answers a flush of several batches with the last batch's result only.
+///
 /// ```
 /// use deferred_core::{CountingSpanExporter, CountingSpanProcessor, Deferred};
 /// use opentelemetry_sdk::trace::{BatchSpanProcessor, InMemorySpanExporter, SdkTracerProvider};
@@ -250,7 +259,6 @@ mod tests {
     use opentelemetry::trace::{
         Link, SpanKind, TraceId, TraceState, Tracer as _, TracerProvider as _,
     };
-    use opentelemetry_sdk::error::OTelSdkError;
     use opentelemetry_sdk::trace::{
         BatchSpanProcessor, InMemorySpanExporter, SamplingDecision, SamplingResult,
         SdkTracerProvider, ShouldSample, SimpleSpanProcessor,
@@ -337,6 +345,47 @@ mod tests {
             (3, 3, 3)
         );
         assert_eq!(counts.flushed_if_counted(), Some(3));
+    }
+
+    /// Fails its first export only.
+    #[derive(Debug, Default)]
+    struct FailsFirst(AtomicBool);
+
+    impl SpanExporter for FailsFirst {
+        async fn export(&self, _batch: Vec<SpanData>) -> OTelSdkResult {
+            if self.0.swap(true, Ordering::SeqCst) {
+                Ok(())
+            } else {
+                Err(OTelSdkError::InternalFailure("collector said 500".into()))
+            }
+        }
+    }
+
+    /// The batch processor reports a flush of several batches by its last one: a flush whose
+    /// first batch was lost is a failure all the same.
+    #[test]
+    fn a_flush_that_lost_a_batch_fails_though_the_last_one_went_out() {
+        let exporter = CountingSpanExporter::new(FailsFirst::default());
+        let counts = exporter.counts();
+        let config = opentelemetry_sdk::trace::BatchConfigBuilder::default()
+            .with_max_export_batch_size(1)
+            .with_scheduled_delay(Duration::from_secs(3600))
+            .build();
+        let batch = BatchSpanProcessor::builder(exporter)
+            .with_batch_config(config)
+            .build();
+        let provider = SdkTracerProvider::builder()
+            .with_span_processor(CountingSpanProcessor::new(batch, counts.clone()))
+            .build();
+        spans(&provider, 2);
+        let flushed = provider.force_flush();
+        assert_eq!((counts.exported(), counts.lost()), (1, 1));
+        assert!(
+            matches!(&flushed, Err(e) if e.to_string().contains("1 spans lost")),
+            "{flushed:?}"
+        );
+        // What it covered still counts: the lost span is no drop.
+        assert_eq!(counts.flushed(), 2);
     }
 
     #[test]
