@@ -57,7 +57,7 @@ pub(crate) async fn final_flush(core: &Core) -> PhaseReport {
             }
         }
         drop(core.phase_lock.lock().await);
-        while background.join_next().await.is_some() {}
+        join_all(core, &mut background).await;
     })
     .await;
     // Then stop them: each abandons its action (dropping it closes the spans it holds) and
@@ -65,14 +65,13 @@ pub(crate) async fn final_flush(core: &Core) -> PhaseReport {
     core.stopping.send_replace(true);
     let stopped = end.min(half + STOP_GRACE);
     let serial = tokio::time::timeout_at(stopped, core.phase_lock.lock()).await;
-    let _ = tokio::time::timeout_at(stopped, async {
-        while background.join_next().await.is_some() {}
-    })
-    .await;
+    let _ = tokio::time::timeout_at(stopped, join_all(core, &mut background)).await;
     // A phase still running now is stuck where stopping cannot reach it (an action or hook
     // that blocks its thread): it will not report. Say so here, rather than nothing.
-    let (chained, aborted) = (serial.is_err(), background.len());
+    let late = std::mem::take(&mut *lock(&core.background));
+    let (chained, aborted) = (serial.is_err(), background.len() + late.len());
     background.abort_all();
+    drop(late); // aborts them too
     let mut cut = Vec::new();
     if chained || aborted > 0 {
         tracing::warn!(
@@ -102,6 +101,20 @@ pub(crate) async fn final_flush(core: &Core) -> PhaseReport {
         spans_lost: None,
         spans_dropped: None,
     })
+}
+
+/// Joins the background phases into `joined`, and those that start meanwhile (invocations
+/// that end after SIGTERM on Managed Instances, a handler future dropped during shutdown),
+/// until none is left.
+async fn join_all(core: &Core, joined: &mut tokio::task::JoinSet<()>) {
+    loop {
+        while joined.join_next().await.is_some() {}
+        let more = std::mem::take(&mut *lock(&core.background));
+        if more.is_empty() {
+            return;
+        }
+        *joined = more;
+    }
 }
 
 #[cfg(test)]
@@ -153,6 +166,50 @@ mod tests {
         let core = Core::new(Config::default(), Mode::Inline);
         let report = final_flush(&core).await;
         assert!(report.cut.is_empty(), "{report}");
+    }
+
+    /// A background phase that starts after SIGTERM (an invocation that ends meanwhile, on
+    /// Managed Instances) is waited for like the others, and named when it does not stop.
+    /// (Before, the final flush knew only the phases running when it began.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_background_phase_that_starts_during_the_final_flush_is_waited_for() {
+        let core = Core::new(
+            Config {
+                shutdown_timeout: Duration::from_millis(400),
+                phase_telemetry: false,
+                // The early phase takes 100 ms to report; the late one blocks its thread past
+                // the final flush's waits.
+                on_report: Some(ReportHook(Arc::new(|report| {
+                    let ms = if report.request_id == "late" {
+                        1500
+                    } else {
+                        100
+                    };
+                    std::thread::sleep(Duration::from_millis(ms));
+                }))),
+                ..Config::default()
+            },
+            Mode::Background,
+        );
+        let job = |id: &str| Job {
+            request_id: id.into(),
+            deadline: None,
+            queue: Queue::new(0),
+            flush_timeout: Duration::from_secs(1),
+            parent: None,
+        };
+        // Running when SIGTERM comes: the final flush waits for it (100 ms).
+        core.spawn_background(job("early"));
+        let flushing = final_flush(&core);
+        tokio::pin!(flushing);
+        let report = tokio::select! {
+            report = &mut flushing => panic!("the final flush did not wait: {report}"),
+            () = tokio::time::sleep(Duration::from_millis(20)) => {
+                core.spawn_background(job("late"));
+                flushing.await
+            }
+        };
+        assert_eq!(report.cut, vec![CutReason::Shutdown], "{report}");
     }
 
     /// A flusher still busy at SIGTERM (an earlier phase's flush, abandoned or not yet
