@@ -491,7 +491,10 @@ impl Deferred {
     ///
     /// Never fails for lack of Lambda: outside Lambda, or when registration is refused, it
     /// logs one line and deferred work runs inline before each response. It fails only when
-    /// called a second time in the process ([`StartError::AlreadyStarted`]).
+    /// called a second time in the process ([`StartError::AlreadyStarted`]). The work runs in
+    /// a task of its own: a caller that stops waiting (a `timeout` around it) does not stop
+    /// it, and the core starts all the same, as Lambda, having registered the extension,
+    /// expects.
     ///
     /// ```
     /// use deferred_core::{Deferred, Mode, StartError};
@@ -531,28 +534,16 @@ impl Deferred {
         if STARTING.swap(true, std::sync::atomic::Ordering::AcqRel) {
             return Err(StartError::AlreadyStarted);
         }
-        let config = self.config;
-        let (mode, registered) = choose_mode(config.register_timeout).await;
-        let core = Core::new(config, mode);
-        if !Core::install(core.clone()) {
-            return Err(StartError::AlreadyStarted);
+        // A task of its own, so that a caller who stops waiting (a `timeout` around `start`)
+        // does not drop a registration in flight: Lambda, having counted the extension in,
+        // would hold init for its `event/next`, and no core would ever be installed.
+        let setup = tokio::spawn(set_up(self.config));
+        match setup.await {
+            Ok(started) => started,
+            Err(join) => std::panic::resume_unwind(join.try_into_panic().unwrap_or_else(|_| {
+                Box::new("the runtime shut down while lambda-deferred was starting")
+            })),
         }
-        match registered {
-            Registered::Chain(client, extension_id) => {
-                tokio::spawn(crate::chain::drive(core.clone(), client, extension_id));
-            }
-            // Not dropped: should Lambda register us after all, it would wait for our
-            // `event/next` before ending init.
-            Registered::Late(pending) => {
-                tokio::spawn(crate::late::pass_through(pending, core.clone()));
-            }
-            Registered::No => {}
-        }
-        let in_lambda = std::env::var_os("AWS_LAMBDA_RUNTIME_API").is_some();
-        if core.config.handle_sigterm && in_lambda && mode != Mode::Inline {
-            crate::shutdown::install(core.clone());
-        }
-        Ok(DeferredHandle { core })
     }
 
     /// [`start`](Self::start), then the Lambda runtime loop with `handler`, with the layer that
@@ -796,6 +787,32 @@ impl DeferredHandle {
         }
         ended
     }
+}
+
+/// [`Deferred::start`]'s work, to its end whether or not the caller still waits: registers
+/// the extension when it can, installs the core, and starts what drives it.
+async fn set_up(config: Config) -> Result<DeferredHandle, StartError> {
+    let (mode, registered) = choose_mode(config.register_timeout).await;
+    let core = Core::new(config, mode);
+    if !Core::install(core.clone()) {
+        return Err(StartError::AlreadyStarted);
+    }
+    match registered {
+        Registered::Chain(client, extension_id) => {
+            tokio::spawn(crate::chain::drive(core.clone(), client, extension_id));
+        }
+        // Not dropped: should Lambda register us after all, it would wait for our
+        // `event/next` before ending init.
+        Registered::Late(pending) => {
+            tokio::spawn(crate::late::pass_through(pending, core.clone()));
+        }
+        Registered::No => {}
+    }
+    let in_lambda = std::env::var_os("AWS_LAMBDA_RUNTIME_API").is_some();
+    if core.config.handle_sigterm && in_lambda && mode != Mode::Inline {
+        crate::shutdown::install(core.clone());
+    }
+    Ok(DeferredHandle { core })
 }
 
 /// What registering the extension gave `start`.

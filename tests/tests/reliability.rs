@@ -637,6 +637,44 @@ async fn a_registration_answered_after_the_timeout_holds_neither_init_nor_invoca
     assert!(env.logged("Shutdown").await, "the final flush is reported");
 }
 
+/// The function stops waiting for `start` while the registration is in flight (a `timeout`
+/// around it shorter than the answer): the registration goes on and the core starts all the
+/// same, so Lambda, which counted the extension in, does not hold init for it, and the work is
+/// chained. (Before, the registration was dropped with the future: init was held to its limit
+/// and every later `start` said "already started".)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_the_caller_stops_waiting_for_still_completes() {
+    let _serial = SERIAL.lock().await;
+    let sink = OtlpSink::start().await.expect("sink");
+    let emulator = Emulator::start(config(5)).await.expect("emulator");
+    emulator
+        .faults()
+        .once(Fault::RegisterAnswerDelay(Duration::from_millis(500)));
+    let spec = FunctionSpec::new(env!("CARGO_BIN_EXE_fixture"))
+        .env("FIXTURE_MODE", "start")
+        .env("START_GIVE_UP_MS", "100")
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", sink.endpoint())
+        .env("OTEL_EXPORTER_OTLP_TIMEOUT", "1000")
+        .env("RUST_LOG", "info");
+    let started = Instant::now();
+    emulator.spawn_function(spec).await.expect("init completes");
+    let init = started.elapsed();
+    assert!(init < Duration::from_secs(3), "init took {init:?}");
+    let env = Env { emulator, sink };
+    assert!(env.logged("gave up waiting for Deferred::start").await);
+    let result = env
+        .invoke(json!({ "actions": [{ "name": "a", "ms": 50 }] }))
+        .await;
+    assert!(result.outcome.is_success(), "{:?}", result.outcome);
+    let t = env.completed(&result.request_id).await;
+    let posted = t.response_posted.expect("posted");
+    assert!(
+        t.mark("end:a").expect("ran") > posted,
+        "chained, after the response"
+    );
+    assert_eq!(env.emulator.stats().resets, 0);
+}
+
 /// Every Extensions API answer is slow (300 ms, then 1.5 s: longer than the layer waits for
 /// the INVOKE event): the function keeps answering at once (the job waits for its event after
 /// the response, not before it), every action runs after the response (chained, or in the
