@@ -102,6 +102,11 @@ impl Drop for HandOver<'_> {
         if !self.armed {
             return;
         }
+        let runtime = tokio::runtime::Handle::try_current();
+        if matches!(self.ticket, Ticket::Background) && runtime.is_err() {
+            // Its dispatch spawns a task, which would panic here, in a drop.
+            return lost(self.invocation, self.queue);
+        }
         let job = self.core.job(
             self.invocation,
             self.queue.clone(),
@@ -116,7 +121,7 @@ impl Drop for HandOver<'_> {
         }
         // Cannot await in drop: run it as a background phase, so the work is still done if the
         // process lives on, and the SIGTERM flush waits for it.
-        match tokio::runtime::Handle::try_current() {
+        match runtime {
             Ok(runtime) => {
                 tracing::warn!(
                     target: "deferred",
@@ -127,15 +132,19 @@ impl Drop for HandOver<'_> {
                 let _entered = runtime.enter();
                 self.core.spawn_background(job);
             }
-            Err(_) => tracing::error!(
-                target: "deferred",
-                request_id = %self.invocation.request_id,
-                actions = self.queue.len(),
-                "the handler's future was dropped outside a tokio runtime: its deferred actions \
-                 are lost"
-            ),
+            Err(_) => lost(self.invocation, self.queue),
         }
     }
+}
+
+/// Says that the work of a handler future dropped outside a tokio runtime is lost.
+fn lost(invocation: &Invocation, queue: &Queue) {
+    tracing::error!(
+        target: "deferred",
+        request_id = %invocation.request_id,
+        actions = queue.len(),
+        "the handler's future was dropped outside a tokio runtime: its deferred actions are lost"
+    );
 }
 
 #[cfg(test)]
@@ -209,6 +218,28 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         panic!("the queued action was lost");
+    }
+
+    /// A background handler future dropped outside a tokio runtime (say, by a runtime being
+    /// torn down): its work is said to be lost, rather than a panic in `drop`, which aborts
+    /// the process when it is already unwinding.
+    #[test]
+    fn a_background_handover_dropped_outside_a_runtime_does_not_panic() {
+        let core = Core::new(Config::default(), Mode::Background);
+        let ticket = Ticket::Background;
+        let queue = Queue::new(1);
+        let invocation = invocation();
+        let guard = HandOver {
+            core: &core,
+            ticket: &ticket,
+            invocation: &invocation,
+            queue: &queue,
+            options: Options::default(),
+            parent: None,
+            armed: true,
+        };
+        let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(guard)));
+        assert!(dropped.is_ok());
     }
 
     /// A deferred handler called by another joins the caller's invocation: its action waits
