@@ -247,6 +247,7 @@ async fn exporter_stalling_past_flush_timeout_is_abandoned_at_the_cap() {
             .await,
         "the held spans arrive once the collector answers"
     );
+    assert_eq!(env.sink.duplicate_spans(), 0, "none of them counted twice");
     env.sink.set_behaviour(Behaviour::Normal);
     let mut clean = false;
     for _ in 0..20 {

@@ -100,6 +100,13 @@ impl OtlpSink {
         self.shared.store.spans_in_trace(trace_id)
     }
 
+    /// How many acknowledged spans carried a (trace id, span id) already received: the same
+    /// span sent twice. The other counts include them, so a test that asserts "at least n
+    /// spans" checks this is 0.
+    pub fn duplicate_spans(&self) -> usize {
+        self.shared.store.duplicate_spans()
+    }
+
     /// How many acknowledged spans are named `name`.
     pub fn spans_named(&self, name: &str) -> usize {
         self.shared.store.spans_named(name)

@@ -4,7 +4,7 @@
 //! [`OtlpSink`](super::OtlpSink) handles (which read). Every change bumps a
 //! [`tokio::sync::watch`] generation so that waiters wake up on events, never by polling.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -118,6 +118,11 @@ pub struct RequestCounts {
 #[derive(Debug, Default)]
 struct Records {
     spans: Vec<ReceivedSpan>,
+    /// `(trace id, span id)` of every span received, to tell a span sent again.
+    seen: HashSet<(String, String)>,
+    /// Spans received again (an id already seen): counted with the others everywhere, so a
+    /// count that asserts "at least n" must check this is 0.
+    duplicates: usize,
     spans_per_trace: HashMap<String, usize>,
     spans_per_name: HashMap<String, usize>,
     metrics: Vec<ReceivedMetric>,
@@ -207,6 +212,10 @@ impl Store {
         {
             let mut records = self.lock();
             for span in &batch.spans {
+                let id = (span.trace_id.clone(), span.span_id.clone());
+                if !records.seen.insert(id) {
+                    records.duplicates += 1;
+                }
                 *records
                     .spans_per_trace
                     .entry(span.trace_id.clone())
@@ -241,6 +250,10 @@ impl Store {
             .unwrap_or(0)
     }
 
+    pub(crate) fn duplicate_spans(&self) -> usize {
+        self.lock().duplicates
+    }
+
     pub(crate) fn spans_named(&self, name: &str) -> usize {
         self.lock().spans_per_name.get(name).copied().unwrap_or(0)
     }
@@ -270,7 +283,7 @@ mod tests {
     fn span(trace: &str, name: &str) -> ReceivedSpan {
         ReceivedSpan {
             trace_id: trace.to_owned(),
-            span_id: "00f067aa0ba902b7".to_owned(),
+            span_id: format!("{trace}-{name}"),
             parent_span_id: None,
             name: name.to_owned(),
             attributes: vec![("k".to_owned(), "v".to_owned())],
@@ -297,8 +310,27 @@ mod tests {
         assert_eq!(store.spans_named("zz"), 0);
         assert_eq!(store.counts().accepted, 1);
         assert_eq!(store.spans()[0].attribute("k"), Some("v"));
+        assert_eq!(store.duplicate_spans(), 0);
         store.clear();
         assert_eq!(store.span_count(), 0);
         assert_eq!(store.counts(), RequestCounts::default());
+    }
+
+    /// A span sent again counts with the others, and as a duplicate: "at least n spans"
+    /// with one lost and another sent twice does not pass unseen.
+    #[test]
+    fn a_span_sent_twice_is_counted_as_a_duplicate() {
+        let store = Store::new();
+        for _ in 0..2 {
+            let batch = Batch {
+                spans: vec![span("ab", "a")],
+                ..Batch::default()
+            };
+            store.record(batch, Outcome::Accepted);
+        }
+        assert_eq!(store.span_count(), 2);
+        assert_eq!(store.duplicate_spans(), 1);
+        store.clear();
+        assert_eq!(store.duplicate_spans(), 0);
     }
 }
