@@ -10,6 +10,12 @@
 //!
 //! The store, the sanctions list, the balances and the notifier are in-memory stand-ins.
 //!
+//! Deferred work runs after the answer: an environment that dies before its phase ends (a
+//! crash, the invocation's deadline) takes the rest of the pipeline with it. The phase's
+//! report says what was cut, but nothing runs it again. For money, persist the instruction
+//! (done here, in the stand-in store) and have a re-drive, a queue or a sweeper, pick up a
+//! payment left `Received`; the deferred pipeline is the fast path.
+//!
 //! Run its tests (the handler called directly: with no `Deferred` started, the actions run
 //! inline before the handler returns, so the tests can check their effect):
 //!
@@ -27,8 +33,11 @@ use std::sync::{LazyLock, Mutex, MutexGuard};
 use std::time::Duration;
 
 use deferred_core::{Deferred, defer, deferred_handler};
+use lambda_http::http::Method;
 use lambda_http::http::StatusCode;
-use lambda_http::{Adapter, Body, Error, Request, RequestPayloadExt, Response, service_fn};
+use lambda_http::{
+    Adapter, Body, Error, Request, RequestExt, RequestPayloadExt, Response, service_fn,
+};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -56,6 +65,8 @@ struct Payment {
 
 /// The payment store: a stand-in for a database table.
 static PAYMENTS: LazyLock<Mutex<HashMap<String, Payment>>> = LazyLock::new(Default::default);
+/// What the payer was told, by payment id: a stand-in for the webhook's receiver.
+static NOTIFIED: LazyLock<Mutex<HashMap<String, String>>> = LazyLock::new(Default::default);
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 fn payments() -> MutexGuard<'static, HashMap<String, Payment>> {
@@ -77,6 +88,9 @@ fn set_status(id: &str, status: Status) {
 #[tracing::instrument(skip_all)]
 #[deferred_handler]
 async fn handler(request: Request) -> Result<Response<Body>, Error> {
+    if request.method() != Method::POST || request.raw_http_path() != "/payments" {
+        return respond(StatusCode::NOT_FOUND, json!({ "error": "no such route" }));
+    }
     // Only the cheap checks run before the answer.
     let instruction = match request.payload::<Instruction>() {
         Ok(Some(i)) if i.amount_cents > 0 && (15..=34).contains(&i.creditor_iban.len()) => i,
@@ -158,6 +172,10 @@ async fn notify(id: String) {
         other => format!("left in state {other:?}"),
     };
     tracing::info!(payment = %id, %outcome, "payer notified");
+    NOTIFIED
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .insert(id, outcome);
 }
 
 const SANCTIONED: &[&str] = &["Evil Corp"];
@@ -192,6 +210,25 @@ mod tests {
         payment(id).map(|p| p.status)
     }
 
+    /// What the payer of `id` was told, if anything.
+    fn notified(id: &str) -> Option<String> {
+        NOTIFIED
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    fn request(method: &str, path: &str, body: String) -> Request {
+        lambda_http::http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("content-type", "application/json")
+            .body(Body::from(body))
+            .expect("a valid request")
+            .with_raw_http_path(path)
+    }
+
     async fn submit(debtor: &str, creditor: &str, cents: u64) -> (StatusCode, String) {
         let body = json!({
             "debtor_account": debtor,
@@ -199,13 +236,9 @@ mod tests {
             "creditor_iban": "DE89370400440532013000",
             "amount_cents": cents,
         });
-        let request = lambda_http::http::Request::builder()
-            .method("POST")
-            .uri("/payments")
-            .header("content-type", "application/json")
-            .body(Body::from(body.to_string()))
-            .expect("a valid request");
-        let response = handler(request).await.expect("the handler answers");
+        let response = handler(request("POST", "/payments", body.to_string()))
+            .await
+            .expect("the handler answers");
         let Body::Text(text) = response.body() else {
             panic!("a text body");
         };
@@ -219,6 +252,7 @@ mod tests {
         let (code, id) = submit("ACC-1", "Acme Ltd", 125_000).await;
         assert_eq!(code, StatusCode::ACCEPTED);
         assert_eq!(status(&id), Some(Status::Funded));
+        assert_eq!(notified(&id).as_deref(), Some("released for execution"));
     }
 
     #[tokio::test]
@@ -229,22 +263,45 @@ mod tests {
             status(&id),
             Some(Status::Rejected("sanctioned creditor".into()))
         );
+        // The steps after the failed one ran: the payer was told.
+        assert_eq!(
+            notified(&id).as_deref(),
+            Some("rejected: sanctioned creditor")
+        );
 
         let (_, id) = submit("ACC-2", "Acme Ltd", 20_000).await;
         assert_eq!(
             status(&id),
             Some(Status::Rejected("insufficient funds".into()))
         );
+        assert_eq!(
+            notified(&id).as_deref(),
+            Some("rejected: insufficient funds")
+        );
     }
 
     #[tokio::test]
     async fn not_an_instruction() {
-        let request = lambda_http::http::Request::builder()
-            .method("POST")
-            .header("content-type", "application/json")
-            .body(Body::from("{}"))
-            .expect("a valid request");
-        let response = handler(request).await.expect("the handler answers");
+        let response = handler(request("POST", "/payments", "{}".into()))
+            .await
+            .expect("the handler answers");
         assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    }
+
+    #[tokio::test]
+    async fn only_post_payments_is_a_route() {
+        let body = json!({
+            "debtor_account": "ACC-1",
+            "creditor_name": "Acme Ltd",
+            "creditor_iban": "DE89370400440532013000",
+            "amount_cents": 100,
+        })
+        .to_string();
+        for (method, path) in [("PUT", "/payments"), ("POST", "/anything")] {
+            let response = handler(request(method, path, body.clone()))
+                .await
+                .expect("the handler answers");
+            assert_eq!(response.status(), StatusCode::NOT_FOUND, "{method} {path}");
+        }
     }
 }
