@@ -10,11 +10,13 @@
 //! function six times, makes the collector stall on two of them, and prints what the caller
 //! saw and what happened after each response.
 //!
-//! The function half (module `function`) is what you would deploy: a `#[deferred_handler]`
-//! that answers at once and queues a 300 ms "send receipt" action with `defer!`, and a `main`
-//! that flushes the tracer provider after every invocation (build the provider as
-//! `api_handler` does rather than with the testkit's helper). The driver half (module
-//! `driver`) plays AWS. Set `TESTKIT_ECHO=1` to see the function's logs (`RUST_LOG` sets their level;
+//! The function half (module `function`) has the shape of what you would deploy: a
+//! `#[deferred_handler]` that answers at once and queues a 300 ms "send receipt" action with
+//! `defer!`, and a `main` that flushes the tracer provider after every invocation. It is not
+//! deployable as it is: it takes its collector from the driver, builds its provider with the
+//! testkit's helper, and keeps the exporter's 10 s timeout to show the worst case;
+//! `api_handler` is the one to build as `bootstrap`. The driver half (module `driver`) plays
+//! AWS. Set `TESTKIT_ECHO=1` to see the function's logs (`RUST_LOG` sets their level;
 //! `warn` by default).
 
 /// Set on the child process: run as the Lambda function rather than as the driver.
@@ -31,7 +33,8 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     }
 }
 
-/// The Lambda function: what you would build as `bootstrap` and deploy.
+/// The Lambda function, as the emulator runs it (see the module docs for what a deployable one
+/// changes).
 mod function {
     use std::time::Duration;
 
