@@ -277,6 +277,16 @@ impl Core {
             Mode::Extension => {}
         }
         if request_id.is_empty() {
+            // Said once: on every invocation it would flood the logs.
+            static SAID: AtomicBool = AtomicBool::new(false);
+            if !SAID.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    target: "deferred",
+                    "a deferred handler's input carries no Lambda context (no request id): its \
+                     deferred work runs inline, before the response. A middleware that rebuilds \
+                     the lambda_http::Request must keep its extensions"
+                );
+            }
             return Ticket::Inline;
         }
         let mut ticket = Ticket::Chained(request_id.to_owned());
@@ -957,6 +967,40 @@ mod tests {
         assert!(stopped.flushes.is_empty(), "{stopped}");
         assert_eq!(stopped.consecutive_flush_failures, 2, "{stopped}");
         assert_eq!(core.flush_failures.load(Ordering::Relaxed), 2);
+    }
+
+    /// A tracing subscriber that counts the events at `warn`.
+    struct CountingWarnings(Arc<std::sync::atomic::AtomicUsize>);
+
+    impl tracing::Subscriber for CountingWarnings {
+        fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+            true
+        }
+        fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+            tracing::span::Id::from_u64(1)
+        }
+        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+        fn event(&self, event: &tracing::Event<'_>) {
+            if *event.metadata().level() == tracing::Level::WARN {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        fn enter(&self, _: &tracing::span::Id) {}
+        fn exit(&self, _: &tracing::span::Id) {}
+    }
+
+    /// Under the extension, an input without a Lambda context (a lambda_http request rebuilt
+    /// without its extensions) runs inline, and says so, once.
+    #[tokio::test]
+    async fn an_input_without_a_context_runs_inline_and_says_so_once() {
+        let core = Core::new(Config::default(), Mode::Extension);
+        let warnings = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let tickets = tracing::subscriber::with_default(CountingWarnings(warnings.clone()), || {
+            [core.begin(""), core.begin("")]
+        });
+        assert!(matches!(tickets, [Ticket::Inline, Ticket::Inline]));
+        assert_eq!(warnings.load(Ordering::SeqCst), 1);
     }
 
     /// A tracing subscriber that panics on every event.

@@ -105,7 +105,10 @@ impl Drop for HandOver<'_> {
         let runtime = tokio::runtime::Handle::try_current();
         if matches!(self.ticket, Ticket::Background) && runtime.is_err() {
             // Its dispatch spawns a task, which would panic here, in a drop.
-            return lost(self.invocation, self.queue);
+            if self.queue.len() > 0 || !self.core.config.flushers.is_empty() {
+                lost(self.invocation, self.queue);
+            }
+            return;
         }
         let job = self.core.job(
             self.invocation,

@@ -281,22 +281,23 @@ pub(crate) async fn run_flushes_when_free(
 ) -> Vec<FlushReport> {
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(flushers.len());
-    let mut waiting = Vec::new();
+    // A set, so that the waits end with this phase should it be aborted (SIGTERM): a wait
+    // left behind could win the flusher and start a flush that no one reports.
+    let mut waiting = tokio::task::JoinSet::new();
     for flusher in flushers {
         let task = startable(started, end, || flusher.start());
         if task
             .as_ref()
             .is_err_and(|why| *why == NotStarted::StillRunning)
         {
-            let busy = flusher.clone();
-            let wait = tokio::spawn(async move { busy.start_when_free(end).await });
-            waiting.push((tasks.len(), wait));
+            let (busy, at) = (flusher.clone(), tasks.len());
+            waiting.spawn(async move { (at, busy.start_when_free(end).await) });
         }
         tasks.push((flusher.name.to_string(), task));
     }
-    for (at, wait) in waiting {
-        // A join error (the runtime shutting down) leaves it reported still running.
-        if let Ok(task) = wait.await {
+    // A join error (the runtime shutting down) leaves it reported still running.
+    while let Some(joined) = waiting.join_next().await {
+        if let Ok((at, task)) = joined {
             tasks[at].1 = task;
         }
     }
@@ -340,6 +341,12 @@ impl Running {
     /// Adds the report of a flush that ran elsewhere (on the chain's phase thread).
     pub(crate) fn add_done(&mut self, report: FlushReport) {
         self.done.push(report);
+    }
+
+    /// Adds a flush that was to run elsewhere and did not start (`why`), listed first, as
+    /// it would have been.
+    pub(crate) fn add_not_started(&mut self, flusher: &Flusher, why: NotStarted) {
+        self.tasks.insert(0, (flusher.name.to_string(), Err(why)));
     }
 
     /// The reports as things stand, without waiting: what has not finished timed out. For the
@@ -616,6 +623,31 @@ mod tests {
             matches!(&reports[0].outcome, FlushOutcome::NotRun(why) if why.starts_with("no thread could be started")),
             "{:?}",
             reports[0].outcome
+        );
+    }
+
+    /// A flush that was to run on the phase thread but found its end come (`add_not_started`)
+    /// is listed first, not run, and the phase is cut by its budget.
+    #[tokio::test]
+    async fn a_first_flush_that_found_its_end_come_is_a_cut() {
+        let flushers = [
+            Flusher::new(flush_fn("first", || Ok::<(), FlushError>(()))),
+            Flusher::new(flush_fn("second", || Ok::<(), FlushError>(()))),
+        ];
+        let end = Instant::now() + Duration::from_secs(5);
+        let mut running = start_flushes(&flushers[1..], end);
+        running.add_not_started(&flushers[0], NotStarted::NoTime);
+        let mut cut = Vec::new();
+        let reports = collect_flushes(running, end, Instant::now(), &mut cut).await;
+        let names: Vec<_> = reports.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["first", "second"]);
+        assert!(
+            matches!(&reports[0].outcome, FlushOutcome::NotRun(why) if why.starts_with("no time"))
+        );
+        assert_eq!(reports[1].outcome, FlushOutcome::Ok);
+        assert!(
+            matches!(cut[..], [CutReason::FlushBudget { .. }]),
+            "{cut:?}"
         );
     }
 

@@ -11,7 +11,7 @@
 //! one tries again, or runs on the runtime's blocking pool ([`Runner::revive`]).
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 
 use tokio::sync::{Notify, OwnedMutexGuard};
@@ -19,7 +19,7 @@ use tokio::time::Instant;
 
 use crate::core::Core;
 use crate::extension::line::Line;
-use crate::flush::{Flusher, try_spawn_blocking};
+use crate::flush::{Flusher, NotStarted, try_spawn_blocking};
 use crate::phase::{self, Budget, Running, Staged};
 use crate::report::{FlushReport, PhaseKind};
 use crate::scope::lock;
@@ -53,6 +53,10 @@ pub(crate) struct Runner {
     watch: Mutex<Watch>,
     /// Wakes the chain's task when a flush must be watched sooner than it planned to wake.
     pub(crate) poke: Notify,
+    /// The event of the latest phase submitted, and of the latest ended (event numbers grow
+    /// on the chain's line): a phase is pending while the first is the greater.
+    submitted: AtomicU64,
+    ended: AtomicU64,
 }
 
 /// The phases waiting for the phase thread.
@@ -138,6 +142,8 @@ impl Runner {
             queued: Condvar::new(),
             watch: Mutex::new(Watch::default()),
             poke: Notify::new(),
+            submitted: AtomicU64::new(0),
+            ended: AtomicU64::new(0),
         });
         runner.spawn_thread()?;
         Ok(runner)
@@ -153,6 +159,7 @@ impl Runner {
 
     /// Queues the phase of event `seq`; the phase thread runs it and then arms the next call.
     pub(crate) fn submit(self: &Arc<Self>, work: Work) {
+        self.submitted.fetch_max(work.seq, Ordering::AcqRel);
         let threadless = {
             let mut pending = lock(&self.queue);
             pending.work.push_back(work);
@@ -219,6 +226,7 @@ impl Runner {
                 // hook's): the chain goes on.
                 tracing::error!(target: "deferred", "a chained phase panicked; the chain goes on");
                 drop(lock(&self.watch).claim(&retired));
+                self.ended.fetch_max(seq, Ordering::AcqRel);
                 self.line.arm(seq);
             }
             if retired.load(Ordering::Acquire) && !self.resume(&retired) {
@@ -249,13 +257,14 @@ impl Runner {
         else {
             return;
         };
-        let report = {
+        // Checked again: the end may have passed since `begin` looked (a loaded machine).
+        let report = (Instant::now() < end).then(|| {
             // The runtime's context, as on its blocking threads: `Handle::current()` works.
             let _runtime = self.handle.enter();
             phase::flush_here(first, end, phase_started)
-        };
+        });
         self.handle
-            .block_on(self.conclude(core, report, end, phase_started, retired));
+            .block_on(self.conclude(core, first, report, end, phase_started, retired));
     }
 
     /// A chained phase up to its first flush: runs its actions, starts the other flushers,
@@ -308,12 +317,14 @@ impl Runner {
         Some((first, end, phase_started))
     }
 
-    /// A chained phase after its first flush (`report`): unless the watchdog took it over
-    /// meanwhile, collects the other flushes and ends it.
+    /// A chained phase after its first flush (`report`; `None` when its end had come before
+    /// it could start): unless the watchdog took it over meanwhile, collects the other
+    /// flushes and ends it.
     async fn conclude(
         &self,
         core: &Arc<Core>,
-        report: FlushReport,
+        first: &Flusher,
+        report: Option<FlushReport>,
         end: Instant,
         phase_started: Instant,
         retired: &Arc<AtomicBool>,
@@ -329,7 +340,10 @@ impl Runner {
             serial,
             ..
         } = flushing;
-        running.add_done(report);
+        match report {
+            Some(report) => running.add_done(report),
+            None => running.add_not_started(first, NotStarted::NoTime),
+        }
         let flushes = phase::collect_flushes(running, end, phase_started, &mut staged.cut).await;
         self.end_phase(core, staged, flushes, serial, seq);
     }
@@ -346,7 +360,13 @@ impl Runner {
     ) {
         core.finish(staged.into_report(flushes));
         drop(serial);
+        self.ended.fetch_max(seq, Ordering::AcqRel);
         self.line.arm(seq);
+    }
+
+    /// Whether a phase handed to the runner has not ended yet (queued, or running).
+    pub(crate) fn phase_pending(&self) -> bool {
+        self.ended.load(Ordering::Acquire) < self.submitted.load(Ordering::Acquire)
     }
 
     /// For the chain's task, before it sleeps until `planned`: when it must wake instead (the
@@ -599,11 +619,9 @@ mod tests {
     /// (Before, the phase thread ran it within `block_on`, where tokio panics at both.)
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_flush_may_block_on_async_work_on_the_phase_thread() {
-        let block_on = crate::flush_fn("block_on", || {
+        // The first flusher runs on the phase thread: this one waits on async work both ways.
+        let waits = crate::flush_fn("waits", || {
             tokio::runtime::Handle::current().block_on(tokio::task::yield_now());
-            Ok::<(), String>(())
-        });
-        let blocking_recv = crate::flush_fn("blocking_recv", || {
             let (tx, rx) = tokio::sync::oneshot::channel();
             tokio::spawn(async move { tx.send(()) });
             rx.blocking_recv().map_err(|e| e.to_string())
@@ -612,10 +630,7 @@ mod tests {
         let reported = Mutex::new(reported);
         let core = Core::new(
             crate::core::Config {
-                flushers: vec![
-                    crate::flush::Flusher::new(block_on),
-                    crate::flush::Flusher::new(blocking_recv),
-                ],
+                flushers: vec![crate::flush::Flusher::new(waits)],
                 on_report: Some(crate::core::ReportHook(Arc::new(move |report| {
                     let _ = lock(&reported).send(report.clone());
                 }))),
@@ -633,8 +648,10 @@ mod tests {
                 .await
                 .expect("joined")
                 .expect("the phase was reported");
-        assert_eq!(report.flushes.len(), 2, "{report}");
+        assert_eq!(report.flushes.len(), 1, "{report}");
         assert!(report.flushed(), "{report}");
+        // Ended just after its report.
+        assert!(until(|| !runner.phase_pending()).await);
     }
 
     /// The closure runs, once, on another thread.

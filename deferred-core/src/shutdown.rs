@@ -48,11 +48,11 @@ pub(crate) async fn final_flush(core: &Core) -> PhaseReport {
     // First half: running phases (the chained one, background ones on Managed Instances) may
     // finish on their own; their actions carry the last invocations' work.
     let _ = tokio::time::timeout_at(half, async {
-        // A phase handed to the phase thread may not hold the phase lock yet: wait until the
-        // chain's last event is armed (its phase over). Polled: this runs once per process,
-        // and a notification would cost every invocation.
+        // A phase handed to the phase thread may not hold the phase lock yet: wait until it
+        // has ended. Polled: this runs once per process, and a notification would cost every
+        // invocation.
         if let Some(runner) = core.runner.get() {
-            while !runner.line.armed(runner.line.seq()) {
+            while runner.phase_pending() {
                 tokio::time::sleep(std::time::Duration::from_millis(2)).await;
             }
         }
@@ -68,7 +68,10 @@ pub(crate) async fn final_flush(core: &Core) -> PhaseReport {
     let _ = tokio::time::timeout_at(stopped, join_all(core, &mut background)).await;
     // A phase still running now is stuck where stopping cannot reach it (an action or hook
     // that blocks its thread): it will not report. Say so here, rather than nothing.
-    let late = std::mem::take(&mut *lock(&core.background));
+    let mut late = std::mem::take(&mut *lock(&core.background));
+    // Reaped first: a phase that finished (and reported) is not one that did not stop.
+    while background.try_join_next().is_some() {}
+    while late.try_join_next().is_some() {}
     let (chained, aborted) = (serial.is_err(), background.len() + late.len());
     background.abort_all();
     drop(late); // aborts them too
@@ -78,7 +81,7 @@ pub(crate) async fn final_flush(core: &Core) -> PhaseReport {
             target: "deferred",
             chained_phase_running = chained,
             background_phases_aborted = aborted,
-            "SIGTERM: deferred phases that did not stop are abandoned without a report; \
+            "final flush: deferred phases that did not stop are abandoned without a report; \
              their actions may not have run"
         );
         cut.push(crate::report::CutReason::Shutdown);
