@@ -21,13 +21,16 @@
 //! `OTEL_SERVICE_NAME` (default: the function's name), `RUST_LOG` (default `info`). For an
 //! `https://` collector, add the `reqwest-rustls` feature to opentelemetry-otlp.
 //!
-//! Build and deploy without cargo-lambda: build for Linux on the function's architecture (on
-//! another host, add `--target x86_64-unknown-linux-musl` or `aarch64-unknown-linux-musl` and
-//! take the binary from `target/<target>/release/`), name it `bootstrap`, zip it:
+//! Build and deploy without cargo-lambda: build a static Linux binary for the function's
+//! architecture (musl: a binary linked against the build host's glibc fails to start on
+//! `provided.al2023`, whose glibc is 2.34, when the host's is newer), name it `bootstrap`,
+//! zip it:
 //!
 //! ```text
-//! cargo build --release -p examples --bin api_handler
-//! cp target/release/api_handler bootstrap && zip api_handler.zip bootstrap
+//! rustup target add x86_64-unknown-linux-musl      # or aarch64-unknown-linux-musl
+//! cargo build --release -p examples --bin api_handler --target x86_64-unknown-linux-musl
+//! cp target/x86_64-unknown-linux-musl/release/api_handler bootstrap
+//! zip api_handler.zip bootstrap
 //! aws lambda create-function --function-name orders-api --runtime provided.al2023 \
 //!     --handler bootstrap --architectures x86_64 --timeout 10 \
 //!     --zip-file fileb://api_handler.zip --role arn:aws:iam::<account>:role/<role> \
