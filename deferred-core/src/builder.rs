@@ -753,7 +753,8 @@ impl DeferredHandle {
     /// waits, that call is kept; if the old call fails, or stays silent for 200 ms, it is
     /// abandoned and the fresh one replaces it. `after_restore` returns once this is settled
     /// (at most 1 s) and never fails; `before_snapshot` flushes what init produced (bounded by
-    /// `flush_timeout`), so restored environments do not export it again. Without the resource, an
+    /// `flush_timeout`, then waits up to one more for a flush it abandoned, so that none
+    /// crosses the snapshot), so restored environments do not export it again. Without the resource, an
     /// `event/next` whose connection did not survive the snapshot is never answered: the first
     /// invocation after the restore then runs its deferred work inline and holds the
     /// environment until its deadline. Outside SnapStart the resource does nothing. When

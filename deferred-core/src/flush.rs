@@ -272,8 +272,13 @@ impl Flusher {
         }
     }
 
+    /// Whether a call is running (maybe abandoned).
+    pub(crate) fn is_busy(&self) -> bool {
+        self.busy.load(Ordering::Acquire)
+    }
+
     /// Waits, until `end` at most, for the running call to return.
-    async fn wait_returned(&self, end: tokio::time::Instant) {
+    pub(crate) async fn wait_returned(&self, end: tokio::time::Instant) {
         loop {
             let returned = self.returned.notified();
             tokio::pin!(returned);

@@ -300,7 +300,9 @@ impl SnapStartHook {
 impl SnapStartResource for SnapStartHook {
     /// Flushes what init produced, so it is exported once, not once by every environment
     /// restored from the snapshot (each restored copy would otherwise find the same spans in
-    /// its batch processor). Bounded by `flush_timeout`; never fails. The chain's
+    /// its batch processor). Bounded by `flush_timeout`, then up to one more for a flush it
+    /// abandoned to return (one still running would resume in every restored copy); never
+    /// fails. The chain's
     /// `event/next` stays as it is: it must be in flight when the snapshot is taken (init is
     /// complete only then), and no deferred work exists before the first invocation.
     fn before_snapshot(&self) -> BoxFuture<'_, Result<(), Error>> {
@@ -322,6 +324,23 @@ impl SnapStartResource for SnapStartHook {
                 tracing::debug!(target: "deferred", "SnapStart: init's telemetry flushed before the snapshot");
             } else {
                 tracing::warn!(target: "deferred", ?failed, "SnapStart: flush before the snapshot did not succeed; what init buffered may be exported by every restored environment");
+            }
+            // A flush abandoned at `flush_timeout` would cross the snapshot and resume in every
+            // restored environment (re-exporting init's telemetry, on a connection from before
+            // the snapshot). Init may take 130 s under SnapStart, or the function timeout if
+            // longer, this hook included (AWS, "Lambda SnapStart runtime hooks"): give it one
+            // more `flush_timeout` to return.
+            let grace = tokio::time::Instant::now() + self.core.config.flush_timeout;
+            for flusher in flushers {
+                flusher.wait_returned(grace).await;
+            }
+            let running: Vec<_> = flushers
+                .iter()
+                .filter(|f| f.is_busy())
+                .map(|f| f.name.to_string())
+                .collect();
+            if !running.is_empty() {
+                tracing::warn!(target: "deferred", ?running, "SnapStart: a flush abandoned before the snapshot still runs; it resumes in every restored environment");
             }
             Ok(())
         })
@@ -358,6 +377,31 @@ mod tests {
     use crate::extension::decode_event;
 
     type Answer = Result<NextEvent, ClientError>;
+
+    /// A flush that overruns `flush_timeout` before the snapshot is waited for (one more
+    /// `flush_timeout`), so it does not cross the snapshot into every restored environment.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flush_abandoned_before_the_snapshot_is_waited_for() {
+        let flusher = crate::flush::Flusher::new(crate::flush_fn("slow", || {
+            std::thread::sleep(Duration::from_millis(200));
+            Ok::<(), String>(())
+        }));
+        let core = Core::new(
+            Config {
+                flushers: vec![flusher.clone()],
+                flush_timeout: Duration::from_millis(150),
+                phase_telemetry: false,
+                ..Config::default()
+            },
+            Mode::Extension,
+        );
+        let hook = SnapStartHook::new(core, Restores::new());
+        hook.before_snapshot().await.expect("never fails");
+        assert!(
+            !flusher.is_busy(),
+            "the abandoned flush returned before the snapshot"
+        );
+    }
 
     /// Stand-in `event/next` calls: each call registers a sender the test answers through;
     /// a dropped call shows as a closed sender.
