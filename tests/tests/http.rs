@@ -1,11 +1,12 @@
 //! `lambda_http` on the emulator: a `#[deferred_handler]` of `lambda_http::Request`
-//! (src/bin/http_fixture.rs) invoked with real API Gateway events, built with the
-//! `aws_lambda_events` types lambda_http itself decodes: a REST API (payload 1.0,
-//! `ApiGatewayProxyRequest`), an HTTP API (payload 2.0, `ApiGatewayV2httpRequest`) and a
-//! Lambda function URL (payload 2.0 too).
+//! (src/bin/http_fixture.rs) invoked with real API Gateway and load balancer events, built with
+//! the `aws_lambda_events` types lambda_http itself decodes: a REST API (payload 1.0,
+//! `ApiGatewayProxyRequest`), an HTTP API (payload 2.0, `ApiGatewayV2httpRequest`), a Lambda
+//! function URL (payload 2.0 too) and an Application Load Balancer's Lambda target group
+//! (`AlbTargetGroupRequest`).
 //!
-//! Each test checks that the answer decodes as the API Gateway response type that matches the
-//! event, with the status, headers, cookies and body the handler set; that the `defer!`ed audit
+//! Each test checks that the answer decodes as the response type that matches the event's
+//! source, with the status, headers, cookies and body the handler set; that the `defer!`ed audit
 //! action ran after the response was posted and before the environment was released (the
 //! extension's next `event/next`); and that the invocation's spans (lambda_runtime's, the
 //! handler's and the action's) reached the OTLP sink in that same window.
@@ -19,6 +20,7 @@ use deferred_testkit::emulator::{
     Emulator, EmulatorConfig, FunctionSpec, InvokeOutcome, InvokeResult, Timeline,
 };
 use deferred_testkit::otlp::OtlpSink;
+use lambda_http::aws_lambda_events::alb::{AlbTargetGroupRequest, AlbTargetGroupResponse};
 use lambda_http::aws_lambda_events::apigw::{
     ApiGatewayProxyRequest, ApiGatewayProxyResponse, ApiGatewayV2httpRequest,
     ApiGatewayV2httpResponse,
@@ -35,6 +37,10 @@ const API_HOST: &str = "r3pmxmplak.execute-api.us-east-2.amazonaws.com";
 const URL_ID: &str = "a5vvmxmplf7z2sjzkoeknslo4m0kbcuk";
 const URL_HOST: &str = "a5vvmxmplf7z2sjzkoeknslo4m0kbcuk.lambda-url.us-east-2.on.aws";
 const ACCOUNT: &str = "123456789012";
+/// The load balancer's host, and the target group the function is registered in.
+const ALB_HOST: &str = "accounts-alb-1234567890.us-east-2.elb.amazonaws.com";
+const TARGET_GROUP_ARN: &str =
+    "arn:aws:elasticloadbalancing:us-east-2:123456789012:targetgroup/accounts-fn/6d0ecf831eec9f09";
 
 /// The kind of event source.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,6 +51,10 @@ enum Api {
     Http,
     /// A Lambda function URL (payload format 2.0, no route, stage `$default`).
     FunctionUrl,
+    /// An Application Load Balancer's Lambda target group, behind an HTTP listener on port 80,
+    /// with multi-value headers off (the default): single-value `headers` and
+    /// `queryStringParameters`, the query values as the client encoded them, no stage, no route.
+    Alb,
 }
 
 /// An HTTP request as the client sent it.
@@ -112,7 +122,35 @@ impl Call {
         }
     }
 
-    /// The headers API Gateway passes on, for a call to `host`.
+    /// The query parameters as a load balancer passes them with multi-value headers off: not
+    /// decoded, and the last value of a repeated name.
+    fn raw_query(&self) -> QueryMap {
+        let pairs: HashMap<String, String> = self
+            .query
+            .split('&')
+            .filter(|pair| !pair.is_empty())
+            .map(|pair| {
+                let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+                (name.to_owned(), value.to_owned())
+            })
+            .collect();
+        QueryMap::from(pairs)
+    }
+
+    /// The headers of a payload without a cookies field (REST API, ALB), for a call to `host`:
+    /// the cookies are in the `cookie` header.
+    fn header_map_with_cookie(&self, host: &str) -> HeaderMap {
+        let mut headers = self.header_map(host);
+        if !self.cookies.is_empty() {
+            headers.insert(
+                "cookie",
+                HeaderValue::from_str(&self.cookies.join("; ")).expect("cookie"),
+            );
+        }
+        headers
+    }
+
+    /// The headers API Gateway (or the load balancer) passes on, for a call to `host`.
     fn header_map(&self, host: &str) -> HeaderMap {
         let mut headers = HeaderMap::new();
         let mut add = |name: &str, value: &str| {
@@ -141,26 +179,31 @@ impl Call {
     }
 }
 
-/// The event API Gateway (or the function URL) sends for `call`, as JSON.
+/// The event API Gateway (or the function URL, or the load balancer) sends for `call`, as JSON.
 fn event(api: Api, call: &Call) -> String {
     let mut value = match api {
         Api::Rest => serde_json::to_value(rest_event(call)),
         Api::Http | Api::FunctionUrl => serde_json::to_value(http_event(api, call)),
+        Api::Alb => serde_json::to_value(alb_event(call)),
     }
     .expect("the event serializes");
-    if api != Api::Rest {
-        // Fields of the custom authorizer payload that the type always writes and a real
-        // payload 2.0 event never has.
-        let object = value.as_object_mut().expect("an object");
-        for key in [
+    // Fields that the type always writes and a real event of this source never has.
+    let absent: &[&str] = match api {
+        Api::Rest => &[],
+        // Those of the custom authorizer payload.
+        Api::Http | Api::FunctionUrl => &[
             "type",
             "methodArn",
             "httpMethod",
             "identitySource",
             "authorizationToken",
-        ] {
-            object.remove(key);
-        }
+        ],
+        // A target group with multi-value headers off sends only the single-value fields.
+        Api::Alb => &["multiValueHeaders", "multiValueQueryStringParameters"],
+    };
+    let object = value.as_object_mut().expect("an object");
+    for key in absent {
+        assert!(object.remove(*key).is_some(), "{api:?}: no {key} to remove");
     }
     value.to_string()
 }
@@ -168,16 +211,7 @@ fn event(api: Api, call: &Call) -> String {
 /// A REST API proxy event (payload format 1.0), stage `prod`.
 fn rest_event(call: &Call) -> ApiGatewayProxyRequest {
     let (resource, path_parameters) = call.resource();
-    let headers = {
-        let mut headers = call.header_map(API_HOST);
-        if !call.cookies.is_empty() {
-            headers.insert(
-                "cookie",
-                HeaderValue::from_str(&call.cookies.join("; ")).expect("cookie"),
-            );
-        }
-        headers
-    };
+    let headers = call.header_map_with_cookie(API_HOST);
     let query: QueryMap = call.query.parse().expect("a query string");
 
     let mut event = ApiGatewayProxyRequest::default();
@@ -263,10 +297,32 @@ fn http_event(api: Api, call: &Call) -> ApiGatewayV2httpRequest {
     event
 }
 
+/// An ALB target group event, as the load balancer sends it.
+fn alb_event(call: &Call) -> AlbTargetGroupRequest {
+    let mut headers = call.header_map_with_cookie(ALB_HOST);
+    // An HTTP listener: lambda_http takes the URI's scheme from x-forwarded-proto, and would
+    // fall back to https without it.
+    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    headers.insert("x-forwarded-port", HeaderValue::from_static("80"));
+
+    let mut event = AlbTargetGroupRequest::default();
+    event.http_method = call.method.clone();
+    event.path = Some(call.path.to_owned());
+    event.query_string_parameters = call.raw_query();
+    event.headers = headers;
+    // The load balancer sends an empty body for a request without one.
+    event.body = Some(call.body.as_ref().map(Value::to_string).unwrap_or_default());
+    event.is_base64_encoded = false;
+    event.request_context.elb.target_group_arn = Some(TARGET_GROUP_ARN.to_owned());
+    event
+}
+
 /// An answer, decoded as the response type of the event's source.
 #[derive(Debug)]
 struct Answer {
     status: i64,
+    /// The ALB's `statusDescription` (`None` for the other sources, whose responses have none).
+    status_description: Option<String>,
     headers: HeaderMap,
     cookies: Vec<String>,
     body: Value,
@@ -286,8 +342,8 @@ impl Answer {
     }
 }
 
-/// Decodes the function's answer as `ApiGatewayProxyResponse` (REST) or
-/// `ApiGatewayV2httpResponse` (HTTP API, function URL).
+/// Decodes the function's answer as `ApiGatewayProxyResponse` (REST),
+/// `ApiGatewayV2httpResponse` (HTTP API, function URL) or `AlbTargetGroupResponse` (ALB).
 fn decode(api: Api, result: &InvokeResult) -> Answer {
     let bytes = match &result.outcome {
         InvokeOutcome::Success(bytes) => bytes,
@@ -312,6 +368,7 @@ fn decode(api: Api, result: &InvokeResult) -> Answer {
             headers.extend(response.headers);
             Answer {
                 status: response.status_code,
+                status_description: None,
                 headers,
                 cookies: Vec::new(),
                 body: text(response.body),
@@ -323,8 +380,31 @@ fn decode(api: Api, result: &InvokeResult) -> Answer {
             assert!(!response.is_base64_encoded);
             Answer {
                 status: response.status_code,
+                status_description: None,
                 headers: response.headers,
                 cookies: response.cookies,
+                body: text(response.body),
+            }
+        }
+        Api::Alb => {
+            assert!(
+                raw.get("cookies").is_none(),
+                "an ALB response has no cookies field: {raw}"
+            );
+            let response: AlbTargetGroupResponse =
+                serde_json::from_value(raw).expect("an AlbTargetGroupResponse");
+            assert!(!response.is_base64_encoded);
+            // The load balancer reads `headers` when the target group has multi-value headers
+            // off and `multiValueHeaders` when it has them on: lambda_http fills both.
+            assert_eq!(
+                response.headers, response.multi_value_headers,
+                "{api:?}: headers and multiValueHeaders differ"
+            );
+            Answer {
+                status: response.status_code,
+                status_description: response.status_description,
+                headers: response.headers,
+                cookies: Vec::new(),
                 body: text(response.body),
             }
         }
@@ -457,7 +537,11 @@ async fn rest_api_v1_events() {
         answer.header("set-cookie"),
         Some(format!("last-account={location}; Path=/").as_str())
     );
-    assert_eq!(answer.body["seen"]["path_parameters"], json!({}));
+    // lambda_http puts the stage back in front of the path.
+    assert_eq!(
+        answer.body["seen"]["uri"],
+        format!("https://{API_HOST}/prod/accounts")
+    );
     assert_deferred_audit(&env, &result, &post, "201").await;
 
     let bad = Call::post("/accounts", json!({ "name": "no owner" }));
@@ -546,13 +630,122 @@ async fn function_url_events() {
     assert_eq!(answer.status, 404, "{answer:?}");
     assert_eq!(answer.body["error"], "no account acc-999");
     assert_eq!(answer.header("content-type"), Some("application/json"));
-    // No route, so no path parameters: the handler routes on the raw path.
-    assert_eq!(answer.body["seen"]["path_parameters"], json!({}));
+    // No route: the handler routes on the raw path.
+    assert_eq!(answer.body["seen"]["raw_path"], "/accounts/acc-999");
     assert_deferred_audit(&env, &result, &missing, "404").await;
 }
 
+/// An Application Load Balancer's Lambda target group: the query passed on as the client
+/// encoded it, cookies in a header both ways, no stage; the response carries a
+/// `statusDescription` and the headers twice (`headers` and `multiValueHeaders`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alb_target_group_events() {
+    let env = start("run").await;
+
+    let get = Call::get("/accounts/acc-1")
+        .query("verbose=1&fields=owner%2Cbalance_cents")
+        .cookie("session=s3cr3t")
+        .cookie("theme=dark")
+        .header("x-audit-ms", "300");
+    let result = call(&env, Api::Alb, &get).await;
+    let answer = decode(Api::Alb, &result);
+    answer.assert_json_ok(&result.request_id);
+    assert_eq!(answer.status_description.as_deref(), Some("200 OK"));
+    assert_eq!(answer.body["account"]["owner"], "Ada Lovelace");
+    let seen = &answer.body["seen"];
+    // Not an API Gateway context: the fixture calls any other `other`, and of the sources
+    // enabled here only ALB's remains.
+    assert_eq!(seen["kind"], "other", "{seen}");
+    assert_eq!(seen["stage"], Value::Null);
+    assert_eq!(seen["raw_path"], "/accounts/acc-1");
+    // The load balancer does not decode the query; lambda_http does.
+    assert_eq!(
+        seen["query"],
+        json!({ "verbose": "1", "fields": "owner,balance_cents" })
+    );
+    // The scheme from x-forwarded-proto, the host header, no stage; lambda_http rebuilds the
+    // query from a map, in no set order.
+    let uri = seen["uri"].as_str().expect("a uri");
+    let (base, query) = uri.split_once('?').expect("a query in the uri");
+    assert_eq!(base, format!("http://{ALB_HOST}/accounts/acc-1"));
+    let mut pairs: Vec<&str> = query.split('&').collect();
+    pairs.sort_unstable();
+    assert_eq!(
+        pairs,
+        ["fields=owner%2Cbalance_cents", "verbose=1"],
+        "{uri}"
+    );
+    assert_eq!(seen["cookie"], "session=s3cr3t; theme=dark");
+    // The 300 ms audit is not in the caller's latency.
+    assert!(
+        result.latency < Duration::from_millis(300),
+        "caller latency {:?}",
+        result.latency
+    );
+    let t = assert_deferred_audit(&env, &result, &get, "200").await;
+    let ended = t.mark("audit:GET /accounts/acc-1 200").expect("ended");
+    assert!(ended >= t.response_posted.expect("posted") + Duration::from_millis(290));
+    assert_eq!(
+        answer.header("x-trace-id"),
+        Some(trace_of(&env, &result.request_id).as_str())
+    );
+
+    let post = Call::post("/accounts", json!({ "owner": "Mary Jackson" }));
+    let result = call(&env, Api::Alb, &post).await;
+    let answer = decode(Api::Alb, &result);
+    assert_eq!(answer.status, 201, "{answer:?}");
+    assert_eq!(answer.status_description.as_deref(), Some("201 Created"));
+    assert_eq!(answer.body["account"]["owner"], "Mary Jackson");
+    assert_eq!(
+        answer.header("x-request-id"),
+        Some(result.request_id.as_str())
+    );
+    let location = answer.header("location").expect("location").to_owned();
+    assert!(location.starts_with("/accounts/acc-"), "{location}");
+    // No cookies field: Set-Cookie stays a header.
+    assert_eq!(
+        answer.header("set-cookie"),
+        Some(format!("last-account={location}; Path=/").as_str())
+    );
+    assert_eq!(
+        answer.body["seen"]["uri"],
+        format!("http://{ALB_HOST}/accounts")
+    );
+    assert_deferred_audit(&env, &result, &post, "201").await;
+
+    let bad = Call::post("/accounts", json!({ "name": "no owner" }));
+    let result = call(&env, Api::Alb, &bad).await;
+    let answer = decode(Api::Alb, &result);
+    assert_eq!(answer.status, 400, "{answer:?}");
+    assert_eq!(
+        answer.status_description.as_deref(),
+        Some("400 Bad Request")
+    );
+    assert!(answer.body["error"].is_string());
+    assert_deferred_audit(&env, &result, &bad, "400").await;
+
+    let missing = Call::get("/accounts/acc-999");
+    let result = call(&env, Api::Alb, &missing).await;
+    let answer = decode(Api::Alb, &result);
+    assert_eq!(answer.status, 404, "{answer:?}");
+    assert_eq!(answer.status_description.as_deref(), Some("404 Not Found"));
+    assert_eq!(answer.body["error"], "no account acc-999");
+    // No query: none in the uri either.
+    assert_eq!(
+        answer.body["seen"]["uri"],
+        format!("http://{ALB_HOST}/accounts/acc-999")
+    );
+    assert_deferred_audit(&env, &result, &missing, "404").await;
+
+    assert_eq!(env.emulator.stats().resets, 0);
+    assert_eq!(
+        env.emulator.stats().max_concurrent_event_next_per_extension,
+        1
+    );
+}
+
 /// A handler that returns `Err` or panics: the caller gets Lambda's error response at once
-/// (API Gateway turns it into a 502), and the audit queued before the failure still runs
+/// (API Gateway or the load balancer turns it into a 502), and the audit queued before the failure still runs
 /// after it, with the flush; the next request is served normally.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_handler_still_answers_and_runs_deferred_work() {
@@ -573,6 +766,11 @@ async fn failing_handler_still_answers_and_runs_deferred_work() {
             "err",
             "the account store is unavailable (on purpose)",
         ),
+        (
+            Api::Alb,
+            "panic",
+            "Lambda panicked: the handler panicked on purpose",
+        ),
     ] {
         let failing = Call::get("/accounts/acc-1").header("x-fixture", fixture);
         let result = call(&env, api, &failing).await;
@@ -587,7 +785,8 @@ async fn failing_handler_still_answers_and_runs_deferred_work() {
 
         let ok = Call::get("/accounts/acc-1");
         let result = call(&env, api, &ok).await;
-        assert_eq!(decode(api, &result).status, 200);
+        let answer = decode(api, &result);
+        answer.assert_json_ok(&result.request_id);
         assert_deferred_audit(&env, &result, &ok, "200").await;
     }
     assert_eq!(env.emulator.stats().resets, 0);
@@ -600,11 +799,16 @@ async fn failing_handler_still_answers_and_runs_deferred_work() {
 async fn start_with_lambda_http_run_and_with_the_layer() {
     for mode in ["start", "layer"] {
         let env = start(mode).await;
-        for api in [Api::Rest, Api::Http] {
+        for api in [Api::Rest, Api::Http, Api::Alb] {
             let get = Call::get("/accounts/acc-1").header("x-audit-ms", "200");
             let result = call(&env, api, &get).await;
             let answer = decode(api, &result);
             assert_eq!(answer.status, 200, "{mode} {api:?}: {answer:?}");
+            assert_eq!(
+                answer.header("x-request-id"),
+                Some(result.request_id.as_str()),
+                "{mode} {api:?}: the handler sees the Lambda request id"
+            );
             assert!(
                 result.latency < Duration::from_millis(200),
                 "{mode} {api:?}: caller latency {:?}",
