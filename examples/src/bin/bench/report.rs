@@ -23,11 +23,17 @@ fn find(rows: &[Row], s: Scenario, mode: &str) -> Option<Row> {
         .cloned()
 }
 
-/// What `--check` fails on: a row with no invocation, invocations that did not succeed (any
-/// mode), and, for modes 5 and 6 in scenarios a and b, spans the sink did not receive or
-/// invocations released while their deferred work still ran (G2, G3). Scenario e is left out:
-/// there the flush abandoned at `flush_timeout` outlives its phase by design, and its spans
-/// wait in the frozen function.
+/// What `--check` fails on: a row with no invocation, invocations that did not succeed or
+/// never completed (any mode), and, for modes 5 and 6:
+/// - in scenarios a and b, spans the sink did not receive (or received twice), invocations
+///   released while their deferred work still ran (G2, G3), or phases that never began their
+///   flush;
+/// - in b, a caller that waited for the 300 ms action (G1); in e, a caller that waited for
+///   the stalled exporter, or a phase held past `flush_timeout` (1 s) plus 500 ms (G4).
+///
+/// Spans and early release are not checked in e: there the flush abandoned at
+/// `flush_timeout` outlives its phase by design, and its spans wait in the frozen function.
+/// Bounds on times are far from what a slow machine reaches, so they do not move with it.
 pub(crate) fn broken_guarantees(rows: &[Row]) -> Vec<String> {
     let mut failures = Vec::new();
     for row in rows {
@@ -36,10 +42,47 @@ pub(crate) fn broken_guarantees(rows: &[Row]) -> Vec<String> {
             failures.push(format!("{at}: no invocation ran"));
         }
         if row.errors > 0 {
-            failures.push(format!("{at}: {} invocations failed", row.errors));
+            failures.push(format!(
+                "{at}: {} invocations failed or never completed",
+                row.errors
+            ));
         }
         let ours = matches!(row.mode, "run" | "start");
+        let p50 = pct(&row.latency, 50.0);
+        if ours && row.scenario == Scenario::B && p50 >= Duration::from_millis(300) {
+            failures.push(format!(
+                "{at}: caller latency p50 {} ms: the 300 ms action is on the caller's path",
+                ms(p50)
+            ));
+        }
+        if ours && row.scenario == Scenario::E {
+            if p50 >= Duration::from_secs(1) {
+                failures.push(format!(
+                    "{at}: caller latency p50 {} ms: the stalled export is on the caller's path",
+                    ms(p50)
+                ));
+            }
+            let held = pct(&row.busy, 100.0);
+            if held > Duration::from_millis(1500) {
+                failures.push(format!(
+                    "{at}: an environment held {} ms after the response (flush_timeout 1 s)",
+                    ms(held)
+                ));
+            }
+        }
         if ours && matches!(row.scenario, Scenario::A | Scenario::B) {
+            if row.unflushed > 0 {
+                failures.push(format!(
+                    "{at}: {} phases never began their flush",
+                    row.unflushed
+                ));
+            }
+            if row.duplicate_spans > 0 {
+                failures.push(format!(
+                    "{at}: {} spans reached the sink twice",
+                    row.duplicate_spans
+                ));
+            }
             if row.spans_received < row.spans_created {
                 failures.push(format!(
                     "{at}: {} of {} spans reached the sink",
@@ -84,7 +127,10 @@ pub(crate) fn table(rows: &[Row]) -> String {
         } else {
             format!("{:.1}", r.per_sec)
         };
-        let cpu = if r.cpu_per_inv.is_zero() && r.scenario == Scenario::D {
+        // Outside c the CPU time comes in 10 ms ticks: with few of them, the figure is the
+        // tick's size, not a measurement.
+        let coarse = !matches!(r.scenario, Scenario::C | Scenario::D) && r.cpu_ticks < 20;
+        let cpu = if (r.cpu_per_inv.is_zero() && r.scenario == Scenario::D) || coarse {
             "-".to_owned()
         } else {
             format!("{:.0}", micros(r.cpu_per_inv))
@@ -110,6 +156,15 @@ pub(crate) fn table(rows: &[Row]) -> String {
         );
     }
     out
+}
+
+/// The median of `values` (the mean of the two middle ones of an even count); `None` when
+/// empty.
+fn median(values: &[f64]) -> Option<f64> {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    (n > 0).then(|| (sorted[(n - 1) / 2] + sorted[n / 2]) / 2.0)
 }
 
 /// "No worse than", with the run-to-run noise of this machine: 5% + 0.1 ms.
@@ -161,44 +216,52 @@ pub(crate) fn targets(rows: &[Row]) -> String {
         );
     }
     if let (Some(run), Some(none)) = (get(Scenario::C, "run"), get(Scenario::C, "none")) {
-        let ratio = times(run.per_sec, none.per_sec);
-        let _ = writeln!(
-            out,
-            "- (c) inv/s of mode 5 at least 0.9x of plain lambda_runtime::run: {:.1} vs {:.1} = {ratio:.2}x: {}",
-            run.per_sec,
-            none.per_sec,
-            verdict(ratio >= 0.9)
-        );
-        let ratios: Vec<String> = run
+        // The modes take turns round by round, so that a change in the machine's load hits
+        // them alike: the target compares each round of mode 5 with the same round of plain,
+        // and takes the median of those ratios (of medians taken apart, the two can come from
+        // different rounds).
+        let paired: Vec<f64> = run
             .rate_rounds
             .iter()
             .zip(&none.rate_rounds)
-            .map(|(r, n)| format!("{:.2}x", times(*r, *n)))
+            .map(|(r, n)| times(*r, *n))
             .collect();
+        let ratio = median(&paired).unwrap_or_else(|| times(run.per_sec, none.per_sec));
         let _ = writeln!(
             out,
-            "- (c) the same per round (the medians above are of these rounds): {}",
-            ratios.join(" | ")
+            "- (c) inv/s of mode 5 at least 0.9x of plain lambda_runtime::run (median of the per-round ratios): {ratio:.2}x: {}",
+            verdict(ratio >= 0.9)
         );
-        let over = micros(run.cpu_per_inv) - micros(none.cpu_per_inv);
+        let ratios: Vec<String> = paired.iter().map(|r| format!("{r:.2}x")).collect();
         let _ = writeln!(
             out,
-            "- (c) wrapper CPU overhead under 50 µs per invocation: {:.0} µs - {:.0} µs = {over:.0} µs (schedstat CPU time of every thread, over {} invocations): {}",
-            micros(run.cpu_per_inv),
-            micros(none.cpu_per_inv),
-            run.n,
-            verdict(over < 50.0)
+            "- (c) the per-round ratios: {}; the medians of the rounds apart: {:.1} vs {:.1} inv/s = {:.2}x",
+            ratios.join(" | "),
+            run.per_sec,
+            none.per_sec,
+            times(run.per_sec, none.per_sec)
         );
-        let rounds: Vec<String> = run
+        let rounds: Vec<f64> = run
             .cpu_rounds
             .iter()
             .zip(&none.cpu_rounds)
-            .map(|(r, n)| format!("{:.0}", micros(*r) - micros(*n)))
+            .map(|(r, n)| micros(*r) - micros(*n))
             .collect();
+        let pooled = micros(run.cpu_per_inv) - micros(none.cpu_per_inv);
+        let over = median(&rounds).unwrap_or(pooled);
         let _ = writeln!(
             out,
-            "- (c) the same per round (the modes take turns): {} µs",
-            rounds.join(" | ")
+            "- (c) wrapper CPU overhead under 50 µs per invocation (median of the per-round differences; schedstat CPU time of every thread): {over:.0} µs: {}",
+            verdict(over < 50.0)
+        );
+        let listed: Vec<String> = rounds.iter().map(|d| format!("{d:.0}")).collect();
+        let _ = writeln!(
+            out,
+            "- (c) the per-round differences: {} µs; over all {} invocations: {:.0} µs - {:.0} µs = {pooled:.0} µs",
+            listed.join(" | "),
+            run.n,
+            micros(run.cpu_per_inv),
+            micros(none.cpu_per_inv),
         );
     }
     if let (Some(run), Some(bare)) = (get(Scenario::C, "run"), get(Scenario::C, "ext-only")) {
@@ -309,6 +372,8 @@ pub(crate) fn targets(rows: &[Row]) -> String {
             );
         }
     }
+    // Sound: loses no span and never releases the environment early.
+    let sound = |r: &Row| r.premature == 0 && r.spans_received >= r.spans_created;
     for s in [Scenario::A, Scenario::B, Scenario::C, Scenario::E] {
         let Some(run) = get(s, "run") else { continue };
         let best = ["sync", "otel-layer", "naive"]
@@ -325,12 +390,14 @@ pub(crate) fn targets(rows: &[Row]) -> String {
             // The environment's whole time per invocation (caller latency + busy after), against
             // the alternatives that neither lose spans nor release the environment early.
             let occupancy = |r: &Row| pct(&r.latency, 50.0) + pct(&r.busy, 50.0);
-            let sound = ["sync", "otel-layer", "naive"]
+            let best_sound = ["sync", "otel-layer", "naive"]
                 .into_iter()
                 .filter_map(|m| get(s, m))
-                .filter(|r| r.premature == 0 && r.spans_received >= r.spans_created)
+                .filter(|r| sound(r))
                 .min_by_key(occupancy);
-            if let Some(sound) = sound {
+            // Not in c, which has neither spans nor marks to tell soundness by; and only when
+            // mode 5 is sound itself (in e its abandoned flush outlives the phase).
+            if let Some(sound) = best_sound.filter(|_| s != Scenario::C && sound(&run)) {
                 let (o, so) = (occupancy(&run), occupancy(&sound));
                 let _ = writeln!(
                     out,
@@ -618,6 +685,9 @@ mod tests {
             extension_cpu_per_inv: Duration::ZERO,
             api_cpu_per_inv: Duration::ZERO,
             errors: 0,
+            unflushed: 0,
+            duplicate_spans: 0,
+            cpu_ticks: 0,
             switches_per_inv: 0.0,
             cycle: Cycle::default(),
         }
@@ -662,12 +732,69 @@ mod tests {
         let expected = [
             "(a) run: 9 of 10 spans",
             "(b) start: 1 invocations released",
-            "(c) none: 2 invocations failed",
+            "(c) none: 2 invocations failed or never completed",
             "(d) sync: no invocation ran",
         ];
         for (failure, expected) in failures.iter().zip(expected) {
             assert!(failure.contains(expected), "{failures:?}");
         }
+    }
+
+    #[test]
+    fn check_fails_on_a_skipped_flush_a_duplicate_a_waiting_caller_and_a_held_environment() {
+        let mut skipped = row(Scenario::A, "run");
+        skipped.unflushed = 1;
+        let mut twice = row(Scenario::A, "start");
+        twice.duplicate_spans = 2;
+        let mut waited = row(Scenario::B, "run");
+        waited.latency = vec![Duration::from_millis(322)];
+        let mut stalled = row(Scenario::E, "start");
+        stalled.latency = vec![Duration::from_millis(3020)];
+        let mut held = row(Scenario::E, "run");
+        held.busy = vec![Duration::from_millis(3003)];
+        let failures = broken_guarantees(&[skipped, twice, waited, stalled, held]);
+        let expected = [
+            "(a) run: 1 phases never began their flush",
+            "(a) start: 2 spans reached the sink twice",
+            "(b) run: caller latency p50 322 ms",
+            "(e) start: caller latency p50 3020 ms",
+            "(e) run: an environment held 3003 ms",
+        ];
+        assert_eq!(failures.len(), expected.len(), "{failures:?}");
+        for (failure, expected) in failures.iter().zip(expected) {
+            assert!(failure.contains(expected), "{failures:?}");
+        }
+    }
+
+    /// The throughput and CPU targets of c compare round with round.
+    #[test]
+    fn the_c_targets_take_the_median_of_the_paired_rounds() {
+        let mut plain = row(Scenario::C, "none");
+        plain.rate_rounds = vec![1000.0, 1000.0, 2000.0];
+        plain.per_sec = 1000.0;
+        plain.cpu_rounds = [100, 100, 100].map(Duration::from_micros).to_vec();
+        let mut run = row(Scenario::C, "run");
+        // Paired: 0.95, 0.95, 0.45 (the third round ran on a faster machine for plain),
+        // median 0.95. CPU: +20, +30, +300 µs (one disturbed round), median +30.
+        run.rate_rounds = vec![950.0, 950.0, 900.0];
+        run.per_sec = 900.0;
+        run.cpu_rounds = [120, 130, 400].map(Duration::from_micros).to_vec();
+        let text = targets(&[plain, run]);
+        assert!(
+            text.contains("(median of the per-round ratios): 0.95x: **met**"),
+            "{text}"
+        );
+        assert!(
+            text.contains("differences; schedstat CPU time of every thread): 30 µs: **met**"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn median_is_the_middle_or_the_mean_of_the_two() {
+        assert_eq!(median(&[]), None);
+        assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), Some(2.5));
     }
 
     #[test]
