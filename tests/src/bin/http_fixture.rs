@@ -230,6 +230,7 @@ async fn main() -> Result<(), Error> {
             lambda_runtime::Runtime::new(Adapter::from(service_fn(handler)))
                 .layer(lambda_runtime::layers::TracingLayer::new())
                 .layer(handle.layer())
+                .register_snapstart_resource(handle.snapstart_resource())
                 .run()
                 .await
         }
