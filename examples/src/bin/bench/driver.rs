@@ -579,6 +579,12 @@ async fn steady(
     tokio::time::sleep(Duration::from_millis(300)).await;
     let received = sink.spans_named("bench.handler") + sink.spans_named("bench.action");
     let duplicate_spans = sink.duplicate_spans();
+    // Marks that could not be posted: their invocations' premature count cannot be trusted.
+    errors += emulator
+        .function_logs()
+        .iter()
+        .filter(|line| line.contains(super::function::MARK_FAILED))
+        .count();
     let created = n + if action_ms > 0 { n } else { 0 };
     let timelines: HashMap<String, _> = emulator
         .timelines()

@@ -45,25 +45,39 @@ fn config() -> &'static Config {
     })
 }
 
+/// What the function writes on stderr when a mark could not be posted: the driver counts
+/// those invocations as errors (a lost `flush-end` would read as an early release, a lost
+/// `flush-start` would hide one).
+pub(crate) const MARK_FAILED: &str = "bench-mark-failed";
+
 /// Posts a mark to the emulator with a blocking HTTP/1.1 request (called from blocking
 /// threads and, for `action-end`, from `spawn_blocking`).
 fn mark_blocking(request_id: &str, text: &str) {
     if !config().marks {
         return;
     }
-    let Ok(api) = std::env::var("AWS_LAMBDA_RUNTIME_API") else {
-        return;
-    };
-    let Ok(mut stream) = std::net::TcpStream::connect(&api) else {
-        return;
-    };
+    if let Err(error) = post_mark(request_id, text) {
+        eprintln!("{MARK_FAILED} {request_id} {text}: {error}");
+    }
+}
+
+fn post_mark(request_id: &str, text: &str) -> std::io::Result<()> {
+    let api = std::env::var("AWS_LAMBDA_RUNTIME_API").map_err(std::io::Error::other)?;
+    let mut stream = std::net::TcpStream::connect(&api)?;
     let request = format!(
         "POST /__testkit/mark HTTP/1.1\r\nHost: {api}\r\nLambda-Runtime-Aws-Request-Id: {request_id}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
         text.len()
     );
-    if stream.write_all(request.as_bytes()).is_ok() {
-        let mut answer = Vec::new();
-        let _ = stream.read_to_end(&mut answer);
+    stream.write_all(request.as_bytes())?;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer)?;
+    if answer.starts_with(b"HTTP/1.1 2") {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!(
+            "answered {:?}",
+            String::from_utf8_lossy(&answer[..answer.len().min(40)])
+        )))
     }
 }
 
