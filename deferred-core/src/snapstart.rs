@@ -383,13 +383,14 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_flush_abandoned_before_the_snapshot_is_waited_for() {
         let flusher = crate::flush::Flusher::new(crate::flush_fn("slow", || {
-            std::thread::sleep(Duration::from_millis(200));
+            std::thread::sleep(Duration::from_millis(600));
             Ok::<(), String>(())
         }));
         let core = Core::new(
             Config {
                 flushers: vec![flusher.clone()],
-                flush_timeout: Duration::from_millis(150),
+                // Abandoned at 500 ms, back at 600 ms, waited for until 1 s: 400 ms of slack.
+                flush_timeout: Duration::from_millis(500),
                 phase_telemetry: false,
                 ..Config::default()
             },

@@ -27,7 +27,9 @@
 //! zip it:
 //!
 //! ```text
-//! rustup target add x86_64-unknown-linux-musl      # or aarch64-unknown-linux-musl
+//! rustup target add x86_64-unknown-linux-musl      # arm64 functions: aarch64-unknown-linux-musl,
+//!                                                  # which needs a cross linker on an x86 host
+//!                                                  # (`cargo zigbuild`, or cargo-lambda)
 //! cargo build --release -p examples --bin api_handler --target x86_64-unknown-linux-musl
 //! cp target/x86_64-unknown-linux-musl/release/api_handler bootstrap
 //! zip api_handler.zip bootstrap

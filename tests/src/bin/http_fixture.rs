@@ -173,6 +173,7 @@ fn seen(request: &Request) -> Value {
         Some(RequestContext::ApiGatewayV2(context)) => {
             ("http", context.stage.clone(), context.domain_name.clone())
         }
+        Some(RequestContext::Alb(_)) => ("alb", None, None),
         Some(_) => ("other", None, None),
         None => ("none", None, None),
     };

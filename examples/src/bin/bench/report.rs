@@ -28,8 +28,9 @@ fn find(rows: &[Row], s: Scenario, mode: &str) -> Option<Row> {
 /// - in scenarios a and b, spans the sink did not receive (or received twice), invocations
 ///   released while their deferred work still ran (G2, G3), or phases that never began their
 ///   flush;
-/// - in b, a caller that waited for the 300 ms action (G1); in e, a caller that waited for
-///   the stalled exporter, or a phase held past `flush_timeout` (1 s) plus 500 ms (G4).
+/// - in b, a caller that waited for the 300 ms action (p50; G1); in e, any caller that waited
+///   for the stalled exporter (500 ms; the handler takes 20), or a phase held past
+///   `flush_timeout` (1 s) plus 500 ms (G4).
 ///
 /// Spans and early release are not checked in e: there the flush abandoned at
 /// `flush_timeout` outlives its phase by design, and its spans wait in the frozen function.
@@ -56,10 +57,13 @@ pub(crate) fn broken_guarantees(rows: &[Row]) -> Vec<String> {
             ));
         }
         if ours && row.scenario == Scenario::E {
-            if p50 >= Duration::from_secs(1) {
+            // The max: only the first phase flushes (the later ones skip the flusher while the
+            // abandoned call runs), so one caller in ten would wait, under the p50.
+            let slowest = pct(&row.latency, 100.0);
+            if slowest >= Duration::from_millis(500) {
                 failures.push(format!(
-                    "{at}: caller latency p50 {} ms: the stalled export is on the caller's path",
-                    ms(p50)
+                    "{at}: caller latency max {} ms: the stalled export is on the caller's path",
+                    ms(slowest)
                 ));
             }
             let held = pct(&row.busy, 100.0);
@@ -158,6 +162,30 @@ pub(crate) fn table(rows: &[Row]) -> String {
     out
 }
 
+/// The median of the per-round ratios of `a`'s invocations per second to `b`'s (the modes
+/// take turns, round by round); the ratio of their medians when the rounds are missing.
+fn paired_rate(a: &Row, b: &Row) -> f64 {
+    let paired: Vec<f64> = a
+        .rate_rounds
+        .iter()
+        .zip(&b.rate_rounds)
+        .map(|(x, y)| times(*x, *y))
+        .collect();
+    median(&paired).unwrap_or_else(|| times(a.per_sec, b.per_sec))
+}
+
+/// The median of the per-round differences of `a`'s CPU per invocation over `b`'s, in µs;
+/// the difference of their pooled figures when the rounds are missing.
+fn paired_cpu(a: &Row, b: &Row) -> f64 {
+    let paired: Vec<f64> = a
+        .cpu_rounds
+        .iter()
+        .zip(&b.cpu_rounds)
+        .map(|(x, y)| micros(*x) - micros(*y))
+        .collect();
+    median(&paired).unwrap_or_else(|| micros(a.cpu_per_inv) - micros(b.cpu_per_inv))
+}
+
 /// The median of `values` (the mean of the two middle ones of an even count); `None` when
 /// empty.
 fn median(values: &[f64]) -> Option<f64> {
@@ -226,7 +254,7 @@ pub(crate) fn targets(rows: &[Row]) -> String {
             .zip(&none.rate_rounds)
             .map(|(r, n)| times(*r, *n))
             .collect();
-        let ratio = median(&paired).unwrap_or_else(|| times(run.per_sec, none.per_sec));
+        let ratio = paired_rate(&run, &none);
         let _ = writeln!(
             out,
             "- (c) inv/s of mode 5 at least 0.9x of plain lambda_runtime::run (median of the per-round ratios): {ratio:.2}x: {}",
@@ -248,7 +276,7 @@ pub(crate) fn targets(rows: &[Row]) -> String {
             .map(|(r, n)| micros(*r) - micros(*n))
             .collect();
         let pooled = micros(run.cpu_per_inv) - micros(none.cpu_per_inv);
-        let over = median(&rounds).unwrap_or(pooled);
+        let over = paired_cpu(&run, &none);
         let _ = writeln!(
             out,
             "- (c) wrapper CPU overhead under 50 µs per invocation (median of the per-round differences; schedstat CPU time of every thread): {over:.0} µs: {}",
@@ -265,10 +293,10 @@ pub(crate) fn targets(rows: &[Row]) -> String {
         );
     }
     if let (Some(run), Some(bare)) = (get(Scenario::C, "run"), get(Scenario::C, "ext-only")) {
-        let over = micros(run.cpu_per_inv) - micros(bare.cpu_per_inv);
+        let over = paired_cpu(&run, &bare);
         let _ = writeln!(
             out,
-            "- (c) the same, net of the extension's own `event/next` round trip (mode 5 minus a bare extension that re-arms at once): {:.0} µs - {:.0} µs = {over:.0} µs: {}",
+            "- (c) the same, net of the extension's own `event/next` round trip (mode 5 minus a bare extension that re-arms at once; median of the per-round differences): {over:.0} µs (over all invocations: {:.0} µs - {:.0} µs): {}",
             micros(run.cpu_per_inv),
             micros(bare.cpu_per_inv),
             verdict(over < 50.0)
@@ -294,12 +322,12 @@ pub(crate) fn targets(rows: &[Row]) -> String {
     ) {
         let _ = writeln!(
             out,
-            "- (c) the floor of the design (a bare extension that re-arms only once a layer signals the POST: one hand-off, no flush, no report): {:.2}x of plain's inv/s, {:.0} µs of CPU over plain, {:.1} context switches per invocation; mode 5 against it: {:.2}x inv/s, {:+.0} µs of CPU",
-            times(floor.per_sec, none.per_sec),
-            micros(floor.cpu_per_inv) - micros(none.cpu_per_inv),
+            "- (c) the floor of the design (a bare extension that re-arms only once a layer signals the POST: one hand-off, no flush, no report): {:.2}x of plain's inv/s, {:.0} µs of CPU over plain, {:.1} context switches per invocation; mode 5 against it: {:.2}x inv/s, {:+.0} µs of CPU (medians of the per-round figures)",
+            paired_rate(&floor, &none),
+            paired_cpu(&floor, &none),
             floor.switches_per_inv,
-            times(run.per_sec, floor.per_sec),
-            micros(run.cpu_per_inv) - micros(floor.cpu_per_inv),
+            paired_rate(&run, &floor),
+            paired_cpu(&run, &floor),
         );
     }
     if rows.iter().any(|r| r.scenario == Scenario::C) {
@@ -749,7 +777,8 @@ mod tests {
         let mut waited = row(Scenario::B, "run");
         waited.latency = vec![Duration::from_millis(322)];
         let mut stalled = row(Scenario::E, "start");
-        stalled.latency = vec![Duration::from_millis(3020)];
+        stalled.latency = vec![Duration::from_millis(22); 9];
+        stalled.latency.push(Duration::from_millis(1020));
         let mut held = row(Scenario::E, "run");
         held.busy = vec![Duration::from_millis(3003)];
         let failures = broken_guarantees(&[skipped, twice, waited, stalled, held]);
@@ -757,7 +786,7 @@ mod tests {
             "(a) run: 1 phases never began their flush",
             "(a) start: 2 spans reached the sink twice",
             "(b) run: caller latency p50 322 ms",
-            "(e) start: caller latency p50 3020 ms",
+            "(e) start: caller latency max 1020 ms",
             "(e) run: an environment held 3003 ms",
         ];
         assert_eq!(failures.len(), expected.len(), "{failures:?}");
@@ -807,6 +836,17 @@ mod tests {
         let mut abandoned = row(Scenario::E, "run");
         abandoned.premature = 1;
         abandoned.spans_received = 0;
-        assert_eq!(broken_guarantees(&[naive, abandoned]), Vec::<String>::new());
+        // The flush abandoned at flush_timeout: the environment held about 1 s, in bounds.
+        abandoned.busy = vec![Duration::from_millis(1002)];
+        abandoned.latency = vec![Duration::from_millis(22)];
+        // The alternatives hold the environment, or the caller, for the whole 3 s stall.
+        let mut layer = row(Scenario::E, "otel-layer");
+        layer.busy = vec![Duration::from_millis(3003)];
+        let mut sync = row(Scenario::E, "sync");
+        sync.latency = vec![Duration::from_millis(3024)];
+        assert_eq!(
+            broken_guarantees(&[naive, abandoned, layer, sync]),
+            Vec::<String>::new()
+        );
     }
 }
