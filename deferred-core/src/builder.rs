@@ -768,11 +768,41 @@ impl DeferredHandle {
         ))
     }
 
-    /// For `run` and `run_concurrent`: lambda_runtime's loop ended with `ended`. It ends only
-    /// on an error it cannot answer (a response that does not serialize, a Runtime API call
-    /// that fails), and the process then exits: the deferred work in flight (the failed
-    /// invocation's, handed to the chain) still runs, then the final flush, all within
-    /// `shutdown_timeout`, before the error is returned.
+    /// Lets the deferred work in flight finish, then runs the final flush, all within
+    /// `shutdown_timeout`, and returns its report: what the core does on SIGTERM, without
+    /// the exit. For a function that runs its own loop after [`Deferred::start`]: when the
+    /// loop ends with an error (lambda_runtime stops on an answer that does not serialize or
+    /// a Runtime API call that fails), call it before returning the error, so the failed
+    /// invocation's actions and the telemetry do not die with the process. `run` and
+    /// `run_concurrent` do this themselves. Afterwards the core stops work at once (it is
+    /// shutting down): call it only on the way out.
+    ///
+    /// ```no_run
+    /// use deferred_core::{Deferred, deferred_handler};
+    /// use lambda_runtime::{Error, LambdaEvent, service_fn};
+    /// use serde_json::Value;
+    ///
+    /// #[deferred_handler]
+    /// async fn handler(event: LambdaEvent<Value>) -> Result<Value, Error> {
+    ///     Ok(event.payload)
+    /// }
+    ///
+    /// #[tokio::main]
+    /// async fn main() -> Result<(), Error> {
+    ///     let deferred = Deferred::new().start().await?;
+    ///     let ended = lambda_runtime::run(service_fn(handler)).await;
+    ///     if ended.is_err() {
+    ///         deferred.drain().await;
+    ///     }
+    ///     ended
+    /// }
+    /// ```
+    pub async fn drain(&self) -> PhaseReport {
+        crate::shutdown::final_flush(&self.core).await
+    }
+
+    /// For `run` and `run_concurrent`: lambda_runtime's loop ended with `ended`; on an error,
+    /// [`drain`](Self::drain) before returning it.
     async fn drain_if_failed(
         &self,
         ended: Result<(), lambda_runtime::Error>,
@@ -784,7 +814,7 @@ impl DeferredHandle {
                 "the Lambda runtime loop ended with an error: the deferred work in flight \
                  runs, then the final flush, before the error is returned"
             );
-            crate::shutdown::final_flush(&self.core).await;
+            self.drain().await;
         }
         ended
     }

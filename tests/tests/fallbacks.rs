@@ -209,31 +209,40 @@ async fn sigterm_flushes_and_exits_within_the_grace_period() {
 }
 
 /// lambda_runtime's loop ends with an error (the answer does not serialize, so it cannot be
-/// posted, and lambda_runtime stops): `run` still lets the failed invocation's action run and
-/// the final flush go out before it returns the error and the process exits. (Before, `run`
-/// returned at once and the action died with the process, unreported.)
+/// posted, and lambda_runtime stops): `run` (or `drain`, after an own loop) still lets the
+/// failed invocation's action run and the final flush go out before the error is returned and
+/// the process exits. (Before, `run` returned at once and the action died with the process,
+/// unreported.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_runtime_loop_that_fails_still_runs_the_deferred_work() {
-    let env = start("run", config(), &[]).await;
-    let result = env
-        .invoke(json!({ "handler": "unserializable", "actions": [{ "name": "a", "ms": 50 }] }))
-        .await;
-    assert!(
-        matches!(&result.outcome, InvokeOutcome::FunctionError { error_type, .. } if error_type == "Runtime.ExitError"),
-        "{:?}",
-        result.outcome
-    );
-    assert!(
-        env.logged("the Lambda runtime loop ended with an error")
-            .await
-    );
-    assert!(env.logged("Shutdown").await, "the final flush is reported");
-    let t = env.timeline(&result.request_id);
-    assert!(t.mark("end:a").is_some(), "the action ran: {t:?}");
-    assert!(
-        env.logs_matching("abandoned without a report").is_empty(),
-        "the phase ended on its own"
-    );
+    // `run` drains by itself; with `start` and its own loop, the fixture calls `drain`.
+    for mode in ["run", "start"] {
+        let env = start(mode, config(), &[]).await;
+        let result = env
+            .invoke(json!({ "handler": "unserializable", "actions": [{ "name": "a", "ms": 50 }] }))
+            .await;
+        assert!(
+            matches!(&result.outcome, InvokeOutcome::FunctionError { error_type, .. } if error_type == "Runtime.ExitError"),
+            "{mode}: {:?}",
+            result.outcome
+        );
+        if mode == "run" {
+            assert!(
+                env.logged("the Lambda runtime loop ended with an error")
+                    .await
+            );
+        }
+        assert!(
+            env.logged("Shutdown").await,
+            "{mode}: the final flush is reported"
+        );
+        let t = env.timeline(&result.request_id);
+        assert!(t.mark("end:a").is_some(), "{mode}: the action ran: {t:?}");
+        assert!(
+            env.logs_matching("abandoned without a report").is_empty(),
+            "{mode}: the phase ended on its own"
+        );
+    }
 }
 
 /// A failing exporter: the caller is unaffected, each failed flush is reported, and the

@@ -360,15 +360,22 @@ async fn main() -> Result<(), Error> {
         Ok("start") => {
             // `START_GIVE_UP_MS`: stop waiting for `start` after this long (a `timeout`
             // around it) and serve all the same.
-            match env_ms("START_GIVE_UP_MS") {
+            let handle = match env_ms("START_GIVE_UP_MS") {
                 Some(wait) => {
-                    if tokio::time::timeout(wait, deferred.start()).await.is_err() {
+                    let started = tokio::time::timeout(wait, deferred.start()).await;
+                    if started.is_err() {
                         tracing::warn!("fixture: gave up waiting for Deferred::start");
                     }
+                    started.ok().transpose()?
                 }
-                None => drop(deferred.start().await?),
+                None => Some(deferred.start().await?),
+            };
+            let ended = lambda_runtime::run(service_fn(handler)).await;
+            // As the README says for an own loop: the work in flight before the error.
+            if let (Err(_), Some(handle)) = (&ended, handle) {
+                handle.drain().await;
             }
-            lambda_runtime::run(service_fn(handler)).await
+            ended
         }
         Ok("naive") => lambda_runtime::run(service_fn(|e| naive_handler(e, tracer.clone()))).await,
         Ok("sync") => lambda_runtime::run(service_fn(|e| sync_handler(e, tracer.clone()))).await,
