@@ -2,14 +2,16 @@
 //! (src/bin/http_fixture.rs) invoked with real API Gateway and load balancer events, built with
 //! the `aws_lambda_events` types lambda_http itself decodes: a REST API (payload 1.0,
 //! `ApiGatewayProxyRequest`), an HTTP API (payload 2.0, `ApiGatewayV2httpRequest`), a Lambda
-//! function URL (payload 2.0 too) and an Application Load Balancer's Lambda target group
+//! function URL (payload 2.0 too), buffered or in `RESPONSE_STREAM` mode
+//! (`lambda_http::StreamAdapter`), and an Application Load Balancer's Lambda target group
 //! (`AlbTargetGroupRequest`).
 //!
 //! Each test checks that the answer decodes as the response type that matches the event's
-//! source, with the status, headers, cookies and body the handler set; that the `defer!`ed audit
-//! action ran after the response was posted and before the environment was released (the
-//! extension's next `event/next`); and that the invocation's spans (lambda_runtime's, the
-//! handler's and the action's) reached the OTLP sink in that same window.
+//! source (for a streamed answer: lambda_runtime's metadata prelude, then the body), with the
+//! status, headers, cookies and body the handler set; that the `defer!`ed audit action ran
+//! after the response was posted and before the environment was released (the extension's
+//! next `event/next`); and that the invocation's spans (lambda_runtime's, the handler's and the
+//! action's) reached the OTLP sink in that same window.
 
 mod support;
 
@@ -28,6 +30,7 @@ use lambda_http::aws_lambda_events::apigw::{
 use lambda_http::aws_lambda_events::encodings::Body;
 use lambda_http::aws_lambda_events::query_map::QueryMap;
 use lambda_http::http::{HeaderMap, HeaderName, HeaderValue, Method};
+use lambda_runtime::MetadataPrelude;
 use serde_json::{Value, json};
 use support::{Env, phase_end};
 
@@ -412,6 +415,28 @@ fn decode(api: Api, result: &InvokeResult) -> Answer {
     }
 }
 
+/// Decodes a streamed answer (the `stream` mode): lambda_runtime sends the metadata prelude
+/// (status, headers, cookies) as JSON, eight NUL bytes, then the body as the handler wrote it.
+fn decode_streamed(result: &InvokeResult) -> Answer {
+    let bytes = match &result.outcome {
+        InvokeOutcome::Success(bytes) => bytes,
+        other => panic!("the invocation failed: {other:?}"),
+    };
+    let at = bytes
+        .windows(8)
+        .position(|w| w == [0; 8])
+        .unwrap_or_else(|| panic!("no prelude delimiter: not a streamed answer: {bytes:?}"));
+    let prelude: MetadataPrelude =
+        serde_json::from_slice(&bytes[..at]).expect("a JSON metadata prelude");
+    Answer {
+        status: prelude.status_code.as_u16().into(),
+        status_description: None,
+        headers: prelude.headers,
+        cookies: prelude.cookies,
+        body: serde_json::from_slice(&bytes[at + 8..]).expect("a JSON body after the prelude"),
+    }
+}
+
 async fn start(mode: &str) -> Env {
     let sink = OtlpSink::start().await.expect("sink");
     let emulator = Emulator::start(EmulatorConfig {
@@ -634,6 +659,88 @@ async fn function_url_events() {
     // No route: the handler routes on the raw path.
     assert_eq!(answer.body["seen"]["raw_path"], "/accounts/acc-999");
     assert_deferred_audit(&env, &result, &missing, "404").await;
+}
+
+/// A function URL in `RESPONSE_STREAM` mode: `Deferred::run` with `lambda_http::StreamAdapter`
+/// (the `stream` mode), whose handler's body is streamed by a task after the handler returned.
+/// The caller gets the prelude and the whole body; the audit starts only once the stream, and
+/// with it the response's POST, is over, and ends, with the flush of the invocation's spans,
+/// before the environment is released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn function_url_streamed_responses() {
+    let env = start("stream").await;
+
+    // Three pieces 60 ms apart, then a 500 ms audit.
+    let get = Call::get("/accounts/acc-1")
+        .header("x-stream-ms", "60")
+        .header("x-audit-ms", "500");
+    let result = call(&env, Api::FunctionUrl, &get).await;
+    let answer = decode_streamed(&result);
+    answer.assert_json_ok(&result.request_id);
+    assert!(answer.cookies.is_empty(), "{answer:?}");
+    assert_eq!(answer.body["account"]["owner"], "Ada Lovelace");
+    let seen = &answer.body["seen"];
+    assert_eq!(seen["kind"], "http", "{seen}");
+    assert_eq!(seen["domain"], URL_HOST);
+    assert_eq!(seen["uri"], format!("https://{URL_HOST}/accounts/acc-1"));
+    // The caller waits for the whole stream, not for the audit.
+    assert!(
+        result.latency >= Duration::from_millis(120) && result.latency < Duration::from_millis(500),
+        "caller latency {:?}",
+        result.latency
+    );
+    let t = assert_deferred_audit(&env, &result, &get, "200").await;
+    let posted = t.response_posted.expect("posted");
+    let stream_end = t
+        .mark("stream-end:GET /accounts/acc-1")
+        .unwrap_or_else(|| panic!("the stream did not end: {:?}", t.marks));
+    assert!(stream_end < posted, "the POST ended before the stream");
+    let ended = t.mark("audit:GET /accounts/acc-1 200").expect("ended");
+    assert!(ended >= posted + Duration::from_millis(490));
+    assert_eq!(
+        answer.header("x-trace-id"),
+        Some(trace_of(&env, &result.request_id).as_str()),
+        "the handler's span is in the invocation's trace"
+    );
+
+    // StreamAdapter moves Set-Cookie from the headers to the prelude's cookies.
+    let post = Call::post("/accounts", json!({ "owner": "Annie Easley" }));
+    let result = call(&env, Api::FunctionUrl, &post).await;
+    let answer = decode_streamed(&result);
+    assert_eq!(answer.status, 201, "{answer:?}");
+    assert_eq!(answer.body["account"]["owner"], "Annie Easley");
+    assert_eq!(
+        answer.header("x-request-id"),
+        Some(result.request_id.as_str())
+    );
+    let location = answer.header("location").expect("location").to_owned();
+    assert!(location.starts_with("/accounts/acc-"), "{location}");
+    assert_eq!(
+        answer.cookies,
+        [format!("last-account={location}; Path=/")],
+        "{answer:?}"
+    );
+    assert_eq!(answer.header("set-cookie"), None);
+    assert_deferred_audit(&env, &result, &post, "201").await;
+
+    // A failing handler: an error response, no stream, and the audit still runs after it.
+    let failing = Call::get("/accounts/acc-1").header("x-fixture", "err");
+    let result = call(&env, Api::FunctionUrl, &failing).await;
+    match &result.outcome {
+        InvokeOutcome::FunctionError { error_message, .. } => assert_eq!(
+            error_message,
+            "the account store is unavailable (on purpose)"
+        ),
+        other => panic!("expected a function error, got {other:?}"),
+    }
+    let t = assert_deferred_audit(&env, &result, &failing, "error").await;
+    assert!(t.function_error, "posted to /error");
+
+    assert_eq!(env.emulator.stats().resets, 0);
+    assert_eq!(
+        env.emulator.stats().max_concurrent_event_next_per_extension,
+        1
+    );
 }
 
 /// An Application Load Balancer's Lambda target group: the query passed on as the client

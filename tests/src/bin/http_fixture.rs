@@ -21,9 +21,13 @@
 //! the handler fails) to the emulator, in a span named `audit`.
 //!
 //! `HTTP_FIXTURE_MODE` picks the wiring: `run` (default: `Deferred::run` with
-//! `lambda_http::Adapter`), `start` (`Deferred::start`, then `lambda_http::run`) or `layer`
+//! `lambda_http::Adapter`), `start` (`Deferred::start`, then `lambda_http::run`), `layer`
 //! (`Deferred::start`, then a `lambda_runtime::Runtime` of the adapter with `TracingLayer` and,
-//! outermost, the handle's `DeferredLayer`).
+//! outermost, the handle's `DeferredLayer`) or `stream` (`Deferred::run` with
+//! `lambda_http::StreamAdapter`, as for a function URL in `RESPONSE_STREAM` mode: the handler is
+//! [`streamed_handler`], whose body is a `lambda_runtime::streaming::Body` that a task fills
+//! after the handler returned; `x-stream-ms: <n>` sends it in three pieces `n` ms apart, and the
+//! task posts the mark `stream-end:<route>` once the last piece is out).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,7 +40,8 @@ use deferred_testkit::telemetry::{self, current_trace_id};
 use lambda_http::http::StatusCode;
 use lambda_http::request::RequestContext;
 use lambda_http::{
-    Adapter, Body, Error, Request, RequestExt, RequestPayloadExt, Response, service_fn,
+    Adapter, Body, Error, Request, RequestExt, RequestPayloadExt, Response, StreamAdapter,
+    service_fn,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -216,6 +221,42 @@ async fn audit(request_id: String, route: String, status: String, ms: u64) {
     .await;
 }
 
+/// The `stream` mode's handler: [`handler`]'s answer (called from this handler's body, it joins
+/// this invocation), with its body sent as a response stream by a task, after this returns.
+#[deferred_handler]
+async fn streamed_handler(
+    request: Request,
+) -> Result<Response<lambda_runtime::streaming::Body>, Error> {
+    let request_id = request
+        .lambda_context_ref()
+        .map(|context| context.request_id.clone())
+        .unwrap_or_default();
+    let route = format!("{} {}", request.method(), request.raw_http_path());
+    let pause = Duration::from_millis(
+        header(&request, "x-stream-ms")
+            .and_then(|ms| ms.parse().ok())
+            .unwrap_or(0),
+    );
+    let (parts, body) = handler(request).await?.into_parts();
+    let text = bytes::Bytes::copy_from_slice(&body);
+    let (mut sender, stream) = lambda_runtime::streaming::channel();
+    tokio::spawn(async move {
+        let piece = text.len().div_ceil(3).max(1);
+        for (i, start) in (0..text.len()).step_by(piece).enumerate() {
+            if i > 0 && !pause.is_zero() {
+                tokio::time::sleep(pause).await;
+            }
+            let end = (start + piece).min(text.len());
+            if sender.send_data(text.slice(start..end)).await.is_err() {
+                return;
+            }
+        }
+        // Before `sender` drops: the stream, and with it the response's POST, ends after this.
+        mark(&request_id, &format!("stream-end:{route}")).await;
+    });
+    Ok(Response::from_parts(parts, stream))
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     let telemetry = telemetry::init_from_env("http-fixture")?;
@@ -233,6 +274,11 @@ async fn main() -> Result<(), Error> {
                 .layer(handle.layer())
                 .register_snapstart_resource(handle.snapstart_resource())
                 .run()
+                .await
+        }
+        Ok("stream") => {
+            deferred
+                .run(StreamAdapter::from(service_fn(streamed_handler)))
                 .await
         }
         Ok(other) => Err(format!("unknown HTTP_FIXTURE_MODE {other:?}").into()),
