@@ -969,10 +969,10 @@ mod tests {
         assert_eq!(core.flush_failures.load(Ordering::Relaxed), 2);
     }
 
-    /// A tracing subscriber that counts the events at `warn`.
-    struct CountingWarnings(Arc<std::sync::atomic::AtomicUsize>);
+    /// A tracing subscriber that hands every event to its closure.
+    struct OnEvent<F>(F);
 
-    impl tracing::Subscriber for CountingWarnings {
+    impl<F: Fn(&tracing::Event<'_>) + Send + Sync + 'static> tracing::Subscriber for OnEvent<F> {
         fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
             true
         }
@@ -982,9 +982,7 @@ mod tests {
         fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
         fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
         fn event(&self, event: &tracing::Event<'_>) {
-            if *event.metadata().level() == tracing::Level::WARN {
-                self.0.fetch_add(1, Ordering::SeqCst);
-            }
+            (self.0)(event);
         }
         fn enter(&self, _: &tracing::span::Id) {}
         fn exit(&self, _: &tracing::span::Id) {}
@@ -996,30 +994,16 @@ mod tests {
     async fn an_input_without_a_context_runs_inline_and_says_so_once() {
         let core = Core::new(Config::default(), Mode::Extension);
         let warnings = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let tickets = tracing::subscriber::with_default(CountingWarnings(warnings.clone()), || {
-            [core.begin(""), core.begin("")]
+        let counted = warnings.clone();
+        let counting = OnEvent(move |event: &tracing::Event<'_>| {
+            if *event.metadata().level() == tracing::Level::WARN {
+                counted.fetch_add(1, Ordering::SeqCst);
+            }
         });
+        let tickets =
+            tracing::subscriber::with_default(counting, || [core.begin(""), core.begin("")]);
         assert!(matches!(tickets, [Ticket::Inline, Ticket::Inline]));
         assert_eq!(warnings.load(Ordering::SeqCst), 1);
-    }
-
-    /// A tracing subscriber that panics on every event.
-    struct PanickingSubscriber;
-
-    impl tracing::Subscriber for PanickingSubscriber {
-        fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
-            true
-        }
-        fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
-            tracing::span::Id::from_u64(1)
-        }
-        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
-        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
-        fn event(&self, _: &tracing::Event<'_>) {
-            panic!("the subscriber panicked");
-        }
-        fn enter(&self, _: &tracing::span::Id) {}
-        fn exit(&self, _: &tracing::span::Id) {}
     }
 
     /// A panic in the phase's log line (the user's tracing subscriber) does not unwind out of
@@ -1040,7 +1024,8 @@ mod tests {
         );
         let report = core.run_phase(inline_job("r-1"), PhaseKind::Inline).await;
         hooked.store(false, Ordering::SeqCst);
-        let finished = tracing::subscriber::with_default(PanickingSubscriber, || {
+        let panicking = OnEvent(|_: &tracing::Event<'_>| panic!("the subscriber panicked"));
+        let finished = tracing::subscriber::with_default(panicking, || {
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| core.finish(report)))
         });
         let report = finished.expect("the subscriber's panic was caught");

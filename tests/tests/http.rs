@@ -468,6 +468,14 @@ fn trace_of(env: &Env, request_id: &str) -> String {
         .trace_id
 }
 
+/// Asserts that the environment was never reset and its extension never had two `event/next`
+/// calls at once.
+fn assert_no_reset_and_one_event_next_at_a_time(env: &Env) {
+    let stats = env.emulator.stats();
+    assert_eq!(stats.resets, 0);
+    assert_eq!(stats.max_concurrent_event_next_per_extension, 1);
+}
+
 /// Asserts that the audit of `call` (status `status`) ran after the response was posted and
 /// ended before the environment was released, and that the invocation's spans, the handler's
 /// and the audit's were exported in that window. Returns the timeline.
@@ -577,11 +585,7 @@ async fn rest_api_v1_events() {
     assert!(answer.body["error"].is_string());
     assert_deferred_audit(&env, &result, &bad, "400").await;
 
-    assert_eq!(env.emulator.stats().resets, 0);
-    assert_eq!(
-        env.emulator.stats().max_concurrent_event_next_per_extension,
-        1
-    );
+    assert_no_reset_and_one_event_next_at_a_time(&env);
 }
 
 /// An HTTP API (payload 2.0): cookies in and out, the raw query string, the route's path
@@ -737,11 +741,7 @@ async fn function_url_streamed_responses() {
     let t = assert_deferred_audit(&env, &result, &failing, "error").await;
     assert!(t.function_error, "posted to /error");
 
-    assert_eq!(env.emulator.stats().resets, 0);
-    assert_eq!(
-        env.emulator.stats().max_concurrent_event_next_per_extension,
-        1
-    );
+    assert_no_reset_and_one_event_next_at_a_time(&env);
 }
 
 /// An Application Load Balancer's Lambda target group: the query passed on as the client
@@ -846,11 +846,7 @@ async fn alb_target_group_events() {
     );
     assert_deferred_audit(&env, &result, &missing, "404").await;
 
-    assert_eq!(env.emulator.stats().resets, 0);
-    assert_eq!(
-        env.emulator.stats().max_concurrent_event_next_per_extension,
-        1
-    );
+    assert_no_reset_and_one_event_next_at_a_time(&env);
 }
 
 /// A handler that returns `Err` or panics: the caller gets Lambda's error response at once

@@ -535,7 +535,8 @@ async fn a_nearly_spent_deadline_cuts_the_deferred_work_without_a_reset() {
     assert_eq!(env.emulator.stats().resets, 0);
 }
 
-/// Starts the fixture with `faults` armed before init, and `settings` in its environment.
+/// Starts the fixture with `faults` armed before init, and `settings` in its environment (a
+/// setting given here wins over the defaults, `FIXTURE_MODE=run` included).
 async fn start_with_faults(faults: &[Fault], settings: &[(&str, &str)]) -> Env {
     let sink = OtlpSink::start().await.expect("sink");
     let emulator = Emulator::start(config(5)).await.expect("emulator");
@@ -588,24 +589,16 @@ async fn registration_connection_closed_falls_back_to_inline() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_registration_answered_after_the_timeout_holds_neither_init_nor_invocations() {
     let _serial = SERIAL.lock().await;
-    let sink = OtlpSink::start().await.expect("sink");
-    let emulator = Emulator::start(config(5)).await.expect("emulator");
-    emulator
-        .faults()
-        .once(Fault::RegisterAnswerDelay(Duration::from_millis(1500)));
-    let spec = FunctionSpec::new(env!("CARGO_BIN_EXE_fixture"))
-        .env("FIXTURE_MODE", "run")
-        .env("REGISTER_TIMEOUT_MS", "300")
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", sink.endpoint())
-        .env("OTEL_EXPORTER_OTLP_TIMEOUT", "1000")
-        .env("RUST_LOG", "info");
     let started = Instant::now();
-    emulator.spawn_function(spec).await.expect("init completes");
+    let env = start_with_faults(
+        &[Fault::RegisterAnswerDelay(Duration::from_millis(1500))],
+        &[("REGISTER_TIMEOUT_MS", "300")],
+    )
+    .await;
     let init = started.elapsed();
     eprintln!("late registration: init took {init:?}");
     assert!(init < Duration::from_secs(5), "init took {init:?}");
-    assert_eq!(emulator.extensions().len(), 1, "Lambda counted it in");
-    let env = Env { emulator, sink };
+    assert_eq!(env.emulator.extensions().len(), 1, "Lambda counted it in");
     assert!(
         env.logged("registration answered after the register timeout")
             .await
@@ -646,22 +639,14 @@ async fn a_registration_answered_after_the_timeout_holds_neither_init_nor_invoca
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_start_the_caller_stops_waiting_for_still_completes() {
     let _serial = SERIAL.lock().await;
-    let sink = OtlpSink::start().await.expect("sink");
-    let emulator = Emulator::start(config(5)).await.expect("emulator");
-    emulator
-        .faults()
-        .once(Fault::RegisterAnswerDelay(Duration::from_millis(500)));
-    let spec = FunctionSpec::new(env!("CARGO_BIN_EXE_fixture"))
-        .env("FIXTURE_MODE", "start")
-        .env("START_GIVE_UP_MS", "100")
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", sink.endpoint())
-        .env("OTEL_EXPORTER_OTLP_TIMEOUT", "1000")
-        .env("RUST_LOG", "info");
     let started = Instant::now();
-    emulator.spawn_function(spec).await.expect("init completes");
+    let env = start_with_faults(
+        &[Fault::RegisterAnswerDelay(Duration::from_millis(500))],
+        &[("FIXTURE_MODE", "start"), ("START_GIVE_UP_MS", "100")],
+    )
+    .await;
     let init = started.elapsed();
     assert!(init < Duration::from_secs(3), "init took {init:?}");
-    let env = Env { emulator, sink };
     assert!(env.logged("gave up waiting for Deferred::start").await);
     let result = env
         .invoke(json!({ "actions": [{ "name": "a", "ms": 50 }] }))
