@@ -162,28 +162,31 @@ pub(crate) fn table(rows: &[Row]) -> String {
     out
 }
 
-/// The median of the per-round ratios of `a`'s invocations per second to `b`'s (the modes
-/// take turns, round by round); the ratio of their medians when the rounds are missing.
-fn paired_rate(a: &Row, b: &Row) -> f64 {
-    let paired: Vec<f64> = a
+/// The per-round ratios of `a`'s invocations per second to `b`'s (the modes take turns,
+/// round by round), and their median; the ratio of the rows' medians when the rounds are
+/// missing.
+fn paired_rate(a: &Row, b: &Row) -> (f64, Vec<f64>) {
+    let rounds: Vec<f64> = a
         .rate_rounds
         .iter()
         .zip(&b.rate_rounds)
         .map(|(x, y)| times(*x, *y))
         .collect();
-    median(&paired).unwrap_or_else(|| times(a.per_sec, b.per_sec))
+    let median = median(&rounds).unwrap_or_else(|| times(a.per_sec, b.per_sec));
+    (median, rounds)
 }
 
-/// The median of the per-round differences of `a`'s CPU per invocation over `b`'s, in µs;
-/// the difference of their pooled figures when the rounds are missing.
-fn paired_cpu(a: &Row, b: &Row) -> f64 {
-    let paired: Vec<f64> = a
+/// The per-round differences of `a`'s CPU per invocation over `b`'s, in µs, and their
+/// median; the difference of the pooled figures when the rounds are missing.
+fn paired_cpu(a: &Row, b: &Row) -> (f64, Vec<f64>) {
+    let rounds: Vec<f64> = a
         .cpu_rounds
         .iter()
         .zip(&b.cpu_rounds)
         .map(|(x, y)| micros(*x) - micros(*y))
         .collect();
-    median(&paired).unwrap_or_else(|| micros(a.cpu_per_inv) - micros(b.cpu_per_inv))
+    let median = median(&rounds).unwrap_or_else(|| micros(a.cpu_per_inv) - micros(b.cpu_per_inv));
+    (median, rounds)
 }
 
 /// The median of `values` (the mean of the two middle ones of an even count); `None` when
@@ -248,13 +251,7 @@ pub(crate) fn targets(rows: &[Row]) -> String {
         // them alike: the target compares each round of mode 5 with the same round of plain,
         // and takes the median of those ratios (of medians taken apart, the two can come from
         // different rounds).
-        let paired: Vec<f64> = run
-            .rate_rounds
-            .iter()
-            .zip(&none.rate_rounds)
-            .map(|(r, n)| times(*r, *n))
-            .collect();
-        let ratio = paired_rate(&run, &none);
+        let (ratio, paired) = paired_rate(&run, &none);
         let _ = writeln!(
             out,
             "- (c) inv/s of mode 5 at least 0.9x of plain lambda_runtime::run (median of the per-round ratios): {ratio:.2}x: {}",
@@ -269,14 +266,8 @@ pub(crate) fn targets(rows: &[Row]) -> String {
             none.per_sec,
             times(run.per_sec, none.per_sec)
         );
-        let rounds: Vec<f64> = run
-            .cpu_rounds
-            .iter()
-            .zip(&none.cpu_rounds)
-            .map(|(r, n)| micros(*r) - micros(*n))
-            .collect();
+        let (over, rounds) = paired_cpu(&run, &none);
         let pooled = micros(run.cpu_per_inv) - micros(none.cpu_per_inv);
-        let over = paired_cpu(&run, &none);
         let _ = writeln!(
             out,
             "- (c) wrapper CPU overhead under 50 µs per invocation (median of the per-round differences; schedstat CPU time of every thread): {over:.0} µs: {}",
@@ -293,7 +284,7 @@ pub(crate) fn targets(rows: &[Row]) -> String {
         );
     }
     if let (Some(run), Some(bare)) = (get(Scenario::C, "run"), get(Scenario::C, "ext-only")) {
-        let over = paired_cpu(&run, &bare);
+        let (over, _) = paired_cpu(&run, &bare);
         let _ = writeln!(
             out,
             "- (c) the same, net of the extension's own `event/next` round trip (mode 5 minus a bare extension that re-arms at once; median of the per-round differences): {over:.0} µs (over all invocations: {:.0} µs - {:.0} µs): {}",
@@ -323,11 +314,11 @@ pub(crate) fn targets(rows: &[Row]) -> String {
         let _ = writeln!(
             out,
             "- (c) the floor of the design (a bare extension that re-arms only once a layer signals the POST: one hand-off, no flush, no report): {:.2}x of plain's inv/s, {:.0} µs of CPU over plain, {:.1} context switches per invocation; mode 5 against it: {:.2}x inv/s, {:+.0} µs of CPU (medians of the per-round figures)",
-            paired_rate(&floor, &none),
-            paired_cpu(&floor, &none),
+            paired_rate(&floor, &none).0,
+            paired_cpu(&floor, &none).0,
             floor.switches_per_inv,
-            paired_rate(&run, &floor),
-            paired_cpu(&run, &floor),
+            paired_rate(&run, &floor).0,
+            paired_cpu(&run, &floor).0,
         );
     }
     if rows.iter().any(|r| r.scenario == Scenario::C) {
