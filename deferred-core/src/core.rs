@@ -663,14 +663,38 @@ impl Core {
         report
     }
 
+    /// For a handler future dropped before it completed (no layer installed): what the
+    /// wrapper's `run` would have done after the body, in a task of the background set (the
+    /// SIGTERM flush waits for it): wait for the INVOKE event, hand the job to its phase, or run
+    /// it here if the chain cannot take it.
+    pub(crate) fn hand_over_later(self: &Arc<Self>, ticket: Ticket, job: Job) {
+        let core = self.clone();
+        let mut stopping = self.stopping.subscribe();
+        self.spawn_tracked(async move {
+            // SIGTERM stops the wait: the event will not come, and the final flush waits.
+            tokio::select! {
+                () = core.await_event(&ticket, job.deadline) => {}
+                _ = stopping.wait_for(|stop| *stop) => {}
+            }
+            if let Some(job) = core.dispatch(&ticket, job) {
+                core.run_phase(job, PhaseKind::Background).await;
+            }
+        });
+    }
+
     pub(crate) fn spawn_background(self: &Arc<Self>, job: Job) {
         let core = self.clone();
+        self.spawn_tracked(async move {
+            core.run_phase(job, PhaseKind::Background).await;
+        });
+    }
+
+    /// Spawns `task` into the background set, which the SIGTERM flush drains.
+    fn spawn_tracked(&self, task: impl Future<Output = ()> + Send + 'static) {
         let mut tasks = lock(&self.background);
         // Reap finished phases so the set does not grow with every invocation.
         while tasks.try_join_next().is_some() {}
-        tasks.spawn(async move {
-            core.run_phase(job, PhaseKind::Background).await;
-        });
+        tasks.spawn(task);
     }
 }
 
@@ -1034,6 +1058,29 @@ mod tests {
             hooked.load(Ordering::SeqCst),
             "the hook ran after the panic"
         );
+    }
+
+    /// A dropped handler's job waiting for its INVOKE event (`hand_over_later`) stops waiting on
+    /// SIGTERM: the event will not come, and the final flush joins the task within its grace,
+    /// not after the claim window.
+    #[tokio::test]
+    async fn a_job_waiting_for_its_event_stops_waiting_on_sigterm() {
+        let config = Config {
+            claim_timeout: Duration::from_secs(60),
+            ..Config::default()
+        };
+        let core = Core::new(config, Mode::Extension);
+        let ticket = core.begin("r-1");
+        assert_eq!(ticket, Ticket::Chained("r-1".into()));
+        core.hand_over_later(ticket, inline_job("r-1"));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut tasks = std::mem::take(&mut *lock(&core.background));
+        assert_eq!(tasks.len(), 1);
+        assert!(tasks.try_join_next().is_none(), "it waits for the event");
+        core.stopping.send_replace(true);
+        let joined = tokio::time::timeout(Duration::from_secs(5), tasks.join_next()).await;
+        assert!(matches!(joined, Ok(Some(Ok(())))), "{joined:?}");
+        assert!(core.state.borrow().was_closed("r-1"));
     }
 
     /// The wait for a late INVOKE event leaves the work half of what the invocation has left.

@@ -103,9 +103,10 @@ impl Drop for HandOver<'_> {
             return;
         }
         let runtime = tokio::runtime::Handle::try_current();
+        let idle = self.queue.len() == 0 && self.core.config.flushers.is_empty();
         if matches!(self.ticket, Ticket::Background) && runtime.is_err() {
             // Its dispatch spawns a task, which would panic here, in a drop.
-            if self.queue.len() > 0 || !self.core.config.flushers.is_empty() {
+            if !idle {
                 lost(self.invocation, self.queue);
             }
             return;
@@ -116,28 +117,48 @@ impl Drop for HandOver<'_> {
             self.options.flush_timeout,
             self.parent.take(),
         );
+        let waits_for_event =
+            matches!(self.ticket, Ticket::Chained(_)) && !self.core.layer_installed();
+        if let (Ok(runtime), true) = (&runtime, waits_for_event) {
+            // Without the layer nothing parks a job for an INVOKE event still on its way:
+            // handed over now, it would be refused and run loose while the event is released,
+            // so Lambda could freeze it. A task waits for the event, as `run` does.
+            if !idle {
+                dropped(
+                    self.invocation,
+                    "it still runs in the invocation's deferred phase",
+                );
+            }
+            let _entered = runtime.enter();
+            self.core.hand_over_later(self.ticket.clone(), job);
+            return;
+        }
         let Some(job) = self.core.dispatch(self.ticket, job) else {
             return;
         };
-        if self.queue.len() == 0 && self.core.config.flushers.is_empty() {
+        if idle {
             return;
         }
         // Cannot await in drop: run it as a background phase, so the work is still done if the
         // process lives on, and the SIGTERM flush waits for it.
         match runtime {
             Ok(runtime) => {
-                tracing::warn!(
-                    target: "deferred",
-                    request_id = %self.invocation.request_id,
-                    "the handler's future was dropped before it completed; running its deferred \
-                     work as a background task"
-                );
+                dropped(self.invocation, "running it as a background task");
                 let _entered = runtime.enter();
                 self.core.spawn_background(job);
             }
             Err(_) => lost(self.invocation, self.queue),
         }
     }
+}
+
+/// Says that a handler future was dropped before it completed, and where its work goes.
+fn dropped(invocation: &Invocation, then: &str) {
+    tracing::warn!(
+        target: "deferred",
+        request_id = %invocation.request_id,
+        "the handler's future was dropped before it completed (a timeout around it?): {then}"
+    );
 }
 
 /// Says that the work of a handler future dropped outside a tokio runtime is lost.

@@ -148,6 +148,51 @@ async fn under_start_a_lost_invoke_event_does_not_hold_the_response() {
     }
 }
 
+/// A handler future dropped mid-body (a timeout layer of the user's around the handler), before
+/// the extension's copy of its INVOKE event arrived: its queued action still runs in the
+/// invocation's chained phase, which holds the environment until it is done (before, under
+/// `start()`, it ran as a loose background task while the event was released at once, so
+/// Lambda could freeze it). With the layer, the job is parked for its event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_future_dropped_before_its_event_still_runs_its_work_chained() {
+    for mode in ["start", "runtime"] {
+        let env = start(mode, config(), &[("HANDLER_TIMEOUT_MS", "200")]).await;
+        env.emulator
+            .faults()
+            .once(Fault::EventNextAnswerDelay(Duration::from_millis(500)));
+        let hit = env
+            .invoke(json!({ "handler": "hang", "actions": [{ "name": "a", "ms": 300 }] }))
+            .await;
+        assert!(
+            !hit.outcome.is_success(),
+            "{mode}: the timeout is the invocation's error: {:?}",
+            hit.outcome
+        );
+        let t = env.completed(&hit.request_id).await;
+        let posted = t.response_posted.expect("the error was posted");
+        assert!(
+            posted - t.invoked < Duration::from_millis(450),
+            "{mode}: the error waited {:?} for the late event",
+            posted - t.invoked
+        );
+        let ran = t.mark("end:a").expect("the dropped handler's action ran");
+        assert!(
+            phase_end(&t) >= ran,
+            "{mode}: the environment was released before the action ended"
+        );
+        assert!(
+            env.logged(&format!(
+                "deferred phase (Chained) of \"{}\"",
+                hit.request_id
+            ))
+            .await,
+            "{mode}: {:#?}",
+            env.logs_matching(&hit.request_id)
+        );
+        assert!(env.invoke(json!({})).await.outcome.is_success(), "{mode}");
+    }
+}
+
 /// Lambda Managed Instances: no INVOKE registration; work runs as background tasks after the
 /// answer, one invocation's actions isolated from another's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,7 +8,8 @@
 //! or `sync` (flush before returning).
 //! `FLUSH_TIMEOUT_MS` and `REGISTER_TIMEOUT_MS` set the builder's timeouts; `FLUSH_METRICS=1`
 //! adds the meter provider to the flush; `FIXTURE_INIT_SPAN=1` traces a span `init-work` during
-//! init; `FIXTURE_FLUSH_HANG=1` registers, before the tracer provider, a flush named `hang`
+//! init; `HANDLER_TIMEOUT_MS` drops a handler's future that has not completed by then (a
+//! timeout layer of the user's); `FIXTURE_FLUSH_HANG=1` registers, before the tracer provider, a flush named `hang`
 //! whose first call never returns (the chain's watchdog must abandon it). Each invocation's
 //! payload is a [`Plan`]:
 //! what the handler does, which actions it defers, and whether it streams its answer. Actions post marks to the emulator
@@ -76,6 +77,9 @@ enum HandlerPlan {
     /// Returns an answer that fails to serialize: lambda_runtime cannot post it, and its loop
     /// ends with the error.
     Unserializable,
+    /// Queues its actions, then never returns: only a timeout around the handler
+    /// (`HANDLER_TIMEOUT_MS`) ends it, by dropping its future.
+    Hang,
 }
 
 /// The handler's answer: JSON, or one whose serialization fails.
@@ -150,6 +154,18 @@ async fn handler(event: LambdaEvent<Plan>) -> Result<FunctionResponse<Answer, Bo
         }
         HandlerPlan::Err => Err("the handler failed on purpose".into()),
         HandlerPlan::Panic => panic!("the handler panicked on purpose"),
+        HandlerPlan::Hang => std::future::pending().await,
+    }
+}
+
+/// [`handler`], dropped after `HANDLER_TIMEOUT_MS` if that is set (a timeout layer of the
+/// user's around the handler); lambda_runtime then posts the timeout as the invocation's error.
+async fn timed(event: LambdaEvent<Plan>) -> Result<FunctionResponse<Answer, Body>, Error> {
+    match env_ms("HANDLER_TIMEOUT_MS") {
+        Some(limit) => tokio::time::timeout(limit, handler(event))
+            .await
+            .map_err(|_| Error::from("the handler timed out"))?,
+        None => handler(event).await,
     }
 }
 
@@ -279,7 +295,7 @@ async fn run_action(action: ActionPlan, request_id: String) -> Result<(), String
 /// (left out with `FIXTURE_SNAPSTART_RESOURCE=0`, to show what it is for).
 async fn own_runtime(deferred: Deferred) -> Result<(), Error> {
     let handle = deferred.start().await?;
-    let runtime = lambda_runtime::Runtime::new(service_fn(handler))
+    let runtime = lambda_runtime::Runtime::new(service_fn(timed))
         .layer(lambda_runtime::layers::TracingLayer::new())
         .layer(handle.layer());
     if std::env::var("FIXTURE_SNAPSTART_RESOURCE").is_ok_and(|v| v == "0") {
@@ -354,8 +370,8 @@ async fn main() -> Result<(), Error> {
         deferred = deferred.flush(telemetry.meter_provider.clone());
     }
     match std::env::var("FIXTURE_MODE").as_deref() {
-        Ok("run") | Err(_) => deferred.run(service_fn(handler)).await,
-        Ok("concurrent") => deferred.run_concurrent(service_fn(handler)).await,
+        Ok("run") | Err(_) => deferred.run(service_fn(timed)).await,
+        Ok("concurrent") => deferred.run_concurrent(service_fn(timed)).await,
         Ok("runtime") => own_runtime(deferred).await,
         Ok("start") => {
             // `START_GIVE_UP_MS`: stop waiting for `start` after this long (a `timeout`
@@ -370,7 +386,7 @@ async fn main() -> Result<(), Error> {
                 }
                 None => Some(deferred.start().await?),
             };
-            let ended = lambda_runtime::run(service_fn(handler)).await;
+            let ended = lambda_runtime::run(service_fn(timed)).await;
             // As the README says for an own loop: the work in flight before the error.
             if let (Err(_), Some(handle)) = (&ended, handle) {
                 handle.drain().await;
