@@ -137,6 +137,22 @@ pub mod __private {
     pub use crate::scope::{Options, defer, defer_or_panic, scope};
     pub use ::core;
 
+    /// A value of any type, for the `return` the macro puts, never taken, first in a handler's
+    /// body: it fixes the body's output type. A call, not `loop {}`, so the expansion has no
+    /// unreachable code to `allow` (an `allow` under the user's `forbid` is error E0453); a
+    /// trait, so the call can start with a `<` spanned at the user's return type, where
+    /// rustc's "return type inferred here" then points.
+    pub trait FakeReturn {
+        /// Never called.
+        fn fake_return() -> Self;
+    }
+
+    impl<T> FakeReturn for T {
+        fn fake_return() -> T {
+            unreachable!("the fake return of #[deferred_handler] is never taken")
+        }
+    }
+
     /// The invocation a handler argument belongs to.
     pub fn invocation<T: HandlerInput + ?Sized>(input: &T) -> Invocation {
         input.invocation()

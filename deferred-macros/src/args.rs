@@ -79,12 +79,19 @@ impl Args {
             if input.is_empty() {
                 break;
             }
-            input.parse::<Token![,]>().map_err(|_| {
-                input.error(
+            if input.parse::<Option<Token![,]>>()?.is_none() {
+                let error = input.error(
                     "expected `,` between the arguments of `#[deferred_handler]`, as in \
                      `#[deferred_handler(flush_timeout = \"10s\", crate = \"deferred_core\")]`",
-                )
-            })?;
+                );
+                // `key = …` next: only the comma is missing. Go on, so that a `crate = "…"`
+                // after it still applies (the rewrite would otherwise name `::deferred_core`
+                // and add an error of its own).
+                if !(input.peek(Ident::peek_any) && input.peek2(Token![=])) {
+                    return Err(error);
+                }
+                errors.push(error);
+            }
         }
         Ok(())
     }
@@ -402,6 +409,24 @@ mod tests {
             args.private_path().to_string(),
             quote!(::renamed::__private).to_string()
         );
+    }
+
+    /// Only the comma is missing: the argument after it still applies, so a `crate = "…"` is
+    /// not lost (the rewrite would name `::deferred_core` and add an error of its own).
+    #[test]
+    fn a_missing_comma_keeps_the_next_argument() {
+        let (args, errors) = parse(quote!(flush_timeout = "2s" crate = "renamed"));
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].starts_with("expected `,` between"), "{errors:?}");
+        assert_eq!(args.flush_timeout, Some(Duration::from_secs(2)));
+        assert_eq!(
+            args.private_path().to_string(),
+            quote!(::renamed::__private).to_string()
+        );
+        // Not a next argument: parsing stops there.
+        let (args, errors) = parse(quote!(flush_timeout = "2s" crate));
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(args.krate.is_none());
     }
 
     #[test]

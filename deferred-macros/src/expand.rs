@@ -6,8 +6,8 @@ use proc_macro2::{Literal, Span, TokenStream};
 use quote::{ToTokens, quote, quote_spanned};
 use syn::spanned::Spanned as _;
 use syn::{
-    AttrStyle, Error, GenericArgument, Ident, Pat, PatIdent, PatType, PathArguments, ReturnType,
-    Token, Type, TypeInfer,
+    AttrStyle, Error, GenericArgument, Ident, Pat, PatIdent, PatType, Path, PathArguments,
+    ReturnType, Token, Type, TypeInfer, TypeParamBound,
 };
 
 use crate::args::Args;
@@ -101,8 +101,9 @@ impl EventArg {
     ///
     /// A plain `event` (or `mut event`) keeps its name in the signature, so `instrument` below
     /// still records it by that name, and is re-bound as a local of the body (`mut` moves
-    /// there): a borrow of it that outlives the body is then reported as in a plain `fn`
-    /// ("`event` does not live long enough"), not as a temporary of the generated code. Any
+    /// there, and the parameter's lint attributes): a borrow of it that outlives the body is
+    /// then reported as in a plain `fn` ("`event` does not live long enough"), not as a
+    /// temporary of the generated code. A name that starts with `_` is left as it is. Any
     /// other pattern gets a name of our own in the signature, hygienic (`mixed_site`) so it
     /// cannot clash with the user's names.
     fn bind(arg: &mut PatType) -> Self {
@@ -115,13 +116,26 @@ impl EventArg {
             },
         ) = &mut *arg.pat
         {
-            let mutability = pat.mutability.take();
             let ident = pat.ident.clone();
+            if ident.to_string().starts_with('_') {
+                // Not re-bound, and named from the macro's call site below: a use of it with
+                // the user's span trips `clippy::used_underscore_binding`, and a rebinding
+                // `clippy::no_effect_underscore_binding`, on the user's code.
+                return Self {
+                    binding: TokenStream::new(),
+                    ident: Ident::new(&ident.to_string(), Span::call_site()),
+                    ty_span,
+                };
+            }
+            let mutability = pat.mutability.take();
+            // Moved, not copied: in the signature an `#[expect(unused_mut)]` would go
+            // unfulfilled, the `mut` being gone.
+            let (lints, kept): (Vec<_>, Vec<_>) = mem::take(&mut arg.attrs)
+                .into_iter()
+                .partition(is_lint_attr);
+            arg.attrs = kept;
             return Self {
-                binding: quote! {
-                    #[allow(clippy::redundant_locals)]
-                    let #mutability #ident = #ident;
-                },
+                binding: quote!(#(#lints)* let #mutability #ident = #ident;),
                 ident,
                 ty_span,
             };
@@ -142,6 +156,14 @@ impl EventArg {
             ty_span,
         }
     }
+}
+
+/// `#[allow(..)]`, `#[expect(..)]`, `#[warn(..)]`, `#[deny(..)]` or `#[forbid(..)]`, or a
+/// `#[cfg_attr(..)]` (on a parameter, rustc accepts only lint attributes in one).
+fn is_lint_attr(attr: &syn::Attribute) -> bool {
+    ["allow", "expect", "warn", "deny", "forbid", "cfg_attr"]
+        .iter()
+        .any(|lint| attr.path().is_ident(lint))
 }
 
 fn rewrite(mut handler: HandlerFn, args: &Args) -> TokenStream {
@@ -177,7 +199,7 @@ fn rewrite(mut handler: HandlerFn, args: &Args) -> TokenStream {
         None => quote!(::core::option::Option::None),
     };
 
-    let fake_return = fake_return_edge(&sig.output, &sig.ident);
+    let fake_return = fake_return_edge(&sig.output, &sig.ident, &private);
 
     // The user's block keeps its braces and tokens, so errors inside point at the user's code;
     // the async block gets the same braces, so "dropped here" points at the body's end.
@@ -222,8 +244,10 @@ fn rewrite(mut handler: HandlerFn, args: &Args) -> TokenStream {
 /// It fixes the block's output type before the body is checked, so `?` and `return` infer
 /// their types from the signature and a mistyped tail expression is reported on the user's
 /// code ("expected `Result<Value, Error>`, found …"), not on the generated call. The same trick
-/// as `#[tracing::instrument]`.
-fn fake_return_edge(output: &ReturnType, ident: &Ident) -> TokenStream {
+/// as `#[tracing::instrument]`, but with a call for a value of the type rather than
+/// `loop {}`, so no `#[allow(unreachable_code)]` is needed, which a crate's
+/// `#![forbid(unreachable_code)]` would refuse.
+fn fake_return_edge(output: &ReturnType, ident: &Ident, private: &TokenStream) -> TokenStream {
     let (ty, span) = match output {
         // `let _: ! = …` is unstable; a `-> !` body needs no help to infer.
         ReturnType::Type(_, ty) if matches!(**ty, Type::Never(_)) => return TokenStream::new(),
@@ -235,21 +259,9 @@ fn fake_return_edge(output: &ReturnType, ident: &Ident) -> TokenStream {
         }
         ReturnType::Default => (quote!(()), ident.span()),
     };
-    let fake = Ident::new("__deferred_return", Span::mixed_site().located_at(span));
     quote_spanned! {span=>
-        #[allow(
-            unknown_lints,
-            unreachable_code,
-            clippy::diverging_sub_expression,
-            clippy::empty_loop,
-            clippy::let_unit_value,
-            clippy::let_with_type_underscore,
-            clippy::needless_return,
-            clippy::unreachable
-        )]
         if false {
-            let #fake: #ty = loop {};
-            return #fake;
+            return <#ty as #private::FakeReturn>::fake_return();
         }
     }
 }
@@ -271,18 +283,31 @@ fn erase_impl_trait(ty: &mut Type) {
         Type::Reference(reference) => erase_impl_trait(&mut reference.elem),
         Type::Slice(slice) => erase_impl_trait(&mut slice.elem),
         Type::Tuple(tuple) => tuple.elems.iter_mut().for_each(erase_impl_trait),
-        Type::Path(path) => {
-            for segment in path.path.segments.iter_mut() {
-                if let PathArguments::AngleBracketed(generics) = &mut segment.arguments {
-                    for arg in generics.args.iter_mut() {
-                        if let GenericArgument::Type(ty) = arg {
-                            erase_impl_trait(ty);
-                        }
-                    }
+        Type::Path(path) => erase_in_path(&mut path.path),
+        // `dyn Iterator<Item = impl Display>`: the bounds' generic arguments.
+        Type::TraitObject(object) => {
+            for bound in object.bounds.iter_mut() {
+                if let TypeParamBound::Trait(bound) = bound {
+                    erase_in_path(&mut bound.path);
                 }
             }
         }
         _ => {}
+    }
+}
+
+/// [`erase_impl_trait`] in the generic arguments of `path`, associated types' included.
+fn erase_in_path(path: &mut Path) {
+    for segment in path.segments.iter_mut() {
+        if let PathArguments::AngleBracketed(generics) = &mut segment.arguments {
+            for arg in generics.args.iter_mut() {
+                match arg {
+                    GenericArgument::Type(ty) => erase_impl_trait(ty),
+                    GenericArgument::AssocType(assoc) => erase_impl_trait(&mut assoc.ty),
+                    _ => {}
+                }
+            }
+        }
     }
 }
 
@@ -309,7 +334,7 @@ mod tests {
         assert!(out.contains(":: deferred_core :: __private :: scope (:: deferred_core :: __private :: invocation (& event)"), "{out}");
         assert!(out.contains("flush_timeout : :: core :: option :: Option :: Some (:: core :: time :: Duration :: from_nanos (250000000))"), "{out}");
         assert!(
-            out.contains("let __deferred_return : Result < Value , Error > = loop { } ;"),
+            out.contains("if false { return < Result < Value , Error > as :: deferred_core :: __private :: FakeReturn > :: fake_return () ; }"),
             "{out}"
         );
         assert!(
@@ -354,6 +379,39 @@ mod tests {
     }
 
     #[test]
+    fn lint_attributes_of_the_argument_go_with_its_rebinding() {
+        let out = expand(
+            quote!(),
+            quote!(
+                async fn h(
+                    #[allow(unused_mut)]
+                    #[cfg_attr(all(), deny(unused))]
+                    mut event: E,
+                ) {
+                }
+            ),
+        );
+        assert!(
+            out.contains("} # [allow (unused_mut)] # [cfg_attr (all () , deny (unused))] let mut event = event ;"),
+            "{out}"
+        );
+        assert!(out.contains("async fn h (event : E)"), "{out}");
+    }
+
+    #[test]
+    fn an_underscore_argument_is_not_rebound() {
+        let out = expand(
+            quote!(),
+            quote!(
+                async fn h(mut _event: E) {}
+            ),
+        );
+        assert!(out.contains("async fn h (mut _event : E)"), "{out}");
+        assert!(!out.contains("let mut _event"), "{out}");
+        assert!(out.contains("invocation (& _event)"), "{out}");
+    }
+
+    #[test]
     fn const_and_extern_are_dropped_from_the_unchanged_item() {
         let out = expand(
             quote!(),
@@ -391,7 +449,7 @@ mod tests {
                 }
             ),
         );
-        assert!(!out.contains("__deferred_return"), "{out}");
+        assert!(!out.contains("fake_return"), "{out}");
     }
 
     #[test]
@@ -404,12 +462,25 @@ mod tests {
                 }
             ),
         );
-        assert!(
-            out.contains("let __deferred_return : Result < _ , (_ , u8) > = loop"),
-            "{out}"
-        );
+        assert!(out.contains("return < Result < _ , (_ , u8) > as"), "{out}");
         assert!(
             out.contains("-> Result < impl Serialize , (impl Display , u8) >"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn impl_trait_in_a_trait_objects_binding_is_erased() {
+        let out = expand(
+            quote!(),
+            quote!(
+                async fn h(e: E) -> Box<dyn Iterator<Item = impl Display> + Send> {
+                    todo!()
+                }
+            ),
+        );
+        assert!(
+            out.contains("return < Box < dyn Iterator < Item = _ > + Send > as"),
             "{out}"
         );
     }

@@ -1,0 +1,36 @@
+//! Lint attributes on the event argument cover what the expansion does with it (`mut` moves to
+//! a rebinding in the body), and a `_`-prefixed argument works, unused or used.
+#![deny(unused_mut, unused_variables, unfulfilled_lint_expectations)]
+
+use deferred_core::deferred_handler;
+use lambda_runtime::{Context, LambdaEvent};
+
+#[deferred_handler]
+async fn never_mutated(#[expect(unused_mut)] mut event: LambdaEvent<u8>) -> u8 {
+    event.payload
+}
+
+#[deferred_handler]
+async fn unused(#[allow(unused_variables)] event: LambdaEvent<u8>) -> u8 {
+    7
+}
+
+#[deferred_handler]
+async fn ignored(_event: LambdaEvent<u8>) -> u8 {
+    8
+}
+
+#[deferred_handler]
+async fn underscore_mutated(mut _event: LambdaEvent<u8>) -> u8 {
+    _event.payload += 1;
+    _event.payload
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let event = || LambdaEvent::new(1, Context::default());
+    assert_eq!(never_mutated(event()).await, 1);
+    assert_eq!(unused(event()).await, 7);
+    assert_eq!(ignored(event()).await, 8);
+    assert_eq!(underscore_mutated(event()).await, 2);
+}

@@ -1,0 +1,30 @@
+//! A crate that forbids the lints the generated code could trip: the expansion needs no
+//! `allow` of its own for them (an `allow` under `forbid` is error E0453).
+#![forbid(unreachable_code, unused_mut, unused_variables, redundant_semicolons)]
+
+use deferred_core::deferred_handler;
+use lambda_runtime::{Context, Error, LambdaEvent};
+
+#[deferred_handler]
+async fn handler(event: LambdaEvent<u8>) -> Result<u8, Error> {
+    let n = event.payload.checked_add(1).ok_or("overflow")?;
+    Ok(n)
+}
+
+#[deferred_handler]
+async fn unit(mut event: LambdaEvent<u8>) {
+    event.payload += 1;
+}
+
+#[deferred_handler]
+async fn destructured(LambdaEvent { payload, .. }: LambdaEvent<u8>) -> u8 {
+    payload
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let answer = handler(LambdaEvent::new(1, Context::default())).await;
+    assert_eq!(answer.unwrap(), 2);
+    unit(LambdaEvent::new(1, Context::default())).await;
+    assert_eq!(destructured(LambdaEvent::new(5, Context::default())).await, 5);
+}
