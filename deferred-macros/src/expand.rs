@@ -395,7 +395,7 @@ mod tests {
             out.contains("} # [allow (unused_mut)] # [cfg_attr (all () , deny (unused))] let mut event = event ;"),
             "{out}"
         );
-        assert!(out.contains("async fn h (event : E)"), "{out}");
+        assert!(out.contains("async fn h (event : E ,)"), "{out}");
     }
 
     #[test]
