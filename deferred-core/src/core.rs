@@ -215,6 +215,8 @@ pub(crate) struct Core {
     lost_reported: std::sync::atomic::AtomicU64,
     /// The most spans found dropped on a full queue so far: what the reports have counted.
     dropped_reported: std::sync::atomic::AtomicU64,
+    /// Set when the final flush begins: no INVOKE event will come any more.
+    pub(crate) terminating: watch::Sender<bool>,
     /// Set on SIGTERM: running phases abandon their action and leave the flush to the final one.
     pub(crate) stopping: watch::Sender<bool>,
     /// Serialises phases with the final flush on SIGTERM.
@@ -248,6 +250,7 @@ impl Core {
             flush_failures: AtomicU32::new(0),
             lost_reported: std::sync::atomic::AtomicU64::new(0),
             dropped_reported: std::sync::atomic::AtomicU64::new(0),
+            terminating: watch::Sender::new(false),
             stopping: watch::Sender::new(false),
             phase_lock: Arc::new(tokio::sync::Mutex::new(())),
             runner: OnceLock::new(),
@@ -346,8 +349,15 @@ impl Core {
 
     /// Called by the wrapper when the handler returned, before [`dispatch`](Self::dispatch):
     /// usually the INVOKE event is there already; if the extension's answer is still on its
-    /// way, wait for it briefly (after the body, so rarely on the response path).
+    /// way, wait for it briefly (after the body, so rarely on the response path): at most the
+    /// [`claim_window`](Self::claim_window) of the invocation ending at `deadline`.
     pub(crate) async fn await_event(&self, ticket: &Ticket, deadline: Option<SystemTime>) {
+        self.await_event_for(ticket, self.claim_window(deadline))
+            .await;
+    }
+
+    /// [`await_event`](Self::await_event), waiting at most `window`.
+    async fn await_event_for(&self, ticket: &Ticket, window: Duration) {
         let Ticket::Chained(request_id) = ticket else {
             return;
         };
@@ -364,7 +374,7 @@ impl Core {
                 || s.chain != Chain::Armed
                 || s.was_closed(request_id)
         });
-        let _ = tokio::time::timeout(self.claim_window(deadline), wait).await;
+        let _ = tokio::time::timeout(window, wait).await;
     }
 
     /// How long a wrapper (or the layer) waits for a late INVOKE event before it runs the work
@@ -377,20 +387,25 @@ impl Core {
     }
 
     /// Hands a finished handler's `job` to the chain or to a background task; gives it back
-    /// when it must run inline, before the response.
-    pub(crate) fn dispatch(self: &Arc<Self>, ticket: &Ticket, job: Job) -> Option<Job> {
+    /// when the chain cannot take it (`refused` says, for the log, where it then runs).
+    pub(crate) fn dispatch(
+        self: &Arc<Self>,
+        ticket: &Ticket,
+        job: Job,
+        refused: &str,
+    ) -> Option<Job> {
         match ticket {
             Ticket::Inline => Some(job),
             Ticket::Background => {
                 self.spawn_background(job);
                 None
             }
-            Ticket::Chained(request_id) => self.hand_over(request_id, job),
+            Ticket::Chained(request_id) => self.hand_over(request_id, job, refused),
         }
     }
 
     /// Puts `job` in the chain's slot if the chain holds its invocation.
-    fn hand_over(&self, request_id: &str, job: Job) -> Option<Job> {
+    fn hand_over(&self, request_id: &str, job: Job, refused: &str) -> Option<Job> {
         let mut job = Some(job);
         let mut closed_before = false;
         let mut ready = None;
@@ -440,7 +455,7 @@ impl Core {
             tracing::warn!(
                 target: "deferred",
                 request_id,
-                "{why}: running this invocation's deferred work inline"
+                "{why}: running this invocation's deferred work {refused}"
             );
         }
         job
@@ -665,20 +680,55 @@ impl Core {
 
     /// For a handler future dropped before it completed (no layer installed): what the
     /// wrapper's `run` would have done after the body, in a task of the background set (the
-    /// SIGTERM flush waits for it): wait for the INVOKE event, hand the job to its phase, or run
-    /// it here if the chain cannot take it.
+    /// SIGTERM flush waits for it): wait for the INVOKE event and hand the job to its phase.
+    ///
+    /// The response is out (or the caller gone), so nothing waits on this wait: unlike the
+    /// wrapper's, it lasts until the invocation's phase end. Lambda delivers no other
+    /// invocation meanwhile: the extension has not asked for one. Only a chain that cannot
+    /// take the job (its `event/next` failed) leaves it to a background phase, which Lambda
+    /// may freeze; and the final flush, which runs it at once.
     pub(crate) fn hand_over_later(self: &Arc<Self>, ticket: Ticket, job: Job) {
         let core = self.clone();
-        let mut stopping = self.stopping.subscribe();
+        let mut terminating = self.terminating.subscribe();
+        let end = Budget::new(job.deadline, self.config.safety_margin).end;
         self.spawn_tracked(async move {
-            // SIGTERM stops the wait: the event will not come, and the final flush waits.
-            tokio::select! {
-                () = core.await_event(&ticket, job.deadline) => {}
-                _ = stopping.wait_for(|stop| *stop) => {}
-            }
-            if let Some(job) = core.dispatch(&ticket, job) {
+            let window = end.saturating_duration_since(Instant::now());
+            let terminated = tokio::select! {
+                () = core.await_event_for(&ticket, window) => false,
+                _ = terminating.wait_for(|t| *t) => true,
+            };
+            let refused = if terminated {
+                // No event is coming, and the final flush is waiting: a phase handed to the
+                // chain now could queue behind the final flush's lock and never run.
+                core.close_ticket(&ticket);
+                Some(job)
+            } else {
+                core.dispatch(
+                    &ticket,
+                    job,
+                    "as a background task, which Lambda may freeze",
+                )
+            };
+            if let Some(job) = refused {
                 core.run_phase(job, PhaseKind::Background).await;
             }
+        });
+    }
+
+    /// Closes the invocation of `ticket`, whose work runs outside the chain: its INVOKE event,
+    /// should it still come, is released at once.
+    fn close_ticket(&self, ticket: &Ticket) {
+        let Ticket::Chained(request_id) = ticket else {
+            return;
+        };
+        self.state.send_if_modified(|state| {
+            if state.expected.as_deref() == Some(request_id.as_str()) {
+                state.expected = None;
+            }
+            if !state.was_closed(request_id) {
+                state.close(request_id.clone());
+            }
+            false
         });
     }
 
@@ -1060,11 +1110,12 @@ mod tests {
         );
     }
 
-    /// A dropped handler's job waiting for its INVOKE event (`hand_over_later`) stops waiting on
-    /// SIGTERM: the event will not come, and the final flush joins the task within its grace,
-    /// not after the claim window.
+    /// A dropped handler's job waiting for its INVOKE event (`hand_over_later`) stops waiting
+    /// when the final flush begins (no event will come): it runs its actions at once, in the
+    /// final flush's first half, rather than after the wait (with actions cut by then) or
+    /// behind the final flush's lock in the chain.
     #[tokio::test]
-    async fn a_job_waiting_for_its_event_stops_waiting_on_sigterm() {
+    async fn a_job_waiting_for_its_event_runs_when_the_final_flush_begins() {
         let config = Config {
             claim_timeout: Duration::from_secs(60),
             ..Config::default()
@@ -1072,15 +1123,28 @@ mod tests {
         let core = Core::new(config, Mode::Extension);
         let ticket = core.begin("r-1");
         assert_eq!(ticket, Ticket::Chained("r-1".into()));
-        core.hand_over_later(ticket, inline_job("r-1"));
+        let ran = Arc::new(AtomicBool::new(false));
+        let queue = Queue::new(1);
+        let r = ran.clone();
+        crate::scope::with_queue(queue.clone(), async move {
+            crate::scope::defer(None, async move { r.store(true, Ordering::SeqCst) }).unwrap();
+        })
+        .await;
+        let job = Job {
+            queue,
+            ..inline_job("r-1")
+        };
+        core.hand_over_later(ticket, job);
         tokio::time::sleep(Duration::from_millis(50)).await;
         let mut tasks = std::mem::take(&mut *lock(&core.background));
         assert_eq!(tasks.len(), 1);
         assert!(tasks.try_join_next().is_none(), "it waits for the event");
-        core.stopping.send_replace(true);
+        core.terminating.send_replace(true);
         let joined = tokio::time::timeout(Duration::from_secs(5), tasks.join_next()).await;
         assert!(matches!(joined, Ok(Some(Ok(())))), "{joined:?}");
-        assert!(core.state.borrow().was_closed("r-1"));
+        assert!(ran.load(Ordering::SeqCst), "its action ran");
+        let state = core.state.borrow();
+        assert!(state.was_closed("r-1") && state.expected.is_none());
     }
 
     /// The wait for a late INVOKE event leaves the work half of what the invocation has left.

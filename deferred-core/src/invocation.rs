@@ -48,19 +48,22 @@ pub(crate) async fn run<F: Future>(invocation: Invocation, options: Options, bod
     .await;
 
     core.await_event(&ticket, invocation.deadline).await;
-    guard.armed = false;
     let job = core.job(
         &invocation,
         queue.clone(),
         options.flush_timeout,
         guard.parent.take(),
     );
-    if let Some(job) = core.dispatch(&ticket, job) {
+    if let Some(job) = core.dispatch(&ticket, job, "inline") {
+        // Still armed: should this future be dropped during the phase (a timeout around the
+        // handler), the guard hands what is left in the queue (and the flush) over.
+        //
         // Boxed: the phase's future is about 1.5 KB, and unboxed it would make every
         // handler's future (moved several times per invocation by the runtime's layers) that
         // much larger for a path only the fallbacks take.
         Box::pin(core.run_phase(job, PhaseKind::Inline)).await;
     }
+    guard.armed = false;
     match result {
         Ok(output) => output,
         Err(panic) => resume_unwind(panic),
@@ -126,14 +129,15 @@ impl Drop for HandOver<'_> {
             if !idle {
                 dropped(
                     self.invocation,
-                    "it still runs in the invocation's deferred phase",
+                    "its deferred work goes to the invocation's deferred phase when the INVOKE \
+                     event comes",
                 );
             }
             let _entered = runtime.enter();
             self.core.hand_over_later(self.ticket.clone(), job);
             return;
         }
-        let Some(job) = self.core.dispatch(self.ticket, job) else {
+        let Some(job) = self.core.dispatch(self.ticket, job, "as a background task") else {
             return;
         };
         if idle {

@@ -44,6 +44,8 @@ pub(crate) async fn final_flush(core: &Core) -> PhaseReport {
     let started_wall = std::time::SystemTime::now();
     let end = started + core.config.shutdown_timeout;
     let half = started + core.config.shutdown_timeout / 2;
+    // Handler jobs waiting for an INVOKE event (`hand_over_later`) run now, in the first half.
+    core.terminating.send_replace(true);
     let mut background = std::mem::take(&mut *lock(&core.background));
     // First half: running phases (the chained one, background ones on Managed Instances) may
     // finish on their own; their actions carry the last invocations' work.

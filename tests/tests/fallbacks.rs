@@ -193,6 +193,40 @@ async fn a_handler_future_dropped_before_its_event_still_runs_its_work_chained()
     }
 }
 
+/// A handler future dropped while its deferred work runs inline (the extension's INVOKE event
+/// came too late, so the work runs before the response, and a timeout around the handler fires
+/// during it): the actions not yet run, and the flush, are handed over to a phase of their own
+/// rather than lost with the future.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_future_dropped_during_its_inline_phase_hands_the_rest_over() {
+    let env = start("start", config(), &[("HANDLER_TIMEOUT_MS", "1300")]).await;
+    // Past the wrapper's 1 s wait: the work runs inline, from about 1 s in.
+    env.emulator
+        .faults()
+        .once(Fault::EventNextAnswerDelay(Duration::from_millis(1600)));
+    let hit = env
+        .invoke(json!({ "actions": [{ "name": "a", "ms": 600 }, { "name": "b" }] }))
+        .await;
+    assert!(!hit.outcome.is_success(), "timed out: {:?}", hit.outcome);
+    assert!(
+        env.logged(&format!(
+            "deferred phase (Background) of \"{}\"",
+            hit.request_id
+        ))
+        .await,
+        "{:#?}",
+        env.logs_matching(&hit.request_id)
+    );
+    env.completed(&hit.request_id).await;
+    let t = env.timeline(&hit.request_id);
+    let a = t.mark("start:a").expect("a started inline");
+    let b = t
+        .mark("end:b")
+        .expect("b, queued after the cut action, still ran");
+    assert!(b > a, "{t:#?}");
+    assert!(env.invoke(json!({})).await.outcome.is_success());
+}
+
 /// Lambda Managed Instances: no INVOKE registration; work runs as background tasks after the
 /// answer, one invocation's actions isolated from another's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
