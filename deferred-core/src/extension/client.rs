@@ -20,8 +20,9 @@ const MAX_BODY: usize = 256 * 1024;
 /// A client of the Extensions API.
 ///
 /// The core uses it to register its internal extension and to keep one `event/next` call in
-/// flight; it is public for tests and tools that speak the protocol themselves. Calls are
-/// made on one pooled HTTP/1.1 connection.
+/// flight; it is public for tests and tools that speak the protocol themselves. Calls go
+/// through lambda_runtime_api_client's pooled HTTP/1.1 client, which keeps at most one idle
+/// connection.
 ///
 /// ```
 /// use deferred_core::extension::{Client, NextEvent};
@@ -92,6 +93,10 @@ pub struct Registration {
     pub function_version: String,
 }
 
+/// How long the body of the register answer may take once its head is in: a few hundred
+/// bytes, which a live API sends with the head.
+const BODY_AFTER_HEAD: std::time::Duration = std::time::Duration::from_secs(2);
+
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase", default)]
 struct RegisterBody {
@@ -107,8 +112,10 @@ struct ErrorBody {
 }
 
 impl Client {
-    /// A client for `runtime_api`, the value of `AWS_LAMBDA_RUNTIME_API`: `host:port`, possibly
-    /// followed by a path prefix (`host:port/prefix`, used by some local tools), which is kept.
+    /// A client for `runtime_api`, the value of `AWS_LAMBDA_RUNTIME_API`: `host:port` (what
+    /// Lambda sets), possibly with an `http://` scheme and a path prefix
+    /// (`http://host:port/prefix`, the form lambda_runtime accepts with a prefix), which is
+    /// kept.
     ///
     /// Nothing is sent yet: only the address is checked ([`ClientError::Endpoint`]).
     ///
@@ -116,22 +123,38 @@ impl Client {
     /// use deferred_core::extension::{Client, ClientError};
     ///
     /// let client = Client::new("127.0.0.1:9001")?;
-    /// let with_prefix = Client::new("localhost:9001/my-function")?;
+    /// let with_prefix = Client::new("http://localhost:9001/my-function")?;
     /// assert!(matches!(Client::new("not an address"), Err(ClientError::Endpoint(_))));
+    /// assert!(matches!(Client::new("localhost"), Err(ClientError::Endpoint(_))));
     /// # Ok::<(), ClientError>(())
     /// ```
     pub fn new(runtime_api: &str) -> Result<Self, ClientError> {
         let runtime_api = runtime_api.trim();
+        let invalid = |why: &str| ClientError::Endpoint(format!("{runtime_api:?} {why}"));
         if runtime_api.is_empty() {
             return Err(ClientError::Endpoint("empty".into()));
         }
-        let uri: Uri = format!("http://{runtime_api}")
+        // lambda_runtime parses the value as a URI, with or without the scheme; the Runtime
+        // API is plain HTTP.
+        let address = runtime_api.strip_prefix("http://").unwrap_or(runtime_api);
+        if address.contains("://") {
+            return Err(invalid(
+                "is not plain HTTP: the Runtime API is http://host:port",
+            ));
+        }
+        let uri: Uri = format!("http://{address}")
             .parse()
             .map_err(|e| ClientError::Endpoint(format!("{runtime_api:?}: {e}")))?;
-        if uri.authority().is_none() || uri.query().is_some() {
-            return Err(ClientError::Endpoint(format!(
-                "{runtime_api:?} is not host:port[/prefix]"
-            )));
+        let Some(authority) = uri.authority() else {
+            return Err(invalid("is not host:port[/prefix]"));
+        };
+        if uri.query().is_some() || authority.as_str().contains('@') {
+            return Err(invalid("is not host:port[/prefix]"));
+        }
+        // The chain's own connection (`line.rs`) dials the authority as it is: without a port
+        // it would fail where hyper falls back to port 80.
+        if authority.port().is_none() {
+            return Err(invalid("has no port: expected host:port"));
         }
         // lambda_runtime_api_client's set_origin joins the base path with ours, so a prefix in
         // AWS_LAMBDA_RUNTIME_API survives, exactly as for the runtime's own calls.
@@ -194,7 +217,12 @@ impl Client {
         // then fails to arrive must not turn that into a failure, or no one would call
         // `event/next` for an extension Lambda waits for.
         let (parts, body) = self.send_head(request).await?;
-        let body = read_body(body).await.unwrap_or_default();
+        // Bounded as well: a body that stalls would hold `start` (and so init) forever.
+        let body = tokio::time::timeout(BODY_AFTER_HEAD, read_body(body))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default();
         if !parts.status.is_success() {
             return Err(api_error(parts.status.as_u16(), &body));
         }
@@ -297,6 +325,9 @@ impl Client {
     }
 
     /// Drops pooled connections (after a SnapStart restore they are stale).
+    ///
+    /// lambda_runtime_api_client rebuilds its pool once per client: the first call builds a
+    /// fresh pool, later calls do nothing, which fits the one restore a process sees.
     ///
     /// ```
     /// use deferred_core::extension::Client;
@@ -407,6 +438,11 @@ mod tests {
 
     /// Answers one request on a fresh loopback listener with `answer`, then closes.
     async fn answering(answer: &'static str) -> String {
+        answering_then(answer, false).await
+    }
+
+    /// [`answering`], keeping the connection open (silent) after the answer when `stall`.
+    async fn answering_then(answer: &'static str, stall: bool) -> String {
         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
@@ -421,8 +457,31 @@ mod tests {
                 request.extend_from_slice(&buf[..n]);
             }
             socket.write_all(answer.as_bytes()).await.unwrap();
+            if stall {
+                std::future::pending::<()>().await;
+            }
         });
         addr
+    }
+
+    /// A body that stalls after the head (which carries the identifier) does not hold the
+    /// registration, and so `start` and init, forever.
+    #[tokio::test]
+    async fn a_registration_whose_body_stalls_still_succeeds() {
+        let addr = answering_then(
+            "HTTP/1.1 200 OK\r\nLambda-Extension-Identifier: ext-1\r\n\
+             Content-Length: 100\r\n\r\n{\"functionName\":",
+            true,
+        )
+        .await;
+        let client = Client::new(&addr).unwrap();
+        let registered = tokio::time::timeout(
+            BODY_AFTER_HEAD + std::time::Duration::from_secs(5),
+            client.register("deferred", &["INVOKE"]),
+        )
+        .await
+        .expect("the registration returned");
+        assert_eq!(registered.unwrap().extension_id, "ext-1");
     }
 
     /// Lambda has registered the extension once it answers with the identifier: a body cut
@@ -458,6 +517,25 @@ mod tests {
     fn endpoint_forms() {
         assert!(Client::new("127.0.0.1:9001").is_ok());
         assert!(Client::new("localhost:9001/my-function").is_ok());
+        let with_scheme = Client::new("http://localhost:9001/my-function").unwrap();
+        assert_eq!(with_scheme.endpoint(), ("localhost:9001", "/my-function"));
+        assert_eq!(
+            Client::new("[::1]:9001").unwrap().endpoint(),
+            ("[::1]:9001", "/")
+        );
+        for bad in [
+            "https://localhost:9001",
+            "http://http://localhost:9001",
+            "localhost",
+            "http://localhost/x",
+            "user@localhost:9001",
+        ] {
+            let error = Client::new(bad).err();
+            assert!(
+                matches!(error, Some(ClientError::Endpoint(_))),
+                "{bad}: {error:?}"
+            );
+        }
         assert!(matches!(Client::new(""), Err(ClientError::Endpoint(_))));
         assert!(matches!(Client::new("a b"), Err(ClientError::Endpoint(_))));
         assert!(matches!(
