@@ -26,7 +26,8 @@ pub(crate) struct Args {
     pub(crate) flush_timeout: Option<Duration>,
     /// `crate = "…"`: the path the generated code uses instead of `::deferred_core`.
     pub(crate) krate: Option<Path>,
-    /// `crate = "…"` was given but is not a path: the default path may not exist either.
+    /// `crate = "…"` was given but is not a path, or was misspelt (`krate = "…"`): the default
+    /// path may not exist either.
     pub(crate) krate_invalid: bool,
 }
 
@@ -52,6 +53,8 @@ impl Args {
             let key = parse_key(input)?;
             let name = key.unraw().to_string();
             if !KEYS.iter().any(|(known, _)| *known == name) {
+                // `krate = "…"` meant the crate's path: the default one may not exist either.
+                self.krate_invalid |= did_you_mean(&name) == Some("crate");
                 errors.push(unknown_key(&key, &name));
                 skip_value(input)?;
             } else {
@@ -521,6 +524,13 @@ mod tests {
             errors[0].starts_with("unknown argument `timeout`; did you mean `flush_timeout`?"),
             "{errors:?}"
         );
+        // A misspelt `crate` leaves the item unchanged, as a wrong path does.
+        let (args, errors) = parse(quote!(krate = "facade::deferred"));
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(args.krate_invalid);
+        let (args, _) = parse(quote!(timeout = "10s"));
+        assert!(!args.krate_invalid);
+
         let errors = self::errors(quote!(level = "info"));
         assert!(
             errors[0].starts_with("unknown argument `level`; `#[deferred_handler]` accepts"),

@@ -94,6 +94,10 @@ struct EventArg {
     binding: TokenStream,
     /// Where errors about the argument's type point.
     ty_span: Span,
+    /// The argument's type, `impl Trait` erased: named in the call that reads the invocation,
+    /// so an argument that carries no context is reported on its type (an error on the
+    /// argument itself would point into the expansion, the signature's name being ours).
+    ty: TokenStream,
 }
 
 impl EventArg {
@@ -101,13 +105,16 @@ impl EventArg {
     ///
     /// A plain `event` (or `mut event`) keeps its name in the signature, so `instrument` below
     /// still records it by that name, and is re-bound as a local of the body (`mut` moves
-    /// there, and the parameter's lint attributes): a borrow of it that outlives the body is
-    /// then reported as in a plain `fn` ("`event` does not live long enough"), not as a
-    /// temporary of the generated code. A name that starts with `_` is left as it is. Any
+    /// there): a borrow of it that outlives the body is then reported as in a plain `fn`
+    /// ("`event` does not live long enough"), not as a temporary of the generated code. Any
     /// other pattern gets a name of our own in the signature, hygienic (`mixed_site`) so it
-    /// cannot clash with the user's names.
+    /// cannot clash with the user's names. Either way the parameter's lint attributes apply to
+    /// the rebinding too ([`binding_lints`]).
     fn bind(arg: &mut PatType) -> Self {
         let ty_span = arg.ty.span();
+        let mut ty = (*arg.ty).clone();
+        erase_impl_trait(&mut ty);
+        let ty = ty.into_token_stream();
         if let Pat::Ident(
             pat @ PatIdent {
                 by_ref: None,
@@ -116,28 +123,25 @@ impl EventArg {
             },
         ) = &mut *arg.pat
         {
+            // The user's name binds in the body; the signature's copy resolves from the macro's
+            // call site, so lints that skip generated code (`clippy::shadow_same`, or
+            // `clippy::used_underscore_binding` on a `_event`) do not see the rebinding as the
+            // user's, and the two stay one variable even when a `macro_rules!` wrote them. The
+            // move goes through a call: `let _event = _event;` would trip
+            // `clippy::no_effect_underscore_binding` on the user's name.
+            let user = pat.ident.clone();
+            pat.ident
+                .set_span(Span::call_site().located_at(user.span()));
             let ident = pat.ident.clone();
-            if ident.to_string().starts_with('_') {
-                // Not re-bound, and named from the macro's call site below: a use of it with
-                // the user's span trips `clippy::used_underscore_binding`, and a rebinding
-                // `clippy::no_effect_underscore_binding`, on the user's code.
-                return Self {
-                    binding: TokenStream::new(),
-                    ident: Ident::new(&ident.to_string(), Span::call_site()),
-                    ty_span,
-                };
-            }
             let mutability = pat.mutability.take();
-            // Moved, not copied: in the signature an `#[expect(unused_mut)]` would go
-            // unfulfilled, the `mut` being gone.
-            let (lints, kept): (Vec<_>, Vec<_>) = mem::take(&mut arg.attrs)
-                .into_iter()
-                .partition(is_lint_attr);
-            arg.attrs = kept;
+            let lints = binding_lints(&mut arg.attrs);
             return Self {
-                binding: quote!(#(#lints)* let #mutability #ident = #ident;),
+                binding: quote! {
+                    #(#lints)* let #mutability #user = ::core::convert::identity(#ident);
+                },
                 ident,
                 ty_span,
+                ty,
             };
         }
         let located = Span::mixed_site().located_at(arg.pat.span());
@@ -150,20 +154,47 @@ impl EventArg {
             subpat: None,
         });
         let pattern = mem::replace(&mut *arg.pat, generated);
+        let lints = binding_lints(&mut arg.attrs);
         Self {
-            binding: quote!(let #pattern = #ident;),
+            binding: quote!(#(#lints)* let #pattern = #ident;),
             ident,
             ty_span,
+            ty,
         }
     }
 }
 
-/// `#[allow(..)]`, `#[expect(..)]`, `#[warn(..)]`, `#[deny(..)]` or `#[forbid(..)]`, or a
-/// `#[cfg_attr(..)]` (on a parameter, rustc accepts only lint attributes in one).
-fn is_lint_attr(attr: &syn::Attribute) -> bool {
-    ["allow", "expect", "warn", "deny", "forbid", "cfg_attr"]
-        .iter()
-        .any(|lint| attr.path().is_ident(lint))
+/// The parameter's lint attributes, for the rebinding in the body, where the lints about the
+/// user's names (`unused_variables`, `unused_mut`) now fire.
+///
+/// `#[allow]`, `#[warn]`, `#[deny]` and `#[forbid]` are copied, so they still cover the
+/// signature. `#[expect]` goes to the rebinding, and the signature keeps it as an `#[allow]`:
+/// an expectation in both places would go unfulfilled in one (`unused_mut` fires only on the
+/// rebinding, `non_snake_case` on both). A `#[cfg_attr(..)]` (on a parameter rustc accepts
+/// only lint attributes in one) may hold an `expect`, so it is moved.
+fn binding_lints(attrs: &mut Vec<syn::Attribute>) -> Vec<syn::Attribute> {
+    let mut lints = Vec::new();
+    attrs.retain_mut(|attr| {
+        let Some(name) = attr.path().get_ident().map(Ident::to_string) else {
+            return true;
+        };
+        match name.as_str() {
+            "allow" | "warn" | "deny" | "forbid" => lints.push(attr.clone()),
+            "expect" => {
+                lints.push(attr.clone());
+                if let syn::Meta::List(list) = &mut attr.meta {
+                    list.path = Ident::new("allow", list.path.span()).into();
+                }
+            }
+            "cfg_attr" => {
+                lints.push(attr.clone());
+                return false;
+            }
+            _ => {}
+        }
+        true
+    });
+    lints
 }
 
 fn rewrite(mut handler: HandlerFn, args: &Args) -> TokenStream {
@@ -185,8 +216,9 @@ fn rewrite(mut handler: HandlerFn, args: &Args) -> TokenStream {
         ident: event,
         binding,
         ty_span,
+        ty,
     } = event;
-    let invocation = quote_spanned!(ty_span=> #private::invocation(&#event));
+    let invocation = quote_spanned!(ty_span=> #private::invocation::<#ty>(&#event));
 
     let flush_timeout = match args.flush_timeout {
         Some(timeout) => {
@@ -331,7 +363,7 @@ mod tests {
             },
         );
         assert!(out.contains("# [doc = r\" Docs.\"] pub async fn handler (event : LambdaEvent < Value >) -> Result < Value , Error >"), "{out}");
-        assert!(out.contains(":: deferred_core :: __private :: scope (:: deferred_core :: __private :: invocation (& event)"), "{out}");
+        assert!(out.contains(":: deferred_core :: __private :: scope (:: deferred_core :: __private :: invocation :: < LambdaEvent < Value > > (& event)"), "{out}");
         assert!(out.contains("flush_timeout : :: core :: option :: Option :: Some (:: core :: time :: Duration :: from_nanos (250000000))"), "{out}");
         assert!(
             out.contains("if false { return < Result < Value , Error > as :: deferred_core :: __private :: FakeReturn > :: fake_return () ; }"),
@@ -361,6 +393,10 @@ mod tests {
             "{out}"
         );
         assert!(
+            out.contains("invocation :: < LambdaEvent < u8 > > (& __deferred_event)"),
+            "{out}"
+        );
+        assert!(
             out.contains("flush_timeout : :: core :: option :: Option :: None"),
             "{out}"
         );
@@ -375,7 +411,10 @@ mod tests {
             ),
         );
         assert!(out.contains("async fn h (event : E)"), "{out}");
-        assert!(out.contains("let mut event = event ;"), "{out}");
+        assert!(
+            out.contains("let mut event = :: core :: convert :: identity (event) ;"),
+            "{out}"
+        );
     }
 
     #[test]
@@ -385,30 +424,39 @@ mod tests {
             quote!(
                 async fn h(
                     #[allow(unused_mut)]
+                    #[expect(unused_variables)]
                     #[cfg_attr(all(), deny(unused))]
+                    /// Kept.
                     mut event: E,
                 ) {
                 }
             ),
         );
         assert!(
-            out.contains("} # [allow (unused_mut)] # [cfg_attr (all () , deny (unused))] let mut event = event ;"),
+            out.contains("} # [allow (unused_mut)] # [expect (unused_variables)] # [cfg_attr (all () , deny (unused))] let mut event = :: core :: convert :: identity (event) ;"),
             "{out}"
         );
-        assert!(out.contains("async fn h (event : E ,)"), "{out}");
+        // Copied, turned into an `allow`, and moved.
+        assert!(
+            out.contains("async fn h (# [allow (unused_mut)] # [allow (unused_variables)] # [doc = r\" Kept.\"] event : E ,)"),
+            "{out}"
+        );
     }
 
     #[test]
-    fn an_underscore_argument_is_not_rebound() {
+    fn an_underscore_argument_is_rebound_too() {
         let out = expand(
             quote!(),
             quote!(
                 async fn h(mut _event: E) {}
             ),
         );
-        assert!(out.contains("async fn h (mut _event : E)"), "{out}");
-        assert!(!out.contains("let mut _event"), "{out}");
-        assert!(out.contains("invocation (& _event)"), "{out}");
+        assert!(out.contains("async fn h (_event : E)"), "{out}");
+        assert!(
+            out.contains("let mut _event = :: core :: convert :: identity (_event) ;"),
+            "{out}"
+        );
+        assert!(out.contains("invocation :: < E > (& _event)"), "{out}");
     }
 
     #[test]

@@ -15,7 +15,7 @@
 //!
 //! pub async fn handler(event: LambdaEvent<Value>) -> Result<Value, Error> {
 //!     ::deferred_core::__private::scope(
-//!         ::deferred_core::__private::invocation(&event),
+//!         ::deferred_core::__private::invocation::<LambdaEvent<Value>>(&event),
 //!         ::deferred_core::__private::Options {
 //!             flush_timeout: ::core::option::Option::Some(
 //!                 ::core::time::Duration::from_nanos(10000000000),
@@ -23,9 +23,13 @@
 //!         },
 //!         async move {
 //!             // Never taken: fixes the block's output type, for `?` and for error messages.
-//!             if false { let __deferred_return: Result<Value, Error> = loop {}; return __deferred_return; }
-//!             let mut event = event; // the body's own local; a destructuring pattern goes here
-//!             { BODY }
+//!             if false {
+//!                 return <Result<Value, Error> as ::deferred_core::__private::FakeReturn>::fake_return();
+//!             }
+//!             // The body's own local, with the parameter's lint attributes; a destructuring
+//!             // pattern goes here. The signature's `event` is named from the macro's call site.
+//!             let mut event = ::core::convert::identity(event);
+//!             match () { () => { BODY } }
 //!         },
 //!     )
 //!     .await

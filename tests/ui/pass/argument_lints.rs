@@ -1,6 +1,12 @@
 //! Lint attributes on the event argument cover what the expansion does with it (`mut` moves to
-//! a rebinding in the body), and a `_`-prefixed argument works, unused or used.
-#![deny(unused_mut, unused_variables, unfulfilled_lint_expectations)]
+//! a rebinding in the body, a pattern binds there), in the signature and in the body, and a
+//! `_`-prefixed argument works, unused or used.
+#![deny(
+    unused_mut,
+    unused_variables,
+    non_snake_case,
+    unfulfilled_lint_expectations
+)]
 
 use deferred_core::deferred_handler;
 use lambda_runtime::{Context, LambdaEvent};
@@ -13,6 +19,31 @@ async fn never_mutated(#[expect(unused_mut)] mut event: LambdaEvent<u8>) -> u8 {
 #[deferred_handler]
 async fn unused(#[allow(unused_variables)] event: LambdaEvent<u8>) -> u8 {
     7
+}
+
+#[deferred_handler]
+async fn destructured_unused(
+    #[expect(unused_variables)] LambdaEvent { payload, context }: LambdaEvent<u8>,
+) -> u8 {
+    payload
+}
+
+#[deferred_handler]
+async fn destructured_allowed(
+    #[allow(unused_variables)] LambdaEvent { payload, context }: LambdaEvent<u8>,
+) -> u8 {
+    payload + 1
+}
+
+// `non_snake_case` fires on the signature's name and on the rebinding's.
+#[deferred_handler]
+async fn expected_in_both(#[expect(non_snake_case)] Event: LambdaEvent<u8>) -> u8 {
+    Event.payload
+}
+
+#[deferred_handler]
+async fn allowed_in_both(#[allow(non_snake_case)] Event: LambdaEvent<u8>) -> u8 {
+    Event.payload
 }
 
 #[deferred_handler]
@@ -31,6 +62,10 @@ async fn main() {
     let event = || LambdaEvent::new(1, Context::default());
     assert_eq!(never_mutated(event()).await, 1);
     assert_eq!(unused(event()).await, 7);
+    assert_eq!(destructured_unused(event()).await, 1);
+    assert_eq!(destructured_allowed(event()).await, 2);
+    assert_eq!(expected_in_both(event()).await, 1);
+    assert_eq!(allowed_in_both(event()).await, 1);
     assert_eq!(ignored(event()).await, 8);
     assert_eq!(underscore_mutated(event()).await, 2);
 }

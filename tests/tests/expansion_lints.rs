@@ -1,0 +1,53 @@
+//! The expansion adds no lint on the user's code: CI runs clippy on this file with the lints
+//! that a rebinding of the event could trip denied (`cargo clippy --all-targets -D warnings`),
+//! and the handlers still run.
+#![deny(
+    clippy::shadow_same,
+    clippy::shadow_reuse,
+    clippy::shadow_unrelated,
+    clippy::no_effect_underscore_binding,
+    clippy::used_underscore_binding,
+    clippy::redundant_locals,
+    clippy::pedantic,
+    unused_variables,
+    unused_mut
+)]
+
+use deferred_core::deferred_handler;
+use lambda_runtime::{Context, LambdaEvent};
+
+#[deferred_handler]
+async fn plain(event: LambdaEvent<u8>) -> u8 {
+    event.payload
+}
+
+#[deferred_handler]
+async fn mutated(mut event: LambdaEvent<u8>) -> u8 {
+    event.payload += 1;
+    event.payload
+}
+
+#[deferred_handler]
+async fn destructured(LambdaEvent { payload, .. }: LambdaEvent<u8>) -> u8 {
+    payload + 2
+}
+
+#[deferred_handler]
+async fn ignored(_event: LambdaEvent<u8>) -> u8 {
+    4
+}
+
+#[deferred_handler]
+async fn raw(r#type: LambdaEvent<u8>) -> u8 {
+    r#type.payload + 4
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn handlers_run() {
+    let event = || LambdaEvent::new(1, Context::default());
+    assert_eq!(plain(event()).await, 1);
+    assert_eq!(mutated(event()).await, 2);
+    assert_eq!(destructured(event()).await, 3);
+    assert_eq!(ignored(event()).await, 4);
+    assert_eq!(raw(event()).await, 5);
+}

@@ -1,0 +1,43 @@
+//! Handlers written by a `macro_rules!`: the event's name may come from the macro's caller or
+//! from the macro itself, and the body still sees it (macro hygiene keeps the two apart).
+use deferred_core::deferred_handler;
+use lambda_runtime::{Context, LambdaEvent};
+
+// The name comes from the caller, the attribute from the macro.
+macro_rules! handler_named {
+    ($name:ident, $event:ident) => {
+        #[deferred_handler]
+        async fn $name($event: LambdaEvent<u8>) -> u8 {
+            $event.payload + 1
+        }
+    };
+}
+
+// Every name is the macro's own, underscore-prefixed or not.
+macro_rules! handler_own {
+    ($name:ident, $underscored:ident) => {
+        #[deferred_handler]
+        async fn $name(mut event: LambdaEvent<u8>) -> u8 {
+            event.payload += 2;
+            event.payload
+        }
+
+        #[deferred_handler]
+        async fn $underscored(_event: LambdaEvent<u8>) -> u8 {
+            _event.payload + 3
+        }
+    };
+}
+
+handler_named!(named, event);
+handler_named!(underscored, _event);
+handler_own!(own, own_underscored);
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let event = || LambdaEvent::new(1, Context::default());
+    assert_eq!(named(event()).await, 2);
+    assert_eq!(underscored(event()).await, 2);
+    assert_eq!(own(event()).await, 3);
+    assert_eq!(own_underscored(event()).await, 4);
+}
