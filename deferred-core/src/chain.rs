@@ -50,6 +50,10 @@ pub(crate) async fn drive_with(
         }
     };
     if core.runner.set(runner.clone()).is_err() {
+        // A second chain for one core, which `start` never makes: the first one drives the
+        // phases, but this extension is registered too and must not keep Lambda waiting.
+        tracing::error!(target: "deferred", "a chain already runs for this core: this extension only acknowledges events");
+        crate::late::acknowledge(client, extension_id).await;
         return;
     }
     let mut restores = restores.watch();

@@ -269,6 +269,12 @@ async fn read_response(conn: &mut Conn) -> Result<(u16, Vec<u8>, bool), ClientEr
         match response.parse(&conn.buf) {
             Ok(httparse::Status::Complete(len)) => {
                 let status = response.code.unwrap_or(0);
+                // An interim answer (`100 Continue`) comes before the real one, which a client
+                // must read past even without asking for it (RFC 9110, 15.2).
+                if (100..200).contains(&status) {
+                    conn.buf.drain(..len);
+                    continue;
+                }
                 let mut framing = Framing::UntilClose;
                 let mut keep = response.version == Some(1);
                 for header in response.headers.iter() {
@@ -285,6 +291,10 @@ async fn read_response(conn: &mut Conn) -> Result<(u16, Vec<u8>, bool), ClientEr
                     } else if header.name.eq_ignore_ascii_case("connection") {
                         keep = !header.value.eq_ignore_ascii_case(b"close");
                     }
+                }
+                // No body, whatever the headers say (RFC 9112, 6.3); not framed by the close.
+                if status == 204 || status == 304 {
+                    framing = Framing::Length(0);
                 }
                 if matches!(framing, Framing::UntilClose) {
                     keep = false;
@@ -586,6 +596,30 @@ mod tests {
         drop(stream);
         let error = call.await.expect("join").unwrap_err();
         assert!(matches!(error, ClientError::Transport(_)), "{error:?}");
+    }
+
+    /// An interim `100 Continue` is read past; a `204` has no body even without a length, so
+    /// it fails at once instead of waiting for a close that a kept-alive connection never
+    /// sends.
+    #[tokio::test]
+    async fn interim_and_bodiless_answers_are_framed() {
+        let (_listener, _line, call, mut stream) = first_call().await;
+        let interim = format!("HTTP/1.1 100 Continue\r\n\r\n{}", with_length(EVENT));
+        answer(&mut stream, &interim).await;
+        let result = tokio::time::timeout(Duration::from_secs(5), call)
+            .await
+            .expect("the 100 was taken for the answer");
+        let event = result.expect("join").expect("event");
+        assert!(matches!(event, NextEvent::Invoke(e) if e.request_id == "r-1"));
+
+        let (_listener, _line, call, mut stream) = first_call().await;
+        answer(&mut stream, "HTTP/1.1 204 No Content\r\n\r\n").await;
+        let result = tokio::time::timeout(Duration::from_secs(5), call)
+            .await
+            .expect("a 204 waited for the close");
+        let error = result.expect("join").unwrap_err();
+        assert!(matches!(error, ClientError::Malformed(_)), "{error:?}");
+        drop(stream);
     }
 
     #[tokio::test]
