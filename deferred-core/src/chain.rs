@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::core::{Chain, Core, Slot, State};
+use crate::core::{Chain, Core, Slot};
 use crate::extension::line::Line;
 use crate::extension::{Client, InvokeEvent, NextEvent};
 use crate::phase::Budget;
@@ -137,7 +137,8 @@ pub(crate) async fn drive_with(
             }
             Err(error) => {
                 failures = failures.saturating_add(1);
-                core.state.send_modify(State::call_failed);
+                let lost = line.take_lost();
+                core.state.send_modify(|s| s.call_failed(lost));
                 // One clear line when the chain breaks, then one per 100 failed retries.
                 if failures == 1 || failures.is_multiple_of(100) {
                     tracing::warn!(
@@ -218,6 +219,8 @@ fn hold(core: &Arc<Core>, event: InvokeEvent, seq: u64) -> Option<(String, Insta
     let request_id = event.request_id.clone();
     core.state.send_modify(|s| {
         s.chain = Chain::Holding;
+        // An event arrived: whatever a failed call lost was not a handler's still to start.
+        s.lost_event = false;
         let request_id = event.request_id.as_str();
         if s.was_closed(request_id) {
             // Its wrapper gave up waiting for this event and ran the work inline.

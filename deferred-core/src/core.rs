@@ -149,6 +149,9 @@ pub(crate) struct State {
     /// chain yet; the event takes it on arrival (or the layer, after the response, gives up
     /// waiting and runs it).
     pub(crate) parked: Option<Job>,
+    /// A failed `event/next` call lost an INVOKE event (see [`State::call_failed`]) before a
+    /// wrapper started for it: the next wrapper that starts without its event is that one.
+    pub(crate) lost_event: bool,
 }
 
 const CLOSED_KEPT: usize = 16;
@@ -170,16 +173,23 @@ impl State {
     /// waiting for that event, or whose job is parked for it, must not wait it out: its
     /// invocation is closed, so its work runs outside the chain now, and the event, should a
     /// retried call still bring it, is released at once.
-    pub(crate) fn call_failed(&mut self) {
+    ///
+    /// `lost`: the call was answered with an event that could not be read, so an INVOKE event
+    /// is gone for sure. With no wrapper waiting yet (its handler has not started), the next
+    /// one to start without its event must not wait for it either ([`Core::begin`]).
+    pub(crate) fn call_failed(&mut self, lost: bool) {
         self.chain = Chain::Broken;
         let waiting = self
             .expected
             .take()
             .or_else(|| self.parked.as_ref().map(|job| job.request_id.clone()));
-        if let Some(request_id) = waiting
-            && !self.was_closed(&request_id)
-        {
-            self.close(request_id);
+        match waiting {
+            Some(request_id) => {
+                if !self.was_closed(&request_id) {
+                    self.close(request_id);
+                }
+            }
+            None => self.lost_event |= lost,
         }
     }
 }
@@ -245,6 +255,7 @@ impl Core {
                 closed: VecDeque::new(),
                 responded_early: None,
                 parked: None,
+                lost_event: false,
             }),
             layer_installed: AtomicBool::new(false),
             flush_failures: AtomicU32::new(0),
@@ -326,16 +337,22 @@ impl Core {
                     true
                 }
                 Some(_) => false,
-                None if state.chain == Chain::Armed => {
-                    state.expected = Some(request_id.to_owned());
-                    false
-                }
                 None => {
-                    // The chain is broken (or stopped): the work runs inline. Closed, so
-                    // that the INVOKE event, should a retried `event/next` still bring it,
-                    // is released at once rather than given a second, flush-only phase.
-                    state.close(request_id.to_owned());
-                    ticket = Ticket::Inline;
+                    // Its event lost by a failed call before the handler started (this is the
+                    // next handler to start without its event): without the layer the work
+                    // runs inline now, rather than after waiting for the event on the response
+                    // path. The layer does its waiting after the response.
+                    let lost = std::mem::take(&mut state.lost_event) && !self.layer_installed();
+                    if state.chain == Chain::Armed && !lost {
+                        state.expected = Some(request_id.to_owned());
+                    } else {
+                        // The chain is broken (or stopped), or the event lost: the work runs
+                        // inline. Closed, so that the INVOKE event, should a retried
+                        // `event/next` still bring it, is released at once rather than given
+                        // a second, flush-only phase.
+                        state.close(request_id.to_owned());
+                        ticket = Ticket::Inline;
+                    }
                     false
                 }
             }
@@ -1176,9 +1193,10 @@ mod tests {
         let core = Core::new(Config::default(), Mode::Extension);
         core.state.send_modify(|s| s.chain = Chain::Armed);
         assert_eq!(core.begin("r-1"), Ticket::Chained("r-1".into()));
-        core.state.send_modify(State::call_failed);
+        core.state.send_modify(|s| s.call_failed(true));
         let state = core.state.borrow();
         assert_eq!(state.chain, Chain::Broken);
+        assert!(!state.lost_event, "the loss is the waiting wrapper's");
         assert!(state.was_closed("r-1"));
         assert!(state.expected.is_none());
         drop(state);
@@ -1193,7 +1211,7 @@ mod tests {
                 parent: None,
             });
         });
-        core.state.send_modify(State::call_failed);
+        core.state.send_modify(|s| s.call_failed(false));
         let state = core.state.borrow();
         assert!(state.was_closed("r-2"), "the parked job's invocation");
         assert!(
@@ -1205,7 +1223,34 @@ mod tests {
 
         // With nobody waiting, a failure closes nothing.
         core.state.send_modify(|s| s.parked = None);
-        core.state.send_modify(State::call_failed);
+        core.state.send_modify(|s| s.call_failed(false));
         assert_eq!(core.state.borrow().closed.len(), 2);
+    }
+
+    /// A call that lost an event before its handler started: that handler's work runs inline
+    /// at once (it would otherwise wait for the event, before the response); only that one.
+    #[tokio::test]
+    async fn an_event_lost_before_its_handler_started_is_not_waited_for() {
+        let core = Core::new(Config::default(), Mode::Extension);
+        core.state.send_modify(|s| s.call_failed(true));
+        // The retry is out (the chain re-armed) when the handler starts.
+        core.state.send_modify(|s| s.chain = Chain::Armed);
+        assert_eq!(core.begin("r-1"), Ticket::Inline);
+        assert!(core.state.borrow().was_closed("r-1"));
+        assert_eq!(core.begin("r-2"), Ticket::Chained("r-2".into()));
+
+        // Started during the backoff (inline, the chain being broken): the loss was that
+        // handler's, not the next one's.
+        let core = Core::new(Config::default(), Mode::Extension);
+        core.state.send_modify(|s| s.call_failed(true));
+        assert_eq!(core.begin("r-1"), Ticket::Inline);
+        core.state.send_modify(|s| s.chain = Chain::Armed);
+        assert_eq!(core.begin("r-2"), Ticket::Chained("r-2".into()));
+
+        // A failure that lost nothing (no answer, an API error) leaves the wait as it was.
+        let core = Core::new(Config::default(), Mode::Extension);
+        core.state.send_modify(|s| s.call_failed(false));
+        core.state.send_modify(|s| s.chain = Chain::Armed);
+        assert_eq!(core.begin("r-1"), Ticket::Chained("r-1".into()));
     }
 }

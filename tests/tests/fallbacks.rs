@@ -148,6 +148,55 @@ async fn under_start_a_lost_invoke_event_does_not_hold_the_response() {
     }
 }
 
+/// The same loss, but before the handler starts (a slow middleware in front of it): the chain
+/// has failed, backed off and re-armed by then, so nothing is left for the wrapper to see
+/// waiting on. The failed call said it lost an event, and the first handler to start without
+/// its event is that event's: its work runs inline at once instead of after a 1 s wait on the
+/// response path. The next invocation is chained again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_start_an_invoke_event_lost_before_the_handler_does_not_hold_the_response() {
+    for fault in [
+        Fault::EventNextCloseMidBody,
+        Fault::EventNextMalformedBody,
+        Fault::EventNextUnknownEventType,
+    ] {
+        let env = start("start", config(), &[("HANDLER_START_DELAY_MS", "150")]).await;
+        env.emulator.faults().once(fault.clone());
+        let hit = env.invoke(json!({ "actions": [{ "name": "a" }] })).await;
+        assert!(hit.outcome.is_success(), "{fault:?}: {:?}", hit.outcome);
+        let t = env.completed(&hit.request_id).await;
+        let answered = t.response_posted.expect("posted") - t.invoked;
+        // The 150 ms delay, plus a generous slack; waiting the event out takes 1 s more.
+        assert!(
+            answered < Duration::from_millis(700),
+            "{fault:?}: the response waited {answered:?}"
+        );
+        let ran = t.mark("end:a").expect("the action ran");
+        assert!(
+            ran <= t.response_posted.expect("posted"),
+            "{fault:?}: inline"
+        );
+        let next = env
+            .invoke(json!({ "actions": [{ "name": "b", "ms": 50 }] }))
+            .await;
+        let t = env.completed(&next.request_id).await;
+        assert!(
+            phase_end(&t) >= t.mark("end:b").expect("b ended"),
+            "{fault:?}"
+        );
+        assert!(
+            env.logged(&format!(
+                "deferred phase (Chained) of \"{}\"",
+                next.request_id
+            ))
+            .await,
+            "{fault:?}: the next invocation is chained again"
+        );
+        let reports = env.logs_matching(&format!(") of \"{}\"", hit.request_id));
+        assert_eq!(reports.len(), 1, "{fault:?}: {reports:#?}");
+    }
+}
+
 /// A handler future dropped mid-body (a timeout layer of the user's around the handler), before
 /// the extension's copy of its INVOKE event arrived: its queued action still runs in the
 /// invocation's chained phase, which holds the environment until it is done (before, under

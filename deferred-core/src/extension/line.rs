@@ -55,6 +55,9 @@ struct State {
     in_flight: bool,
     /// The next request may go out: no phase is pending for the last event.
     arm_allowed: bool,
+    /// The last failed call was answered `2xx` and its event could not be read (a body cut
+    /// short, undecodable): the API gave an event out, and it is lost.
+    lost: bool,
 }
 
 #[derive(Debug)]
@@ -89,6 +92,7 @@ impl Line {
                 seq: 0,
                 in_flight: false,
                 arm_allowed: true,
+                lost: false,
             }),
             poke: Notify::new(),
         }
@@ -126,6 +130,12 @@ impl Line {
         }
         drop(state);
         self.poke.notify_one();
+    }
+
+    /// Whether the last call that failed had been answered with an event it could not read;
+    /// asking clears it.
+    pub(crate) fn take_lost(&self) -> bool {
+        std::mem::take(&mut lock(&self.state).lost)
     }
 
     /// Forgets the current connection: the next call opens a new one (after a SnapStart
@@ -238,13 +248,17 @@ impl Line {
     /// Reads one answer on `conn`; a complete answer (event or API error) keeps the connection
     /// as the current one.
     async fn read(&self, mut conn: Conn) -> Result<Result<NextEvent, ClientError>, ClientError> {
-        let (status, body, keep) = read_response(&mut conn).await?;
-        let answer = if (200..300).contains(&status) {
+        let mut head = None;
+        let read = read_response(&mut conn, &mut head).await;
+        let success = head.is_some_and(|status| (200..300).contains(&status));
+        let (status, body, keep) = read.inspect_err(|_| lock(&self.state).lost = success)?;
+        let answer = if success {
             decode_event(&body)
         } else {
             Err(super::client::api_error(status, &body))
         };
         let mut state = lock(&self.state);
+        state.lost = success && answer.is_err();
         state.in_flight = false;
         if answer.is_ok() {
             state.seq = state.seq.wrapping_add(1);
@@ -260,8 +274,12 @@ impl Line {
     }
 }
 
-/// Reads one HTTP/1.1 answer: (status, body, whether the connection stays open).
-async fn read_response(conn: &mut Conn) -> Result<(u16, Vec<u8>, bool), ClientError> {
+/// Reads one HTTP/1.1 answer: (status, body, whether the connection stays open). `head` gets
+/// the status as soon as the head is in, for a body that then fails.
+async fn read_response(
+    conn: &mut Conn,
+    head: &mut Option<u16>,
+) -> Result<(u16, Vec<u8>, bool), ClientError> {
     let malformed = |what: String| ClientError::Malformed(format!("event/next answer: {what}"));
     let (status, head_len, framing, keep) = loop {
         let mut headers = [httparse::EMPTY_HEADER; 32];
@@ -299,6 +317,7 @@ async fn read_response(conn: &mut Conn) -> Result<(u16, Vec<u8>, bool), ClientEr
                 if matches!(framing, Framing::UntilClose) {
                     keep = false;
                 }
+                *head = Some(status);
                 break (status, len, framing, keep);
             }
             Ok(httparse::Status::Partial) if conn.buf.len() < MAX_HEAD => {
@@ -620,6 +639,32 @@ mod tests {
         let error = result.expect("join").unwrap_err();
         assert!(matches!(error, ClientError::Malformed(_)), "{error:?}");
         drop(stream);
+    }
+
+    /// A failed call tells whether it lost an event: answered `2xx` with a body cut short or
+    /// undecodable (the API gave the event out), not for an API error or no answer at all.
+    #[tokio::test]
+    async fn a_failed_call_tells_whether_it_lost_an_event() {
+        for (answer, lost) in [
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n{".to_owned(),
+                true,
+            ),
+            (with_length("{\"eventType\":"), true),
+            (
+                "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 2\r\n\r\n{}".to_owned(),
+                false,
+            ),
+            (String::new(), false),
+        ] {
+            let (_listener, line, call, mut stream) = first_call().await;
+            request(&mut stream).await;
+            stream.write_all(answer.as_bytes()).await.expect("write");
+            drop(stream);
+            assert!(call.await.expect("join").is_err(), "{answer:?}");
+            assert_eq!(line.take_lost(), lost, "{answer:?}");
+            assert!(!line.take_lost(), "asking clears it");
+        }
     }
 
     #[tokio::test]

@@ -160,7 +160,12 @@ async fn handler(event: LambdaEvent<Plan>) -> Result<FunctionResponse<Answer, Bo
 
 /// [`handler`], dropped after `HANDLER_TIMEOUT_MS` if that is set (a timeout layer of the
 /// user's around the handler); lambda_runtime then posts the timeout as the invocation's error.
+/// `HANDLER_START_DELAY_MS`: called only that long after the runtime got the invocation (a slow
+/// middleware in front of the handler).
 async fn timed(event: LambdaEvent<Plan>) -> Result<FunctionResponse<Answer, Body>, Error> {
+    if let Some(delay) = env_ms("HANDLER_START_DELAY_MS") {
+        tokio::time::sleep(delay).await;
+    }
     match env_ms("HANDLER_TIMEOUT_MS") {
         Some(limit) => tokio::time::timeout(limit, handler(event))
             .await

@@ -297,11 +297,14 @@ fn method_not_allowed() -> Response<Body> {
 }
 
 /// A body that declares its full length, sends the first half, then fails: hyper then closes
-/// the connection mid-body (the `EventNextCloseMidBody` fault).
+/// the connection mid-body (the `EventNextCloseMidBody` fault). The failure waits a moment
+/// after the first half: failing at once, hyper closes the connection before it has written
+/// the head, and the client sees a close without any answer instead.
 #[derive(Debug)]
 pub(crate) struct Truncated {
     first: Option<Bytes>,
     total: u64,
+    fail_at: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl Truncated {
@@ -310,6 +313,7 @@ impl Truncated {
         Self {
             first: Some(full.slice(..full.len() / 2)),
             total,
+            fail_at: None,
         }
     }
 }
@@ -320,14 +324,21 @@ impl HttpBody for Truncated {
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
+        cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
-        Poll::Ready(Some(match self.first.take() {
-            Some(first) => Ok(Frame::data(first)),
-            None => Err(io::Error::other(
-                "injected fault: connection closed mid-body",
-            )),
-        }))
+        if let Some(first) = self.first.take() {
+            return Poll::Ready(Some(Ok(Frame::data(first))));
+        }
+        // Pending for a moment, so that hyper flushes what it has.
+        let fail_at = self
+            .fail_at
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(Duration::from_millis(20))));
+        if std::future::Future::poll(fail_at.as_mut(), cx).is_pending() {
+            return Poll::Pending;
+        }
+        Poll::Ready(Some(Err(io::Error::other(
+            "injected fault: connection closed mid-body",
+        ))))
     }
 
     fn size_hint(&self) -> SizeHint {
