@@ -37,6 +37,13 @@ pub(crate) async fn drive_with(
     extension_id: String,
     restores: Arc<Restores>,
 ) {
+    // A second chain for one core, which `start` never makes: the first one drives the
+    // phases, but this extension is registered too and must not keep Lambda waiting.
+    if core.runner.get().is_some() {
+        tracing::error!(target: "deferred", "a chain already runs for this core: this extension only acknowledges events");
+        crate::late::acknowledge(client, extension_id).await;
+        return;
+    }
     let (authority, prefix) = client.endpoint();
     let line = Arc::new(Line::new(authority, prefix, &extension_id));
     let runner = match Runner::start(&core, line.clone()) {
@@ -49,13 +56,8 @@ pub(crate) async fn drive_with(
             return;
         }
     };
-    if core.runner.set(runner.clone()).is_err() {
-        // A second chain for one core, which `start` never makes: the first one drives the
-        // phases, but this extension is registered too and must not keep Lambda waiting.
-        tracing::error!(target: "deferred", "a chain already runs for this core: this extension only acknowledges events");
-        crate::late::acknowledge(client, extension_id).await;
-        return;
-    }
+    // Set once: the check above is the one that counts, `start` making one chain per core.
+    let _ = core.runner.set(runner.clone());
     let mut restores = restores.watch();
     let mut failures: u32 = 0;
     // The last event held, until its phase arms the next call.
@@ -137,7 +139,9 @@ pub(crate) async fn drive_with(
             }
             Err(error) => {
                 failures = failures.saturating_add(1);
-                let lost = line.take_lost();
+                let lost = line
+                    .take_lost()
+                    .then(|| Instant::now() + core.config.claim_timeout);
                 core.state.send_modify(|s| s.call_failed(lost));
                 // One clear line when the chain breaks, then one per 100 failed retries.
                 if failures == 1 || failures.is_multiple_of(100) {
@@ -220,7 +224,8 @@ fn hold(core: &Arc<Core>, event: InvokeEvent, seq: u64) -> Option<(String, Insta
     core.state.send_modify(|s| {
         s.chain = Chain::Holding;
         // An event arrived: whatever a failed call lost was not a handler's still to start.
-        s.lost_event = false;
+        s.lost_event = None;
+        s.begun_unseen = false;
         let request_id = event.request_id.as_str();
         if s.was_closed(request_id) {
             // Its wrapper gave up waiting for this event and ran the work inline.

@@ -150,8 +150,12 @@ pub(crate) struct State {
     /// waiting and runs it).
     pub(crate) parked: Option<Job>,
     /// A failed `event/next` call lost an INVOKE event (see [`State::call_failed`]) before a
-    /// wrapper started for it: the next wrapper that starts without its event is that one.
-    pub(crate) lost_event: bool,
+    /// wrapper started for it: the next wrapper that starts without its event, until this
+    /// instant, is that one.
+    pub(crate) lost_event: Option<Instant>,
+    /// A wrapper started without its event since the last event arrived: a loss after that is
+    /// its invocation's, not one still to start.
+    pub(crate) begun_unseen: bool,
 }
 
 const CLOSED_KEPT: usize = 16;
@@ -175,21 +179,22 @@ impl State {
     /// retried call still bring it, is released at once.
     ///
     /// `lost`: the call was answered with an event that could not be read, so an INVOKE event
-    /// is gone for sure. With no wrapper waiting yet (its handler has not started), the next
-    /// one to start without its event must not wait for it either ([`Core::begin`]).
-    pub(crate) fn call_failed(&mut self, lost: bool) {
+    /// is gone for sure; `Some(until)`. With no wrapper waiting and none started without its
+    /// event since the last one arrived, its handler has not started: the next one to start
+    /// without its event (until then: a handler that never starts, for a payload the runtime
+    /// cannot decode, must not leave it to a later invocation) must not wait for it either
+    /// ([`Core::begin`]).
+    pub(crate) fn call_failed(&mut self, lost: Option<Instant>) {
         self.chain = Chain::Broken;
         let waiting = self
             .expected
             .take()
             .or_else(|| self.parked.as_ref().map(|job| job.request_id.clone()));
         match waiting {
-            Some(request_id) => {
-                if !self.was_closed(&request_id) {
-                    self.close(request_id);
-                }
-            }
-            None => self.lost_event |= lost,
+            Some(request_id) if !self.was_closed(&request_id) => self.close(request_id),
+            Some(_) => {}
+            None if !self.begun_unseen => self.lost_event = lost.or(self.lost_event),
+            None => {}
         }
     }
 }
@@ -255,7 +260,8 @@ impl Core {
                 closed: VecDeque::new(),
                 responded_early: None,
                 parked: None,
-                lost_event: false,
+                lost_event: None,
+                begun_unseen: false,
             }),
             layer_installed: AtomicBool::new(false),
             flush_failures: AtomicU32::new(0),
@@ -342,7 +348,12 @@ impl Core {
                     // next handler to start without its event): without the layer the work
                     // runs inline now, rather than after waiting for the event on the response
                     // path. The layer does its waiting after the response.
-                    let lost = std::mem::take(&mut state.lost_event) && !self.layer_installed();
+                    state.begun_unseen = true;
+                    let lost = state
+                        .lost_event
+                        .take()
+                        .is_some_and(|until| Instant::now() < until)
+                        && !self.layer_installed();
                     if state.chain == Chain::Armed && !lost {
                         state.expected = Some(request_id.to_owned());
                     } else {
@@ -1193,10 +1204,13 @@ mod tests {
         let core = Core::new(Config::default(), Mode::Extension);
         core.state.send_modify(|s| s.chain = Chain::Armed);
         assert_eq!(core.begin("r-1"), Ticket::Chained("r-1".into()));
-        core.state.send_modify(|s| s.call_failed(true));
+        core.state.send_modify(|s| s.call_failed(lost()));
         let state = core.state.borrow();
         assert_eq!(state.chain, Chain::Broken);
-        assert!(!state.lost_event, "the loss is the waiting wrapper's");
+        assert!(
+            state.lost_event.is_none(),
+            "the loss is the waiting wrapper's"
+        );
         assert!(state.was_closed("r-1"));
         assert!(state.expected.is_none());
         drop(state);
@@ -1211,7 +1225,7 @@ mod tests {
                 parent: None,
             });
         });
-        core.state.send_modify(|s| s.call_failed(false));
+        core.state.send_modify(|s| s.call_failed(None));
         let state = core.state.borrow();
         assert!(state.was_closed("r-2"), "the parked job's invocation");
         assert!(
@@ -1223,7 +1237,7 @@ mod tests {
 
         // With nobody waiting, a failure closes nothing.
         core.state.send_modify(|s| s.parked = None);
-        core.state.send_modify(|s| s.call_failed(false));
+        core.state.send_modify(|s| s.call_failed(None));
         assert_eq!(core.state.borrow().closed.len(), 2);
     }
 
@@ -1232,7 +1246,7 @@ mod tests {
     #[tokio::test]
     async fn an_event_lost_before_its_handler_started_is_not_waited_for() {
         let core = Core::new(Config::default(), Mode::Extension);
-        core.state.send_modify(|s| s.call_failed(true));
+        core.state.send_modify(|s| s.call_failed(lost()));
         // The retry is out (the chain re-armed) when the handler starts.
         core.state.send_modify(|s| s.chain = Chain::Armed);
         assert_eq!(core.begin("r-1"), Ticket::Inline);
@@ -1242,15 +1256,38 @@ mod tests {
         // Started during the backoff (inline, the chain being broken): the loss was that
         // handler's, not the next one's.
         let core = Core::new(Config::default(), Mode::Extension);
-        core.state.send_modify(|s| s.call_failed(true));
+        core.state.send_modify(|s| s.call_failed(lost()));
         assert_eq!(core.begin("r-1"), Ticket::Inline);
         core.state.send_modify(|s| s.chain = Chain::Armed);
         assert_eq!(core.begin("r-2"), Ticket::Chained("r-2".into()));
 
         // A failure that lost nothing (no answer, an API error) leaves the wait as it was.
         let core = Core::new(Config::default(), Mode::Extension);
-        core.state.send_modify(|s| s.call_failed(false));
+        core.state.send_modify(|s| s.call_failed(None));
         core.state.send_modify(|s| s.chain = Chain::Armed);
         assert_eq!(core.begin("r-1"), Ticket::Chained("r-1".into()));
+
+        // The handler of the lost event started before the loss (its invocation closed by an
+        // earlier failure): the loss is not the next handler's.
+        let core = Core::new(Config::default(), Mode::Extension);
+        core.state.send_modify(|s| s.chain = Chain::Armed);
+        assert_eq!(core.begin("r-1"), Ticket::Chained("r-1".into()));
+        core.state.send_modify(|s| s.call_failed(None));
+        core.state.send_modify(|s| s.call_failed(lost()));
+        core.state.send_modify(|s| s.chain = Chain::Armed);
+        assert_eq!(core.begin("r-2"), Ticket::Chained("r-2".into()));
+
+        // A loss that no handler claimed in time (its handler never started: the runtime could
+        // not decode its payload) is not a later invocation's.
+        let core = Core::new(Config::default(), Mode::Extension);
+        let expired = Instant::now() - Duration::from_millis(1);
+        core.state.send_modify(|s| s.call_failed(Some(expired)));
+        core.state.send_modify(|s| s.chain = Chain::Armed);
+        assert_eq!(core.begin("r-1"), Ticket::Chained("r-1".into()));
+    }
+
+    /// A loss that a handler still to start can claim for a second.
+    fn lost() -> Option<Instant> {
+        Some(Instant::now() + Duration::from_secs(1))
     }
 }

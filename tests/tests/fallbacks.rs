@@ -197,6 +197,43 @@ async fn under_start_an_invoke_event_lost_before_the_handler_does_not_hold_the_r
     }
 }
 
+/// A lost event whose handler had already started (its invocation closed by an earlier failed
+/// call, the retry losing the event) is not taken for the next invocation's: that one, whose
+/// handler starts before its own event arrives, is chained as usual, not run inline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_start_a_loss_after_its_handler_started_is_not_the_next_invocations() {
+    let env = start("start", config(), &[]).await;
+    env.emulator.faults().once(Fault::EventNextStatus(500));
+    env.emulator.faults().once(Fault::EventNextCloseMidBody);
+    let hit = env
+        .invoke(json!({ "handler_ms": 100, "actions": [{ "name": "a" }] }))
+        .await;
+    assert!(hit.outcome.is_success(), "{:?}", hit.outcome);
+    env.completed(&hit.request_id).await;
+    // The next handler starts before its event reaches the extension.
+    env.emulator
+        .faults()
+        .once(Fault::EventNextAnswerDelay(Duration::from_millis(30)));
+    let next = env
+        .invoke(json!({ "actions": [{ "name": "b", "ms": 200 }] }))
+        .await;
+    let t = env.completed(&next.request_id).await;
+    assert!(
+        env.logged(&format!(
+            "deferred phase (Chained) of \"{}\"",
+            next.request_id
+        ))
+        .await,
+        "{:#?}",
+        env.logs_matching("deferred")
+    );
+    let answered = t.response_posted.expect("posted") - t.invoked;
+    assert!(
+        answered < Duration::from_millis(150),
+        "the response waited for the action: {answered:?}"
+    );
+}
+
 /// A handler future dropped mid-body (a timeout layer of the user's around the handler), before
 /// the extension's copy of its INVOKE event arrived: its queued action still runs in the
 /// invocation's chained phase, which holds the environment until it is done (before, under

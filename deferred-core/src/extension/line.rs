@@ -258,7 +258,8 @@ impl Line {
             Err(super::client::api_error(status, &body))
         };
         let mut state = lock(&self.state);
-        state.lost = success && answer.is_err();
+        // An empty body (a 204) gave nothing out.
+        state.lost = success && answer.is_err() && !body.is_empty();
         state.in_flight = false;
         if answer.is_ok() {
             state.seq = state.seq.wrapping_add(1);
@@ -289,6 +290,10 @@ async fn read_response(
                 let status = response.code.unwrap_or(0);
                 // An interim answer (`100 Continue`) comes before the real one, which a client
                 // must read past even without asking for it (RFC 9110, 15.2).
+                if status == 101 {
+                    // Not HTTP any more after it; the API never switches.
+                    return Err(malformed("101 Switching Protocols".into()));
+                }
                 if (100..200).contains(&status) {
                     conn.buf.drain(..len);
                     continue;
@@ -639,6 +644,16 @@ mod tests {
         let error = result.expect("join").unwrap_err();
         assert!(matches!(error, ClientError::Malformed(_)), "{error:?}");
         drop(stream);
+
+        // A protocol switch is not read past: the API never asks for one.
+        let (_listener, _line, call, mut stream) = first_call().await;
+        answer(&mut stream, "HTTP/1.1 101 Switching Protocols\r\n\r\n").await;
+        let result = tokio::time::timeout(Duration::from_secs(5), call)
+            .await
+            .expect("a 101 waited for another head");
+        let error = result.expect("join").unwrap_err();
+        assert!(matches!(error, ClientError::Malformed(_)), "{error:?}");
+        drop(stream);
     }
 
     /// A failed call tells whether it lost an event: answered `2xx` with a body cut short or
@@ -655,6 +670,7 @@ mod tests {
                 "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 2\r\n\r\n{}".to_owned(),
                 false,
             ),
+            ("HTTP/1.1 204 No Content\r\n\r\n".to_owned(), false),
             (String::new(), false),
         ] {
             let (_listener, line, call, mut stream) = first_call().await;
