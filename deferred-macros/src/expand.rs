@@ -94,10 +94,6 @@ struct EventArg {
     binding: TokenStream,
     /// Where errors about the argument's type point.
     ty_span: Span,
-    /// The argument's type, `impl Trait` erased: named in the call that reads the invocation,
-    /// so an argument that carries no context is reported on its type (an error on the
-    /// argument itself would point into the expansion, the signature's name being ours).
-    ty: TokenStream,
 }
 
 impl EventArg {
@@ -112,9 +108,6 @@ impl EventArg {
     /// the rebinding too ([`binding_lints`]).
     fn bind(arg: &mut PatType) -> Self {
         let ty_span = arg.ty.span();
-        let mut ty = (*arg.ty).clone();
-        erase_impl_trait(&mut ty);
-        let ty = ty.into_token_stream();
         if let Pat::Ident(
             pat @ PatIdent {
                 by_ref: None,
@@ -123,15 +116,15 @@ impl EventArg {
             },
         ) = &mut *arg.pat
         {
-            // The user's name binds in the body; the signature's copy resolves from the macro's
-            // call site, so lints that skip generated code (`clippy::shadow_same`, or
+            // The user's name binds in the body; the signature's copy is the macro's own
+            // (`mixed_site`), so lints that skip generated code (`clippy::shadow_same`, or
             // `clippy::used_underscore_binding` on a `_event`) do not see the rebinding as the
-            // user's, and the two stay one variable even when a `macro_rules!` wrote them. The
-            // move goes through a call: `let _event = _event;` would trip
+            // user's, and a body that a `macro_rules!` wrote sees only the names it was given.
+            // The move goes through a call: `let _event = _event;` would trip
             // `clippy::no_effect_underscore_binding` on the user's name.
             let user = pat.ident.clone();
             pat.ident
-                .set_span(Span::call_site().located_at(user.span()));
+                .set_span(Span::mixed_site().located_at(user.span()));
             let ident = pat.ident.clone();
             let mutability = pat.mutability.take();
             let lints = binding_lints(&mut arg.attrs);
@@ -141,7 +134,6 @@ impl EventArg {
                 },
                 ident,
                 ty_span,
-                ty,
             };
         }
         let located = Span::mixed_site().located_at(arg.pat.span());
@@ -159,7 +151,6 @@ impl EventArg {
             binding: quote!(#(#lints)* let #pattern = #ident;),
             ident,
             ty_span,
-            ty,
         }
     }
 }
@@ -168,10 +159,11 @@ impl EventArg {
 /// user's names (`unused_variables`, `unused_mut`) now fire.
 ///
 /// `#[allow]`, `#[warn]`, `#[deny]` and `#[forbid]` are copied, so they still cover the
-/// signature. `#[expect]` goes to the rebinding, and the signature keeps it as an `#[allow]`:
-/// an expectation in both places would go unfulfilled in one (`unused_mut` fires only on the
-/// rebinding, `non_snake_case` on both). A `#[cfg_attr(..)]` (on a parameter rustc accepts
-/// only lint attributes in one) may hold an `expect`, so it is moved.
+/// signature's type. `#[expect]` is moved: an expectation in both places would go unfulfilled
+/// in one, and the lints about the name fire only on the rebinding now (the signature's name
+/// is generated code). An expectation of a lint on the type (`#[expect(deprecated)]`) is
+/// therefore not met: `#[allow]` it instead. A `#[cfg_attr(..)]` (on a parameter rustc
+/// accepts only lint attributes in one) may hold an `expect`, so it is moved too.
 fn binding_lints(attrs: &mut Vec<syn::Attribute>) -> Vec<syn::Attribute> {
     let mut lints = Vec::new();
     attrs.retain_mut(|attr| {
@@ -180,13 +172,7 @@ fn binding_lints(attrs: &mut Vec<syn::Attribute>) -> Vec<syn::Attribute> {
         };
         match name.as_str() {
             "allow" | "warn" | "deny" | "forbid" => lints.push(attr.clone()),
-            "expect" => {
-                lints.push(attr.clone());
-                if let syn::Meta::List(list) = &mut attr.meta {
-                    list.path = Ident::new("allow", list.path.span()).into();
-                }
-            }
-            "cfg_attr" => {
+            "expect" | "cfg_attr" => {
                 lints.push(attr.clone());
                 return false;
             }
@@ -216,9 +202,13 @@ fn rewrite(mut handler: HandlerFn, args: &Args) -> TokenStream {
         ident: event,
         binding,
         ty_span,
-        ty,
     } = event;
-    let invocation = quote_spanned!(ty_span=> #private::invocation::<#ty>(&#event));
+    // The same variable, located at the type: an argument that carries no context is
+    // reported there. (Naming the type here instead would take it out of reach of the
+    // parameter's lint attributes.)
+    let mut argument = event.clone();
+    argument.set_span(argument.span().located_at(ty_span));
+    let invocation = quote_spanned!(ty_span=> #private::invocation(&#argument));
 
     let flush_timeout = match args.flush_timeout {
         Some(timeout) => {
@@ -363,7 +353,7 @@ mod tests {
             },
         );
         assert!(out.contains("# [doc = r\" Docs.\"] pub async fn handler (event : LambdaEvent < Value >) -> Result < Value , Error >"), "{out}");
-        assert!(out.contains(":: deferred_core :: __private :: scope (:: deferred_core :: __private :: invocation :: < LambdaEvent < Value > > (& event)"), "{out}");
+        assert!(out.contains(":: deferred_core :: __private :: scope (:: deferred_core :: __private :: invocation (& event)"), "{out}");
         assert!(out.contains("flush_timeout : :: core :: option :: Option :: Some (:: core :: time :: Duration :: from_nanos (250000000))"), "{out}");
         assert!(
             out.contains("if false { return < Result < Value , Error > as :: deferred_core :: __private :: FakeReturn > :: fake_return () ; }"),
@@ -392,10 +382,7 @@ mod tests {
             out.contains("let LambdaEvent { payload , .. } = __deferred_event ;"),
             "{out}"
         );
-        assert!(
-            out.contains("invocation :: < LambdaEvent < u8 > > (& __deferred_event)"),
-            "{out}"
-        );
+        assert!(out.contains("invocation (& __deferred_event)"), "{out}");
         assert!(
             out.contains("flush_timeout : :: core :: option :: Option :: None"),
             "{out}"
@@ -436,9 +423,9 @@ mod tests {
             out.contains("} # [allow (unused_mut)] # [expect (unused_variables)] # [cfg_attr (all () , deny (unused))] let mut event = :: core :: convert :: identity (event) ;"),
             "{out}"
         );
-        // Copied, turned into an `allow`, and moved.
+        // Copied, moved, moved.
         assert!(
-            out.contains("async fn h (# [allow (unused_mut)] # [allow (unused_variables)] # [doc = r\" Kept.\"] event : E ,)"),
+            out.contains("async fn h (# [allow (unused_mut)] # [doc = r\" Kept.\"] event : E ,)"),
             "{out}"
         );
     }
@@ -456,7 +443,7 @@ mod tests {
             out.contains("let mut _event = :: core :: convert :: identity (_event) ;"),
             "{out}"
         );
-        assert!(out.contains("invocation :: < E > (& _event)"), "{out}");
+        assert!(out.contains("invocation (& _event)"), "{out}");
     }
 
     #[test]

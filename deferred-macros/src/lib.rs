@@ -15,7 +15,7 @@
 //!
 //! pub async fn handler(event: LambdaEvent<Value>) -> Result<Value, Error> {
 //!     ::deferred_core::__private::scope(
-//!         ::deferred_core::__private::invocation::<LambdaEvent<Value>>(&event),
+//!         ::deferred_core::__private::invocation(&event),
 //!         ::deferred_core::__private::Options {
 //!             flush_timeout: ::core::option::Option::Some(
 //!                 ::core::time::Duration::from_nanos(10000000000),
@@ -27,7 +27,7 @@
 //!                 return <Result<Value, Error> as ::deferred_core::__private::FakeReturn>::fake_return();
 //!             }
 //!             // The body's own local, with the parameter's lint attributes; a destructuring
-//!             // pattern goes here. The signature's `event` is named from the macro's call site.
+//!             // pattern goes here. The signature's `event` is the macro's own (`mixed_site`).
 //!             let mut event = ::core::convert::identity(event);
 //!             match () { () => { BODY } }
 //!         },

@@ -5,6 +5,7 @@
     unused_mut,
     unused_variables,
     non_snake_case,
+    unused_qualifications,
     unfulfilled_lint_expectations
 )]
 
@@ -46,6 +47,13 @@ async fn allowed_in_both(#[allow(non_snake_case)] Event: LambdaEvent<u8>) -> u8 
     Event.payload
 }
 
+// A lint on the argument's type: the attribute still covers it (the expansion does not copy
+// the type into the body).
+#[deferred_handler]
+async fn qualified(#[allow(unused_qualifications)] event: lambda_runtime::LambdaEvent<u8>) -> u8 {
+    event.payload
+}
+
 #[deferred_handler]
 async fn ignored(_event: LambdaEvent<u8>) -> u8 {
     8
@@ -66,6 +74,7 @@ async fn main() {
     assert_eq!(destructured_allowed(event()).await, 2);
     assert_eq!(expected_in_both(event()).await, 1);
     assert_eq!(allowed_in_both(event()).await, 1);
+    assert_eq!(qualified(event()).await, 1);
     assert_eq!(ignored(event()).await, 8);
     assert_eq!(underscore_mutated(event()).await, 2);
 }

@@ -29,6 +29,16 @@ macro_rules! handler_own {
     };
 }
 
+// A type that a macro expands to `impl Trait`.
+macro_rules! debug_payload {
+    () => { impl ::core::fmt::Debug };
+}
+
+#[deferred_handler]
+async fn type_macro(event: LambdaEvent<debug_payload!()>) -> String {
+    format!("{:?}", event.payload)
+}
+
 handler_named!(named, event);
 handler_named!(underscored, _event);
 handler_own!(own, own_underscored);
@@ -40,4 +50,5 @@ async fn main() {
     assert_eq!(underscored(event()).await, 2);
     assert_eq!(own(event()).await, 3);
     assert_eq!(own_underscored(event()).await, 4);
+    assert_eq!(type_macro(event()).await, "1");
 }
