@@ -130,6 +130,27 @@ use proc_macro::TokenStream;
 /// called from another's body (a router calling its route's handler) joins the caller's
 /// invocation: its actions run in the invocation's one deferred phase, after the caller's body.
 ///
+/// Lint attributes on the argument work as without the attribute: the argument is re-bound at
+/// the top of the body, under its own name or pattern, and its `#[allow]`, `#[warn]`,
+/// `#[deny]` and `#[forbid]` cover both that binding and the argument's type. `#[expect]` goes
+/// to the binding, where the lints about the name fire (`unused_variables`, `unused_mut`,
+/// `non_snake_case`); for a lint on the type, use `#[allow]`.
+///
+/// ```
+/// # #![deny(unused_variables, unfulfilled_lint_expectations)]
+/// use deferred_core::deferred_handler;
+/// use lambda_runtime::LambdaEvent;
+/// use serde_json::Value;
+///
+/// #[deferred_handler]
+/// async fn handler(
+///     #[expect(unused_variables, reason = "the context is not needed yet")]
+///     LambdaEvent { payload, context }: LambdaEvent<Value>,
+/// ) -> Value {
+///     payload
+/// }
+/// ```
+///
 /// `const fn` and `extern` functions are rejected; `unsafe fn` works. A function with any
 /// other argument list does not compile:
 ///
