@@ -12,6 +12,7 @@ use syn::{
 
 use crate::args::Args;
 use crate::item::HandlerFn;
+use crate::lints;
 use crate::signature;
 
 /// `#[deferred_handler(args)] item`.
@@ -92,8 +93,9 @@ struct EventArg {
     ident: Ident,
     /// `let <the user's pattern> = <ident>;`, the first statement of the body.
     binding: TokenStream,
-    /// Where errors about the argument's type point.
-    ty_span: Span,
+    /// Where errors about the argument's type point: its first token and its last (a span
+    /// cannot be joined on stable).
+    ty_span: (Span, Span),
 }
 
 impl EventArg {
@@ -105,9 +107,13 @@ impl EventArg {
     /// ("`event` does not live long enough"), not as a temporary of the generated code. Any
     /// other pattern gets a name of our own in the signature, hygienic (`mixed_site`) so it
     /// cannot clash with the user's names. Either way the parameter's lint attributes apply to
-    /// the rebinding too ([`binding_lints`]).
+    /// the rebinding too ([`lints::for_rebinding`]).
     fn bind(arg: &mut PatType) -> Self {
-        let ty_span = arg.ty.span();
+        let last = arg.ty.to_token_stream().into_iter().last();
+        let ty_span = (
+            arg.ty.span(),
+            last.map_or(arg.ty.span(), |token| token.span()),
+        );
         if let Pat::Ident(
             pat @ PatIdent {
                 by_ref: None,
@@ -127,7 +133,7 @@ impl EventArg {
                 .set_span(Span::mixed_site().located_at(user.span()));
             let ident = pat.ident.clone();
             let mutability = pat.mutability.take();
-            let lints = binding_lints(&mut arg.attrs);
+            let lints = lints::for_rebinding(&mut arg.attrs);
             return Self {
                 binding: quote! {
                     #(#lints)* let #mutability #user = ::core::convert::identity(#ident);
@@ -146,41 +152,13 @@ impl EventArg {
             subpat: None,
         });
         let pattern = mem::replace(&mut *arg.pat, generated);
-        let lints = binding_lints(&mut arg.attrs);
+        let lints = lints::for_rebinding(&mut arg.attrs);
         Self {
             binding: quote!(#(#lints)* let #pattern = #ident;),
             ident,
             ty_span,
         }
     }
-}
-
-/// The parameter's lint attributes, for the rebinding in the body, where the lints about the
-/// user's names (`unused_variables`, `unused_mut`) now fire.
-///
-/// `#[allow]`, `#[warn]`, `#[deny]` and `#[forbid]` are copied, so they still cover the
-/// signature's type. `#[expect]` is moved: an expectation in both places would go unfulfilled
-/// in one, and the lints about the name fire only on the rebinding now (the signature's name
-/// is generated code). An expectation of a lint on the type (`#[expect(deprecated)]`) is
-/// therefore not met: `#[allow]` it instead. A `#[cfg_attr(..)]` (on a parameter rustc
-/// accepts only lint attributes in one) may hold an `expect`, so it is moved too.
-fn binding_lints(attrs: &mut Vec<syn::Attribute>) -> Vec<syn::Attribute> {
-    let mut lints = Vec::new();
-    attrs.retain_mut(|attr| {
-        let Some(name) = attr.path().get_ident().map(Ident::to_string) else {
-            return true;
-        };
-        match name.as_str() {
-            "allow" | "warn" | "deny" | "forbid" => lints.push(attr.clone()),
-            "expect" | "cfg_attr" => {
-                lints.push(attr.clone());
-                return false;
-            }
-            _ => {}
-        }
-        true
-    });
-    lints
 }
 
 fn rewrite(mut handler: HandlerFn, args: &Args) -> TokenStream {
@@ -203,12 +181,15 @@ fn rewrite(mut handler: HandlerFn, args: &Args) -> TokenStream {
         binding,
         ty_span,
     } = event;
-    // The same variable, located at the type: an argument that carries no context is
-    // reported there. (Naming the type here instead would take it out of reach of the
-    // parameter's lint attributes.)
-    let mut argument = event.clone();
-    argument.set_span(argument.span().located_at(ty_span));
-    let invocation = quote_spanned!(ty_span=> #private::invocation(&#argument));
+    // An argument that carries no context is reported on its type: the expression
+    // `(&event,).0` runs from the tuple's parenthesis, at the type's first token, to the `0`,
+    // at its last, so that is what rustc underlines. (Naming the type here instead would take
+    // it out of reach of the parameter's lint attributes.)
+    let (first, last) = ty_span;
+    let mut tuple = proc_macro2::Group::new(proc_macro2::Delimiter::Parenthesis, quote!(&#event,));
+    tuple.set_span(first);
+    let reference = quote_spanned!(last=> #tuple.0);
+    let invocation = quote_spanned!(first=> #private::invocation(#reference));
 
     let flush_timeout = match args.flush_timeout {
         Some(timeout) => {
@@ -353,7 +334,7 @@ mod tests {
             },
         );
         assert!(out.contains("# [doc = r\" Docs.\"] pub async fn handler (event : LambdaEvent < Value >) -> Result < Value , Error >"), "{out}");
-        assert!(out.contains(":: deferred_core :: __private :: scope (:: deferred_core :: __private :: invocation (& event)"), "{out}");
+        assert!(out.contains(":: deferred_core :: __private :: scope (:: deferred_core :: __private :: invocation ((& event ,) . 0)"), "{out}");
         assert!(out.contains("flush_timeout : :: core :: option :: Option :: Some (:: core :: time :: Duration :: from_nanos (250000000))"), "{out}");
         assert!(
             out.contains("if false { return < Result < Value , Error > as :: deferred_core :: __private :: FakeReturn > :: fake_return () ; }"),
@@ -382,7 +363,10 @@ mod tests {
             out.contains("let LambdaEvent { payload , .. } = __deferred_event ;"),
             "{out}"
         );
-        assert!(out.contains("invocation (& __deferred_event)"), "{out}");
+        assert!(
+            out.contains("invocation ((& __deferred_event ,) . 0)"),
+            "{out}"
+        );
         assert!(
             out.contains("flush_timeout : :: core :: option :: Option :: None"),
             "{out}"
@@ -420,12 +404,12 @@ mod tests {
             ),
         );
         assert!(
-            out.contains("} # [allow (unused_mut)] # [expect (unused_variables)] # [cfg_attr (all () , deny (unused))] let mut event = :: core :: convert :: identity (event) ;"),
+            out.contains("} # [allow (unused_mut)] # [expect (unused_variables ,)] # [cfg_attr (all () , deny (unused))] let mut event = :: core :: convert :: identity (event) ;"),
             "{out}"
         );
-        // Copied, moved, moved.
+        // Copied, moved (a lint about the name: see `lints`), copied.
         assert!(
-            out.contains("async fn h (# [allow (unused_mut)] # [doc = r\" Kept.\"] event : E ,)"),
+            out.contains("async fn h (# [allow (unused_mut)] # [cfg_attr (all () , deny (unused))] # [doc = r\" Kept.\"] event : E ,)"),
             "{out}"
         );
     }
@@ -443,7 +427,7 @@ mod tests {
             out.contains("let mut _event = :: core :: convert :: identity (_event) ;"),
             "{out}"
         );
-        assert!(out.contains("invocation (& _event)"), "{out}");
+        assert!(out.contains("invocation ((& _event ,) . 0)"), "{out}");
     }
 
     #[test]

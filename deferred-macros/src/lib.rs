@@ -5,7 +5,8 @@
 //! `::deferred_core::__private::…` (or the path given with `crate = "…"`) and `::core::…`.
 //!
 //! Layout: `args` reads the attribute's arguments, `item` reads the function, `signature`
-//! checks it and finds the event argument, `expand` writes the rewritten function.
+//! checks it and finds the event argument, `lints` splits the argument's lint attributes
+//! between the signature and the body, `expand` writes the rewritten function.
 //!
 //! What the rewrite looks like (paths shortened):
 //!
@@ -15,7 +16,7 @@
 //!
 //! pub async fn handler(event: LambdaEvent<Value>) -> Result<Value, Error> {
 //!     ::deferred_core::__private::scope(
-//!         ::deferred_core::__private::invocation(&event),
+//!         ::deferred_core::__private::invocation((&event,).0), // spans the argument's type
 //!         ::deferred_core::__private::Options {
 //!             flush_timeout: ::core::option::Option::Some(
 //!                 ::core::time::Duration::from_nanos(10000000000),
@@ -40,6 +41,7 @@
 mod args;
 mod expand;
 mod item;
+mod lints;
 mod signature;
 
 use proc_macro::TokenStream;
@@ -132,9 +134,10 @@ use proc_macro::TokenStream;
 ///
 /// Lint attributes on the argument work as without the attribute: the argument is re-bound at
 /// the top of the body, under its own name or pattern, and its `#[allow]`, `#[warn]`,
-/// `#[deny]` and `#[forbid]` cover both that binding and the argument's type. `#[expect]` goes
-/// to the binding, where the lints about the name fire (`unused_variables`, `unused_mut`,
-/// `non_snake_case`); for a lint on the type, use `#[allow]`.
+/// `#[deny]` and `#[forbid]` cover both that binding and the argument's type. An `#[expect]`
+/// is split by lint: the lints about the name (`unused_variables`, `unused_mut`,
+/// `non_snake_case`, clippy's binding lints) are expected on the binding, the others on the
+/// type.
 ///
 /// ```
 /// # #![deny(unused_variables, unfulfilled_lint_expectations)]

@@ -36,14 +36,14 @@ async fn destructured_allowed(
     payload + 1
 }
 
-// `non_snake_case` fires on the signature's name and on the rebinding's.
+// `non_snake_case` fires on the rebinding's name (the signature's is generated code).
 #[deferred_handler]
-async fn expected_in_both(#[expect(non_snake_case)] Event: LambdaEvent<u8>) -> u8 {
+async fn expected_on_name(#[expect(non_snake_case)] Event: LambdaEvent<u8>) -> u8 {
     Event.payload
 }
 
 #[deferred_handler]
-async fn allowed_in_both(#[allow(non_snake_case)] Event: LambdaEvent<u8>) -> u8 {
+async fn allowed_on_name(#[allow(non_snake_case)] Event: LambdaEvent<u8>) -> u8 {
     Event.payload
 }
 
@@ -52,6 +52,22 @@ async fn allowed_in_both(#[allow(non_snake_case)] Event: LambdaEvent<u8>) -> u8 
 #[deferred_handler]
 async fn qualified(#[allow(unused_qualifications)] event: lambda_runtime::LambdaEvent<u8>) -> u8 {
     event.payload
+}
+
+#[deferred_handler]
+async fn qualified_conditionally(
+    #[cfg_attr(all(), allow(unused_qualifications))] event: lambda_runtime::LambdaEvent<u8>,
+) -> u8 {
+    event.payload
+}
+
+// One expectation fires on the type, the other on the name: both are met.
+#[deferred_handler]
+async fn expected_on_type_and_name(
+    #[expect(unused_qualifications, unused_variables, reason = "both fire")]
+    event: lambda_runtime::LambdaEvent<u8>,
+) -> u8 {
+    3
 }
 
 #[deferred_handler]
@@ -72,9 +88,11 @@ async fn main() {
     assert_eq!(unused(event()).await, 7);
     assert_eq!(destructured_unused(event()).await, 1);
     assert_eq!(destructured_allowed(event()).await, 2);
-    assert_eq!(expected_in_both(event()).await, 1);
-    assert_eq!(allowed_in_both(event()).await, 1);
+    assert_eq!(expected_on_name(event()).await, 1);
+    assert_eq!(allowed_on_name(event()).await, 1);
     assert_eq!(qualified(event()).await, 1);
+    assert_eq!(qualified_conditionally(event()).await, 1);
+    assert_eq!(expected_on_type_and_name(event()).await, 3);
     assert_eq!(ignored(event()).await, 8);
     assert_eq!(underscore_mutated(event()).await, 2);
 }
