@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use deferred_testkit::emulator::{EmulatorConfig, Fault, InvokeOutcome};
 use serde_json::json;
-use support::{phase_end, start, trace_id};
+use support::{Env, phase_end, start, trace_id};
 
 fn config() -> EmulatorConfig {
     EmulatorConfig {
@@ -127,25 +127,31 @@ async fn under_start_a_lost_invoke_event_does_not_hold_the_response() {
             .await,
             "{fault:?}"
         );
-        let next = env
-            .invoke(json!({ "actions": [{ "name": "b", "ms": 50 }] }))
-            .await;
-        let t = env.completed(&next.request_id).await;
-        assert!(
-            phase_end(&t) >= t.mark("end:b").expect("b ended"),
-            "{fault:?}: chained again"
-        );
-        assert!(
-            env.logged(&format!(
-                "deferred phase (Chained) of \"{}\"",
-                next.request_id
-            ))
-            .await,
-            "{fault:?}"
-        );
-        let reports = env.logs_matching(&format!(") of \"{}\"", hit.request_id));
-        assert_eq!(reports.len(), 1, "{fault:?}: {reports:#?}");
+        chained_again_after(&env, &hit.request_id, &fault).await;
     }
+}
+
+/// After an invocation whose INVOKE event was lost: the next one is chained again, and the
+/// lost one was reported once (its inline phase; the event, should it still come, gets none).
+async fn chained_again_after(env: &Env, lost: &str, fault: &Fault) {
+    let next = env
+        .invoke(json!({ "actions": [{ "name": "b", "ms": 50 }] }))
+        .await;
+    let t = env.completed(&next.request_id).await;
+    assert!(
+        phase_end(&t) >= t.mark("end:b").expect("b ended"),
+        "{fault:?}"
+    );
+    assert!(
+        env.logged(&format!(
+            "deferred phase (Chained) of \"{}\"",
+            next.request_id
+        ))
+        .await,
+        "{fault:?}: the next invocation is chained again"
+    );
+    let reports = env.logs_matching(&format!(") of \"{lost}\""));
+    assert_eq!(reports.len(), 1, "{fault:?}: {reports:#?}");
 }
 
 /// The same loss, but before the handler starts (a slow middleware in front of it): the chain
@@ -176,24 +182,7 @@ async fn under_start_an_invoke_event_lost_before_the_handler_does_not_hold_the_r
             ran <= t.response_posted.expect("posted"),
             "{fault:?}: inline"
         );
-        let next = env
-            .invoke(json!({ "actions": [{ "name": "b", "ms": 50 }] }))
-            .await;
-        let t = env.completed(&next.request_id).await;
-        assert!(
-            phase_end(&t) >= t.mark("end:b").expect("b ended"),
-            "{fault:?}"
-        );
-        assert!(
-            env.logged(&format!(
-                "deferred phase (Chained) of \"{}\"",
-                next.request_id
-            ))
-            .await,
-            "{fault:?}: the next invocation is chained again"
-        );
-        let reports = env.logs_matching(&format!(") of \"{}\"", hit.request_id));
-        assert_eq!(reports.len(), 1, "{fault:?}: {reports:#?}");
+        chained_again_after(&env, &hit.request_id, &fault).await;
     }
 }
 
