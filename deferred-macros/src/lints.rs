@@ -4,10 +4,10 @@
 use std::mem;
 
 use proc_macro2::TokenStream;
-use quote::{ToTokens, quote};
+use quote::quote;
 use syn::parse::ParseStream;
 use syn::punctuated::Punctuated;
-use syn::{Attribute, Meta, Token};
+use syn::{Attribute, Meta, MetaList, Token};
 
 /// Lints that fire on a binding's name, so after the rewrite on the rebinding: the signature's
 /// name is generated code, which they skip.
@@ -58,24 +58,24 @@ pub(crate) fn for_rebinding(attrs: &mut Vec<Attribute>) -> Vec<Attribute> {
 /// A lint attribute as attributes for the signature and for the rebinding; `None` for any
 /// other attribute.
 fn split_attribute(attr: &Attribute) -> Option<(Vec<Attribute>, Vec<Attribute>)> {
-    let rebuild = |meta: TokenStream| {
-        syn::parse2(meta).ok().map(|meta| Attribute {
-            meta,
-            ..attr.clone()
-        })
+    let attributes = |metas: Vec<Meta>| -> Vec<Attribute> {
+        metas
+            .into_iter()
+            .map(|meta| Attribute {
+                meta,
+                ..attr.clone()
+            })
+            .collect()
     };
     if !attr.path().is_ident("cfg_attr") {
         let (signature, binding) = split_meta(&attr.meta)?;
-        let attributes = |metas: Vec<Meta>| {
-            metas
-                .iter()
-                .filter_map(|meta| rebuild(meta.to_token_stream()))
-                .collect()
-        };
         return Some((attributes(signature), attributes(binding)));
     }
     // `cfg_attr(condition, attr, …)`; one that does not parse is rustc's to report, in place.
-    let (condition, metas) = attr
+    let Meta::List(list) = &attr.meta else {
+        return None;
+    };
+    let (condition, metas) = list
         .parse_args_with(|input: ParseStream<'_>| {
             let condition: Meta = input.parse()?;
             input.parse::<Token![,]>()?;
@@ -92,15 +92,23 @@ fn split_attribute(attr: &Attribute) -> Option<(Vec<Attribute>, Vec<Attribute>)>
         binding.extend(to_binding);
     }
     let conditional = |metas: Vec<Meta>| {
-        if metas.is_empty() {
-            return Vec::new();
-        }
-        let path = attr.path();
-        rebuild(quote!(#path(#condition, #(#metas),*)))
-            .into_iter()
-            .collect()
+        let tokens = quote!(#condition, #(#metas),*);
+        attributes(with_tokens(list, (!metas.is_empty()).then_some(tokens)))
     };
     Some((conditional(signature), conditional(binding)))
+}
+
+/// `list` with `tokens` inside its parentheses; nothing for `None`.
+fn with_tokens(list: &MetaList, tokens: Option<TokenStream>) -> Vec<Meta> {
+    tokens
+        .map(|tokens| {
+            Meta::List(MetaList {
+                tokens,
+                ..list.clone()
+            })
+        })
+        .into_iter()
+        .collect()
 }
 
 /// `allow(…)`, `warn(…)`, `deny(…)`, `forbid(…)` or `expect(…)` as metas for the signature
@@ -123,14 +131,9 @@ fn split_meta(meta: &Meta) -> Option<(Vec<Meta>, Vec<Meta>)> {
                 .partition(|item| item.path().is_ident("reason"));
             let (name, other): (Vec<Meta>, Vec<Meta>) =
                 lints.into_iter().partition(is_about_the_name);
-            let path = &list.path;
-            let expect = |lints: Vec<Meta>| -> Vec<Meta> {
-                if lints.is_empty() {
-                    return Vec::new();
-                }
-                syn::parse2(quote!(#path(#(#lints,)* #(#reasons),*)))
-                    .into_iter()
-                    .collect()
+            let expect = |lints: Vec<Meta>| {
+                let tokens = quote!(#(#lints,)* #(#reasons),*);
+                with_tokens(list, (!lints.is_empty()).then_some(tokens))
             };
             Some((expect(other), expect(name)))
         }

@@ -145,12 +145,12 @@ impl Client {
         let uri: Uri = format!("http://{address}")
             .parse()
             .map_err(|e| ClientError::Endpoint(format!("{runtime_api:?}: {e}")))?;
-        let Some(authority) = uri.authority() else {
+        let authority = uri
+            .authority()
+            .filter(|authority| uri.query().is_none() && !authority.as_str().contains('@'));
+        let Some(authority) = authority else {
             return Err(invalid("is not host:port[/prefix]"));
         };
-        if uri.query().is_some() || authority.as_str().contains('@') {
-            return Err(invalid("is not host:port[/prefix]"));
-        }
         // The chain's own connection (`line.rs`) dials the authority as it is: without a port
         // it would fail where hyper falls back to port 80.
         if authority.port().is_none() {

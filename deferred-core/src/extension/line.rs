@@ -288,12 +288,12 @@ async fn read_response(
         match response.parse(&conn.buf) {
             Ok(httparse::Status::Complete(len)) => {
                 let status = response.code.unwrap_or(0);
-                // An interim answer (`100 Continue`) comes before the real one, which a client
-                // must read past even without asking for it (RFC 9110, 15.2).
                 if status == 101 {
                     // Not HTTP any more after it; the API never switches.
                     return Err(malformed("101 Switching Protocols".into()));
                 }
+                // An interim answer (`100 Continue`) comes before the real one, which a client
+                // must read past even without asking for it (RFC 9110, 15.2).
                 if (100..200).contains(&status) {
                     conn.buf.drain(..len);
                     continue;
@@ -636,7 +636,7 @@ mod tests {
         let event = result.expect("join").expect("event");
         assert!(matches!(event, NextEvent::Invoke(e) if e.request_id == "r-1"));
 
-        // A protocol switch is not read past either: the API never asks for one.
+        // A 204 fails at once; a protocol switch is not read past (the API never asks for one).
         for head in [
             "HTTP/1.1 204 No Content\r\n\r\n",
             "HTTP/1.1 101 Switching Protocols\r\n\r\n",
