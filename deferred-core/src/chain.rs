@@ -226,6 +226,7 @@ fn hold(core: &Arc<Core>, event: InvokeEvent, seq: u64) -> Option<(String, Insta
         // An event arrived: whatever a failed call lost was not a handler's still to start.
         s.lost_event = None;
         s.begun_unseen = false;
+        s.lost_to = None;
         let request_id = event.request_id.as_str();
         if s.was_closed(request_id) {
             // Its wrapper gave up waiting for this event and ran the work inline.

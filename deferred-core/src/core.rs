@@ -156,6 +156,9 @@ pub(crate) struct State {
     /// A wrapper started without its event since the last event arrived: a loss after that is
     /// its invocation's, not one still to start.
     pub(crate) begun_unseen: bool,
+    /// With the runtime layer: the invocation that [`lost_event`](Self::lost_event) was taken
+    /// for. Its job is parked as usual, but not waited for after the response.
+    pub(crate) lost_to: Option<String>,
 }
 
 const CLOSED_KEPT: usize = 16;
@@ -262,6 +265,7 @@ impl Core {
                 parked: None,
                 lost_event: None,
                 begun_unseen: false,
+                lost_to: None,
             }),
             layer_installed: AtomicBool::new(false),
             flush_failures: AtomicU32::new(0),
@@ -345,17 +349,21 @@ impl Core {
                 Some(_) => false,
                 None => {
                     // Its event lost by a failed call before the handler started (this is the
-                    // next handler to start without its event): without the layer the work
-                    // runs inline now, rather than after waiting for the event on the response
-                    // path. The layer does its waiting after the response.
+                    // next handler to start without its event): it must not be waited for.
+                    // Without the layer the work runs inline now, rather than after that wait
+                    // on the response path; with it, the job is parked as usual and run right
+                    // after the response ([`claim_parked`](Self::claim_parked)).
                     state.begun_unseen = true;
                     let lost = state
                         .lost_event
                         .take()
-                        .is_some_and(|until| Instant::now() < until)
-                        && !self.layer_installed();
-                    if state.chain == Chain::Armed && !lost {
+                        .is_some_and(|until| Instant::now() < until);
+                    let layer = self.layer_installed();
+                    if state.chain == Chain::Armed && (layer || !lost) {
                         state.expected = Some(request_id.to_owned());
+                        if lost {
+                            state.lost_to = Some(request_id.to_owned());
+                        }
                     } else {
                         // The chain is broken (or stopped), or the event lost: the work runs
                         // inline. Closed, so that the INVOKE event, should a retried
@@ -531,11 +539,13 @@ impl Core {
             .filter(|job| job.request_id == request_id)
             .and_then(|job| job.deadline);
         // Taken by its event, or the event will not come: the call failed (the chain is
-        // broken, or was and closed this invocation) or was answered with another invocation.
+        // broken, or was and closed this invocation; or it failed before the handler started,
+        // losing this event) or was answered with another invocation.
         let settled = rx.wait_for(|s| {
-            s.parked
-                .as_ref()
-                .is_none_or(|job| job.request_id != request_id)
+            s.lost_to.as_deref() == Some(request_id)
+                || s.parked
+                    .as_ref()
+                    .is_none_or(|job| job.request_id != request_id)
                 || s.chain == Chain::Broken
                 || s.chain == Chain::Stopped
                 || s.slot.is_some()
@@ -545,6 +555,7 @@ impl Core {
         let mut job = None;
         self.state.send_if_modified(|state| {
             job = state.parked.take_if(|job| job.request_id == request_id);
+            state.lost_to.take_if(|id| id == request_id);
             if job.is_some() && !state.was_closed(request_id) {
                 state.close(request_id.to_owned());
             }

@@ -157,32 +157,50 @@ async fn chained_again_after(env: &Env, lost: &str, fault: &Fault) {
 /// The same loss, but before the handler starts (a slow middleware in front of it): the chain
 /// has failed, backed off and re-armed by then, so nothing is left for the wrapper to see
 /// waiting on. The failed call said it lost an event, and the first handler to start without
-/// its event is that event's: its work runs inline at once instead of after a 1 s wait on the
-/// response path. The next invocation is chained again.
+/// its event is that event's. Under `start` its work runs inline at once instead of after a 1 s
+/// wait on the response path; under `run` it runs right after the response instead of after a
+/// 1 s wait that holds the environment. The next invocation is chained again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn under_start_an_invoke_event_lost_before_the_handler_does_not_hold_the_response() {
-    for fault in [
-        Fault::EventNextCloseMidBody,
-        Fault::EventNextMalformedBody,
-        Fault::EventNextUnknownEventType,
-    ] {
-        let env = start("start", config(), &[("HANDLER_START_DELAY_MS", "150")]).await;
-        env.emulator.faults().once(fault.clone());
-        let hit = env.invoke(json!({ "actions": [{ "name": "a" }] })).await;
-        assert!(hit.outcome.is_success(), "{fault:?}: {:?}", hit.outcome);
-        let t = env.completed(&hit.request_id).await;
-        let answered = t.response_posted.expect("posted") - t.invoked;
-        // The 150 ms delay, plus a generous slack; waiting the event out takes 1 s more.
-        assert!(
-            answered < Duration::from_millis(700),
-            "{fault:?}: the response waited {answered:?}"
-        );
-        let ran = t.mark("end:a").expect("the action ran");
-        assert!(
-            ran <= t.response_posted.expect("posted"),
-            "{fault:?}: inline"
-        );
-        chained_again_after(&env, &hit.request_id, &fault).await;
+async fn an_invoke_event_lost_before_the_handler_is_not_waited_for() {
+    for mode in ["start", "run"] {
+        for fault in [
+            Fault::EventNextCloseMidBody,
+            Fault::EventNextMalformedBody,
+            Fault::EventNextUnknownEventType,
+        ] {
+            let env = start(mode, config(), &[("HANDLER_START_DELAY_MS", "150")]).await;
+            env.emulator.faults().once(fault.clone());
+            let hit = env.invoke(json!({ "actions": [{ "name": "a" }] })).await;
+            assert!(
+                hit.outcome.is_success(),
+                "{mode} {fault:?}: {:?}",
+                hit.outcome
+            );
+            let t = env.completed(&hit.request_id).await;
+            let posted = t.response_posted.expect("posted");
+            let next = t.runtime_next.expect("the runtime asked for the next one");
+            // The 150 ms delay, plus a generous slack; waiting the event out takes 1 s more.
+            let answered = posted - t.invoked;
+            assert!(
+                answered < Duration::from_millis(700),
+                "{mode} {fault:?}: the response waited {answered:?}"
+            );
+            let ran = t.mark("end:a").expect("the action ran");
+            if mode == "start" {
+                assert!(ran <= posted, "{mode} {fault:?}: inline");
+            } else {
+                assert!(
+                    posted <= ran && ran <= next,
+                    "{mode} {fault:?}: after the response, before the next /next"
+                );
+                assert!(
+                    next - posted < Duration::from_millis(500),
+                    "{mode} {fault:?}: the environment was held {:?} after the response",
+                    next - posted
+                );
+            }
+            chained_again_after(&env, &hit.request_id, &fault).await;
+        }
     }
 }
 
