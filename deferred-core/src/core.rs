@@ -294,7 +294,7 @@ impl Core {
     }
 
     /// Called by the wrapper when a handler starts: no waiting on the response path.
-    pub(crate) fn begin(&self, request_id: &str) -> Ticket {
+    pub(crate) fn begin(self: &Arc<Self>, request_id: &str) -> Ticket {
         match self.mode {
             Mode::Inline => return Ticket::Inline,
             Mode::Background => return Ticket::Background,
@@ -315,6 +315,7 @@ impl Core {
         }
         let mut ticket = Ticket::Chained(request_id.to_owned());
         let mut release = None;
+        let mut orphan = None;
         self.state.send_if_modified(|state| {
             if state.was_closed(request_id) {
                 ticket = Ticket::Inline;
@@ -339,6 +340,7 @@ impl Core {
                     );
                     let stale = slot.event.request_id.clone();
                     release = Some(slot.seq);
+                    orphan = slot.job.take();
                     state.slot = None;
                     state.chain = Chain::Armed;
                     state.close(stale);
@@ -379,6 +381,11 @@ impl Core {
         // The released event has no phase: the next call may go out now.
         if let Some(seq) = release {
             self.arm(seq);
+        }
+        // The stale event's job (its handler returned, its response not seen): its actions
+        // still run, beside this invocation's, rather than being dropped with the event.
+        if let Some(job) = orphan {
+            self.spawn_background(job);
         }
         ticket
     }
@@ -1264,6 +1271,17 @@ mod tests {
         assert!(core.state.borrow().was_closed("r-1"));
         assert_eq!(core.begin("r-2"), Ticket::Chained("r-2".into()));
 
+        // With the layer, the work runs after the response: the job is parked as usual, but
+        // marked as the loss's, so the layer does not wait for its event.
+        let core = Core::new(Config::default(), Mode::Extension);
+        core.layer_installed.store(true, Ordering::Release);
+        core.state.send_modify(|s| s.call_failed(lost()));
+        core.state.send_modify(|s| s.chain = Chain::Armed);
+        assert_eq!(core.begin("r-1"), Ticket::Chained("r-1".into()));
+        assert_eq!(core.state.borrow().lost_to.as_deref(), Some("r-1"));
+        assert_eq!(core.begin("r-2"), Ticket::Chained("r-2".into()));
+        assert_eq!(core.state.borrow().lost_to.as_deref(), Some("r-1"));
+
         // Started during the backoff (inline, the chain being broken): the loss was that
         // handler's, not the next one's.
         let core = Core::new(Config::default(), Mode::Extension);
@@ -1295,6 +1313,53 @@ mod tests {
         core.state.send_modify(|s| s.call_failed(Some(expired)));
         core.state.send_modify(|s| s.chain = Chain::Armed);
         assert_eq!(core.begin("r-1"), Ticket::Chained("r-1".into()));
+    }
+
+    /// The runtime starts a handler for another invocation than the one whose event (and
+    /// finished handler's job) the chain holds: this invocation runs inline, and the held job's
+    /// actions still run rather than being dropped with the released event.
+    #[tokio::test]
+    async fn a_held_job_of_a_mismatched_event_still_runs() {
+        let core = Core::new(Config::default(), Mode::Extension);
+        core.layer_installed.store(true, Ordering::Release);
+        let ran = Arc::new(AtomicBool::new(false));
+        let queue = Queue::new(1);
+        let r = ran.clone();
+        crate::scope::with_queue(queue.clone(), async move {
+            crate::scope::defer(None, async move { r.store(true, Ordering::SeqCst) }).unwrap();
+        })
+        .await;
+        let now = Instant::now();
+        core.state.send_modify(|s| {
+            s.chain = Chain::Holding;
+            s.slot = Some(Slot {
+                event: InvokeEvent {
+                    request_id: "r-1".into(),
+                    deadline: SystemTime::now() + Duration::from_secs(60),
+                    invoked_function_arn: None,
+                    trace_id: None,
+                },
+                seq: 1,
+                stray_at: now + Duration::from_secs(60),
+                phase_end: now + Duration::from_secs(60),
+                watch_from: now + Duration::from_secs(60),
+                claimed: true,
+                job: Some(Job {
+                    queue,
+                    ..inline_job("r-1")
+                }),
+                responded: false,
+            });
+        });
+        assert_eq!(core.begin("r-2"), Ticket::Inline);
+        let state = core.state.borrow();
+        assert!(state.slot.is_none() && state.chain == Chain::Armed);
+        assert!(state.was_closed("r-1") && state.was_closed("r-2"));
+        drop(state);
+        let mut tasks = std::mem::take(&mut *lock(&core.background));
+        let joined = tokio::time::timeout(Duration::from_secs(5), tasks.join_next()).await;
+        assert!(matches!(joined, Ok(Some(Ok(())))), "{joined:?}");
+        assert!(ran.load(Ordering::SeqCst), "the held job's action ran");
     }
 
     /// A loss that a handler still to start can claim for a second.
