@@ -6,7 +6,8 @@
 //! lambda-deferred's own cost to a bound in CI. Each mode runs twice, each time in a fresh
 //! function under `valgrind --tool=callgrind`: [`SHORT`] and [`LONG`] invocations after the
 //! same warm-up. The difference of the two totals over the difference of the two counts
-//! cancels the start-up and the shutdown.
+//! cancels the start-up and the shutdown. With `BENCH_CALLGRIND_DIR=<dir>` the output files
+//! are kept there (`<mode>-<invocations>.callgrind`), for `callgrind_annotate`.
 
 use std::path::Path;
 use std::process::Command;
@@ -64,7 +65,11 @@ pub(crate) async fn measure(
     modes: &[(&'static str, &'static str)],
     bar: ProgressBar,
 ) -> Result<Vec<Count>, Error> {
-    let dir = std::env::temp_dir().join(format!("bench-callgrind-{}", std::process::id()));
+    // `BENCH_CALLGRIND_DIR` keeps the output files there, for `callgrind_annotate`.
+    let keep = std::env::var_os("BENCH_CALLGRIND_DIR").map(std::path::PathBuf::from);
+    let dir = keep.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("bench-callgrind-{}", std::process::id()))
+    });
     std::fs::create_dir_all(&dir)?;
     let mut counts = Vec::new();
     for &(mode, label) in modes {
@@ -78,8 +83,10 @@ pub(crate) async fn measure(
             per_invocation: long.saturating_sub(short) as f64 / (LONG - SHORT) as f64,
         });
     }
-    // Best effort: the files are in the system's temporary directory.
-    let _ = std::fs::remove_dir_all(&dir);
+    if keep.is_none() {
+        // Best effort: the files are in the system's temporary directory.
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     Ok(counts)
 }
 
