@@ -248,6 +248,32 @@ mod tests {
         panic!("the queued action was lost");
     }
 
+    /// Dropped during its inline phase, while an action runs: the background phase that takes
+    /// the queue over waits for that action before it runs the next, so they stay in order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_handler_dropped_mid_action_keeps_its_actions_in_order() {
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (a, b) = (log.clone(), log.clone());
+        let handler = run(invocation(), Options::default(), async move {
+            defer(None, async move {
+                a.lock().unwrap().push("a start");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                a.lock().unwrap().push("a end");
+            })
+            .unwrap();
+            defer(None, async move { b.lock().unwrap().push("b") }).unwrap();
+        });
+        // The body is done and the inline phase runs `a` when the timeout drops it.
+        let _ = tokio::time::timeout(Duration::from_millis(100), handler).await;
+        for _ in 0..100 {
+            if log.lock().unwrap().len() == 3 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(*log.lock().unwrap(), ["a start", "a end", "b"]);
+    }
+
     /// A background handler future dropped outside a tokio runtime (say, by a runtime being
     /// torn down): its work is said to be lost, rather than a panic in `drop`, which aborts
     /// the process when it is already unwinding.

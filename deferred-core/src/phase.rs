@@ -8,11 +8,12 @@ use std::time::{Duration, SystemTime};
 use opentelemetry::trace::SpanContext;
 use tokio::time::Instant;
 
+use crate::action::ActionLabel;
 use crate::flush::{Flusher, NotStarted};
 use crate::report::{
     ActionOutcome, ActionReport, CutReason, FlushOutcome, FlushReport, PhaseKind, PhaseReport,
 };
-use crate::scope::{Queue, with_queue};
+use crate::scope::{Next, Queue, RunningAction, with_queue};
 
 /// Lambda's longest function timeout: the bound when an invocation's deadline is unknown.
 pub(crate) const MAX_FUNCTION_TIMEOUT: Duration = Duration::from_secs(15 * 60);
@@ -125,22 +126,26 @@ pub(crate) async fn run_actions_stage(
     // The flush keeps a reserve: its own timeout, but at most half of what is left, so that a
     // long flush_timeout on a short function does not leave the actions no time at all.
     let left = budget.end.saturating_duration_since(started);
-    // Without flushers, the reserve is the wait for a cut action to let go (`ABORT_GRACE`),
-    // so that the phase still ends by `budget.end`; with them, that wait is in the flush's.
+    // Never less than the wait for a cut action to let go (`ABORT_GRACE`), so that the phase
+    // still ends by `budget.end` when the action's thread is blocked (a short flush_timeout, or
+    // little time left).
+    let grace = ABORT_GRACE.min(left);
     let reserve = if flushers.is_empty() {
-        ABORT_GRACE.min(left)
+        grace
     } else {
-        job.flush_timeout.min(left / 2)
+        job.flush_timeout.min(left / 2).max(grace)
     };
     let actions_end = budget.end.checked_sub(reserve).unwrap_or(started);
     let actions = run_actions(&job.queue, actions_end, &mut cut, started, &mut stop).await;
 
     // On shutdown the final flush flushes everything; this phase yields to it at once, and
-    // says so (its own flush did not run).
-    if stop.is_set() && !flushers.is_empty() && !cut.contains(&CutReason::Shutdown) {
+    // says so (its own flush did not run). Read once: a stop set between two reads would skip
+    // the flush without saying so.
+    let stopped = stop.is_set();
+    if stopped && !flushers.is_empty() && !cut.contains(&CutReason::Shutdown) {
         cut.push(CutReason::Shutdown);
     }
-    let flush_end = (!stop.is_set()).then(|| {
+    let flush_end = (!stopped).then(|| {
         // `checked_add`: however long `flush_timeout` is, it must not overflow the clock.
         Instant::now()
             .checked_add(job.flush_timeout)
@@ -191,32 +196,52 @@ async fn run_actions(
     // One at a time rather than a drained list: an action may queue more actions, which run
     // after it. Once it is empty the queue is closed: an abandoned action that runs on cannot
     // queue work that nothing would run (its `defer!` fails instead).
-    while let Some(action) = queue.pop_or_close() {
-        let label = action.label();
-        if !cut_short && stop.is_set() {
-            cut_short = true;
-            cut.push(CutReason::Shutdown);
-        }
-        if !cut_short && Instant::now() >= end {
-            cut_short = true;
-            cut.push(CutReason::ActionBudget {
-                budget: end.saturating_duration_since(started),
-            });
-        }
-        if cut_short {
-            reports.push(ActionReport {
-                label,
-                offset: started.elapsed(),
-                duration: Duration::ZERO,
-                outcome: ActionOutcome::NotRun,
-            });
-            continue;
-        }
+    loop {
+        // First the action a dropped phase of this queue left running: it is waited for (or
+        // cut) like one started here, so that the next one does not run beside it.
+        let Some(next) = queue.next() else {
+            break;
+        };
+        let (label, task) = match next {
+            Next::Running(running) => (running.label, running.task),
+            Next::Queued(action) => {
+                let label = action.label();
+                if !cut_short && stop.is_set() {
+                    cut_short = true;
+                    cut.push(CutReason::Shutdown);
+                }
+                if !cut_short && Instant::now() >= end {
+                    cut_short = true;
+                    cut.push(CutReason::ActionBudget {
+                        budget: end.saturating_duration_since(started),
+                    });
+                }
+                if cut_short {
+                    reports.push(ActionReport {
+                        label,
+                        offset: started.elapsed(),
+                        duration: Duration::ZERO,
+                        outcome: ActionOutcome::NotRun,
+                    });
+                    continue;
+                }
+                // A task of its own: a panic is caught by tokio, and an overrun can be aborted.
+                (
+                    label,
+                    tokio::spawn(with_queue(queue.clone(), action.future)),
+                )
+            }
+        };
         let begun = Instant::now();
-        // A task of its own: a panic is caught by tokio, and an overrun can be aborted.
-        let mut task = tokio::spawn(with_queue(queue.clone(), action.future));
+        // Should this phase be dropped while it waits (an inline phase under a timeout around
+        // the handler), the task goes back to the queue for the phase that takes it over.
+        let mut flight = InFlight {
+            queue,
+            running: Some(RunningAction { label, task }),
+        };
+        let task = flight.task();
         let finished = tokio::select! {
-            finished = tokio::time::timeout_at(end, &mut task) => finished.ok(),
+            finished = tokio::time::timeout_at(end, &mut *task) => finished.ok(),
             () = stop.wait() => None,
         };
         let outcome = match finished {
@@ -230,18 +255,21 @@ async fn run_actions(
                 // Abandoned. Wait (briefly) for its future to be dropped: it holds the spans
                 // it was queued in, which must close before the flush to be in it.
                 task.abort();
-                let _ = tokio::time::timeout(ABORT_GRACE, &mut task).await;
-                cut_short = true;
-                cut.push(if stop.is_set() {
-                    CutReason::Shutdown
-                } else {
-                    CutReason::ActionBudget {
-                        budget: end.saturating_duration_since(started),
-                    }
-                });
+                let _ = tokio::time::timeout(ABORT_GRACE, &mut *task).await;
+                if !cut_short {
+                    cut_short = true;
+                    cut.push(if stop.is_set() {
+                        CutReason::Shutdown
+                    } else {
+                        CutReason::ActionBudget {
+                            budget: end.saturating_duration_since(started),
+                        }
+                    });
+                }
                 ActionOutcome::TimedOut
             }
         };
+        let label = flight.done();
         reports.push(ActionReport {
             label,
             offset: begun.saturating_duration_since(started),
@@ -254,6 +282,37 @@ async fn run_actions(
 
 /// How long an aborted action's task may take to be dropped.
 const ABORT_GRACE: Duration = Duration::from_millis(20);
+
+/// The action a phase is waiting for; back to its queue if the phase is dropped meanwhile.
+struct InFlight<'a> {
+    queue: &'a Queue,
+    running: Option<RunningAction>,
+}
+
+impl InFlight<'_> {
+    fn task(&mut self) -> &mut tokio::task::JoinHandle<Result<(), String>> {
+        match &mut self.running {
+            Some(running) => &mut running.task,
+            None => unreachable!("taken only by `done`, which consumes it"),
+        }
+    }
+
+    /// The wait is over: the action's label, for its report.
+    fn done(mut self) -> ActionLabel {
+        match self.running.take() {
+            Some(running) => running.label,
+            None => unreachable!("taken only here"),
+        }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if let Some(running) = self.running.take() {
+            self.queue.adopt(running);
+        }
+    }
+}
 
 /// Runs every flusher at once, each on its own blocking thread, all bounded by `end`: one slow
 /// or failing provider does not hold up or stop the others.
@@ -561,6 +620,145 @@ mod tests {
             Budget::new(Some(in_an_hour), Duration::ZERO).end
                 <= Instant::now() + MAX_FUNCTION_TIMEOUT
         );
+    }
+
+    /// A phase dropped while it waits for an action (an inline phase under a timeout around
+    /// the handler) does not leave that action running loose: the next phase of the queue
+    /// waits for it, then runs the next action, so the actions still run one at a time, in
+    /// order, and the running one is reported.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dropped_phase_hands_its_running_action_to_the_next() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (a, b) = (log.clone(), log.clone());
+        let queue = queue_with(|| {
+            defer(Some("a".into()), async move {
+                a.lock().unwrap().push("a start");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                a.lock().unwrap().push("a end");
+            })
+            .unwrap();
+            defer(Some("b".into()), async move {
+                b.lock().unwrap().push("b");
+            })
+            .unwrap();
+        })
+        .await;
+        let first = run(
+            job(queue.clone(), Duration::from_secs(1)),
+            &[],
+            budget(10),
+            PhaseKind::Inline,
+            no_stop(),
+        );
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), first)
+                .await
+                .is_err()
+        );
+        assert_eq!(queue.len(), 2, "a (running) and b");
+        let report = run(
+            job(queue, Duration::from_secs(1)),
+            &[],
+            budget(10),
+            PhaseKind::Background,
+            no_stop(),
+        )
+        .await;
+        assert_eq!(*log.lock().unwrap(), ["a start", "a end", "b"]);
+        let ran: Vec<_> = report
+            .actions
+            .iter()
+            .map(|a| (a.label.to_string(), a.outcome.clone()))
+            .collect();
+        assert!(
+            matches!(&ran[..], [(a, ActionOutcome::Ok), (b, ActionOutcome::Ok)] if a.starts_with("\"a\"") && b.starts_with("\"b\"")),
+            "{report}"
+        );
+
+        // Handed over past its budget, the running action is cut (aborted), not waited for.
+        let dropped = Arc::new(AtomicUsize::new(0));
+        struct OnDrop(Arc<AtomicUsize>);
+        impl Drop for OnDrop {
+            fn drop(&mut self) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let guard = OnDrop(dropped.clone());
+        let queue = queue_with(|| {
+            defer(None, async move {
+                let _guard = guard;
+                std::future::pending::<()>().await;
+            })
+            .unwrap();
+        })
+        .await;
+        let first = run(
+            job(queue.clone(), Duration::from_secs(1)),
+            &[],
+            budget(10),
+            PhaseKind::Inline,
+            no_stop(),
+        );
+        let _ = tokio::time::timeout(Duration::from_millis(50), first).await;
+        let report = run(
+            job(queue, Duration::from_secs(1)),
+            &[],
+            Budget {
+                end: Instant::now(),
+            },
+            PhaseKind::Background,
+            no_stop(),
+        )
+        .await;
+        assert_eq!(dropped.load(Ordering::SeqCst), 1, "aborted: {report}");
+        assert!(
+            matches!(
+                report.actions[..],
+                [ActionReport {
+                    outcome: ActionOutcome::TimedOut,
+                    ..
+                }]
+            ),
+            "{report}"
+        );
+        assert!(
+            matches!(report.cut[..], [CutReason::ActionBudget { .. }]),
+            "{report}"
+        );
+    }
+
+    /// The wait for a cut action to let go stays within the phase's end, flushers or not: an
+    /// action that blocks its thread cannot be dropped, so the whole grace is waited. (Four
+    /// workers: each case leaves one blocked for 300 ms, and the timers need one free.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn the_abort_grace_stays_within_the_budget_with_flushers() {
+        let flushers = [Flusher::new(flush_fn("f", || Ok::<(), FlushError>(())))];
+        for flush_timeout in [Duration::from_millis(1), Duration::from_secs(1)] {
+            let queue = queue_with(|| {
+                defer(None, async {
+                    std::thread::sleep(Duration::from_millis(300))
+                })
+                .unwrap();
+            })
+            .await;
+            // 30 ms: half of it (the flush's reserve) is under the abort grace.
+            let budget = Budget {
+                end: Instant::now() + Duration::from_millis(30),
+            };
+            let report = run(
+                job(queue, flush_timeout),
+                &flushers,
+                budget,
+                PhaseKind::Chained,
+                no_stop(),
+            )
+            .await;
+            let over = Instant::now().saturating_duration_since(budget.end);
+            assert!(
+                over <= Duration::from_millis(5),
+                "{flush_timeout:?}: the phase ended {over:?} past its end: {report}"
+            );
+        }
     }
 
     /// A zero `flush_timeout` leaves the flush no time: it is not run, and the phase says it

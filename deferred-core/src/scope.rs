@@ -8,7 +8,7 @@ use std::panic::Location;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::action::{Action, DeferredAction};
+use crate::action::{Action, ActionLabel, DeferredAction};
 use crate::context::Invocation;
 
 /// Options that `#[deferred_handler(...)]` passes for one handler.
@@ -106,8 +106,26 @@ pub(crate) struct Queue {
 #[derive(Debug, Default)]
 struct Actions {
     queued: VecDeque<Action>,
+    /// An action left running by a phase that was dropped while it awaited it (a timeout
+    /// around the handler, during an inline phase): the next phase of this queue waits for it
+    /// (or cuts it) before it starts the next action, so the actions still run one at a time.
+    running: Option<RunningAction>,
     /// The phase found the queue empty and went on: a later push would never run.
     closed: bool,
+}
+
+/// An action's task, started by a phase that is gone.
+#[derive(Debug)]
+pub(crate) struct RunningAction {
+    pub(crate) label: ActionLabel,
+    pub(crate) task: tokio::task::JoinHandle<Result<(), String>>,
+}
+
+/// See [`Queue::next`].
+#[derive(Debug)]
+pub(crate) enum Next {
+    Running(RunningAction),
+    Queued(Action),
 }
 
 impl Queue {
@@ -136,17 +154,28 @@ impl Queue {
         Ok(())
     }
 
-    /// The next action; when there is none, closes the queue (in the same step, so that no
+    /// What a phase does next: wait for the action a dropped phase left running, or start the
+    /// next queued one; when there is neither, closes the queue (in the same step, so that no
     /// action queued meanwhile is left behind).
-    pub(crate) fn pop_or_close(&self) -> Option<Action> {
+    pub(crate) fn next(&self) -> Option<Next> {
         let mut actions = lock(&self.actions);
+        if let Some(running) = actions.running.take() {
+            return Some(Next::Running(running));
+        }
         let next = actions.queued.pop_front();
         actions.closed = next.is_none();
-        next
+        next.map(Next::Queued)
     }
 
+    /// Hands the running action of a dropped phase to the next phase of this queue.
+    pub(crate) fn adopt(&self, running: RunningAction) {
+        lock(&self.actions).running = Some(running);
+    }
+
+    /// The actions still to run (or to wait for), the one left running included.
     pub(crate) fn len(&self) -> usize {
-        lock(&self.actions).queued.len()
+        let actions = lock(&self.actions);
+        actions.queued.len() + usize::from(actions.running.is_some())
     }
 }
 
