@@ -90,6 +90,29 @@ pub struct Deferred {
 pub enum StartError {
     /// `start` (or `run`) was called a second time in this process.
     AlreadyStarted,
+    /// A setting of the builder cannot work: a zero `flush_timeout` would never flush, a zero
+    /// `shutdown_timeout` would never run the final flush, and a zero `register_timeout` would
+    /// give up on the extension before the Runtime API could answer (every response would
+    /// then wait for its deferred work). Nothing was started: the process may call `start`
+    /// again with a working setting.
+    ///
+    /// ```
+    /// use deferred_core::{Deferred, StartError};
+    /// use std::time::Duration;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let error = Deferred::new().flush_timeout(Duration::ZERO).start().await.unwrap_err();
+    /// assert!(matches!(error, StartError::InvalidSetting { setting: "flush_timeout", .. }));
+    /// assert!(error.to_string().contains("flush_timeout"));
+    /// # }
+    /// ```
+    InvalidSetting {
+        /// The builder method that set it.
+        setting: &'static str,
+        /// Why it cannot work.
+        reason: &'static str,
+    },
 }
 
 impl fmt::Display for StartError {
@@ -99,6 +122,9 @@ impl fmt::Display for StartError {
                 "lambda-deferred is already started in this process (Deferred::start or run \
                  may be called once)",
             ),
+            Self::InvalidSetting { setting, reason } => {
+                write!(f, "Deferred::{setting}: {reason}")
+            }
         }
     }
 }
@@ -180,7 +206,8 @@ impl Deferred {
 
     /// Caps the flush of each phase (default 10 s); `#[deferred_handler(flush_timeout = …)]`
     /// overrides it per handler. Values above 15 minutes (Lambda's longest function timeout)
-    /// count as 15 minutes.
+    /// count as 15 minutes; zero is refused by [`start`](Self::start)
+    /// ([`StartError::InvalidSetting`]).
     ///
     /// A flusher still busy at the timeout is abandoned and reported
     /// [`TimedOut`](crate::FlushOutcome::TimedOut) (its blocking thread runs on):
@@ -302,9 +329,12 @@ impl Deferred {
 
     /// The time allowed for the final flush on SIGTERM (default 400 ms; Lambda kills the
     /// process 500 ms after SIGTERM when only internal extensions are registered). Values above
-    /// 15 minutes count as 15 minutes. It applies only where the core handles SIGTERM (see
+    /// 15 minutes count as 15 minutes; zero is refused by [`start`](Self::start). It bounds
+    /// the final flush on SIGTERM where the core handles it (see
     /// [`handle_sigterm`](Self::handle_sigterm)), as it does in Lambda once the extension is
-    /// registered (within `register_timeout` or later), and on Lambda Managed Instances.
+    /// registered (within `register_timeout` or later) and on Lambda Managed Instances; and,
+    /// in every mode, [`DeferredHandle::drain`] and the drain of [`run`](Self::run) when
+    /// lambda_runtime's loop fails.
     ///
     /// ```
     /// use std::time::Duration;
@@ -321,8 +351,9 @@ impl Deferred {
     /// How long `start` waits for the extension's registration before it gives up and runs
     /// deferred work inline (default 5 s; Lambda's whole init phase has 10 s). Should the
     /// registration answer later, the extension only acknowledges events from then on, so
-    /// Lambda never waits for it, and SIGTERM gets the final flush. Values above 15 minutes count as 15 minutes (anything above
-    /// Lambda's 10 s init limit only lets init fail first).
+    /// Lambda never waits for it, and SIGTERM gets the final flush. Values above 15 minutes
+    /// count as 15 minutes (anything above Lambda's 10 s init limit only lets init fail
+    /// first); zero is refused by [`start`](Self::start).
     ///
     /// ```
     /// use std::time::Duration;
@@ -528,6 +559,8 @@ impl Deferred {
     /// }
     /// ```
     pub async fn start(self) -> Result<DeferredHandle, StartError> {
+        // Checked before the claim below: a refused setting leaves the process free to start.
+        self.config.check()?;
         // Claimed before registering: a second, concurrent `start` must not register an
         // extension that nobody drives (Lambda would hold init for its `event/next`).
         static STARTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -911,6 +944,36 @@ fn log_refused(error: &ClientError) {
         %error,
         "extension registration failed: deferred work runs inline before each response (slower, nothing is lost)"
     );
+}
+
+impl Config {
+    /// Refuses the settings that cannot work (see [`StartError::InvalidSetting`]).
+    fn check(&self) -> Result<(), StartError> {
+        let zero = [
+            (
+                "flush_timeout",
+                self.flush_timeout,
+                "a flush_timeout of zero leaves no time for the flush: nothing would ever be \
+                 flushed (to flush nothing, add no flusher)",
+            ),
+            (
+                "shutdown_timeout",
+                self.shutdown_timeout,
+                "a shutdown_timeout of zero leaves no time for the final flush on SIGTERM or \
+                 drain (to leave SIGTERM to your own code, use handle_sigterm(false))",
+            ),
+            (
+                "register_timeout",
+                self.register_timeout,
+                "a register_timeout of zero gives up on the extension before the Runtime API \
+                 can answer: every response would wait for its deferred work",
+            ),
+        ];
+        match zero.into_iter().find(|(_, value, _)| value.is_zero()) {
+            Some((setting, _, reason)) => Err(StartError::InvalidSetting { setting, reason }),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Lambda's longest function timeout: no setting needs more, and a larger one (`Duration::MAX`)

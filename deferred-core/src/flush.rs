@@ -207,6 +207,8 @@ pub(crate) enum NotStarted {
     /// Its end (the deadline minus the margin, or `flush_timeout`) had come: the phase is
     /// cut ([`CutReason::FlushBudget`](crate::CutReason::FlushBudget)).
     NoTime,
+    /// In the final flush: `shutdown_timeout` was over.
+    NoShutdownTime,
     /// Its previous call has not returned (an earlier phase abandoned it).
     StillRunning,
     /// tokio could not start a thread for it; the panic's message.
@@ -217,6 +219,7 @@ impl fmt::Display for NotStarted {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::NoTime => f.write_str("no time left before the deadline or the flush_timeout"),
+            Self::NoShutdownTime => f.write_str("no time left within the shutdown_timeout"),
             Self::StillRunning => f.write_str("its previous flush is still running"),
             Self::NoThread(why) => write!(f, "no thread could be started for it: {why}"),
         }

@@ -64,7 +64,8 @@
 //! - the hook given to [`Deferred::on_report`];
 //! - OpenTelemetry, through the global providers (scope `lambda-deferred`; turned off with
 //!   [`Deferred::phase_telemetry`]): a span `deferred.phase` (attributes `faas.invocation_id`,
-//!   `deferred.phase.kind`, `deferred.outcome`, `deferred.cut_reason`, `deferred.spans_lost`),
+//!   `deferred.phase.kind`, `deferred.outcome`, `deferred.cut_reason`, `deferred.spans_lost`,
+//!   `deferred.spans_dropped`),
 //!   a child of the span current when the handler started
 //!   ([`PhaseReport::invocation_span`]: the invocation's span with `tracing-opentelemetry`),
 //!   with a child span `deferred.action` per action and `deferred.flush` per flusher, and the

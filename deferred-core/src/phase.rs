@@ -196,12 +196,10 @@ async fn run_actions(
     // One at a time rather than a drained list: an action may queue more actions, which run
     // after it. Once it is empty the queue is closed: an abandoned action that runs on cannot
     // queue work that nothing would run (its `defer!` fails instead).
-    loop {
-        // First the action a dropped phase of this queue left running: it is waited for (or
-        // cut) like one started here, so that the next one does not run beside it.
-        let Some(next) = queue.next() else {
-            break;
-        };
+    //
+    // First the action a dropped phase of this queue left running: it is waited for (or cut)
+    // like one started here, so that the next one does not run beside it.
+    while let Some(next) = queue.next() {
         let (label, task) = match next {
             Next::Running(running) => (running.label, running.task),
             Next::Queued(action) => {

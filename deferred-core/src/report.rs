@@ -300,7 +300,8 @@ pub enum CutReason {
     /// The process is shutting down (SIGTERM): the running action was abandoned and the final
     /// flush took over.
     Shutdown,
-    /// The flush ran out of time: `flush_timeout`, or the deadline minus the safety margin.
+    /// The flush ran out of time: `flush_timeout`, or the deadline minus the safety margin (in
+    /// the final flush, [`PhaseKind::Shutdown`]: `shutdown_timeout`).
     FlushBudget {
         /// The time the flush had.
         budget: Duration,
@@ -566,8 +567,13 @@ impl fmt::Display for PhaseReport {
                 CutReason::Shutdown => write!(f, "; cut by shutdown: the final flush took over")?,
                 CutReason::FlushBudget { budget } => write!(
                     f,
-                    "; flush cut: its budget of {} (flush_timeout, or deadline - safety margin) ran out",
-                    Ms(*budget)
+                    "; flush cut: its budget of {} ({}) ran out",
+                    Ms(*budget),
+                    if self.kind == PhaseKind::Shutdown {
+                        "shutdown_timeout"
+                    } else {
+                        "flush_timeout, or deadline - safety margin"
+                    }
                 )?,
             }
         }

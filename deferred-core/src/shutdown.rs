@@ -7,8 +7,9 @@ use std::sync::Arc;
 use tokio::time::Instant;
 
 use crate::core::Core;
+use crate::flush::NotStarted;
 use crate::phase::run_flushes_when_free;
-use crate::report::{PhaseKind, PhaseReport};
+use crate::report::{FlushOutcome, PhaseKind, PhaseReport};
 use crate::scope::lock;
 
 /// How long stopped phases get to drop their abandoned actions.
@@ -90,7 +91,15 @@ pub(crate) async fn final_flush(core: &Core) -> PhaseReport {
     }
     // A flusher still busy (the flush of a phase that did not stop, or one abandoned
     // earlier) is waited for: its spans since that call began are in no other flush.
-    let flushes = run_flushes_when_free(&core.config.flushers, end, started, &mut cut).await;
+    let mut flushes = run_flushes_when_free(&core.config.flushers, end, started, &mut cut).await;
+    // Bounded by `shutdown_timeout` here, not by a deadline or `flush_timeout`: the report
+    // names the setting to change.
+    let no_time = NotStarted::NoTime.to_string();
+    for flush in &mut flushes {
+        if matches!(&flush.outcome, FlushOutcome::NotRun(why) if *why == no_time) {
+            flush.outcome = FlushOutcome::NotRun(NotStarted::NoShutdownTime.to_string());
+        }
+    }
     // Its own spans and metrics cannot be exported (this was the last flush); its log line,
     // the failure counter and `on_report` still see it.
     core.finish(PhaseReport {
@@ -290,5 +299,43 @@ mod tests {
             "{report}"
         );
         assert_eq!(calls.load(Ordering::SeqCst), 2, "{report}");
+    }
+
+    /// The final flush is bounded by `shutdown_timeout`, and its report says so, not
+    /// `flush_timeout` (which an engineer would raise to no effect).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_final_flush_report_names_shutdown_timeout() {
+        let slow = crate::flush::Flusher::new(crate::flush_fn("slow", || {
+            std::thread::sleep(Duration::from_millis(300));
+            Ok::<(), String>(())
+        }));
+        for (timeout, outcome) in [
+            (Duration::from_millis(50), "abandoned after"),
+            (
+                Duration::from_nanos(1),
+                "not run: no time left within the shutdown_timeout",
+            ),
+        ] {
+            let core = Core::new(
+                Config {
+                    flushers: vec![slow.clone()],
+                    flush_timeout: Duration::from_secs(10),
+                    shutdown_timeout: timeout,
+                    phase_telemetry: false,
+                    ..Config::default()
+                },
+                Mode::Inline,
+            );
+            let line = final_flush(&core).await.to_string();
+            assert!(line.contains(outcome), "{line}");
+            assert!(
+                line.contains("(shutdown_timeout) ran out") && !line.contains("flush_timeout"),
+                "{line}"
+            );
+            // The abandoned flush is still running: the next case must not wait for it.
+            while slow.is_busy() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
     }
 }
