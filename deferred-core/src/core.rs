@@ -671,6 +671,17 @@ impl Core {
         self.finish(report)
     }
 
+    /// Takes the spans lost so far (failed exports, with span counts) as reported, and returns
+    /// how many no report has counted yet: before a SnapStart snapshot, so that init's losses
+    /// are said once, not again by every environment restored from it.
+    pub(crate) fn settle_lost(&self) -> u64 {
+        let Some(counts) = &self.config.span_counts else {
+            return 0;
+        };
+        let lost = counts.lost();
+        lost.saturating_sub(self.lost_reported.fetch_max(lost, Ordering::Relaxed))
+    }
+
     /// What every phase report goes through, the final flush's included: the failure
     /// counter, the log line, the OpenTelemetry spans and metrics, and the `on_report` hook.
     pub(crate) fn finish(&self, mut report: PhaseReport) -> PhaseReport {

@@ -60,6 +60,12 @@ impl ExportCounts {
         self.flushed.load(Ordering::Acquire)
     }
 
+    /// Counts `n` spans lost, as a failed export does.
+    #[cfg(test)]
+    pub(crate) fn count_lost(&self, n: u64) {
+        self.lost.fetch_add(n, Ordering::Relaxed);
+    }
+
     /// [`flushed`](Self::flushed), if a [`CountingSpanProcessor`] counts it.
     pub(crate) fn flushed_if_counted(&self) -> Option<u64> {
         self.processor

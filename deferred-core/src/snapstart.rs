@@ -342,6 +342,12 @@ impl SnapStartResource for SnapStartHook {
             if !running.is_empty() {
                 tracing::warn!(target: "deferred", ?running, "SnapStart: a flush abandoned before the snapshot still runs; it resumes in every restored environment");
             }
+            // Said here, once: left to the first report after a restore, every restored
+            // environment would report the same loss.
+            let lost = self.core.settle_lost();
+            if lost > 0 {
+                tracing::warn!(target: "deferred", spans_lost = lost, "SnapStart: {lost} spans of init were lost before the snapshot (their export failed)");
+            }
             Ok(())
         })
     }
@@ -402,6 +408,39 @@ mod tests {
             !flusher.is_busy(),
             "the abandoned flush returned before the snapshot"
         );
+    }
+
+    /// Spans lost before the snapshot are said by the snapshot's hook, once, not by the first
+    /// report of every environment restored from it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn spans_lost_before_the_snapshot_are_not_reported_by_every_restore() {
+        let counts = Arc::new(crate::ExportCounts::default());
+        let core = Core::new(
+            Config {
+                flushers: vec![crate::flush::Flusher::new(crate::flush_fn("f", || {
+                    Ok::<(), String>(())
+                }))],
+                span_counts: Some(counts.clone()),
+                phase_telemetry: false,
+                ..Config::default()
+            },
+            Mode::Inline,
+        );
+        counts.count_lost(3);
+        let hook = SnapStartHook::new(core.clone(), Restores::new());
+        hook.before_snapshot().await.expect("never fails");
+        let job = crate::phase::Job {
+            request_id: "r-1".into(),
+            deadline: None,
+            queue: crate::scope::Queue::new(0),
+            flush_timeout: Duration::from_secs(1),
+            parent: None,
+        };
+        let report = core.run_phase(job, crate::report::PhaseKind::Inline).await;
+        assert_eq!(report.spans_lost, Some(0), "{report}");
+        // A loss after the snapshot is reported as usual.
+        counts.count_lost(2);
+        assert_eq!(core.settle_lost(), 2);
     }
 
     /// Stand-in `event/next` calls: each call registers a sender the test answers through;
