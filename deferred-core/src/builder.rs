@@ -507,6 +507,13 @@ impl Deferred {
     /// `set_meter_provider`) before the first invocation; without them this costs next to
     /// nothing.
     ///
+    /// They are recorded on the thread that ends the phase, before the environment is
+    /// released, like the [`on_report`](Self::on_report) hook: with a batch span processor
+    /// (the usual one) that only queues the spans, but a `SimpleSpanProcessor` exports each
+    /// span as it ends, so a stalled exporter would hold the phase past its end (the chain
+    /// then releases the environment at the end plus half the safety margin, and logs an
+    /// error). Use a batch processor, or turn phase telemetry off.
+    ///
     /// ```
     /// let deferred = deferred_core::Deferred::new().phase_telemetry(false);
     /// # let _ = deferred;
