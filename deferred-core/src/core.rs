@@ -854,6 +854,18 @@ mod tests {
         }
     }
 
+    /// A queue with one action, which sets the flag returned with it.
+    async fn flagging_queue() -> (Arc<Queue>, Arc<AtomicBool>) {
+        let ran = Arc::new(AtomicBool::new(false));
+        let queue = Queue::new(1);
+        let r = ran.clone();
+        crate::scope::with_queue(queue.clone(), async move {
+            crate::scope::defer(None, async move { r.store(true, Ordering::SeqCst) }).unwrap();
+        })
+        .await;
+        (queue, ran)
+    }
+
     fn inline_job(request_id: &str) -> Job {
         Job {
             request_id: request_id.into(),
@@ -1043,13 +1055,7 @@ mod tests {
             Mode::Inline,
         );
         let stuck = core.phase_lock.clone().lock_owned().await;
-        let ran = Arc::new(AtomicBool::new(false));
-        let queue = Queue::new(1);
-        let r = ran.clone();
-        crate::scope::with_queue(queue.clone(), async move {
-            crate::scope::defer(None, async move { r.store(true, Ordering::SeqCst) }).unwrap();
-        })
-        .await;
+        let (queue, ran) = flagging_queue().await;
         let job = Job {
             queue,
             deadline: Some(SystemTime::now() + Duration::from_secs(2)),
@@ -1180,13 +1186,7 @@ mod tests {
         let core = Core::new(config, Mode::Extension);
         let ticket = core.begin("r-1");
         assert_eq!(ticket, Ticket::Chained("r-1".into()));
-        let ran = Arc::new(AtomicBool::new(false));
-        let queue = Queue::new(1);
-        let r = ran.clone();
-        crate::scope::with_queue(queue.clone(), async move {
-            crate::scope::defer(None, async move { r.store(true, Ordering::SeqCst) }).unwrap();
-        })
-        .await;
+        let (queue, ran) = flagging_queue().await;
         let job = Job {
             queue,
             ..inline_job("r-1")
@@ -1333,13 +1333,7 @@ mod tests {
     async fn a_held_job_of_a_mismatched_event_still_runs() {
         let core = Core::new(Config::default(), Mode::Extension);
         core.layer_installed.store(true, Ordering::Release);
-        let ran = Arc::new(AtomicBool::new(false));
-        let queue = Queue::new(1);
-        let r = ran.clone();
-        crate::scope::with_queue(queue.clone(), async move {
-            crate::scope::defer(None, async move { r.store(true, Ordering::SeqCst) }).unwrap();
-        })
-        .await;
+        let (queue, ran) = flagging_queue().await;
         let now = Instant::now();
         core.state.send_modify(|s| {
             s.chain = Chain::Holding;

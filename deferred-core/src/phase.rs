@@ -588,6 +588,23 @@ mod tests {
         Stop::new(tokio::sync::watch::channel(false).1)
     }
 
+    /// An action that never ends, and a count of its drops (1 once it is cut).
+    fn hanging_action() -> (impl Future<Output = ()> + Send + 'static, Arc<AtomicUsize>) {
+        struct OnDrop(Arc<AtomicUsize>);
+        impl Drop for OnDrop {
+            fn drop(&mut self) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let dropped = Arc::new(AtomicUsize::new(0));
+        let guard = OnDrop(dropped.clone());
+        let action = async move {
+            let _guard = guard;
+            std::future::pending::<()>().await;
+        };
+        (action, dropped)
+    }
+
     fn budget(secs: u64) -> Budget {
         Budget {
             end: Instant::now() + Duration::from_secs(secs),
@@ -674,22 +691,8 @@ mod tests {
         );
 
         // Handed over past its budget, the running action is cut (aborted), not waited for.
-        let dropped = Arc::new(AtomicUsize::new(0));
-        struct OnDrop(Arc<AtomicUsize>);
-        impl Drop for OnDrop {
-            fn drop(&mut self) {
-                self.0.fetch_add(1, Ordering::SeqCst);
-            }
-        }
-        let guard = OnDrop(dropped.clone());
-        let queue = queue_with(|| {
-            defer(None, async move {
-                let _guard = guard;
-                std::future::pending::<()>().await;
-            })
-            .unwrap();
-        })
-        .await;
+        let (hanging, dropped) = hanging_action();
+        let queue = queue_with(|| defer(None, hanging).unwrap()).await;
         let first = run(
             job(queue.clone(), Duration::from_secs(1)),
             &[],
@@ -1155,20 +1158,9 @@ mod tests {
     #[tokio::test]
     async fn a_stop_abandons_the_running_action_and_leaves_the_flush() {
         let (tx, rx) = tokio::sync::watch::channel(false);
-        let dropped = Arc::new(AtomicUsize::new(0));
-        struct OnDrop(Arc<AtomicUsize>);
-        impl Drop for OnDrop {
-            fn drop(&mut self) {
-                self.0.fetch_add(1, Ordering::SeqCst);
-            }
-        }
-        let guard = OnDrop(dropped.clone());
+        let (hanging, dropped) = hanging_action();
         let queue = queue_with(|| {
-            defer(None, async move {
-                let _guard = guard;
-                std::future::pending::<()>().await
-            })
-            .unwrap();
+            defer(None, hanging).unwrap();
             defer(None, async {}).unwrap();
         })
         .await;
