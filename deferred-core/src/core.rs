@@ -159,6 +159,10 @@ pub(crate) struct State {
     /// With the runtime layer: the invocation that [`lost_event`](Self::lost_event) was taken
     /// for. Its job is parked as usual, but not waited for after the response.
     pub(crate) lost_to: Option<String>,
+    /// The invocation (request id and deadline) whose handler's job last began its phase: a
+    /// later call of a deferred handler in it (a router calling one per record, under `start`)
+    /// cannot join that phase. The deadline tells a retry, which keeps its request id, apart.
+    pub(crate) phased: Option<(String, SystemTime)>,
 }
 
 const CLOSED_KEPT: usize = 16;
@@ -173,6 +177,14 @@ impl State {
 
     pub(crate) fn was_closed(&self, request_id: &str) -> bool {
         self.closed.iter().any(|id| id == request_id)
+    }
+
+    /// Whether this invocation's phase has begun (see [`phased`](Self::phased)); an unknown
+    /// deadline matches any.
+    fn phase_begun(&self, request_id: &str, deadline: Option<SystemTime>) -> bool {
+        self.phased
+            .as_ref()
+            .is_some_and(|(id, at)| id == request_id && deadline.is_none_or(|d| d == *at))
     }
 
     /// An `event/next` call failed: it may have carried the INVOKE event of the invocation in
@@ -266,6 +278,7 @@ impl Core {
                 lost_event: None,
                 begun_unseen: false,
                 lost_to: None,
+                phased: None,
             }),
             layer_installed: AtomicBool::new(false),
             flush_failures: AtomicU32::new(0),
@@ -294,7 +307,8 @@ impl Core {
     }
 
     /// Called by the wrapper when a handler starts: no waiting on the response path.
-    pub(crate) fn begin(self: &Arc<Self>, request_id: &str) -> Ticket {
+    pub(crate) fn begin(self: &Arc<Self>, invocation: &crate::context::Invocation) -> Ticket {
+        let (request_id, deadline) = (invocation.request_id.as_str(), invocation.deadline);
         match self.mode {
             Mode::Inline => return Ticket::Inline,
             Mode::Background => return Ticket::Background,
@@ -316,8 +330,16 @@ impl Core {
         let mut ticket = Ticket::Chained(request_id.to_owned());
         let mut release = None;
         let mut orphan = None;
+        let mut again = false;
         self.state.send_if_modified(|state| {
             if state.was_closed(request_id) {
+                ticket = Ticket::Inline;
+                return false;
+            }
+            if state.phase_begun(request_id, deadline) {
+                // Its event was taken by an earlier call's phase, which has begun: no event
+                // will come for this call.
+                again = true;
                 ticket = Ticket::Inline;
                 return false;
             }
@@ -381,6 +403,9 @@ impl Core {
         // The released event has no phase: the next call may go out now.
         if let Some(seq) = release {
             self.arm(seq);
+        }
+        if again {
+            called_again(request_id);
         }
         // The stale event's job (its handler returned, its response not seen): its actions
         // still run, beside this invocation's, rather than being dropped with the event.
@@ -449,8 +474,10 @@ impl Core {
 
     /// Puts `job` in the chain's slot if the chain holds its invocation.
     fn hand_over(&self, request_id: &str, job: Job, refused: &str) -> Option<Job> {
+        let deadline = job.deadline;
         let mut job = Some(job);
         let mut closed_before = false;
+        let mut again = false;
         let mut ready = None;
         self.state.send_if_modified(|state| {
             if state.expected.as_deref() == Some(request_id) {
@@ -460,11 +487,25 @@ impl Core {
                 && state.chain == Chain::Armed
                 && !state.was_closed(request_id);
             match &mut state.slot {
-                Some(slot) if slot.event.request_id == request_id && slot.job.is_none() => {
+                Some(slot) if slot.event.request_id == request_id => {
                     slot.claimed = true;
-                    slot.job = job.take();
+                    match (&mut slot.job, job.take()) {
+                        // A later call in the same invocation: its work joins the phase.
+                        (Some(held), Some(later)) => held.join(later),
+                        (held, job) => *held = job,
+                    }
                     // Without the layer the phase starts now; with it, on `responded`.
                     ready = self.take_ready(state, Instant::now());
+                    false
+                }
+                None if state
+                    .parked
+                    .as_ref()
+                    .is_some_and(|held| held.request_id == request_id) =>
+                {
+                    if let (Some(held), Some(later)) = (state.parked.as_mut(), job.take()) {
+                        held.join(later);
+                    }
                     false
                 }
                 // Never over another parked job: that one's actions would be lost.
@@ -475,7 +516,9 @@ impl Core {
                 }
                 _ => {
                     // Too late (the chain closed it) or never arrived: the chain will close
-                    // it on arrival, and the work runs inline, before the response.
+                    // it on arrival, and the work runs inline, before the response. Or its
+                    // event's phase has begun, for an earlier call in the same invocation.
+                    again = state.phase_begun(request_id, deadline);
                     closed_before = state.was_closed(request_id);
                     if !closed_before {
                         state.close(request_id.to_owned());
@@ -487,7 +530,9 @@ impl Core {
         if let Some(ready) = ready {
             self.submit(ready);
         }
-        if job.is_some() {
+        if job.is_some() && again {
+            called_again(request_id);
+        } else if job.is_some() {
             let why = if closed_before {
                 "its deferred phase was already closed (the deadline minus the safety margin \
                  came first, the chain was out of step, or the event/next call that would have \
@@ -587,7 +632,11 @@ impl Core {
         let slot = state.slot.take()?;
         state.chain = Chain::Armed;
         let job = match slot.job {
-            Some(job) => job,
+            Some(job) => {
+                // Moved, not cloned: the slot is done with it.
+                state.phased = Some((slot.event.request_id, slot.event.deadline));
+                job
+            }
             None => {
                 if let Some(why) = why {
                     tracing::debug!(target: "deferred", request_id = %slot.event.request_id, why, "phase without actions");
@@ -805,6 +854,22 @@ impl Core {
     }
 }
 
+/// Says (once per process: a router does it on every invocation) that a deferred handler was
+/// called again in an invocation whose phase had begun, so its work runs inline.
+fn called_again(request_id: &str) {
+    static SAID: AtomicBool = AtomicBool::new(false);
+    if !SAID.swap(true, Ordering::Relaxed) {
+        tracing::warn!(
+            target: "deferred",
+            request_id,
+            "a deferred handler was called again in an invocation whose deferred phase had \
+             begun (with start(), the phase begins when the first call returns): this call's \
+             deferred work runs inline, before the response. With the runtime layer (run(), or \
+             layer() on your own Runtime) every call's work joins the invocation's phase"
+        );
+    }
+}
+
 /// Runs `observer` (`what`, for the log) of the phase of `request_id`, its panic caught and
 /// logged; on stderr when logging panics too (the subscriber may be what panicked).
 fn observe(what: &str, request_id: &str, observer: impl FnOnce()) {
@@ -851,6 +916,14 @@ mod tests {
                 let _ = crate::scope::lock(&self.release).recv();
             }
             Ok(())
+        }
+    }
+
+    /// An invocation of unknown deadline.
+    fn invocation(request_id: &str) -> crate::context::Invocation {
+        crate::context::Invocation {
+            request_id: request_id.into(),
+            deadline: None,
         }
     }
 
@@ -1137,8 +1210,9 @@ mod tests {
                 counted.fetch_add(1, Ordering::SeqCst);
             }
         });
-        let tickets =
-            tracing::subscriber::with_default(counting, || [core.begin(""), core.begin("")]);
+        let tickets = tracing::subscriber::with_default(counting, || {
+            [core.begin(&invocation("")), core.begin(&invocation(""))]
+        });
         assert!(matches!(tickets, [Ticket::Inline, Ticket::Inline]));
         assert_eq!(warnings.load(Ordering::SeqCst), 1);
     }
@@ -1184,7 +1258,7 @@ mod tests {
             ..Config::default()
         };
         let core = Core::new(config, Mode::Extension);
-        let ticket = core.begin("r-1");
+        let ticket = core.begin(&invocation("r-1"));
         assert_eq!(ticket, Ticket::Chained("r-1".into()));
         let (queue, ran) = flagging_queue().await;
         let job = Job {
@@ -1232,7 +1306,10 @@ mod tests {
     async fn a_failed_call_closes_the_invocation_waiting_for_its_event() {
         let core = Core::new(Config::default(), Mode::Extension);
         core.state.send_modify(|s| s.chain = Chain::Armed);
-        assert_eq!(core.begin("r-1"), Ticket::Chained("r-1".into()));
+        assert_eq!(
+            core.begin(&invocation("r-1")),
+            Ticket::Chained("r-1".into())
+        );
         core.state.send_modify(|s| s.call_failed(lost()));
         let state = core.state.borrow();
         assert_eq!(state.chain, Chain::Broken);
@@ -1278,9 +1355,12 @@ mod tests {
         core.state.send_modify(|s| s.call_failed(lost()));
         // The retry is out (the chain re-armed) when the handler starts.
         core.state.send_modify(|s| s.chain = Chain::Armed);
-        assert_eq!(core.begin("r-1"), Ticket::Inline);
+        assert_eq!(core.begin(&invocation("r-1")), Ticket::Inline);
         assert!(core.state.borrow().was_closed("r-1"));
-        assert_eq!(core.begin("r-2"), Ticket::Chained("r-2".into()));
+        assert_eq!(
+            core.begin(&invocation("r-2")),
+            Ticket::Chained("r-2".into())
+        );
 
         // With the layer, the work runs after the response: the job is parked as usual, but
         // marked as the loss's, so the layer does not wait for its event.
@@ -1288,34 +1368,52 @@ mod tests {
         core.layer_installed.store(true, Ordering::Release);
         core.state.send_modify(|s| s.call_failed(lost()));
         core.state.send_modify(|s| s.chain = Chain::Armed);
-        assert_eq!(core.begin("r-1"), Ticket::Chained("r-1".into()));
+        assert_eq!(
+            core.begin(&invocation("r-1")),
+            Ticket::Chained("r-1".into())
+        );
         assert_eq!(core.state.borrow().lost_to.as_deref(), Some("r-1"));
-        assert_eq!(core.begin("r-2"), Ticket::Chained("r-2".into()));
+        assert_eq!(
+            core.begin(&invocation("r-2")),
+            Ticket::Chained("r-2".into())
+        );
         assert_eq!(core.state.borrow().lost_to.as_deref(), Some("r-1"));
 
         // Started during the backoff (inline, the chain being broken): the loss was that
         // handler's, not the next one's.
         let core = Core::new(Config::default(), Mode::Extension);
         core.state.send_modify(|s| s.call_failed(lost()));
-        assert_eq!(core.begin("r-1"), Ticket::Inline);
+        assert_eq!(core.begin(&invocation("r-1")), Ticket::Inline);
         core.state.send_modify(|s| s.chain = Chain::Armed);
-        assert_eq!(core.begin("r-2"), Ticket::Chained("r-2".into()));
+        assert_eq!(
+            core.begin(&invocation("r-2")),
+            Ticket::Chained("r-2".into())
+        );
 
         // A failure that lost nothing (no answer, an API error) leaves the wait as it was.
         let core = Core::new(Config::default(), Mode::Extension);
         core.state.send_modify(|s| s.call_failed(None));
         core.state.send_modify(|s| s.chain = Chain::Armed);
-        assert_eq!(core.begin("r-1"), Ticket::Chained("r-1".into()));
+        assert_eq!(
+            core.begin(&invocation("r-1")),
+            Ticket::Chained("r-1".into())
+        );
 
         // The handler of the lost event started before the loss (its invocation closed by an
         // earlier failure): the loss is not the next handler's.
         let core = Core::new(Config::default(), Mode::Extension);
         core.state.send_modify(|s| s.chain = Chain::Armed);
-        assert_eq!(core.begin("r-1"), Ticket::Chained("r-1".into()));
+        assert_eq!(
+            core.begin(&invocation("r-1")),
+            Ticket::Chained("r-1".into())
+        );
         core.state.send_modify(|s| s.call_failed(None));
         core.state.send_modify(|s| s.call_failed(lost()));
         core.state.send_modify(|s| s.chain = Chain::Armed);
-        assert_eq!(core.begin("r-2"), Ticket::Chained("r-2".into()));
+        assert_eq!(
+            core.begin(&invocation("r-2")),
+            Ticket::Chained("r-2".into())
+        );
 
         // A loss that no handler claimed in time (its handler never started: the runtime could
         // not decode its payload) is not a later invocation's.
@@ -1323,7 +1421,10 @@ mod tests {
         let expired = Instant::now() - Duration::from_millis(1);
         core.state.send_modify(|s| s.call_failed(Some(expired)));
         core.state.send_modify(|s| s.chain = Chain::Armed);
-        assert_eq!(core.begin("r-1"), Ticket::Chained("r-1".into()));
+        assert_eq!(
+            core.begin(&invocation("r-1")),
+            Ticket::Chained("r-1".into())
+        );
     }
 
     /// The runtime starts a handler for another invocation than the one whose event (and
@@ -1356,7 +1457,7 @@ mod tests {
                 responded: false,
             });
         });
-        assert_eq!(core.begin("r-2"), Ticket::Inline);
+        assert_eq!(core.begin(&invocation("r-2")), Ticket::Inline);
         let state = core.state.borrow();
         assert!(state.slot.is_none() && state.chain == Chain::Armed);
         assert!(state.was_closed("r-1") && state.was_closed("r-2"));
@@ -1365,6 +1466,88 @@ mod tests {
         let joined = tokio::time::timeout(Duration::from_secs(5), tasks.join_next()).await;
         assert!(matches!(joined, Ok(Some(Ok(())))), "{joined:?}");
         assert!(ran.load(Ordering::SeqCst), "the held job's action ran");
+    }
+
+    /// A deferred handler called again in the same invocation (a router calling one per
+    /// record): with the layer its work joins the first call's job, held in the slot or parked
+    /// for the event; once that job's phase has begun, the later call runs inline, at once. A
+    /// retry of the invocation (same request id, another deadline) is not a later call.
+    #[tokio::test]
+    async fn a_later_call_in_the_same_invocation_joins_its_phase() {
+        let core = Core::new(Config::default(), Mode::Extension);
+        core.layer_installed.store(true, Ordering::Release);
+        let deadline = SystemTime::now() + Duration::from_secs(60);
+        let at = crate::context::Invocation {
+            request_id: "r-1".into(),
+            deadline: Some(deadline),
+        };
+        let job = |queue| Job {
+            queue,
+            deadline: Some(deadline),
+            ..inline_job("r-1")
+        };
+        let now = Instant::now();
+        core.state.send_modify(|s| {
+            s.chain = Chain::Holding;
+            s.slot = Some(Slot {
+                event: InvokeEvent {
+                    request_id: "r-1".into(),
+                    deadline,
+                    invoked_function_arn: None,
+                    trace_id: None,
+                },
+                seq: 1,
+                stray_at: now + Duration::from_secs(60),
+                phase_end: now + Duration::from_secs(60),
+                watch_from: now + Duration::from_secs(60),
+                claimed: false,
+                job: None,
+                responded: false,
+            });
+        });
+        for _ in 0..2 {
+            let ticket = core.begin(&at);
+            assert_eq!(ticket, Ticket::Chained("r-1".into()));
+            let (queue, _) = flagging_queue().await;
+            assert!(core.dispatch(&ticket, job(queue), "inline").is_none());
+        }
+        let held = core
+            .state
+            .borrow()
+            .slot
+            .as_ref()
+            .and_then(|s| s.job.as_ref().map(|j| j.queue.len()));
+        assert_eq!(held, Some(2), "both calls' actions, in one job");
+
+        // Parked for its event: the same.
+        core.state.send_modify(|s| {
+            s.slot = None;
+            s.chain = Chain::Armed;
+        });
+        for _ in 0..2 {
+            let ticket = core.begin(&at);
+            let (queue, _) = flagging_queue().await;
+            assert!(core.dispatch(&ticket, job(queue), "inline").is_none());
+        }
+        let parked = core.state.borrow().parked.as_ref().map(|j| j.queue.len());
+        assert_eq!(parked, Some(2));
+
+        // Its phase has begun: a later call runs inline, a retry does not.
+        core.state.send_modify(|s| {
+            s.parked = None;
+            s.phased = Some(("r-1".into(), deadline));
+        });
+        assert_eq!(core.begin(&at), Ticket::Inline);
+        assert_eq!(
+            core.begin(&invocation("r-1")),
+            Ticket::Inline,
+            "deadline unknown"
+        );
+        let retry = crate::context::Invocation {
+            request_id: "r-1".into(),
+            deadline: Some(deadline + Duration::from_secs(120)),
+        };
+        assert_eq!(core.begin(&retry), Ticket::Chained("r-1".into()));
     }
 
     /// A loss that a handler still to start can claim for a second.

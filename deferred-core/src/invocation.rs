@@ -16,7 +16,7 @@ use crate::scope::{Options, Queue, with_queue};
 
 pub(crate) async fn run<F: Future>(invocation: Invocation, options: Options, body: F) -> F::Output {
     let core = current_core();
-    let ticket = core.begin(&invocation.request_id);
+    let ticket = core.begin(&invocation);
     let queue = Queue::new(core.config.max_actions);
     // Taken before the body runs: lambda_runtime polls this future inside the invocation's
     // span, and the body may enter spans of its own.

@@ -31,6 +31,16 @@ pub(crate) struct Job {
     pub(crate) parent: Option<SpanContext>,
 }
 
+impl Job {
+    /// Takes on the work of `later`, a later call of a deferred handler in the same invocation
+    /// (a router calling one per record): its actions after these, and the longer of the two
+    /// flush timeouts.
+    pub(crate) fn join(&mut self, later: Job) {
+        self.queue.append(&later.queue);
+        self.flush_timeout = self.flush_timeout.max(later.flush_timeout);
+    }
+}
+
 /// When the phase must be over: the invocation's deadline minus the safety margin.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Budget {

@@ -167,6 +167,13 @@ impl Queue {
         next.map(Next::Queued)
     }
 
+    /// Moves `other`'s queued actions to the end of this queue, in their order: a later call
+    /// of a deferred handler in the same invocation joins the first call's phase.
+    pub(crate) fn append(&self, other: &Queue) {
+        let moved = std::mem::take(&mut lock(&other.actions).queued);
+        lock(&self.actions).queued.extend(moved);
+    }
+
     /// Hands the running action of a dropped phase to the next phase of this queue.
     pub(crate) fn adopt(&self, running: RunningAction) {
         lock(&self.actions).running = Some(running);

@@ -131,6 +131,11 @@ use proc_macro::TokenStream;
 /// in the body point at your code, as they would without the attribute. A deferred handler
 /// called from another's body (a router calling its route's handler) joins the caller's
 /// invocation: its actions run in the invocation's one deferred phase, after the caller's body.
+/// So does a deferred handler called several times in one invocation by an undecorated caller
+/// (a router calling it once per record), with the runtime layer (`Deferred::run`, or
+/// `layer()` on your own `Runtime`): every call's actions run in the one phase, in call order.
+/// Under `Deferred::start` the phase begins when the first call returns, so the later calls'
+/// actions run inline, before the response (said once in the log).
 ///
 /// Lint attributes on the argument work as without the attribute: the argument is re-bound at
 /// the top of the body, under its own name or pattern, and its `#[allow]`, `#[warn]`,

@@ -16,6 +16,57 @@ fn config(timeout_s: u64) -> EmulatorConfig {
     }
 }
 
+/// G1 for a router that calls a deferred handler several times in one invocation (once per
+/// record, say), itself undecorated. With the runtime layer (`run`, or the layer on an own
+/// `Runtime`) every call's actions join the invocation's one phase, after the response, in
+/// call order. Under `start()` the phase begins when the first call returns, so a later call's
+/// work runs inline: at once, not after a 1 s wait for an INVOKE event already taken, and
+/// without a warning about a late event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn g1_a_deferred_handler_called_twice_in_one_invocation() {
+    for mode in ["run", "runtime", "start"] {
+        let env = start(mode, config(10), &[]).await;
+        let hit = env
+            .invoke(json!({
+                "actions": [{ "name": "a", "ms": 300 }],
+                "again": [{ "actions": [{ "name": "b", "ms": 300 }] }],
+            }))
+            .await;
+        assert!(hit.outcome.is_success(), "{mode}: {:?}", hit.outcome);
+        let t = env.completed(&hit.request_id).await;
+        let posted = t.response_posted.expect("posted");
+        let mark = |m: &str| {
+            t.mark(m)
+                .unwrap_or_else(|| panic!("{mode}: no mark {m}: {:?}", t.marks))
+        };
+        let answered = posted - t.invoked;
+        if mode == "start" {
+            assert!(mark("end:b") <= posted, "{mode}: b inline");
+            assert!(
+                answered < Duration::from_millis(800),
+                "{mode}: b's 300 ms, not a 1 s wait first: {answered:?}"
+            );
+        } else {
+            assert!(
+                answered < Duration::from_millis(250),
+                "{mode}: the response waited for deferred work: {answered:?}"
+            );
+            assert!(posted <= mark("start:a"), "{mode}");
+            assert!(mark("end:a") <= mark("start:b"), "{mode}: in call order");
+            let report = format!("deferred phase (Chained) of \"{}\"", hit.request_id);
+            assert!(env.logged(&report).await, "{mode}");
+            let reports = env.logs_matching(&report);
+            assert_eq!(reports.len(), 1, "{mode}: one phase: {reports:#?}");
+        }
+        // Under `start`, `b` runs inline and may end after `a`'s phase: before the response,
+        // which holds the environment too.
+        assert!(mark("end:a") <= phase_end(&t), "{mode}");
+        assert!(mark("end:b") <= phase_end(&t).max(posted), "{mode}");
+        let late = env.logs_matching("did not receive its INVOKE event in time");
+        assert!(late.is_empty(), "{mode}: {late:#?}");
+    }
+}
+
 /// G1: with a 2 s action and a stalled exporter, the caller gets the answer as fast as with no
 /// deferred work; the work still happens, after the response.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

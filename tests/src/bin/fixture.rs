@@ -51,6 +51,11 @@ struct Plan {
     /// Stream the answer (a response-streaming function) instead of returning it whole.
     #[serde(default)]
     stream: Option<StreamPlan>,
+    /// Then call the deferred handler again with each of these, in order, in the same
+    /// invocation, from the undecorated `timed` (a router that calls a deferred handler per
+    /// record); the answer is the last call's.
+    #[serde(default)]
+    again: Vec<Plan>,
 }
 
 /// A streamed answer: a line `trace_id <id>`, then `chunks` lines `chunk <i>`, `ms` apart,
@@ -166,6 +171,20 @@ async fn timed(event: LambdaEvent<Plan>) -> Result<FunctionResponse<Answer, Body
     if let Some(delay) = env_ms("HANDLER_START_DELAY_MS") {
         tokio::time::sleep(delay).await;
     }
+    let LambdaEvent {
+        mut payload,
+        context,
+    } = event;
+    let again = std::mem::take(&mut payload.again);
+    let mut answer = once(LambdaEvent::new(payload, context.clone())).await;
+    for plan in again {
+        answer = once(LambdaEvent::new(plan, context.clone())).await;
+    }
+    answer
+}
+
+/// One call of the deferred handler, under `HANDLER_TIMEOUT_MS` if set.
+async fn once(event: LambdaEvent<Plan>) -> Result<FunctionResponse<Answer, Body>, Error> {
     match env_ms("HANDLER_TIMEOUT_MS") {
         Some(limit) => tokio::time::timeout(limit, handler(event))
             .await
