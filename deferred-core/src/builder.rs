@@ -590,8 +590,8 @@ impl Deferred {
     /// starts each deferred phase once the response is out, and with the SnapStart resource
     /// ([`DeferredHandle::snapstart_resource`]). Same bounds as `lambda_runtime::run`. Should
     /// lambda_runtime's loop end with an error (an answer that does not serialize, a failed
-    /// Runtime API call), the deferred work in flight and the final flush run first, within
-    /// `shutdown_timeout`; then the error is returned.
+    /// Runtime API call), the deferred work in flight and the final flush run first (see
+    /// [`DeferredHandle::drain`]); then the error is returned.
     ///
     /// ```no_run
     /// use deferred_core::{Deferred, defer, deferred_handler};
@@ -808,9 +808,11 @@ impl DeferredHandle {
         ))
     }
 
-    /// Lets the deferred work in flight finish, then runs the final flush, all within
-    /// `shutdown_timeout`, and returns its report: what the core does on SIGTERM, without
-    /// the exit. For a function that runs its own loop after [`Deferred::start`]: when the
+    /// Lets the deferred work in flight finish, then runs the final flush, and returns its
+    /// report: what the core does on SIGTERM, without the exit, and without SIGTERM's hurry.
+    /// The work in flight gets until its own end (each phase's deadline minus the safety
+    /// margin), or half of `shutdown_timeout` if that is later; what still runs then is cut,
+    /// and the final flush gets the other half of `shutdown_timeout`. For a function that runs its own loop after [`Deferred::start`]: when the
     /// loop ends with an error (lambda_runtime stops on an answer that does not serialize or
     /// a Runtime API call that fails), call it before returning the error, so the failed
     /// invocation's actions and the telemetry do not die with the process. `run` and
@@ -838,7 +840,7 @@ impl DeferredHandle {
     /// }
     /// ```
     pub async fn drain(&self) -> PhaseReport {
-        crate::shutdown::final_flush(&self.core).await
+        crate::shutdown::final_flush_after(&self.core, self.core.work_until()).await
     }
 
     /// For `run` and `run_concurrent`: lambda_runtime's loop ended with `ended`; on an error,

@@ -255,6 +255,10 @@ pub(crate) struct Core {
     pub(crate) runner: OnceLock<Arc<Runner>>,
     /// Background phases (Managed Instances) still running, drained on SIGTERM.
     pub(crate) background: std::sync::Mutex<tokio::task::JoinSet<()>>,
+    /// The latest end of a phase handed to the chain or to the background so far (its
+    /// deadline minus the safety margin, plus the half margin after which the chain releases
+    /// a chained phase that has not ended): how long a drain waits for the work in flight.
+    work_until: std::sync::Mutex<Option<Instant>>,
 }
 
 static GLOBAL: OnceLock<Arc<Core>> = OnceLock::new();
@@ -289,6 +293,7 @@ impl Core {
             phase_lock: Arc::new(tokio::sync::Mutex::new(())),
             runner: OnceLock::new(),
             background: std::sync::Mutex::new(tokio::task::JoinSet::new()),
+            work_until: std::sync::Mutex::new(None),
         })
     }
 
@@ -657,8 +662,21 @@ impl Core {
         })
     }
 
+    /// Notes that a phase ending by `end` is in flight (see [`work_until`](Self::work_until)).
+    fn in_flight_until(&self, end: Instant) {
+        let end = end + self.config.safety_margin / 2;
+        let mut until = lock(&self.work_until);
+        *until = Some(until.map_or(end, |at| at.max(end)));
+    }
+
+    /// The latest end of the work handed over so far: a drain waits for it until then.
+    pub(crate) fn work_until(&self) -> Option<Instant> {
+        *lock(&self.work_until)
+    }
+
     /// Hands a phase to the chain's phase thread, which arms the next call once it has ended.
     pub(crate) fn submit(&self, ready: Ready) {
+        self.in_flight_until(ready.end);
         match self.runner.get() {
             Some(runner) => runner.submit(ready),
             None => tracing::error!(target: "deferred", "a chained phase without a chain"),
@@ -797,6 +815,7 @@ impl Core {
         let core = self.clone();
         let mut terminating = self.terminating.subscribe();
         let end = Budget::new(job.deadline, self.config.safety_margin).end;
+        self.in_flight_until(end);
         self.spawn_tracked(async move {
             let window = end.saturating_duration_since(Instant::now());
             let terminated = tokio::select! {
@@ -839,6 +858,7 @@ impl Core {
     }
 
     pub(crate) fn spawn_background(self: &Arc<Self>, job: Job) {
+        self.in_flight_until(Budget::new(job.deadline, self.config.safety_margin).end);
         let core = self.clone();
         self.spawn_tracked(async move {
             core.run_phase(job, PhaseKind::Background).await;

@@ -39,12 +39,20 @@ pub(crate) fn install(core: Arc<Core>) {
 }
 
 /// Waits (bounded) for a running phase and the background phases, then flushes every
-/// flusher, all within `shutdown_timeout`.
+/// flusher, all within `shutdown_timeout` (SIGTERM: Lambda kills the process when its grace
+/// period is over).
 pub(crate) async fn final_flush(core: &Core) -> PhaseReport {
+    final_flush_after(core, None).await
+}
+
+/// [`final_flush`], giving the work in flight until `work_until` if that is later than half
+/// of `shutdown_timeout`: for a drain, where no kill is coming and the work's own ends (each
+/// phase's deadline minus the safety margin) bound the wait.
+pub(crate) async fn final_flush_after(core: &Core, work_until: Option<Instant>) -> PhaseReport {
     let started = Instant::now();
     let started_wall = std::time::SystemTime::now();
-    let end = started + core.config.shutdown_timeout;
-    let half = started + core.config.shutdown_timeout / 2;
+    let half = (started + core.config.shutdown_timeout / 2).max(work_until.unwrap_or(started));
+    let end = (started + core.config.shutdown_timeout).max(half + core.config.shutdown_timeout / 2);
     // Handler jobs waiting for an INVOKE event (`hand_over_later`) run now, in the first half.
     core.terminating.send_replace(true);
     let mut background = std::mem::take(&mut *lock(&core.background));
