@@ -38,8 +38,10 @@ use crate::report::PhaseReport;
 /// }
 /// ```
 ///
-/// Outside Lambda (a unit test, a local run) the same setup works: no extension can hold the
-/// environment, so the deferred work runs inline, before the handler returns.
+/// Outside Lambda, a handler called directly (a unit test) works with the same builder: no
+/// extension can hold the environment, so the deferred work runs inline, before the handler
+/// returns. (`run` itself needs a Lambda environment, as `lambda_runtime::run` does: to run
+/// the whole function locally, use an emulator such as the test kit's.)
 ///
 /// ```
 /// use deferred_core::{ActionOutcome, Deferred, defer, deferred_handler};
@@ -91,9 +93,10 @@ pub enum StartError {
     /// `start` (or `run`) was called a second time in this process.
     AlreadyStarted,
     /// A setting of the builder cannot work: a zero `flush_timeout` would never flush, a zero
-    /// `shutdown_timeout` would never run the final flush, and a zero `register_timeout` would
-    /// give up on the extension before the Runtime API could answer (every response would
-    /// then wait for its deferred work). Nothing was started: the process may call `start`
+    /// `shutdown_timeout` would never run the final flush, a zero `register_timeout` would
+    /// give up on the extension before the Runtime API could answer, and a zero
+    /// `unclaimed_window` would give up on every INVOKE event before its handler could claim
+    /// it (in the last two, every response would wait for its deferred work). Nothing was started: the process may call `start`
     /// again with a working setting.
     ///
     /// ```
@@ -339,8 +342,11 @@ impl Deferred {
     /// ```
     /// use std::time::Duration;
     ///
-    /// // Leave 200 ms of the 500 ms to your own exit path.
-    /// let deferred = deferred_core::Deferred::new().shutdown_timeout(Duration::from_millis(300));
+    /// // With your own SIGTERM handler (`handle_sigterm(false)`, calling `shutdown()`), leave
+    /// // 200 ms of the 500 ms to your own exit path.
+    /// let deferred = deferred_core::Deferred::new()
+    ///     .handle_sigterm(false)
+    ///     .shutdown_timeout(Duration::from_millis(300));
     /// # let _ = deferred;
     /// ```
     pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
@@ -367,7 +373,9 @@ impl Deferred {
     }
 
     /// Whether the core handles SIGTERM with a final flush and exits (default true). Turn it
-    /// off when the function handles SIGTERM itself.
+    /// off when the function handles SIGTERM itself, and call
+    /// [`DeferredHandle::shutdown`] there: nothing else then runs the work in flight, the
+    /// background phases (Managed Instances) and the final flush.
     ///
     /// ```
     /// use deferred_core::Deferred;
@@ -376,10 +384,12 @@ impl Deferred {
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// let mut sigterm = signal(SignalKind::terminate())?;
-    /// let _deferred = Deferred::new().handle_sigterm(false).start().await?;
+    /// let deferred = Deferred::new().handle_sigterm(false).start().await?;
     /// tokio::spawn(async move {
     ///     sigterm.recv().await;
-    ///     // Your own shutdown: flush your providers, close connections, then exit.
+    ///     // The deferred work in flight and the final flush, within `shutdown_timeout`.
+    ///     deferred.shutdown().await;
+    ///     // Your own shutdown: close connections, then exit.
     ///     std::process::exit(0);
     /// });
     /// # Ok(())
@@ -398,7 +408,7 @@ impl Deferred {
     /// `#[deferred_handler]` claims (an undecodable payload, or a handler left undecorated)
     /// holds the environment, billed, for this window; with [`run`](Self::run) the runtime
     /// layer closes such invocations at once and the window never applies. Values above 15
-    /// minutes count as 15 minutes.
+    /// minutes count as 15 minutes; zero is refused by [`start`](Self::start).
     ///
     /// ```no_run
     /// use deferred_core::{Deferred, deferred_handler};
@@ -529,7 +539,8 @@ impl Deferred {
     ///
     /// Never fails for lack of Lambda: outside Lambda, or when registration is refused, it
     /// logs one line and deferred work runs inline before each response. It fails only when
-    /// called a second time in the process ([`StartError::AlreadyStarted`]). The work runs in
+    /// called a second time in the process ([`StartError::AlreadyStarted`]), or for a setting
+    /// that cannot work ([`StartError::InvalidSetting`]). The work runs in
     /// a task of its own: a caller that stops waiting (a `timeout` around it) does not stop
     /// it, and the core starts all the same, as Lambda, having registered the extension,
     /// expects.
@@ -843,6 +854,28 @@ impl DeferredHandle {
         crate::shutdown::final_flush_after(&self.core, self.core.work_until()).await
     }
 
+    /// What the core does on SIGTERM, without the exit, for a function that handles SIGTERM
+    /// itself ([`Deferred::handle_sigterm`]`(false)`): the work in flight gets half of
+    /// `shutdown_timeout`, then what still runs is cut and the final flush runs, all within
+    /// `shutdown_timeout`, so that it ends before Lambda's grace period does. Returns the final
+    /// flush's report. Afterwards the core stops work at once: call it only on the way out.
+    ///
+    /// ```
+    /// use deferred_core::{Deferred, PhaseKind};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), deferred_core::StartError> {
+    /// let deferred = Deferred::new().handle_sigterm(false).start().await?;
+    /// // In your SIGTERM handler, before your own cleanup and exit:
+    /// let report = deferred.shutdown().await;
+    /// assert_eq!(report.kind, PhaseKind::Shutdown);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn shutdown(&self) -> PhaseReport {
+        crate::shutdown::final_flush(&self.core).await
+    }
+
     /// For `run` and `run_concurrent`: lambda_runtime's loop ended with `ended`; on an error,
     /// [`drain`](Self::drain) before returning it.
     async fn drain_if_failed(
@@ -970,6 +1003,13 @@ impl Config {
                 self.shutdown_timeout,
                 "a shutdown_timeout of zero leaves no time for the final flush on SIGTERM or \
                  drain (to leave SIGTERM to your own code, use handle_sigterm(false))",
+            ),
+            (
+                "unclaimed_window",
+                self.stray_window,
+                "an unclaimed_window of zero gives up on every INVOKE event the moment it \
+                 arrives, before its handler can claim it: under start() every handler's \
+                 deferred work would run inline",
             ),
             (
                 "register_timeout",

@@ -6,8 +6,9 @@
 /// `async move`) and yield `()` or `Result<(), E>` with `E: Display`; an `Err` or a panic is
 /// reported in the deferred phase's report and does not stop later actions or the flush.
 ///
-/// Actions run one by one, in the order they were queued, after the response has been sent and
-/// before the telemetry flush.
+/// Actions run one by one, in the order they were queued, then the telemetry flush: after the
+/// response has been sent with the runtime layer (`Deferred::run`), or from when the handler
+/// returns, beside the response, with `Deferred::start` alone and on Managed Instances.
 ///
 /// # Panics
 ///

@@ -1146,6 +1146,45 @@ mod tests {
         assert_eq!(*log.lock().unwrap(), ["first", "queued by first"]);
     }
 
+    /// `max_actions` counts every action queued in the invocation, also those queued by
+    /// actions after earlier ones ran: a chain of actions that each queue the next stops at
+    /// the limit.
+    #[tokio::test(start_paused = true)]
+    async fn actions_queued_by_actions_count_against_the_limit() {
+        fn chain(ran: Arc<AtomicUsize>, refused: Arc<Mutex<Option<crate::DeferError>>>) {
+            let next = refused.clone();
+            let result = defer(None, async move {
+                ran.fetch_add(1, Ordering::SeqCst);
+                chain(ran, next);
+            });
+            if let Err(error) = result {
+                *refused.lock().unwrap() = Some(error);
+            }
+        }
+        let ran = Arc::new(AtomicUsize::new(0));
+        let refused = Arc::new(Mutex::new(None));
+        let queue = Queue::new(3);
+        let (r, e) = (ran.clone(), refused.clone());
+        with_queue(queue.clone(), async move { chain(r, e) }).await;
+        run(
+            job(queue, Duration::from_secs(1)),
+            &[],
+            budget(10),
+            PhaseKind::Chained,
+            no_stop(),
+        )
+        .await;
+        assert_eq!(ran.load(Ordering::SeqCst), 3);
+        assert!(
+            matches!(
+                *refused.lock().unwrap(),
+                Some(crate::DeferError::QueueFull { limit: 3, .. })
+            ),
+            "{:?}",
+            refused.lock().unwrap()
+        );
+    }
+
     #[tokio::test]
     async fn no_time_left_means_nothing_starts() {
         let queue = queue_with(|| defer(None, async {}).unwrap()).await;

@@ -112,6 +112,8 @@ struct Actions {
     running: Option<RunningAction>,
     /// The phase found the queue empty and went on: a later push would never run.
     closed: bool,
+    /// Actions queued with `defer!` so far, run or not (what `max_actions` limits).
+    pushed: usize,
 }
 
 /// An action's task, started by a phase that is gone.
@@ -143,14 +145,16 @@ impl Queue {
                 location: action.location,
             });
         }
-        let actions = &mut actions.queued;
-        if actions.len() >= self.limit {
+        // Every action queued counts, also those the phase has taken off already: actions
+        // that queue more must not get past the limit.
+        if actions.pushed >= self.limit {
             return Err(DeferError::QueueFull {
                 location: action.location,
                 limit: self.limit,
             });
         }
-        actions.push_back(action);
+        actions.pushed += 1;
+        actions.queued.push_back(action);
         Ok(())
     }
 

@@ -10,10 +10,11 @@ type Set = fn(Deferred) -> Deferred;
 
 #[tokio::test(flavor = "current_thread")]
 async fn settings_that_cannot_work_are_refused_and_start_stays_free() {
-    let refused: [(&str, Set); 3] = [
+    let refused: [(&str, Set); 4] = [
         ("flush_timeout", |d| d.flush_timeout(Duration::ZERO)),
         ("shutdown_timeout", |d| d.shutdown_timeout(Duration::ZERO)),
         ("register_timeout", |d| d.register_timeout(Duration::ZERO)),
+        ("unclaimed_window", |d| d.unclaimed_window(Duration::ZERO)),
     ];
     for (name, set) in refused {
         let error = set(Deferred::new().handle_sigterm(false))
@@ -37,6 +38,7 @@ async fn settings_that_cannot_work_are_refused_and_start_stays_free() {
         .flush_timeout(Duration::from_nanos(1))
         .shutdown_timeout(Duration::from_nanos(1))
         .register_timeout(Duration::from_nanos(1))
+        .unclaimed_window(Duration::from_nanos(1))
         .start()
         .await
         .expect("started");
