@@ -10,7 +10,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use lambda_runtime::LambdaInvocation;
@@ -124,6 +124,7 @@ where
     }
 
     fn call(&mut self, invocation: LambdaInvocation) -> Self::Future {
+        inside_tracing_layer_check();
         let request_id = invocation.context.request_id.clone();
         ResponseFuture {
             inner: Some(Box::pin(self.inner.call(invocation))),
@@ -131,6 +132,28 @@ where
             core: self.core.clone(),
             request_id,
         }
+    }
+}
+
+/// Says (once) when the layer sits inside lambda_runtime's `TracingLayer`, i.e. was added
+/// before it: its future then ends while the invocation's span is still open, so the phase's
+/// flush races that span's close and often misses it (it goes with the next flush). Checked on
+/// the first invocation only: the order does not change.
+fn inside_tracing_layer_check() {
+    static CHECKED: AtomicBool = AtomicBool::new(false);
+    if CHECKED.swap(true, Ordering::Relaxed) {
+        return;
+    }
+    // lambda_runtime's `TracingService` enters this span around its inner service's `call`.
+    let inside = tracing::Span::current()
+        .metadata()
+        .is_some_and(|span| span.name() == "Lambda runtime invoke");
+    if inside {
+        tracing::warn!(
+            target: "deferred",
+            "the DeferredLayer runs inside lambda_runtime's TracingLayer: add it last (outermost), \
+             or the invocation's span may miss its own deferred flush"
+        );
     }
 }
 

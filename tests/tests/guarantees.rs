@@ -67,6 +67,29 @@ async fn g1_a_deferred_handler_called_twice_in_one_invocation() {
     }
 }
 
+/// G3 needs the layer outermost (added last), so that the invocation's span is closed when the
+/// phase flushes. Added inside lambda_runtime's `TracingLayer`, the span races the flush and
+/// often misses it: the core says so, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn g3_a_layer_inside_the_tracing_layer_is_warned_about() {
+    const WARNING: &str = "the DeferredLayer runs inside lambda_runtime's TracingLayer";
+    for reversed in [true, false] {
+        let flag = if reversed { "1" } else { "0" };
+        let env = start("runtime", config(10), &[("FIXTURE_LAYERS_REVERSED", flag)]).await;
+        for _ in 0..2 {
+            let hit = env.invoke(json!({})).await;
+            assert!(hit.outcome.is_success(), "{:?}", hit.outcome);
+            env.completed(&hit.request_id).await;
+        }
+        if reversed {
+            assert!(env.logged(WARNING).await);
+            assert_eq!(env.logs_matching(WARNING).len(), 1, "once");
+        } else {
+            assert!(env.logs_matching(WARNING).is_empty());
+        }
+    }
+}
+
 /// G1: with a 2 s action and a stalled exporter, the caller gets the answer as fast as with no
 /// deferred work; the work still happens, after the response.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -319,6 +319,15 @@ async fn run_action(action: ActionPlan, request_id: String) -> Result<(), String
 /// (left out with `FIXTURE_SNAPSTART_RESOURCE=0`, to show what it is for).
 async fn own_runtime(deferred: Deferred) -> Result<(), Error> {
     let handle = deferred.start().await?;
+    // `FIXTURE_LAYERS_REVERSED=1`: the deferred layer added first, inside the tracing one (the
+    // wrong order, which the core warns about).
+    if env_flag("FIXTURE_LAYERS_REVERSED") {
+        return lambda_runtime::Runtime::new(service_fn(timed))
+            .layer(handle.layer())
+            .layer(lambda_runtime::layers::TracingLayer::new())
+            .run()
+            .await;
+    }
     let runtime = lambda_runtime::Runtime::new(service_fn(timed))
         .layer(lambda_runtime::layers::TracingLayer::new())
         .layer(handle.layer());
