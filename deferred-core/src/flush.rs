@@ -329,16 +329,15 @@ impl Flusher {
         }
     }
 
-    /// Runs the flush on this thread (the chain's phase thread, which a watchdog replaces if
-    /// the flush overruns); `Err` while a previous call still runs. A panic is caught and
-    /// given as `Ok(Err(_))` with its message.
-    pub(crate) fn run_here(&self) -> Result<std::thread::Result<Called>, NotStarted> {
+    /// Marks the flusher busy for a call on this thread (the chain's phase thread, which a
+    /// watchdog replaces if the flush overruns); `Err` while a previous call still runs. The
+    /// claim and the call are apart so that the phase thread can claim under the lock that the
+    /// watchdog takes the phase over with.
+    pub(crate) fn claim(&self) -> Result<Claimed<'_>, NotStarted> {
         if self.busy.swap(true, Ordering::AcqRel) {
             return Err(NotStarted::StillRunning);
         }
-        Ok(std::panic::catch_unwind(std::panic::AssertUnwindSafe(
-            || self.call(),
-        )))
+        Ok(Claimed(self))
     }
 
     /// One call of the flush, `busy` set by the caller.
@@ -355,6 +354,27 @@ impl Flusher {
         let started = std::time::Instant::now();
         let result = self.inner.flush().map_err(|e| e.to_string());
         (result, started.elapsed())
+    }
+}
+
+/// A flusher claimed for a call on this thread ([`Flusher::claim`]); dropped uncalled, it is
+/// free again.
+pub(crate) struct Claimed<'a>(&'a Flusher);
+
+impl Claimed<'_> {
+    /// Runs the flush here. A panic is caught and given as `Err` with its payload.
+    pub(crate) fn run_here(self) -> std::thread::Result<Called> {
+        let flusher = self.0;
+        // The call frees the flusher when it returns (or panics): not the claim's drop.
+        std::mem::forget(self);
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| flusher.call()))
+    }
+}
+
+impl Drop for Claimed<'_> {
+    fn drop(&mut self) {
+        self.0.busy.store(false, Ordering::Release);
+        self.0.returned.notify_waiters();
     }
 }
 

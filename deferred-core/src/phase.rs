@@ -456,12 +456,17 @@ impl Running {
     }
 }
 
-/// Runs `flusher` on this thread: the chain's phase thread does so with the first flusher,
-/// which saves two thread hand-offs per phase; its watchdog abandons the flush at `end`. The
-/// caller has checked that `end` has not come.
-pub(crate) fn flush_here(flusher: &Flusher, end: Instant, phase_started: Instant) -> FlushReport {
+/// Runs `flusher` on this thread, as `claim` ([`Flusher::claim`]) allows: the chain's phase
+/// thread does so with the first flusher, which saves two thread hand-offs per phase; its
+/// watchdog abandons the flush at `end`. The caller has checked that `end` has not come.
+pub(crate) fn flush_here(
+    flusher: &Flusher,
+    claim: Result<crate::flush::Claimed<'_>, NotStarted>,
+    end: Instant,
+    phase_started: Instant,
+) -> FlushReport {
     let started = Instant::now();
-    let (outcome, duration) = match flusher.run_here() {
+    let (outcome, duration) = match claim.map(crate::flush::Claimed::run_here) {
         Err(why) => (FlushOutcome::NotRun(why.to_string()), Duration::ZERO),
         Ok(Ok(done)) => outcome(Ok(done), started),
         Ok(Err(panic)) => (

@@ -93,6 +93,13 @@ impl Watch {
         self.flushing.take_if(|f| Arc::ptr_eq(&f.retired, thread))
     }
 
+    /// Whether the phase being flushed is still `thread`'s (the watchdog has not taken it).
+    fn owns(&self, thread: &Arc<AtomicBool>) -> bool {
+        self.flushing
+            .as_ref()
+            .is_some_and(|f| Arc::ptr_eq(&f.retired, thread))
+    }
+
     /// For the watchdog: the phase whose flush has overrun its end (by `now`), taken over, its
     /// thread retired. Retired under this lock, so that thread, back from its flush, finds the
     /// phase gone and exits rather than serving the queue beside its replacement.
@@ -257,11 +264,18 @@ impl Runner {
         else {
             return;
         };
-        // Checked again: the end may have passed since `begin` looked (a loaded machine).
-        let report = (Instant::now() < end).then(|| {
+        // Checked again: the end may have passed since `begin` looked (a loaded machine). And
+        // claimed under the lock the watchdog takes the phase over with at its end: the flush
+        // either starts before the take-over (which then abandons it, as it should), or not at
+        // all, rather than after the watchdog has reported it and released the environment.
+        let claim = {
+            let watch = lock(&self.watch);
+            (watch.owns(retired) && Instant::now() < end).then(|| first.claim())
+        };
+        let report = claim.map(|claim| {
             // The runtime's context, as on its blocking threads: `Handle::current()` works.
             let _runtime = self.handle.enter();
-            phase::flush_here(first, end, phase_started)
+            phase::flush_here(first, claim, end, phase_started)
         });
         self.handle
             .block_on(self.conclude(core, first, report, end, phase_started, retired));
@@ -499,6 +513,25 @@ mod tests {
         assert!(!b.load(Ordering::Acquire));
         assert_eq!(watch.claim(&b).map(|f| f.seq), Some(2));
         assert!(watch.flushing.is_none());
+    }
+
+    /// A phase thread starts its flush only while the phase is its own: once the watchdog has
+    /// taken the phase over (and reported that flush abandoned, and released the environment),
+    /// a thread that was held up between its check of the end and the flush does not start it.
+    #[tokio::test]
+    async fn a_flush_taken_over_before_it_began_is_not_started() {
+        let a = Arc::new(AtomicBool::new(false));
+        let now = Instant::now();
+        let mut watch = Watch {
+            flushing: Some(flushing(&a, 1, now).await),
+            ..Watch::default()
+        };
+        assert!(watch.owns(&a));
+        assert!(watch.overrun(now).is_some());
+        assert!(
+            !watch.owns(&a),
+            "taken over: the thread must not start its flush"
+        );
     }
 
     /// How many threads [`first_thread_only`] was asked for.
