@@ -234,6 +234,31 @@ fn hold(core: &Arc<Core>, event: InvokeEvent, seq: u64) -> Option<(String, Insta
             s.chain = Chain::Armed;
             return;
         }
+        // A wrapper already started (or its job is parked) for another invocation than this
+        // event's: the chain is out of step (as in `Core::begin`, the other order). Neither
+        // invocation can count on the chain: both are closed (that one's work runs outside
+        // it) and this event is released at once, rather than held, unclaimed, to its end.
+        let waiting = s
+            .expected
+            .as_deref()
+            .or(s.parked.as_ref().map(|job| job.request_id.as_str()))
+            .filter(|id| *id != request_id)
+            .map(str::to_owned);
+        if let Some(waiting) = waiting {
+            tracing::error!(
+                target: "deferred",
+                runtime_request_id = %waiting,
+                extension_request_id = request_id,
+                "the extension's INVOKE event does not match the runtime's invocation; \
+                 running this invocation's deferred work outside the chain"
+            );
+            s.expected = None;
+            s.close(waiting);
+            s.close(request_id.to_owned());
+            closed_already = true;
+            s.chain = Chain::Armed;
+            return;
+        }
         let mut claimed = s.expected.as_deref() == Some(request_id);
         if claimed {
             s.expected = None;
@@ -298,5 +323,140 @@ pub(crate) fn decide(
         Err(slot.stray_at.min(slot.phase_end))
     } else {
         Err(slot.phase_end)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+    use crate::core::{Config, Mode, Ticket};
+    use crate::scope::Queue;
+
+    /// Reads one request head; `None` if nothing arrives within `within`.
+    async fn request_within(stream: &mut TcpStream, within: Duration) -> Option<String> {
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        let read = async {
+            while !head.ends_with(b"\r\n\r\n") {
+                assert_eq!(stream.read(&mut byte).await.expect("read"), 1, "closed");
+                head.push(byte[0]);
+            }
+        };
+        tokio::time::timeout(within, read).await.ok()?;
+        Some(String::from_utf8(head).expect("utf-8"))
+    }
+
+    /// An `event/next` answer with an INVOKE event.
+    fn invoke(request_id: &str, deadline: SystemTime) -> String {
+        let ms = deadline
+            .duration_since(UNIX_EPOCH)
+            .expect("epoch")
+            .as_millis();
+        let body = format!(
+            r#"{{"eventType":"INVOKE","deadlineMs":{ms},"requestId":"{request_id}","invokedFunctionArn":"arn"}}"#
+        );
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    }
+
+    /// A core with the runtime layer whose chain talks to a stand-in API: the API's end of the
+    /// chain's connection, its first `event/next` read already.
+    async fn chain() -> (Arc<Core>, TcpListener, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let authority = listener.local_addr().expect("addr").to_string();
+        let config = Config {
+            phase_telemetry: false,
+            ..Config::default()
+        };
+        let core = Core::new(config, Mode::Extension);
+        core.layer_installed
+            .store(true, std::sync::atomic::Ordering::Release);
+        let client = Arc::new(Client::new(&authority).expect("client"));
+        tokio::spawn(drive_with(
+            core.clone(),
+            client,
+            "ext-1".into(),
+            Restores::new(),
+        ));
+        let (mut stream, _) = listener.accept().await.expect("accept");
+        request_within(&mut stream, Duration::from_secs(5))
+            .await
+            .expect("the first event/next");
+        (core, listener, stream)
+    }
+
+    fn job(request_id: &str, deadline: SystemTime) -> crate::phase::Job {
+        crate::phase::Job {
+            request_id: request_id.into(),
+            deadline: Some(deadline),
+            queue: Queue::new(0),
+            flush_timeout: Duration::from_millis(100),
+            parent: None,
+        }
+    }
+
+    /// With the runtime layer, the extension is given an INVOKE event for another request id
+    /// than the one whose wrapper started (the chain out of step), after that wrapper started
+    /// (`begin` handles the other order): whether the handler is still running or its job is
+    /// already parked, the stray event is released at once, not held, unclaimed, to its
+    /// deadline minus the margin (4 s here; 15 minutes at most on Lambda), and the job runs
+    /// outside the chain.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_event_for_another_invocation_than_the_wrappers_is_released_at_once() {
+        for parked in [false, true] {
+            let (core, _listener, mut api) = chain().await;
+            let deadline = SystemTime::now() + Duration::from_secs(4);
+            let invocation = crate::context::Invocation {
+                request_id: "r-1".into(),
+                deadline: Some(deadline),
+            };
+            let ticket = core.begin(&invocation);
+            assert_eq!(ticket, Ticket::Chained("r-1".into()));
+            let claim = parked.then(|| {
+                assert!(
+                    core.dispatch(&ticket, job("r-1", deadline), "inline")
+                        .is_none()
+                );
+                assert!(
+                    core.responded("r-1"),
+                    "the layer waits for the parked job's event"
+                );
+                let core = core.clone();
+                tokio::spawn(async move { core.claim_parked("r-1").await })
+            });
+            api.write_all(invoke("other", deadline).as_bytes())
+                .await
+                .expect("write");
+            let started = std::time::Instant::now();
+            let next = request_within(&mut api, Duration::from_secs(6)).await;
+            assert!(next.is_some(), "parked {parked}: no event/next at all");
+            assert!(
+                started.elapsed() < Duration::from_millis(1500),
+                "parked {parked}: event/next went out after {:?}",
+                started.elapsed()
+            );
+            match claim {
+                // The layer's wait ended with the job taken back (it runs there).
+                Some(claim) => {
+                    tokio::time::timeout(Duration::from_secs(2), claim)
+                        .await
+                        .expect("the layer's wait ended")
+                        .expect("claim_parked");
+                    assert!(core.state.borrow().parked.is_none());
+                }
+                // The handler returns: its work runs outside the chain.
+                None => {
+                    let refused = core.dispatch(&ticket, job("r-1", deadline), "inline");
+                    assert!(refused.is_some(), "runs inline");
+                }
+            }
+        }
     }
 }

@@ -605,7 +605,6 @@ impl Core {
                     .is_none_or(|job| job.request_id != request_id)
                 || s.chain == Chain::Broken
                 || s.chain == Chain::Stopped
-                || s.slot.is_some()
                 || s.was_closed(request_id)
         });
         let _ = tokio::time::timeout(self.claim_window(deadline), settled).await;
