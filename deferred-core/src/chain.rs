@@ -229,7 +229,9 @@ fn hold(core: &Arc<Core>, event: InvokeEvent, seq: u64) -> Option<(String, Insta
         s.lost_to = None;
         let request_id = event.request_id.as_str();
         if s.was_closed(request_id) {
-            // Its wrapper gave up waiting for this event and ran the work inline.
+            // Its wrapper gave up waiting for this event and ran the work inline. (Its answer,
+            // if noted, is this event's: not one for a later event with its id, a retry.)
+            s.responded_early.take_if(|id| id == request_id);
             closed_already = true;
             s.chain = Chain::Armed;
             return;
