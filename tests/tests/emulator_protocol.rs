@@ -712,14 +712,20 @@ async fn concurrent_invokes_are_served_one_at_a_time_in_order() {
     assert_eq!(emu.stats().max_concurrent_event_next_per_extension, 1);
 }
 
+/// A second `event/next` while one waits is refused, as RAPID does (403
+/// `Extension.InvalidExtensionState`), and counted as two calls at once (G2's check).
 #[tokio::test]
-async fn concurrent_event_next_calls_are_counted() {
+async fn concurrent_event_next_calls_are_refused_and_counted() {
     let (emu, addr) = start(EmulatorConfig::default()).await;
     let id = register(&addr, "ext-twice", &["INVOKE"]).await;
     let _a = spawn_ext_next(&addr, &id);
-    let _b = spawn_ext_next(&addr, &id);
-    assert!(emu.wait_until(SECOND, |s, _| s.event_next_calls == 2).await);
+    assert!(emu.wait_until(SECOND, |s, _| s.event_next_calls == 1).await);
+    let headers = [("Lambda-Extension-Identifier", id.as_str())];
+    call(&addr, Method::GET, EVENT_NEXT, &headers, "")
+        .await
+        .assert_error(403, "Extension.InvalidExtensionState");
     let stats = emu.stats();
+    assert_eq!(stats.refused_event_next_calls, 1);
     assert_eq!(stats.max_concurrent_event_next_per_extension, 2);
     assert_eq!(stats.max_concurrent_event_next_by_extension["ext-twice"], 2);
 }

@@ -720,13 +720,26 @@ impl Shared {
         } = inner;
         let ext = &mut extensions[index];
         let record = restore_open.and_then(|i| restores.get_mut(i));
-        // SnapStart mode: RAPID refuses a second `next` from an extension that already waits in
-        // one (its Ready state allows no Ready transition: aws-lambda-runtime-interface-emulator,
-        // core/internalagent_states.go; rapi/handler/agentnext.go answers 403).
-        if self.config.snap_start && ext.waiters.iter().any(|w| !w.is_closed()) {
+        // RAPID refuses a second `next` from an extension that already waits in one, in every
+        // mode: its Ready state allows no Ready transition (aws-lambda-runtime-interface-
+        // emulator, core/internalagent_states.go; rapi/handler/agentnext.go answers 403). (A call
+        // whose client went away still counts as waiting there; here it does not.)
+        if ext.waiters.iter().any(|w| !w.is_closed()) {
             stats.refused_event_next_calls += 1;
-            if let Some(record) = record {
-                record.refused_event_next.push((ext.name.clone(), now));
+            match record {
+                Some(record) => record.refused_event_next.push((ext.name.clone(), now)),
+                // Outside a restore (where the SnapStart probe is refused on purpose) the
+                // attempt counts as concurrent calls, so that G2's check still sees it.
+                None => {
+                    let attempted = ext.in_flight + 1;
+                    stats.max_concurrent_event_next_per_extension =
+                        stats.max_concurrent_event_next_per_extension.max(attempted);
+                    let max = stats
+                        .max_concurrent_event_next_by_extension
+                        .entry(ext.name.clone())
+                        .or_insert(0);
+                    *max = (*max).max(attempted);
+                }
             }
             self.bump();
             return Err(ApiError::extension_state("Ready", "Ready", id));

@@ -96,8 +96,8 @@ pub struct Restore {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Stats {
-    /// The highest number of `event/next` calls ever in flight at once for one extension
-    /// (lambda-deferred must keep it at 1).
+    /// The highest number of `event/next` calls ever in flight at once for one extension,
+    /// a refused attempt included (lambda-deferred must keep it at 1).
     pub max_concurrent_event_next_per_extension: usize,
     /// The same, per extension name.
     pub max_concurrent_event_next_by_extension: BTreeMap<String, usize>,
@@ -125,7 +125,7 @@ pub struct Stats {
     pub snapshots: u64,
     /// SnapStart restores begun.
     pub restores: u64,
-    /// `event/next` calls refused because the extension already waited in one (SnapStart
-    /// mode only).
+    /// `event/next` calls refused (403, as Lambda does) because the extension already waited
+    /// in one. Outside a SnapStart restore each also counts in the `max_concurrent_*` figures.
     pub refused_event_next_calls: u64,
 }
