@@ -237,9 +237,8 @@ fn hold(core: &Arc<Core>, event: InvokeEvent, seq: u64) -> Option<(String, Insta
             return;
         }
         // A wrapper already started (or its job is parked) for another invocation than this
-        // event's: the chain is out of step (as in `Core::begin`, the other order). Neither
-        // invocation can count on the chain: both are closed (that one's work runs outside
-        // it) and this event is released at once, rather than held, unclaimed, to its end.
+        // event's: the chain is out of step (`Core::begin` sees the other order). The event is
+        // released at once, rather than held, unclaimed, to its end.
         let waiting = s
             .expected
             .as_deref()
@@ -247,18 +246,9 @@ fn hold(core: &Arc<Core>, event: InvokeEvent, seq: u64) -> Option<(String, Insta
             .filter(|id| *id != request_id)
             .map(str::to_owned);
         if let Some(waiting) = waiting {
-            tracing::error!(
-                target: "deferred",
-                runtime_request_id = %waiting,
-                extension_request_id = request_id,
-                "the extension's INVOKE event does not match the runtime's invocation; \
-                 running this invocation's deferred work outside the chain"
-            );
             s.expected = None;
-            s.close(waiting);
-            s.close(request_id.to_owned());
+            s.out_of_step(waiting, request_id.to_owned());
             closed_already = true;
-            s.chain = Chain::Armed;
             return;
         }
         let mut claimed = s.expected.as_deref() == Some(request_id);
@@ -332,25 +322,17 @@ pub(crate) fn decide(
 mod tests {
     use std::time::{SystemTime, UNIX_EPOCH};
 
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::io::AsyncWriteExt as _;
     use tokio::net::{TcpListener, TcpStream};
 
     use super::*;
     use crate::core::{Config, Mode, Ticket};
+    use crate::extension::line::tests::{request, with_length};
     use crate::scope::Queue;
 
     /// Reads one request head; `None` if nothing arrives within `within`.
     async fn request_within(stream: &mut TcpStream, within: Duration) -> Option<String> {
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        let read = async {
-            while !head.ends_with(b"\r\n\r\n") {
-                assert_eq!(stream.read(&mut byte).await.expect("read"), 1, "closed");
-                head.push(byte[0]);
-            }
-        };
-        tokio::time::timeout(within, read).await.ok()?;
-        Some(String::from_utf8(head).expect("utf-8"))
+        tokio::time::timeout(within, request(stream)).await.ok()
     }
 
     /// An `event/next` answer with an INVOKE event.
@@ -359,13 +341,9 @@ mod tests {
             .duration_since(UNIX_EPOCH)
             .expect("epoch")
             .as_millis();
-        let body = format!(
+        with_length(&format!(
             r#"{{"eventType":"INVOKE","deadlineMs":{ms},"requestId":"{request_id}","invokedFunctionArn":"arn"}}"#
-        );
-        format!(
-            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
+        ))
     }
 
     /// A core with the runtime layer whose chain talks to a stand-in API: the API's end of the

@@ -187,6 +187,23 @@ impl State {
             .is_some_and(|(id, at)| id == request_id && deadline.is_none_or(|d| d == *at))
     }
 
+    /// The extension's INVOKE event (`extension`) and the runtime's invocation (`runtime`)
+    /// differ, in whichever order they came: the chain is out of step. Neither can count on
+    /// it, so both are closed (the runtime's work runs outside the chain; the event, if held,
+    /// is released) and the chain is re-armed.
+    pub(crate) fn out_of_step(&mut self, runtime: String, extension: String) {
+        tracing::error!(
+            target: "deferred",
+            runtime_request_id = %runtime,
+            extension_request_id = %extension,
+            "the extension's INVOKE event does not match the runtime's invocation; running \
+             this invocation's deferred work outside the chain"
+        );
+        self.close(runtime);
+        self.close(extension);
+        self.chain = Chain::Armed;
+    }
+
     /// An `event/next` call failed: it may have carried the INVOKE event of the invocation in
     /// progress, lost with it (a connection closed mid-body, an undecodable body). The wrapper
     /// waiting for that event, or whose job is parked for it, must not wait it out: its
@@ -358,20 +375,11 @@ impl Core {
                     // The extension was given another invocation than the runtime: the chain
                     // is out of step. Release that event and keep this invocation's work
                     // inline, so nothing depends on a readiness signal we cannot trust.
-                    tracing::error!(
-                        target: "deferred",
-                        runtime_request_id = request_id,
-                        extension_request_id = %slot.event.request_id,
-                        "the extension's INVOKE event does not match the runtime's invocation; \
-                         running this invocation's deferred work inline"
-                    );
                     let stale = slot.event.request_id.clone();
                     release = Some(slot.seq);
                     orphan = slot.job.take();
                     state.slot = None;
-                    state.chain = Chain::Armed;
-                    state.close(stale);
-                    state.close(request_id.to_owned());
+                    state.out_of_step(request_id.to_owned(), stale);
                     ticket = Ticket::Inline;
                     true
                 }
@@ -535,7 +543,7 @@ impl Core {
         if let Some(ready) = ready {
             self.submit(ready);
         }
-        if job.is_some() && again {
+        if again {
             called_again(request_id);
         } else if job.is_some() {
             let why = if closed_before {
@@ -943,6 +951,27 @@ mod tests {
         crate::context::Invocation {
             request_id: request_id.into(),
             deadline: None,
+        }
+    }
+
+    /// The slot of event 1 (`request_id`, `deadline`), its phase a minute away, with the job
+    /// of its handler (claimed) or without (no handler seen yet).
+    fn held(request_id: &str, deadline: SystemTime, job: Option<Job>) -> Slot {
+        let later = Instant::now() + Duration::from_secs(60);
+        Slot {
+            event: InvokeEvent {
+                request_id: request_id.into(),
+                deadline,
+                invoked_function_arn: None,
+                trace_id: None,
+            },
+            seq: 1,
+            stray_at: later,
+            phase_end: later,
+            watch_from: later,
+            claimed: job.is_some(),
+            job,
+            responded: false,
         }
     }
 
@@ -1454,27 +1483,14 @@ mod tests {
         let core = Core::new(Config::default(), Mode::Extension);
         core.layer_installed.store(true, Ordering::Release);
         let (queue, ran) = flagging_queue().await;
-        let now = Instant::now();
+        let job = Job {
+            queue,
+            ..inline_job("r-1")
+        };
+        let deadline = SystemTime::now() + Duration::from_secs(60);
         core.state.send_modify(|s| {
             s.chain = Chain::Holding;
-            s.slot = Some(Slot {
-                event: InvokeEvent {
-                    request_id: "r-1".into(),
-                    deadline: SystemTime::now() + Duration::from_secs(60),
-                    invoked_function_arn: None,
-                    trace_id: None,
-                },
-                seq: 1,
-                stray_at: now + Duration::from_secs(60),
-                phase_end: now + Duration::from_secs(60),
-                watch_from: now + Duration::from_secs(60),
-                claimed: true,
-                job: Some(Job {
-                    queue,
-                    ..inline_job("r-1")
-                }),
-                responded: false,
-            });
+            s.slot = Some(held("r-1", deadline, Some(job)));
         });
         assert_eq!(core.begin(&invocation("r-2")), Ticket::Inline);
         let state = core.state.borrow();
@@ -1505,24 +1521,9 @@ mod tests {
             deadline: Some(deadline),
             ..inline_job("r-1")
         };
-        let now = Instant::now();
         core.state.send_modify(|s| {
             s.chain = Chain::Holding;
-            s.slot = Some(Slot {
-                event: InvokeEvent {
-                    request_id: "r-1".into(),
-                    deadline,
-                    invoked_function_arn: None,
-                    trace_id: None,
-                },
-                seq: 1,
-                stray_at: now + Duration::from_secs(60),
-                phase_end: now + Duration::from_secs(60),
-                watch_from: now + Duration::from_secs(60),
-                claimed: false,
-                job: None,
-                responded: false,
-            });
+            s.slot = Some(held("r-1", deadline, None));
         });
         for _ in 0..2 {
             let ticket = core.begin(&at);

@@ -419,7 +419,7 @@ async fn read_more(conn: &mut Conn) -> Result<bool, ClientError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::time::Duration;
 
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -445,7 +445,7 @@ mod tests {
     }
 
     /// Reads one request head from `stream`.
-    async fn request(stream: &mut TcpStream) -> String {
+    pub(crate) async fn request(stream: &mut TcpStream) -> String {
         let mut head = Vec::new();
         let mut byte = [0u8; 1];
         while !head.ends_with(b"\r\n\r\n") {
@@ -455,7 +455,8 @@ mod tests {
         String::from_utf8(head).expect("utf-8")
     }
 
-    fn with_length(body: &str) -> String {
+    /// A `200` answer with `body`.
+    pub(crate) fn with_length(body: &str) -> String {
         format!(
             "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
