@@ -167,6 +167,20 @@ pub(crate) struct State {
 
 const CLOSED_KEPT: usize = 16;
 
+/// Whether the runtime's deadline and the extension's INVOKE event's are one invocation's.
+/// They need not be equal: Lambda's Runtime API server renders each from the invocation's
+/// monotonic deadline when it answers that call, with a wall-clock offset read anew and
+/// truncated to the millisecond (aws-lambda-runtime-interface-emulator,
+/// `rapi/rendering/rendering.go`), so they can differ by a millisecond. An asynchronous retry,
+/// which keeps the request id, comes a minute or more later ("Lambda waits one minute between
+/// the first two attempts", Lambda developer guide, asynchronous invocation).
+fn same_deadline(a: SystemTime, b: SystemTime) -> bool {
+    const APART: Duration = Duration::from_secs(1);
+    a.duration_since(b)
+        .or_else(|_| b.duration_since(a))
+        .is_ok_and(|gap| gap < APART)
+}
+
 impl State {
     pub(crate) fn close(&mut self, request_id: String) {
         if self.closed.len() == CLOSED_KEPT {
@@ -182,9 +196,9 @@ impl State {
     /// Whether this invocation's phase has begun (see [`phased`](Self::phased)); an unknown
     /// deadline matches any.
     fn phase_begun(&self, request_id: &str, deadline: Option<SystemTime>) -> bool {
-        self.phased
-            .as_ref()
-            .is_some_and(|(id, at)| id == request_id && deadline.is_none_or(|d| d == *at))
+        self.phased.as_ref().is_some_and(|(id, at)| {
+            id == request_id && deadline.is_none_or(|d| same_deadline(d, *at))
+        })
     }
 
     /// The extension's INVOKE event (`extension`) and the runtime's invocation (`runtime`)
@@ -1558,6 +1572,16 @@ mod tests {
             s.phased = Some(("r-1".into(), deadline));
         });
         assert_eq!(core.begin(&at), Ticket::Inline);
+        for skew in [
+            deadline - Duration::from_millis(1),
+            deadline + Duration::from_millis(1),
+        ] {
+            let rendered_apart = crate::context::Invocation {
+                request_id: "r-1".into(),
+                deadline: Some(skew),
+            };
+            assert_eq!(core.begin(&rendered_apart), Ticket::Inline, "a ms apart");
+        }
         assert_eq!(
             core.begin(&invocation("r-1")),
             Ticket::Inline,

@@ -83,13 +83,23 @@ pub struct EmulatorConfig {
     /// `/restore/next` is answered, and the restore phase ends with the runtime's first
     /// `/invocation/next` (within `init_timeout`) or fails with `/restore/error`.
     ///
-    /// In this mode the emulator also applies RAPID's rule that an extension already waiting in
-    /// `event/next` may not call it again: 403 `Extension.InvalidExtensionState`
-    /// (aws-lambda-runtime-interface-emulator, `core/internalagent_states.go`).
+    /// (In every mode an extension already waiting in `event/next` may not call it again: 403
+    /// `Extension.InvalidExtensionState`, RAPID's rule from aws-lambda-runtime-interface-emulator,
+    /// `core/internalagent_states.go`.)
     pub snap_start: bool,
     /// What the restore does to the connections open at snapshot time (SnapStart only;
     /// default [`RestoredConnections::Survive`]).
     pub restored_connections: RestoredConnections,
+    /// Milliseconds added to an INVOKE event's `deadlineMs` for the extensions, against the
+    /// runtime's `Lambda-Runtime-Deadline-Ms`. Default -1: the two need not agree. Lambda's
+    /// Runtime API server renders each from the invocation's monotonic deadline when it answers
+    /// that call, with a fresh wall-clock offset and truncated to the millisecond
+    /// (aws-lambda-runtime-interface-emulator, `rapi/rendering/rendering.go`:
+    /// `MonoToEpoch(DeadlineNs) / time.Millisecond` in both `RenderRuntimeEvent` and
+    /// `newAgentInvokeEvent`), so they can differ by a millisecond either way. Earlier by
+    /// default, so that nothing can count on the two being equal and no test gets time past
+    /// the runtime's deadline.
+    pub extension_deadline_skew_ms: i64,
 }
 
 /// What a SnapStart restore does to the connections to the emulator that were open when the
@@ -129,6 +139,7 @@ impl Default for EmulatorConfig {
             shutdown_grace: None,
             snap_start: false,
             restored_connections: RestoredConnections::Survive,
+            extension_deadline_skew_ms: -1,
         }
     }
 }

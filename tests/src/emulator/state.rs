@@ -911,12 +911,14 @@ impl Shared {
             runtime,
             ..
         } = inner;
+        let extension_deadline_ms =
+            deadline_ms.saturating_add_signed(self.config.extension_deadline_skew_ms);
         let mut subscribers = Vec::new();
         for ext in extensions.iter_mut().filter(|e| e.invoke && !e.errored) {
             subscribers.push(ext.id.clone());
             let event = ExtEvent::Invoke {
                 request_id: request_id.clone(),
-                deadline_ms,
+                deadline_ms: extension_deadline_ms,
                 function_arn: self.function_arn.clone(),
                 trace_id: trace_id.clone(),
                 timeline: index,
