@@ -823,7 +823,11 @@ impl DeferredHandle {
     /// report: what the core does on SIGTERM, without the exit, and without SIGTERM's hurry.
     /// The work in flight gets until its own end (each phase's deadline minus the safety
     /// margin), or half of `shutdown_timeout` if that is later; what still runs then is cut,
-    /// and the final flush gets the other half of `shutdown_timeout`. For a function that runs its own loop after [`Deferred::start`]: when the
+    /// and the final flush gets the other half of `shutdown_timeout`, but never runs past the
+    /// end of the last phase while that is ahead (its invocation may still be open, and Lambda
+    /// stops the environment at its deadline).
+    ///
+    /// For a function that runs its own loop after [`Deferred::start`]: when the
     /// loop ends with an error (lambda_runtime stops on an answer that does not serialize or
     /// a Runtime API call that fails), call it before returning the error, so the failed
     /// invocation's actions and the telemetry do not die with the process. `run` and

@@ -2,8 +2,8 @@
 
 use std::borrow::Cow;
 use std::fmt;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock, mpsc};
 
 /// The error a flush reports.
 ///
@@ -254,6 +254,24 @@ pub(crate) struct Flusher {
     busy: Arc<AtomicBool>,
     /// Told when a call returns.
     returned: Arc<tokio::sync::Notify>,
+    /// The flusher's own thread, started at its first call off the phase thread (`None`: the
+    /// OS refused it). Not the runtime's blocking pool: a flush that never returns would hold
+    /// one of its threads, and the runtime's drop (when `main` returns) waits for those for
+    /// ever, so the process would not exit. One thread is enough: a flusher has at most one
+    /// call running ([`busy`](Self::busy)).
+    thread: Arc<OnceLock<Option<mpsc::Sender<Answer>>>>,
+}
+
+/// Where the flusher's thread sends what a call gave (a panic as `Err`), and [`Gone`] `None`.
+type Answer = mpsc::SyncSender<Option<std::thread::Result<Called>>>;
+
+/// Sends `None` when dropped: with the task that holds it, when the runtime shuts down.
+struct Gone(Answer);
+
+impl Drop for Gone {
+    fn drop(&mut self) {
+        let _ = self.0.try_send(None);
+    }
 }
 
 impl fmt::Debug for Flusher {
@@ -272,7 +290,34 @@ impl Flusher {
             inner: Arc::new(flush),
             busy: Arc::new(AtomicBool::new(false)),
             returned: Arc::new(tokio::sync::Notify::new()),
+            thread: Arc::new(OnceLock::new()),
         }
+    }
+
+    /// The flusher's own thread, started now if need be; `None` if the OS refused it.
+    fn thread(&self) -> Option<&mpsc::Sender<Answer>> {
+        self.thread
+            .get_or_init(|| {
+                let (calls, called) = mpsc::channel::<Answer>();
+                // Without the cell: the thread ends once the flusher's last clone is gone.
+                let this = Self {
+                    thread: Arc::new(OnceLock::new()),
+                    ..self.clone()
+                };
+                let run = move || {
+                    for answer in called {
+                        let called =
+                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| this.call()));
+                        let _ = answer.send(Some(called));
+                    }
+                };
+                std::thread::Builder::new()
+                    .name("deferred-flush".into())
+                    .spawn(run)
+                    .ok()
+                    .map(|_| calls)
+            })
+            .as_ref()
     }
 
     /// Whether a call is running (maybe abandoned).
@@ -296,19 +341,63 @@ impl Flusher {
         }
     }
 
-    /// Starts the flush on a blocking thread; `Err` says why it did not start (a previous
-    /// call still runs, or no thread could be had). The task yields the flush's result and
-    /// its own duration.
+    /// Starts the flush on its own thread (on a blocking thread of the runtime if the OS
+    /// refused that); `Err` says why it did not start (a previous call still runs, or no
+    /// thread could be had). The task yields the flush's result and its own duration; a panic
+    /// of the flush is the task's.
+    ///
+    /// The task is a blocking one that waits for the flusher's thread: tokio's paused clock
+    /// (users' tests) does not jump while it runs, as it would past a flush on a thread tokio
+    /// does not know. It stops waiting when the runtime shuts down (a flush that never
+    /// returns must not keep the runtime's drop, and the process, from ending).
     pub(crate) fn start(&self) -> Result<tokio::task::JoinHandle<Called>, NotStarted> {
         if self.busy.swap(true, Ordering::AcqRel) {
             return Err(NotStarted::StillRunning);
         }
-        let this = self.clone();
-        try_spawn_blocking(None, move || this.call()).map_err(|panic| {
+        let refused = |why: String| {
             // The flush did not run: it must not count as still running.
             self.busy.store(false, Ordering::Release);
-            NotStarted::NoThread(panic)
+            self.returned.notify_waiters();
+            NotStarted::NoThread(why)
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return Err(refused("not on a tokio runtime".into()));
+        };
+        let Some(thread) = self.thread() else {
+            let this = self.clone();
+            return try_spawn_blocking(Some(&runtime), move || this.call()).map_err(refused);
+        };
+        let (answer, answered) = mpsc::sync_channel(2);
+        let (waiting, waited) = tokio::sync::oneshot::channel::<()>();
+        let started = std::time::Instant::now();
+        let task = try_spawn_blocking(Some(&runtime), move || {
+            let _waiting = waiting;
+            match answered.recv() {
+                Ok(Some(Ok(called))) => called,
+                Ok(Some(Err(panic))) => std::panic::resume_unwind(panic),
+                Ok(None) | Err(_) => (
+                    Err("the runtime shut down while the flush ran".into()),
+                    started.elapsed(),
+                ),
+            }
         })
+        .map_err(refused)?;
+        // Dropped when the runtime shuts down, ending the wait above; or done with it.
+        let gone = Gone(answer.clone());
+        runtime.spawn(async move {
+            let _gone = gone;
+            let _ = waited.await;
+        });
+        if let Err(mpsc::SendError(answer)) = thread.send(answer) {
+            // Its thread cannot end while the flusher lives; said rather than assumed.
+            let _ = answer.try_send(Some(Ok((
+                Err("the flusher's thread has ended".into()),
+                std::time::Duration::ZERO,
+            ))));
+            self.busy.store(false, Ordering::Release);
+            self.returned.notify_waiters();
+        }
+        Ok(task)
     }
 
     /// Starts the flush once its previous call has returned, waiting for that until `end`:
@@ -398,5 +487,45 @@ mod tests {
             task.await.expect("the flush ran")
         });
         assert!(result.is_ok());
+    }
+
+    /// A flush that never returns (abandoned at its end) does not keep the runtime's drop
+    /// from ending, as a call on the runtime's blocking pool would: with `#[tokio::main]`,
+    /// the process would not exit when `main` returns.
+    #[test]
+    fn a_hung_flush_does_not_hold_the_runtime_drop() {
+        let (release, hung) = std::sync::mpsc::channel::<()>();
+        let hung = std::sync::Mutex::new(hung);
+        let flusher = Flusher::new(flush_fn("hung", move || {
+            let _ = crate::scope::lock(&hung).recv();
+            Ok::<(), FlushError>(())
+        }));
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_time()
+            .build()
+            .expect("a runtime");
+        let abandoned = runtime.block_on(async {
+            let task = flusher.start().expect("started");
+            tokio::time::timeout(std::time::Duration::from_millis(50), task).await
+        });
+        assert!(abandoned.is_err(), "the flush hangs");
+        let (dropped, done) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            drop(runtime);
+            let _ = dropped.send(());
+        });
+        let ended = done.recv_timeout(std::time::Duration::from_secs(5));
+        let _ = release.send(());
+        assert!(
+            ended.is_ok(),
+            "the runtime's drop waited for the hung flush"
+        );
+        // The flush returns once released, and frees the flusher.
+        let freed = (0..500).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            !flusher.is_busy()
+        });
+        assert!(freed);
     }
 }

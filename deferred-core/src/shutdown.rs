@@ -47,7 +47,9 @@ pub(crate) async fn final_flush(core: &Core) -> PhaseReport {
 
 /// [`final_flush`], giving the work in flight until `work_until` if that is later than half
 /// of `shutdown_timeout`: for a drain, where no kill is coming and the work's own ends (each
-/// phase's deadline minus the safety margin) bound the wait.
+/// phase's deadline minus the safety margin) bound the wait. The final flush then gets half of
+/// `shutdown_timeout` from where that wait ended, but never past the end of the last phase
+/// handed over while that is ahead (its invocation may still be open).
 pub(crate) async fn final_flush_after(core: &Core, work_until: Option<Instant>) -> PhaseReport {
     let started = Instant::now();
     let started_wall = std::time::SystemTime::now();
@@ -71,6 +73,21 @@ pub(crate) async fn final_flush_after(core: &Core, work_until: Option<Instant>) 
         join_all(core, &mut background).await;
     })
     .await;
+    // The work in flight is over (or is cut now): from here the final flush gets half of
+    // `shutdown_timeout` (or what is left of all of it), not half of it after `work_until`,
+    // which may be the end of a phase that ended long ago. And a drain never runs past the
+    // end of the last phase handed over (its deadline minus the safety margin) while that is
+    // ahead: its invocation may still be open (lambda_runtime failed before answering it),
+    // and Lambda kills the environment at its deadline.
+    let now = Instant::now();
+    let mut end = end
+        .min((started + core.config.shutdown_timeout).max(now + core.config.shutdown_timeout / 2));
+    if let Some(open_until) = work_until
+        .filter(|w| *w > started)
+        .and_then(|w| w.checked_sub(core.config.safety_margin / 2))
+    {
+        end = end.min(open_until.max(now));
+    }
     // Then stop them: each abandons its action (dropping it closes the spans it holds) and
     // leaves the flush to us.
     core.stopping.send_replace(true);

@@ -432,6 +432,78 @@ async fn a_runtime_loop_that_fails_still_runs_the_deferred_work() {
     }
 }
 
+/// The same failed loop while a flusher is still busy from an earlier phase (a stalled
+/// exporter, abandoned at its `flush_timeout`), with nothing else in flight: the final flush
+/// stays within `shutdown_timeout` and the process exits well before the deadline, so Lambda
+/// reports `Runtime.ExitError`. Before, the drain's final flush waited for the busy flusher
+/// until the end of the last phase handed over (its deadline minus half the margin) plus half
+/// of `shutdown_timeout`, past the deadline: the environment was held to the function timeout
+/// and reset as a timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_loop_with_a_busy_flusher_exits_before_the_deadline() {
+    for mode in ["run", "start"] {
+        let env = start(
+            mode,
+            config(),
+            &[("FLUSH_TIMEOUT_MS", "300"), ("FIXTURE_FLUSH_HANG", "1")],
+        )
+        .await;
+        let first = env.invoke(json!({})).await;
+        assert!(first.outcome.is_success(), "{mode}: {:?}", first.outcome);
+        assert!(!env.completed(&first.request_id).await.timed_out, "{mode}");
+        // The `hang` flusher was abandoned and still runs; now the loop fails.
+        let failed = env.invoke(json!({ "handler": "unserializable" })).await;
+        assert!(
+            matches!(&failed.outcome, InvokeOutcome::FunctionError { error_type, .. } if error_type == "Runtime.ExitError"),
+            "{mode}: the process did not exit before the deadline: {:?} after {:?}",
+            failed.outcome,
+            failed.latency
+        );
+        assert!(
+            failed.latency < Duration::from_secs(2),
+            "{mode}: the drain took {:?}",
+            failed.latency
+        );
+        assert!(env.overran().is_empty(), "{mode}");
+    }
+}
+
+/// A function that handles SIGTERM itself (`handle_sigterm(false)`), as the README says:
+/// `DeferredHandle::shutdown`, then its own cleanup, then it returns from `main`.
+///
+/// After a flush that never returns was abandoned (a stalled exporter; it runs after the
+/// tracer provider, so on a thread of the runtime's blocking pool), the function's own SIGTERM
+/// handler calls `shutdown()` and returns from `main`. The process must then exit within
+/// Lambda's 500 ms grace. Before, the runtime's drop waited for the abandoned blocking task
+/// for ever, and the process was killed (SIGKILL) at the end of the grace period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_sigterm_handler_exits_although_a_flush_was_abandoned() {
+    let env = start(
+        "start",
+        config(),
+        &[
+            ("FLUSH_TIMEOUT_MS", "300"),
+            ("FIXTURE_FLUSH_HANG_LAST", "1"),
+            ("FIXTURE_OWN_SIGTERM", "1"),
+        ],
+    )
+    .await;
+    let hit = env.invoke(json!({})).await;
+    assert!(hit.outcome.is_success(), "{:?}", hit.outcome);
+    assert!(!env.completed(&hit.request_id).await.timed_out);
+    assert!(env.logged("flush hang-last abandoned").await);
+    let shutdown = env.emulator.shutdown().await;
+    assert!(
+        env.logged("own SIGTERM handler done").await,
+        "the handler ran"
+    );
+    assert!(!shutdown.killed, "the process did not exit: {shutdown:?}");
+    assert!(
+        shutdown.exit_status.expect("reaped").success(),
+        "{shutdown:?}"
+    );
+}
+
 /// A failing exporter: the caller is unaffected, each failed flush is reported, and the
 /// report counts consecutive failures (for alerting) until a flush succeeds again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -352,8 +352,35 @@ fn env_flag(name: &str) -> bool {
     std::env::var(name).is_ok_and(|v| v == "1")
 }
 
-#[tokio::main]
-async fn main() -> Result<(), Error> {
+/// `FIXTURE_RUNTIME` picks the Tokio runtime the function runs on: `multi` (the default,
+/// `#[tokio::main]`), `current` (`flavor = "current_thread"`), `multi1` (`worker_threads = 1`),
+/// `local` (current-thread, everything inside a `LocalSet`), `blocking1` (multi-thread with
+/// `max_blocking_threads(1)`).
+fn main() -> Result<(), Error> {
+    let flavour = std::env::var("FIXTURE_RUNTIME").unwrap_or_default();
+    let mut builder = match flavour.as_str() {
+        "current" | "local" => tokio::runtime::Builder::new_current_thread(),
+        "multi1" => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(1);
+            b
+        }
+        "blocking1" => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.max_blocking_threads(1);
+            b
+        }
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    let runtime = builder.enable_all().build()?;
+    if flavour == "local" {
+        let local = tokio::task::LocalSet::new();
+        return runtime.block_on(local.run_until(real_main()));
+    }
+    runtime.block_on(real_main())
+}
+
+async fn real_main() -> Result<(), Error> {
     let telemetry = telemetry::init_from_env("fixture")?;
     let tracer = telemetry.tracer_provider.clone();
     // `FIXTURE_INIT_SPAN=1`: init's own work, traced (a SnapStart snapshot must not carry it).
@@ -377,6 +404,23 @@ async fn main() -> Result<(), Error> {
         .span_export_counts(telemetry.span_counts.clone())
         .flush(tracer.clone())
         .flush_timeout(env_ms("FLUSH_TIMEOUT_MS").unwrap_or(Duration::from_secs(10)));
+    if env_flag("FIXTURE_FLUSH_HANG_LAST") {
+        // Registered after the tracer provider, so it runs on the runtime's blocking pool.
+        static HUNG_LAST: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        deferred = deferred.flush(deferred_core::flush_fn("hang-last", || {
+            if !HUNG_LAST.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                loop {
+                    std::thread::park();
+                }
+            }
+            Ok::<(), String>(())
+        }));
+    }
+    // `FIXTURE_OWN_SIGTERM=1` (mode `start`): the function handles SIGTERM itself, as the
+    // README says: `handle_sigterm(false)`, then `DeferredHandle::shutdown` and return.
+    if env_flag("FIXTURE_OWN_SIGTERM") {
+        deferred = deferred.handle_sigterm(false);
+    }
     if let Some(timeout) = env_ms("REGISTER_TIMEOUT_MS") {
         deferred = deferred.register_timeout(timeout);
     }
@@ -419,6 +463,20 @@ async fn main() -> Result<(), Error> {
                 }
                 None => Some(deferred.start().await?),
             };
+            if env_flag("FIXTURE_OWN_SIGTERM") {
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+                tokio::select! {
+                    ended = lambda_runtime::run(service_fn(timed)) => return ended,
+                    _ = term.recv() => {
+                        if let Some(handle) = &handle {
+                            handle.shutdown().await;
+                        }
+                        tracing::info!("fixture: own SIGTERM handler done, returning from main");
+                        return Ok(());
+                    }
+                }
+            }
             let ended = lambda_runtime::run(service_fn(timed)).await;
             // As the README says for an own loop: the work in flight before the error.
             if let (Err(_), Some(handle)) = (&ended, handle) {
