@@ -140,7 +140,7 @@ impl Errors {
 fn parse_key(input: ParseStream<'_>) -> syn::Result<Ident> {
     if input.peek(LitStr) {
         let lit: LitStr = input.parse()?;
-        let hint = if humantime::parse_duration(lit.value().trim()).is_ok() {
+        let hint = if parse_duration(lit.value().trim()).is_ok() {
             format!(
                 "; to set the flush timeout, write `flush_timeout = {:?}`",
                 lit.value()
@@ -291,7 +291,7 @@ pub(crate) fn parse_flush_timeout(text: &str) -> Result<Duration, String> {
     let problem = if trimmed.starts_with('-') {
         format!("{text:?} is negative")
     } else {
-        match humantime::parse_duration(trimmed) {
+        match parse_duration(trimmed) {
             Ok(duration) if duration.is_zero() => {
                 format!("{text:?} is zero, which leaves no time for the flush")
             }
@@ -311,6 +311,14 @@ pub(crate) fn parse_flush_timeout(text: &str) -> Result<Duration, String> {
     Err(format!(
         "invalid `flush_timeout`: {problem}; expected {ACCEPTED_DURATIONS}"
     ))
+}
+
+/// `humantime::parse_duration`, with its panic on some overflows (`Duration::new` with
+/// `u64::MAX` seconds and a carried second, as in `"18446744073709551615s 500ms 500ms"`) turned
+/// into the overflow error it should have been: a proc macro must not panic.
+fn parse_duration(text: &str) -> Result<Duration, humantime::DurationError> {
+    std::panic::catch_unwind(|| humantime::parse_duration(text))
+        .unwrap_or(Err(humantime::DurationError::NumberOverflow))
 }
 
 fn duration_problem(text: &str, error: &humantime::DurationError) -> String {
@@ -487,6 +495,25 @@ mod tests {
             let message = parse_flush_timeout(text).expect_err(text);
             assert!(message.contains(problem), "{text}: {message}");
             assert!(message.contains(ACCEPTED_DURATIONS), "{text}: {message}");
+        }
+    }
+
+    /// humantime's `Duration::new` overflows (a panic) when the seconds are at `u64::MAX` and
+    /// the nanoseconds add up to a whole second: a compile error, not a proc-macro panic.
+    #[test]
+    fn overflowing_durations_are_an_error_not_a_panic() {
+        for text in [
+            "18446744073709551615s 500ms 500ms",
+            "18446744073709551615s 999999999ns 1ns",
+        ] {
+            let message = std::panic::catch_unwind(|| parse_flush_timeout(text))
+                .unwrap_or_else(|_| panic!("{text}: parse_flush_timeout panicked"))
+                .expect_err(text);
+            assert!(message.contains("too large"), "{text}: {message}");
+            // A string alone is checked as a duration too, for the hint.
+            let errors = std::panic::catch_unwind(|| errors(quote!(#text)))
+                .unwrap_or_else(|_| panic!("{text}: Args::parse panicked"));
+            assert!(errors[0].contains("a string alone"), "{text}: {errors:?}");
         }
     }
 

@@ -269,16 +269,18 @@ fn fake_return_edge(output: &ReturnType, ident: &Ident, private: &TokenStream) -
     }
 }
 
-/// Replaces `impl Trait` by `_`: a `let` cannot name an opaque type.
+/// Replaces `impl Trait` by `_`: an expression cannot name an opaque type. A type macro
+/// (`-> my_type!()`) is replaced too: it may expand to one.
 fn erase_impl_trait(ty: &mut Type) {
+    let infer = |span| {
+        Type::Infer(TypeInfer {
+            attrs: Vec::new(),
+            underscore_token: Token![_](span),
+        })
+    };
     match ty {
-        Type::ImplTrait(impl_trait) => {
-            let span = impl_trait.impl_token.span;
-            *ty = Type::Infer(TypeInfer {
-                attrs: Vec::new(),
-                underscore_token: Token![_](span),
-            });
-        }
+        Type::ImplTrait(impl_trait) => *ty = infer(impl_trait.impl_token.span),
+        Type::Macro(mac) => *ty = infer(mac.span()),
         Type::Array(array) => erase_impl_trait(&mut array.elem),
         Type::Group(group) => erase_impl_trait(&mut group.elem),
         Type::Paren(paren) => erase_impl_trait(&mut paren.elem),
@@ -502,6 +504,20 @@ mod tests {
             out.contains("return < Box < dyn Iterator < Item = _ > + Send > as"),
             "{out}"
         );
+    }
+
+    #[test]
+    fn type_macros_are_erased_in_the_fake_return() {
+        let out = expand(
+            quote!(),
+            quote!(
+                async fn h(e: E) -> Result<ty!(), Error> {
+                    todo!()
+                }
+            ),
+        );
+        assert!(out.contains("return < Result < _ , Error > as"), "{out}");
+        assert!(out.contains("-> Result < ty ! () , Error >"), "{out}");
     }
 
     #[test]

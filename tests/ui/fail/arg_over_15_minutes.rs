@@ -11,4 +11,10 @@ async fn hour(event: LambdaEvent<()>) {
     let _ = event;
 }
 
+// humantime's own arithmetic overflows here (a panic inside it): still this error.
+#[deferred_handler(flush_timeout = "18446744073709551615s 500ms 500ms")]
+async fn overflowing(event: LambdaEvent<()>) {
+    let _ = event;
+}
+
 fn main() {}

@@ -39,6 +39,20 @@ async fn type_macro(event: LambdaEvent<debug_payload!()>) -> String {
     format!("{:?}", event.payload)
 }
 
+// The same macro for the return type: the attribute cannot see what it expands to.
+#[deferred_handler]
+async fn type_macro_return(event: LambdaEvent<u8>) -> debug_payload!() {
+    event.payload
+}
+
+#[deferred_handler]
+async fn type_macro_in_result(
+    event: LambdaEvent<u8>,
+) -> Result<debug_payload!(), lambda_runtime::Error> {
+    let n: u8 = "2".parse()?;
+    Ok(event.payload + n)
+}
+
 handler_named!(named, event);
 handler_named!(underscored, _event);
 handler_own!(own, own_underscored);
@@ -51,4 +65,9 @@ async fn main() {
     assert_eq!(own(event()).await, 3);
     assert_eq!(own_underscored(event()).await, 4);
     assert_eq!(type_macro(event()).await, "1");
+    assert_eq!(format!("{:?}", type_macro_return(event()).await), "1");
+    assert_eq!(
+        format!("{:?}", type_macro_in_result(event()).await.unwrap()),
+        "3"
+    );
 }
