@@ -71,7 +71,8 @@ pub(crate) async fn drive_with(
     tokio::pin!(timer);
     loop {
         let next = {
-            let call = restores.next_event(|| line.call(), || line.reset());
+            let call =
+                restores.next_event_watching(|| line.call(), || line.reset(), &core.event_missed);
             tokio::pin!(call);
             loop {
                 if due.as_ref().is_some_and(|d| line.armed(d.seq)) {

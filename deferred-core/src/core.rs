@@ -290,6 +290,10 @@ pub(crate) struct Core {
     /// deadline minus the safety margin, plus the half margin after which the chain releases
     /// a chained phase that has not ended): how long a drain waits for the work in flight.
     work_until: std::sync::Mutex<Option<Instant>>,
+    /// Notified when an invocation's deferred work ran outside the chain because its INVOKE
+    /// event never reached it: a call kept across a SnapStart restore is then taken for dead
+    /// (see `snapstart.rs`).
+    pub(crate) event_missed: tokio::sync::Notify,
 }
 
 static GLOBAL: OnceLock<Arc<Core>> = OnceLock::new();
@@ -325,6 +329,7 @@ impl Core {
             runner: OnceLock::new(),
             background: std::sync::Mutex::new(tokio::task::JoinSet::new()),
             work_until: std::sync::Mutex::new(None),
+            event_missed: tokio::sync::Notify::new(),
         })
     }
 
@@ -565,6 +570,7 @@ impl Core {
                  came first, the chain was out of step, or the event/next call that would have \
                  brought its INVOKE event failed)"
             } else {
+                self.event_missed.notify_waiters();
                 "the extension did not receive its INVOKE event in time"
             };
             tracing::warn!(
@@ -647,6 +653,8 @@ impl Core {
                  running this invocation's deferred work before the next invocation"
             );
             self.run_phase(job, PhaseKind::Inline).await;
+            // Only now: a call that replaces a dead one must not go out while it ran.
+            self.event_missed.notify_waiters();
         }
     }
 

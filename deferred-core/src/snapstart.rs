@@ -64,7 +64,7 @@ use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use lambda_runtime::{BoxFuture, Error, SnapStartResource};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
 use crate::core::Core;
 use crate::extension::{ClientError, NextEvent};
@@ -189,13 +189,39 @@ impl RestoreWatch {
     /// (see the module docs). Exactly one call is in flight, except during a probe race.
     pub(crate) async fn next_event<F, Fut>(
         &mut self,
-        mut call: F,
+        call: F,
         reset_pool: impl Fn(),
     ) -> Result<NextEvent, ClientError>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<NextEvent, ClientError>>,
     {
+        self.next_event_watching(call, reset_pool, &Notify::new())
+            .await
+    }
+
+    /// [`next_event`](Self::next_event), for the chain: `missed` is notified when an
+    /// invocation ran its deferred work outside the chain because its INVOKE event never
+    /// came. A call kept across a restore because the probe was refused is then abandoned
+    /// (an error, for the chain's retry path): Lambda refuses the probe whether the kept
+    /// call's connection is alive or dead (RAPID keeps an extension whose pending call lost
+    /// its client in state Ready: `core/internalagent_states.go`), and a dead one took the
+    /// first INVOKE event with it (`rapid/handlers.go`, `doInvoke`: `agent.Release()`), after
+    /// which Lambda accepts a fresh call. Kept, it would hold the environment to the deadline.
+    pub(crate) async fn next_event_watching<F, Fut>(
+        &mut self,
+        mut call: F,
+        reset_pool: impl Fn(),
+        missed: &Notify,
+    ) -> Result<NextEvent, ClientError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<NextEvent, ClientError>>,
+    {
+        // Created up front: a notification while the loop is between selects still counts.
+        let missed = missed.notified();
+        tokio::pin!(missed);
+        let mut kept = false;
         // A restore announced while no call was in flight (the chain was holding an event or
         // backing off): there is nothing to abandon, the next call goes out on a fresh pool.
         let pending = *self.rx.borrow_and_update();
@@ -209,13 +235,22 @@ impl RestoreWatch {
             tokio::select! {
                 biased;
                 result = &mut current => return result,
+                () = &mut missed, if kept => {
+                    tracing::warn!(target: "deferred", "SnapStart restore: the event/next kept across it brought no INVOKE event for the invocation that ran; taken for dead (its connection did not survive) and replaced");
+                    return Err(ClientError::Transport(
+                        "event/next: the call kept across the SnapStart restore is dead".into(),
+                    ));
+                }
                 number = self.changed() => {
                     reset_pool();
                     self.seen = number;
                     match self.race(&mut current, &mut call).await {
                         Race::Done(result) => return result,
-                        Race::KeepOld => {}
-                        Race::Replace(probe) => current = probe,
+                        Race::KeepOld => kept = true,
+                        Race::Replace(probe) => {
+                            kept = false;
+                            current = probe;
+                        }
                     }
                 }
             }

@@ -1253,6 +1253,83 @@ async fn a_next_call_dropped_by_its_client_does_not_swallow_the_next_event() {
     assert!(joined(invoke).await.outcome.is_success());
 }
 
+/// RAPID's rule for an extension's `event/next` whose client went away: the extension stays
+/// Ready (aws-lambda-runtime-interface-emulator, `core/internalagent_states.go`: `Ready()`
+/// suspends the agent until the next invoke; `rapi/handler/agentnext.go`), so a re-issued call
+/// is refused (403 `Extension.InvalidExtensionState`), the next INVOKE event is written to the
+/// dead call and lost (`rapid/handlers.go`, `doInvoke`: `agent.Release()`), and only then is a
+/// call accepted; that call ends the invocation for the extension, and the next event is its.
+#[tokio::test]
+async fn an_event_next_dropped_by_its_client_stays_pending_and_takes_the_next_event() {
+    let (emu, addr) = start(EmulatorConfig::default()).await;
+    let id = register(&addr, "ext-dropped", &["INVOKE"]).await;
+    let abandoned = spawn_ext_next(&addr, &id);
+    let runtime = spawn_runtime_next(&addr);
+    assert!(
+        emu.wait_until(SECOND, |s, _| s.event_next_calls == 1 && s.inits == 1)
+            .await
+    );
+    abandoned.abort();
+    let _ = abandoned.await;
+    assert!(
+        emu.wait_until(SECOND, |s, _| s.abandoned_next_calls == 1)
+            .await
+    );
+
+    // Still Ready: the re-issued call is refused, and not counted as two calls at once (the
+    // client has one).
+    let headers = [("Lambda-Extension-Identifier", id.as_str())];
+    call(&addr, Method::GET, EVENT_NEXT, &headers, "")
+        .await
+        .assert_error(403, "Extension.InvalidExtensionState");
+    assert_eq!(emu.stats().refused_event_next_calls, 1);
+
+    // The INVOKE event goes to the dropped call: lost.
+    let first = spawn_invoke(&emu, "one");
+    let event = joined(runtime).await;
+    let first_id = event.header("lambda-runtime-aws-request-id");
+    let stats = emu.stats();
+    assert_eq!(stats.lost_extension_events, 1, "{stats:?}");
+    let t = &emu.timelines()[0];
+    assert!(t.extension_invoke.is_empty(), "{t:?}");
+    assert_eq!(t.extension_lost.len(), 1, "{t:?}");
+
+    // Running now: the next call is accepted, and it is what ends invocation 1 for the
+    // extension (the runtime answers and asks for the next one first: not complete before).
+    respond(&addr, &first_id, "r1").await;
+    assert!(joined(first).await.outcome.is_success());
+    let runtime = spawn_runtime_next(&addr);
+    assert!(
+        !emu.wait_until(Duration::from_millis(200), |_, t| t[0].complete.is_some())
+            .await,
+        "complete while the extension had not called event/next since the lost event"
+    );
+    let accepted = spawn_ext_next(&addr, &id);
+    assert!(
+        emu.wait_until(SECOND, |_, t| t[0].complete.is_some()).await,
+        "the accepted call ends invocation 1"
+    );
+    let t = &emu.timelines()[0];
+    assert!(t.extension_next_of("ext-dropped").is_some(), "{t:?}");
+
+    // And it receives invocation 2's event.
+    let second = spawn_invoke(&emu, "two");
+    let event = joined(runtime).await;
+    let second_id = event.header("lambda-runtime-aws-request-id");
+    let received = joined(accepted).await.expect("the accepted call").json();
+    assert_eq!(received["requestId"], second_id.as_str());
+    let _ext = eager_extension(&addr, &id);
+    respond(&addr, &second_id, "r2").await;
+    assert!(joined(second).await.outcome.is_success());
+    let stats = emu.stats();
+    // Accepted: the dropped one, the one after the lost event, the eager extension's first.
+    assert_eq!(stats.event_next_calls, 3, "{stats:?}");
+    assert_eq!(
+        stats.max_concurrent_event_next_per_extension, 1,
+        "{stats:?}"
+    );
+}
+
 // ----- SnapStart ---------------------------------------------------------------------------------
 
 const RESTORE_NEXT: &str = "/2018-06-01/runtime/restore/next";
@@ -1343,7 +1420,10 @@ async fn snap_start_init_ends_in_a_snapshot_and_the_first_invoke_restores_it() {
 
 /// `Close` and `Blackhole`: every connection open at the snapshot, pending calls and idle
 /// keep-alive ones, is closed or goes silent at the restore; the runtime's `/restore/next` is
-/// answered all the same. The INVOKE event waits for a fresh `event/next`.
+/// answered all the same. As in RAPID, the extension whose pending `event/next` was cut is
+/// still Ready: a fresh call is refused (403) until the first INVOKE event has been written to
+/// the cut call, and lost; the fresh call after that is accepted and ends the invocation for
+/// the extension.
 #[tokio::test]
 async fn a_restore_closes_or_silences_the_connections_open_at_the_snapshot() {
     for connections in [RestoredConnections::Close, RestoredConnections::Blackhole] {
@@ -1364,7 +1444,6 @@ async fn a_restore_closes_or_silences_the_connections_open_at_the_snapshot() {
         let invoke = spawn_invoke(&emu, "cut");
         let restored = joined(restore_next).await.expect("restore/next answered");
         assert_eq!(restored.status, 200, "{connections:?}");
-        let runtime = spawn_runtime_next(&addr);
         match connections {
             RestoredConnections::Close => {
                 assert!(joined(old_next).await.is_err(), "the pending call fails");
@@ -1388,19 +1467,37 @@ async fn a_restore_closes_or_silences_the_connections_open_at_the_snapshot() {
                 );
             }
         }
-        let fresh = joined(spawn_ext_next(&addr, &id))
+        // Before the first invoke is dispatched, the cut call still counts: refused.
+        let headers = [("Lambda-Extension-Identifier", id.as_str())];
+        call(&addr, Method::GET, EVENT_NEXT, &headers, "")
             .await
-            .expect("a fresh event/next");
-        let event = joined(runtime).await;
+            .assert_error(403, "Extension.InvalidExtensionState");
+        let event = joined(spawn_runtime_next(&addr)).await;
         let request_id = event.header("lambda-runtime-aws-request-id");
-        assert_eq!(fresh.json()["requestId"], request_id.as_str());
-        let _ext = eager_extension(&addr, &id);
+        // Dispatched: the INVOKE event went to the cut call; a fresh call is accepted now and
+        // waits for the next event.
+        let fresh = spawn_ext_next(&addr, &id);
         respond(&addr, &request_id, "ok").await;
         assert!(joined(invoke).await.outcome.is_success(), "{connections:?}");
+        let _runtime = spawn_runtime_next(&addr);
+        assert!(
+            emu.wait_until(SECOND, |_, t| t[0].complete.is_some()).await,
+            "{connections:?}: the fresh call ends the invocation for the extension"
+        );
+        let t = &emu.timelines()[0];
+        assert!(t.extension_invoke.is_empty(), "{t:?}");
+        assert_eq!(t.extension_lost.len(), 1, "{t:?}");
+        assert!(t.extension_next_of("ext-cut").is_some(), "{t:?}");
+        assert!(
+            !fresh.is_finished(),
+            "the fresh call waits for the next event"
+        );
 
         let record = &emu.restores()[0];
         assert_eq!(record.cut_calls, vec!["event/next ext-cut".to_owned()]);
+        assert_eq!(record.refused_event_next.len(), 1, "{record:?}");
         let stats = emu.stats();
+        assert_eq!(stats.lost_extension_events, 1, "{stats:?}");
         assert_eq!(
             stats.max_concurrent_event_next_per_extension, 1,
             "{stats:?}"

@@ -85,7 +85,9 @@ pub struct EmulatorConfig {
     ///
     /// (In every mode an extension already waiting in `event/next` may not call it again: 403
     /// `Extension.InvalidExtensionState`, RAPID's rule from aws-lambda-runtime-interface-emulator,
-    /// `core/internalagent_states.go`.)
+    /// `core/internalagent_states.go`. A pending call whose client went away, or that a restore
+    /// cut, still counts, as in RAPID: the next event is written to it and lost, and only then
+    /// is a new call accepted.)
     pub snap_start: bool,
     /// What the restore does to the connections open at snapshot time (SnapStart only;
     /// default [`RestoredConnections::Survive`]).
@@ -120,10 +122,14 @@ pub enum RestoredConnections {
     #[default]
     Survive,
     /// They are closed at the restore: a pending call fails at once (connection closed
-    /// before the answer), an idle keep-alive connection on its next use.
+    /// before the answer), an idle keep-alive connection on its next use. An extension's
+    /// pending `event/next` still counts as pending (RAPID does not notice the close): a new
+    /// call is refused until the first INVOKE event has been written to the closed one, and
+    /// lost.
     Close,
     /// They are dead without a sign: never answered, never closed. What is written to them
-    /// goes nowhere; a client without a timeout waits forever.
+    /// goes nowhere (the first INVOKE event, for an extension's pending `event/next`, as with
+    /// `Close`); a client without a timeout waits forever.
     Blackhole,
 }
 

@@ -223,6 +223,10 @@ struct Extension {
     /// Called `event/next` at least once (init progress).
     called_next: bool,
     in_flight: usize,
+    /// The `event/next` calls not answered yet. As in RAPID, a call whose client went away
+    /// (connection closed, or cut by a SnapStart restore) stays here: the extension is still
+    /// in state Ready, and the next event is written to that call and lost (see
+    /// [`Shared::extension_next`]).
     waiters: VecDeque<oneshot::Sender<ExtEvent>>,
     queue: VecDeque<ExtEvent>,
     /// Timeline whose INVOKE this extension received and whose next `event/next` is not yet
@@ -232,8 +236,9 @@ struct Extension {
 
 impl Extension {
     /// Waits in `event/next` with nothing left to receive: what the completion gate requires.
+    /// RAPID's state Ready: the call counts whether or not its client is still there.
     fn waiting(&self) -> bool {
-        self.queue.is_empty() && self.waiters.iter().any(|w| !w.is_closed())
+        self.queue.is_empty() && !self.waiters.is_empty()
     }
 }
 
@@ -722,9 +727,16 @@ impl Shared {
         let record = restore_open.and_then(|i| restores.get_mut(i));
         // RAPID refuses a second `next` from an extension that already waits in one, in every
         // mode: its Ready state allows no Ready transition (aws-lambda-runtime-interface-
-        // emulator, core/internalagent_states.go; rapi/handler/agentnext.go answers 403). (A call
-        // whose client went away still counts as waiting there; here it does not.)
-        if ext.waiters.iter().any(|w| !w.is_closed()) {
+        // emulator, core/internalagent_states.go; rapi/handler/agentnext.go answers 403
+        // Extension.InvalidExtensionState). A call whose client went away counts as waiting
+        // there too: `Ready()` suspends the agent's goroutine (`ManagedThread.SuspendUnsafe`)
+        // until the next invoke releases it, and nothing watches the connection meanwhile. So a
+        // re-issued call is refused until the next event has been written to the dead call
+        // (lost, [`offer_to_extension`]); only then (state Running) is a call accepted, and it
+        // counts as the extension being done with that invocation (rapid/handlers.go,
+        // `doInvoke`: `agent.Release()`; `InternalAgentRunningState.Ready` ->
+        // `invokeFlow.AgentReady()`).
+        if !ext.waiters.is_empty() {
             stats.refused_event_next_calls += 1;
             match record {
                 Some(record) => record.refused_event_next.push((ext.name.clone(), now)),
@@ -898,6 +910,7 @@ impl Shared {
             function_error: false,
             runtime_next: None,
             extension_invoke: Vec::new(),
+            extension_lost: Vec::new(),
             extension_next: Vec::new(),
             complete: None,
             frozen: None,
@@ -909,8 +922,10 @@ impl Shared {
             extensions,
             timelines,
             runtime,
+            stats,
             ..
         } = inner;
+        let mut inner_stats_lost = 0;
         let extension_deadline_ms =
             deadline_ms.saturating_add_signed(self.config.extension_deadline_skew_ms);
         let mut subscribers = Vec::new();
@@ -923,11 +938,13 @@ impl Shared {
                 trace_id: trace_id.clone(),
                 timeline: index,
             };
-            match offer(&mut ext.waiters, event.clone()) {
-                Ok(()) => note_ext_delivery(ext, &event, timelines, now),
+            match offer_to_extension(ext, event.clone(), &mut inner_stats_lost) {
+                Ok(true) => note_ext_delivery(ext, &event, timelines, now),
+                Ok(false) => note_ext_loss(ext, &event, timelines, now),
                 Err(event) => ext.queue.push_back(event),
             }
         }
+        stats.lost_extension_events += inner_stats_lost;
         let event = RuntimeEvent {
             request_id: request_id.clone(),
             deadline_ms,
@@ -1241,12 +1258,16 @@ impl Shared {
         };
         if self.config.restored_connections != RestoredConnections::Survive {
             for ext in &mut inner.extensions {
-                let pending = ext.waiters.iter().filter(|w| !w.is_closed()).count();
-                for _ in 0..pending {
-                    record.cut_calls.push(format!("event/next {}", ext.name));
+                for waiter in &mut ext.waiters {
+                    if !waiter.is_closed() {
+                        record.cut_calls.push(format!("event/next {}", ext.name));
+                    }
+                    // Dead from now on (a blackholed connection is no longer polled, but its
+                    // receiver lives on), yet still the extension's pending call: RAPID does
+                    // not notice, the extension stays Ready and the next event goes to it.
+                    *waiter = oneshot::channel().0;
                 }
-                // Never answered (their senders are gone) and no longer counted in flight.
-                ext.waiters.clear();
+                // No longer counted in flight.
                 ext.in_flight = 0;
             }
             if inner.runtime.waiters.iter().any(|w| !w.is_closed()) {
@@ -1582,8 +1603,9 @@ impl Shared {
                     reason: "SPINDOWN",
                     deadline_ms,
                 };
-                if let Err(event) = offer(&mut ext.waiters, event) {
-                    ext.queue.push_back(event);
+                match offer_to_extension(ext, event, &mut inner.stats.lost_extension_events) {
+                    Ok(_) => {}
+                    Err(event) => ext.queue.push_back(event),
                 }
                 notified.push(ext.name.clone());
             }
@@ -1670,6 +1692,36 @@ fn offer<T>(waiters: &mut VecDeque<oneshot::Sender<T>>, mut value: T) -> Result<
         }
     }
     Err(value)
+}
+
+/// Hands `event` to the extension's pending `event/next` call, as RAPID does: to the oldest
+/// one, whether or not its client is still there. `Ok(true)`: delivered; `Ok(false)`: written
+/// to a call whose client went away, so lost (counted in `lost`); `Err`: no call pending, the
+/// event is given back to be queued.
+fn offer_to_extension(
+    ext: &mut Extension,
+    event: ExtEvent,
+    lost: &mut u64,
+) -> Result<bool, ExtEvent> {
+    let Some(waiter) = ext.waiters.pop_front() else {
+        return Err(event);
+    };
+    let delivered = waiter.send(event).is_ok();
+    if !delivered {
+        *lost += 1;
+    }
+    Ok(delivered)
+}
+
+/// An INVOKE event was written to a dead `event/next` call: the extension never sees it, and
+/// its next accepted call is the one that ends this invocation for it.
+fn note_ext_loss(ext: &mut Extension, event: &ExtEvent, timelines: &mut [Timeline], now: Instant) {
+    if let ExtEvent::Invoke { timeline, .. } = event {
+        ext.record_next_for = Some(*timeline);
+        if let Some(t) = timelines.get_mut(*timeline) {
+            t.extension_lost.push((ext.name.clone(), now));
+        }
+    }
 }
 
 fn mark_delivered(inner: &mut Inner, request_id: &str, now: Instant) {

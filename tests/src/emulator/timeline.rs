@@ -30,8 +30,12 @@ pub struct Timeline {
     pub runtime_next: Option<Instant>,
     /// When each extension received this invocation's INVOKE event, by extension name.
     pub extension_invoke: Vec<(String, Instant)>,
-    /// When each extension called `event/next` again after receiving the INVOKE event, by
-    /// extension name.
+    /// INVOKE events written to an `event/next` call whose client had gone away (RAPID does
+    /// not notice: the extension stays Ready until the event is written there), by extension
+    /// name: the extension never received them.
+    pub extension_lost: Vec<(String, Instant)>,
+    /// When each extension called `event/next` again after receiving the INVOKE event (or
+    /// after it was lost, see `extension_lost`), by extension name.
     pub extension_next: Vec<(String, Instant)>,
     /// When the invocation completed (runtime answered and waits in `/next`, and every INVOKE
     /// subscriber waits in `event/next`).
@@ -126,6 +130,10 @@ pub struct Stats {
     /// SnapStart restores begun.
     pub restores: u64,
     /// `event/next` calls refused (403, as Lambda does) because the extension already waited
-    /// in one. Outside a SnapStart restore each also counts in the `max_concurrent_*` figures.
+    /// in one (a call whose client went away included). Outside a SnapStart restore each also
+    /// counts in the `max_concurrent_*` figures, unless the pending call's client was gone.
     pub refused_event_next_calls: u64,
+    /// Events (INVOKE, SHUTDOWN) written to an `event/next` call whose client had gone away,
+    /// as RAPID does: lost for the extension.
+    pub lost_extension_events: u64,
 }
