@@ -140,9 +140,14 @@ pub(crate) async fn drive_with(
             }
             Err(error) => {
                 failures = failures.saturating_add(1);
-                let lost = line
-                    .take_lost()
-                    .then(|| Instant::now() + core.config.claim_timeout);
+                // An event lost in this call's answer; or, refused because Lambda still counts
+                // an earlier call of ours as waiting (its connection gone), the next INVOKE
+                // event, which Lambda will write to that dead call. A wrapper that starts
+                // without its event before the retry after this one (and its claim window) has
+                // been refused or answered does not wait for it.
+                let lost_in_answer = line.take_lost();
+                let lost = (lost_in_answer || error.is_already_waiting())
+                    .then(|| Instant::now() + backoff(failures) + core.config.claim_timeout);
                 core.state.send_modify(|s| s.call_failed(lost));
                 // One clear line when the chain breaks, then one per 100 failed retries.
                 if failures == 1 || failures.is_multiple_of(100) {
@@ -371,6 +376,64 @@ mod tests {
             .await
             .expect("the first event/next");
         (core, listener, stream)
+    }
+
+    /// The chain's `event/next` connection is gone while its call waits (a SnapStart restore
+    /// that did not keep it). Lambda still counts that call as waiting: the chain's new call is
+    /// refused (403 `Extension.InvalidExtensionState`) until the next INVOKE event has been
+    /// written to the dead call, lost; then one is accepted. A wrapper that starts after that
+    /// (the chain armed again, its event gone) must not wait its claim window for the event:
+    /// its job runs right after the response.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_event_lost_to_a_dead_call_is_not_waited_for() {
+        let (core, listener, api) = chain().await;
+        drop(api);
+        let (mut api, _) = tokio::time::timeout(Duration::from_secs(5), listener.accept())
+            .await
+            .expect("the chain calls again")
+            .expect("accept");
+        request(&mut api).await;
+        let refused =
+            r#"{"errorMessage":"already waiting","errorType":"Extension.InvalidExtensionState"}"#;
+        let refused = format!(
+            "HTTP/1.1 403 Forbidden\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{refused}",
+            refused.len()
+        );
+        api.write_all(refused.as_bytes()).await.expect("write");
+        // The invocation came meanwhile (its event written to the dead call); this call is
+        // accepted and waits for the next event.
+        request_within(&mut api, Duration::from_secs(5))
+            .await
+            .expect("the chain calls again after the 403");
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            core.state.subscribe().wait_for(|s| s.chain == Chain::Armed),
+        )
+        .await
+        .expect("armed")
+        .expect("state");
+        let deadline = SystemTime::now() + Duration::from_secs(4);
+        let invocation = crate::context::Invocation {
+            request_id: "r-1".into(),
+            deadline: Some(deadline),
+        };
+        let ticket = core.begin(&invocation);
+        assert!(
+            core.dispatch(&ticket, job("r-1", deadline), "inline")
+                .is_none(),
+            "parked for the layer"
+        );
+        assert!(core.responded("r-1"));
+        let started = std::time::Instant::now();
+        tokio::time::timeout(Duration::from_secs(3), core.claim_parked("r-1"))
+            .await
+            .expect("the layer's wait ended");
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "the layer waited {:?} for an event that was lost",
+            started.elapsed()
+        );
+        assert!(core.state.borrow().parked.is_none(), "the job ran there");
     }
 
     fn job(request_id: &str, deadline: SystemTime) -> crate::phase::Job {

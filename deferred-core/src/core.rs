@@ -225,7 +225,8 @@ impl State {
     /// retried call still bring it, is released at once.
     ///
     /// `lost`: the call was answered with an event that could not be read, so an INVOKE event
-    /// is gone for sure; `Some(until)`. With no wrapper waiting and none started without its
+    /// is gone for sure, or refused because Lambda counts an earlier call as still waiting, so
+    /// the next one will be; `Some(until)`. With no wrapper waiting and none started without its
     /// event since the last one arrived, its handler has not started: the next one to start
     /// without its event (until then: a handler that never starts, for a payload the runtime
     /// cannot decode, must not leave it to a later invocation) must not wait for it either

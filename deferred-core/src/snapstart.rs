@@ -274,7 +274,7 @@ impl RestoreWatch {
             tokio::select! {
                 biased;
                 result = &mut probe => break match result {
-                    Err(error) if refused_as_second_call(&error) => {
+                    Err(error) if error.is_already_waiting() => {
                         tracing::info!(target: "deferred", "SnapStart restore: the event/next in flight at the snapshot survived it; the chain keeps it");
                         Race::KeepOld
                     }
@@ -302,14 +302,6 @@ impl RestoreWatch {
         self.restores.settle(self.seen);
         race
     }
-}
-
-/// Lambda's answer to a second `event/next` while the extension already waits in one.
-fn refused_as_second_call(error: &ClientError) -> bool {
-    matches!(
-        error,
-        ClientError::Api { status: 403, error_type: Some(t), .. } if t == "Extension.InvalidExtensionState"
-    )
 }
 
 /// The SnapStart resource of lambda-deferred: see [`crate::DeferredHandle::snapstart_resource`].

@@ -72,3 +72,16 @@ impl fmt::Display for ClientError {
 }
 
 impl std::error::Error for ClientError {}
+
+impl ClientError {
+    /// Lambda's answer to an `event/next` while it counts the extension as waiting in one
+    /// already: 403 `Extension.InvalidExtensionState` (aws-lambda-runtime-interface-emulator,
+    /// `rapi/handler/agentnext.go`). It does so also when that earlier call's connection is
+    /// gone: the next event is then written to the dead call and lost.
+    pub(crate) fn is_already_waiting(&self) -> bool {
+        matches!(
+            self,
+            Self::Api { status: 403, error_type: Some(t), .. } if t == "Extension.InvalidExtensionState"
+        )
+    }
+}
