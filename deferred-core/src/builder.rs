@@ -116,6 +116,9 @@ pub enum StartError {
         /// Why it cannot work.
         reason: &'static str,
     },
+    /// `start` (or `run`) was polled outside a Tokio runtime: the core runs its tasks on the
+    /// current one. Nothing was started: the process may call `start` again on a runtime.
+    NoRuntime,
 }
 
 impl fmt::Display for StartError {
@@ -128,6 +131,10 @@ impl fmt::Display for StartError {
             Self::InvalidSetting { setting, reason } => {
                 write!(f, "Deferred::{setting}: {reason}")
             }
+            Self::NoRuntime => f.write_str(
+                "Deferred::start needs a Tokio runtime (with its time driver, as #[tokio::main] \
+                 builds it), and was polled outside one",
+            ),
         }
     }
 }
@@ -576,9 +583,37 @@ impl Deferred {
     ///     lambda_runtime::run(service_fn(handler)).await
     /// }
     /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`StartError::AlreadyStarted`] and [`StartError::InvalidSetting`], as above, and
+    /// [`StartError::NoRuntime`] when polled outside a Tokio runtime:
+    ///
+    /// ```
+    /// use deferred_core::{Deferred, StartError};
+    /// use std::future::Future;
+    /// use std::task::{Context, Poll, Waker};
+    ///
+    /// let mut start = std::pin::pin!(Deferred::new().start());
+    /// let polled = start.as_mut().poll(&mut Context::from_waker(Waker::noop()));
+    /// assert!(matches!(polled, Poll::Ready(Err(StartError::NoRuntime))));
+    ///
+    /// // Nothing was started: on a runtime, `start` works.
+    /// let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    /// assert!(runtime.block_on(Deferred::new().start()).is_ok());
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    ///
+    /// # Panics
+    ///
+    /// In Lambda, on a runtime without the time driver (`enable_time`, which `#[tokio::main]`
+    /// enables).
     pub async fn start(self) -> Result<DeferredHandle, StartError> {
         // Checked before the claim below: a refused setting leaves the process free to start.
         self.config.check()?;
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(StartError::NoRuntime);
+        }
         // Claimed before registering: a second, concurrent `start` must not register an
         // extension that nobody drives (Lambda would hold init for its `event/next`).
         static STARTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -620,6 +655,14 @@ impl Deferred {
     ///     Deferred::new().run(service_fn(handler)).await
     /// }
     /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`start`](Self::start)'s errors, and those of lambda_runtime's loop.
+    ///
+    /// # Panics
+    ///
+    /// As [`start`](Self::start): in Lambda, on a runtime without the time driver.
     pub async fn run<A, F, R, B, S, D, E>(self, handler: F) -> Result<(), lambda_runtime::Error>
     where
         F: Service<LambdaEvent<A>, Response = R>,
@@ -665,6 +708,14 @@ impl Deferred {
     ///     Deferred::new().run_concurrent(service_fn(handler)).await
     /// }
     /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`start`](Self::start)'s errors, and those of lambda_runtime's loop.
+    ///
+    /// # Panics
+    ///
+    /// As [`start`](Self::start): in Lambda, on a runtime without the time driver.
     pub async fn run_concurrent<A, F, R, B, S, D, E>(
         self,
         handler: F,

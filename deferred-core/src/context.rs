@@ -23,7 +23,12 @@ use lambda_runtime::{Context, LambdaEvent};
 ///     Some(UNIX_EPOCH + Duration::from_millis(1_700_000_003_000))
 /// );
 /// ```
+///
+/// `#[non_exhaustive]`, so that it can carry more of the invocation later (its trace header,
+/// a tenant id) without breaking a [`HandlerInput`] of yours: build it with
+/// [`Invocation::new`] or [`Invocation::from_context`].
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Invocation {
     /// The `Lambda-Runtime-Aws-Request-Id` of the invocation.
     pub request_id: String,
@@ -33,6 +38,37 @@ pub struct Invocation {
 }
 
 impl Invocation {
+    /// The invocation `request_id`, which Lambda stops at `deadline` (`None`: unknown), for a
+    /// [`HandlerInput`] of your own.
+    ///
+    /// ```
+    /// use deferred_core::{HandlerInput, Invocation};
+    /// use std::time::{Duration, SystemTime};
+    ///
+    /// /// An input that carries the invocation's facts itself (e.g. from a custom adapter).
+    /// struct Job {
+    ///     request_id: String,
+    ///     deadline: SystemTime,
+    /// }
+    ///
+    /// impl HandlerInput for Job {
+    ///     fn invocation(&self) -> Invocation {
+    ///         Invocation::new(self.request_id.clone(), Some(self.deadline))
+    ///     }
+    /// }
+    ///
+    /// let deadline = SystemTime::now() + Duration::from_secs(3);
+    /// let job = Job { request_id: "r-1".into(), deadline };
+    /// assert_eq!(job.invocation().request_id, "r-1");
+    /// assert_eq!(job.invocation().deadline, Some(deadline));
+    /// ```
+    pub fn new(request_id: impl Into<String>, deadline: Option<SystemTime>) -> Self {
+        Self {
+            request_id: request_id.into(),
+            deadline,
+        }
+    }
+
     /// Reads the request id and deadline of a `lambda_runtime::Context`.
     ///
     /// A deadline of 0 (a `Context::default()`, as in unit tests) is unknown, and so is one

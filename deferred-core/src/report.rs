@@ -7,8 +7,10 @@ use crate::action::ActionLabel;
 
 /// How a phase ran.
 ///
-/// Outside Lambda every phase is `Inline`. With `handler` a `#[deferred_handler]` as in
-/// [`PhaseReport`]'s example:
+/// Outside Lambda every phase of an invocation is `Inline` (the final flush of
+/// [`DeferredHandle::shutdown`](crate::DeferredHandle::shutdown) and
+/// [`drain`](crate::DeferredHandle::drain) is `Shutdown`, there too). With `handler` a
+/// `#[deferred_handler]` as in [`PhaseReport`]'s example:
 ///
 /// ```
 /// # use deferred_core::{Deferred, deferred_handler};
@@ -138,7 +140,7 @@ pub enum ActionOutcome {
 /// # Ok(())
 /// # }
 /// ```
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ActionReport {
     /// The action's name and where it was queued.
@@ -149,6 +151,31 @@ pub struct ActionReport {
     pub duration: Duration,
     /// What became of it.
     pub outcome: ActionOutcome,
+}
+
+impl ActionReport {
+    /// A report line for the action `label` that ended with `outcome`, at offset 0 and with
+    /// duration 0: set the public fields as needed. For tests of code that reads reports (the
+    /// struct is `#[non_exhaustive]`, so it cannot be built with a literal).
+    ///
+    /// ```
+    /// use deferred_core::{ActionLabel, ActionOutcome, ActionReport};
+    /// use std::panic::Location;
+    /// use std::time::Duration;
+    ///
+    /// let label = ActionLabel { name: Some("notify".into()), location: Location::caller() };
+    /// let mut action = ActionReport::new(label, ActionOutcome::Failed("HTTP 503".into()));
+    /// action.duration = Duration::from_millis(120);
+    /// assert_eq!(action.label.name.as_deref(), Some("notify"));
+    /// ```
+    pub fn new(label: ActionLabel, outcome: ActionOutcome) -> Self {
+        Self {
+            label,
+            offset: Duration::ZERO,
+            duration: Duration::ZERO,
+            outcome,
+        }
+    }
 }
 
 /// What became of one flusher's flush.
@@ -234,7 +261,7 @@ pub enum FlushOutcome {
 /// # Ok(())
 /// # }
 /// ```
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct FlushReport {
     /// The flusher's name ([`Flush::name`](crate::Flush::name)).
@@ -245,6 +272,26 @@ pub struct FlushReport {
     pub duration: Duration,
     /// What became of it.
     pub outcome: FlushOutcome,
+}
+
+impl FlushReport {
+    /// A report line for the flusher `name` that ended with `outcome`, at offset 0 and with
+    /// duration 0: set the public fields as needed. For tests of code that reads reports.
+    ///
+    /// ```
+    /// use deferred_core::{FlushOutcome, FlushReport};
+    ///
+    /// let flush = FlushReport::new("tracer provider", FlushOutcome::TimedOut);
+    /// assert_eq!(flush.name, "tracer provider");
+    /// ```
+    pub fn new(name: impl Into<String>, outcome: FlushOutcome) -> Self {
+        Self {
+            name: name.into(),
+            offset: Duration::ZERO,
+            duration: Duration::ZERO,
+            outcome,
+        }
+    }
 }
 
 /// Why part of the deferred work was cut.
@@ -362,7 +409,7 @@ pub enum CutReason {
 /// # Ok(())
 /// # }
 /// ```
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct PhaseReport {
     /// The invocation's request id (empty outside Lambda).
@@ -403,6 +450,46 @@ pub struct PhaseReport {
 }
 
 impl PhaseReport {
+    /// An empty report of a phase of `kind` for the invocation `request_id`: no action, no
+    /// flush, nothing cut, started now, duration 0, no failure streak, no span counts. Set the
+    /// public fields to describe the phase you need.
+    ///
+    /// The core builds the reports it hands to [`Deferred::on_report`](crate::Deferred::on_report);
+    /// this is for testing such a hook (or anything else that reads reports) without running
+    /// a phase, which needs [`Deferred::start`](crate::Deferred::start), possible once per
+    /// process. The struct is `#[non_exhaustive]`, so it cannot be built with a literal.
+    ///
+    /// ```
+    /// use deferred_core::{FlushOutcome, FlushReport, PhaseKind, PhaseReport};
+    ///
+    /// /// The hook's logic, kept in a function of its own so that it can be tested.
+    /// fn should_page(report: &PhaseReport) -> bool {
+    ///     report.consecutive_flush_failures >= 3
+    /// }
+    ///
+    /// let mut report = PhaseReport::new(PhaseKind::Chained, "8476a536-e9f4-11e8-9739-2dfe598c3fcd");
+    /// report.flushes.push(FlushReport::new("collector", FlushOutcome::Failed("503".into())));
+    /// report.consecutive_flush_failures = 3;
+    /// assert!(should_page(&report));
+    /// assert!(!report.is_clean());
+    /// assert_eq!(report.clone(), report);
+    /// ```
+    pub fn new(kind: PhaseKind, request_id: impl Into<String>) -> Self {
+        Self {
+            request_id: request_id.into(),
+            invocation_span: None,
+            kind,
+            started: SystemTime::now(),
+            actions: Vec::new(),
+            flushes: Vec::new(),
+            duration: Duration::ZERO,
+            cut: Vec::new(),
+            consecutive_flush_failures: 0,
+            spans_lost: None,
+            spans_dropped: None,
+        }
+    }
+
     /// True when every flush succeeded (or there was none to run).
     ///
     /// A flusher that keeps failing counts up

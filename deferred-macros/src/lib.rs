@@ -242,6 +242,28 @@ use proc_macro::TokenStream;
 ///   handed over, so it is always part of this invocation's flush. Below, the span would also
 ///   cover the hand-over itself and close only after it.
 ///
+/// # Panics
+///
+/// The rewritten handler's future needs Tokio: polled outside a Tokio runtime (an executor
+/// such as `futures::executor::block_on` in a unit test), or on a runtime built without its
+/// time driver (`Builder::new_current_thread().build()` without `enable_time()`;
+/// `#[tokio::main]` and `#[tokio::test]` enable it), it panics when the invocation ends. In
+/// Lambda, lambda_runtime reports that panic as the invocation's error.
+///
+/// ```should_panic
+/// use deferred_core::deferred_handler;
+/// use lambda_runtime::{Context, Error, LambdaEvent};
+///
+/// #[deferred_handler]
+/// async fn handler(_event: LambdaEvent<()>) -> Result<(), Error> {
+///     Ok(())
+/// }
+///
+/// let no_timers = tokio::runtime::Builder::new_current_thread().build().unwrap();
+/// // Panics: "A Tokio 1.x context was found, but timers are disabled."
+/// no_timers.block_on(handler(LambdaEvent::new((), Context::default()))).unwrap();
+/// ```
+///
 /// # Errors
 ///
 /// Wrong arguments and unsupported functions are reported at compile time, on the offending

@@ -87,6 +87,7 @@ pub fn extension_event(data: &[u8]) {
             }
             phase_budget(shutdown.deadline);
         }
+        other => panic!("an event of a type the checks do not know: {other:?}"),
     }
 }
 

@@ -67,7 +67,40 @@ impl<'de> serde::Deserialize<'de> for TracingFields {
 
 /// What a well-formed body decodes to, per the Extensions API reference; `None` when the body
 /// is not a well-formed event. An event is a JSON object.
-fn oracle(body: &[u8]) -> Option<NextEvent> {
+/// What a decoded event says, in a form this test can build (the event types are
+/// `#[non_exhaustive]`).
+#[derive(Debug, PartialEq)]
+enum Expected {
+    Invoke {
+        request_id: String,
+        deadline: std::time::SystemTime,
+        invoked_function_arn: Option<String>,
+        trace_id: Option<String>,
+    },
+    Shutdown {
+        reason: String,
+        deadline: Option<std::time::SystemTime>,
+    },
+}
+
+/// What `event` says.
+fn seen(event: &NextEvent) -> Expected {
+    match event {
+        NextEvent::Invoke(e) => Expected::Invoke {
+            request_id: e.request_id.clone(),
+            deadline: e.deadline,
+            invoked_function_arn: e.invoked_function_arn.clone(),
+            trace_id: e.trace_id.clone(),
+        },
+        NextEvent::Shutdown(e) => Expected::Shutdown {
+            reason: e.reason.clone(),
+            deadline: e.deadline,
+        },
+        other => panic!("an event type this test does not know: {other:?}"),
+    }
+}
+
+fn oracle(body: &[u8]) -> Option<Expected> {
     let first = body.iter().find(|b| !b" \t\r\n".contains(b))?;
     if *first != b'{' {
         return None;
@@ -115,18 +148,16 @@ fn oracle(body: &[u8]) -> Option<NextEvent> {
     };
     let deadline = |ms: u64| (ms != 0).then(|| UNIX_EPOCH + Duration::from_millis(ms));
     match event.get("eventType")?.as_str()? {
-        "INVOKE" => Some(NextEvent::Invoke(deferred_core::extension::InvokeEvent {
+        "INVOKE" => Some(Expected::Invoke {
             request_id: request_id.filter(|id| !id.is_empty())?,
             deadline: deadline(deadline_ms?)?,
             invoked_function_arn: arn,
             trace_id: trace,
-        })),
-        "SHUTDOWN" => Some(NextEvent::Shutdown(
-            deferred_core::extension::ShutdownEvent {
-                reason: reason.unwrap_or_default(),
-                deadline: deadline_ms.and_then(deadline),
-            },
-        )),
+        }),
+        "SHUTDOWN" => Some(Expected::Shutdown {
+            reason: reason.unwrap_or_default(),
+            deadline: deadline_ms.and_then(deadline),
+        }),
         _ => None,
     }
 }
@@ -136,8 +167,8 @@ fn check_sound(body: &[u8]) -> Result<(), TestCaseError> {
     if let Ok(event) = decode_event(body) {
         let expected = oracle(body);
         prop_assert_eq!(
-            Some(&event),
-            expected.as_ref(),
+            Some(seen(&event)),
+            expected,
             "decoded {:?} from {:?}",
             event,
             String::from_utf8_lossy(body)
@@ -340,7 +371,7 @@ proptest! {
         let body = serde_json::to_vec(&event).expect("json");
         let decoded = decode_event(&body);
         let expected = oracle(&body);
-        prop_assert_eq!(decoded.as_ref().ok(), expected.as_ref(), "{}", event);
+        prop_assert_eq!(decoded.as_ref().ok().map(seen), expected, "{}", event);
     }
 
     /// Valid events with bytes flipped, deleted, inserted or cut: no panic, `Ok` only when

@@ -60,6 +60,7 @@ const MAX_BODY: usize = 256 * 1024;
 /// match client.next_event(&registration.extension_id).await? {
 ///     NextEvent::Invoke(invoke) => assert_eq!(invoke.request_id, "req-1"),
 ///     NextEvent::Shutdown(shutdown) => println!("shutting down: {}", shutdown.reason),
+///     _ => {}
 /// }
 /// # Ok(())
 /// # }
@@ -83,7 +84,11 @@ pub struct Client {
 /// # Ok(())
 /// # }
 /// ```
+///
+/// `#[non_exhaustive]`: Lambda's answer carries more than these (`handler`, and `accountId`
+/// with `Lambda-Extension-Accept-Feature`), which a later version may add.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Registration {
     /// The `Lambda-Extension-Identifier` to send on every later call.
     pub extension_id: String,
@@ -259,6 +264,7 @@ impl Client {
     ///             println!("invocation {} until {:?}", invoke.request_id, invoke.deadline);
     ///         }
     ///         NextEvent::Shutdown(_) => return Ok(()),
+    ///         _ => {}
     ///     }
     /// }
     /// # }

@@ -20,10 +20,15 @@ use crate::context::deadline_from_epoch_ms;
 /// match decode_event(body)? {
 ///     NextEvent::Invoke(invoke) => println!("invocation {}", invoke.request_id),
 ///     NextEvent::Shutdown(shutdown) => assert_eq!(shutdown.reason, "SPINDOWN"),
+///     _ => {} // an event type this version does not know
 /// }
 /// # Ok::<(), deferred_core::extension::ClientError>(())
 /// ```
+///
+/// `#[non_exhaustive]`: the Extensions API may add event types, and fields to these (as the
+/// register answer gained `accountId`); a `match` needs a `_` arm.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum NextEvent {
     /// `{"eventType":"INVOKE", …}`: an invocation started.
     Invoke(InvokeEvent),
@@ -51,6 +56,7 @@ pub enum NextEvent {
 /// # Ok::<(), deferred_core::extension::ClientError>(())
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct InvokeEvent {
     /// The invocation's request id, the same the runtime receives.
     pub request_id: String,
@@ -77,6 +83,7 @@ pub struct InvokeEvent {
 /// # Ok::<(), deferred_core::extension::ClientError>(())
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ShutdownEvent {
     /// `SPINDOWN`, `TIMEOUT` or `FAILURE`.
     pub reason: String,

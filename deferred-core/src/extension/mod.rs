@@ -24,6 +24,7 @@
 //!             let _ = invoke.deadline;
 //!         }
 //!         NextEvent::Shutdown(_) => break,
+//!         _ => {} // an event type this version does not know
 //!     }
 //! }
 //! # Ok(())
