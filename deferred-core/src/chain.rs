@@ -163,6 +163,13 @@ pub(crate) async fn drive_with(
                     () = tokio::time::sleep(backoff(failures)) => {}
                     _ = restores.changed() => {}
                 }
+                // A dropped handler's job (no layer) that this failure left to a background
+                // phase: the retry lets Lambda complete the invocation (and freeze the
+                // environment), so it waits for that phase, at most to its end.
+                if let Some(until) = core.work_until() {
+                    let mut loose = core.loose.subscribe();
+                    let _ = tokio::time::timeout_at(until, loose.wait_for(|n| *n == 0)).await;
+                }
                 core.state.send_modify(|s| s.chain = Chain::Armed);
             }
         }
@@ -434,6 +441,77 @@ mod tests {
             started.elapsed()
         );
         assert!(core.state.borrow().parked.is_none(), "the job ran there");
+    }
+
+    /// Without the layer (`start`), a handler future dropped (a timeout around the handler)
+    /// leaves its job waiting for its INVOKE event (`hand_over_later`). The `event/next` that
+    /// carries the event fails and loses it: the job runs as a background phase. The retry,
+    /// which lets Lambda complete the invocation (the runtime is done with it) and freeze the
+    /// environment, must not go out while that phase runs.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dropped_handlers_job_left_by_a_failed_call_holds_the_retry() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let authority = listener.local_addr().expect("addr").to_string();
+        let config = Config {
+            phase_telemetry: false,
+            ..Config::default()
+        };
+        let core = Core::new(config, Mode::Extension);
+        let client = Arc::new(Client::new(&authority).expect("client"));
+        tokio::spawn(drive_with(
+            core.clone(),
+            client,
+            "ext-1".into(),
+            Restores::new(),
+        ));
+        let (mut api, _) = listener.accept().await.expect("accept");
+        request_within(&mut api, Duration::from_secs(5))
+            .await
+            .expect("the first event/next");
+
+        let deadline = SystemTime::now() + Duration::from_secs(10);
+        let invocation = crate::context::Invocation {
+            request_id: "r-1".into(),
+            deadline: Some(deadline),
+        };
+        let ticket = core.begin(&invocation);
+        assert_eq!(ticket, Ticket::Chained("r-1".into()));
+        let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let queue = Queue::new(1);
+        let e = ended.clone();
+        crate::scope::with_queue(queue.clone(), async move {
+            crate::scope::defer(None, async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                e.store(true, std::sync::atomic::Ordering::SeqCst);
+            })
+            .expect("defer");
+        })
+        .await;
+        let job = crate::phase::Job {
+            queue,
+            ..job("r-1", deadline)
+        };
+        // The drop guard's path.
+        core.hand_over_later(ticket, job);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+
+        // The answer carrying r-1's event is cut short: lost.
+        let body = invoke("r-1", deadline);
+        api.write_all(&body.as_bytes()[..body.len() - 20])
+            .await
+            .expect("write");
+        drop(api);
+        let (mut api, _) = tokio::time::timeout(Duration::from_secs(5), listener.accept())
+            .await
+            .expect("the chain calls again")
+            .expect("accept");
+        request_within(&mut api, Duration::from_secs(5))
+            .await
+            .expect("the retry");
+        assert!(
+            ended.load(std::sync::atomic::Ordering::SeqCst),
+            "the retry went out while the dropped handler's action still ran"
+        );
     }
 
     fn job(request_id: &str, deadline: SystemTime) -> crate::phase::Job {

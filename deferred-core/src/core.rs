@@ -295,6 +295,9 @@ pub(crate) struct Core {
     /// event never reached it: a call kept across a SnapStart restore is then taken for dead
     /// (see `snapstart.rs`).
     pub(crate) event_missed: tokio::sync::Notify,
+    /// Dropped handlers' jobs (no layer) waiting for their INVOKE event or, refused by the
+    /// chain, running as background phases: a retried `event/next` waits for them.
+    pub(crate) loose: watch::Sender<usize>,
 }
 
 static GLOBAL: OnceLock<Arc<Core>> = OnceLock::new();
@@ -331,6 +334,7 @@ impl Core {
             background: std::sync::Mutex::new(tokio::task::JoinSet::new()),
             work_until: std::sync::Mutex::new(None),
             event_missed: tokio::sync::Notify::new(),
+            loose: watch::Sender::new(0),
         })
     }
 
@@ -846,7 +850,17 @@ impl Core {
         let mut terminating = self.terminating.subscribe();
         let end = Budget::new(job.deadline, self.config.safety_margin).end;
         self.in_flight_until(end);
+        self.loose.send_modify(|n| *n += 1);
         self.spawn_tracked(async move {
+            /// Counts the job as loose until it is chained or its phase has ended (or the
+            /// task is aborted).
+            struct Loose(Arc<Core>);
+            impl Drop for Loose {
+                fn drop(&mut self) {
+                    self.0.loose.send_modify(|n| *n = n.saturating_sub(1));
+                }
+            }
+            let _loose = Loose(core.clone());
             let window = end.saturating_duration_since(Instant::now());
             let terminated = tokio::select! {
                 () = core.await_event_for(&ticket, window) => false,
@@ -1601,6 +1615,45 @@ mod tests {
             deadline: Some(deadline + Duration::from_secs(120)),
         };
         assert_eq!(core.begin(&retry), Ticket::Chained("r-1".into()));
+    }
+
+    /// With the layer, SIGTERM comes while a finished handler's job waits for its response
+    /// (held in the slot with its event) or for its event (parked): the final flush runs its
+    /// actions, as it does a dropped handler's job waiting for its event (`hand_over_later`),
+    /// rather than exiting with them never run.
+    #[tokio::test]
+    async fn sigterm_runs_a_job_held_for_its_response_or_parked_for_its_event() {
+        for parked in [false, true] {
+            let core = Core::new(
+                Config {
+                    phase_telemetry: false,
+                    ..Config::default()
+                },
+                Mode::Extension,
+            );
+            core.layer_installed.store(true, Ordering::Release);
+            let (queue, ran) = flagging_queue().await;
+            let job = Job {
+                queue,
+                ..inline_job("r-1")
+            };
+            if parked {
+                core.state.send_modify(|s| s.parked = Some(job));
+            } else {
+                let deadline = SystemTime::now() + Duration::from_secs(60);
+                core.state.send_modify(|s| {
+                    s.chain = Chain::Holding;
+                    s.slot = Some(held("r-1", deadline, Some(job)));
+                });
+            }
+            tokio::time::timeout(Duration::from_secs(2), crate::shutdown::final_flush(&core))
+                .await
+                .expect("the final flush ends");
+            assert!(
+                ran.load(Ordering::SeqCst),
+                "parked {parked}: the job's action ran before the process exits"
+            );
+        }
     }
 
     /// A loss that a handler still to start can claim for a second.

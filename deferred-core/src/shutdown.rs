@@ -57,6 +57,14 @@ pub(crate) async fn final_flush_after(core: &Core, work_until: Option<Instant>) 
     let end = (started + core.config.shutdown_timeout).max(half + core.config.shutdown_timeout / 2);
     // Handler jobs waiting for an INVOKE event (`hand_over_later`) run now, in the first half.
     core.terminating.send_replace(true);
+    // With the layer, a finished handler's job may wait for its response (held with its
+    // event) or for its event (parked): neither will come now. They run here too.
+    let mut stranded = Vec::new();
+    core.state.send_if_modified(|state| {
+        stranded.extend(state.parked.take());
+        stranded.extend(state.slot.as_mut().and_then(|slot| slot.job.take()));
+        false
+    });
     let mut background = std::mem::take(&mut *lock(&core.background));
     // First half: running phases (the chained one, background ones on Managed Instances) may
     // finish on their own; their actions carry the last invocations' work.
@@ -70,6 +78,9 @@ pub(crate) async fn final_flush_after(core: &Core, work_until: Option<Instant>) 
             }
         }
         drop(core.phase_lock.lock().await);
+        for job in stranded {
+            core.run_phase(job, PhaseKind::Background).await;
+        }
         join_all(core, &mut background).await;
     })
     .await;
