@@ -259,7 +259,28 @@ pub(crate) struct Flusher {
     /// one of its threads, and the runtime's drop (when `main` returns) waits for those for
     /// ever, so the process would not exit. One thread is enough: a flusher has at most one
     /// call running ([`busy`](Self::busy)).
-    thread: Arc<OnceLock<Option<mpsc::Sender<Answer>>>>,
+    thread: Arc<OnceLock<Option<mpsc::Sender<Call>>>>,
+}
+
+/// A call for the flusher's thread: the runtime it is made from (entered on that thread for
+/// the call, as on the runtime's blocking threads, so a flush may use `Handle::current()`),
+/// and where to answer.
+type Call = (tokio::runtime::Handle, Reply);
+
+/// Where the flusher's thread answers a call: the blocking task that waits for it on a
+/// current-thread runtime, or the task that awaits it on a multi-thread one.
+enum Reply {
+    Blocking(Answer),
+    Task(tokio::sync::oneshot::Sender<std::thread::Result<Called>>),
+}
+
+impl Reply {
+    fn send(self, called: std::thread::Result<Called>) {
+        match self {
+            Self::Blocking(answer) => drop(answer.send(Some(called))),
+            Self::Task(answer) => drop(answer.send(called)),
+        }
+    }
 }
 
 /// Where the flusher's thread sends what a call gave (a panic as `Err`), and [`Gone`] `None`.
@@ -295,20 +316,22 @@ impl Flusher {
     }
 
     /// The flusher's own thread, started now if need be; `None` if the OS refused it.
-    fn thread(&self) -> Option<&mpsc::Sender<Answer>> {
+    fn thread(&self) -> Option<&mpsc::Sender<Call>> {
         self.thread
             .get_or_init(|| {
-                let (calls, called) = mpsc::channel::<Answer>();
+                let (calls, called) = mpsc::channel::<Call>();
                 // Without the cell: the thread ends once the flusher's last clone is gone.
                 let this = Self {
                     thread: Arc::new(OnceLock::new()),
                     ..self.clone()
                 };
                 let run = move || {
-                    for answer in called {
-                        let called =
-                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| this.call()));
-                        let _ = answer.send(Some(called));
+                    for (runtime, reply) in called {
+                        let called = {
+                            let _runtime = runtime.enter();
+                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| this.call()))
+                        };
+                        reply.send(called);
                     }
                 };
                 std::thread::Builder::new()
@@ -346,10 +369,11 @@ impl Flusher {
     /// thread could be had). The task yields the flush's result and its own duration; a panic
     /// of the flush is the task's.
     ///
-    /// The task is a blocking one that waits for the flusher's thread: tokio's paused clock
-    /// (users' tests) does not jump while it runs, as it would past a flush on a thread tokio
-    /// does not know. It stops waiting when the runtime shuts down (a flush that never
-    /// returns must not keep the runtime's drop, and the process, from ending).
+    /// On a current-thread runtime the task is a blocking one that waits for the flusher's
+    /// thread: tokio's paused clock (users' tests) does not jump while it runs, as it would
+    /// past a flush on a thread tokio does not know. It stops waiting when the runtime shuts
+    /// down (a flush that never returns must not keep the runtime's drop, and the process,
+    /// from ending). On a multi-thread runtime (no paused clock) an ordinary task awaits it.
     pub(crate) fn start(&self) -> Result<tokio::task::JoinHandle<Called>, NotStarted> {
         if self.busy.swap(true, Ordering::AcqRel) {
             return Err(NotStarted::StillRunning);
@@ -367,9 +391,40 @@ impl Flusher {
             let this = self.clone();
             return try_spawn_blocking(Some(&runtime), move || this.call()).map_err(refused);
         };
+        let started = std::time::Instant::now();
+        let ended = |reply: Reply| {
+            // Its thread cannot end while the flusher lives; said rather than assumed.
+            reply.send(Ok((
+                Err("the flusher's thread has ended".into()),
+                std::time::Duration::ZERO,
+            )));
+            self.busy.store(false, Ordering::Release);
+            self.returned.notify_waiters();
+        };
+        if runtime.runtime_flavor() != tokio::runtime::RuntimeFlavor::CurrentThread {
+            // tokio's clock cannot be paused here: a task awaits the answer, and nothing waits
+            // on the blocking pool, where a pool with no thread free (`max_blocking_threads`,
+            // another flush hung) would hold the answer of a flush that returned, and the
+            // phase until its end. The task ends with the runtime: nothing holds its drop.
+            let (answer, answered) = tokio::sync::oneshot::channel();
+            if let Err(mpsc::SendError((_, reply))) =
+                thread.send((runtime.clone(), Reply::Task(answer)))
+            {
+                ended(reply);
+            }
+            return Ok(runtime.spawn(async move {
+                match answered.await {
+                    Ok(Ok(called)) => called,
+                    Ok(Err(panic)) => std::panic::resume_unwind(panic),
+                    Err(_) => (
+                        Err("the flusher's thread has ended".into()),
+                        started.elapsed(),
+                    ),
+                }
+            }));
+        }
         let (answer, answered) = mpsc::sync_channel(2);
         let (waiting, waited) = tokio::sync::oneshot::channel::<()>();
-        let started = std::time::Instant::now();
         let task = try_spawn_blocking(Some(&runtime), move || {
             let _waiting = waiting;
             match answered.recv() {
@@ -388,14 +443,8 @@ impl Flusher {
             let _gone = gone;
             let _ = waited.await;
         });
-        if let Err(mpsc::SendError(answer)) = thread.send(answer) {
-            // Its thread cannot end while the flusher lives; said rather than assumed.
-            let _ = answer.try_send(Some(Ok((
-                Err("the flusher's thread has ended".into()),
-                std::time::Duration::ZERO,
-            ))));
-            self.busy.store(false, Ordering::Release);
-            self.returned.notify_waiters();
+        if let Err(mpsc::SendError((_, reply))) = thread.send((runtime, Reply::Blocking(answer))) {
+            ended(reply);
         }
         Ok(task)
     }
@@ -494,17 +543,29 @@ mod tests {
     /// the process would not exit when `main` returns.
     #[test]
     fn a_hung_flush_does_not_hold_the_runtime_drop() {
+        for multi in [true, false] {
+            hung_flush_and_runtime_drop(multi);
+        }
+    }
+
+    fn hung_flush_and_runtime_drop(multi: bool) {
         let (release, hung) = std::sync::mpsc::channel::<()>();
         let hung = std::sync::Mutex::new(hung);
         let flusher = Flusher::new(flush_fn("hung", move || {
             let _ = crate::scope::lock(&hung).recv();
             Ok::<(), FlushError>(())
         }));
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_time()
-            .build()
-            .expect("a runtime");
+        let runtime = if multi {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_time()
+                .build()
+        } else {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+        }
+        .expect("a runtime");
         let abandoned = runtime.block_on(async {
             let task = flusher.start().expect("started");
             tokio::time::timeout(std::time::Duration::from_millis(50), task).await
@@ -527,5 +588,77 @@ mod tests {
             !flusher.is_busy()
         });
         assert!(freed);
+    }
+
+    /// A flush that waits on async work (`Handle::current().block_on(..)`: how a flush of an
+    /// async client is written, CHANGELOG) works on the flusher's own thread as it did on the
+    /// runtime's blocking threads, and as it does on the chain's phase thread
+    /// (runner::tests::a_flush_may_block_on_async_work_on_the_phase_thread). Found by review:
+    /// it panicked there ("there is no reactor running").
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flush_on_its_own_thread_is_in_the_runtimes_context() {
+        let flusher = Flusher::new(flush_fn("async client", || {
+            tokio::runtime::Handle::current().block_on(tokio::task::yield_now());
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            tokio::spawn(async move { tx.send(()) });
+            rx.blocking_recv().map_err(|e| e.to_string())
+        }));
+        for _ in 0..2 {
+            let joined = flusher.start().expect("started").await;
+            let (result, _) = joined.unwrap_or_else(|e| {
+                panic!(
+                    "the flush panicked: {}",
+                    crate::phase::panic_message(e.into_panic())
+                )
+            });
+            assert!(result.is_ok(), "{result:?}");
+        }
+    }
+
+    /// A blocking pool with no thread free (`max_blocking_threads(1)`, its thread held by
+    /// the wait for a hung flush) does not hold the answer of another flusher's call that
+    /// returned: that flush is reported Ok, and the phase does not wait for its end. Found
+    /// by review: it was reported timed out (although it ran) and every phase lasted until
+    /// its end.
+    #[test]
+    fn a_busy_blocking_pool_does_not_hold_a_flush_that_returned() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .max_blocking_threads(1)
+            .enable_time()
+            .build()
+            .expect("a runtime");
+        let (release, hung) = std::sync::mpsc::channel::<()>();
+        let hung = std::sync::Mutex::new(hung);
+        let flushers = [
+            Flusher::new(flush_fn("hung", move || {
+                let _ = crate::scope::lock(&hung).recv();
+                Ok::<(), FlushError>(())
+            })),
+            Flusher::new(flush_fn("fine", || Ok::<(), FlushError>(()))),
+        ];
+        let budget = std::time::Duration::from_millis(500);
+        runtime.block_on(async {
+            for phase in 0..3 {
+                let now = tokio::time::Instant::now();
+                let mut cut = Vec::new();
+                let reports =
+                    crate::phase::run_flushes(&flushers, now + budget, now, &mut cut).await;
+                assert_eq!(
+                    reports[1].outcome,
+                    crate::FlushOutcome::Ok,
+                    "phase {phase}: {reports:?}"
+                );
+                if phase > 0 {
+                    assert!(
+                        now.elapsed() < budget / 2,
+                        "phase {phase} took {:?}",
+                        now.elapsed()
+                    );
+                }
+            }
+        });
+        let _ = release.send(());
+        runtime.shutdown_background();
     }
 }
