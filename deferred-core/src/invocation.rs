@@ -15,7 +15,16 @@ use crate::report::PhaseKind;
 use crate::scope::{Options, Queue, with_queue};
 
 pub(crate) async fn run<F: Future>(invocation: Invocation, options: Options, body: F) -> F::Output {
-    let core = current_core();
+    run_on(current_core(), invocation, options, body).await
+}
+
+/// [`run`] on a given core (the ordering harness drives cores of its own).
+pub(crate) async fn run_on<F: Future>(
+    core: Arc<Core>,
+    invocation: Invocation,
+    options: Options,
+    body: F,
+) -> F::Output {
     let ticket = core.begin(&invocation);
     let queue = Queue::new(core.config.max_actions);
     // Taken before the body runs: lambda_runtime polls this future inside the invocation's

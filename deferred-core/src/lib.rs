@@ -128,6 +128,8 @@ mod core;
 mod counting;
 pub mod extension;
 mod flush;
+#[cfg(test)]
+mod harness;
 mod invocation;
 mod late;
 mod layer;

@@ -769,9 +769,23 @@ mod tests {
                 no_stop(),
             )
             .await;
+            // The actions are cut early enough for the whole grace to fit before the end
+            // (before, with a 1 ms `flush_timeout`, they ran to 1 ms before it and the phase
+            // ended about 20 ms late). Read from the report, not from the clock: a loaded
+            // machine delays the phase's own steps by more than the margin under test.
+            let Some(actions) = report.cut.iter().find_map(|cut| match cut {
+                CutReason::ActionBudget { budget } => Some(*budget),
+                _ => None,
+            }) else {
+                panic!("{flush_timeout:?}: {report}");
+            };
+            assert!(
+                actions <= Duration::from_millis(30) - ABORT_GRACE,
+                "{flush_timeout:?}: the actions had {actions:?} of 30 ms: {report}"
+            );
             let over = Instant::now().saturating_duration_since(budget.end);
             assert!(
-                over <= Duration::from_millis(5),
+                over < Duration::from_millis(250),
                 "{flush_timeout:?}: the phase ended {over:?} past its end: {report}"
             );
         }
