@@ -213,15 +213,19 @@ async fn a_closed_event_next_is_replaced_after_the_restore() {
     assert_chained_after_a_lost_first_event(&env).await;
     let restore = the_restore(&env);
     assert_eq!(restore.cut_calls, vec![format!("event/next {name}")]);
-    // Every call before the first invocation was refused; the first one accepted came after
-    // its event was lost.
+    // No call was accepted before the first invocation's event was lost: those that came
+    // earlier were refused. (Whether any came earlier is a race between the chain's retry
+    // after the closed call and the first invoke: either order is Lambda's.)
     let first = env.emulator.timelines()[0].clone();
     let lost = first.extension_lost[0].1;
     assert!(
         restore.event_next.iter().all(|(_, at)| *at >= lost),
         "{restore:?}"
     );
-    assert!(!restore.refused_event_next.is_empty(), "{restore:?}");
+    assert!(
+        restore.refused_event_next.iter().all(|(_, at)| *at < lost),
+        "{restore:?}"
+    );
 }
 
 /// `Deferred::start` with a `Runtime` built by hand that registers
