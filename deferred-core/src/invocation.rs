@@ -14,8 +14,14 @@ use crate::core::{Config, Core, Mode, Ticket};
 use crate::report::PhaseKind;
 use crate::scope::{Options, Queue, with_queue};
 
-pub(crate) async fn run<F: Future>(invocation: Invocation, options: Options, body: F) -> F::Output {
-    run_on(current_core(), invocation, options, body).await
+/// The rewritten handler's body: [`run_on`] the process's core. Not an `async fn` of its own:
+/// a second state machine around `run_on`'s would be moved with it on every poll.
+pub(crate) fn run<F: Future>(
+    invocation: Invocation,
+    options: Options,
+    body: F,
+) -> impl Future<Output = F::Output> {
+    run_on(current_core(), invocation, options, body)
 }
 
 /// [`run`] on a given core (the ordering harness drives cores of its own).
