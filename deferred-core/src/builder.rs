@@ -220,7 +220,7 @@ impl Deferred {
     /// ([`StartError::InvalidSetting`]).
     ///
     /// A flusher still busy at the timeout is abandoned and reported
-    /// [`TimedOut`](crate::FlushOutcome::TimedOut) (its blocking thread runs on):
+    /// [`TimedOut`](crate::FlushOutcome::TimedOut) (its thread runs on):
     ///
     /// ```
     /// use deferred_core::{
@@ -546,8 +546,9 @@ impl Deferred {
     ///
     /// Never fails for lack of Lambda: outside Lambda, or when registration is refused, it
     /// logs one line and deferred work runs inline before each response. It fails only when
-    /// called a second time in the process ([`StartError::AlreadyStarted`]), or for a setting
-    /// that cannot work ([`StartError::InvalidSetting`]). The work runs in
+    /// called a second time in the process ([`StartError::AlreadyStarted`]), for a setting
+    /// that cannot work ([`StartError::InvalidSetting`]), or when polled outside a Tokio
+    /// runtime ([`StartError::NoRuntime`]). The work runs in
     /// a task of its own: a caller that stops waiting (a `timeout` around it) does not stop
     /// it, and the core starts all the same, as Lambda, having registered the extension,
     /// expects.
@@ -852,8 +853,12 @@ impl DeferredHandle {
     /// `event/next` is in flight when the snapshot is taken. After the restore, the resource
     /// resets the extension client's connection pool and has the chain send a fresh
     /// `event/next`: if Lambda refuses it because the call from before the snapshot still
-    /// waits, that call is kept; if the old call fails, or stays silent for 200 ms, it is
-    /// abandoned and the fresh one replaces it. `after_restore` returns once this is settled
+    /// waits, that call is kept; if the old call fails, or neither answers within 200 ms, it
+    /// is abandoned and the fresh one replaces it. Lambda counts the old call as waiting even
+    /// when its connection is dead, refuses fresh calls until it has written the first INVOKE
+    /// event to it (lost), and accepts one after that: that invocation's deferred work runs
+    /// without its event, outside the chain, and a kept call is then taken for dead and
+    /// replaced. `after_restore` returns once this is settled
     /// (at most 1 s) and never fails; `before_snapshot` flushes what init produced (bounded by
     /// `flush_timeout`, then waits up to one more for a flush it abandoned, so that none
     /// crosses the snapshot), so restored environments do not export it again. Without the resource, an
@@ -874,9 +879,11 @@ impl DeferredHandle {
     /// report: what the core does on SIGTERM, without the exit, and without SIGTERM's hurry.
     /// The work in flight gets until its own end (each phase's deadline minus the safety
     /// margin), or half of `shutdown_timeout` if that is later; what still runs then is cut,
-    /// and the final flush gets the other half of `shutdown_timeout`, but never runs past the
-    /// end of the last phase while that is ahead (its invocation may still be open, and Lambda
-    /// stops the environment at its deadline).
+    /// and the final flush gets half of `shutdown_timeout` from there (or what is left of the
+    /// whole of it, if more), but never runs past the end of the last phase when that was
+    /// still ahead as the drain began (its invocation may still be open, and Lambda stops the
+    /// environment at its deadline): if the work in flight ran to that end, the final flush
+    /// gets no time.
     ///
     /// For a function that runs its own loop after [`Deferred::start`]: when the
     /// loop ends with an error (lambda_runtime stops on an answer that does not serialize or

@@ -149,9 +149,10 @@ pub(crate) struct State {
     /// chain yet; the event takes it on arrival (or the layer, after the response, gives up
     /// waiting and runs it).
     pub(crate) parked: Option<Job>,
-    /// A failed `event/next` call lost an INVOKE event (see [`State::call_failed`]) before a
-    /// wrapper started for it: the next wrapper that starts without its event, until this
-    /// instant, is that one.
+    /// A failed `event/next` call lost an INVOKE event, or was refused because Lambda counts a
+    /// dead call of ours as waiting and will lose the next one there (see
+    /// [`State::call_failed`]), before a wrapper started for it: the next wrapper that starts
+    /// without its event, until this instant, is that one.
     pub(crate) lost_event: Option<Instant>,
     /// A wrapper started without its event since the last event arrived: a loss after that is
     /// its invocation's, not one still to start.
@@ -161,7 +162,8 @@ pub(crate) struct State {
     pub(crate) lost_to: Option<String>,
     /// The invocation (request id and deadline) whose handler's job last began its phase: a
     /// later call of a deferred handler in it (a router calling one per record, under `start`)
-    /// cannot join that phase. The deadline tells a retry, which keeps its request id, apart.
+    /// cannot join that phase. The deadline tells a retry, which keeps its request id, apart
+    /// (a deadline less than a second from this one is this invocation's: `same_deadline`).
     pub(crate) phased: Option<(String, SystemTime)>,
 }
 

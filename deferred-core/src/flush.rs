@@ -28,8 +28,10 @@ pub type FlushError = Box<dyn std::error::Error + Send + Sync + 'static>;
 /// Something flushed after every invocation, once the deferred actions have run.
 ///
 /// `flush` may block (the OpenTelemetry SDK's `force_flush` does): the core never calls it on
-/// a runtime worker, but on a thread of its own (a blocking thread, or the chain's phase
-/// thread for the first flusher), under the flush's timeout. A flush that overruns is
+/// a runtime worker, but on a thread of its own (the chain's phase thread for a chained
+/// phase's first flusher; otherwise the flusher's own thread, started at its first call, or a
+/// thread of the runtime's blocking pool if the OS refuses that one), inside the runtime's
+/// context (`Handle::current()` works), under the flush's timeout. A flush that overruns is
 /// abandoned (its thread runs on) and reported, and the next phase skips this flusher while
 /// that call is still running, so a dead exporter never piles up threads.
 ///
@@ -54,7 +56,7 @@ pub type FlushError = Box<dyn std::error::Error + Send + Sync + 'static>;
 ///         "statsd".into()
 ///     }
 ///     fn flush(&self) -> Result<(), FlushError> {
-///         // A blocking send is fine here: this runs on a blocking thread.
+///         // A blocking send is fine here: this never runs on a runtime worker.
 ///         self.sent.fetch_add(1, Ordering::SeqCst);
 ///         Ok(())
 ///     }
@@ -525,7 +527,7 @@ mod tests {
     #[test]
     fn a_flush_whose_thread_cannot_start_is_called_next_time() {
         let flusher = Flusher::new(flush_fn("f", || Ok::<(), FlushError>(())));
-        // Outside a runtime `spawn_blocking` panics, as it does when the OS refuses a thread.
+        // Outside a runtime no thread is started, as when the OS refuses one.
         let refused = flusher.start().expect_err("no thread outside a runtime");
         assert!(matches!(refused, NotStarted::NoThread(_)), "{refused}");
         let runtime = tokio::runtime::Builder::new_current_thread()

@@ -322,7 +322,7 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// Runs every flusher at once, each on its own blocking thread, all bounded by `end`: one slow
+/// Runs every flusher at once, each on its own thread, all bounded by `end`: one slow
 /// or failing provider does not hold up or stop the others.
 /// `phase_started` is the start of the phase they belong to, which their offsets count from.
 pub(crate) async fn run_flushes(
@@ -376,7 +376,7 @@ pub(crate) async fn run_flushes_when_free(
     collect_flushes(running, end, phase_started, cut).await
 }
 
-/// Flushes started on blocking threads (or why one was not), with when they started.
+/// Flushes started on their own threads (or why one was not), with when they started.
 #[derive(Debug)]
 pub(crate) struct Running {
     started: Instant,
@@ -387,7 +387,7 @@ pub(crate) struct Running {
 
 type FlushTask = tokio::task::JoinHandle<crate::flush::Called>;
 
-/// Starts every flusher on a blocking thread, all at once.
+/// Starts every flusher on its own thread (`Flusher::start`), all at once.
 pub(crate) fn start_flushes(flushers: &[Flusher], end: Instant) -> Running {
     let started = Instant::now();
     let tasks = flushers
@@ -833,8 +833,8 @@ mod tests {
         assert!(!report.is_clean());
     }
 
-    /// A flush that cannot get a thread (tokio's `spawn_blocking` panics when its pool is
-    /// empty and the OS refuses one; here: outside a runtime) is reported as not run, with
+    /// A flush that cannot get a thread (the OS refuses its own thread and tokio's blocking
+    /// pool cannot start one either; here: outside a runtime) is reported as not run, with
     /// why, and the phase goes on to its report.
     #[test]
     fn a_flush_without_a_thread_is_reported_not_run() {

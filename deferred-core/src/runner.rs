@@ -115,7 +115,7 @@ impl Watch {
 struct Flushing {
     seq: u64,
     staged: Staged,
-    /// The other flushers, on blocking threads.
+    /// The other flushers, each on its own thread.
     running: Running,
     /// The flusher on the phase thread.
     here: String,

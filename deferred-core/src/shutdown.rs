@@ -38,7 +38,8 @@ pub(crate) fn install(core: Arc<Core>) {
     let _ = core;
 }
 
-/// Waits (bounded) for a running phase and the background phases, then flushes every
+/// Waits (bounded) for a running phase and the background phases, and runs the jobs of
+/// finished handlers still waiting for their response or INVOKE event, then flushes every
 /// flusher, all within `shutdown_timeout` (SIGTERM: Lambda kills the process when its grace
 /// period is over).
 pub(crate) async fn final_flush(core: &Core) -> PhaseReport {

@@ -39,8 +39,15 @@
 //!   `Extension.InvalidExtensionState` (a second `next` from an extension that already waits
 //!   is a state error: RIE `core/internalagent_states.go`, `Ready()` is allowed only from the
 //!   Registered and Running states; `rapi/handler/agentnext.go`). The chain keeps the old call,
-//!   which gets the first INVOKE event: nothing was lost;
-//! - if the pre-snapshot call fails (its connection was closed), the probe is the call;
+//!   which gets the first INVOKE event if its connection survived: nothing was lost. Lambda
+//!   refuses the probe just the same when that connection is dead (an extension whose pending
+//!   call lost its client stays Ready), and then writes the first INVOKE event to the dead
+//!   call, where it is lost. So once an invocation has run its deferred work without its
+//!   event (`Core::event_missed`), a kept call is taken for dead and abandoned, and the chain's
+//!   retry, which Lambda accepts by then, replaces it ([`RestoreWatch::next_event_watching`]);
+//! - if the pre-snapshot call fails (its connection was closed), the probe is the call (Lambda
+//!   refuses it, too, while it still counts the closed call: the chain's retry path then takes
+//!   over, and the first INVOKE event, written to the closed call, is taken as lost);
 //! - if neither answers within [`PROBE_WINDOW`], the pre-snapshot call is taken for dead
 //!   (a silently dropped connection) and abandoned: the probe, which Lambda accepted, is the
 //!   one call in flight.

@@ -472,7 +472,8 @@ async fn a_failed_loop_with_a_busy_flusher_exits_before_the_deadline() {
 /// `DeferredHandle::shutdown`, then its own cleanup, then it returns from `main`.
 ///
 /// After a flush that never returns was abandoned (a stalled exporter; it runs after the
-/// tracer provider, so on a thread of the runtime's blocking pool), the function's own SIGTERM
+/// tracer provider, so on a thread of its own, where it ran on the runtime's blocking pool
+/// before), the function's own SIGTERM
 /// handler calls `shutdown()` and returns from `main`. The process must then exit within
 /// Lambda's 500 ms grace. Before, the runtime's drop waited for the abandoned blocking task
 /// for ever, and the process was killed (SIGKILL) at the end of the grace period.

@@ -618,10 +618,10 @@ async fn chaos(wiring: Wiring, default_seed: u64) {
     let seed = seed(default_seed);
     let invocations = invocations();
     // Each wiring also takes one more flusher, so that both flush paths see the chaos: under
-    // `run` the meter provider (a second flusher, on a blocking thread, beside the tracer
+    // `run` the meter provider (a second flusher, on a thread of its own, beside the tracer
     // provider on the phase thread); under `start` a first flusher whose first call never
-    // returns (the watchdog takes that phase over; the tracer provider then flushes on
-    // blocking threads for the whole run).
+    // returns (the watchdog takes that phase over; the tracer provider then flushes on its
+    // own thread for the whole run).
     // Under SnapStart, what the restore does to the `event/next` in flight at the snapshot
     // follows the seed: it survives (Lambda's own Runtime API server), is closed, or is left
     // dead and silent.

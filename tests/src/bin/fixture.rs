@@ -10,7 +10,11 @@
 //! adds the meter provider to the flush; `FIXTURE_INIT_SPAN=1` traces a span `init-work` during
 //! init; `HANDLER_TIMEOUT_MS` drops a handler's future that has not completed by then (a
 //! timeout layer of the user's); `FIXTURE_FLUSH_HANG=1` registers, before the tracer provider, a flush named `hang`
-//! whose first call never returns (the chain's watchdog must abandon it). Each invocation's
+//! whose first call never returns (the chain's watchdog must abandon it), and
+//! `FIXTURE_FLUSH_HANG_LAST=1` one named `hang-last` after the tracer provider (on a thread of
+//! its own);
+//! `FIXTURE_OWN_SIGTERM=1` (mode `start`) handles SIGTERM in the function (`shutdown()`, then
+//! return from `main`); `FIXTURE_RUNTIME` picks the Tokio runtime (see `main`). Each invocation's
 //! payload is a [`Plan`]:
 //! what the handler does, which actions it defers, and whether it streams its answer. Actions post marks to the emulator
 //! (`start:<name>`, `end:<name>`) so tests can order them against the protocol timeline.
@@ -405,7 +409,8 @@ async fn real_main() -> Result<(), Error> {
         .flush(tracer.clone())
         .flush_timeout(env_ms("FLUSH_TIMEOUT_MS").unwrap_or(Duration::from_secs(10)));
     if env_flag("FIXTURE_FLUSH_HANG_LAST") {
-        // Registered after the tracer provider, so it runs on the runtime's blocking pool.
+        // Registered after the tracer provider, so it runs on a thread of its own (not the
+        // chain's phase thread).
         static HUNG_LAST: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
         deferred = deferred.flush(deferred_core::flush_fn("hang-last", || {
             if !HUNG_LAST.swap(true, std::sync::atomic::Ordering::SeqCst) {

@@ -11,6 +11,11 @@
 //!   `init_timeout`;
 //! - an invocation is complete only when the runtime has answered and called `/next` again and
 //!   every INVOKE subscriber waits in `event/next`; the next invocation is held until then;
+//! - an extension already waiting in `event/next` is refused another call (403
+//!   `Extension.InvalidExtensionState`), also when the pending call's client went away: the
+//!   next event is written to that dead call and lost, and only then is a call accepted;
+//! - the runtime's deadline and the extensions' `deadlineMs` are rendered apart and may differ
+//!   by a millisecond ([`EmulatorConfig::extension_deadline_skew_ms`]);
 //! - the caller gets the response as soon as the runtime posts it; a streamed response
 //!   (`Lambda-Runtime-Function-Response-Mode: streaming`) may reach 200 MB instead of 6 MB,
 //!   and reaches the caller whole, metadata prelude included, once its last chunk is in;

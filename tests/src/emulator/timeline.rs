@@ -16,7 +16,11 @@ pub struct Timeline {
     pub invoked: Instant,
     /// The deadline (`invoked` + function timeout).
     pub deadline: Instant,
-    /// The deadline as sent in `Lambda-Runtime-Deadline-Ms` / `deadlineMs` (epoch ms).
+    /// The deadline as sent in `Lambda-Runtime-Deadline-Ms` (epoch ms). The extensions'
+    /// `deadlineMs` is this plus [`EmulatorConfig::extension_deadline_skew_ms`] (1 ms earlier
+    /// by default).
+    ///
+    /// [`EmulatorConfig::extension_deadline_skew_ms`]: super::EmulatorConfig::extension_deadline_skew_ms
     pub deadline_ms: u64,
     /// When the frozen child was thawed (SIGCONT) for this invocation.
     pub thawed: Option<Instant>,
