@@ -282,7 +282,7 @@ impl RestoreWatch {
                 biased;
                 result = &mut probe => break match result {
                     Err(error) if error.is_already_waiting() => {
-                        tracing::info!(target: "deferred", "SnapStart restore: the event/next in flight at the snapshot survived it; the chain keeps it");
+                        tracing::info!(target: "deferred", "SnapStart restore: Lambda still counts the event/next in flight at the snapshot as waiting (the fresh call was refused); the chain keeps it, and replaces it should it bring no event for an invocation that ran");
                         Race::KeepOld
                     }
                     // An event (the old call was dead), or an error for the retry path (the

@@ -175,7 +175,10 @@ async fn a_surviving_event_next_is_kept_after_the_restore() {
     // tests of deferred-core's snapstart.rs, on a paused clock).
     assert!(restore.runtime_ready.is_some(), "{restore:?}");
     assert_eq!(env.emulator.stats().refused_event_next_calls, 1);
-    assert!(env.logged("survived it; the chain keeps it").await);
+    assert!(
+        env.logged("the fresh call was refused); the chain keeps it")
+            .await
+    );
 }
 
 /// What init traced is flushed before the snapshot (`before_snapshot`), so it is exported once,
