@@ -332,7 +332,7 @@ pub(crate) fn decide(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::time::{SystemTime, UNIX_EPOCH};
 
     use tokio::io::AsyncWriteExt as _;
@@ -340,7 +340,7 @@ mod tests {
 
     use super::*;
     use crate::core::{Config, Mode, Ticket};
-    use crate::extension::line::tests::{request, with_length};
+    use crate::extension::line::tests::{request, with_length, with_status};
     use crate::scope::Queue;
 
     /// Reads one request head; `None` if nothing arrives within `within`.
@@ -348,20 +348,30 @@ mod tests {
         tokio::time::timeout(within, request(stream)).await.ok()
     }
 
-    /// An `event/next` answer with an INVOKE event.
-    fn invoke(request_id: &str, deadline: SystemTime) -> String {
+    /// The body of an INVOKE event.
+    pub(crate) fn invoke_body(request_id: &str, deadline: SystemTime) -> String {
         let ms = deadline
             .duration_since(UNIX_EPOCH)
             .expect("epoch")
             .as_millis();
-        with_length(&format!(
+        format!(
             r#"{{"eventType":"INVOKE","deadlineMs":{ms},"requestId":"{request_id}","invokedFunctionArn":"arn"}}"#
-        ))
+        )
+    }
+
+    /// An `event/next` answer with an INVOKE event.
+    fn invoke(request_id: &str, deadline: SystemTime) -> String {
+        with_length(&invoke_body(request_id, deadline))
     }
 
     /// A core with the runtime layer whose chain talks to a stand-in API: the API's end of the
     /// chain's connection, its first `event/next` read already.
     async fn chain() -> (Arc<Core>, TcpListener, TcpStream) {
+        chain_with(true).await
+    }
+
+    /// [`chain`], with the runtime layer (`run`) or without it (`start`).
+    async fn chain_with(layer: bool) -> (Arc<Core>, TcpListener, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let authority = listener.local_addr().expect("addr").to_string();
         let config = Config {
@@ -370,7 +380,7 @@ mod tests {
         };
         let core = Core::new(config, Mode::Extension);
         core.layer_installed
-            .store(true, std::sync::atomic::Ordering::Release);
+            .store(layer, std::sync::atomic::Ordering::Release);
         let client = Arc::new(Client::new(&authority).expect("client"));
         tokio::spawn(drive_with(
             core.clone(),
@@ -402,11 +412,9 @@ mod tests {
         request(&mut api).await;
         let refused =
             r#"{"errorMessage":"already waiting","errorType":"Extension.InvalidExtensionState"}"#;
-        let refused = format!(
-            "HTTP/1.1 403 Forbidden\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{refused}",
-            refused.len()
-        );
-        api.write_all(refused.as_bytes()).await.expect("write");
+        api.write_all(with_status("403 Forbidden", refused).as_bytes())
+            .await
+            .expect("write");
         // The invocation came meanwhile (its event written to the dead call); this call is
         // accepted and waits for the next event.
         request_within(&mut api, Duration::from_secs(5))
@@ -450,24 +458,7 @@ mod tests {
     /// environment, must not go out while that phase runs.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_dropped_handlers_job_left_by_a_failed_call_holds_the_retry() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let authority = listener.local_addr().expect("addr").to_string();
-        let config = Config {
-            phase_telemetry: false,
-            ..Config::default()
-        };
-        let core = Core::new(config, Mode::Extension);
-        let client = Arc::new(Client::new(&authority).expect("client"));
-        tokio::spawn(drive_with(
-            core.clone(),
-            client,
-            "ext-1".into(),
-            Restores::new(),
-        ));
-        let (mut api, _) = listener.accept().await.expect("accept");
-        request_within(&mut api, Duration::from_secs(5))
-            .await
-            .expect("the first event/next");
+        let (core, listener, mut api) = chain_with(false).await;
 
         let deadline = SystemTime::now() + Duration::from_secs(10);
         let invocation = crate::context::Invocation {

@@ -27,8 +27,10 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tower::{Layer as _, Service as _};
 
+use crate::chain::tests::invoke_body;
 use crate::context::Invocation;
 use crate::core::{Config, Core, Mode, ReportHook};
+use crate::extension::line::tests::{with_length, with_status};
 use crate::report::PhaseKind;
 use crate::scope::Options;
 
@@ -238,23 +240,6 @@ impl Drop for Api {
             task.abort();
         }
     }
-}
-
-fn invoke_body(request_id: &str, deadline: SystemTime) -> String {
-    let ms = deadline
-        .duration_since(UNIX_EPOCH)
-        .expect("epoch")
-        .as_millis();
-    format!(
-        r#"{{"eventType":"INVOKE","deadlineMs":{ms},"requestId":"{request_id}","invokedFunctionArn":"arn"}}"#
-    )
-}
-
-fn ok_answer(body: &str) -> String {
-    format!(
-        "HTTP/1.1 200 OK\r\nLambda-Extension-Event-Identifier: e\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
 }
 
 /// The runtime's side of one invocation.
@@ -477,7 +462,7 @@ pub(crate) async fn run(scenario: &Scenario) -> Vec<String> {
             Step::Event(i) => {
                 let body = invoke_body(&rid(i), deadline);
                 match api
-                    .answer(format!("{step:?}"), ok_answer(&body), false)
+                    .answer(format!("{step:?}"), with_length(&body), false)
                     .await
                 {
                     Ok(()) => {
@@ -488,11 +473,9 @@ pub(crate) async fn run(scenario: &Scenario) -> Vec<String> {
             }
             Step::Lost(i) => {
                 let body = invoke_body(&rid(i), deadline);
-                let cut = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{}",
-                    body.len(),
-                    &body[..body.len() / 2]
-                );
+                // Half of the body is sent: the answer is cut short.
+                let mut cut = with_length(&body);
+                cut.truncate(cut.len() - body.len() / 2);
                 match api.answer(format!("{step:?}"), cut, true).await {
                     Ok(()) => {
                         unreachable.insert(i, Instant::now());
@@ -502,10 +485,7 @@ pub(crate) async fn run(scenario: &Scenario) -> Vec<String> {
             }
             Step::Fail(_) => {
                 let body = r#"{"errorMessage":"boom","errorType":"Extension.Unknown"}"#;
-                let answer = format!(
-                    "HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-                    body.len()
-                );
+                let answer = with_status("500 Internal Server Error", body);
                 if let Err(e) = api.answer(format!("{step:?}"), answer, false).await {
                     violations.push(e);
                 }
@@ -513,7 +493,7 @@ pub(crate) async fn run(scenario: &Scenario) -> Vec<String> {
             Step::Other(i) => {
                 let body = invoke_body(&format!("x-{i}"), deadline);
                 match api
-                    .answer(format!("{step:?}"), ok_answer(&body), false)
+                    .answer(format!("{step:?}"), with_length(&body), false)
                     .await
                 {
                     Ok(()) => {

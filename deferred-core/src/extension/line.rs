@@ -457,8 +457,13 @@ pub(crate) mod tests {
 
     /// A `200` answer with `body`.
     pub(crate) fn with_length(body: &str) -> String {
+        with_status("200 OK", body)
+    }
+
+    /// An answer with `status` (`"403 Forbidden"`) and the JSON `body`.
+    pub(crate) fn with_status(status: &str, body: &str) -> String {
         format!(
-            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
         )
     }
@@ -535,11 +540,7 @@ pub(crate) mod tests {
         let (_listener, line, call, mut stream) = first_call().await;
         let body =
             r#"{"errorMessage":"already waiting","errorType":"Extension.InvalidExtensionState"}"#;
-        let refusal = format!(
-            "HTTP/1.1 403 Forbidden\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        answer(&mut stream, &refusal).await;
+        answer(&mut stream, &with_status("403 Forbidden", body)).await;
         let error = call.await.expect("join").unwrap_err();
         assert!(
             matches!(&error, ClientError::Api { status: 403, error_type: Some(t), .. } if t == "Extension.InvalidExtensionState"),
