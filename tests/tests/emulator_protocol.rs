@@ -189,6 +189,17 @@ fn spawn_ext_next(addr: &str, id: &str) -> JoinHandle<Result<Reply, String>> {
     })
 }
 
+/// The client of the pending call `call` goes away (its connection closes); returns once the
+/// emulator has seen it (the first such call of the run).
+async fn drop_pending<T>(emu: &Emulator, call: JoinHandle<T>) {
+    call.abort();
+    let _ = call.await;
+    assert!(
+        emu.wait_until(SECOND, |s, _| s.abandoned_next_calls == 1)
+            .await
+    );
+}
+
 fn spawn_runtime_next(addr: &str) -> JoinHandle<Reply> {
     let addr = addr.to_owned();
     tokio::spawn(async move { call(&addr, Method::GET, NEXT, &[], "").await })
@@ -1237,12 +1248,7 @@ async fn a_next_call_dropped_by_its_client_does_not_swallow_the_next_event() {
         emu.wait_until(SECOND, |s, _| s.runtime_next_calls == 1)
             .await
     );
-    abandoned.abort();
-    let _ = abandoned.await;
-    assert!(
-        emu.wait_until(SECOND, |s, _| s.abandoned_next_calls == 1)
-            .await
-    );
+    drop_pending(&emu, abandoned).await;
     // The retry is not refused as a second concurrent /next, and it gets the event.
     let retry = spawn_runtime_next(&addr);
     let invoke = spawn_invoke(&emu, "kept");
@@ -1269,12 +1275,7 @@ async fn an_event_next_dropped_by_its_client_stays_pending_and_takes_the_next_ev
         emu.wait_until(SECOND, |s, _| s.event_next_calls == 1 && s.inits == 1)
             .await
     );
-    abandoned.abort();
-    let _ = abandoned.await;
-    assert!(
-        emu.wait_until(SECOND, |s, _| s.abandoned_next_calls == 1)
-            .await
-    );
+    drop_pending(&emu, abandoned).await;
 
     // Still Ready: the re-issued call is refused, and not counted as two calls at once (the
     // client has one).

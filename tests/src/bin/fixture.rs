@@ -19,6 +19,7 @@
 //! what the handler does, which actions it defers, and whether it streams its answer. Actions post marks to the emulator
 //! (`start:<name>`, `end:<name>`) so tests can order them against the protocol timeline.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use deferred_core::{Deferred, defer, deferred_handler};
@@ -352,6 +353,18 @@ fn env_ms(name: &str) -> Option<Duration> {
 }
 
 /// Whether the environment variable `name` is `1`.
+/// A flusher whose first call never returns (a stalled exporter); later calls succeed.
+fn hangs_once(name: &'static str, hung: &'static AtomicBool) -> impl deferred_core::Flush {
+    deferred_core::flush_fn(name, move || {
+        if !hung.swap(true, Ordering::SeqCst) {
+            loop {
+                std::thread::park();
+            }
+        }
+        Ok::<(), String>(())
+    })
+}
+
 fn env_flag(name: &str) -> bool {
     std::env::var(name).is_ok_and(|v| v == "1")
 }
@@ -394,15 +407,8 @@ async fn real_main() -> Result<(), Error> {
     let mut deferred = Deferred::new();
     if env_flag("FIXTURE_FLUSH_HANG") {
         // First registered, so it runs on the chain's phase thread.
-        static HUNG: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-        deferred = deferred.flush(deferred_core::flush_fn("hang", || {
-            if !HUNG.swap(true, std::sync::atomic::Ordering::SeqCst) {
-                loop {
-                    std::thread::park();
-                }
-            }
-            Ok::<(), String>(())
-        }));
+        static HUNG: AtomicBool = AtomicBool::new(false);
+        deferred = deferred.flush(hangs_once("hang", &HUNG));
     }
     let mut deferred = deferred
         .span_export_counts(telemetry.span_counts.clone())
@@ -411,15 +417,8 @@ async fn real_main() -> Result<(), Error> {
     if env_flag("FIXTURE_FLUSH_HANG_LAST") {
         // Registered after the tracer provider, so it runs on a thread of its own (not the
         // chain's phase thread).
-        static HUNG_LAST: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-        deferred = deferred.flush(deferred_core::flush_fn("hang-last", || {
-            if !HUNG_LAST.swap(true, std::sync::atomic::Ordering::SeqCst) {
-                loop {
-                    std::thread::park();
-                }
-            }
-            Ok::<(), String>(())
-        }));
+        static HUNG_LAST: AtomicBool = AtomicBool::new(false);
+        deferred = deferred.flush(hangs_once("hang-last", &HUNG_LAST));
     }
     // `FIXTURE_OWN_SIGTERM=1` (mode `start`): the function handles SIGTERM itself, as the
     // README says: `handle_sigterm(false)`, then `DeferredHandle::shutdown` and return.
