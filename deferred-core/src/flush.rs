@@ -209,7 +209,8 @@ pub(crate) enum NotStarted {
     /// Its end (the deadline minus the margin, or `flush_timeout`) had come: the phase is
     /// cut ([`CutReason::FlushBudget`](crate::CutReason::FlushBudget)).
     NoTime,
-    /// In the final flush: `shutdown_timeout` was over.
+    /// In the final flush: `shutdown_timeout` was over, or the deadline (minus the safety
+    /// margin) of an invocation that may still be open had come.
     NoShutdownTime,
     /// Its previous call has not returned (an earlier phase abandoned it).
     StillRunning,
@@ -221,7 +222,9 @@ impl fmt::Display for NotStarted {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::NoTime => f.write_str("no time left before the deadline or the flush_timeout"),
-            Self::NoShutdownTime => f.write_str("no time left within the shutdown_timeout"),
+            Self::NoShutdownTime => f.write_str(
+                "no time left within the shutdown_timeout or before the open invocation's deadline",
+            ),
             Self::StillRunning => f.write_str("its previous flush is still running"),
             Self::NoThread(why) => write!(f, "no thread could be started for it: {why}"),
         }
@@ -256,12 +259,12 @@ pub(crate) struct Flusher {
     busy: Arc<AtomicBool>,
     /// Told when a call returns.
     returned: Arc<tokio::sync::Notify>,
-    /// The flusher's own thread, started at its first call off the phase thread (`None`: the
-    /// OS refused it). Not the runtime's blocking pool: a flush that never returns would hold
-    /// one of its threads, and the runtime's drop (when `main` returns) waits for those for
-    /// ever, so the process would not exit. One thread is enough: a flusher has at most one
-    /// call running ([`busy`](Self::busy)).
-    thread: Arc<OnceLock<Option<mpsc::Sender<Call>>>>,
+    /// The flusher's own thread, started at its first call off the phase thread (empty while
+    /// the OS refuses it: tried again at the next call). Not the runtime's blocking pool: a
+    /// flush that never returns would hold one of its threads, and the runtime's drop (when
+    /// `main` returns) waits for those for ever, so the process would not exit. One thread
+    /// is enough: a flusher has at most one call running ([`busy`](Self::busy)).
+    thread: Arc<OnceLock<mpsc::Sender<Call>>>,
 }
 
 /// A call for the flusher's thread: the runtime it is made from (entered on that thread for
@@ -317,32 +320,33 @@ impl Flusher {
         }
     }
 
-    /// The flusher's own thread, started now if need be; `None` if the OS refused it.
+    /// The flusher's own thread, started now if need be; `None` if the OS refused it. A
+    /// refusal is not kept: it is often passing (a thread limit, memory), and a flusher sent
+    /// to the blocking pool for good would bring back the hung-drop problem above. Called
+    /// with the flusher [`busy`](Self::busy), so no two calls race to start the thread.
     fn thread(&self) -> Option<&mpsc::Sender<Call>> {
-        self.thread
-            .get_or_init(|| {
-                let (calls, called) = mpsc::channel::<Call>();
-                // Without the cell: the thread ends once the flusher's last clone is gone.
-                let this = Self {
-                    thread: Arc::new(OnceLock::new()),
-                    ..self.clone()
+        if let Some(calls) = self.thread.get() {
+            return Some(calls);
+        }
+        let (calls, called) = mpsc::channel::<Call>();
+        // Without the cell: the thread ends once the flusher's last clone is gone.
+        let this = Self {
+            thread: Arc::new(OnceLock::new()),
+            ..self.clone()
+        };
+        let run = move || {
+            for (runtime, reply) in called {
+                let called = {
+                    let _runtime = runtime.enter();
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| this.call()))
                 };
-                let run = move || {
-                    for (runtime, reply) in called {
-                        let called = {
-                            let _runtime = runtime.enter();
-                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| this.call()))
-                        };
-                        reply.send(called);
-                    }
-                };
-                std::thread::Builder::new()
-                    .name("deferred-flush".into())
-                    .spawn(run)
-                    .ok()
-                    .map(|_| calls)
-            })
-            .as_ref()
+                reply.send(called);
+            }
+        };
+        spawn_thread(run).ok()?;
+        // A lost race (impossible while busy) drops `calls`, and the thread just started ends.
+        let _ = self.thread.set(calls);
+        self.thread.get()
     }
 
     /// Whether a call is running (maybe abandoned).
@@ -518,9 +522,49 @@ impl Drop for Claimed<'_> {
     }
 }
 
+/// Starts a flusher's thread. Tests can make it fail as the OS would ([`tests::REFUSE`]).
+fn spawn_thread(run: impl FnOnce() + Send + 'static) -> std::io::Result<()> {
+    #[cfg(test)]
+    if tests::REFUSE.with(|refuse| refuse.replace(false)) {
+        return Err(std::io::Error::other("refused by the test"));
+    }
+    std::thread::Builder::new()
+        .name("deferred-flush".into())
+        .spawn(run)
+        .map(drop)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    std::thread_local! {
+        /// Set: the next [`spawn_thread`] on this thread fails, as when the OS refuses it.
+        pub(super) static REFUSE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    /// A flusher whose thread the OS refused once runs that call on the blocking pool, and
+    /// gets its own thread at the next call: the refusal is not kept. Found by review: one
+    /// passing refusal sent the flusher to the blocking pool for good, where a hung flush
+    /// holds the runtime's drop.
+    #[tokio::test]
+    async fn a_refused_flusher_thread_is_tried_again_at_the_next_call() {
+        let flusher = Flusher::new(flush_fn("where", || match std::thread::current().name() {
+            Some("deferred-flush") => Ok(()),
+            other => Err::<(), FlushError>(format!("on {other:?}").into()),
+        }));
+        REFUSE.with(|refuse| refuse.set(true));
+        let (first, _) = flusher.start().expect("started").await.expect("ran");
+        assert!(
+            first.is_err(),
+            "the refused call ran on the blocking pool: {first:?}"
+        );
+        let (second, _) = flusher.start().expect("started").await.expect("ran");
+        assert!(
+            second.is_ok(),
+            "the next call has its own thread: {second:?}"
+        );
+    }
 
     /// A flush whose thread could not be started is not taken for one still running: the
     /// next phase calls it.

@@ -348,7 +348,9 @@ pub enum CutReason {
     /// flush took over.
     Shutdown,
     /// The flush ran out of time: `flush_timeout`, or the deadline minus the safety margin (in
-    /// the final flush, [`PhaseKind::Shutdown`]: `shutdown_timeout`).
+    /// the final flush, [`PhaseKind::Shutdown`]: `shutdown_timeout`, or, when an invocation
+    /// may still be open, as in a drain after `lambda_runtime` failed, its deadline minus the
+    /// safety margin).
     FlushBudget {
         /// The time the flush had.
         budget: Duration,
@@ -657,7 +659,7 @@ impl fmt::Display for PhaseReport {
                     "; flush cut: its budget of {} ({}) ran out",
                     Ms(*budget),
                     if self.kind == PhaseKind::Shutdown {
-                        "shutdown_timeout"
+                        "shutdown_timeout, or the open invocation's deadline - safety margin"
                     } else {
                         "flush_timeout, or deadline - safety margin"
                     }
