@@ -170,6 +170,12 @@ pub(crate) async fn drive_with(
                     let mut loose = core.loose.subscribe();
                     let _ = tokio::time::timeout_at(until, loose.wait_for(|n| *n == 0)).await;
                 }
+                // So does a wrapper still running whose invocation the failure closed: should
+                // its future be dropped, its work goes on after the runtime is done.
+                let closed = core.state.borrow().closed_work_until(Instant::now());
+                if let Some(until) = closed.filter(|_| !core.layer_installed()) {
+                    core.closed_work_over(until).await;
+                }
                 core.state.send_modify(|s| s.chain = Chain::Armed);
             }
         }
@@ -259,7 +265,10 @@ fn hold(core: &Arc<Core>, event: InvokeEvent, seq: u64) -> Option<(String, Insta
             .filter(|id| *id != request_id)
             .map(str::to_owned);
         if let Some(waiting) = waiting {
-            s.expected = None;
+            if s.expected.take().is_some() {
+                // A wrapper still runs for it (its job not parked): its work is closed now.
+                s.close_running(waiting.clone(), s.expected_end);
+            }
             s.out_of_step(waiting, request_id.to_owned());
             closed_already = true;
             return;
@@ -284,7 +293,7 @@ fn hold(core: &Arc<Core>, event: InvokeEvent, seq: u64) -> Option<(String, Insta
         ready = core.take_ready(s, arrived);
     });
     if closed_already {
-        core.arm(seq);
+        core.arm_after_closed_work(seq);
         return None;
     }
     if let Some(ready) = ready {

@@ -140,6 +140,16 @@ pub(crate) struct State {
     pub(crate) slot: Option<Slot>,
     /// A wrapper started for this request id before its event arrived.
     pub(crate) expected: Option<String>,
+    /// The phase end of [`expected`](Self::expected)'s invocation.
+    pub(crate) expected_end: Option<Instant>,
+    /// Without the layer: a wrapper still running whose invocation was closed while it ran or
+    /// as it began (a failed call, a broken chain, the chain out of step), and its phase end.
+    /// Its work runs inline before the handler returns; but should its future be dropped (a
+    /// timeout around the handler) the work goes on as a background phase after the runtime
+    /// is done, so the chain lets no call out (which would let Lambda complete the invocation
+    /// and freeze that work) until the work is over, at most until that end
+    /// ([`Core::closed_work_done`]).
+    pub(crate) running_closed: Option<(String, Instant)>,
     /// Request ids closed without (or before) their wrapper: a late wrapper runs inline.
     pub(crate) closed: VecDeque<String>,
     /// The runtime answered this invocation before its INVOKE event reached the chain (the
@@ -195,6 +205,23 @@ impl State {
         self.closed.iter().any(|id| id == request_id)
     }
 
+    /// Notes a running wrapper whose invocation is closed now (see
+    /// [`running_closed`](Self::running_closed)); without an end, nothing to bound the wait by.
+    pub(crate) fn close_running(&mut self, request_id: String, end: Option<Instant>) {
+        if let Some(end) = end {
+            self.running_closed = Some((request_id, end));
+        }
+    }
+
+    /// Until when the chain must not let a call out for a running wrapper's closed work (see
+    /// [`running_closed`](Self::running_closed)); `None`: it may now.
+    pub(crate) fn closed_work_until(&self, now: Instant) -> Option<Instant> {
+        self.running_closed
+            .as_ref()
+            .map(|(_, end)| *end)
+            .filter(|end| *end > now)
+    }
+
     /// Whether this invocation's phase has begun (see [`phased`](Self::phased)); an unknown
     /// deadline matches any.
     fn phase_begun(&self, request_id: &str, deadline: Option<SystemTime>) -> bool {
@@ -235,12 +262,17 @@ impl State {
     /// ([`Core::begin`]).
     pub(crate) fn call_failed(&mut self, lost: Option<Instant>) {
         self.chain = Chain::Broken;
-        let waiting = self
-            .expected
-            .take()
-            .or_else(|| self.parked.as_ref().map(|job| job.request_id.clone()));
+        // A wrapper still running (`expected`), or a finished handler's job parked for it.
+        let running = self.expected.take();
+        let is_running = running.is_some();
+        let waiting = running.or_else(|| self.parked.as_ref().map(|job| job.request_id.clone()));
         match waiting {
-            Some(request_id) if !self.was_closed(&request_id) => self.close(request_id),
+            Some(request_id) if !self.was_closed(&request_id) => {
+                if is_running {
+                    self.close_running(request_id.clone(), self.expected_end);
+                }
+                self.close(request_id);
+            }
             Some(_) => {}
             None if !self.begun_unseen => self.lost_event = lost.or(self.lost_event),
             None => {}
@@ -317,6 +349,8 @@ impl Core {
                 chain,
                 slot: None,
                 expected: None,
+                expected_end: None,
+                running_closed: None,
                 closed: VecDeque::new(),
                 responded_early: None,
                 parked: None,
@@ -376,6 +410,7 @@ impl Core {
             return Ticket::Inline;
         }
         let mut ticket = Ticket::Chained(request_id.to_owned());
+        let end = || Some(Budget::new(deadline, self.config.safety_margin).end);
         let mut release = None;
         let mut orphan = None;
         let mut again = false;
@@ -406,6 +441,7 @@ impl Core {
                     orphan = slot.job.take();
                     state.slot = None;
                     state.out_of_step(request_id.to_owned(), stale);
+                    state.close_running(request_id.to_owned(), end());
                     ticket = Ticket::Inline;
                     true
                 }
@@ -424,6 +460,7 @@ impl Core {
                     let layer = self.layer_installed();
                     if state.chain == Chain::Armed && (layer || !lost) {
                         state.expected = Some(request_id.to_owned());
+                        state.expected_end = end();
                         if lost {
                             state.lost_to = Some(request_id.to_owned());
                         }
@@ -433,15 +470,17 @@ impl Core {
                         // `event/next` still bring it, is released at once rather than given
                         // a second, flush-only phase.
                         state.close(request_id.to_owned());
+                        state.close_running(request_id.to_owned(), end());
                         ticket = Ticket::Inline;
                     }
                     false
                 }
             }
         });
-        // The released event has no phase: the next call may go out now.
+        // The released event has no phase: the next call may go out once this wrapper's
+        // work is safe from a freeze.
         if let Some(seq) = release {
-            self.arm(seq);
+            self.arm_after_closed_work(seq);
         }
         if again {
             called_again(request_id);
@@ -726,6 +765,41 @@ impl Core {
         }
     }
 
+    /// [`arm`](Self::arm), once a running wrapper's closed work is over (see
+    /// [`State::running_closed`]), at most at its end. Without the layer only: with it, the
+    /// layer holds the invocation until that work is done.
+    pub(crate) fn arm_after_closed_work(self: &Arc<Self>, seq: u64) {
+        let until = self.state.borrow().closed_work_until(Instant::now());
+        match until {
+            Some(until) if !self.layer_installed() => {
+                let core = self.clone();
+                tokio::spawn(async move {
+                    core.closed_work_over(until).await;
+                    core.arm(seq);
+                });
+            }
+            _ => self.arm(seq),
+        }
+    }
+
+    /// Waits, at most until `until`, for the running wrapper's closed work to be over.
+    pub(crate) async fn closed_work_over(&self, until: Instant) {
+        let mut state = self.state.subscribe();
+        let over = state.wait_for(|s| s.running_closed.is_none());
+        let _ = tokio::time::timeout_at(until, over).await;
+    }
+
+    /// The closed work of `request_id`'s wrapper is over (it ran inline, or its dropped
+    /// handler's background phase ended): a call held for it may go out.
+    pub(crate) fn closed_work_done(&self, request_id: &str) {
+        self.state.send_if_modified(|state| {
+            state
+                .running_closed
+                .take_if(|(id, _)| id == request_id)
+                .is_some()
+        });
+    }
+
     /// The job of a handler that ran with this queue.
     pub(crate) fn job(
         &self,
@@ -881,7 +955,9 @@ impl Core {
                 )
             };
             if let Some(job) = refused {
+                let request_id = job.request_id.clone();
                 core.run_phase(job, PhaseKind::Background).await;
+                core.closed_work_done(&request_id);
             }
         });
     }
@@ -907,7 +983,9 @@ impl Core {
         self.in_flight_until(Budget::new(job.deadline, self.config.safety_margin).end);
         let core = self.clone();
         self.spawn_tracked(async move {
+            let request_id = job.request_id.clone();
             core.run_phase(job, PhaseKind::Background).await;
+            core.closed_work_done(&request_id);
         });
     }
 

@@ -13,7 +13,9 @@
 //! layer's future, or the wrapper, has completed) and the extension waits in `event/next`.
 //!
 //! `cargo test -p deferred-core --lib harness` runs a reduced set (a few seconds);
-//! `DEFERRED_HARNESS=full` runs every ordering (a few minutes on two cores).
+//! `DEFERRED_HARNESS=full` runs every ordering (about 15 minutes on two cores; the known gaps in
+//! `known()` are listed but do not fail it), and `DEFERRED_HARNESS=only:<text>` the orderings
+//! whose `{layer} {steps:?}` contains `<text>` (failing on any failure).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -915,21 +917,48 @@ pub(crate) async fn run_all(
 mod tests {
     use super::*;
 
-    /// Orderings that fail on known gaps (below; also in the CHANGELOG): left out of the default
-    /// run. `DEFERRED_HARNESS=full` runs them.
+    /// Orderings that fail on known gaps (below; also in the README's Limits): left out of the
+    /// default run. `DEFERRED_HARNESS=full` runs them and lists those that fail.
     fn known(s: &Scenario) -> bool {
         let has = |f: fn(&Step) -> bool| s.steps.iter().any(f);
-        let begun = has(|x| matches!(x, Step::Begin(_)));
-        // Finding 1: without the layer, a dropped handler's job refused by a chain that
-        // failed (or went out of step) before the drop runs in the background after the
-        // runtime is done.
-        let dropped_loose = !s.layer
-            && has(|x| matches!(x, Step::Drop(_)))
-            && has(|x| matches!(x, Step::Fail(_) | Step::Lost(_) | Step::Other(_)));
+        let at = |f: fn(&Step) -> bool| s.steps.iter().position(f);
+        // Both happen, the first before the second.
+        let before = |a: Option<usize>, b: Option<usize>| a.zip(b).is_some_and(|(a, b)| a < b);
+        let dropped = has(|x| matches!(x, Step::Drop(_)));
+        // Finding 1: without the layer, a handler dropped after its event was lost, where
+        // the chain's retry went out before the handler started: the retry lets Lambda
+        // complete the invocation, and nothing can call it back, so the dropped handler's
+        // work runs after the runtime is done. (Where the handler started first, the retry
+        // waits for its work: `State::running_closed`.)
+        let lost_then_dropped = !s.layer
+            && dropped
+            && before(
+                at(|x| matches!(x, Step::Lost(_))),
+                at(|x| matches!(x, Step::Begin(_))),
+            );
+        // Finding 3: without the layer, SIGTERM while a wrapper waits for its INVOKE event
+        // (the handler returned): the final flush does not wait for that wrapper's work.
+        let sigterm = at(|x| matches!(x, Step::Sigterm));
+        let sigterm_waiting = !s.layer
+            && before(at(|x| matches!(x, Step::Return(_))), sigterm)
+            && !before(at(|x| matches!(x, Step::Event(_))), sigterm);
+        // Finding 5: without the layer, a dropped handler whose event has not come by its
+        // deadline minus the margin: the wait for the event takes its whole budget, and its
+        // work is not run.
+        let deadline = at(|x| matches!(x, Step::Deadline(_)));
+        let dropped_past_deadline = !s.layer
+            && before(at(|x| matches!(x, Step::Drop(_))), deadline)
+            && !before(
+                at(|x| matches!(x, Step::Event(_) | Step::Lost(_))),
+                deadline,
+            );
         // Finding 4 (theory): with the layer, an event of another request id after the
         // runtime answered without calling the handler is held to its phase end.
-        let stray_other = s.layer && !begun && has(|x| matches!(x, Step::Other(_)));
-        dropped_loose || stray_other
+        let stray_other = s.layer
+            && s.steps
+                .iter()
+                .any(|x| matches!(x, Step::Other(i) if !s.steps.contains(&Step::Begin(*i))));
+        lost_then_dropped || sigterm_waiting || dropped_past_deadline || stray_other
     }
 
     #[test]
@@ -982,14 +1011,24 @@ mod tests {
                 text.push_str(&format!("    {line}\n"));
             }
         }
+        // Known gaps (run by `full`) do not fail it; `only:` fails on any failure.
+        let unknown = failed.iter().filter(|(s, _)| !known(s)).count();
         eprintln!(
-            "{count} orderings in {:?}, {} failed",
+            "{count} orderings in {:?}, {} failed ({unknown} not known gaps)",
             started.elapsed(),
             failed.len()
         );
+        let ok = if mode.starts_with("only:") {
+            failed.is_empty()
+        } else {
+            unknown == 0
+        };
+        if ok && !failed.is_empty() {
+            eprintln!("the known gaps that failed:\n{text}");
+        }
         assert!(
-            failed.is_empty(),
-            "{} of {count} orderings failed:\n{text}",
+            ok,
+            "{} of {count} orderings failed ({unknown} not known gaps):\n{text}",
             failed.len()
         );
     }

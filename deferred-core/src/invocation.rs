@@ -77,6 +77,7 @@ pub(crate) async fn run_on<F: Future>(
         // handler's future (moved several times per invocation by the runtime's layers) that
         // much larger for a path only the fallbacks take.
         Box::pin(core.run_phase(job, PhaseKind::Inline)).await;
+        core.closed_work_done(&invocation.request_id);
     }
     guard.armed = false;
     match result {
