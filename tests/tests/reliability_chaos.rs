@@ -11,7 +11,8 @@
 //! - G2: the environment is released (the runtime and the extension both wait in their `next`
 //!   calls) only after the invocation's actions have ended;
 //! - G3: under `run`, a chained phase follows the response (a phase run inline, when the chain
-//!   is broken, runs before it);
+//!   is broken, runs before it; a nearly spent invocation's phase, cut at its end with nothing
+//!   run, may end first), and no action starts before the response;
 //! - G4: no invocation reaches its deadline, none is released by the chain's safety net, the
 //!   environment is never reset, and `event/next` is never called twice at once;
 //! - G5: every action that ends by itself ran, whatever the handler or the other actions did;
@@ -435,7 +436,11 @@ fn check(env: &Env, wiring: Wiring, ran: &[Ran]) -> Vec<String> {
             .is_some_and(|r| !inline(r));
         // G3: a chained phase (under `run`) follows the response, its actions included.
         if wiring.layered() && chained {
-            if phase_end(t) < posted {
+            // A nearly spent invocation's phase may reach its end (the deadline minus the
+            // margin) while a loaded machine is still posting the response: it is then cut
+            // with nothing run (checked below) and ends first, as G4 wants (seed 5 did, once
+            // in about 60 runs beside other builds).
+            if phase_end(t) < posted && !case.nearly_spent {
                 fail("the chained phase ended before the response".into());
             }
             let names = case.payload["actions"].as_array().into_iter().flatten();
