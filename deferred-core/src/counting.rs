@@ -94,7 +94,7 @@ impl ExportCounts {
 }
 
 /// A span exporter that passes every batch on to `E` and counts its spans as exported or lost
-/// by the result.
+/// by the result (lost when the export is dropped before it ends, or panics).
 ///
 /// The batch processor drops a batch whose export failed (the OTLP exporter retries 429, 502,
 /// 503 and 504 itself before it fails), so the spans of a failed export are lost for good.
@@ -157,8 +157,19 @@ impl<E: fmt::Debug> fmt::Debug for CountingSpanExporter<E> {
 
 impl<E: SpanExporter> SpanExporter for CountingSpanExporter<E> {
     async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        /// Counts the batch as lost unless forgotten: an export dropped before it ends (the
+        /// async-runtime batch processor drops one at its `max_export_timeout`), or one that
+        /// panics, delivered nothing that is known, and its spans are not sent again.
+        struct Unfinished<'a>(&'a AtomicU64, u64);
+        impl Drop for Unfinished<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_add(self.1, Ordering::Relaxed);
+            }
+        }
         let spans = batch.len() as u64;
+        let unfinished = Unfinished(&self.counts.lost, spans);
         let result = self.inner.export(batch).await;
+        std::mem::forget(unfinished);
         let counter = if result.is_ok() {
             &self.counts.exported
         } else {
@@ -390,6 +401,35 @@ mod tests {
         // The simple processor exports no unsampled span: counted, they would read as dropped.
         assert_eq!((counts.ended(), counts.flushed()), (0, 0));
         assert_eq!(counts.flushed_if_counted(), Some(0));
+    }
+
+    /// An exporter whose export never ends, as against a stalled collector.
+    #[derive(Debug)]
+    struct Stalled;
+
+    impl SpanExporter for Stalled {
+        async fn export(&self, _batch: Vec<SpanData>) -> OTelSdkResult {
+            std::future::pending().await
+        }
+    }
+
+    /// An export dropped before it ended delivered nothing: the batch processor of
+    /// opentelemetry_sdk's async runtime drops it at its `max_export_timeout` (as here) and
+    /// never sends its spans again. Found by review: they counted as neither exported nor
+    /// lost, so the report said "0 spans lost", or blamed them on a full queue.
+    #[tokio::test]
+    async fn an_export_dropped_before_it_ended_counts_its_spans_as_lost() {
+        let finished = InMemorySpanExporter::default();
+        let provider = SdkTracerProvider::builder()
+            .with_simple_exporter(finished.clone())
+            .build();
+        spans(&provider, 3);
+        let batch = finished.get_finished_spans().unwrap();
+        let exporter = CountingSpanExporter::new(Stalled);
+        let counts = exporter.counts();
+        let export = tokio::time::timeout(Duration::from_millis(10), exporter.export(batch));
+        assert!(export.await.is_err(), "the export stalls");
+        assert_eq!((counts.exported(), counts.lost()), (0, 3));
     }
 
     #[test]
