@@ -859,6 +859,23 @@ impl Core {
         lost.saturating_sub(self.lost_reported.fetch_max(lost, Ordering::Relaxed))
     }
 
+    /// As [`settle_lost`](Self::settle_lost), for the spans found dropped on a full queue.
+    pub(crate) fn settle_dropped(&self) -> u64 {
+        let Some(counts) = &self.config.span_counts else {
+            return 0;
+        };
+        self.take_dropped(counts, counts.lost()).unwrap_or(0)
+    }
+
+    /// The spans found dropped on a full queue (see `finish`) that no report has counted yet,
+    /// taken as counted; `None` without a `CountingSpanProcessor`. `lost` is the lost count.
+    fn take_dropped(&self, counts: &crate::counting::ExportCounts, lost: u64) -> Option<u64> {
+        counts.flushed_if_counted().map(|ended| {
+            let dropped = ended.saturating_sub(counts.exported().saturating_add(lost));
+            dropped.saturating_sub(self.dropped_reported.fetch_max(dropped, Ordering::Relaxed))
+        })
+    }
+
     /// What every phase report goes through, the final flush's included: the failure
     /// counter, the log line, the OpenTelemetry spans and metrics, and the `on_report` hook.
     pub(crate) fn finish(&self, mut report: PhaseReport) -> PhaseReport {
@@ -872,14 +889,9 @@ impl Core {
             // it began has been exported, lost in a failed export, or dropped on a full queue
             // (which no exporter sees). The processor notes how many had ended when its latest
             // such flush began. Spans exported since may hide a drop: a lower bound.
-            report.spans_dropped = counts
-                .flushed_if_counted()
-                .filter(|_| !report.flushes.is_empty() && report.flushed())
-                .map(|ended| {
-                    let dropped = ended.saturating_sub(counts.exported().saturating_add(lost));
-                    dropped
-                        .saturating_sub(self.dropped_reported.fetch_max(dropped, Ordering::Relaxed))
-                });
+            report.spans_dropped = (!report.flushes.is_empty() && report.flushed())
+                .then(|| self.take_dropped(counts, lost))
+                .flatten();
         }
         report.consecutive_flush_failures =
             if report.flushes.is_empty() && !self.config.flushers.is_empty() {
