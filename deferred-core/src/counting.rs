@@ -68,6 +68,10 @@ impl ExportCounts {
 
     /// [`flushed`](Self::flushed), if a [`CountingSpanProcessor`] counts it.
     pub(crate) fn flushed_if_counted(&self) -> Option<u64> {
+        #[cfg(test)]
+        if let Some(meanwhile) = tests::MEANWHILE.take() {
+            meanwhile();
+        }
         self.processor
             .load(Ordering::Relaxed)
             .then(|| self.flushed())
@@ -271,7 +275,7 @@ impl<P: SpanProcessor> SpanProcessor for CountingSpanProcessor<P> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use opentelemetry::KeyValue;
     use opentelemetry::trace::{
         Link, SpanKind, TraceId, TraceState, Tracer as _, TracerProvider as _,
@@ -282,6 +286,13 @@ mod tests {
     };
 
     use super::*;
+
+    std::thread_local! {
+        /// Run by the next [`ExportCounts::flushed_if_counted`] on this thread before it reads:
+        /// what another thread does at that moment.
+        pub(crate) static MEANWHILE: std::cell::Cell<Option<Box<dyn FnOnce()>>> =
+            const { std::cell::Cell::new(None) };
+    }
 
     #[derive(Debug)]
     struct Failing;
