@@ -299,6 +299,7 @@ async fn read_response(
                     continue;
                 }
                 let mut framing = Framing::UntilClose;
+                let mut chunked = false;
                 let mut keep = response.version == Some(1);
                 for header in response.headers.iter() {
                     if header.name.eq_ignore_ascii_case("content-length") {
@@ -310,10 +311,15 @@ async fn read_response(
                     } else if header.name.eq_ignore_ascii_case("transfer-encoding")
                         && header.value.eq_ignore_ascii_case(b"chunked")
                     {
-                        framing = Framing::Chunked;
+                        chunked = true;
                     } else if header.name.eq_ignore_ascii_case("connection") {
                         keep = !header.value.eq_ignore_ascii_case(b"close");
                     }
+                }
+                // Chunked overrides a Content-Length, in whichever order they come (RFC 9112,
+                // 6.3).
+                if chunked {
+                    framing = Framing::Chunked;
                 }
                 // No body, whatever the headers say (RFC 9112, 6.3); not framed by the close.
                 if status == 204 || status == 304 {
@@ -679,6 +685,20 @@ pub(crate) mod tests {
             assert_eq!(line.take_lost(), lost, "{answer:?}");
             assert!(!line.take_lost(), "asking clears it");
         }
+    }
+
+    /// With both `Transfer-Encoding: chunked` and `Content-Length`, the chunking frames the
+    /// body (RFC 9112, 6.3), whatever the order of the headers.
+    #[tokio::test]
+    async fn chunked_overrides_a_content_length() {
+        let (_listener, _line, call, mut stream) = first_call().await;
+        let chunked = format!(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n{:x}\r\n{EVENT}\r\n0\r\n\r\n",
+            EVENT.len()
+        );
+        answer(&mut stream, &chunked).await;
+        let event = call.await.expect("join").expect("event");
+        assert!(matches!(event, NextEvent::Invoke(e) if e.request_id == "r-1"));
     }
 
     #[tokio::test]
