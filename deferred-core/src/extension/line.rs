@@ -384,6 +384,24 @@ async fn read_chunked(conn: &mut Conn) -> Result<Vec<u8>, ClientError> {
             .ok()
             .filter(|size| body.len().saturating_add(*size) <= MAX_BODY)
             .ok_or_else(|| malformed("body too long"))?;
+        if size == 0 {
+            // The last chunk: then trailer fields, if any, and an empty line (RFC 9112, 7.1),
+            // read past.
+            conn.buf.drain(..skip);
+            loop {
+                let mut trailers = [httparse::EMPTY_HEADER; 32];
+                match httparse::parse_headers(&conn.buf, &mut trailers) {
+                    Ok(httparse::Status::Complete((len, _))) => {
+                        conn.buf.drain(..len);
+                        return Ok(body);
+                    }
+                    Ok(httparse::Status::Partial) if conn.buf.len() < MAX_HEAD => {
+                        fill(conn).await?;
+                    }
+                    _ => return Err(malformed("bad trailer")),
+                }
+            }
+        }
         // The chunk and its CRLF.
         while conn.buf.len() < skip + size + 2 {
             fill(conn).await?;
@@ -393,10 +411,6 @@ async fn read_chunked(conn: &mut Conn) -> Result<Vec<u8>, ClientError> {
             return Err(malformed("chunk without CRLF"));
         }
         conn.buf.drain(..skip + size + 2);
-        if size == 0 {
-            // No trailers are sent by the API; the last chunk's CRLF ended the body.
-            return Ok(body);
-        }
     }
 }
 
@@ -699,6 +713,26 @@ pub(crate) mod tests {
         answer(&mut stream, &chunked).await;
         let event = call.await.expect("join").expect("event");
         assert!(matches!(event, NextEvent::Invoke(e) if e.request_id == "r-1"));
+    }
+
+    /// A chunked body may end with trailer fields, which a recipient must read past
+    /// (RFC 9112, 7.1.2); the connection stays usable after them.
+    #[tokio::test]
+    async fn trailers_after_the_last_chunk_are_read_past() {
+        let (_listener, line, call, mut stream) = first_call().await;
+        let chunked = format!(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Checked\r\n\r\n{:x}\r\n{EVENT}\r\n0\r\nX-Checked: yes\r\n\r\n",
+            EVENT.len()
+        );
+        answer(&mut stream, &chunked).await;
+        let event = call.await.expect("join").expect("event");
+        assert!(matches!(event, NextEvent::Invoke(e) if e.request_id == "r-1"));
+        // The next answer, on the same connection, is read from its start.
+        let call = spawn_call(&line);
+        line.arm(1);
+        answer(&mut stream, &with_length(&EVENT.replace("r-1", "r-2"))).await;
+        let event = call.await.expect("join").expect("event");
+        assert!(matches!(event, NextEvent::Invoke(e) if e.request_id == "r-2"));
     }
 
     #[tokio::test]
