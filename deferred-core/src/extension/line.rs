@@ -30,6 +30,9 @@ use crate::scope::lock;
 /// The largest answer head and body accepted (the API's events are a few hundred bytes).
 const MAX_HEAD: usize = 16 * 1024;
 const MAX_BODY: usize = 256 * 1024;
+/// How long the rest of an answer may take once its first bytes are in: an event is a few
+/// hundred bytes, which the API writes at once.
+const REST_OF_ANSWER: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// One keep-alive connection for `event/next` and who may write on it.
 #[derive(Debug)]
@@ -249,7 +252,7 @@ impl Line {
     /// as the current one.
     async fn read(&self, mut conn: Conn) -> Result<Result<NextEvent, ClientError>, ClientError> {
         let mut head = None;
-        let read = read_response(&mut conn, &mut head).await;
+        let read = read_answer(&mut conn, &mut head).await;
         let success = head.is_some_and(|status| (200..300).contains(&status));
         let (status, body, keep) = read.inspect_err(|_| lock(&self.state).lost = success)?;
         let answer = if success {
@@ -273,6 +276,25 @@ impl Line {
         }
         Ok(answer)
     }
+}
+
+/// [`read_response`], bounded once the answer has begun: its first bytes may be hours away
+/// (`event/next` answers when the next event comes), the rest follows them at once. Unbounded,
+/// an answer that stalls halfway would hold the chain, and so the environment, for good.
+async fn read_answer(
+    conn: &mut Conn,
+    head: &mut Option<u16>,
+) -> Result<(u16, Vec<u8>, bool), ClientError> {
+    if conn.buf.is_empty() {
+        fill(conn).await?;
+    }
+    tokio::time::timeout(REST_OF_ANSWER, read_response(conn, head))
+        .await
+        .unwrap_or_else(|_| {
+            Err(ClientError::Transport(format!(
+                "event/next: the answer stalled for {REST_OF_ANSWER:?} after it began"
+            )))
+        })
 }
 
 /// Reads one HTTP/1.1 answer: (status, body, whether the connection stays open). `head` gets
@@ -733,6 +755,28 @@ pub(crate) mod tests {
         answer(&mut stream, &with_length(&EVENT.replace("r-1", "r-2"))).await;
         let event = call.await.expect("join").expect("event");
         assert!(matches!(event, NextEvent::Invoke(e) if e.request_id == "r-2"));
+    }
+
+    /// An answer that has begun and then stalls (its head in, its body not, the connection
+    /// left open) fails within a bound: the event was given out, so the chain's retry may go
+    /// out; waiting on would hold the chain, and so the environment, forever.
+    #[tokio::test]
+    async fn a_stalled_answer_fails_within_a_bound() {
+        for (partial, lost) in [
+            ("HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n{", true),
+            ("HTTP/1.1 200 OK\r\nContent-Le", false),
+        ] {
+            let (_listener, line, call, mut stream) = first_call().await;
+            request(&mut stream).await;
+            stream.write_all(partial.as_bytes()).await.expect("write");
+            let result = tokio::time::timeout(Duration::from_secs(10), call)
+                .await
+                .unwrap_or_else(|_| panic!("{partial:?}: the call waited on"));
+            let error = result.expect("join").unwrap_err();
+            assert!(matches!(error, ClientError::Transport(_)), "{error:?}");
+            assert_eq!(line.take_lost(), lost, "{partial:?}");
+            drop(stream);
+        }
     }
 
     #[tokio::test]
