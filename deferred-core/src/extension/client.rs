@@ -98,8 +98,8 @@ pub struct Registration {
     pub function_version: String,
 }
 
-/// How long the body of the register answer may take once its head is in: a few hundred
-/// bytes, which a live API sends with the head.
+/// How long the body of an answer may take once its head is in: a few hundred bytes, which a
+/// live API sends with the head.
 const BODY_AFTER_HEAD: std::time::Duration = std::time::Duration::from_secs(2);
 
 #[derive(Deserialize, Default)]
@@ -371,7 +371,13 @@ impl Client {
         request: http::Result<Request<Body>>,
     ) -> Result<(http::response::Parts, bytes::Bytes), ClientError> {
         let (parts, body) = self.send_head(request).await?;
-        let body = read_body(body).await?;
+        // The head may be long in coming (`event/next`), the body comes with it: bounded, or a
+        // body that stalls would hold the caller's loop, and Lambda's invocation, for good.
+        let body = tokio::time::timeout(BODY_AFTER_HEAD, read_body(body))
+            .await
+            .map_err(|_| {
+                ClientError::Transport(format!("the answer's body stalled for {BODY_AFTER_HEAD:?}"))
+            })??;
         if parts.status.is_success() {
             return Ok((parts, body));
         }
@@ -456,8 +462,10 @@ mod tests {
             let (mut socket, _) = listener.accept().await.unwrap();
             let mut request = Vec::new();
             let mut buf = [0; 1024];
-            // The register request: its head, then its short JSON body.
-            while !request.ends_with(b"]}") {
+            // The request: its head, then (a register's) short JSON body.
+            while !(request.ends_with(b"]}")
+                || request.starts_with(b"GET ") && request.ends_with(b"\r\n\r\n"))
+            {
                 let n = socket.read(&mut buf).await.unwrap();
                 assert!(n > 0, "the request ended early");
                 request.extend_from_slice(&buf[..n]);
@@ -488,6 +496,29 @@ mod tests {
         .await
         .expect("the registration returned");
         assert_eq!(registered.unwrap().extension_id, "ext-1");
+    }
+
+    /// An event whose body stalls after the head fails within a bound: the event/next loop
+    /// that waits on it would never call again, and Lambda would hold the invocation to its
+    /// timeout.
+    #[tokio::test]
+    async fn an_event_whose_body_stalls_fails_within_a_bound() {
+        let addr = answering_then(
+            "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"eventType\":",
+            true,
+        )
+        .await;
+        let client = Client::new(&addr).unwrap();
+        let result = tokio::time::timeout(
+            BODY_AFTER_HEAD + std::time::Duration::from_secs(5),
+            client.next_event("ext-1"),
+        )
+        .await
+        .expect("next_event returned");
+        assert!(
+            matches!(result, Err(ClientError::Transport(_))),
+            "{result:?}"
+        );
     }
 
     /// Lambda has registered the extension once it answers with the identifier: a body cut
