@@ -93,7 +93,9 @@ pub enum StartError {
     /// `start` (or `run`) was called a second time in this process.
     AlreadyStarted,
     /// A setting of the builder cannot work: a zero `flush_timeout` would never flush, a zero
-    /// `shutdown_timeout` would never run the final flush, a zero `register_timeout` would
+    /// `safety_margin` would let a phase run into the deadline (Lambda then times the
+    /// invocation out), a zero `shutdown_timeout` would never run the final flush, a zero
+    /// `register_timeout` would
     /// give up on the extension before the Runtime API could answer, and a zero
     /// `unclaimed_window` would give up on every INVOKE event before its handler could claim
     /// it (in the last two, every response would wait for its deferred work). Nothing was started: the process may call `start`
@@ -265,7 +267,8 @@ impl Deferred {
 
     /// How long before the invocation's deadline the deferred phase must be over (default
     /// 100 ms). Lambda stops the environment at the deadline, extension time included. Values
-    /// above 15 minutes count as 15 minutes.
+    /// above 15 minutes count as 15 minutes; zero is refused by [`start`](Self::start): a
+    /// phase that uses its whole budget would reach the deadline before its `event/next`.
     ///
     /// With the deadline 1 s away and a margin of 800 ms, the actions have at most 200 ms:
     ///
@@ -1061,6 +1064,13 @@ impl Config {
                  flushed (to flush nothing, add no flusher)",
             ),
             (
+                "safety_margin",
+                self.safety_margin,
+                "a safety_margin of zero lets a phase that uses its budget (a stalled exporter) \
+                 run to the deadline, so its event/next comes too late: Lambda times the \
+                 invocation out and resets the environment",
+            ),
+            (
                 "shutdown_timeout",
                 self.shutdown_timeout,
                 "a shutdown_timeout of zero leaves no time for the final flush on SIGTERM or \
@@ -1091,4 +1101,28 @@ impl Config {
 /// would overflow the clock arithmetic.
 fn bounded(duration: Duration) -> Duration {
     duration.min(crate::phase::MAX_FUNCTION_TIMEOUT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(deferred: Deferred) -> Option<&'static str> {
+        match deferred.config.check() {
+            Err(StartError::InvalidSetting { setting, .. }) => Some(setting),
+            _ => None,
+        }
+    }
+
+    /// With a margin of zero, a phase whose flush stalls is cut at the deadline itself, and
+    /// its `event/next` comes after it: on the emulator, every such invocation timed out.
+    #[test]
+    fn a_zero_safety_margin_is_refused() {
+        let zero = Deferred::new().safety_margin(Duration::ZERO);
+        assert_eq!(refused(zero), Some("safety_margin"));
+        assert_eq!(
+            refused(Deferred::new().safety_margin(Duration::from_millis(5))),
+            None
+        );
+    }
 }
