@@ -94,7 +94,8 @@ pub enum StartError {
     AlreadyStarted,
     /// A setting of the builder cannot work: a zero `flush_timeout` would never flush, a zero
     /// `safety_margin` would let a phase run into the deadline (Lambda then times the
-    /// invocation out), a zero `shutdown_timeout` would never run the final flush, a zero
+    /// invocation out) and one of 15 minutes or more would leave no phase any time, a zero
+    /// `shutdown_timeout` would never run the final flush, a zero
     /// `register_timeout` would
     /// give up on the extension before the Runtime API could answer, and a zero
     /// `unclaimed_window` would give up on every INVOKE event before its handler could claim
@@ -266,9 +267,10 @@ impl Deferred {
     }
 
     /// How long before the invocation's deadline the deferred phase must be over (default
-    /// 100 ms). Lambda stops the environment at the deadline, extension time included. Values
-    /// above 15 minutes count as 15 minutes; zero is refused by [`start`](Self::start): a
-    /// phase that uses its whole budget would reach the deadline before its `event/next`.
+    /// 100 ms). Lambda stops the environment at the deadline, extension time included. Zero
+    /// is refused by [`start`](Self::start): a phase that uses its whole budget would reach
+    /// the deadline before its `event/next`. So is 15 minutes or more: no invocation lasts
+    /// longer (Lambda's longest function timeout), so no phase would ever get any time.
     ///
     /// With the deadline 1 s away and a margin of 800 ms, the actions have at most 200 ms:
     ///
@@ -1090,10 +1092,19 @@ impl Config {
                  can answer: every response would wait for its deferred work",
             ),
         ];
-        match zero.into_iter().find(|(_, value, _)| value.is_zero()) {
-            Some((setting, _, reason)) => Err(StartError::InvalidSetting { setting, reason }),
-            None => Ok(()),
+        if let Some((setting, _, reason)) = zero.into_iter().find(|(_, value, _)| value.is_zero()) {
+            return Err(StartError::InvalidSetting { setting, reason });
         }
+        // `bounded` made anything longer 15 minutes: no deadline is further away than that.
+        if self.safety_margin >= crate::phase::MAX_FUNCTION_TIMEOUT {
+            return Err(StartError::InvalidSetting {
+                setting: "safety_margin",
+                reason: "a safety_margin of 15 minutes or more (Lambda's longest function \
+                         timeout) ends every phase before it begins: no action would ever \
+                         run, nothing would be flushed before SIGTERM",
+            });
+        }
+        Ok(())
     }
 }
 
@@ -1124,5 +1135,17 @@ mod tests {
             refused(Deferred::new().safety_margin(Duration::from_millis(5))),
             None
         );
+    }
+
+    /// A margin no deadline can leave room for: in Lambda every phase's budget was zero, so
+    /// every action was reported not run and no flush ran (on the emulator too).
+    #[test]
+    fn a_safety_margin_of_15_minutes_or_more_is_refused() {
+        for margin in [Duration::from_secs(15 * 60), Duration::MAX] {
+            let huge = Deferred::new().safety_margin(margin);
+            assert_eq!(refused(huge), Some("safety_margin"), "{margin:?}");
+        }
+        let longest = Duration::from_secs(15 * 60) - Duration::from_millis(1);
+        assert_eq!(refused(Deferred::new().safety_margin(longest)), None);
     }
 }
