@@ -1001,8 +1001,10 @@ enum Registered {
 /// Decides where deferred work runs, registering the extension when it can.
 async fn choose_mode(register_timeout: Duration) -> (Mode, Registered) {
     // Lambda Managed Instances run several invocations at once and never freeze; INVOKE
-    // registration is refused there (Lambda Managed Instances docs).
+    // registration is refused there (Lambda Managed Instances docs). Only in Lambda: outside
+    // it, nothing would drain the background tasks (no SIGTERM handler is installed there).
     if std::env::var("AWS_LAMBDA_INITIALIZATION_TYPE").as_deref() == Ok("lambda-managed-instances")
+        && std::env::var_os("AWS_LAMBDA_RUNTIME_API").is_some()
     {
         tracing::info!(target: "deferred", "Lambda Managed Instances: deferred work runs as background tasks, drained on SIGTERM");
         return (Mode::Background, Registered::No);

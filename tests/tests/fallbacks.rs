@@ -669,3 +669,22 @@ fn a_runtime_api_that_is_not_text_is_named_a_broken_endpoint() {
     );
     assert!(!text.contains("not running in Lambda"), "{text}");
 }
+
+/// Outside Lambda (no `AWS_LAMBDA_RUNTIME_API`), an `AWS_LAMBDA_INITIALIZATION_TYPE` left
+/// over from a Managed Instances environment (a copied `.env`, a shell) does not make deferred
+/// work background tasks that nothing drains: it runs inline, as everywhere outside Lambda.
+#[test]
+fn outside_lambda_a_managed_instances_init_type_still_runs_inline() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_fixture"))
+        .env("FIXTURE_MODE", "start")
+        .env_remove("AWS_LAMBDA_RUNTIME_API")
+        .env("AWS_LAMBDA_INITIALIZATION_TYPE", "lambda-managed-instances")
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
+        .env("RUST_LOG", "info")
+        .output()
+        .expect("the fixture runs");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    assert!(text.contains("not running in Lambda"), "{text}");
+    assert!(!text.contains("Managed Instances"), "{text}");
+}
