@@ -493,6 +493,23 @@ impl Core {
         ticket
     }
 
+    /// The actions that earlier calls of a deferred handler in this invocation queued, when
+    /// their job is held for the phase a later call joins (a router, under the layer): that
+    /// call's queue starts from them, so `max_actions` bounds the invocation.
+    pub(crate) fn queued_before(&self, request_id: &str) -> usize {
+        let state = self.state.borrow();
+        let held = state
+            .slot
+            .as_ref()
+            .filter(|slot| slot.event.request_id == request_id)
+            .and_then(|slot| slot.job.as_ref())
+            .or(state
+                .parked
+                .as_ref()
+                .filter(|job| job.request_id == request_id));
+        held.map_or(0, |job| job.queue.pushed())
+    }
+
     /// Called by the wrapper when the handler returned, before [`dispatch`](Self::dispatch):
     /// usually the INVOKE event is there already; if the extension's answer is still on its
     /// way, wait for it briefly (after the body, so rarely on the response path): at most the
@@ -1089,6 +1106,49 @@ mod tests {
 
     /// The slot of event 1 (`request_id`, `deadline`), its phase a minute away, with the job
     /// of its handler (claimed) or without (no handler seen yet).
+    /// `max_actions` is per invocation: a deferred handler called twice in one invocation (a
+    /// router, under the layer) may not queue twice the limit between its calls, and the
+    /// joined queue counts both calls' actions. Found by review: each call had the whole
+    /// limit (4 of a limit of 2 accepted).
+    #[tokio::test]
+    async fn max_actions_bounds_an_invocation_of_several_calls() {
+        let core = Core::new(
+            Config {
+                max_actions: 2,
+                ..Config::default()
+            },
+            Mode::Extension,
+        );
+        core.layer_installed.store(true, Ordering::Release);
+        let deadline = SystemTime::now() + Duration::from_secs(60);
+        core.state.send_modify(|s| {
+            s.chain = Chain::Holding;
+            s.slot = Some(held("r-1", deadline, None));
+        });
+        let at = crate::context::Invocation {
+            request_id: "r-1".into(),
+            deadline: Some(deadline),
+        };
+        let mut accepted = 0;
+        for _ in 0..2 {
+            let body = async {
+                (0..2)
+                    .filter(|_| crate::scope::defer(None, async {}).is_ok())
+                    .count()
+            };
+            accepted +=
+                crate::invocation::run_on(core.clone(), at.clone(), Default::default(), body).await;
+        }
+        let state = core.state.borrow();
+        let queue = state
+            .slot
+            .as_ref()
+            .and_then(|s| s.job.as_ref())
+            .map(|j| &j.queue);
+        assert_eq!(accepted, 2, "max_actions is 2 per invocation");
+        assert_eq!(queue.map(|q| (q.len(), q.pushed())), Some((2, 2)));
+    }
+
     fn held(request_id: &str, deadline: SystemTime, job: Option<Job>) -> Slot {
         let later = Instant::now() + Duration::from_secs(60);
         Slot {

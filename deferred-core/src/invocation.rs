@@ -32,7 +32,11 @@ pub(crate) async fn run_on<F: Future>(
     body: F,
 ) -> F::Output {
     let ticket = core.begin(&invocation);
-    let queue = Queue::new(core.config.max_actions);
+    let before = match &ticket {
+        Ticket::Chained(request_id) => core.queued_before(request_id),
+        Ticket::Inline | Ticket::Background => 0,
+    };
+    let queue = Queue::after(core.config.max_actions, before);
     // Taken before the body runs: lambda_runtime polls this future inside the invocation's
     // span, and the body may enter spans of its own.
     let parent = if core.config.phase_telemetry {

@@ -112,8 +112,11 @@ struct Actions {
     running: Option<RunningAction>,
     /// The phase found the queue empty and went on: a later push would never run.
     closed: bool,
-    /// Actions queued with `defer!` so far, run or not (what `max_actions` limits).
+    /// Actions queued with `defer!` so far, run or not (what `max_actions` limits), including
+    /// those of earlier calls in the invocation ([`Queue::after`]).
     pushed: usize,
+    /// Of `pushed`, the earlier calls' (already counted where they are queued).
+    before: usize,
 }
 
 /// An action's task, started by a phase that is gone.
@@ -132,10 +135,26 @@ pub(crate) enum Next {
 
 impl Queue {
     pub(crate) fn new(limit: usize) -> Arc<Self> {
+        Self::after(limit, 0)
+    }
+
+    /// The queue of a later call of a deferred handler in an invocation whose earlier calls
+    /// queued `before` actions (their job held for the phase this one joins): `limit` is the
+    /// invocation's (`max_actions`), not each call's.
+    pub(crate) fn after(limit: usize, before: usize) -> Arc<Self> {
         Arc::new(Self {
-            actions: Mutex::new(Actions::default()),
+            actions: Mutex::new(Actions {
+                pushed: before,
+                before,
+                ..Actions::default()
+            }),
             limit,
         })
+    }
+
+    /// Actions queued so far, run or not (see [`Queue::after`]).
+    pub(crate) fn pushed(&self) -> usize {
+        lock(&self.actions).pushed
     }
 
     fn push(&self, action: Action) -> Result<(), DeferError> {
@@ -174,8 +193,17 @@ impl Queue {
     /// Moves `other`'s queued actions to the end of this queue, in their order: a later call
     /// of a deferred handler in the same invocation joins the first call's phase.
     pub(crate) fn append(&self, other: &Queue) {
-        let moved = std::mem::take(&mut lock(&other.actions).queued);
-        lock(&self.actions).queued.extend(moved);
+        let (moved, added) = {
+            let mut other = lock(&other.actions);
+            (
+                std::mem::take(&mut other.queued),
+                other.pushed.saturating_sub(other.before),
+            )
+        };
+        let mut actions = lock(&self.actions);
+        actions.queued.extend(moved);
+        // Counted here too: actions of the joined phase that queue more stay within the limit.
+        actions.pushed += added;
     }
 
     /// Hands the running action of a dropped phase to the next phase of this queue.
