@@ -6,6 +6,11 @@
 /// `async move`) and yield `()` or `Result<(), E>` with `E: Display`; an `Err` or a panic is
 /// reported in the deferred phase's report and does not stop later actions or the flush.
 ///
+/// The action runs in the OpenTelemetry context that was current where `defer!` ran: with
+/// `tracing-opentelemetry`, the spans it opens are children of the span that queued it, in
+/// the invocation's trace. It does not enter that `tracing` span (the span would then end only
+/// when the action does), so its log lines do not carry that span's fields.
+///
 /// Actions run one by one, in the order they were queued, then the telemetry flush: after the
 /// response has been sent with the runtime layer (`Deferred::run`), or from when the handler
 /// returns, beside the response, with `Deferred::start` alone and on Managed Instances.

@@ -8,6 +8,8 @@ use std::panic::Location;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use opentelemetry::context::FutureExt as _;
+
 use crate::action::{Action, ActionLabel, DeferredAction};
 use crate::context::Invocation;
 
@@ -242,12 +244,20 @@ pub fn defer<A: DeferredAction>(
     action: A,
 ) -> Result<(), DeferError> {
     let location = Location::caller();
-    // In the span that was current where `defer!` ran: the action's spans join the
-    // invocation's trace, and that trace's spans are all in this phase's flush.
+    // In the OpenTelemetry context that was current where `defer!` ran (tracing-opentelemetry
+    // activates the entered span's): the action's spans join the invocation's trace, as
+    // children of the span that queued it, and that trace's spans are all in this phase's
+    // flush. Not inside that `tracing` span itself: entered at every poll of the action, the
+    // span would end (tracing-opentelemetry takes its last exit) only after the action, so the
+    // invocation's span would last until its deferred work was done, not until the response.
     let action = Action {
         name,
         location,
-        future: Box::pin(tracing::Instrument::in_current_span(action.into_boxed())),
+        future: Box::pin(
+            action
+                .into_boxed()
+                .with_context(opentelemetry::Context::current()),
+        ),
     };
     match QUEUE.try_with(|queue| queue.push(action)) {
         Ok(result) => result,
