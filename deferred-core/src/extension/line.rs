@@ -285,7 +285,14 @@ async fn read_answer(
     conn: &mut Conn,
     head: &mut Option<u16>,
 ) -> Result<(u16, Vec<u8>, bool), ClientError> {
-    if conn.buf.is_empty() {
+    // Empty lines left after the previous answer (read past by the parser) do not begin this
+    // one: its first bytes come with the next event.
+    loop {
+        let blank = conn.buf.iter().take_while(|b| matches!(b, b'\r' | b'\n'));
+        conn.buf.drain(..blank.count());
+        if !conn.buf.is_empty() {
+            break;
+        }
         fill(conn).await?;
     }
     tokio::time::timeout(REST_OF_ANSWER, read_response(conn, head))
@@ -777,6 +784,26 @@ pub(crate) mod tests {
             assert_eq!(line.take_lost(), lost, "{partial:?}");
             drop(stream);
         }
+    }
+
+    /// Empty lines after an answer (which the parser reads past before the next one) are not
+    /// the next answer's beginning: its first byte may be long in coming (`event/next` blocks
+    /// until the next event), and only the rest of it is bounded. Found by review: the bound
+    /// started on those bytes, so the next healthy `event/next` failed after 2 s.
+    #[tokio::test]
+    async fn empty_lines_after_an_answer_do_not_bound_the_wait_for_the_next() {
+        let (_listener, line, call, mut stream) = first_call().await;
+        answer(&mut stream, &format!("{}\r\n", with_length(EVENT))).await;
+        call.await.expect("join").expect("event");
+        let call = spawn_call(&line);
+        line.arm(1);
+        request(&mut stream).await;
+        // The next event comes later than the bound on the rest of an answer.
+        tokio::time::sleep(REST_OF_ANSWER + Duration::from_millis(500)).await;
+        let next = with_length(&EVENT.replace("r-1", "r-2"));
+        stream.write_all(next.as_bytes()).await.expect("write");
+        let event = call.await.expect("join").expect("event");
+        assert!(matches!(event, NextEvent::Invoke(e) if e.request_id == "r-2"));
     }
 
     #[tokio::test]
