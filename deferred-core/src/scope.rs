@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use opentelemetry::context::FutureExt as _;
+use opentelemetry::trace::TraceContextExt as _;
 
 use crate::action::{Action, ActionLabel, DeferredAction};
 use crate::context::Invocation;
@@ -250,14 +251,22 @@ pub fn defer<A: DeferredAction>(
     // flush. Not inside that `tracing` span itself: entered at every poll of the action, the
     // span would end (tracing-opentelemetry takes its last exit) only after the action, so the
     // invocation's span would last until its deferred work was done, not until the response.
+    //
+    // That span by its `SpanContext` only: the OpenTelemetry API ends a span when the last
+    // `Context` holding it is dropped (`Tracer::in_span`, `mark_span_as_active`), so a
+    // `Context` kept by the action would hold it open until the action was over too.
+    // (`with_remote_span_context` keeps the span context's own `is_remote`: a local one stays local.)
+    let context = opentelemetry::Context::current();
+    let context = if context.has_active_span() {
+        let span = context.span().span_context().clone();
+        context.with_remote_span_context(span)
+    } else {
+        context
+    };
     let action = Action {
         name,
         location,
-        future: Box::pin(
-            action
-                .into_boxed()
-                .with_context(opentelemetry::Context::current()),
-        ),
+        future: Box::pin(action.into_boxed().with_context(context)),
     };
     match QUEUE.try_with(|queue| queue.push(action)) {
         Ok(result) => result,
@@ -284,4 +293,57 @@ pub async fn scope<F: Future>(invocation: Invocation, options: Options, body: F)
         return body.await;
     }
     crate::invocation::run(invocation, options, body).await
+}
+
+#[cfg(test)]
+mod tests {
+    use opentelemetry::trace::{Tracer as _, TracerProvider as _};
+    use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
+
+    use super::*;
+
+    /// A span of the OpenTelemetry API ends when the last `Context` that holds it is dropped
+    /// (`Tracer::in_span`, `mark_span_as_active`, `FutureExt::with_context`): an action queued
+    /// in it must not hold it open until the action is over, as entering the `tracing` span
+    /// did. The action's spans are still its children, in its trace. Found by review: the
+    /// action kept the whole `Context`, so such a span lasted until its deferred work ended.
+    #[tokio::test]
+    async fn an_action_does_not_hold_open_the_span_that_queued_it() {
+        let exporter = InMemorySpanExporter::default();
+        let provider = SdkTracerProvider::builder()
+            .with_simple_exporter(exporter.clone())
+            .build();
+        let tracer = provider.tracer("test");
+        let queue = Queue::new(8);
+        let in_action = tracer.clone();
+        with_queue(queue.clone(), async {
+            tracer.in_span("handler", |_| {
+                let action = async move { in_action.in_span("action", |_| {}) };
+                defer(None, action).expect("queued");
+            });
+        })
+        .await;
+        let names = |spans: &[opentelemetry_sdk::trace::SpanData]| -> Vec<String> {
+            spans.iter().map(|s| s.name.to_string()).collect()
+        };
+        let ended = exporter.get_finished_spans().expect("spans");
+        assert_eq!(
+            names(&ended),
+            ["handler"],
+            "the span that queued the action ends with its code, not with the action"
+        );
+        let Some(Next::Queued(action)) = queue.next() else {
+            panic!("the action is queued");
+        };
+        action.future.await.expect("it ran");
+        let ended = exporter.get_finished_spans().expect("spans");
+        assert_eq!(names(&ended), ["handler", "action"]);
+        let (handler, action) = (&ended[0], &ended[1]);
+        assert_eq!(action.parent_span_id, handler.span_context.span_id());
+        assert!(!action.parent_span_is_remote, "a local parent");
+        assert_eq!(
+            action.span_context.trace_id(),
+            handler.span_context.trace_id()
+        );
+    }
 }
