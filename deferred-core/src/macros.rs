@@ -9,7 +9,11 @@
 /// The action runs in the OpenTelemetry context that was current where `defer!` ran: with
 /// `tracing-opentelemetry`, the spans it opens are children of the span that queued it, in
 /// the invocation's trace. It does not enter that `tracing` span (the span would then end only
-/// when the action does), so its log lines do not carry that span's fields.
+/// when the action does): an event that the action logs outside a span of its own does not
+/// carry that span's fields in formatted log lines, and `tracing-opentelemetry` does not
+/// record it in the trace (it records an event in the current `tracing` span only). Log
+/// records of an OpenTelemetry `SdkLoggerProvider` still get the trace and span ids of the
+/// span that queued the action. Open a span in the action for the rest.
 ///
 /// Actions run one by one, in the order they were queued, then the telemetry flush: after the
 /// response has been sent with the runtime layer (`Deferred::run`), or from when the handler
