@@ -161,6 +161,8 @@ impl Drop for HandOver<'_> {
             return;
         };
         if idle {
+            // No work to run outside the chain: a call held for it may go out now.
+            self.core.closed_work_done(&self.invocation.request_id);
             return;
         }
         // Cannot await in drop: run it as a background phase, so the work is still done if the
@@ -171,7 +173,10 @@ impl Drop for HandOver<'_> {
                 let _entered = runtime.enter();
                 self.core.spawn_background(job);
             }
-            Err(_) => lost(self.invocation, self.queue),
+            Err(_) => {
+                lost(self.invocation, self.queue);
+                self.core.closed_work_done(&self.invocation.request_id);
+            }
         }
     }
 }
@@ -314,6 +319,34 @@ mod tests {
         };
         let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(guard)));
         assert!(dropped.is_ok());
+    }
+
+    /// A handler that starts while the chain is broken runs its work outside the chain, and
+    /// the chain's retry waits for that work (`State::running_closed`). Dropped before it
+    /// queued anything, with no flusher, it has no work: the retry must not wait for it. Found
+    /// by review: the wait was never lifted, and held the invocation (no `event/next`) to its
+    /// phase end.
+    #[tokio::test]
+    async fn a_dropped_handler_with_no_work_does_not_hold_the_chain() {
+        let core = Core::new(Config::default(), Mode::Extension);
+        core.state
+            .send_modify(|s| s.chain = crate::core::Chain::Broken);
+        let at = Invocation {
+            request_id: "r-1".into(),
+            deadline: Some(std::time::SystemTime::now() + Duration::from_secs(60)),
+        };
+        let handler = run_on(
+            core.clone(),
+            at,
+            Options::default(),
+            std::future::pending::<()>(),
+        );
+        let _ = tokio::time::timeout(Duration::from_millis(20), handler).await;
+        let held = core
+            .state
+            .borrow()
+            .closed_work_until(tokio::time::Instant::now());
+        assert_eq!(held, None, "the chain's retry would wait for no work");
     }
 
     /// A deferred handler called by another joins the caller's invocation: its action waits
