@@ -315,10 +315,12 @@ impl Deferred {
     /// The most actions one invocation may queue (default 1000); `defer!` past it panics,
     /// `try_defer!` returns [`DeferError::QueueFull`](crate::DeferError::QueueFull). 0 forbids
     /// deferring altogether (every `defer!` panics). The limit bounds the memory that one
-    /// invocation's queue can hold; each action also holds what its future captured. Several
-    /// calls of deferred handlers in one invocation (a router) share it when their work joins
-    /// one phase (with the runtime layer); with `start` alone, a call after the phase began
-    /// runs its work inline, with a limit of its own.
+    /// invocation's queue can hold; each action also holds what its future captured. Calls of
+    /// deferred handlers made one after another in one invocation (a router) share it when
+    /// their work joins one phase (with the runtime layer); calls running at the same time
+    /// (`join_all` over records) each count from what the calls already returned had queued;
+    /// with `start` alone, a call after the phase began runs its work inline, with a limit
+    /// of its own.
     ///
     /// ```
     /// use deferred_core::{DeferError, Deferred, deferred_handler, try_defer};

@@ -164,18 +164,10 @@ pub(crate) async fn drive_with(
                     _ = restores.changed() => {}
                 }
                 // A dropped handler's job (no layer) that this failure left to a background
-                // phase: the retry lets Lambda complete the invocation (and freeze the
-                // environment), so it waits for that phase, at most to its end.
-                if let Some(until) = core.work_until() {
-                    let mut loose = core.loose.subscribe();
-                    let _ = tokio::time::timeout_at(until, loose.wait_for(|n| *n == 0)).await;
-                }
-                // So does a wrapper still running whose invocation the failure closed: should
-                // its future be dropped, its work goes on after the runtime is done.
-                let closed = core.state.borrow().closed_work_until(Instant::now());
-                if let Some(until) = closed.filter(|_| !core.layer_installed()) {
-                    core.closed_work_over(until).await;
-                }
+                // phase, or a wrapper still running whose invocation the failure closed (its
+                // future may yet be dropped): the retry lets Lambda complete the invocation
+                // (and freeze the environment), so it waits for that work, at most to its end.
+                core.closed_work_over().await;
                 core.state.send_modify(|s| s.chain = Chain::Armed);
             }
         }
@@ -511,6 +503,59 @@ pub(crate) mod tests {
         assert!(
             ended.load(std::sync::atomic::Ordering::SeqCst),
             "the retry went out while the dropped handler's action still ran"
+        );
+    }
+
+    /// Without the layer, a dropped handler's job whose invocation was already closed (its
+    /// event later than the claim window, so its wrapper ran the work inline, and the future
+    /// was dropped during that phase) runs as a background phase. Its event, arriving late,
+    /// is released, and that release lets Lambda complete the invocation: it must wait for
+    /// the background phase. Found by review: it went out at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_late_event_waits_for_its_dropped_handlers_closed_work() {
+        let (core, _listener, mut api) = chain_with(false).await;
+        let deadline = SystemTime::now() + Duration::from_secs(10);
+        let invocation = crate::context::Invocation {
+            request_id: "r-1".into(),
+            deadline: Some(deadline),
+        };
+        let ticket = core.begin(&invocation);
+        assert_eq!(ticket, Ticket::Chained("r-1".into()));
+        // The claim window ran out: `hand_over` closed the invocation.
+        core.state.send_modify(|s| {
+            s.expected = None;
+            s.close("r-1".into());
+        });
+        let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let queue = Queue::new(1);
+        let e = ended.clone();
+        crate::scope::with_queue(queue.clone(), async move {
+            crate::scope::defer(None, async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                e.store(true, std::sync::atomic::Ordering::SeqCst);
+            })
+            .expect("defer");
+        })
+        .await;
+        // The drop guard's path: refused by the chain, a background phase.
+        core.hand_over_later(
+            ticket,
+            crate::phase::Job {
+                queue,
+                ..job("r-1", deadline)
+            },
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+
+        api.write_all(invoke("r-1", deadline).as_bytes())
+            .await
+            .expect("write");
+        request_within(&mut api, Duration::from_secs(5))
+            .await
+            .expect("the next call");
+        assert!(
+            ended.load(std::sync::atomic::Ordering::SeqCst),
+            "the late event was released while the dropped handler's action still ran"
         );
     }
 

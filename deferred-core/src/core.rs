@@ -786,12 +786,17 @@ impl Core {
     /// [`State::running_closed`]), at most at its end. Without the layer only: with it, the
     /// layer holds the invocation until that work is done.
     pub(crate) fn arm_after_closed_work(self: &Arc<Self>, seq: u64) {
+        // Not the loose jobs still waiting for their event: one may wait for the event this
+        // call would bring. Those refused by the chain are running closed work (see
+        // `hand_over_later`).
         let until = self.state.borrow().closed_work_until(Instant::now());
         match until {
             Some(until) if !self.layer_installed() => {
                 let core = self.clone();
                 tokio::spawn(async move {
-                    core.closed_work_over(until).await;
+                    let mut state = core.state.subscribe();
+                    let over = state.wait_for(|s| s.running_closed.is_none());
+                    let _ = tokio::time::timeout_at(until, over).await;
                     core.arm(seq);
                 });
             }
@@ -799,11 +804,23 @@ impl Core {
         }
     }
 
-    /// Waits, at most until `until`, for the running wrapper's closed work to be over.
-    pub(crate) async fn closed_work_over(&self, until: Instant) {
-        let mut state = self.state.subscribe();
-        let over = state.wait_for(|s| s.running_closed.is_none());
-        let _ = tokio::time::timeout_at(until, over).await;
+    /// Waits, before the chain's retry, for the work that runs outside the chain while its
+    /// invocation may still be open: dropped handlers' loose jobs (at most until the end of
+    /// the work handed over; after a failure none waits for an event) and, without the layer,
+    /// a running wrapper's closed work (at most until its end; see
+    /// [`State::running_closed`]). A call that goes out meanwhile lets Lambda complete the
+    /// invocation and freeze that work.
+    pub(crate) async fn closed_work_over(&self) {
+        if let Some(until) = self.work_until() {
+            let mut loose = self.loose.subscribe();
+            let _ = tokio::time::timeout_at(until, loose.wait_for(|n| *n == 0)).await;
+        }
+        let closed = self.state.borrow().closed_work_until(Instant::now());
+        if let Some(until) = closed.filter(|_| !self.layer_installed()) {
+            let mut state = self.state.subscribe();
+            let over = state.wait_for(|s| s.running_closed.is_none());
+            let _ = tokio::time::timeout_at(until, over).await;
+        }
     }
 
     /// The closed work of `request_id`'s wrapper is over (it ran inline, or its dropped
@@ -988,7 +1005,12 @@ impl Core {
                 )
             };
             if let Some(job) = refused {
+                // Closed work now: should its event still come, its release waits for it.
                 let request_id = job.request_id.clone();
+                core.state.send_if_modified(|s| {
+                    s.close_running(request_id.clone(), Some(end));
+                    false
+                });
                 core.run_phase(job, PhaseKind::Background).await;
                 core.closed_work_done(&request_id);
             }
