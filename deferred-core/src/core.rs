@@ -416,6 +416,15 @@ impl Core {
         let mut again = false;
         self.state.send_if_modified(|state| {
             if state.was_closed(request_id) {
+                // A later call of a closed invocation (a router, one handler after another):
+                // its work runs outside the chain too, so the chain's wait covers it.
+                if !state
+                    .running_closed
+                    .as_ref()
+                    .is_some_and(|(id, _)| id == request_id)
+                {
+                    state.close_running(request_id.to_owned(), end());
+                }
                 ticket = Ticket::Inline;
                 return false;
             }

@@ -349,6 +349,39 @@ mod tests {
         assert_eq!(held, None, "the chain's retry would wait for no work");
     }
 
+    /// A router (no layer) calls one deferred handler, then another, in an invocation that
+    /// the broken chain closed. The second call's work runs outside the chain too: should its
+    /// future be dropped, it becomes a background phase after the runtime is done, so the
+    /// chain's retry must wait for it. Found by review: the first call's end lifted the wait,
+    /// and the second call (its invocation closed already) set none.
+    #[tokio::test]
+    async fn a_later_call_of_a_closed_invocation_holds_the_chain_too() {
+        let core = Core::new(Config::default(), Mode::Extension);
+        core.state
+            .send_modify(|s| s.chain = crate::core::Chain::Broken);
+        let at = Invocation {
+            request_id: "r-1".into(),
+            deadline: Some(std::time::SystemTime::now() + Duration::from_secs(60)),
+        };
+        run_on(core.clone(), at.clone(), Options::default(), async {}).await;
+        // The second call still runs (its body pending).
+        let mut second = Box::pin(run_on(
+            core.clone(),
+            at,
+            Options::default(),
+            std::future::pending::<()>(),
+        ));
+        let _ = tokio::time::timeout(Duration::from_millis(20), &mut second).await;
+        let until = core
+            .state
+            .borrow()
+            .closed_work_until(tokio::time::Instant::now());
+        assert!(
+            until.is_some(),
+            "the retry would not wait for the second call"
+        );
+    }
+
     /// A deferred handler called by another joins the caller's invocation: its action waits
     /// for the invocation's phase, after the caller's body, instead of a phase of its own.
     #[tokio::test]
