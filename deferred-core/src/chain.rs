@@ -80,7 +80,7 @@ pub(crate) async fn drive_with(
                 }
                 let planned = held_until(&core)
                     .into_iter()
-                    .chain(due.as_ref().map(|d| d.at))
+                    .chain(due.as_ref().map(|d| d.at(&core)))
                     .min();
                 let wake = runner.wake_at(planned);
                 let now = Instant::now();
@@ -104,7 +104,7 @@ pub(crate) async fn drive_with(
                         if let Some(ready) = ready {
                             core.submit(ready);
                         }
-                        if let Some(due) = due.take_if(|d| Instant::now() >= d.at) {
+                        if let Some(due) = due.take_if(|d| Instant::now() >= d.at(&core)) {
                             due.release(&line);
                         }
                     }
@@ -207,6 +207,18 @@ struct Due {
 }
 
 impl Due {
+    /// When to release it: not before a running wrapper's closed work is over (without the
+    /// layer), at most its end. An event that `Core::begin` found out of step is released
+    /// once that work is over (`Core::arm_after_closed_work`); its phase end, earlier, must
+    /// not let the call out meanwhile.
+    fn at(&self, core: &Core) -> Instant {
+        let closed = core.state.borrow().closed_work_until(Instant::now());
+        match closed.filter(|_| !core.layer_installed()) {
+            Some(until) => self.at.max(until),
+            None => self.at,
+        }
+    }
+
     fn release(self, line: &Line) {
         if line.armed(self.seq) {
             return;
@@ -557,6 +569,42 @@ pub(crate) mod tests {
             ended.load(std::sync::atomic::Ordering::SeqCst),
             "the late event was released while the dropped handler's action still ran"
         );
+    }
+
+    /// Without the layer, the chain holds an event (`r-0`) and a wrapper starts for another
+    /// invocation (`r-1`): `begin` releases the event once `r-1`'s closed work is over. The
+    /// chain's safety net for that event (its phase end plus half the margin) must not let the
+    /// call out meanwhile. Found by review: it did, at the stale event's end, while `r-1`'s
+    /// handler still ran.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_out_of_step_release_waits_past_the_stale_events_safety_net() {
+        let (core, _listener, mut api) = chain_with(false).await;
+        let stale = SystemTime::now() + Duration::from_millis(600);
+        api.write_all(invoke("r-0", stale).as_bytes())
+            .await
+            .expect("write");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let invocation = crate::context::Invocation {
+            request_id: "r-1".into(),
+            deadline: Some(SystemTime::now() + Duration::from_secs(10)),
+        };
+        // `r-1`'s handler still runs.
+        let handler = tokio::spawn(crate::invocation::run_on(
+            core.clone(),
+            invocation,
+            crate::scope::Options::default(),
+            std::future::pending::<()>(),
+        ));
+        let next = request_within(&mut api, Duration::from_millis(1500)).await;
+        handler.abort();
+        assert!(
+            next.is_none(),
+            "event/next went out while the out-of-step handler still ran"
+        );
+        // Dropped with no work left: the call goes out now.
+        request_within(&mut api, Duration::from_secs(2))
+            .await
+            .expect("the next call once the handler is gone");
     }
 
     fn job(request_id: &str, deadline: SystemTime) -> crate::phase::Job {
