@@ -148,8 +148,9 @@ pub(crate) struct State {
     /// timeout around the handler) the work goes on as a background phase after the runtime
     /// is done, so the chain lets no call out (which would let Lambda complete the invocation
     /// and freeze that work) until the work is over, at most until that end
-    /// ([`Core::closed_work_done`]).
-    pub(crate) running_closed: Option<(String, Instant)>,
+    /// ([`Core::closed_work_done`]). Counted: calls of one invocation running at once (a
+    /// router's `join_all`) each end theirs.
+    pub(crate) running_closed: Option<(String, Instant, usize)>,
     /// Request ids closed without (or before) their wrapper: a late wrapper runs inline.
     pub(crate) closed: VecDeque<String>,
     /// The runtime answered this invocation before its INVOKE event reached the chain (the
@@ -208,8 +209,16 @@ impl State {
     /// Notes a running wrapper whose invocation is closed now (see
     /// [`running_closed`](Self::running_closed)); without an end, nothing to bound the wait by.
     pub(crate) fn close_running(&mut self, request_id: String, end: Option<Instant>) {
-        if let Some(end) = end {
-            self.running_closed = Some((request_id, end));
+        let Some(end) = end else {
+            return;
+        };
+        match &mut self.running_closed {
+            // Another call of that invocation: the wait lasts until both are over.
+            Some((id, until, calls)) if *id == request_id => {
+                *until = (*until).max(end);
+                *calls += 1;
+            }
+            running => *running = Some((request_id, end, 1)),
         }
     }
 
@@ -218,7 +227,7 @@ impl State {
     pub(crate) fn closed_work_until(&self, now: Instant) -> Option<Instant> {
         self.running_closed
             .as_ref()
-            .map(|(_, end)| *end)
+            .map(|(_, end, _)| *end)
             .filter(|end| *end > now)
     }
 
@@ -416,15 +425,9 @@ impl Core {
         let mut again = false;
         self.state.send_if_modified(|state| {
             if state.was_closed(request_id) {
-                // A later call of a closed invocation (a router, one handler after another):
-                // its work runs outside the chain too, so the chain's wait covers it.
-                if !state
-                    .running_closed
-                    .as_ref()
-                    .is_some_and(|(id, _)| id == request_id)
-                {
-                    state.close_running(request_id.to_owned(), end());
-                }
+                // A later call of a closed invocation (a router): its work runs outside the
+                // chain too, so the chain's wait covers it.
+                state.close_running(request_id.to_owned(), end());
                 ticket = Ticket::Inline;
                 return false;
             }
@@ -835,12 +838,14 @@ impl Core {
     /// The closed work of `request_id`'s wrapper is over (it ran inline, or its dropped
     /// handler's background phase ended): a call held for it may go out.
     pub(crate) fn closed_work_done(&self, request_id: &str) {
-        self.state.send_if_modified(|state| {
-            state
-                .running_closed
-                .take_if(|(id, _)| id == request_id)
-                .is_some()
-        });
+        self.state
+            .send_if_modified(|state| match &mut state.running_closed {
+                Some((id, _, calls)) if id == request_id && *calls > 1 => {
+                    *calls -= 1;
+                    false
+                }
+                running => running.take_if(|(id, _, _)| id == request_id).is_some(),
+            });
     }
 
     /// The job of a handler that ran with this queue.
@@ -1014,10 +1019,16 @@ impl Core {
                 )
             };
             if let Some(job) = refused {
-                // Closed work now: should its event still come, its release waits for it.
+                // Closed work now: should its event still come, its release waits for it. Not
+                // counted again if it was when its invocation was closed (`call_failed`, `hold`).
                 let request_id = job.request_id.clone();
                 core.state.send_if_modified(|s| {
-                    s.close_running(request_id.clone(), Some(end));
+                    if s.running_closed
+                        .as_ref()
+                        .is_none_or(|(id, _, _)| *id != request_id)
+                    {
+                        s.close_running(request_id.clone(), Some(end));
+                    }
                     false
                 });
                 core.run_phase(job, PhaseKind::Background).await;

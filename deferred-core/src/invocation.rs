@@ -382,6 +382,50 @@ mod tests {
         );
     }
 
+    /// As above, with the two calls running at once (`join_all`): the first call's end must
+    /// not lift the wait while the second still runs. Found by review: `running_closed` held
+    /// one call, and the first to end lifted it.
+    #[tokio::test]
+    async fn calls_of_a_closed_invocation_running_at_once_hold_the_chain_until_both_end() {
+        let core = Core::new(Config::default(), Mode::Extension);
+        core.state
+            .send_modify(|s| s.chain = crate::core::Chain::Broken);
+        let at = Invocation {
+            request_id: "r-1".into(),
+            deadline: Some(std::time::SystemTime::now() + Duration::from_secs(60)),
+        };
+        let go = Arc::new(tokio::sync::Notify::new());
+        let g = go.clone();
+        let mut first = Box::pin(run_on(
+            core.clone(),
+            at.clone(),
+            Options::default(),
+            async move { g.notified().await },
+        ));
+        let _ = tokio::time::timeout(Duration::from_millis(10), &mut first).await;
+        let mut second = Box::pin(run_on(
+            core.clone(),
+            at,
+            Options::default(),
+            std::future::pending::<()>(),
+        ));
+        let _ = tokio::time::timeout(Duration::from_millis(10), &mut second).await;
+        go.notify_one();
+        first.await;
+        let until = || {
+            core.state
+                .borrow()
+                .closed_work_until(tokio::time::Instant::now())
+        };
+        assert!(
+            until().is_some(),
+            "the retry would not wait for the second call"
+        );
+        // The second call dropped with no work left: the wait is over.
+        drop(second);
+        assert_eq!(until(), None);
+    }
+
     /// A deferred handler called by another joins the caller's invocation: its action waits
     /// for the invocation's phase, after the caller's body, instead of a phase of its own.
     #[tokio::test]
