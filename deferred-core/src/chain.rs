@@ -212,11 +212,8 @@ impl Due {
     /// once that work is over (`Core::arm_after_closed_work`); its phase end, earlier, must
     /// not let the call out meanwhile.
     fn at(&self, core: &Core) -> Instant {
-        let closed = core.state.borrow().closed_work_until(Instant::now());
-        match closed.filter(|_| !core.layer_installed()) {
-            Some(until) => self.at.max(until),
-            None => self.at,
-        }
+        core.closed_work_end()
+            .map_or(self.at, |until| self.at.max(until))
     }
 
     fn release(self, line: &Line) {

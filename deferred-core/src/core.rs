@@ -801,19 +801,32 @@ impl Core {
         // Not the loose jobs still waiting for their event: one may wait for the event this
         // call would bring. Those refused by the chain are running closed work (see
         // `hand_over_later`).
-        let until = self.state.borrow().closed_work_until(Instant::now());
-        match until {
-            Some(until) if !self.layer_installed() => {
+        match self.closed_work_end() {
+            Some(until) => {
                 let core = self.clone();
                 tokio::spawn(async move {
-                    let mut state = core.state.subscribe();
-                    let over = state.wait_for(|s| s.running_closed.is_none());
-                    let _ = tokio::time::timeout_at(until, over).await;
+                    core.wait_closed_work(until).await;
                     core.arm(seq);
                 });
             }
-            _ => self.arm(seq),
+            None => self.arm(seq),
         }
+    }
+
+    /// Without the layer, until when a running wrapper's closed work holds the chain's next
+    /// call (see [`State::running_closed`]); `None`: it holds nothing.
+    pub(crate) fn closed_work_end(&self) -> Option<Instant> {
+        if self.layer_installed() {
+            return None;
+        }
+        self.state.borrow().closed_work_until(Instant::now())
+    }
+
+    /// Waits until the running wrappers' closed work is over, at most until `until`.
+    async fn wait_closed_work(&self, until: Instant) {
+        let mut state = self.state.subscribe();
+        let over = state.wait_for(|s| s.running_closed.is_none());
+        let _ = tokio::time::timeout_at(until, over).await;
     }
 
     /// Waits, before the chain's retry, for the work that runs outside the chain while its
@@ -827,11 +840,8 @@ impl Core {
             let mut loose = self.loose.subscribe();
             let _ = tokio::time::timeout_at(until, loose.wait_for(|n| *n == 0)).await;
         }
-        let closed = self.state.borrow().closed_work_until(Instant::now());
-        if let Some(until) = closed.filter(|_| !self.layer_installed()) {
-            let mut state = self.state.subscribe();
-            let over = state.wait_for(|s| s.running_closed.is_none());
-            let _ = tokio::time::timeout_at(until, over).await;
+        if let Some(until) = self.closed_work_end() {
+            self.wait_closed_work(until).await;
         }
     }
 
