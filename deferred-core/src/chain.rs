@@ -471,27 +471,7 @@ pub(crate) mod tests {
         let (core, listener, mut api) = chain_with(false).await;
 
         let deadline = SystemTime::now() + Duration::from_secs(10);
-        let invocation = crate::context::Invocation {
-            request_id: "r-1".into(),
-            deadline: Some(deadline),
-        };
-        let ticket = core.begin(&invocation);
-        assert_eq!(ticket, Ticket::Chained("r-1".into()));
-        let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let queue = Queue::new(1);
-        let e = ended.clone();
-        crate::scope::with_queue(queue.clone(), async move {
-            crate::scope::defer(None, async move {
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                e.store(true, std::sync::atomic::Ordering::SeqCst);
-            })
-            .expect("defer");
-        })
-        .await;
-        let job = crate::phase::Job {
-            queue,
-            ..job("r-1", deadline)
-        };
+        let (ticket, job, ended) = r1_with_a_slow_action(&core, deadline).await;
         // The drop guard's path.
         core.hand_over_later(ticket, job);
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -524,36 +504,14 @@ pub(crate) mod tests {
     async fn a_late_event_waits_for_its_dropped_handlers_closed_work() {
         let (core, _listener, mut api) = chain_with(false).await;
         let deadline = SystemTime::now() + Duration::from_secs(10);
-        let invocation = crate::context::Invocation {
-            request_id: "r-1".into(),
-            deadline: Some(deadline),
-        };
-        let ticket = core.begin(&invocation);
-        assert_eq!(ticket, Ticket::Chained("r-1".into()));
+        let (ticket, job, ended) = r1_with_a_slow_action(&core, deadline).await;
         // The claim window ran out: `hand_over` closed the invocation.
         core.state.send_modify(|s| {
             s.expected = None;
             s.close("r-1".into());
         });
-        let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let queue = Queue::new(1);
-        let e = ended.clone();
-        crate::scope::with_queue(queue.clone(), async move {
-            crate::scope::defer(None, async move {
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                e.store(true, std::sync::atomic::Ordering::SeqCst);
-            })
-            .expect("defer");
-        })
-        .await;
         // The drop guard's path: refused by the chain, a background phase.
-        core.hand_over_later(
-            ticket,
-            crate::phase::Job {
-                queue,
-                ..job("r-1", deadline)
-            },
-        );
+        core.hand_over_later(ticket, job);
         tokio::time::sleep(Duration::from_millis(20)).await;
 
         api.write_all(invoke("r-1", deadline).as_bytes())
@@ -602,6 +560,40 @@ pub(crate) mod tests {
         request_within(&mut api, Duration::from_secs(2))
             .await
             .expect("the next call once the handler is gone");
+    }
+
+    /// A wrapper begun for `r-1` (no layer: its ticket is chained) whose handler queued one
+    /// 300 ms action: its ticket, its job, and whether the action has ended.
+    async fn r1_with_a_slow_action(
+        core: &Arc<Core>,
+        deadline: SystemTime,
+    ) -> (
+        Ticket,
+        crate::phase::Job,
+        Arc<std::sync::atomic::AtomicBool>,
+    ) {
+        let invocation = crate::context::Invocation {
+            request_id: "r-1".into(),
+            deadline: Some(deadline),
+        };
+        let ticket = core.begin(&invocation);
+        assert_eq!(ticket, Ticket::Chained("r-1".into()));
+        let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let queue = Queue::new(1);
+        let e = ended.clone();
+        crate::scope::with_queue(queue.clone(), async move {
+            crate::scope::defer(None, async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                e.store(true, std::sync::atomic::Ordering::SeqCst);
+            })
+            .expect("defer");
+        })
+        .await;
+        let job = crate::phase::Job {
+            queue,
+            ..job("r-1", deadline)
+        };
+        (ticket, job, ended)
     }
 
     fn job(request_id: &str, deadline: SystemTime) -> crate::phase::Job {

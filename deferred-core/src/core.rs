@@ -1121,7 +1121,7 @@ fn observe(what: &str, request_id: &str, observer: impl FnOnce()) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::Mutex;
 
     use super::*;
@@ -1232,7 +1232,7 @@ mod tests {
         (queue, ran)
     }
 
-    fn inline_job(request_id: &str) -> Job {
+    pub(crate) fn inline_job(request_id: &str) -> Job {
         Job {
             request_id: request_id.into(),
             deadline: None,
@@ -1240,6 +1240,23 @@ mod tests {
             flush_timeout: Duration::from_secs(5),
             parent: None,
         }
+    }
+
+    /// An inline core that counts spans with `counts` and flushes with `flushers` (no phase
+    /// telemetry, whose spans would be counted too).
+    pub(crate) fn counted_core(
+        flushers: Vec<crate::flush::Flusher>,
+        counts: Arc<crate::ExportCounts>,
+    ) -> Arc<Core> {
+        Core::new(
+            Config {
+                flushers,
+                span_counts: Some(counts),
+                phase_telemetry: false,
+                ..Config::default()
+            },
+            Mode::Inline,
+        )
     }
 
     /// Spans the batch processor drops on a full queue never reach the exporter; with a
@@ -1278,14 +1295,9 @@ mod tests {
         }
         release.send(()).expect("the exporter waits");
 
-        let core = Core::new(
-            Config {
-                flushers: vec![crate::flush::Flusher::new(provider.clone())],
-                span_counts: Some(counts.clone()),
-                phase_telemetry: false,
-                ..Config::default()
-            },
-            Mode::Inline,
+        let core = counted_core(
+            vec![crate::flush::Flusher::new(provider.clone())],
+            counts.clone(),
         );
         let report = core.run_phase(inline_job("r-1"), PhaseKind::Inline).await;
         assert!(report.flushed(), "{report}");
@@ -1349,14 +1361,7 @@ mod tests {
                 counts.clone(),
             ))
             .build();
-        let core = Core::new(
-            Config {
-                span_counts: Some(counts.clone()),
-                phase_telemetry: false,
-                ..Config::default()
-            },
-            Mode::Inline,
-        );
+        let core = counted_core(Vec::new(), counts.clone());
         let tracer = provider.tracer("test");
         for _ in 0..2 {
             tracer.in_span("work", |_| {});
@@ -1388,15 +1393,7 @@ mod tests {
         let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
             .with_batch_exporter(exporter)
             .build();
-        let core = Core::new(
-            Config {
-                flushers: vec![crate::flush::Flusher::new(provider)],
-                span_counts: Some(counts),
-                phase_telemetry: false,
-                ..Config::default()
-            },
-            Mode::Inline,
-        );
+        let core = counted_core(vec![crate::flush::Flusher::new(provider)], counts);
         let report = core.run_phase(inline_job("r-1"), PhaseKind::Inline).await;
         assert_eq!((report.spans_lost, report.spans_dropped), (Some(0), None));
     }
@@ -1416,17 +1413,12 @@ mod tests {
                 counts.clone(),
             ))
             .build();
-        let core = Core::new(
-            Config {
-                flushers: vec![crate::flush::Flusher::new(crate::flush_fn(
-                    "metrics",
-                    || Ok::<_, crate::FlushError>(()),
-                ))],
-                span_counts: Some(counts.clone()),
-                phase_telemetry: false,
-                ..Config::default()
-            },
-            Mode::Inline,
+        let core = counted_core(
+            vec![crate::flush::Flusher::new(crate::flush_fn(
+                "metrics",
+                || Ok::<_, crate::FlushError>(()),
+            ))],
+            counts.clone(),
         );
         // Three spans wait in the batch processor (its 5 s timer has not fired).
         let tracer = provider.tracer("test");

@@ -321,13 +321,9 @@ mod tests {
         assert!(dropped.is_ok());
     }
 
-    /// A handler that starts while the chain is broken runs its work outside the chain, and
-    /// the chain's retry waits for that work (`State::running_closed`). Dropped before it
-    /// queued anything, with no flusher, it has no work: the retry must not wait for it. Found
-    /// by review: the wait was never lifted, and held the invocation (no `event/next`) to its
-    /// phase end.
-    #[tokio::test]
-    async fn a_dropped_handler_with_no_work_does_not_hold_the_chain() {
+    /// A core whose chain is broken (its `event/next` failed), and an invocation `r-1` a
+    /// minute from its deadline: a handler that starts now runs its work outside the chain.
+    fn broken_chain() -> (Arc<Core>, Invocation) {
         let core = Core::new(Config::default(), Mode::Extension);
         core.state
             .send_modify(|s| s.chain = crate::core::Chain::Broken);
@@ -335,6 +331,17 @@ mod tests {
             request_id: "r-1".into(),
             deadline: Some(std::time::SystemTime::now() + Duration::from_secs(60)),
         };
+        (core, at)
+    }
+
+    /// A handler that starts while the chain is broken runs its work outside the chain, and
+    /// the chain's retry waits for that work (`State::running_closed`). Dropped before it
+    /// queued anything, with no flusher, it has no work: the retry must not wait for it. Found
+    /// by review: the wait was never lifted, and held the invocation (no `event/next`) to its
+    /// phase end.
+    #[tokio::test]
+    async fn a_dropped_handler_with_no_work_does_not_hold_the_chain() {
+        let (core, at) = broken_chain();
         let handler = run_on(
             core.clone(),
             at,
@@ -342,11 +349,11 @@ mod tests {
             std::future::pending::<()>(),
         );
         let _ = tokio::time::timeout(Duration::from_millis(20), handler).await;
-        let held = core
-            .state
-            .borrow()
-            .closed_work_until(tokio::time::Instant::now());
-        assert_eq!(held, None, "the chain's retry would wait for no work");
+        assert_eq!(
+            core.closed_work_end(),
+            None,
+            "the chain's retry would wait for no work"
+        );
     }
 
     /// A router (no layer) calls one deferred handler, then another, in an invocation that
@@ -356,13 +363,7 @@ mod tests {
     /// and the second call (its invocation closed already) set none.
     #[tokio::test]
     async fn a_later_call_of_a_closed_invocation_holds_the_chain_too() {
-        let core = Core::new(Config::default(), Mode::Extension);
-        core.state
-            .send_modify(|s| s.chain = crate::core::Chain::Broken);
-        let at = Invocation {
-            request_id: "r-1".into(),
-            deadline: Some(std::time::SystemTime::now() + Duration::from_secs(60)),
-        };
+        let (core, at) = broken_chain();
         run_on(core.clone(), at.clone(), Options::default(), async {}).await;
         // The second call still runs (its body pending).
         let mut second = Box::pin(run_on(
@@ -372,12 +373,8 @@ mod tests {
             std::future::pending::<()>(),
         ));
         let _ = tokio::time::timeout(Duration::from_millis(20), &mut second).await;
-        let until = core
-            .state
-            .borrow()
-            .closed_work_until(tokio::time::Instant::now());
         assert!(
-            until.is_some(),
+            core.closed_work_end().is_some(),
             "the retry would not wait for the second call"
         );
     }
@@ -387,13 +384,7 @@ mod tests {
     /// one call, and the first to end lifted it.
     #[tokio::test]
     async fn calls_of_a_closed_invocation_running_at_once_hold_the_chain_until_both_end() {
-        let core = Core::new(Config::default(), Mode::Extension);
-        core.state
-            .send_modify(|s| s.chain = crate::core::Chain::Broken);
-        let at = Invocation {
-            request_id: "r-1".into(),
-            deadline: Some(std::time::SystemTime::now() + Duration::from_secs(60)),
-        };
+        let (core, at) = broken_chain();
         let go = Arc::new(tokio::sync::Notify::new());
         let g = go.clone();
         let mut first = Box::pin(run_on(
@@ -412,18 +403,13 @@ mod tests {
         let _ = tokio::time::timeout(Duration::from_millis(10), &mut second).await;
         go.notify_one();
         first.await;
-        let until = || {
-            core.state
-                .borrow()
-                .closed_work_until(tokio::time::Instant::now())
-        };
         assert!(
-            until().is_some(),
+            core.closed_work_end().is_some(),
             "the retry would not wait for the second call"
         );
         // The second call dropped with no work left: the wait is over.
         drop(second);
-        assert_eq!(until(), None);
+        assert_eq!(core.closed_work_end(), None);
     }
 
     /// A deferred handler called by another joins the caller's invocation: its action waits

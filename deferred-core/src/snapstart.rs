@@ -417,6 +417,7 @@ mod tests {
     use tokio::sync::oneshot;
 
     use super::*;
+    use crate::core::tests::{counted_core, inline_job};
     use crate::core::{Config, Mode};
     use crate::extension::decode_event;
 
@@ -453,28 +454,18 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn spans_lost_before_the_snapshot_are_not_reported_by_every_restore() {
         let counts = Arc::new(crate::ExportCounts::default());
-        let core = Core::new(
-            Config {
-                flushers: vec![crate::flush::Flusher::new(crate::flush_fn("f", || {
-                    Ok::<(), String>(())
-                }))],
-                span_counts: Some(counts.clone()),
-                phase_telemetry: false,
-                ..Config::default()
-            },
-            Mode::Inline,
+        let core = counted_core(
+            vec![crate::flush::Flusher::new(crate::flush_fn("f", || {
+                Ok::<(), String>(())
+            }))],
+            counts.clone(),
         );
         counts.count_lost(3);
         let hook = SnapStartHook::new(core.clone(), Restores::new());
         hook.before_snapshot().await.expect("never fails");
-        let job = crate::phase::Job {
-            request_id: "r-1".into(),
-            deadline: None,
-            queue: crate::scope::Queue::new(0),
-            flush_timeout: Duration::from_secs(1),
-            parent: None,
-        };
-        let report = core.run_phase(job, crate::report::PhaseKind::Inline).await;
+        let report = core
+            .run_phase(inline_job("r-1"), crate::report::PhaseKind::Inline)
+            .await;
         assert_eq!(report.spans_lost, Some(0), "{report}");
         // A loss after the snapshot is reported as usual.
         counts.count_lost(2);
@@ -507,14 +498,9 @@ mod tests {
         let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
             .with_span_processor(crate::CountingSpanProcessor::new(QueueFull, counts.clone()))
             .build();
-        let core = Core::new(
-            Config {
-                flushers: vec![crate::flush::Flusher::new(provider.clone())],
-                span_counts: Some(counts.clone()),
-                phase_telemetry: false,
-                ..Config::default()
-            },
-            Mode::Inline,
+        let core = counted_core(
+            vec![crate::flush::Flusher::new(provider.clone())],
+            counts.clone(),
         );
         let tracer = provider.tracer("init");
         for _ in 0..3 {
@@ -522,21 +508,14 @@ mod tests {
         }
         let hook = SnapStartHook::new(core.clone(), Restores::new());
         hook.before_snapshot().await.expect("never fails");
-        let job = |request_id: &str| crate::phase::Job {
-            request_id: request_id.into(),
-            deadline: None,
-            queue: crate::scope::Queue::new(0),
-            flush_timeout: Duration::from_secs(1),
-            parent: None,
-        };
         let report = core
-            .run_phase(job("r-1"), crate::report::PhaseKind::Inline)
+            .run_phase(inline_job("r-1"), crate::report::PhaseKind::Inline)
             .await;
         assert_eq!(report.spans_dropped, Some(0), "{report}");
         // A drop after the snapshot is reported as usual.
         tracer.in_span("invocation", |_| {});
         let report = core
-            .run_phase(job("r-2"), crate::report::PhaseKind::Inline)
+            .run_phase(inline_job("r-2"), crate::report::PhaseKind::Inline)
             .await;
         assert_eq!(report.spans_dropped, Some(1), "{report}");
     }
