@@ -268,7 +268,7 @@ fn hold(core: &Arc<Core>, event: InvokeEvent, seq: u64) -> Option<(String, Insta
         if let Some(waiting) = waiting {
             if s.expected.take().is_some() {
                 // A wrapper still runs for it (its job not parked): its work is closed now.
-                s.close_running(waiting.clone(), s.expected_end);
+                s.close_running(waiting.clone(), s.expected_deadline);
             }
             s.out_of_step(waiting, request_id.to_owned());
             closed_already = true;

@@ -140,17 +140,17 @@ pub(crate) struct State {
     pub(crate) slot: Option<Slot>,
     /// A wrapper started for this request id before its event arrived.
     pub(crate) expected: Option<String>,
-    /// The phase end of [`expected`](Self::expected)'s invocation.
-    pub(crate) expected_end: Option<Instant>,
+    /// The deadline of [`expected`](Self::expected)'s invocation.
+    pub(crate) expected_deadline: Option<SystemTime>,
     /// Without the layer: a wrapper still running whose invocation was closed while it ran or
-    /// as it began (a failed call, a broken chain, the chain out of step), and its phase end.
+    /// as it began (a failed call, a broken chain, the chain out of step), and its deadline.
     /// Its work runs inline before the handler returns; but should its future be dropped (a
     /// timeout around the handler) the work goes on as a background phase after the runtime
     /// is done, so the chain lets no call out (which would let Lambda complete the invocation
-    /// and freeze that work) until the work is over, at most until that end
-    /// ([`Core::closed_work_done`]). Counted: calls of one invocation running at once (a
+    /// and freeze that work) until the work is over, at most until its phase end
+    /// ([`Core::closed_work_done`], [`State::closed_work_until`]). Counted: calls of one invocation running at once (a
     /// router's `join_all`) each end theirs.
-    pub(crate) running_closed: Option<(String, Instant, usize)>,
+    pub(crate) running_closed: Option<(String, Option<SystemTime>, usize)>,
     /// Request ids closed without (or before) their wrapper: a late wrapper runs inline.
     pub(crate) closed: VecDeque<String>,
     /// The runtime answered this invocation before its INVOKE event reached the chain (the
@@ -207,28 +207,26 @@ impl State {
     }
 
     /// Notes a running wrapper whose invocation is closed now (see
-    /// [`running_closed`](Self::running_closed)); without an end, nothing to bound the wait by.
-    pub(crate) fn close_running(&mut self, request_id: String, end: Option<Instant>) {
-        let Some(end) = end else {
-            return;
-        };
+    /// [`running_closed`](Self::running_closed)), with its invocation's deadline (unknown:
+    /// the longest a function runs, as for a phase).
+    pub(crate) fn close_running(&mut self, request_id: String, deadline: Option<SystemTime>) {
         match &mut self.running_closed {
             // Another call of that invocation: the wait lasts until both are over.
             Some((id, until, calls)) if *id == request_id => {
-                *until = (*until).max(end);
+                *until = until.zip(deadline).map(|(a, b)| a.max(b));
                 *calls += 1;
             }
-            running => *running = Some((request_id, end, 1)),
+            running => *running = Some((request_id, deadline, 1)),
         }
     }
 
     /// Until when the chain must not let a call out for a running wrapper's closed work (see
-    /// [`running_closed`](Self::running_closed)); `None`: it may now.
-    pub(crate) fn closed_work_until(&self, now: Instant) -> Option<Instant> {
-        self.running_closed
-            .as_ref()
-            .map(|(_, end, _)| *end)
-            .filter(|end| *end > now)
+    /// [`running_closed`](Self::running_closed)): its phase end, the deadline minus `margin`;
+    /// `None`: it may now. Converted here, not where the wait is set: that is on every
+    /// invocation's path, this only where a call is held back.
+    pub(crate) fn closed_work_until(&self, margin: Duration) -> Option<Instant> {
+        let (_, deadline, _) = self.running_closed.as_ref()?;
+        Some(Budget::new(*deadline, margin).end).filter(|end| *end > Instant::now())
     }
 
     /// Whether this invocation's phase has begun (see [`phased`](Self::phased)); an unknown
@@ -278,7 +276,7 @@ impl State {
         match waiting {
             Some(request_id) if !self.was_closed(&request_id) => {
                 if is_running {
-                    self.close_running(request_id.clone(), self.expected_end);
+                    self.close_running(request_id.clone(), self.expected_deadline);
                 }
                 self.close(request_id);
             }
@@ -358,7 +356,7 @@ impl Core {
                 chain,
                 slot: None,
                 expected: None,
-                expected_end: None,
+                expected_deadline: None,
                 running_closed: None,
                 closed: VecDeque::new(),
                 responded_early: None,
@@ -419,7 +417,6 @@ impl Core {
             return Ticket::Inline;
         }
         let mut ticket = Ticket::Chained(request_id.to_owned());
-        let end = || Some(Budget::new(deadline, self.config.safety_margin).end);
         let mut release = None;
         let mut orphan = None;
         let mut again = false;
@@ -427,7 +424,7 @@ impl Core {
             if state.was_closed(request_id) {
                 // A later call of a closed invocation (a router): its work runs outside the
                 // chain too, so the chain's wait covers it.
-                state.close_running(request_id.to_owned(), end());
+                state.close_running(request_id.to_owned(), deadline);
                 ticket = Ticket::Inline;
                 return false;
             }
@@ -453,7 +450,7 @@ impl Core {
                     orphan = slot.job.take();
                     state.slot = None;
                     state.out_of_step(request_id.to_owned(), stale);
-                    state.close_running(request_id.to_owned(), end());
+                    state.close_running(request_id.to_owned(), deadline);
                     ticket = Ticket::Inline;
                     true
                 }
@@ -472,7 +469,7 @@ impl Core {
                     let layer = self.layer_installed();
                     if state.chain == Chain::Armed && (layer || !lost) {
                         state.expected = Some(request_id.to_owned());
-                        state.expected_end = end();
+                        state.expected_deadline = deadline;
                         if lost {
                             state.lost_to = Some(request_id.to_owned());
                         }
@@ -482,7 +479,7 @@ impl Core {
                         // `event/next` still bring it, is released at once rather than given
                         // a second, flush-only phase.
                         state.close(request_id.to_owned());
-                        state.close_running(request_id.to_owned(), end());
+                        state.close_running(request_id.to_owned(), deadline);
                         ticket = Ticket::Inline;
                     }
                     false
@@ -819,7 +816,9 @@ impl Core {
         if self.layer_installed() {
             return None;
         }
-        self.state.borrow().closed_work_until(Instant::now())
+        self.state
+            .borrow()
+            .closed_work_until(self.config.safety_margin)
     }
 
     /// Waits until the running wrappers' closed work is over, at most until `until`.
@@ -999,6 +998,7 @@ impl Core {
         let core = self.clone();
         let mut terminating = self.terminating.subscribe();
         let end = Budget::new(job.deadline, self.config.safety_margin).end;
+        let deadline = job.deadline;
         self.in_flight_until(end);
         self.loose.send_modify(|n| *n += 1);
         self.spawn_tracked(async move {
@@ -1037,7 +1037,7 @@ impl Core {
                         .as_ref()
                         .is_none_or(|(id, _, _)| *id != request_id)
                     {
-                        s.close_running(request_id.clone(), Some(end));
+                        s.close_running(request_id.clone(), deadline);
                     }
                     false
                 });
