@@ -140,12 +140,28 @@ impl Outcome for <fn() -> ! as Returns>::Output {
 /// let order = String::from("o-1");
 /// queue(async { println!("{}", &order) }); // borrows `order`: not 'static
 /// ```
+///
+/// Sealed: it cannot be implemented outside this crate, so it may gain methods (the queue's
+/// needs) in a minor release.
+///
+/// ```compile_fail,E0277
+/// use deferred_core::DeferredAction;
+/// use std::future::Future;
+/// use std::pin::Pin;
+///
+/// struct Mine;
+/// impl DeferredAction for Mine {
+///     fn into_boxed(self) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> {
+///         Box::pin(async { Ok(()) })
+///     }
+/// }
+/// ```
 #[diagnostic::on_unimplemented(
     message = "`defer!` needs a future, such as `async move {{ … }}`, but `{Self}` is not a future",
     label = "not a future",
     note = "to defer a plain function call, wrap it: `defer!(async move {{ notify(id) }})`; to defer an `async fn`, call it without `.await`: `defer!(notify(id))`"
 )]
-pub trait DeferredAction: Send + 'static {
+pub trait DeferredAction: sealed::Sealed + Send + 'static {
     /// Boxes the action for the queue, its output turned into a `Result<(), String>` with
     /// [`Outcome::into_result`]. `defer!` calls it; you need not.
     ///
@@ -159,6 +175,19 @@ pub trait DeferredAction: Send + 'static {
     /// # }
     /// ```
     fn into_boxed(self) -> BoxAction;
+}
+
+/// Sealed: every future that can be an action already is one, and the trait may gain methods
+/// (the queue's needs) without breaking an implementation outside this crate.
+mod sealed {
+    pub trait Sealed {}
+
+    impl<F> Sealed for F
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: super::Outcome,
+    {
+    }
 }
 
 impl<F> DeferredAction for F

@@ -95,12 +95,11 @@ pub enum StartError {
     /// A setting of the builder cannot work: a zero `flush_timeout` would never flush, a zero
     /// `safety_margin` would let a phase run into the deadline (Lambda then times the
     /// invocation out) and one of 15 minutes or more would leave no phase any time, a zero
-    /// `shutdown_timeout` would never run the final flush, a zero
-    /// `register_timeout` would
-    /// give up on the extension before the Runtime API could answer, and a zero
-    /// `unclaimed_window` would give up on every INVOKE event before its handler could claim
-    /// it (in the last two, every response would wait for its deferred work). Nothing was started: the process may call `start`
-    /// again with a working setting.
+    /// `shutdown_timeout` would never run the final flush, a zero `register_timeout` would give
+    /// up on the extension before the Runtime API could answer, and a zero `unclaimed_window`
+    /// would give up on every INVOKE event before its handler could claim it (in the last two,
+    /// every response would wait for its deferred work). Nothing was started: the process may
+    /// call `start` again with a working setting.
     ///
     /// ```
     /// use deferred_core::{Deferred, StartError};
@@ -113,6 +112,20 @@ pub enum StartError {
     /// assert!(error.to_string().contains("flush_timeout"));
     /// # }
     /// ```
+    ///
+    /// `#[non_exhaustive]`: it may gain fields (the value refused, say); match it with `..`.
+    ///
+    /// ```compile_fail,E0638
+    /// use deferred_core::StartError;
+    ///
+    /// fn setting(error: &StartError) -> Option<&'static str> {
+    ///     match error {
+    ///         StartError::InvalidSetting { setting, reason: _ } => Some(setting),
+    ///         _ => None,
+    ///     }
+    /// }
+    /// ```
+    #[non_exhaustive]
     InvalidSetting {
         /// The builder method that set it.
         setting: &'static str,
