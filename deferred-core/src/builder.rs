@@ -361,8 +361,9 @@ impl Deferred {
     }
 
     /// The time allowed for the final flush on SIGTERM (default 400 ms; Lambda kills the
-    /// process 500 ms after SIGTERM when only internal extensions are registered). Values above
-    /// 15 minutes count as 15 minutes; zero is refused by [`start`](Self::start). It bounds
+    /// process 500 ms after SIGTERM when only internal extensions are registered, so in Lambda
+    /// `start` logs a warning for more than that). Values above 15 minutes count as 15
+    /// minutes; zero is refused by [`start`](Self::start). It bounds
     /// the final flush on SIGTERM where the core handles it (see
     /// [`handle_sigterm`](Self::handle_sigterm)), as it does in Lambda once the extension is
     /// registered (within `register_timeout` or later) and on Lambda Managed Instances; and,
@@ -1003,7 +1004,32 @@ async fn set_up(config: Config) -> Result<DeferredHandle, StartError> {
     if core.config.handle_sigterm && in_lambda && mode != Mode::Inline {
         crate::shutdown::install(core.clone());
     }
+    if let Some(grace) = past_the_grace(&core.config, mode, in_lambda) {
+        tracing::warn!(
+            target: "deferred",
+            shutdown_timeout = ?core.config.shutdown_timeout,
+            ?grace,
+            "shutdown_timeout is longer than the time Lambda gives the runtime after SIGTERM: \
+             a final flush still running then is killed, and the spans it carries are lost"
+        );
+    }
     Ok(DeferredHandle { core })
+}
+
+/// How long Lambda lets a runtime with an internal extension run after SIGTERM before it
+/// sends SIGKILL: "up to 300 ms (500 ms for a runtime with an internal extension)" (Lambda
+/// developer guide, "Extensions API", shutdown phase).
+const SIGTERM_GRACE: Duration = Duration::from_millis(500);
+
+/// The grace that `shutdown_timeout` overruns, when the core's own SIGTERM flush is bounded by
+/// it in Lambda's usual environment (not on Managed Instances, which document no such limit,
+/// and not where `drain` is all that uses it).
+fn past_the_grace(config: &Config, mode: Mode, in_lambda: bool) -> Option<Duration> {
+    (config.handle_sigterm
+        && in_lambda
+        && mode == Mode::Extension
+        && config.shutdown_timeout > SIGTERM_GRACE)
+        .then_some(SIGTERM_GRACE)
 }
 
 /// What registering the extension gave `start`.
@@ -1167,5 +1193,39 @@ mod tests {
         }
         let longest = Duration::from_secs(15 * 60) - Duration::from_millis(1);
         assert_eq!(refused(Deferred::new().safety_margin(longest)), None);
+    }
+
+    /// Lambda kills the runtime 500 ms after SIGTERM when an internal extension is registered:
+    /// a longer `shutdown_timeout` is said at start, where the core's SIGTERM flush runs in
+    /// Lambda's usual environment, and only there.
+    #[test]
+    fn a_shutdown_timeout_past_lambdas_grace_is_said_where_sigterm_is_handled() {
+        let config = |ms, sigterm| {
+            Deferred::new()
+                .shutdown_timeout(Duration::from_millis(ms))
+                .handle_sigterm(sigterm)
+                .config
+        };
+        let over = config(800, true);
+        assert_eq!(
+            past_the_grace(&over, Mode::Extension, true),
+            Some(SIGTERM_GRACE)
+        );
+        assert_eq!(
+            past_the_grace(&config(500, true), Mode::Extension, true),
+            None
+        );
+        assert_eq!(
+            past_the_grace(&Deferred::new().config, Mode::Extension, true),
+            None
+        );
+        // Not the core's SIGTERM flush, not in Lambda, or Managed Instances (no such limit).
+        assert_eq!(
+            past_the_grace(&config(800, false), Mode::Extension, true),
+            None
+        );
+        assert_eq!(past_the_grace(&over, Mode::Extension, false), None);
+        assert_eq!(past_the_grace(&over, Mode::Background, true), None);
+        assert_eq!(past_the_grace(&over, Mode::Inline, true), None);
     }
 }
