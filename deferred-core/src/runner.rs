@@ -5,8 +5,8 @@
 //! threads is a wake-up on the path (and CPU). Here the layer's `responded` wakes this thread
 //! once; with no actions, the flush and the request follow on the same thread. A flush cannot
 //! be interrupted, so the chain's task watches it: when it overruns its end, the watchdog
-//! takes the phase over and starts a fresh phase thread, and a blocking thread reports the
-//! phase and sends `event/next`; the stuck one exits when its flush returns
+//! takes the phase over and starts a fresh phase thread, which first reports the phase and
+//! sends `event/next`; the stuck one exits when its flush returns
 //! ([`Runner::watchdog`]). Should the OS refuse that thread, no phase is left unrun: the next
 //! one tries again, or runs on the runtime's blocking pool ([`Runner::revive`]).
 
@@ -26,6 +26,13 @@ use crate::scope::lock;
 
 /// A phase for the phase thread: the job, the event it arms the next call for, and its end.
 type Work = crate::core::Ready;
+
+/// The end of a phase the watchdog took over (its report and `event/next`), for the thread
+/// that replaces the retired one.
+type Ending = Box<dyn FnOnce() + Send>;
+
+/// Why a phase thread did not start, and the [`Ending`] it was to run first.
+type Refused = (std::io::Error, Option<Ending>);
 
 /// Starts an OS thread running the closure: [`os_thread`]; in tests, one the OS refuses.
 type Spawner = fn(Box<dyn FnOnce() + Send>) -> std::io::Result<()>;
@@ -157,11 +164,30 @@ impl Runner {
     }
 
     fn spawn_thread(self: &Arc<Self>) -> std::io::Result<()> {
-        let core = self.core.upgrade().ok_or_else(|| {
-            std::io::Error::other("the chain's core is gone: no phase thread to start")
-        })?;
+        self.spawn_thread_after(None).map_err(|(error, _)| error)
+    }
+
+    /// Starts a phase thread that runs `first` (the end of a phase the watchdog took over)
+    /// before it serves the queue; gives `first` back when the thread cannot be started.
+    fn spawn_thread_after(self: &Arc<Self>, first: Option<Ending>) -> Result<(), Refused> {
+        let Some(core) = self.core.upgrade() else {
+            let gone = std::io::Error::other("the chain's core is gone: no phase thread to start");
+            return Err((gone, first));
+        };
+        // The closure moves into the thread; a slot lets `first` come back when it never starts.
+        let slot = Arc::new(Mutex::new(first));
+        let theirs = slot.clone();
         let runner = self.clone();
-        (self.spawner)(Box::new(move || runner.serve(&core, false)))
+        (self.spawner)(Box::new(move || {
+            let first = lock(&theirs).take();
+            if let Some(first) = first {
+                // `end_phase` catches the hooks' panics; any other must not cost the queue
+                // its server.
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(first));
+            }
+            runner.serve(&core, false);
+        }))
+        .map_err(|error| (error, lock(&slot).take()))
     }
 
     /// Queues the phase of event `seq`; the phase thread runs it and then arms the next call.
@@ -397,8 +423,8 @@ impl Runner {
     }
 
     /// Abandons the phase whose flush on the phase thread has overrun its end: starts a fresh
-    /// phase thread, and has a blocking thread report the phase (that flush timed out) and arm
-    /// the next call.
+    /// phase thread, which first reports the phase (that flush timed out) and arms the next
+    /// call.
     pub(crate) async fn watchdog(self: &Arc<Self>, core: &Arc<Core>) {
         let Some(Flushing {
             seq,
@@ -412,24 +438,33 @@ impl Runner {
         else {
             return;
         };
-        // The retired thread's count passes to its replacement.
-        if let Err(error) = self.spawn_thread() {
-            // The queue is empty: the next phase comes after this one's release, below. It
-            // tries again ([`Runner::submit`]).
-            tracing::error!(target: "deferred", %error, "cannot start a new phase thread after a flush overran");
-            lock(&self.queue).leave();
-        }
         let flushes = running
             .abandon(&here, end, staged.started, &mut staged.cut)
             .await;
         // The report runs the user's `on_report` hook: not on the chain's task, which must
         // stay free to read events and to release an event whose phase does not end (a hook
-        // that blocks here would otherwise hold the invocation to its deadline).
-        let (runner, core) = (self.clone(), core.clone());
-        let end = move || runner.end_phase(&core, staged, flushes, serial, seq);
-        if let Err(end) = to_blocking_pool(&self.handle, end) {
+        // that blocks here would otherwise hold the invocation to its deadline). Nor on the
+        // runtime's blocking pool, which may have no thread free (`max_blocking_threads`,
+        // the user's blocking work): the report and `event/next` would wait there, and every
+        // later phase for the phase lock. On the thread that replaces the retired one, first
+        // (the next phase waits for this one's end anyway).
+        let (runner, ending_core) = (self.clone(), core.clone());
+        let ending: Ending = Box::new(move || {
+            // The runtime's context, as on the phase thread and the blocking threads.
+            let _runtime = runner.handle.enter();
+            runner.end_phase(&ending_core, staged, flushes, serial, seq);
+        });
+        // The retired thread's count passes to its replacement.
+        let Err((error, ending)) = self.spawn_thread_after(Some(ending)) else {
+            return;
+        };
+        // The queue is empty: the next phase comes after this one's release, below. It tries
+        // again ([`Runner::submit`]).
+        tracing::error!(target: "deferred", %error, "cannot start a new phase thread after a flush overran");
+        lock(&self.queue).leave();
+        if let Some(Err(ending)) = ending.map(|ending| to_blocking_pool(&self.handle, ending)) {
             // Here, rather than not at all: the chain's task must live on.
-            end();
+            ending();
         }
     }
 }
@@ -645,6 +680,70 @@ mod tests {
         assert_eq!(*lock(&reports), ["r-1", "r-2", "r-3"]);
         // The first thread, the watchdog's replacement, the one for r-2; none for r-3.
         assert_eq!(ASKED.load(Ordering::SeqCst), 3);
+    }
+
+    /// The watchdog's report of the phase it took over does not wait for a thread of the
+    /// runtime's blocking pool: with none free (`max_blocking_threads(1)`, its thread held by
+    /// blocking work of the user's that runs on), the phase is reported and ended at once.
+    /// (Before, the report waited in the pool's queue: the invocation was held to the safety
+    /// net, and every later phase waited for the phase lock, its actions not run.)
+    #[test]
+    fn a_taken_over_phase_is_reported_with_no_blocking_thread_free() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .max_blocking_threads(1)
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        let (release_pool, pool_held) = std::sync::mpsc::channel::<()>();
+        let (release_flush, flush_held) = std::sync::mpsc::channel::<()>();
+        let flush_held = Mutex::new(flush_held);
+        let flushing = Arc::new(AtomicBool::new(false));
+        let started = flushing.clone();
+        let stuck = crate::flush_fn("stuck", move || {
+            if !started.swap(true, Ordering::SeqCst) {
+                let _ = lock(&flush_held).recv();
+            }
+            Ok::<(), String>(())
+        });
+        let reports: Arc<Mutex<Vec<String>>> = Arc::default();
+        let hook = reports.clone();
+        let ended = runtime.block_on(async {
+            // The pool's only thread.
+            let _pool = tokio::task::spawn_blocking(move || {
+                let _ = pool_held.recv();
+            });
+            let core = Core::new(
+                crate::core::Config {
+                    flushers: vec![crate::flush::Flusher::new(stuck)],
+                    on_report: Some(crate::core::ReportHook(Arc::new(move |report| {
+                        lock(&hook).push(report.request_id.clone());
+                    }))),
+                    phase_telemetry: false,
+                    ..crate::core::Config::default()
+                },
+                crate::core::Mode::Extension,
+            );
+            // Nothing listens: the calls the phases arm go nowhere.
+            let line = Arc::new(Line::new("127.0.0.1:9", "", "ext-1"));
+            let runner = Runner::start(&core, line).expect("a phase thread");
+            let first = work(1, Duration::from_millis(100));
+            let end = first.end;
+            runner.submit(first);
+            assert!(until(|| flushing.load(Ordering::SeqCst)).await, "flushing");
+            // As the chain's task does once the flush's end has passed.
+            tokio::time::sleep_until(end).await;
+            runner.watchdog(&core).await;
+            let first = reported(&reports, "r-1").await;
+            // The next phase runs too (on the replacement thread).
+            runner.submit(work(2, Duration::from_secs(5)));
+            let second = reported(&reports, "r-2").await;
+            (first, second, !runner.phase_pending())
+        });
+        let _ = release_pool.send(());
+        let _ = release_flush.send(());
+        runtime.shutdown_background();
+        assert_eq!(ended, (true, true, true), "reported r-1, r-2; none pending");
     }
 
     /// A flush that waits on async work (`Handle::block_on`, `blocking_recv`: what a flush
