@@ -1075,7 +1075,7 @@ impl Core {
     }
 
     /// Spawns `task` into the background set, which the SIGTERM flush drains.
-    fn spawn_tracked(&self, task: impl Future<Output = ()> + Send + 'static) {
+    pub(crate) fn spawn_tracked(&self, task: impl Future<Output = ()> + Send + 'static) {
         let mut tasks = lock(&self.background);
         // Reap finished phases so the set does not grow with every invocation.
         while tasks.try_join_next().is_some() {}

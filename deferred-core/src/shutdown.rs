@@ -42,7 +42,7 @@ pub(crate) fn install(core: Arc<Core>) {
 /// finished handlers still waiting for their response or INVOKE event, then flushes every
 /// flusher, all within `shutdown_timeout` (SIGTERM: Lambda kills the process when its grace
 /// period is over).
-pub(crate) async fn final_flush(core: &Core) -> PhaseReport {
+pub(crate) async fn final_flush(core: &Arc<Core>) -> PhaseReport {
     final_flush_after(core, None).await
 }
 
@@ -51,7 +51,10 @@ pub(crate) async fn final_flush(core: &Core) -> PhaseReport {
 /// phase's deadline minus the safety margin) bound the wait. The final flush then gets half of
 /// `shutdown_timeout` from where that wait ended, but never past the end of the last phase
 /// handed over while that is ahead (its invocation may still be open).
-pub(crate) async fn final_flush_after(core: &Core, work_until: Option<Instant>) -> PhaseReport {
+pub(crate) async fn final_flush_after(
+    core: &Arc<Core>,
+    work_until: Option<Instant>,
+) -> PhaseReport {
     let started = Instant::now();
     let started_wall = std::time::SystemTime::now();
     let half = (started + core.config.shutdown_timeout / 2).max(work_until.unwrap_or(started));
@@ -66,6 +69,17 @@ pub(crate) async fn final_flush_after(core: &Core, work_until: Option<Instant>) 
         stranded.extend(state.slot.as_mut().and_then(|slot| slot.job.take()));
         false
     });
+    // As background phases, in order: stopped with the others below (an action still running
+    // is abandoned and dropped, so its spans close before the final flush), and reported,
+    // rather than dropped mid-action when the first half ends.
+    if !stranded.is_empty() {
+        let phases = core.clone();
+        core.spawn_tracked(async move {
+            for job in stranded {
+                phases.run_phase(job, PhaseKind::Background).await;
+            }
+        });
+    }
     let mut background = std::mem::take(&mut *lock(&core.background));
     // First half: running phases (the chained one, background ones on Managed Instances) may
     // finish on their own; their actions carry the last invocations' work.
@@ -79,9 +93,6 @@ pub(crate) async fn final_flush_after(core: &Core, work_until: Option<Instant>) 
             }
         }
         drop(core.phase_lock.lock().await);
-        for job in stranded {
-            core.run_phase(job, PhaseKind::Background).await;
-        }
         join_all(core, &mut background).await;
     })
     .await;
@@ -177,7 +188,7 @@ mod tests {
     use super::*;
     use crate::core::{Config, Mode, ReportHook};
     use crate::phase::Job;
-    use crate::report::{CutReason, FlushOutcome};
+    use crate::report::{ActionOutcome, CutReason, FlushOutcome};
     use crate::scope::Queue;
 
     /// A background phase stuck where stopping cannot reach it (its `on_report` hook blocks
@@ -336,6 +347,82 @@ mod tests {
             "{report}"
         );
         assert_eq!(calls.load(Ordering::SeqCst), 2, "{report}");
+    }
+
+    /// A job the final flush finds waiting for its response or event (with the layer) whose
+    /// action still runs at half of `shutdown_timeout` is stopped like a running phase: the
+    /// action is abandoned and dropped before the final flush (its spans close, and are in
+    /// it), and its phase is reported, the action cut and the next one not run. (Before, the
+    /// phase was dropped mid-action: the action ran on, unreported, its spans open.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stranded_job_still_running_at_sigterm_is_stopped_and_reported() {
+        struct OnDrop(Arc<AtomicBool>);
+        impl Drop for OnDrop {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let dropped = Arc::new(AtomicBool::new(false));
+        let seen = dropped.clone();
+        let dropped_at_flush = Arc::new(AtomicBool::new(false));
+        let noted = dropped_at_flush.clone();
+        let flusher = crate::flush::Flusher::new(crate::flush_fn("f", move || {
+            noted.store(seen.load(Ordering::SeqCst), Ordering::SeqCst);
+            Ok::<(), String>(())
+        }));
+        let reports: Arc<std::sync::Mutex<Vec<crate::PhaseReport>>> = Arc::default();
+        let hook = reports.clone();
+        let core = Core::new(
+            Config {
+                flushers: vec![flusher],
+                shutdown_timeout: Duration::from_millis(200),
+                phase_telemetry: false,
+                on_report: Some(ReportHook(Arc::new(move |report| {
+                    lock(&hook).push(report.clone());
+                }))),
+                ..Config::default()
+            },
+            Mode::Extension,
+        );
+        core.layer_installed.store(true, Ordering::Release);
+        let queue = Queue::new(10);
+        let guard = OnDrop(dropped.clone());
+        crate::scope::with_queue(queue.clone(), async move {
+            crate::scope::defer(Some("hangs".into()), async move {
+                let _guard = guard;
+                std::future::pending::<()>().await;
+            })
+            .unwrap();
+            crate::scope::defer(Some("after".into()), async {}).unwrap();
+        })
+        .await;
+        core.state.send_modify(|s| {
+            s.parked = Some(Job {
+                request_id: "r-1".into(),
+                deadline: None,
+                queue,
+                flush_timeout: Duration::from_secs(1),
+                parent: None,
+            });
+        });
+        let report = final_flush(&core).await;
+        assert!(report.flushed(), "{report}");
+        assert!(
+            dropped_at_flush.load(Ordering::SeqCst),
+            "the action was dropped before the final flush"
+        );
+        let reports = lock(&reports);
+        let phase = reports
+            .iter()
+            .find(|r| r.request_id == "r-1")
+            .unwrap_or_else(|| panic!("the stranded phase was reported: {reports:?}"));
+        let outcomes: Vec<_> = phase.actions.iter().map(|a| a.outcome.clone()).collect();
+        assert_eq!(
+            outcomes,
+            [ActionOutcome::TimedOut, ActionOutcome::NotRun],
+            "{phase}"
+        );
+        assert!(phase.cut.contains(&CutReason::Shutdown), "{phase}");
     }
 
     /// The final flush is bounded by `shutdown_timeout`, and its report says so, not
