@@ -114,7 +114,9 @@ pub(crate) async fn final_flush_after(
     // Then stop them: each abandons its action (dropping it closes the spans it holds) and
     // leaves the flush to us.
     core.stopping.send_replace(true);
-    let stopped = end.min(half + STOP_GRACE);
+    // At most half of what is left, so that a phase that does not stop leaves the final
+    // flush time of its own also with a short `shutdown_timeout`.
+    let stopped = end.min(half + STOP_GRACE.min(end.saturating_duration_since(half) / 2));
     let serial = tokio::time::timeout_at(stopped, core.phase_lock.lock()).await;
     let _ = tokio::time::timeout_at(stopped, join_all(core, &mut background)).await;
     // A phase still running now is stuck where stopping cannot reach it (an action or hook
@@ -228,6 +230,50 @@ mod tests {
         let core = Core::new(Config::default(), Mode::Inline);
         let report = final_flush(&core).await;
         assert!(report.cut.is_empty(), "{report}");
+    }
+
+    /// With a short `shutdown_timeout` (100 ms) and a phase that does not stop, the wait for
+    /// it to stop leaves the final flush time of its own: the free flusher flushes. (Before,
+    /// the first half and the stop grace took all of 100 ms, and every flusher was reported
+    /// not run.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_phase_that_does_not_stop_leaves_the_final_flush_time() {
+        let blocked = Arc::new(AtomicBool::new(false));
+        let first = blocked.clone();
+        let flusher = crate::flush::Flusher::new(crate::flush_fn("f", || Ok::<(), String>(())));
+        let core = Core::new(
+            Config {
+                flushers: vec![flusher],
+                shutdown_timeout: Duration::from_millis(100),
+                phase_telemetry: false,
+                on_report: Some(ReportHook(Arc::new(move |_| {
+                    if !first.swap(true, Ordering::SeqCst) {
+                        std::thread::sleep(Duration::from_millis(1500));
+                    }
+                }))),
+                ..Config::default()
+            },
+            Mode::Inline,
+        );
+        core.spawn_background(Job {
+            request_id: "r-1".into(),
+            deadline: None,
+            queue: Queue::new(0),
+            flush_timeout: Duration::from_secs(1),
+            parent: None,
+        });
+        while !blocked.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let started = Instant::now();
+        let report = final_flush(&core).await;
+        assert!(report.cut.contains(&CutReason::Shutdown), "{report}");
+        // Called (done, or abandoned at the end on a loaded machine), not "no time left".
+        assert!(
+            !matches!(report.flushes[0].outcome, FlushOutcome::NotRun(_)),
+            "{report}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(1), "{report}");
     }
 
     /// A background phase that starts after SIGTERM (an invocation that ends meanwhile, on
