@@ -202,6 +202,12 @@ where
 /// What one call of a flush gave, and how long it took.
 pub(crate) type Called = (Result<(), String>, std::time::Duration);
 
+/// The panic of a flush on a thread other than the phase's, and how long the flush ran.
+pub(crate) struct FlushPanic {
+    pub(crate) payload: Box<dyn std::any::Any + Send>,
+    pub(crate) took: std::time::Duration,
+}
+
 /// Why a flusher was not called; the report gives its `Display` as
 /// [`FlushOutcome::NotRun`](crate::FlushOutcome::NotRun).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -338,7 +344,7 @@ impl Flusher {
             for (runtime, reply) in called {
                 let called = {
                     let _runtime = runtime.enter();
-                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| this.call()))
+                    this.call_catching()
                 };
                 reply.send(called);
             }
@@ -395,7 +401,11 @@ impl Flusher {
         };
         let Some(thread) = self.thread() else {
             let this = self.clone();
-            return try_spawn_blocking(Some(&runtime), move || this.call()).map_err(refused);
+            return try_spawn_blocking(Some(&runtime), move || {
+                this.call_catching()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
+            .map_err(refused);
         };
         let started = std::time::Instant::now();
         let ended = |reply: Reply| {
@@ -482,6 +492,19 @@ impl Flusher {
             return Err(NotStarted::StillRunning);
         }
         Ok(Claimed(self))
+    }
+
+    /// [`call`](Self::call), its panic caught and given as a [`FlushPanic`], which keeps how
+    /// long the flush ran: the task that yields it panics with it later, when the phase may
+    /// look at it long after the panic.
+    fn call_catching(&self) -> std::thread::Result<Called> {
+        let began = std::time::Instant::now();
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.call())).map_err(|payload| {
+            Box::new(FlushPanic {
+                payload,
+                took: began.elapsed(),
+            }) as Box<dyn std::any::Any + Send>
+        })
     }
 
     /// One call of the flush, `busy` set by the caller.

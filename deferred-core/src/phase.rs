@@ -9,7 +9,7 @@ use opentelemetry::trace::SpanContext;
 use tokio::time::Instant;
 
 use crate::action::ActionLabel;
-use crate::flush::{Flusher, NotStarted};
+use crate::flush::{FlushPanic, Flusher, NotStarted};
 use crate::report::{
     ActionOutcome, ActionReport, CutReason, FlushOutcome, FlushReport, PhaseKind, PhaseReport,
 };
@@ -555,10 +555,17 @@ fn outcome(
     match joined {
         Ok((Ok(()), took)) => (FlushOutcome::Ok, took),
         Ok((Err(e), took)) => (FlushOutcome::Failed(e), took),
-        Err(join) if join.is_panic() => (
-            FlushOutcome::Panicked(panic_message(join.into_panic())),
-            started.elapsed(),
-        ),
+        Err(join) if join.is_panic() => match join.into_panic().downcast::<FlushPanic>() {
+            // Its own time: the phase may look at it long after the panic.
+            Ok(panic) => (
+                FlushOutcome::Panicked(panic_message(panic.payload)),
+                panic.took,
+            ),
+            Err(payload) => (
+                FlushOutcome::Panicked(panic_message(payload)),
+                started.elapsed(),
+            ),
+        },
         Err(join) => (FlushOutcome::Failed(join.to_string()), started.elapsed()),
     }
 }
@@ -1136,6 +1143,34 @@ mod tests {
 
         *release.0.lock().unwrap() = true;
         release.1.notify_all();
+    }
+
+    /// A flusher that panics at once reports its own time, not the time until the phase
+    /// looked at it (after a slower flusher listed before it). Found by review: it reported
+    /// "panicked after 200 ms" for a panic at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panicking_flusher_reports_its_own_time() {
+        let flushers = [
+            Flusher::new(flush_fn("slow", || {
+                std::thread::sleep(Duration::from_millis(300));
+                Ok::<(), FlushError>(())
+            })),
+            Flusher::new(flush_fn("panics", || -> Result<(), FlushError> {
+                panic!("flusher boom")
+            })),
+        ];
+        let now = Instant::now();
+        let mut cut = Vec::new();
+        let reports = run_flushes(&flushers, now + Duration::from_secs(5), now, &mut cut).await;
+        assert_eq!(
+            reports[1].outcome,
+            FlushOutcome::Panicked("flusher boom".into())
+        );
+        assert!(
+            reports[1].duration < Duration::from_millis(150),
+            "{:?}",
+            reports[1]
+        );
     }
 
     #[tokio::test(start_paused = true)]
