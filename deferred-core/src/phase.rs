@@ -77,11 +77,25 @@ pub(crate) async fn run(
     kind: PhaseKind,
     stop: Stop,
 ) -> PhaseReport {
+    let mut stopping = stop.clone();
     let mut staged = run_actions_stage(job, flushers, budget, kind, stop).await;
     let flushes = match staged.flush_end {
-        // Background phases overlap: a flusher busy now is another phase's flush.
+        // Background phases overlap: a flusher busy now is another phase's flush. The final
+        // flush (SIGTERM) stops them and waits for them: stopped while it flushes (or waits for
+        // a busy flusher), the phase leaves its flush to the final one, which waits for the
+        // calls still running, and reports, rather than being aborted with no report.
         Some(end) if kind == PhaseKind::Background => {
-            run_flushes_when_free(flushers, end, staged.started, &mut staged.cut).await
+            let mut cut = Vec::new();
+            let flushing = run_flushes_when_free(flushers, end, staged.started, &mut cut);
+            let flushes = tokio::select! {
+                flushes = flushing => flushes,
+                () = stopping.wait() => {
+                    cut = vec![CutReason::Shutdown];
+                    Vec::new()
+                }
+            };
+            staged.cut.extend(cut);
+            flushes
         }
         Some(end) => run_flushes(flushers, end, staged.started, &mut staged.cut).await,
         None => Vec::new(),

@@ -276,6 +276,72 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(1), "{report}");
     }
 
+    /// On Managed Instances, a background phase whose actions have run and that waits for a
+    /// flusher still busy (an earlier phase's flush, a stalled exporter) when SIGTERM comes
+    /// leaves its flush to the final flush once stopped, and is reported: its actions ran.
+    /// (Before, it went on waiting, was aborted as a phase that did not stop, and no report
+    /// said what its actions did.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_background_phase_waiting_for_a_busy_flusher_is_stopped_and_reported() {
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let released = std::sync::Mutex::new(released);
+        let first = AtomicBool::new(true);
+        let busy = crate::flush::Flusher::new(crate::flush_fn("busy", move || {
+            if first.swap(false, Ordering::SeqCst) {
+                let _ = lock(&released).recv_timeout(Duration::from_secs(5));
+            }
+            Ok::<(), String>(())
+        }));
+        let reports: Arc<std::sync::Mutex<Vec<crate::PhaseReport>>> = Arc::default();
+        let hook = reports.clone();
+        let core = Core::new(
+            Config {
+                flushers: vec![busy.clone()],
+                shutdown_timeout: Duration::from_millis(200),
+                phase_telemetry: false,
+                on_report: Some(ReportHook(Arc::new(move |report| {
+                    lock(&hook).push(report.clone());
+                }))),
+                ..Config::default()
+            },
+            Mode::Background,
+        );
+        // An earlier phase's flush, still running.
+        let _earlier = busy.start().expect("started");
+        let ran = Arc::new(AtomicBool::new(false));
+        let queue = Queue::new(10);
+        let r = ran.clone();
+        crate::scope::with_queue(queue.clone(), async move {
+            crate::scope::defer(
+                Some("a".into()),
+                async move { r.store(true, Ordering::SeqCst) },
+            )
+            .unwrap();
+        })
+        .await;
+        core.spawn_background(Job {
+            request_id: "r-1".into(),
+            deadline: None,
+            queue,
+            flush_timeout: Duration::from_secs(2),
+            parent: None,
+        });
+        while !ran.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let report = final_flush(&core).await;
+        let _ = release.send(());
+        assert!(report.cut.is_empty(), "nothing was abandoned: {report}");
+        let reports = lock(&reports);
+        let phase = reports
+            .iter()
+            .find(|r| r.request_id == "r-1")
+            .unwrap_or_else(|| panic!("the background phase was reported: {reports:?}"));
+        assert_eq!(phase.actions[0].outcome, ActionOutcome::Ok, "{phase}");
+        assert_eq!(phase.cut, [CutReason::Shutdown], "{phase}");
+        assert!(phase.flushes.is_empty(), "left to the final flush: {phase}");
+    }
+
     /// A background phase that starts after SIGTERM (an invocation that ends meanwhile, on
     /// Managed Instances) is waited for like the others, and named when it does not stop.
     /// (Before, the final flush knew only the phases running when it began.)
