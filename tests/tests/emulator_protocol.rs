@@ -205,6 +205,12 @@ fn spawn_runtime_next(addr: &str) -> JoinHandle<Reply> {
     tokio::spawn(async move { call(&addr, Method::GET, NEXT, &[], "").await })
 }
 
+/// A runtime `/next` whose connection may end without an answer.
+fn spawn_try_runtime_next(addr: &str) -> JoinHandle<Result<Reply, String>> {
+    let addr = addr.to_owned();
+    tokio::spawn(async move { try_call(&addr, Method::GET, NEXT, &[], "").await })
+}
+
 fn spawn_invoke(emu: &Emulator, payload: &'static str) -> JoinHandle<InvokeResult> {
     let emu = emu.clone();
     tokio::spawn(async move { emu.invoke(payload).await })
@@ -523,10 +529,16 @@ async fn runtime_answers_follow_lambdas_state_rules() {
     let invoke = spawn_invoke(&emu, "one");
     let event = joined(runtime).await;
     let id = event.header("lambda-runtime-aws-request-id");
-    // Asking for the next event before answering is a state error.
-    call(&addr, Method::GET, NEXT, &[], "")
-        .await
-        .assert_error(403, "InvalidStateTransition");
+    // Asking for the next event before answering is allowed in RAPID's Running state, and
+    // renders the current invocation again (`RuntimeRunningState.Ready`).
+    let again = call(&addr, Method::GET, NEXT, &[], "").await;
+    assert_eq!(again.status, 200, "{again:?}");
+    assert_eq!(again.header("lambda-runtime-aws-request-id"), id);
+    assert_eq!(
+        again.header("lambda-runtime-deadline-ms"),
+        event.header("lambda-runtime-deadline-ms")
+    );
+    assert_eq!(&again.body[..], b"one");
     let reply = respond(&addr, &id, "r1").await;
     assert_eq!(reply.status, 202);
     assert_eq!(reply.json(), json!({ "status": "OK" }));
@@ -543,7 +555,13 @@ async fn runtime_answers_follow_lambdas_state_rules() {
         .assert_error(403, "InvalidStateTransition");
 
     // Over 6 MiB + 100 bytes: 413, and the caller gets Function.ResponseSizeTooLarge.
+    let first_id = id;
     let (id, invoke) = dispatched(&emu, &addr, "two").await;
+    // The answered invocation is no longer the current one: its id is unknown now (RIE's
+    // AwsRequestIDValidator compares with the current invocation's id only).
+    respond(&addr, &first_id, "late")
+        .await
+        .assert_error(400, "InvalidRequestID");
     let too_big = vec![b'x'; 6 * 1024 * 1024 + 101];
     call(
         &addr,
@@ -1240,23 +1258,105 @@ async fn a_child_ignoring_sigterm_is_killed_after_the_grace_period() {
     assert!(result.duration >= Duration::from_millis(200));
 }
 
+/// RAPID's rule for the runtime's `/next` whose client went away: the call stays suspended
+/// (aws-lambda-runtime-interface-emulator, `core/states.go`: `Ready()` suspends the runtime's
+/// goroutine until the invoke releases it, and nothing watches the connection), so the next
+/// invocation is written to the dead call and lost. A call re-issued before that waits behind
+/// it (state Ready: `RuntimeReadyState.Ready` suspends too) and gets nothing: the invocation
+/// times out. A call made once the event is out (state Running) gets it again.
 #[tokio::test]
-async fn a_next_call_dropped_by_its_client_does_not_swallow_the_next_event() {
-    let (emu, addr) = start(EmulatorConfig::default()).await;
+async fn a_runtime_next_dropped_by_its_client_stays_pending_and_takes_the_next_event() {
+    let config = EmulatorConfig {
+        function_timeout: Duration::from_millis(400),
+        ..EmulatorConfig::default()
+    };
+    let (emu, addr) = start(config).await;
     let abandoned = spawn_runtime_next(&addr);
+    assert!(
+        emu.wait_until(SECOND, |s, _| s.runtime_next_calls == 1 && s.inits == 1)
+            .await
+    );
+    drop_pending(&emu, abandoned).await;
+    // Re-issued: not refused, it waits behind the dead call.
+    let retry = spawn_try_runtime_next(&addr);
+    assert!(
+        emu.wait_until(SECOND, |s, _| s.runtime_next_calls == 2)
+            .await
+    );
+    let result = joined(spawn_invoke(&emu, "lost")).await;
+    assert_eq!(result.outcome, InvokeOutcome::Timeout, "{result:?}");
+    let t = &emu.timelines()[0];
+    assert!(
+        t.runtime_lost.is_some() && t.runtime_received.is_none(),
+        "{t:?}"
+    );
+    let stats = emu.stats();
+    assert_eq!(
+        (stats.lost_runtime_events, stats.resets),
+        (1, 1),
+        "{stats:?}"
+    );
+    // The reset ends the re-issued call without an answer.
+    assert!(joined(retry).await.is_err());
+
+    // Again, with a call made after the dispatch: Running allows it, and it gets the event.
+    let abandoned = spawn_runtime_next(&addr);
+    assert!(emu.wait_until(SECOND, |s, _| s.inits == 2).await);
+    abandoned.abort();
+    let _ = abandoned.await;
+    assert!(
+        emu.wait_until(SECOND, |s, _| s.abandoned_next_calls == 2)
+            .await
+    );
+    let invoke = spawn_invoke(&emu, "again");
+    assert!(
+        emu.wait_until(SECOND, |s, _| s.lost_runtime_events == 2)
+            .await
+    );
+    let event = joined(spawn_runtime_next(&addr)).await;
+    assert_eq!(&event.body[..], b"again");
+    let id = event.header("lambda-runtime-aws-request-id");
+    assert_eq!(id, emu.timelines()[1].request_id);
+    assert_eq!(respond(&addr, &id, "ok").await.status, 202);
+    assert!(joined(invoke).await.outcome.is_success());
+}
+
+/// Two `/next` calls at once are not refused: RAPID suspends both (`RuntimeReadyState.Ready`)
+/// and each invoke releases the oldest one, so the second call gets the next invocation.
+#[tokio::test]
+async fn concurrent_runtime_next_calls_are_served_oldest_first() {
+    let (emu, addr) = start(EmulatorConfig::default()).await;
+    let first = spawn_runtime_next(&addr);
     assert!(
         emu.wait_until(SECOND, |s, _| s.runtime_next_calls == 1)
             .await
     );
-    drop_pending(&emu, abandoned).await;
-    // The retry is not refused as a second concurrent /next, and it gets the event.
-    let retry = spawn_runtime_next(&addr);
-    let invoke = spawn_invoke(&emu, "kept");
-    let event = joined(retry).await;
-    assert_eq!(&event.body[..], b"kept");
+    let second = spawn_runtime_next(&addr);
+    assert!(
+        emu.wait_until(SECOND, |s, _| s.runtime_next_calls == 2)
+            .await
+    );
+    let invoke = spawn_invoke(&emu, "one");
+    let event = joined(first).await;
+    assert_eq!(&event.body[..], b"one");
     let id = event.header("lambda-runtime-aws-request-id");
-    respond(&addr, &id, "ok").await;
+    assert_eq!(respond(&addr, &id, "r1").await.status, 202);
     assert!(joined(invoke).await.outcome.is_success());
+    assert!(!second.is_finished(), "answered without an invocation");
+
+    let third = spawn_runtime_next(&addr);
+    assert!(emu.wait_until(SECOND, |_, t| t[0].complete.is_some()).await);
+    let invoke = spawn_invoke(&emu, "two");
+    let event = joined(second).await;
+    assert_eq!(event.status, 200, "{event:?}");
+    assert_eq!(&event.body[..], b"two");
+    let id = event.header("lambda-runtime-aws-request-id");
+    assert_eq!(respond(&addr, &id, "r2").await.status, 202);
+    assert!(joined(invoke).await.outcome.is_success());
+    assert!(
+        !third.is_finished(),
+        "the third call waits for invocation 3"
+    );
 }
 
 /// RAPID's rule for an extension's `event/next` whose client went away: the extension stays

@@ -14,6 +14,11 @@
 //! - an extension already waiting in `event/next` is refused another call (403
 //!   `Extension.InvalidExtensionState`), also when the pending call's client went away: the
 //!   next event is written to that dead call and lost, and only then is a call accepted;
+//! - the runtime's `/next` follows RAPID's runtime states: asked again before answering, it
+//!   renders the current invocation again; two calls at once both wait, and each invocation
+//!   goes to the oldest, also when its client went away: then the invocation is lost and
+//!   times out (outside Managed Instances); an answer for an id other than the current
+//!   invocation's is 400 `InvalidRequestID`, a second one for the current one 403;
 //! - the runtime's deadline and the extensions' `deadlineMs` are rendered apart and may differ
 //!   by a millisecond ([`EmulatorConfig::extension_deadline_skew_ms`]);
 //! - the caller gets the response as soon as the runtime posts it; a streamed response

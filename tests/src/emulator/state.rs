@@ -245,6 +245,9 @@ impl Extension {
 #[derive(Debug, Default)]
 struct RuntimeSlot {
     called_next: bool,
+    /// The `/next` calls not answered yet, oldest first. As in RAPID, a call whose client went
+    /// away stays here (outside Managed Instances): the next invocation is written to it and
+    /// lost (see [`Shared::runtime_next`]).
     waiters: VecDeque<oneshot::Sender<RuntimeEvent>>,
     queue: VecDeque<RuntimeEvent>,
     /// SnapStart: the runtime waits in `/restore/next`.
@@ -260,6 +263,8 @@ impl RuntimeSlot {
 #[derive(Debug)]
 struct Active {
     request_id: String,
+    /// What the runtime's `/next` renders for it (again, in RAPID's Running state).
+    event: RuntimeEvent,
     timeline: usize,
     delivered: bool,
     answered: bool,
@@ -476,7 +481,9 @@ impl Shared {
         let managed = self.managed();
         let mut guard = self.lock();
         let inner = &mut *guard;
-        inner.runtime.waiters.retain(|w| !w.is_closed());
+        if managed {
+            inner.runtime.waiters.retain(|w| !w.is_closed());
+        }
         // SnapStart: a runtime waiting in `/restore/next` is in RAPID's RestoreReady state.
         if inner.runtime.waits_in_restore_next() {
             return Err(ApiError::runtime_state("RestoreReady", "Ready"));
@@ -488,15 +495,20 @@ impl Shared {
                 record.runtime_ready = Some(now);
             }
         }
-        if !managed {
-            // One invocation at a time: asking for the next one before answering the current
-            // one, or twice at once, is a state error in Lambda's runtime state machine.
-            if inner.active.iter().any(|a| a.delivered && !a.answered) {
-                return Err(ApiError::runtime_state("Running", "Ready"));
-            }
-            if !inner.runtime.waiters.is_empty() {
-                return Err(ApiError::runtime_state("Ready", "Ready"));
-            }
+        // RAPID's runtime state machine (aws-lambda-runtime-interface-emulator,
+        // core/states.go) refuses neither of these: in state Running (the invocation is out,
+        // not answered yet) `Ready()` succeeds at once and the current invocation is rendered
+        // again; in state Ready (a call already waits, whether or not its client is still
+        // there) the call is suspended too, and each invoke releases the oldest one.
+        if !managed && let Some(active) = inner.active.iter().find(|a| a.delivered && !a.answered) {
+            let event = active.event.clone();
+            let timeline = active.timeline;
+            inner.stats.runtime_next_calls += 1;
+            inner.timelines[timeline]
+                .runtime_received
+                .get_or_insert(now);
+            self.bump();
+            return Ok(Next::Now(event));
         }
         inner.stats.runtime_next_calls += 1;
         // "Registration closes at the runtime's first /next" (Extensions API: the Init phase
@@ -538,24 +550,30 @@ impl Shared {
             .iter()
             .position(|a| a.request_id == request_id && a.delivered)
         else {
-            // RIE: a second answer for the current id is a state error (403), any other id is
-            // "Invalid request ID" (400; lambda/rapi/middleware AwsRequestIDValidator).
-            let answered = inner
-                .timelines
-                .iter()
-                .rev()
-                .any(|t| t.request_id == request_id && t.response_posted.is_some());
-            return Err(if answered {
-                ApiError::runtime_state("InvocationResponse", "InvocationResponse")
+            // RIE: an id other than the current invocation's (the last one dispatched, answered
+            // or not) is "Invalid request ID" (400; lambda/rapi/middleware
+            // AwsRequestIDValidator); a second answer for the current one is a state error
+            // (403). Managed Instances have no single current invocation: any answered one.
+            let current = if self.managed() {
+                inner
+                    .timelines
+                    .iter()
+                    .rev()
+                    .any(|t| t.request_id == request_id && t.response_posted.is_some())
+            } else {
+                inner
+                    .timelines
+                    .last()
+                    .is_some_and(|t| t.generation == inner.generation && t.request_id == request_id)
+            };
+            return Err(if current {
+                Self::answered_twice(inner)
             } else {
                 ApiError::new(400, "InvalidRequestID", "Invalid request ID")
             });
         };
         if inner.active[pos].answered {
-            return Err(ApiError::runtime_state(
-                "InvocationResponse",
-                "InvocationResponse",
-            ));
+            return Err(Self::answered_twice(inner));
         }
         let active = &mut inner.active[pos];
         active.answered = true;
@@ -597,6 +615,17 @@ impl Shared {
         self.try_complete(inner, now);
         self.bump();
         result
+    }
+
+    /// A second answer to the current invocation: RAPID's state is ResponseSent, or Ready once
+    /// the runtime waits in `/next` again.
+    fn answered_twice(inner: &Inner) -> ApiError {
+        let state = if inner.runtime.waiters.is_empty() {
+            "ResponseSent"
+        } else {
+            "Ready"
+        };
+        ApiError::runtime_state(state, "InvocationResponse")
     }
 
     /// `POST /runtime/init/error`.
@@ -906,6 +935,7 @@ impl Shared {
             deadline_ms,
             thawed,
             runtime_received: None,
+            runtime_lost: None,
             response_posted: None,
             function_error: false,
             runtime_next: None,
@@ -952,9 +982,22 @@ impl Shared {
             trace_id,
             payload,
         };
-        let delivered = match offer(&mut runtime.waiters, event) {
-            Ok(()) => {
+        let kept = event.clone();
+        let offered = if self.managed() {
+            offer(&mut runtime.waiters, event).map(|()| true)
+        } else {
+            // As RAPID releases the runtime's oldest suspended `/next`, whether or not its
+            // client is still there: written to a dead call, the invocation is lost.
+            offer_to_oldest(&mut runtime.waiters, event)
+        };
+        let delivered = match offered {
+            Ok(true) => {
                 timelines[index].runtime_received = Some(now);
+                true
+            }
+            Ok(false) => {
+                timelines[index].runtime_lost = Some(now);
+                stats.lost_runtime_events += 1;
                 true
             }
             Err(event) => {
@@ -966,6 +1009,7 @@ impl Shared {
         let (completion_tx, completion) = oneshot::channel();
         inner.active.push(Active {
             request_id: request_id.clone(),
+            event: kept,
             timeline: index,
             delivered,
             answered: false,
@@ -1273,7 +1317,11 @@ impl Shared {
             if inner.runtime.waiters.iter().any(|w| !w.is_closed()) {
                 record.cut_calls.push("invocation/next".to_owned());
             }
-            inner.runtime.waiters.clear();
+            // Dead too, yet still pending: the first invocation goes to such a call and is
+            // lost, as with an extension's.
+            for waiter in &mut inner.runtime.waiters {
+                *waiter = oneshot::channel().0;
+            }
         }
         // Connections accepted before this point belong to the snapshot. (Bumped after the
         // pending calls are counted: the connection tasks act on it at once.)
@@ -1694,6 +1742,16 @@ fn offer<T>(waiters: &mut VecDeque<oneshot::Sender<T>>, mut value: T) -> Result<
     Err(value)
 }
 
+/// Hands `value` to the oldest pending call, whether or not its client is still there.
+/// `Ok(true)`: delivered; `Ok(false)`: written to a call whose client went away, so lost;
+/// `Err`: no call pending, `value` is given back to be queued.
+fn offer_to_oldest<T>(waiters: &mut VecDeque<oneshot::Sender<T>>, value: T) -> Result<bool, T> {
+    match waiters.pop_front() {
+        Some(waiter) => Ok(waiter.send(value).is_ok()),
+        None => Err(value),
+    }
+}
+
 /// Hands `event` to the extension's pending `event/next` call, as RAPID does: to the oldest
 /// one, whether or not its client is still there. `Ok(true)`: delivered; `Ok(false)`: written
 /// to a call whose client went away, so lost (counted in `lost`); `Err`: no call pending, the
@@ -1703,10 +1761,7 @@ fn offer_to_extension(
     event: ExtEvent,
     lost: &mut u64,
 ) -> Result<bool, ExtEvent> {
-    let Some(waiter) = ext.waiters.pop_front() else {
-        return Err(event);
-    };
-    let delivered = waiter.send(event).is_ok();
+    let delivered = offer_to_oldest(&mut ext.waiters, event)?;
     if !delivered {
         *lost += 1;
     }

@@ -26,6 +26,10 @@ pub struct Timeline {
     pub thawed: Option<Instant>,
     /// When the runtime's `/next` call received the event.
     pub runtime_received: Option<Instant>,
+    /// When the event was written to a runtime `/next` call whose client had gone away (RAPID
+    /// does not notice: the oldest pending call gets the invocation), so the runtime never
+    /// received it from that call.
+    pub runtime_lost: Option<Instant>,
     /// When the runtime POSTed its response (or error).
     pub response_posted: Option<Instant>,
     /// Whether the runtime answered with `/error` rather than `/response`.
@@ -137,6 +141,9 @@ pub struct Stats {
     /// in one (a call whose client went away included). Outside a SnapStart restore each also
     /// counts in the `max_concurrent_*` figures, unless the pending call's client was gone.
     pub refused_event_next_calls: u64,
+    /// Invocations written to a runtime `/next` call whose client had gone away, as RAPID
+    /// does: lost for the runtime (see [`Timeline::runtime_lost`]).
+    pub lost_runtime_events: u64,
     /// Events (INVOKE, SHUTDOWN) written to an `event/next` call whose client had gone away,
     /// as RAPID does: lost for the extension.
     pub lost_extension_events: u64,
