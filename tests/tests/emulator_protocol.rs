@@ -1181,6 +1181,44 @@ async fn a_timeout_kills_the_child_and_the_next_invoke_runs_init_again() {
     assert!(emu.timelines()[0].timed_out);
 }
 
+/// A reset child that is still running during its grace (here: it ignores SIGTERM) is no
+/// longer the environment's runtime: its late answer and its next `/next` go nowhere (RAPID
+/// shuts the old runtime domain down, and waits for its processes to exit, before the next
+/// init), and the next invoke runs init again in a new child.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_childs_late_calls_do_not_count_for_the_next_environment() {
+    let config = EmulatorConfig {
+        function_timeout: Duration::from_millis(300),
+        shutdown_grace: Some(Duration::from_millis(1000)),
+        ..EmulatorConfig::default()
+    };
+    let (emu, _addr) = start(config).await;
+    let stubborn = FunctionSpec::new("/bin/sh")
+        .arg("-c")
+        .arg(format!("trap '' TERM; exec {PROBE}"));
+    within(emu.spawn_function(stubborn)).await.expect("init");
+    let first_pid = emu.child_pid().expect("child");
+    // Overruns its deadline, answers 200 ms later (within the grace), then asks for more.
+    let result = within(emu.invoke("sleep:500")).await;
+    assert_eq!(result.outcome, InvokeOutcome::Timeout);
+    let result = within(emu.invoke("again")).await;
+    assert_eq!(
+        result.outcome.body(),
+        Some(&Bytes::from("again")),
+        "{result:?}"
+    );
+    let second_pid = emu.child_pid().expect("child");
+    assert_ne!(first_pid, second_pid);
+    let starts = emu
+        .function_logs()
+        .iter()
+        .filter(|l| l.starts_with("probe started"))
+        .count();
+    assert_eq!(starts, 2);
+    let stats = emu.stats();
+    assert_eq!((stats.resets, stats.inits), (1, 2), "{stats:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashing_child_fails_the_invocation_and_is_restarted() {
     let (emu, _addr) = start(EmulatorConfig::default()).await;

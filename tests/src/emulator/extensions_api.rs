@@ -131,6 +131,7 @@ pub(crate) async fn next(shared: &Arc<Shared>, req: Request<Incoming>) -> Handle
     let event = match next {
         Next::Now(event) => Ok(event),
         Next::Wait(rx) => rx.await,
+        Next::Never => std::future::pending().await,
     };
     in_flight.answered();
     let event =

@@ -33,6 +33,7 @@ pub(crate) async fn next(shared: &Arc<Shared>) -> HandlerResult {
     let event = match shared.runtime_next() {
         Err(e) => return Ok(server::error(&e)),
         Ok(Next::Now(event)) => event,
+        Ok(Next::Never) => std::future::pending().await,
         Ok(Next::Wait(rx)) => {
             // Counts the call as abandoned if hyper drops this future (client gone).
             let mut abandoned = Abandoned(Some((shared, shared.restore_epoch())));

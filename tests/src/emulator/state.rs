@@ -144,6 +144,9 @@ impl ExtEvent {
 pub(crate) enum Next<T> {
     Now(T),
     Wait(oneshot::Receiver<T>),
+    /// The caller is a reset environment's process, still running out its grace: nothing
+    /// will ever answer it (its connection ends with the process).
+    Never,
 }
 
 /// Which extension error endpoint was called.
@@ -316,6 +319,17 @@ struct Inner {
     restore_open: Option<usize>,
 }
 
+impl Inner {
+    /// Whether a Runtime API call comes from a process of an environment already reset: a
+    /// killed (or SIGTERMed) child that has not exited yet. The next child is started only
+    /// once it has, so meanwhile every call is its. RAPID shuts the old runtime domain down,
+    /// and waits for its processes, before the next init: their calls never reach the new
+    /// environment.
+    fn stale_caller(&self) -> bool {
+        self.child.is_none() && self.dying.iter().any(|exit| exit.borrow().is_none())
+    }
+}
+
 /// A dispatched invocation, as `invoke()` waits for it.
 #[derive(Debug)]
 pub(crate) struct Dispatched {
@@ -481,6 +495,10 @@ impl Shared {
         let managed = self.managed();
         let mut guard = self.lock();
         let inner = &mut *guard;
+        if inner.stale_caller() {
+            // The old runtime waits in `/next` until it is killed.
+            return Ok(Next::Never);
+        }
         if managed {
             inner.runtime.waiters.retain(|w| !w.is_closed());
         }
@@ -636,6 +654,9 @@ impl Shared {
     ) -> Result<(), ApiError> {
         let mut guard = self.lock();
         let inner = &mut *guard;
+        if inner.stale_caller() {
+            return Err(ApiError::runtime_state("Running", "InitError"));
+        }
         if inner.runtime.called_next || inner.phase != Phase::Init {
             return Err(ApiError::runtime_state("Ready", "InitError"));
         }
@@ -678,7 +699,7 @@ impl Shared {
             }
         }
         let mut inner = self.lock();
-        if !inner.registration_open {
+        if !inner.registration_open || inner.stale_caller() {
             return Err(ApiError::forbidden(
                 "Extension.RegistrationClosed",
                 "Extension registration closed already",
@@ -1205,7 +1226,7 @@ impl Shared {
     pub(crate) fn runtime_restore_next(&self) -> Result<oneshot::Receiver<()>, ApiError> {
         let mut guard = self.lock();
         let inner = &mut *guard;
-        let state = if inner.runtime.called_next {
+        let state = if inner.runtime.called_next || inner.stale_caller() {
             "Ready"
         } else if inner.runtime.waits_in_restore_next() {
             "RestoreReady"
