@@ -1219,6 +1219,45 @@ async fn a_reset_childs_late_calls_do_not_count_for_the_next_environment() {
     assert_eq!((stats.resets, stats.inits), (1, 2), "{stats:?}");
 }
 
+/// A reset shuts the environment down "like a Shutdown event": the runtime gets SIGTERM and
+/// its grace, while its pending calls stay pending (RAPID does not answer a suspended `/next`
+/// or `event/next` on a reset; the process's end closes them), so a function sees the signal,
+/// not a broken connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_childs_pending_calls_stay_unanswered_during_its_grace() {
+    let config = EmulatorConfig {
+        function_timeout: Duration::from_millis(300),
+        shutdown_grace: Some(Duration::from_millis(1500)),
+        ..EmulatorConfig::default()
+    };
+    let (emu, _addr) = start(config).await;
+    let stubborn = FunctionSpec::new("/bin/sh")
+        .arg("-c")
+        .arg(format!("trap '' TERM; exec {PROBE}"))
+        .env("EMU_PROBE_EXTENSION", "probe-ext");
+    within(emu.spawn_function(stubborn)).await.expect("init");
+    // The extension's INVOKE comes too late: the runtime answers and waits in `/next`, the
+    // invocation reaches its deadline.
+    emu.faults()
+        .once(Fault::EventNextAnswerDelay(Duration::from_secs(3)));
+    let result = within(emu.invoke("x")).await;
+    assert_eq!(result.outcome.body(), Some(&Bytes::from("x")));
+    assert!(emu.wait_until(SECOND, |s, _| s.timeouts == 1).await);
+    let broken = emu
+        .wait_for_log(
+            |l| l.starts_with("runtime next failed") || l.starts_with("runtime next refused"),
+            Duration::from_millis(800),
+        )
+        .await;
+    assert_eq!(broken, None, "the pending /next ended during the grace");
+    let result = within(emu.invoke("again")).await;
+    assert_eq!(
+        result.outcome.body(),
+        Some(&Bytes::from("again")),
+        "{result:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashing_child_fails_the_invocation_and_is_restarted() {
     let (emu, _addr) = start(EmulatorConfig::default()).await;

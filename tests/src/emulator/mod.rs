@@ -27,8 +27,9 @@
 //! - an idle, complete child is frozen (SIGSTOP) and thawed (SIGCONT) on the next invoke;
 //! - a deadline overrun resets the environment, which "behaves like a Shutdown event": SIGTERM
 //!   and the runtime's grace when an extension is registered, then SIGKILL; init again on the
-//!   next invoke; until the reset child has exited, its calls go nowhere (a `/next` is never
-//!   answered, a registration is closed, an init error refused), and only then is the next
+//!   next invoke; the calls pending at the reset are not answered (they end with the
+//!   process), and until the reset child has exited its new calls go nowhere (a `/next` is
+//!   never answered, a registration is closed, an init error refused); only then is the next
 //!   child started;
 //! - with SnapStart, init ends in a snapshot (the child frozen while its runtime waits in
 //!   `/restore/next`) and the first invoke restores it (see [`EmulatorConfig::snap_start`]).

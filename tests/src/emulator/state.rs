@@ -311,6 +311,10 @@ struct Inner {
     child: Option<ChildSlot>,
     /// Killed children not yet reaped: a new child is not started before they are gone.
     dying: Vec<watch::Receiver<Option<ExitStatus>>>,
+    /// The pending `next` calls of an environment reset while its child runs out its grace:
+    /// never answered, they end with that process (dropped when the next child starts).
+    parked_runtime: Vec<oneshot::Sender<RuntimeEvent>>,
+    parked_extensions: Vec<oneshot::Sender<ExtEvent>>,
     shutting_down: bool,
     /// SnapStart: when this generation's snapshot was taken.
     snapshot: Option<Instant>,
@@ -426,6 +430,8 @@ impl Shared {
                 spec: None,
                 child: None,
                 dying: Vec::new(),
+                parked_runtime: Vec::new(),
+                parked_extensions: Vec::new(),
                 shutting_down: false,
                 snapshot: None,
                 restores: Vec::new(),
@@ -1429,6 +1435,22 @@ impl Shared {
         if grace.is_zero() {
             Self::kill_child(inner);
         } else {
+            // RAPID answers none of the runtime's or the extensions' suspended calls on a
+            // reset (rapid/shutdown.go releases only the external extensions subscribed to
+            // SHUTDOWN): they stay pending through the grace and end with the process.
+            if inner.child.as_ref().is_some_and(|c| !c.exited()) {
+                let Inner {
+                    runtime,
+                    extensions,
+                    parked_runtime,
+                    parked_extensions,
+                    ..
+                } = &mut *inner;
+                parked_runtime.extend(runtime.waiters.drain(..));
+                for ext in extensions.iter_mut() {
+                    parked_extensions.extend(ext.waiters.drain(..));
+                }
+            }
             Self::terminate_child(inner, grace);
         }
         self.new_generation(inner);
@@ -1513,6 +1535,9 @@ impl Shared {
         let Some(spec) = inner.spec.clone() else {
             return;
         };
+        // The reset children whose calls these were are gone.
+        inner.parked_runtime.clear();
+        inner.parked_extensions.clear();
         let name = &self.config.function_name;
         let mut env = vec![
             ("AWS_LAMBDA_RUNTIME_API".to_owned(), self.addr.to_string()),
