@@ -332,9 +332,7 @@ async fn read_response(
                 let mut keep = response.version == Some(1);
                 for header in response.headers.iter() {
                     if header.name.eq_ignore_ascii_case("content-length") {
-                        let length = std::str::from_utf8(header.value)
-                            .ok()
-                            .and_then(|v| v.trim().parse::<usize>().ok())
+                        let length = content_length(header.value)
                             .ok_or_else(|| malformed("bad Content-Length".into()))?;
                         framing = Framing::Length(length);
                     } else if header.name.eq_ignore_ascii_case("transfer-encoding")
@@ -390,6 +388,16 @@ async fn read_response(
         }
     };
     Ok((status, body, keep))
+}
+
+/// A `Content-Length` value: 1*DIGIT (RFC 9112, 6.2), between optional whitespace. Not
+/// `str::parse` alone, which also takes a sign.
+fn content_length(value: &[u8]) -> Option<usize> {
+    let digits = value.trim_ascii();
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
 }
 
 enum Framing {
@@ -804,6 +812,31 @@ pub(crate) mod tests {
         stream.write_all(next.as_bytes()).await.expect("write");
         let event = call.await.expect("join").expect("event");
         assert!(matches!(event, NextEvent::Invoke(e) if e.request_id == "r-2"));
+    }
+
+    /// What the call returns when the API answers `response` and keeps the connection open.
+    async fn answered(response: &str) -> Result<NextEvent, ClientError> {
+        let (_listener, _line, call, mut stream) = first_call().await;
+        answer(&mut stream, response).await;
+        let result = call.await.expect("no panic");
+        drop(stream);
+        result
+    }
+
+    /// `Content-Length` is 1*DIGIT (RFC 9112, 6.2): a sign, which Rust's integer parsing
+    /// takes, makes the framing invalid, so the answer is refused. Found by review: `+N` was
+    /// read as `N`.
+    #[tokio::test]
+    async fn a_content_length_with_a_sign_is_refused() {
+        let response = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: +{}\r\n\r\n{EVENT}",
+            EVENT.len()
+        );
+        let result = answered(&response).await;
+        assert!(
+            matches!(result, Err(ClientError::Malformed(_))),
+            "{result:?}"
+        );
     }
 
     #[tokio::test]
