@@ -334,6 +334,10 @@ async fn read_response(
                     if header.name.eq_ignore_ascii_case("content-length") {
                         let length = content_length(header.value)
                             .ok_or_else(|| malformed("bad Content-Length".into()))?;
+                        // Fields that disagree make the framing invalid (RFC 9112, 6.3).
+                        if matches!(framing, Framing::Length(other) if other != length) {
+                            return Err(malformed("conflicting Content-Length fields".into()));
+                        }
                         framing = Framing::Length(length);
                     } else if header.name.eq_ignore_ascii_case("transfer-encoding")
                         && header.value.eq_ignore_ascii_case(b"chunked")
@@ -837,6 +841,29 @@ pub(crate) mod tests {
             matches!(result, Err(ClientError::Malformed(_))),
             "{result:?}"
         );
+    }
+
+    /// Several `Content-Length` fields that disagree make the framing invalid (RFC 9112, 6.3):
+    /// refused, in either order; identical ones frame as one. Found by review: the last one
+    /// won.
+    #[tokio::test]
+    async fn conflicting_content_lengths_are_refused() {
+        let len = EVENT.len();
+        for lengths in [[len, 5], [5, len]] {
+            let response = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Length: {}\r\n\r\n{EVENT}",
+                lengths[0], lengths[1]
+            );
+            let result = answered(&response).await;
+            assert!(
+                matches!(result, Err(ClientError::Malformed(_))),
+                "{lengths:?}: {result:?}"
+            );
+        }
+        let response = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nContent-Length: {len}\r\n\r\n{EVENT}"
+        );
+        assert!(answered(&response).await.is_ok());
     }
 
     #[tokio::test]
