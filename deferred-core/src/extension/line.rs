@@ -328,7 +328,9 @@ async fn read_response(
                     continue;
                 }
                 let mut framing = Framing::UntilClose;
-                let mut chunked = false;
+                // The transfer codings, over every `Transfer-Encoding` field, and whether one
+                // is not `chunked`; `None` without the field.
+                let mut codings: Option<(usize, bool)> = None;
                 let mut keep = response.version == Some(1);
                 for header in response.headers.iter() {
                     if header.name.eq_ignore_ascii_case("content-length") {
@@ -339,18 +341,25 @@ async fn read_response(
                             return Err(malformed("conflicting Content-Length fields".into()));
                         }
                         framing = Framing::Length(length);
-                    } else if header.name.eq_ignore_ascii_case("transfer-encoding")
-                        && header.value.eq_ignore_ascii_case(b"chunked")
-                    {
-                        chunked = true;
+                    } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
+                        // A list, which may span several fields (RFC 9110, 5.3).
+                        let (count, other) = codings.get_or_insert((0, false));
+                        for coding in elements(header.value) {
+                            *count += 1;
+                            *other |= !coding.eq_ignore_ascii_case(b"chunked");
+                        }
                     } else if header.name.eq_ignore_ascii_case("connection") {
                         keep = !header.value.eq_ignore_ascii_case(b"close");
                     }
                 }
                 // Chunked overrides a Content-Length, in whichever order they come (RFC 9112,
-                // 6.3).
-                if chunked {
-                    framing = Framing::Chunked;
+                // 6.3). It frames the body only as the final coding, applied once (RFC 9112,
+                // 6.1), and the line decodes no other: any other list is refused, never left
+                // to a Content-Length or the close.
+                match codings {
+                    None => {}
+                    Some((1, false)) => framing = Framing::Chunked,
+                    Some(_) => return Err(malformed("unsupported Transfer-Encoding".into())),
                 }
                 // No body, whatever the headers say (RFC 9112, 6.3); not framed by the close.
                 if status == 204 || status == 304 {
@@ -402,6 +411,14 @@ fn content_length(value: &[u8]) -> Option<usize> {
         return None;
     }
     std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+/// The elements of a comma-separated field value (RFC 9110, 5.6.1), empty ones left out.
+fn elements(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value
+        .split(|&b| b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|element| !element.is_empty())
 }
 
 enum Framing {
@@ -863,6 +880,45 @@ pub(crate) mod tests {
         let response = format!(
             "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nContent-Length: {len}\r\n\r\n{EVENT}"
         );
+        assert!(answered(&response).await.is_ok());
+    }
+
+    /// `Transfer-Encoding` is a list, which may span several fields (RFC 9110, 5.3): chunked
+    /// frames the body only as its final coding (RFC 9112, 6.3), and the line decodes no other
+    /// coding, so any other list is refused, with or without a `Content-Length`, at once.
+    /// Found by review: only a field that was exactly `chunked` counted, so `gzip, chunked`
+    /// was framed by the close (the call stalled), a `gzip` field beside a `chunked` one was
+    /// ignored, and `identity` left the body to the `Content-Length` it overrides.
+    #[tokio::test]
+    async fn transfer_codings_other_than_chunked_alone_are_refused() {
+        let chunked = format!("{:x}\r\n{EVENT}\r\n0\r\n\r\n", EVENT.len());
+        for (codings, body) in [
+            ("Transfer-Encoding: gzip, chunked", chunked.clone()),
+            ("Transfer-Encoding: chunked, chunked", chunked.clone()),
+            (
+                "Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked",
+                chunked.clone(),
+            ),
+            (
+                "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked",
+                chunked.clone(),
+            ),
+            (
+                &format!(
+                    "Transfer-Encoding: identity\r\nContent-Length: {}",
+                    EVENT.len()
+                ),
+                EVENT.to_owned(),
+            ),
+        ] {
+            let response = format!("HTTP/1.1 200 OK\r\n{codings}\r\n\r\n{body}");
+            let result = answered(&response).await;
+            assert!(
+                matches!(result, Err(ClientError::Malformed(_))),
+                "{codings:?}: {result:?}"
+            );
+        }
+        let response = format!("HTTP/1.1 200 OK\r\nTransfer-Encoding:  CHUNKED \r\n\r\n{chunked}");
         assert!(answered(&response).await.is_ok());
     }
 
