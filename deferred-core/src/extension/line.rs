@@ -331,7 +331,8 @@ async fn read_response(
                 // The transfer codings, over every `Transfer-Encoding` field, and whether one
                 // is not `chunked`; `None` without the field.
                 let mut codings: Option<(usize, bool)> = None;
-                let mut keep = response.version == Some(1);
+                // The options of every `Connection` field (RFC 9110, 7.6.1).
+                let (mut close, mut keep_alive) = (false, false);
                 for header in response.headers.iter() {
                     if header.name.eq_ignore_ascii_case("content-length") {
                         let length = content_length(header.value)
@@ -349,7 +350,10 @@ async fn read_response(
                             *other |= !coding.eq_ignore_ascii_case(b"chunked");
                         }
                     } else if header.name.eq_ignore_ascii_case("connection") {
-                        keep = !header.value.eq_ignore_ascii_case(b"close");
+                        for option in elements(header.value) {
+                            close |= option.eq_ignore_ascii_case(b"close");
+                            keep_alive |= option.eq_ignore_ascii_case(b"keep-alive");
+                        }
                     }
                 }
                 // Chunked overrides a Content-Length, in whichever order they come (RFC 9112,
@@ -365,9 +369,11 @@ async fn read_response(
                 if status == 204 || status == 304 {
                     framing = Framing::Length(0);
                 }
-                if matches!(framing, Framing::UntilClose) {
-                    keep = false;
-                }
+                // Persistence (RFC 9112, 9.3): not after `close`, by default from HTTP/1.1 on,
+                // with `keep-alive` in HTTP/1.0; never for a body that the close ends.
+                let keep = !close
+                    && (response.version == Some(1) || keep_alive)
+                    && !matches!(framing, Framing::UntilClose);
                 *head = Some(status);
                 break (status, len, framing, keep);
             }
@@ -920,6 +926,51 @@ pub(crate) mod tests {
         }
         let response = format!("HTTP/1.1 200 OK\r\nTransfer-Encoding:  CHUNKED \r\n\r\n{chunked}");
         assert!(answered(&response).await.is_ok());
+    }
+
+    /// `Connection` is a list of options, which may span several fields (RFC 9110, 7.6.1): a
+    /// `close` among them ends the connection after the answer, and an HTTP/1.0 answer keeps
+    /// it only with `keep-alive` (RFC 9112, 9.3), so the next request goes out on a new one.
+    /// Found by review: only a field that was exactly `close` counted, so the next request
+    /// went out on a connection the API was closing (a failed call and a retry).
+    #[tokio::test]
+    async fn a_close_option_anywhere_ends_the_connection() {
+        for (version, options) in [
+            ("1.1", "keep-alive, close"),
+            ("1.1", "Close, keep-alive"),
+            ("1.1", "keep-alive\r\nConnection: close"),
+            ("1.0", "x-option"),
+        ] {
+            let (listener, line, call, mut stream) = first_call().await;
+            let response = format!(
+                "HTTP/{version} 200 OK\r\nConnection: {options}\r\nContent-Length: {}\r\n\r\n{EVENT}",
+                EVENT.len()
+            );
+            answer(&mut stream, &response).await;
+            call.await.expect("join").expect("event");
+            let call = spawn_call(&line);
+            line.arm(1);
+            let (mut fresh, _) = tokio::time::timeout(Duration::from_secs(5), listener.accept())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!("{options:?}: the request went out on the closing connection")
+                })
+                .expect("accept");
+            answer(&mut fresh, &with_length(EVENT)).await;
+            assert!(call.await.expect("join").is_ok());
+        }
+        // HTTP/1.0 with `keep-alive`: kept.
+        let (_listener, line, call, mut stream) = first_call().await;
+        let response = format!(
+            "HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\nContent-Length: {}\r\n\r\n{EVENT}",
+            EVENT.len()
+        );
+        answer(&mut stream, &response).await;
+        call.await.expect("join").expect("event");
+        let call = spawn_call(&line);
+        line.arm(1);
+        answer(&mut stream, &with_length(EVENT)).await;
+        assert!(call.await.expect("join").is_ok());
     }
 
     #[tokio::test]
