@@ -305,7 +305,7 @@ async fn read_answer(
 }
 
 /// Reads one HTTP/1.1 answer: (status, body, whether the connection stays open). `head` gets
-/// the status as soon as the head is in, for a body that then fails.
+/// the status as soon as the head is in, for a head or body that then fails.
 async fn read_response(
     conn: &mut Conn,
     head: &mut Option<u16>,
@@ -327,6 +327,9 @@ async fn read_response(
                     conn.buf.drain(..len);
                     continue;
                 }
+                // The final answer's status, before its framing is checked: a 2xx refused
+                // for its headers gave an event out all the same.
+                *head = Some(status);
                 let mut framing = Framing::UntilClose;
                 // The transfer codings, over every `Transfer-Encoding` field, and whether one
                 // is not `chunked`; `None` without the field.
@@ -374,7 +377,6 @@ async fn read_response(
                 let keep = !close
                     && (response.version == Some(1) || keep_alive)
                     && !matches!(framing, Framing::UntilClose);
-                *head = Some(status);
                 break (status, len, framing, keep);
             }
             Ok(httparse::Status::Partial) if conn.buf.len() < MAX_HEAD => {
@@ -748,6 +750,18 @@ pub(crate) mod tests {
                 true,
             ),
             (with_length("{\"eventType\":"), true),
+            // A 2xx head refused for its framing: the API gave the event out all the same.
+            (
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: +{0}\r\n\r\n{EVENT}",
+                    EVENT.len()
+                ),
+                true,
+            ),
+            (
+                "HTTP/1.1 500 Internal Server Error\r\nContent-Length: x\r\n\r\n".to_owned(),
+                false,
+            ),
             (
                 "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 2\r\n\r\n{}".to_owned(),
                 false,
