@@ -365,6 +365,11 @@ async fn read_response(
                 // to a Content-Length or the close.
                 match codings {
                     None => {}
+                    // Faulty framing in HTTP/1.0, even beside a Content-Length (RFC 9112,
+                    // 6.1): a 1.0 server cannot have chunked it.
+                    Some(_) if response.version != Some(1) => {
+                        return Err(malformed("Transfer-Encoding in HTTP/1.0".into()));
+                    }
                     Some((1, false)) => framing = Framing::Chunked,
                     Some(_) => return Err(malformed("unsupported Transfer-Encoding".into())),
                 }
@@ -985,6 +990,21 @@ pub(crate) mod tests {
         line.arm(1);
         answer(&mut stream, &with_length(EVENT)).await;
         assert!(call.await.expect("join").is_ok());
+    }
+
+    /// An HTTP/1.0 answer with `Transfer-Encoding` has faulty framing, whatever else it says
+    /// (RFC 9112, 6.1): refused, not read as chunked and kept alive. Found by review.
+    #[tokio::test]
+    async fn an_http_1_0_answer_with_a_transfer_encoding_is_refused() {
+        let chunked = format!("{:x}\r\n{EVENT}\r\n0\r\n\r\n", EVENT.len());
+        let response = format!(
+            "HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n{chunked}"
+        );
+        let result = answered(&response).await;
+        assert!(
+            matches!(result, Err(ClientError::Malformed(_))),
+            "{result:?}"
+        );
     }
 
     #[tokio::test]
