@@ -202,4 +202,18 @@ pub mod __private {
     ) -> std::time::Instant {
         crate::phase::Budget::new(deadline, margin).end.into_std()
     }
+
+    /// One answer read by the extension's `event/next` line: `(status, body, whether the
+    /// connection stays open, how many of the connection's bytes were read through its end)`,
+    /// or why it failed.
+    pub type LineAnswer = Result<(u16, Vec<u8>, bool, usize), crate::extension::ClientError>;
+
+    /// The answers the extension's `event/next` line reads on a connection where the API sends
+    /// `reads` (each what one read returns) and then closes, until the first error or an
+    /// answer that ends the connection; `None` if the reader waited for more while every byte
+    /// was there (a hang, on a socket). For the fuzz target `line_answers` (`fuzz/`) and its
+    /// corpus replay.
+    pub fn line_answers(reads: &[&[u8]]) -> Option<Vec<LineAnswer>> {
+        crate::extension::line::answers_from(reads)
+    }
 }

@@ -58,6 +58,11 @@ fn runtime_headers_corpus() {
     replay("runtime_headers", checks::runtime_headers);
 }
 
+#[test]
+fn line_answers_corpus() {
+    replay("line_answers", checks::line_answers);
+}
+
 /// A target added to the fuzz crate must be replayed here too.
 #[test]
 fn every_corpus_is_replayed() {
@@ -72,5 +77,8 @@ fn every_corpus_is_replayed() {
         })
         .collect();
     targets.sort();
-    assert_eq!(targets, ["extension_event", "runtime_headers"]);
+    assert_eq!(
+        targets,
+        ["extension_event", "line_answers", "runtime_headers"]
+    );
 }

@@ -5,7 +5,7 @@
 //! The fuzz targets (`fuzz/fuzz_targets/`, nightly, libFuzzer) call these functions, and so
 //! does the corpus replay on stable, `deferred-core/tests/fuzz_corpus.rs`, which includes this
 //! file with `#[path]`. So this file may use only what both builds have: `deferred_core`,
-//! `lambda_runtime`, `http` and `serde_json`.
+//! `lambda_runtime`, `http`, `serde_json` and `httparse` (a dependency of deferred-core).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -125,6 +125,233 @@ pub fn runtime_headers(data: &[u8]) {
     }
     assert_eq!(LambdaEvent::new((), context).invocation(), invocation);
     phase_budget(invocation.deadline);
+}
+
+/// The line's bounds on an answer (`line.rs`): an answer this long may be refused for its size.
+const LINE_BOUND: usize = 16 * 1024;
+
+/// Target `line_answers`: `data` is what the Runtime API sends on the chain's own `event/next`
+/// connection (`deferred-core/src/extension/line.rs`) before it closes it; its first byte
+/// chooses how the rest is cut into reads ([`reads`]).
+///
+/// The line's reader must read every answer or fail with `Malformed` or `Transport`, never
+/// panic or wait for bytes it has, and stop after an error or an answer that ends the
+/// connection. Each answer it reads is checked against [`frame`], RFC 9112's framing written
+/// out again: it must be the answer that `frame` finds where the previous one ended (status,
+/// body, persistence, and its end in the bytes). An answer that `frame` finds whole may be
+/// refused only if it is longer than the line's bounds.
+pub fn line_answers(data: &[u8]) {
+    let Some((&split, stream)) = data.split_first() else {
+        return;
+    };
+    let answers = deferred_core::__private::line_answers(&reads(stream, split))
+        .expect("the reader waited for bytes it had been given (a hang)");
+    assert!(!answers.is_empty(), "no answer and no error");
+    let mut start = 0;
+    for (i, answer) in answers.iter().enumerate() {
+        let last = i + 1 == answers.len();
+        let expected = frame(&stream[start..]);
+        match answer {
+            Err(error) => {
+                assert!(last, "read on after an error");
+                assert!(
+                    matches!(error, ClientError::Malformed(_) | ClientError::Transport(_)),
+                    "{error:?}"
+                );
+                assert!(!error.to_string().is_empty());
+                if let Framed::Answer { len, .. } = expected {
+                    assert!(
+                        len > LINE_BOUND,
+                        "refused a well-formed answer of {len} bytes: {error}"
+                    );
+                }
+            }
+            Ok((status, body, keep, end)) => {
+                let Framed::Answer {
+                    status: framed_status,
+                    body: framed_body,
+                    keep: framed_keep,
+                    len,
+                } = expected
+                else {
+                    panic!("accepted an answer that is {expected:?}: {status} {body:?}");
+                };
+                assert_eq!(*status, framed_status);
+                assert_eq!(*body, framed_body, "the body is not the framed bytes");
+                assert_eq!(*keep, framed_keep, "persistence");
+                assert_eq!(*end, start + len, "the answer does not end where framed");
+                assert!(*keep || last, "read on after the connection's last answer");
+                start = *end;
+            }
+        }
+    }
+}
+
+/// `stream` cut into the reads that return it: one read for `split` 0, else reads of 1 to
+/// 2^(`split` % 12) bytes, their lengths drawn from a generator seeded with `split`
+/// (`'0'`: one byte per read, `'~'`: up to 64).
+pub fn reads(stream: &[u8], split: u8) -> Vec<&[u8]> {
+    if split == 0 {
+        return vec![stream];
+    }
+    let max = 1usize << (split % 12);
+    let mut state = u32::from(split);
+    let mut reads = Vec::new();
+    let mut rest = stream;
+    while !rest.is_empty() {
+        state = state.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+        let len = (1 + (state >> 16) as usize % max).min(rest.len());
+        let (read, after) = rest.split_at(len);
+        reads.push(read);
+        rest = after;
+    }
+    reads
+}
+
+/// What [`frame`] finds at the start of the bytes.
+#[derive(Debug)]
+pub enum Framed {
+    /// A whole answer, `len` bytes with the blank lines and interim answers before it.
+    Answer {
+        status: u16,
+        body: Vec<u8>,
+        keep: bool,
+        len: usize,
+    },
+    /// An answer that must be refused.
+    Refused,
+    /// The bytes end before the answer does.
+    Incomplete,
+}
+
+/// The next answer in `bytes`, framed as RFC 9112 says, with the line's choices where the RFC
+/// leaves one: blank lines before it and interim (1xx) answers are read past, a 101 is refused,
+/// `Content-Length` must be 1*DIGIT and agree with any other, a `Transfer-Encoding` must be
+/// `chunked` alone (the line decodes no other coding) in HTTP/1.1, `Connection: close` or an HTTP/1.0
+/// answer without `keep-alive` ends the connection, as does a body framed by the close.
+/// The head, chunk sizes and trailers are lexed by httparse, as the line does.
+pub fn frame(bytes: &[u8]) -> Framed {
+    let mut at = bytes
+        .iter()
+        .take_while(|b| matches!(b, b'\r' | b'\n'))
+        .count();
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut response = httparse::Response::new(&mut headers);
+        let head = match response.parse(&bytes[at..]) {
+            Ok(httparse::Status::Complete(head)) => head,
+            Ok(httparse::Status::Partial) => return Framed::Incomplete,
+            Err(_) => return Framed::Refused,
+        };
+        at += head;
+        let Some(status) = response.code else {
+            return Framed::Refused;
+        };
+        if status == 101 {
+            return Framed::Refused;
+        }
+        if (100..200).contains(&status) {
+            continue;
+        }
+        let values = |name: &'static str| {
+            response
+                .headers
+                .iter()
+                .filter(move |h| h.name.eq_ignore_ascii_case(name))
+                .map(|h| h.value)
+        };
+        let mut lengths = Vec::new();
+        for value in values("content-length") {
+            let value = value.trim_ascii();
+            let digits = !value.is_empty() && value.iter().all(u8::is_ascii_digit);
+            match std::str::from_utf8(value)
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+            {
+                Some(length) if digits => lengths.push(length),
+                _ => return Framed::Refused,
+            }
+        }
+        if lengths.windows(2).any(|pair| pair[0] != pair[1]) {
+            return Framed::Refused;
+        }
+        let chunked = values("transfer-encoding").next().is_some();
+        let codings: Vec<&[u8]> = values("transfer-encoding").flat_map(elements).collect();
+        let only_chunked =
+            matches!(codings.as_slice(), [coding] if coding.eq_ignore_ascii_case(b"chunked"));
+        if chunked && (!only_chunked || response.version != Some(1)) {
+            return Framed::Refused;
+        }
+        let options: Vec<&[u8]> = values("connection").flat_map(elements).collect();
+        let option = |name: &[u8]| options.iter().any(|o| o.eq_ignore_ascii_case(name));
+        let rest = &bytes[at..];
+        let (body, len, by_close) = if status == 204 || status == 304 {
+            (Vec::new(), 0, false)
+        } else if chunked {
+            match dechunk(rest) {
+                Ok((body, len)) => (body, len, false),
+                Err(framed) => return framed,
+            }
+        } else if let Some(&length) = lengths.first() {
+            let Some(body) = rest.get(..length) else {
+                return Framed::Incomplete;
+            };
+            (body.to_vec(), length, false)
+        } else {
+            (rest.to_vec(), rest.len(), true)
+        };
+        let keep = !option(b"close")
+            && (response.version == Some(1) || option(b"keep-alive"))
+            && !by_close;
+        return Framed::Answer {
+            status,
+            body,
+            keep,
+            len: at + len,
+        };
+    }
+}
+
+/// A chunked body at the start of `bytes`: its data and its length with the last chunk and the
+/// trailers.
+fn dechunk(bytes: &[u8]) -> Result<(Vec<u8>, usize), Framed> {
+    let mut body = Vec::new();
+    let mut at = 0;
+    loop {
+        let (skip, size) = match httparse::parse_chunk_size(&bytes[at..]) {
+            Ok(httparse::Status::Complete(chunk)) => chunk,
+            Ok(httparse::Status::Partial) => return Err(Framed::Incomplete),
+            Err(_) => return Err(Framed::Refused),
+        };
+        at += skip;
+        if size == 0 {
+            let mut trailers = [httparse::EMPTY_HEADER; 32];
+            return match httparse::parse_headers(&bytes[at..], &mut trailers) {
+                Ok(httparse::Status::Complete((len, _))) => Ok((body, at + len)),
+                Ok(httparse::Status::Partial) => Err(Framed::Incomplete),
+                Err(_) => Err(Framed::Refused),
+            };
+        }
+        let size = usize::try_from(size).map_err(|_| Framed::Incomplete)?;
+        let Some(chunk) = at.checked_add(size).and_then(|end| bytes.get(at..end)) else {
+            return Err(Framed::Incomplete);
+        };
+        body.extend_from_slice(chunk);
+        at += size;
+        match bytes.get(at..at + 2) {
+            Some(b"\r\n") => at += 2,
+            Some(_) => return Err(Framed::Refused),
+            None => return Err(Framed::Incomplete),
+        }
+    }
+}
+
+/// The elements of a comma-separated field value, empty ones left out (RFC 9110, 5.6.1).
+fn elements(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value
+        .split(|&b| b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|element| !element.is_empty())
 }
 
 /// The header block of `runtime_headers`.

@@ -20,7 +20,7 @@
 use std::io::Write as _;
 use std::sync::{Arc, Mutex};
 
-use tokio::io::AsyncReadExt as _;
+use tokio::io::{AsyncRead, AsyncReadExt as _};
 use tokio::sync::Notify;
 
 use super::error::ClientError;
@@ -65,8 +65,15 @@ struct State {
 
 #[derive(Debug)]
 struct Conn {
-    reader: tokio::net::TcpStream,
+    incoming: Incoming<tokio::net::TcpStream>,
     writer: Arc<std::net::TcpStream>,
+}
+
+/// The read side of a connection: the socket (any reader, for the fuzz target), and the bytes
+/// read from it past the last answer.
+#[derive(Debug)]
+struct Incoming<R> {
+    reader: R,
     buf: Vec<u8>,
 }
 
@@ -242,9 +249,11 @@ impl Line {
         let writer = Arc::new(std.try_clone().map_err(transport)?);
         let reader = tokio::net::TcpStream::from_std(std).map_err(transport)?;
         Ok(Conn {
-            reader,
+            incoming: Incoming {
+                reader,
+                buf: Vec::with_capacity(1024),
+            },
             writer,
-            buf: Vec::with_capacity(1024),
         })
     }
 
@@ -252,7 +261,7 @@ impl Line {
     /// as the current one.
     async fn read(&self, mut conn: Conn) -> Result<Result<NextEvent, ClientError>, ClientError> {
         let mut head = None;
-        let read = read_answer(&mut conn, &mut head).await;
+        let read = read_answer(&mut conn.incoming, &mut head).await;
         let success = head.is_some_and(|status| (200..300).contains(&status));
         let (status, body, keep) = read.inspect_err(|_| lock(&self.state).lost = success)?;
         let answer = if success {
@@ -282,19 +291,10 @@ impl Line {
 /// (`event/next` answers when the next event comes), the rest follows them at once. Unbounded,
 /// an answer that stalls halfway would hold the chain, and so the environment, for good.
 async fn read_answer(
-    conn: &mut Conn,
+    conn: &mut Incoming<impl AsyncRead + Unpin>,
     head: &mut Option<u16>,
 ) -> Result<(u16, Vec<u8>, bool), ClientError> {
-    // Empty lines left after the previous answer (read past by the parser) do not begin this
-    // one: its first bytes come with the next event.
-    loop {
-        let blank = conn.buf.iter().take_while(|b| matches!(b, b'\r' | b'\n'));
-        conn.buf.drain(..blank.count());
-        if !conn.buf.is_empty() {
-            break;
-        }
-        fill(conn).await?;
-    }
+    begin(conn).await?;
     tokio::time::timeout(REST_OF_ANSWER, read_response(conn, head))
         .await
         .unwrap_or_else(|_| {
@@ -304,10 +304,23 @@ async fn read_answer(
         })
 }
 
+/// Waits for the first byte of the next answer. Empty lines left after the previous answer
+/// (read past by the parser) do not begin it: its first bytes come with the next event.
+async fn begin(conn: &mut Incoming<impl AsyncRead + Unpin>) -> Result<(), ClientError> {
+    loop {
+        let blank = conn.buf.iter().take_while(|b| matches!(b, b'\r' | b'\n'));
+        conn.buf.drain(..blank.count());
+        if !conn.buf.is_empty() {
+            return Ok(());
+        }
+        fill(conn).await?;
+    }
+}
+
 /// Reads one HTTP/1.1 answer: (status, body, whether the connection stays open). `head` gets
 /// the status as soon as the head is in, for a head or body that then fails.
 async fn read_response(
-    conn: &mut Conn,
+    conn: &mut Incoming<impl AsyncRead + Unpin>,
     head: &mut Option<u16>,
 ) -> Result<(u16, Vec<u8>, bool), ClientError> {
     let malformed = |what: String| ClientError::Malformed(format!("event/next answer: {what}"));
@@ -440,7 +453,7 @@ enum Framing {
     UntilClose,
 }
 
-async fn read_chunked(conn: &mut Conn) -> Result<Vec<u8>, ClientError> {
+async fn read_chunked(conn: &mut Incoming<impl AsyncRead + Unpin>) -> Result<Vec<u8>, ClientError> {
     let malformed = |what: &str| ClientError::Malformed(format!("event/next answer: {what}"));
     let mut body = Vec::new();
     loop {
@@ -486,7 +499,7 @@ async fn read_chunked(conn: &mut Conn) -> Result<Vec<u8>, ClientError> {
 }
 
 /// Reads more bytes into the buffer; a closed connection is an error.
-async fn fill(conn: &mut Conn) -> Result<(), ClientError> {
+async fn fill(conn: &mut Incoming<impl AsyncRead + Unpin>) -> Result<(), ClientError> {
     if read_more(conn).await? {
         Ok(())
     } else {
@@ -497,7 +510,7 @@ async fn fill(conn: &mut Conn) -> Result<(), ClientError> {
 }
 
 /// Reads more bytes into the buffer: `false` when the connection closed.
-async fn read_more(conn: &mut Conn) -> Result<bool, ClientError> {
+async fn read_more(conn: &mut Incoming<impl AsyncRead + Unpin>) -> Result<bool, ClientError> {
     let mut chunk = [0u8; 2048];
     match conn.reader.read(&mut chunk).await {
         Ok(0) => Ok(false),
@@ -506,6 +519,79 @@ async fn read_more(conn: &mut Conn) -> Result<bool, ClientError> {
             Ok(true)
         }
         Err(e) => Err(ClientError::Transport(format!("event/next: {e}"))),
+    }
+}
+
+/// The answers the line reads on a connection where the API sends `reads` (each what one read
+/// returns) and then closes, until the first error or an answer that ends the connection;
+/// `None` if the reader waited for more while every byte was there (on a socket, it would
+/// hang). Without the bound on the rest of an answer, which needs a runtime's clock: these
+/// bytes never stall. For the fuzz target `line_answers` ([`crate::__private::line_answers`]).
+pub(crate) fn answers_from(reads: &[&[u8]]) -> Option<Vec<crate::__private::LineAnswer>> {
+    let mut conn = Incoming {
+        reader: Reads {
+            reads: reads.iter(),
+            current: &[],
+            given: 0,
+        },
+        buf: Vec::new(),
+    };
+    let read_all = async move {
+        let mut answers = Vec::new();
+        loop {
+            let mut head = None;
+            let read = match begin(&mut conn).await {
+                Ok(()) => read_response(&mut conn, &mut head).await,
+                Err(error) => Err(error),
+            };
+            match read {
+                Ok((status, body, keep)) => {
+                    let end = conn.reader.given - conn.buf.len();
+                    answers.push(Ok((status, body, keep, end)));
+                    if !keep {
+                        return answers;
+                    }
+                }
+                Err(error) => {
+                    answers.push(Err(error));
+                    return answers;
+                }
+            }
+        }
+    };
+    let mut read_all = std::pin::pin!(read_all);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match std::future::Future::poll(read_all.as_mut(), &mut cx) {
+        std::task::Poll::Ready(answers) => Some(answers),
+        std::task::Poll::Pending => None,
+    }
+}
+
+/// Bytes that reads return in the given pieces (an empty piece is skipped), then the close.
+struct Reads<'a> {
+    reads: std::slice::Iter<'a, &'a [u8]>,
+    current: &'a [u8],
+    /// How many bytes the reads have returned.
+    given: usize,
+}
+
+impl AsyncRead for Reads<'_> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        while self.current.is_empty() {
+            match self.reads.next() {
+                Some(read) => self.current = read,
+                None => return std::task::Poll::Ready(Ok(())), // the close
+            }
+        }
+        let n = self.current.len().min(buf.remaining());
+        buf.put_slice(&self.current[..n]);
+        self.current = &self.current[n..];
+        self.given += n;
+        std::task::Poll::Ready(Ok(()))
     }
 }
 
