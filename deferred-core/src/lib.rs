@@ -209,8 +209,8 @@ pub mod __private {
     pub type LineAnswer = Result<(u16, Vec<u8>, bool, usize), crate::extension::ClientError>;
 
     /// The answers the extension's `event/next` line reads on a connection where the API sends
-    /// `reads` (each what one read returns) and then closes, until the first error or an
-    /// answer that ends the connection; `None` if the reader waited for more while every byte
+    /// `reads` (each what one read returns) and then closes, each as if its request were out,
+    /// until the first error or an answer that ends the connection; `None` if the reader waited for more while every byte
     /// was there (a hang, on a socket). For the fuzz target `line_answers` (`fuzz/`) and its
     /// corpus replay.
     pub fn line_answers(reads: &[&[u8]]) -> Option<Vec<LineAnswer>> {

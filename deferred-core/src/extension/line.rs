@@ -261,7 +261,32 @@ impl Line {
     /// as the current one.
     async fn read(&self, mut conn: Conn) -> Result<Result<NextEvent, ClientError>, ClientError> {
         let mut head = None;
-        let read = read_answer(&mut conn.incoming, &mut head).await;
+        let writer = conn.writer.clone();
+        let read = async {
+            begin(&mut conn.incoming).await?;
+            // Each answer follows its request (RFC 9112, 9.3.2). One while none is out (a
+            // second answer to one request) would be taken for an event that Lambda never
+            // gave this call, and put every later answer one request behind: the connection
+            // is dropped instead (as one closed while idle: not a failed call). `arm` sends
+            // and marks the request under the lock, so one sent before this answer shows.
+            // Only on the current connection: the call kept across a SnapStart restore reads
+            // on its old one, its request out while the probe's went out and was answered.
+            let stray = {
+                let state = lock(&self.state);
+                let current = state
+                    .writer
+                    .as_ref()
+                    .is_some_and(|w| Arc::ptr_eq(w, &writer));
+                current && !state.in_flight
+            };
+            if stray {
+                return Err(ClientError::Malformed(
+                    "event/next: an answer with no request out".into(),
+                ));
+            }
+            read_answer(&mut conn.incoming, &mut head).await
+        }
+        .await;
         let success = head.is_some_and(|status| (200..300).contains(&status));
         let (status, body, keep) = read.inspect_err(|_| lock(&self.state).lost = success)?;
         let answer = if success {
@@ -287,14 +312,14 @@ impl Line {
     }
 }
 
-/// [`read_response`], bounded once the answer has begun: its first bytes may be hours away
-/// (`event/next` answers when the next event comes), the rest follows them at once. Unbounded,
-/// an answer that stalls halfway would hold the chain, and so the environment, for good.
+/// [`read_response`] once the answer has begun ([`begin`]), bounded: its first bytes may be
+/// hours away (`event/next` answers when the next event comes), the rest follows them at once.
+/// Unbounded, an answer that stalls halfway would hold the chain, and so the environment, for
+/// good.
 async fn read_answer(
     conn: &mut Incoming<impl AsyncRead + Unpin>,
     head: &mut Option<u16>,
 ) -> Result<(u16, Vec<u8>, bool), ClientError> {
-    begin(conn).await?;
     tokio::time::timeout(REST_OF_ANSWER, read_response(conn, head))
         .await
         .unwrap_or_else(|_| {
@@ -523,7 +548,8 @@ async fn read_more(conn: &mut Incoming<impl AsyncRead + Unpin>) -> Result<bool, 
 }
 
 /// The answers the line reads on a connection where the API sends `reads` (each what one read
-/// returns) and then closes, until the first error or an answer that ends the connection;
+/// returns) and then closes, each as if its request were out, until the first error or an
+/// answer that ends the connection;
 /// `None` if the reader waited for more while every byte was there (on a socket, it would
 /// hang). Without the bound on the rest of an answer, which needs a runtime's clock: these
 /// bytes never stall. For the fuzz target `line_answers` ([`crate::__private::line_answers`]).
@@ -1091,6 +1117,31 @@ pub(crate) mod tests {
             matches!(result, Err(ClientError::Malformed(_))),
             "{result:?}"
         );
+    }
+
+    /// An answer while no request is out (a second answer to one request) answers nothing:
+    /// taken for the next event, it would be one that Lambda never gave this call, and every
+    /// later answer would be one request behind. The connection is dropped instead, and the
+    /// next request, once armed, goes out on a new one. Found by review: the stray answer was
+    /// returned as the next event before any request went out.
+    #[tokio::test]
+    async fn an_answer_with_no_request_out_is_not_an_event() {
+        let (listener, line, call, mut stream) = first_call().await;
+        let stray = with_length(&EVENT.replace("r-1", "r-2"));
+        answer(&mut stream, &format!("{}{stray}", with_length(EVENT))).await;
+        let event = call.await.expect("join").expect("event");
+        assert!(matches!(event, NextEvent::Invoke(e) if e.request_id == "r-1"));
+        let mut call = spawn_call(&line);
+        let early = tokio::time::timeout(Duration::from_millis(300), &mut call).await;
+        assert!(early.is_err(), "the stray answer was taken: {early:?}");
+        line.arm(1);
+        let (mut fresh, _) = tokio::time::timeout(Duration::from_secs(5), listener.accept())
+            .await
+            .expect("the request did not go out on a new connection")
+            .expect("accept");
+        answer(&mut fresh, &with_length(&EVENT.replace("r-1", "r-3"))).await;
+        let event = call.await.expect("join").expect("event");
+        assert!(matches!(event, NextEvent::Invoke(e) if e.request_id == "r-3"));
     }
 
     #[tokio::test]
