@@ -746,6 +746,84 @@ mod tests {
         assert_eq!(ended, (true, true, true), "reported r-1, r-2; none pending");
     }
 
+    /// The thread that replaced a retired one (and reported its phase first) is retired in
+    /// turn when its own flush overruns: each phase is reported once, in order, each stuck
+    /// thread exits when its flush returns, and one thread serves the queue after.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_replacement_phase_thread_may_itself_be_replaced() {
+        // The first two calls hang until released, each on the phase thread of its phase.
+        let (release_first, first_held) = std::sync::mpsc::channel::<()>();
+        let (release_second, second_held) = std::sync::mpsc::channel::<()>();
+        let held = Mutex::new(vec![second_held, first_held]);
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let called = calls.clone();
+        let flusher = crate::flush::Flusher::new(crate::flush_fn("stuck", move || {
+            called.fetch_add(1, Ordering::SeqCst);
+            let hold = lock(&held).pop();
+            if let Some(hold) = hold {
+                let _ = hold.recv();
+            }
+            Ok::<(), String>(())
+        }));
+        let reports: Arc<Mutex<Vec<crate::PhaseReport>>> = Arc::default();
+        let hook = reports.clone();
+        let core = Core::new(
+            crate::core::Config {
+                flushers: vec![flusher.clone()],
+                on_report: Some(crate::core::ReportHook(Arc::new(move |report| {
+                    lock(&hook).push(report.clone());
+                }))),
+                phase_telemetry: false,
+                ..crate::core::Config::default()
+            },
+            crate::core::Mode::Extension,
+        );
+        // Nothing listens: the calls the phases arm go nowhere.
+        let line = Arc::new(Line::new("127.0.0.1:9", "", "ext-1"));
+        let runner = Runner::start(&core, line).expect("a phase thread");
+        let count = || lock(&reports).len();
+        for (seq, release) in [(1, release_first), (2, release_second)] {
+            let phase = work(seq, Duration::from_millis(100));
+            let end = phase.end;
+            runner.submit(phase);
+            let flushing = || calls.load(Ordering::SeqCst) == usize::try_from(seq).unwrap_or(0);
+            assert!(until(flushing).await, "phase {seq} flushes on its thread");
+            // As the chain's task does once the flush's end has passed.
+            tokio::time::sleep_until(end).await;
+            runner.watchdog(&core).await;
+            let taken_over = usize::try_from(seq).unwrap_or(0);
+            assert!(
+                until(|| count() == taken_over).await,
+                "phase {seq} reported"
+            );
+            // Its thread exits once the flush returns (the replacement serves).
+            release.send(()).expect("the flush waits");
+            assert!(until(|| !flusher.is_busy()).await);
+        }
+        runner.submit(work(3, Duration::from_secs(5)));
+        assert!(
+            until(|| count() == 3).await,
+            "the second replacement ran it"
+        );
+        assert!(until(|| !runner.phase_pending()).await);
+        let reports = lock(&reports);
+        let ids: Vec<_> = reports.iter().map(|r| r.request_id.as_str()).collect();
+        assert_eq!(ids, ["r-1", "r-2", "r-3"]);
+        let outcomes: Vec<_> = reports
+            .iter()
+            .map(|r| r.flushes[0].outcome.clone())
+            .collect();
+        assert_eq!(
+            outcomes,
+            [
+                crate::FlushOutcome::TimedOut,
+                crate::FlushOutcome::TimedOut,
+                crate::FlushOutcome::Ok
+            ]
+        );
+        assert_eq!(lock(&runner.queue).servers, 1);
+    }
+
     /// A flush that waits on async work (`Handle::block_on`, `blocking_recv`: what a flush
     /// of an async client does) flushes on the phase thread as on any blocking thread.
     /// (Before, the phase thread ran it within `block_on`, where tokio panics at both.)
