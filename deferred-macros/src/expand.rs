@@ -229,15 +229,23 @@ fn rewrite(mut handler: HandlerFn, args: &Args) -> TokenStream {
         #(#inner_attrs)*
         #vis #sig
     };
+    let scoped = quote! {
+        #private::scope(
+            #invocation,
+            #private::Options { flush_timeout: #flush_timeout },
+            async move #scoped_body,
+        )
+        .await
+    };
     brace_token.surround(&mut output, |tokens| {
-        tokens.extend(quote! {
-            #private::scope(
-                #invocation,
-                #private::Options { flush_timeout: #flush_timeout },
-                async move #scoped_body,
-            )
-            .await
-        });
+        // A `return`, not a tail: `clippy::implicit_return` would report a generated tail on
+        // the attribute, where the user cannot fix it (`needless_return` skips generated
+        // code). Not for `-> !`: a `return` of a diverging call is unreachable code.
+        if returns_never(&sig.output) {
+            tokens.extend(scoped);
+        } else {
+            tokens.extend(quote!(return #scoped;));
+        }
     });
     output
 }
@@ -253,7 +261,7 @@ fn rewrite(mut handler: HandlerFn, args: &Args) -> TokenStream {
 fn fake_return_edge(output: &ReturnType, ident: &Ident, private: &TokenStream) -> TokenStream {
     let (ty, span) = match output {
         // `let _: ! = …` is unstable; a `-> !` body needs no help to infer.
-        ReturnType::Type(_, ty) if matches!(**ty, Type::Never(_)) => return TokenStream::new(),
+        _ if returns_never(output) => return TokenStream::new(),
         ReturnType::Type(_, ty) => {
             let span = ty.span();
             let mut ty = (**ty).clone();
@@ -267,6 +275,11 @@ fn fake_return_edge(output: &ReturnType, ident: &Ident, private: &TokenStream) -
             return <#ty as #private::FakeReturn>::fake_return();
         }
     }
+}
+
+/// Whether the handler is declared `-> !`.
+fn returns_never(output: &ReturnType) -> bool {
+    matches!(output, ReturnType::Type(_, ty) if matches!(**ty, Type::Never(_)))
 }
 
 /// Replaces `impl Trait` by `_`: an expression cannot name an opaque type. A type macro
@@ -336,14 +349,15 @@ mod tests {
             },
         );
         assert!(out.contains("# [doc = r\" Docs.\"] pub async fn handler (event : LambdaEvent < Value >) -> Result < Value , Error >"), "{out}");
-        assert!(out.contains(":: deferred_core :: __private :: scope (:: deferred_core :: __private :: invocation ((& event ,) . 0)"), "{out}");
+        // A `return`, not a tail, for `clippy::implicit_return`.
+        assert!(out.contains("{ return :: deferred_core :: __private :: scope (:: deferred_core :: __private :: invocation ((& event ,) . 0)"), "{out}");
         assert!(out.contains("flush_timeout : :: core :: option :: Option :: Some (:: core :: time :: Duration :: from_nanos (250000000))"), "{out}");
         assert!(
             out.contains("if false { return < Result < Value , Error > as :: deferred_core :: __private :: FakeReturn > :: fake_return () ; }"),
             "{out}"
         );
         assert!(
-            out.contains("match () { () => { Ok (event . payload) } } } ,) . await"),
+            out.contains("match () { () => { Ok (event . payload) } } } ,) . await ; }"),
             "{out}"
         );
         assert!(!out.contains("compile_error"), "{out}");
@@ -471,6 +485,12 @@ mod tests {
             ),
         );
         assert!(!out.contains("fake_return"), "{out}");
+        // No `return` of the diverging call either: it would be unreachable code.
+        assert!(!out.contains("return"), "{out}");
+        assert!(
+            out.contains("{ :: deferred_core :: __private :: scope ("),
+            "{out}"
+        );
     }
 
     #[test]

@@ -15,7 +15,8 @@
 //! pub async fn handler(mut event: LambdaEvent<Value>) -> Result<Value, Error> { BODY }
 //!
 //! pub async fn handler(event: LambdaEvent<Value>) -> Result<Value, Error> {
-//!     ::deferred_core::__private::scope(
+//!     // A `return`, for `clippy::implicit_return` (a tail for `-> !`).
+//!     return ::deferred_core::__private::scope(
 //!         ::deferred_core::__private::invocation((&event,).0), // spans the argument's type
 //!         ::deferred_core::__private::Options {
 //!             flush_timeout: ::core::option::Option::Some(
@@ -33,7 +34,7 @@
 //!             match () { () => { BODY } }
 //!         },
 //!     )
-//!     .await
+//!     .await;
 //! }
 //! ```
 #![forbid(unsafe_code)]

@@ -42,6 +42,29 @@ async fn raw(r#type: LambdaEvent<u8>) -> u8 {
     r#type.payload + 4
 }
 
+/// A crate that denies `clippy::implicit_return` (restriction) writes every return
+/// explicitly; the expansion's own code must not be reported, on the attribute, where the user
+/// cannot fix it.
+#[deny(clippy::implicit_return)]
+mod explicit_returns {
+    use deferred_core::deferred_handler;
+    use lambda_runtime::{Error, LambdaEvent};
+
+    #[deferred_handler]
+    pub(super) async fn value(event: LambdaEvent<u8>) -> u8 {
+        return event.payload + 5;
+    }
+
+    #[deferred_handler(flush_timeout = "1s")]
+    pub(super) async fn fallible(event: LambdaEvent<u8>) -> Result<u8, Error> {
+        let n = event.payload.checked_add(6).ok_or("overflow")?;
+        return Ok(n);
+    }
+
+    #[deferred_handler]
+    pub(super) async fn unit(_event: LambdaEvent<u8>) {}
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn handlers_run() {
     let event = || LambdaEvent::new(1, Context::default());
@@ -50,4 +73,7 @@ async fn handlers_run() {
     assert_eq!(destructured(event()).await, 3);
     assert_eq!(ignored(event()).await, 4);
     assert_eq!(raw(event()).await, 5);
+    assert_eq!(explicit_returns::value(event()).await, 6);
+    assert_eq!(explicit_returns::fallible(event()).await.ok(), Some(7));
+    explicit_returns::unit(event()).await;
 }

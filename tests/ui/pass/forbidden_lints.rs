@@ -21,10 +21,24 @@ async fn destructured(LambdaEvent { payload, .. }: LambdaEvent<u8>) -> u8 {
     payload
 }
 
+// Never returns: the rewrite ends in the scope's call itself, not in an unreachable `return`
+// of it.
+#[deferred_handler]
+async fn never(event: LambdaEvent<u8>) -> ! {
+    loop {
+        if event.payload > 0 {
+            ::std::process::exit(0);
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let answer = handler(LambdaEvent::new(1, Context::default())).await;
     assert_eq!(answer.unwrap(), 2);
     unit(LambdaEvent::new(1, Context::default())).await;
     assert_eq!(destructured(LambdaEvent::new(5, Context::default())).await, 5);
+    // Compiled, not run (it would end the test).
+    let _ = never;
 }
