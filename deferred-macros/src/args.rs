@@ -47,54 +47,67 @@ impl Args {
         (args, errors.into_error())
     }
 
+    /// Every argument, each error reported and parsing resumed after the next comma: a
+    /// `crate = "…"` after a wrong argument still applies (without it, the rewrite would name
+    /// `::deferred_core` and add an error of its own where the dependency is renamed).
     fn parse_all(&mut self, input: ParseStream<'_>, errors: &mut Errors) -> syn::Result<()> {
         let mut seen: Vec<String> = Vec::new();
         while !input.is_empty() {
-            let key = parse_key(input)?;
-            let name = key.unraw().to_string();
-            if !KEYS.iter().any(|(known, _)| *known == name) {
-                // `krate = "…"` meant the crate's path: the default one may not exist either.
-                self.krate_invalid |= did_you_mean(&name) == Some("crate");
-                errors.push(unknown_key(&key, &name));
-                skip_value(input)?;
-            } else {
-                let value = parse_value(input, &key, &name)?;
-                if seen.contains(&name) {
-                    errors.push(Error::new(
-                        key.span(),
-                        format!("`{name}` is given twice in `#[deferred_handler]`; keep only one"),
-                    ));
-                } else {
-                    seen.push(name.clone());
-                    let result = match name.as_str() {
-                        "flush_timeout" => {
-                            flush_timeout(&value).map(|d| self.flush_timeout = Some(d))
-                        }
-                        _ => crate_path(&value)
-                            .map(|path| self.krate = Some(path))
-                            .inspect_err(|_| self.krate_invalid = true),
-                    };
-                    if let Err(error) = result {
-                        errors.push(error);
-                    }
-                }
+            if let Err(error) = self.parse_one(input, errors, &mut seen) {
+                errors.push(error);
+                skip_past_comma(input)?;
+                continue;
             }
             if input.is_empty() {
                 break;
             }
             if input.parse::<Option<Token![,]>>()?.is_none() {
-                let error = input.error(
+                errors.push(input.error(
                     "expected `,` between the arguments of `#[deferred_handler]`, as in \
                      `#[deferred_handler(flush_timeout = \"10s\", crate = \"deferred_core\")]`",
-                );
-                // `key = …` next: only the comma is missing. Go on, so that a `crate = "…"`
-                // after it still applies (the rewrite would otherwise name `::deferred_core`
-                // and add an error of its own).
+                ));
+                // `key = …` next: only the comma is missing, go on from there; otherwise from
+                // after the next comma.
                 if !(input.peek(Ident::peek_any) && input.peek2(Token![=])) {
-                    return Err(error);
+                    skip_past_comma(input)?;
                 }
-                errors.push(error);
             }
+        }
+        Ok(())
+    }
+
+    /// One `key = "value"`; errors about its value are pushed, syntax errors returned.
+    fn parse_one(
+        &mut self,
+        input: ParseStream<'_>,
+        errors: &mut Errors,
+        seen: &mut Vec<String>,
+    ) -> syn::Result<()> {
+        let key = parse_key(input)?;
+        let name = key.unraw().to_string();
+        if !KEYS.iter().any(|(known, _)| *known == name) {
+            // `krate = "…"` meant the crate's path: the default one may not exist either.
+            self.krate_invalid |= did_you_mean(&name) == Some("crate");
+            errors.push(unknown_key(&key, &name));
+            return skip_value(input);
+        }
+        let value = parse_value(input, &key, &name)?;
+        if seen.contains(&name) {
+            errors.push(Error::new(
+                key.span(),
+                format!("`{name}` is given twice in `#[deferred_handler]`; keep only one"),
+            ));
+            return Ok(());
+        }
+        seen.push(name.clone());
+        let result = match name.as_str() {
+            "flush_timeout" => flush_timeout(&value).map(|d| self.flush_timeout = Some(d)),
+            _ => crate_path(&value)
+                .map(|path| self.krate = Some(path))
+                .inspect_err(|_| self.krate_invalid = true),
+        };
+        if let Err(error) = result {
+            errors.push(error);
         }
         Ok(())
     }
@@ -182,6 +195,18 @@ fn parse_value(input: ParseStream<'_>, key: &Ident, name: &str) -> syn::Result<E
     } else {
         Err(input.error(format!("expected `=` after `{name}`: write `{example}`")))
     }
+}
+
+/// Skips the rest of a wrong argument, up to and including the next comma (a comma inside
+/// brackets is part of a single token tree).
+fn skip_past_comma(input: ParseStream<'_>) -> syn::Result<()> {
+    while !input.is_empty() {
+        if input.parse::<Option<Token![,]>>()?.is_some() {
+            break;
+        }
+        input.parse::<proc_macro2::TokenTree>()?;
+    }
+    Ok(())
 }
 
 /// Skips what follows an unknown key (`= value` or `(…)`), so parsing can go on.
@@ -438,6 +463,29 @@ mod tests {
         let (args, errors) = parse(quote!(flush_timeout = "2s" crate));
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert!(args.krate.is_none());
+    }
+
+    /// A wrong argument before `crate = "…"` does not lose the path: without it, the rewrite
+    /// names `::deferred_core`, and a crate that renamed the dependency gets a second error,
+    /// "could not find `deferred_core`", on the attribute. Parsing resumes after the next comma.
+    #[test]
+    fn a_wrong_argument_keeps_the_arguments_after_it() {
+        for args in [
+            quote!("10s", crate = "renamed"),
+            quote!(flush_timeout("10s"), crate = "renamed"),
+            quote!(a::b = "x", crate = "renamed"),
+            quote!(flush_timeout = "10s" "20s", crate = "renamed"),
+            quote!(timeout(10), crate = "renamed"),
+        ] {
+            let (parsed, errors) = parse(args.clone());
+            assert_eq!(errors.len(), 1, "{args}: {errors:?}");
+            assert!(!parsed.krate_invalid, "{args}");
+            assert_eq!(
+                parsed.private_path().to_string(),
+                quote!(::renamed::__private).to_string(),
+                "{args}"
+            );
+        }
     }
 
     #[test]
