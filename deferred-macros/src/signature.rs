@@ -29,7 +29,20 @@ pub(crate) fn check(sig: &Signature) -> syn::Result<()> {
             "`#[deferred_handler]` needs an `async fn`: write `async fn {}(…)`",
             sig.ident
         );
-        if returns_a_future(sig) {
+        if let Some(output) = impl_future_output(sig) {
+            // A function written to return a future: the `async fn` returns what it yields.
+            let unit = matches!(output, syn::Type::Tuple(unit) if unit.elems.is_empty());
+            let (arrow, what) = if unit {
+                ("", "")
+            } else {
+                (" -> T", " where `T` is the future's `Output`")
+            };
+            message = format!(
+                "`#[deferred_handler]` needs an `async fn`; this one returns a future: write \
+                 `async fn {}(…){arrow}`{what}, with the future's code as its body",
+                sig.ident,
+            );
+        } else if returns_a_future(sig) {
             // What `#[async_trait]` makes of an `async fn` in a trait impl, before this
             // attribute sees it.
             message.push_str(
@@ -115,6 +128,35 @@ pub(crate) fn check(sig: &Signature) -> syn::Result<()> {
             Err(first)
         }
     }
+}
+
+/// `X` of a return type `impl Future<Output = X> + …`: a function written by hand to return a
+/// future (what `#[async_trait]` writes is a boxed one).
+fn impl_future_output(sig: &Signature) -> Option<syn::Type> {
+    let syn::ReturnType::Type(_, ty) = &sig.output else {
+        return None;
+    };
+    let syn::Type::ImplTrait(impl_trait) = &**ty else {
+        return None;
+    };
+    impl_trait.bounds.iter().find_map(|bound| {
+        let syn::TypeParamBound::Trait(bound) = bound else {
+            return None;
+        };
+        let future = bound.path.segments.last()?;
+        if future.ident != "Future" {
+            return None;
+        }
+        let syn::PathArguments::AngleBracketed(args) = &future.arguments else {
+            return None;
+        };
+        args.args.iter().find_map(|arg| match arg {
+            syn::GenericArgument::AssocType(assoc) if assoc.ident == "Output" => {
+                Some(assoc.ty.clone())
+            }
+            _ => None,
+        })
+    })
 }
 
 /// Whether the return type names a `Future` (`impl Future<…>`, `Pin<Box<dyn Future<…>>>`).
