@@ -189,6 +189,12 @@ pub mod __private {
         }
     }
 
+    /// Moves the handler's argument into its body, under the user's name or pattern: a call,
+    /// as `let _event = _event;` would trip `clippy::no_effect_underscore_binding`.
+    pub fn rebind<T>(value: T) -> T {
+        value
+    }
+
     /// The invocation a handler argument belongs to.
     pub fn invocation<T: HandlerInput + ?Sized>(input: &T) -> Invocation {
         input.invocation()

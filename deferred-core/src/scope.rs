@@ -21,6 +21,23 @@ pub struct Options {
     pub flush_timeout: Option<Duration>,
 }
 
+// What the attribute writes, so that it names `core` nowhere (`::core` is another crate under
+// a crate root's `extern crate … as core;`), and so that a wrong `crate = "…"` is one error:
+// rustc dedups its "could not find" errors, but not those that suggest an import from `std`.
+impl Options {
+    /// No argument: the builder's flush timeout.
+    pub const DEFAULT: Self = Self {
+        flush_timeout: None,
+    };
+
+    /// `flush_timeout = "…"`, in nanoseconds.
+    pub const fn flush_timeout_nanos(nanos: u64) -> Self {
+        Self {
+            flush_timeout: Some(Duration::from_nanos(nanos)),
+        }
+    }
+}
+
 /// Why `try_defer!` could not queue an action.
 ///
 /// `defer!` panics with the same message (its `Display`).

@@ -108,7 +108,7 @@ impl EventArg {
     /// other pattern gets a name of our own in the signature, hygienic (`mixed_site`) so it
     /// cannot clash with the user's names. Either way the parameter's lint attributes apply to
     /// the rebinding too ([`lints::for_rebinding`]).
-    fn bind(arg: &mut PatType) -> Self {
+    fn bind(arg: &mut PatType, private: &TokenStream) -> Self {
         let last = arg.ty.to_token_stream().into_iter().last();
         let ty_span = (
             arg.ty.span(),
@@ -136,7 +136,7 @@ impl EventArg {
             let lints = lints::for_rebinding(&mut arg.attrs);
             return Self {
                 binding: quote! {
-                    #(#lints)* let #mutability #user = ::core::convert::identity(#ident);
+                    #(#lints)* let #mutability #user = #private::rebind(#ident);
                 },
                 ident,
                 ty_span,
@@ -162,7 +162,12 @@ impl EventArg {
 }
 
 fn rewrite(mut handler: HandlerFn, args: &Args) -> TokenStream {
-    let Some(event) = signature::event_argument(&mut handler.sig).map(EventArg::bind) else {
+    // Everything is named through it, even what `core` has: `::core` is another crate under a
+    // crate root's `extern crate … as core;`.
+    let private = args.private_path();
+    let event =
+        signature::event_argument(&mut handler.sig).map(|arg| EventArg::bind(arg, &private));
+    let Some(event) = event else {
         // `signature::check` rules this out.
         return unchanged(handler);
     };
@@ -174,7 +179,6 @@ fn rewrite(mut handler: HandlerFn, args: &Args) -> TokenStream {
         brace_token,
         body,
     } = handler;
-    let private = args.private_path();
 
     let EventArg {
         ident: event,
@@ -191,15 +195,13 @@ fn rewrite(mut handler: HandlerFn, args: &Args) -> TokenStream {
     let reference = quote_spanned!(last=> #tuple.0);
     let invocation = quote_spanned!(first=> #private::invocation(#reference));
 
-    let flush_timeout = match args.flush_timeout {
+    let options = match args.flush_timeout {
         Some(timeout) => {
             let nanos = u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX);
             let nanos = Literal::u64_unsuffixed(nanos);
-            quote! {
-                ::core::option::Option::Some(::core::time::Duration::from_nanos(#nanos))
-            }
+            quote!(#private::Options::flush_timeout_nanos(#nanos))
         }
-        None => quote!(::core::option::Option::None),
+        None => quote!(#private::Options::DEFAULT),
     };
 
     let fake_return = fake_return_edge(&sig.output, &sig.ident, &private);
@@ -232,7 +234,7 @@ fn rewrite(mut handler: HandlerFn, args: &Args) -> TokenStream {
     let scoped = quote! {
         #private::scope(
             #invocation,
-            #private::Options { flush_timeout: #flush_timeout },
+            #options,
             async move #scoped_body,
         )
         .await
@@ -351,7 +353,12 @@ mod tests {
         assert!(out.contains("# [doc = r\" Docs.\"] pub async fn handler (event : LambdaEvent < Value >) -> Result < Value , Error >"), "{out}");
         // A `return`, not a tail, for `clippy::implicit_return`.
         assert!(out.contains("{ return :: deferred_core :: __private :: scope (:: deferred_core :: __private :: invocation ((& event ,) . 0)"), "{out}");
-        assert!(out.contains("flush_timeout : :: core :: option :: Option :: Some (:: core :: time :: Duration :: from_nanos (250000000))"), "{out}");
+        assert!(
+            out.contains(
+                ":: deferred_core :: __private :: Options :: flush_timeout_nanos (250000000) ,"
+            ),
+            "{out}"
+        );
         assert!(
             out.contains("if false { return < Result < Value , Error > as :: deferred_core :: __private :: FakeReturn > :: fake_return () ; }"),
             "{out}"
@@ -384,7 +391,7 @@ mod tests {
             "{out}"
         );
         assert!(
-            out.contains("flush_timeout : :: core :: option :: Option :: None"),
+            out.contains(":: deferred_core :: __private :: Options :: DEFAULT ,"),
             "{out}"
         );
     }
@@ -399,7 +406,7 @@ mod tests {
         );
         assert!(out.contains("async fn h (event : E)"), "{out}");
         assert!(
-            out.contains("let mut event = :: core :: convert :: identity (event) ;"),
+            out.contains("let mut event = :: deferred_core :: __private :: rebind (event) ;"),
             "{out}"
         );
     }
@@ -420,7 +427,7 @@ mod tests {
             ),
         );
         assert!(
-            out.contains("} # [allow (unused_mut)] # [expect (unused_variables ,)] # [cfg_attr (all () , deny (unused))] let mut event = :: core :: convert :: identity (event) ;"),
+            out.contains("} # [allow (unused_mut)] # [expect (unused_variables ,)] # [cfg_attr (all () , deny (unused))] let mut event = :: deferred_core :: __private :: rebind (event) ;"),
             "{out}"
         );
         // Copied, moved (a lint about the name: see `lints`), copied.
@@ -440,7 +447,7 @@ mod tests {
         );
         assert!(out.contains("async fn h (_event : E)"), "{out}");
         assert!(
-            out.contains("let mut _event = :: core :: convert :: identity (_event) ;"),
+            out.contains("let mut _event = :: deferred_core :: __private :: rebind (_event) ;"),
             "{out}"
         );
         assert!(out.contains("invocation ((& _event ,) . 0)"), "{out}");

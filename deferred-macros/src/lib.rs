@@ -2,7 +2,8 @@
 //!
 //! Use them through `deferred-core`, which re-exports them: this crate never depends on the
 //! core (its doc examples do, as a dev-dependency), and the code it generates names only
-//! `::deferred_core::__private::…` (or the path given with `crate = "…"`) and `::core::…`.
+//! `::deferred_core::__private::…` (or the path given with `crate = "…"`): not even `::core`,
+//! which a crate root's `extern crate … as core;` makes another crate.
 //!
 //! Layout: `args` reads the attribute's arguments, `item` reads the function, `signature`
 //! checks it and finds the event argument, `lints` splits the argument's lint attributes
@@ -18,11 +19,7 @@
 //!     // A `return`, for `clippy::implicit_return` (a tail for `-> !`).
 //!     return ::deferred_core::__private::scope(
 //!         ::deferred_core::__private::invocation((&event,).0), // spans the argument's type
-//!         ::deferred_core::__private::Options {
-//!             flush_timeout: ::core::option::Option::Some(
-//!                 ::core::time::Duration::from_nanos(10000000000),
-//!             ),
-//!         },
+//!         ::deferred_core::__private::Options::flush_timeout_nanos(10000000000),
 //!         async move {
 //!             // Never taken: fixes the block's output type, for `?` and for error messages.
 //!             if false {
@@ -30,7 +27,7 @@
 //!             }
 //!             // The body's own local, with the parameter's lint attributes; a destructuring
 //!             // pattern goes here. The signature's `event` is the macro's own (`mixed_site`).
-//!             let mut event = ::core::convert::identity(event);
+//!             let mut event = ::deferred_core::__private::rebind(event);
 //!             match () { () => { BODY } }
 //!         },
 //!     )
