@@ -2,7 +2,7 @@
 
 use std::mem;
 
-use proc_macro2::{Literal, Span, TokenStream};
+use proc_macro2::{Literal, Span, TokenStream, TokenTree};
 use quote::{ToTokens, quote, quote_spanned};
 use syn::spanned::Spanned as _;
 use syn::{
@@ -144,10 +144,13 @@ impl EventArg {
         }
         let located = Span::mixed_site().located_at(arg.pat.span());
         let ident = Ident::new("__deferred_event", located);
+        // A `ref mut` binding in the pattern borrows the argument mutably, so ours must be
+        // `mut` (then it is used as such: no `unused_mut`).
+        let mutability = binds_by_ref_mut(arg.pat.to_token_stream()).then(|| Token![mut](located));
         let generated = Pat::Ident(PatIdent {
             attrs: Vec::new(),
             by_ref: None,
-            mutability: None,
+            mutability,
             ident: ident.clone(),
             subpat: None,
         });
@@ -159,6 +162,26 @@ impl EventArg {
             ty_span,
         }
     }
+}
+
+/// Whether a pattern has a `ref mut` binding, at any depth.
+fn binds_by_ref_mut(pattern: TokenStream) -> bool {
+    let mut after_ref = false;
+    pattern.into_iter().any(|token| match token {
+        TokenTree::Group(group) => {
+            after_ref = false;
+            binds_by_ref_mut(group.stream())
+        }
+        TokenTree::Ident(ident) => {
+            let found = after_ref && ident == "mut";
+            after_ref = ident == "ref";
+            found
+        }
+        _ => {
+            after_ref = false;
+            false
+        }
+    })
 }
 
 fn rewrite(mut handler: HandlerFn, args: &Args) -> TokenStream {
@@ -394,6 +417,26 @@ mod tests {
             out.contains(":: deferred_core :: __private :: Options :: DEFAULT ,"),
             "{out}"
         );
+    }
+
+    #[test]
+    fn ref_mut_patterns_get_a_mut_argument() {
+        for (pattern, mutable) in [
+            (quote!(ref mut event), true),
+            (quote!(LambdaEvent { ref mut payload, .. }), true),
+            (quote!(LambdaEvent { payload: (a, ref mut b), .. }), true),
+            (quote!(ref event), false),
+            (quote!(LambdaEvent { payload, .. }), false),
+            (quote!(Wrapper { r#ref, mut other }), false),
+        ] {
+            let out = expand(quote!(), quote!(async fn h(#pattern: E) {}));
+            let expected = if mutable {
+                "async fn h (mut __deferred_event : E)"
+            } else {
+                "async fn h (__deferred_event : E)"
+            };
+            assert!(out.contains(expected), "{pattern}: {out}");
+        }
     }
 
     #[test]

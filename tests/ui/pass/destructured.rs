@@ -1,4 +1,5 @@
-//! Patterns in the argument, `mut` bindings, and user names that look like the macro's own.
+//! Patterns in the argument (`ref mut` ones too), `mut` bindings, and user names that look
+//! like the macro's own.
 use deferred_core::{defer, deferred_handler};
 use lambda_runtime::{Context, LambdaEvent};
 use serde_json::{Value, json};
@@ -37,6 +38,23 @@ async fn by_ref(ref event: LambdaEvent<u8>) -> u8 {
     event.payload
 }
 
+// `ref mut` bindings borrow the argument mutably, as in a plain function.
+#[deferred_handler]
+async fn by_ref_mut(ref mut event: LambdaEvent<u8>) -> u8 {
+    event.payload += 1;
+    event.payload
+}
+
+#[deferred_handler]
+async fn field_by_ref_mut(
+    LambdaEvent {
+        ref mut payload, ..
+    }: LambdaEvent<Vec<u8>>,
+) -> usize {
+    payload.push(1);
+    payload.len()
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let mut context = Context::default();
@@ -54,4 +72,12 @@ async fn main() {
         "ok"
     );
     assert_eq!(by_ref(LambdaEvent::new(9, Context::default())).await, 9);
+    assert_eq!(
+        by_ref_mut(LambdaEvent::new(9, Context::default())).await,
+        10
+    );
+    assert_eq!(
+        field_by_ref_mut(LambdaEvent::new(vec![0], Context::default())).await,
+        2
+    );
 }
