@@ -68,7 +68,7 @@ use crate::report::PhaseReport;
 #[derive(Debug, Default)]
 #[must_use = "a Deferred does nothing until `.start()` or `.run(…)`"]
 pub struct Deferred {
-    config: Config,
+    pub(crate) config: Config,
 }
 
 /// Why [`Deferred::start`] failed. Registration problems are not errors: the core falls back

@@ -868,8 +868,8 @@ impl Core {
         Job {
             request_id: invocation.request_id.clone(),
             deadline: invocation.deadline,
+            flush_timeout: queue.flush_timeout(flush_timeout, self.config.flush_timeout),
             queue,
-            flush_timeout: flush_timeout.unwrap_or(self.config.flush_timeout),
             parent,
         }
     }

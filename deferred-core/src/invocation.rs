@@ -216,6 +216,52 @@ mod tests {
         }
     }
 
+    /// A deferred handler called by another joins its invocation's one phase: its own
+    /// `flush_timeout` counts for that phase's flush, as for calls in a row (the longest
+    /// applies). It was ignored: a router's 100 ms cut the flush its route asked 2 s for.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_nested_handlers_flush_timeout_counts_for_the_invocations_flush() {
+        let outcome = |outer: Option<u64>, nested: Option<Option<u64>>| {
+            let reports = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let seen = reports.clone();
+            let config = crate::Deferred::new()
+                .flush_timeout(Duration::from_millis(150))
+                .flush(crate::flush_fn("slow", || {
+                    std::thread::sleep(Duration::from_millis(400));
+                    Ok::<(), String>(())
+                }))
+                .on_report(move |report| seen.lock().unwrap().push(report.flushes.clone()))
+                .config;
+            let core = Core::new(config, Mode::Inline);
+            let options = |ms: Option<u64>| Options {
+                flush_timeout: ms.map(Duration::from_millis),
+            };
+            async move {
+                run_on(core, invocation(), options(outer), async move {
+                    if let Some(ms) = nested {
+                        crate::scope::scope(invocation(), options(ms), async {}).await;
+                    }
+                })
+                .await;
+                let reports = reports.lock().unwrap();
+                assert_eq!(reports.len(), 1, "one phase for the invocation");
+                reports[0][0].outcome.clone()
+            }
+        };
+        use crate::FlushOutcome::{Ok as Flushed, TimedOut};
+        // The router's 100 ms, or the builder's 150 ms, alone: the 400 ms flush is cut.
+        assert_eq!(outcome(Some(100), None).await, TimedOut);
+        assert_eq!(outcome(None, None).await, TimedOut);
+        // Its route asks 2 s: the flush gets it.
+        assert_eq!(outcome(Some(100), Some(Some(2000))).await, Flushed);
+        assert_eq!(outcome(None, Some(Some(2000))).await, Flushed);
+        // A shorter nested one, or none (the builder's), does not shorten the router's.
+        assert_eq!(outcome(Some(2000), Some(Some(100))).await, Flushed);
+        assert_eq!(outcome(Some(2000), Some(None)).await, Flushed);
+        // A router with 100 ms calling a route with no `flush_timeout`: the builder's 150 ms.
+        assert_eq!(outcome(Some(100), Some(None)).await, TimedOut);
+    }
+
     #[tokio::test]
     async fn without_start_actions_run_inline_before_returning() {
         let ran = Arc::new(AtomicUsize::new(0));

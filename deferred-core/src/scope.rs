@@ -135,8 +135,20 @@ struct Actions {
     /// Actions queued with `defer!` so far, run or not (what `max_actions` limits), including
     /// those of earlier calls in the invocation ([`Queue::after`]).
     pushed: usize,
+    /// The `flush_timeout`s of deferred handlers called in this scope (a router calling its
+    /// route's handler): the invocation's one flush gets the longest of its handlers', as
+    /// when calls in a row join one phase ([`Job::join`](crate::phase::Job::join)).
+    nested: NestedFlush,
     /// Of `pushed`, the earlier calls' (already counted where they are queued).
     before: usize,
+}
+
+/// See [`Actions::nested`]: whether a nested handler had no `flush_timeout` of its own (the
+/// builder's then counts), and the longest one given.
+#[derive(Debug, Default, Clone, Copy)]
+struct NestedFlush {
+    default: bool,
+    longest: Option<Duration>,
 }
 
 /// An action's task, started by a phase that is gone.
@@ -170,6 +182,26 @@ impl Queue {
             }),
             limit,
         })
+    }
+
+    /// Notes the options of a deferred handler called in this scope: its `flush_timeout`
+    /// counts for the invocation's flush ([`flush_timeout`](Self::flush_timeout)).
+    fn nest(&self, options: Options) {
+        let nested = &mut lock(&self.actions).nested;
+        match options.flush_timeout {
+            Some(timeout) => nested.longest = nested.longest.max(Some(timeout)),
+            None => nested.default = true,
+        }
+    }
+
+    /// The flush timeout of the invocation whose outermost handler asked for `own` (`None`:
+    /// the builder's `default`): the longest of its handlers'.
+    pub(crate) fn flush_timeout(&self, own: Option<Duration>, default: Duration) -> Duration {
+        let nested = lock(&self.actions).nested;
+        let own = own.unwrap_or(default);
+        let nested_default = nested.default.then_some(default);
+        own.max(nested.longest.unwrap_or_default())
+            .max(nested_default.unwrap_or_default())
     }
 
     /// Actions queued so far, run or not (see [`Queue::after`]).
@@ -303,10 +335,11 @@ pub fn defer_or_panic<A: DeferredAction>(name: Option<Cow<'static, str>>, action
 ///
 /// A deferred handler called by another (a router calling the route's handler) runs in the
 /// caller's scope: its actions join the caller's queue and run in the invocation's one phase,
-/// after the caller's body. A scope of its own would hand a second queue over for the same
-/// invocation.
+/// after the caller's body, and its `flush_timeout` counts for that phase's flush (the longest
+/// of the invocation's handlers' applies). A scope of its own would hand a second queue over
+/// for the same invocation.
 pub async fn scope<F: Future>(invocation: Invocation, options: Options, body: F) -> F::Output {
-    if QUEUE.try_with(|_| ()).is_ok() {
+    if QUEUE.try_with(|queue| queue.nest(options)).is_ok() {
         return body.await;
     }
     crate::invocation::run(invocation, options, body).await

@@ -133,7 +133,8 @@ use proc_macro::TokenStream;
 /// (a router calling it once per record), with the runtime layer (`Deferred::run`, or
 /// `layer()` on your own `Runtime`): every call's actions run in the one phase, in call order.
 /// Under `Deferred::start` the phase begins when the first call returns, so the later calls'
-/// actions run inline, before the response (said once in the log).
+/// actions run inline, before the response (said once in the log). Either way the phase's
+/// one flush gets the longest `flush_timeout` of the handlers called in the invocation.
 ///
 /// Lint attributes on the argument work as without the attribute: the argument is re-bound at
 /// the top of the body, under its own name or pattern, and its `#[allow]`, `#[warn]`,
@@ -176,7 +177,9 @@ use proc_macro::TokenStream;
 /// - `flush_timeout = "…"`: the longest this handler's telemetry flush may take, written as a
 ///   [humantime](https://docs.rs/humantime) duration: `"250ms"`, `"10s"`, `"1m 30s"`. Checked
 ///   at compile time: it must be above zero and at most 15 minutes. Without it, the timeout
-///   set on the `Deferred` builder applies.
+///   set on the `Deferred` builder applies. Where several deferred handlers run in one
+///   invocation (one calling another, or calls in a row), the flush gets the longest of
+///   theirs.
 /// - `crate = "…"`: the path of the deferred-core crate, when the dependency is renamed in
 ///   `Cargo.toml` (`crate = "renamed"`) or re-exported (`crate = "my_facade::deferred"`, or
 ///   `crate = "crate::reexport"`). A path that does not start with `crate`, `self`, `super`
