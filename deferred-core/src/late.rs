@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use crate::core::Core;
 use crate::extension::{Client, ClientError, NextEvent, Registration};
+use crate::snapstart::Restores;
 
 /// A registration `start` stopped waiting for, still in flight.
 pub(crate) struct Pending {
@@ -43,9 +44,14 @@ pub(crate) async fn pass_through(pending: Pending, core: Arc<Core>) {
 /// Calls `event/next` again as soon as each event arrives, holding nothing, until SHUTDOWN or
 /// the end of the process: for a registered extension whose deferred work runs inline.
 pub(crate) async fn acknowledge(client: Arc<Client>, extension_id: String) {
+    acknowledge_with(client, extension_id, Restores::global()).await;
+}
+
+/// [`acknowledge`], watching `restores`.
+async fn acknowledge_with(client: Arc<Client>, extension_id: String, restores: Arc<Restores>) {
     // Its `event/next` is in flight across a SnapStart snapshot too: watch the restores as the
     // chain does.
-    let mut restores = crate::snapstart::Restores::global().watch();
+    let mut restores = restores.watch();
     let mut failures: u32 = 0;
     loop {
         let next = restores
@@ -59,8 +65,63 @@ pub(crate) async fn acknowledge(client: Arc<Client>, extension_id: String) {
                 if failures == 1 {
                     tracing::warn!(target: "deferred", %error, "event/next failed (acknowledging extension); retrying");
                 }
-                tokio::time::sleep(crate::chain::backoff(failures)).await;
+                // A restore ends the backoff, as the chain's: `after_restore` waits until the
+                // next call has settled it.
+                tokio::select! {
+                    () = tokio::time::sleep(crate::chain::backoff(failures)) => {}
+                    _ = restores.changed() => {}
+                }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::AsyncWriteExt as _;
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::extension::line::tests::{request, with_status};
+
+    /// An acknowledging extension whose `event/next` keeps failing backs off up to a second
+    /// between calls. A SnapStart restore meanwhile must end the backoff, as it does the
+    /// chain's: the restore is settled (and `after_restore` returns) at once, not after the
+    /// rest of the backoff, which would hold the restore up to its settle timeout.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_restore_ends_the_backoff_of_an_acknowledging_extension() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let authority = listener.local_addr().expect("addr").to_string();
+        let client = Arc::new(Client::new(&authority).expect("client"));
+        let restores = Restores::new();
+        tokio::spawn(acknowledge_with(client, "ext-1".into(), restores.clone()));
+        let failed = with_status(
+            "500 Internal Server Error",
+            r#"{"errorMessage":"down","errorType":"Unknown"}"#,
+        );
+        let (mut api, _) = listener.accept().await.expect("accept");
+        // Eight failures in a row: the backoff after the last one is its longest (1 s).
+        for _ in 0..8 {
+            request(&mut api).await;
+            api.write_all(failed.as_bytes()).await.expect("write");
+        }
+        // Ordering only: the last answer read, its backoff begun (had it not, the restore
+        // would be taken by the call in flight: a false pass, never a false failure).
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let started = std::time::Instant::now();
+        let hook = crate::snapstart::SnapStartHook::new(
+            crate::core::Core::new(crate::core::Config::default(), crate::core::Mode::Inline),
+            restores,
+        );
+        lambda_runtime::SnapStartResource::after_restore(&hook)
+            .await
+            .expect("never fails");
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "the restore was settled {:?} after it was announced",
+            started.elapsed()
+        );
     }
 }
