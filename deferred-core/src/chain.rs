@@ -382,6 +382,14 @@ pub(crate) mod tests {
 
     /// [`chain`], with the runtime layer (`run`) or without it (`start`).
     async fn chain_with(layer: bool) -> (Arc<Core>, TcpListener, TcpStream) {
+        chain_watching(layer, Restores::new()).await
+    }
+
+    /// [`chain_with`], watching `restores`.
+    async fn chain_watching(
+        layer: bool,
+        restores: Arc<Restores>,
+    ) -> (Arc<Core>, TcpListener, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let authority = listener.local_addr().expect("addr").to_string();
         let config = Config {
@@ -392,12 +400,7 @@ pub(crate) mod tests {
         core.layer_installed
             .store(layer, std::sync::atomic::Ordering::Release);
         let client = Arc::new(Client::new(&authority).expect("client"));
-        tokio::spawn(drive_with(
-            core.clone(),
-            client,
-            "ext-1".into(),
-            Restores::new(),
-        ));
+        tokio::spawn(drive_with(core.clone(), client, "ext-1".into(), restores));
         let (mut stream, _) = listener.accept().await.expect("accept");
         request_within(&mut stream, Duration::from_secs(5))
             .await
@@ -662,5 +665,145 @@ pub(crate) mod tests {
                 }
             }
         }
+    }
+
+    /// A wrapper begun for `r-1` with the layer, whose job (one `millis` ms action) is handed
+    /// over and its response seen: its phase starts once the event is there. Returns whether
+    /// the action has ended.
+    async fn r1_responded_with_an_action(
+        core: &Arc<Core>,
+        deadline: SystemTime,
+        millis: u64,
+    ) -> Arc<std::sync::atomic::AtomicBool> {
+        let invocation = crate::context::Invocation {
+            request_id: "r-1".into(),
+            deadline: Some(deadline),
+        };
+        let ticket = core.begin(&invocation);
+        assert_eq!(ticket, Ticket::Chained("r-1".into()));
+        let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let queue = Queue::new(1);
+        let e = ended.clone();
+        crate::scope::with_queue(queue.clone(), async move {
+            crate::scope::defer(None, async move {
+                tokio::time::sleep(Duration::from_millis(millis)).await;
+                e.store(true, std::sync::atomic::Ordering::SeqCst);
+            })
+            .expect("defer");
+        })
+        .await;
+        let job = crate::phase::Job {
+            queue,
+            ..job("r-1", deadline)
+        };
+        assert!(core.dispatch(&ticket, job, "inline").is_none(), "parked");
+        assert!(core.responded("r-1"), "parked for its event");
+        ended
+    }
+
+    /// A SnapStart restore (not something Lambda does after init, but the chain must keep G2
+    /// whatever comes) while an invocation's phase runs, at any point of it (early: the probe
+    /// window ends first; late: the phase ends within the window), once or twice in a row, with
+    /// the API's keep-alive connection open or closed meanwhile: no `event/next` goes out, on
+    /// any connection, before the phase ended; then exactly one, which stays in flight and
+    /// brings the next event.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_restore_during_a_phase_lets_one_call_out_after_it() {
+        for closed in [false, true] {
+            for (restore_after, twice) in [(20, false), (20, true), (250, false), (250, true)] {
+                restore_during_a_phase(restore_after, twice, closed).await;
+            }
+        }
+    }
+
+    async fn restore_during_a_phase(restore_after: u64, twice: bool, closed: bool) {
+        let case = format!("restore after {restore_after} ms, twice: {twice}, closed: {closed}");
+        let restores = Restores::new();
+        let (core, listener, mut api) = chain_watching(true, restores.clone()).await;
+        let deadline = SystemTime::now() + Duration::from_secs(10);
+        let ended = r1_responded_with_an_action(&core, deadline, 400).await;
+        api.write_all(invoke("r-1", deadline).as_bytes())
+            .await
+            .expect("write");
+        // A mark per request on any connection, in order: whether the action had ended. Each
+        // request is answered with the next event once `answer` says so.
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let (answer, answer_rx) = tokio::sync::watch::channel(false);
+        let watch = {
+            let ended = ended.clone();
+            move |mut stream: TcpStream, tx: tokio::sync::mpsc::UnboundedSender<bool>| {
+                let ended = ended.clone();
+                let mut answer = answer_rx.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    // One read per request: each is one small write.
+                    while let Ok(n) = tokio::io::AsyncReadExt::read(&mut stream, &mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        let _ = tx.send(ended.load(std::sync::atomic::Ordering::SeqCst));
+                        let _ = answer.wait_for(|a| *a).await;
+                        let next = invoke("r-2", SystemTime::now() + Duration::from_secs(10));
+                        if stream.write_all(next.as_bytes()).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        };
+        if closed {
+            drop(api);
+        } else {
+            watch(api, tx.clone());
+        }
+        let accept = {
+            let (tx, watch) = (tx.clone(), watch.clone());
+            tokio::spawn(async move {
+                while let Ok((stream, _)) = listener.accept().await {
+                    watch(stream, tx.clone());
+                }
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(restore_after)).await;
+        // The hook's own path: announce, wait until settled.
+        let announce = || {
+            let hook = crate::snapstart::SnapStartHook::new(core.clone(), restores.clone());
+            tokio::spawn(async move {
+                lambda_runtime::SnapStartResource::after_restore(&hook)
+                    .await
+                    .is_ok()
+            })
+        };
+        let first = announce();
+        let second = twice.then(announce);
+        assert!(first.await.expect("hook"));
+        if let Some(second) = second {
+            assert!(second.await.expect("hook"));
+        }
+        let seen = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{case}: no event/next after the phase"))
+            .expect("seen");
+        assert!(seen, "{case}: event/next went out while the phase ran");
+        // Past the probe window: the call that went out must still be the chain's.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(500), rx.recv())
+                .await
+                .is_err(),
+            "{case}: a second event/next"
+        );
+        answer.send_replace(true);
+        tokio::time::timeout(
+            Duration::from_secs(3),
+            core.state.subscribe().wait_for(|s| {
+                s.slot
+                    .as_ref()
+                    .is_some_and(|slot| slot.event.request_id == "r-2")
+            }),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{case}: the next event never reached the chain"))
+        .expect("state");
+        accept.abort();
     }
 }

@@ -203,6 +203,11 @@ impl RestoreWatch {
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<NextEvent, ClientError>>,
     {
+        // The pool cannot tell whether the request is out: taken as out, it is raced.
+        let reset_pool = || {
+            reset_pool();
+            true
+        };
         self.next_event_watching(call, reset_pool, &Notify::new())
             .await
     }
@@ -215,10 +220,14 @@ impl RestoreWatch {
     /// its client in state Ready: `core/internalagent_states.go`), and a dead one took the
     /// first INVOKE event with it (`rapid/handlers.go`, `doInvoke`: `agent.Release()`), after
     /// which Lambda accepts a fresh call. Kept, it would hold the environment to the deadline.
+    ///
+    /// `reset_pool` tells whether the call's request was out when it reset the pool: one not
+    /// out yet (a restore while a phase runs, not something Lambda does) is not raced but
+    /// replaced by a fresh call, which sends its request once the phase arms it.
     pub(crate) async fn next_event_watching<F, Fut>(
         &mut self,
         mut call: F,
-        reset_pool: impl Fn(),
+        reset_pool: impl Fn() -> bool,
         missed: &Notify,
     ) -> Result<NextEvent, ClientError>
     where
@@ -233,7 +242,7 @@ impl RestoreWatch {
         // backing off): there is nothing to abandon, the next call goes out on a fresh pool.
         let pending = *self.rx.borrow_and_update();
         if pending > self.seen {
-            reset_pool();
+            let _ = reset_pool();
             self.seen = pending;
             self.restores.settle(pending);
         }
@@ -249,8 +258,18 @@ impl RestoreWatch {
                     ));
                 }
                 number = self.changed() => {
-                    reset_pool();
+                    let out = reset_pool();
                     self.seen = number;
+                    // A call kept across an earlier restore has its request out, whatever the
+                    // refused probe's answer made the pool think.
+                    if !out && !kept {
+                        // Nothing to race: the old call only waits to send, or reads a stale
+                        // connection with no request on it. A probe would wait to send as
+                        // well, and the window would abandon whichever call had sent by then.
+                        current = Box::pin(call());
+                        self.restores.settle(number);
+                        continue;
+                    }
                     match self.race(&mut current, &mut call).await {
                         Race::Done(result) => return result,
                         Race::KeepOld => kept = true,

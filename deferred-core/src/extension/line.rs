@@ -150,11 +150,13 @@ impl Line {
 
     /// Forgets the current connection: the next call opens a new one (after a SnapStart
     /// restore, connections from before the snapshot may be dead). A call reading on the old
-    /// one goes on until it ends.
-    pub(crate) fn reset(&self) {
+    /// one goes on until it ends. Returns whether a request was out (under the lock that
+    /// [`arm`](Self::arm) sends under: one not out now goes through a new connection).
+    pub(crate) fn reset(&self) -> bool {
         let mut state = lock(&self.state);
         state.idle = None;
         state.writer = None;
+        state.in_flight
     }
 
     /// Waits for the next answer to `event/next`: on the current connection, or on a new one
