@@ -806,4 +806,103 @@ pub(crate) mod tests {
         .expect("state");
         accept.abort();
     }
+    /// A SHUTDOWN event on the chain (internal extensions cannot subscribe to it, but should
+    /// one come): the chain stops, bounded, without another `event/next`; later invocations
+    /// run their work inline.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_shutdown_event_stops_the_chain() {
+        let (core, _listener, mut api) = chain().await;
+        api.write_all(
+            with_length(r#"{"eventType":"SHUTDOWN","shutdownReason":"SPINDOWN","deadlineMs":1}"#)
+                .as_bytes(),
+        )
+        .await
+        .expect("write");
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            core.state
+                .subscribe()
+                .wait_for(|s| s.chain == Chain::Stopped),
+        )
+        .await
+        .expect("stopped")
+        .expect("state");
+        assert!(
+            request_within(&mut api, Duration::from_millis(800))
+                .await
+                .is_none(),
+            "event/next after SHUTDOWN"
+        );
+        let invocation = crate::context::Invocation {
+            request_id: "r-1".into(),
+            deadline: Some(SystemTime::now() + Duration::from_secs(4)),
+        };
+        assert_eq!(core.begin(&invocation), Ticket::Inline);
+    }
+
+    /// The chain's `event/next` keeps failing (the backoff at its longest, 1 s), then a
+    /// SnapStart restore: it ends the backoff, the hook returns at once, and exactly one call
+    /// goes out, on a fresh connection, which brings the next event.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_restore_while_backing_off_sends_one_call_at_once() {
+        let restores = Restores::new();
+        let (core, listener, mut api) = chain_watching(true, restores.clone()).await;
+        let failed = with_status(
+            "500 Internal Server Error",
+            r#"{"errorMessage":"down","errorType":"Unknown"}"#,
+        );
+        api.write_all(failed.as_bytes()).await.expect("write");
+        for _ in 0..7 {
+            request_within(&mut api, Duration::from_secs(5))
+                .await
+                .expect("a retry");
+            api.write_all(failed.as_bytes()).await.expect("write");
+        }
+        // Ordering only: the last failure read, its 1 s backoff begun.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let started = std::time::Instant::now();
+        let hook = crate::snapstart::SnapStartHook::new(core.clone(), restores);
+        lambda_runtime::SnapStartResource::after_restore(&hook)
+            .await
+            .expect("never fails");
+        let (mut fresh, _) = tokio::time::timeout(Duration::from_secs(5), listener.accept())
+            .await
+            .expect("a fresh connection")
+            .expect("accept");
+        request_within(&mut fresh, Duration::from_secs(5))
+            .await
+            .expect("the call");
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "the call went out {:?} after the restore",
+            started.elapsed()
+        );
+        // The old connection is closed by the reset, or silent.
+        let mut byte = [0u8; 1];
+        let old = tokio::time::timeout(
+            Duration::from_millis(300),
+            tokio::io::AsyncReadExt::read(&mut api, &mut byte),
+        )
+        .await;
+        assert!(
+            !matches!(old, Ok(Ok(n)) if n > 0),
+            "a call on the old connection too"
+        );
+        let deadline = SystemTime::now() + Duration::from_secs(10);
+        fresh
+            .write_all(invoke("r-1", deadline).as_bytes())
+            .await
+            .expect("write");
+        tokio::time::timeout(
+            Duration::from_secs(3),
+            core.state.subscribe().wait_for(|s| {
+                s.slot
+                    .as_ref()
+                    .is_some_and(|slot| slot.event.request_id == "r-1")
+            }),
+        )
+        .await
+        .expect("the event reached the chain")
+        .expect("state");
+    }
 }
