@@ -991,7 +991,7 @@ async fn set_up(config: Config) -> Result<DeferredHandle, StartError> {
     }
     match registered {
         Registered::Chain(client, extension_id) => {
-            tokio::spawn(crate::chain::drive(core.clone(), client, extension_id));
+            crate::chain::spawn(core.clone(), client, extension_id);
         }
         // Not dropped: should Lambda register us after all, it would wait for our
         // `event/next` before ending init.

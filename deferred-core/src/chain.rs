@@ -17,9 +17,71 @@ use crate::phase::Budget;
 use crate::runner::Runner;
 use crate::snapstart::Restores;
 
-/// Runs the chain until the process ends (or a SHUTDOWN event arrives).
-pub(crate) async fn drive(core: Arc<Core>, client: Arc<Client>, extension_id: String) {
-    drive_with(core, client, extension_id, Restores::global()).await;
+/// Starts the chain on a thread of its own, with a current-thread runtime of its own, and
+/// returns at once; `user` is the runtime the function runs on, where every phase runs. Falls
+/// back to a task on `user` when the OS refuses the thread.
+///
+/// Why a thread: an INVOKE event (one per invocation) then wakes that thread only, not a
+/// worker of the function's runtime, which on one vCPU takes the CPU from the handler and the
+/// runtime's loop; and the chain's timers (the watchdog, the release of an event whose phase
+/// does not end) run even while the function's runtime is blocked: by a blocking action on a
+/// current-thread runtime, say, which would otherwise hold the environment to the function's
+/// timeout (G4).
+pub(crate) fn spawn(core: Arc<Core>, client: Arc<Client>, extension_id: String) {
+    let user = tokio::runtime::Handle::current();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build();
+    let runtime = match runtime {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            tracing::warn!(target: "deferred", %error, "cannot build the chain's runtime: the chain runs on the function's");
+            user.spawn(drive(core, client, extension_id, user.clone()));
+            return;
+        }
+    };
+    // The chain ends with the function's runtime, as a task of it would: this task is dropped
+    // when that runtime shuts down, which closes the channel the chain's thread watches.
+    let (alive, gone) = tokio::sync::oneshot::channel::<std::convert::Infallible>();
+    user.spawn(async move {
+        let _alive = alive;
+        std::future::pending::<()>().await;
+    });
+    // The subscriber in effect here (a thread's own default, in tests), for the chain's logs.
+    let dispatch = tracing::dispatcher::get_default(Clone::clone);
+    let chain = drive(
+        core.clone(),
+        client.clone(),
+        extension_id.clone(),
+        user.clone(),
+    );
+    let started = std::thread::Builder::new()
+        .name("deferred-chain".into())
+        .spawn(move || {
+            let _logs = tracing::dispatcher::set_default(&dispatch);
+            runtime.block_on(async move {
+                tokio::select! {
+                    () = chain => {}
+                    _ = gone => {}
+                }
+            });
+        });
+    if let Err(error) = started {
+        tracing::warn!(target: "deferred", %error, "cannot start the chain's thread: the chain runs on the function's runtime");
+        user.spawn(drive(core, client, extension_id, user.clone()));
+    }
+}
+
+/// Runs the chain until the process ends (or a SHUTDOWN event arrives); its phases run on
+/// `user`, the function's runtime.
+pub(crate) async fn drive(
+    core: Arc<Core>,
+    client: Arc<Client>,
+    extension_id: String,
+    user: tokio::runtime::Handle,
+) {
+    drive_with(core, client, extension_id, Restores::global(), user).await;
 }
 
 /// [`drive`], watching `restores`: after a SnapStart restore the line's connection is
@@ -30,29 +92,31 @@ pub(crate) async fn drive(core: Arc<Core>, client: Arc<Client>, extension_id: St
 /// starts where its last condition is met (the layer's `responded`, the wrapper's hand-over,
 /// or this task's timers for a stray or overdue event) and runs on the phase thread, which
 /// then sends the next `event/next` (`runner.rs`). This task wakes only for events, for those
-/// timers, and for the watchdog of a flush that overruns.
+/// timers, and for the watchdog of a flush that overruns. What runs the user's code here (the
+/// final flush of a SHUTDOWN event; acknowledging events when no chain can run) goes to `user`.
 pub(crate) async fn drive_with(
     core: Arc<Core>,
     client: Arc<Client>,
     extension_id: String,
     restores: Arc<Restores>,
+    user: tokio::runtime::Handle,
 ) {
     // A second chain for one core, which `start` never makes: the first one drives the
     // phases, but this extension is registered too and must not keep Lambda waiting.
     if core.runner.get().is_some() {
         tracing::error!(target: "deferred", "a chain already runs for this core: this extension only acknowledges events");
-        crate::late::acknowledge(client, extension_id).await;
+        user.spawn(crate::late::acknowledge(client, extension_id));
         return;
     }
     let (authority, prefix) = client.endpoint();
     let line = Arc::new(Line::new(authority, prefix, &extension_id));
-    let runner = match Runner::start(&core, line.clone()) {
+    let runner = match Runner::start(&core, line.clone(), user.clone()) {
         Ok(runner) => runner,
         Err(error) => {
             core.state.send_modify(|s| s.chain = Chain::Stopped);
             tracing::error!(target: "deferred", %error, "cannot start the chain's phase thread: deferred work runs inline");
             // Registered all the same: Lambda must not wait for this extension.
-            crate::late::acknowledge(client, extension_id).await;
+            user.spawn(crate::late::acknowledge(client, extension_id));
             return;
         }
     };
@@ -135,7 +199,9 @@ pub(crate) async fn drive_with(
                 // flush and stop calling.
                 core.state.send_modify(|s| s.chain = Chain::Stopped);
                 tracing::info!(target: "deferred", reason = %event.reason, "SHUTDOWN event: final flush");
-                crate::shutdown::final_flush(&core).await;
+                // On the function's runtime: the flush runs the user's flushers and hooks.
+                let flush = user.spawn(async move { crate::shutdown::final_flush(&core).await });
+                let _ = flush.await;
                 return;
             }
             Err(error) => {
@@ -400,7 +466,13 @@ pub(crate) mod tests {
         core.layer_installed
             .store(layer, std::sync::atomic::Ordering::Release);
         let client = Arc::new(Client::new(&authority).expect("client"));
-        tokio::spawn(drive_with(core.clone(), client, "ext-1".into(), restores));
+        tokio::spawn(drive_with(
+            core.clone(),
+            client,
+            "ext-1".into(),
+            restores,
+            tokio::runtime::Handle::current(),
+        ));
         let (mut stream, _) = listener.accept().await.expect("accept");
         request_within(&mut stream, Duration::from_secs(5))
             .await
@@ -563,6 +635,112 @@ pub(crate) mod tests {
         request_within(&mut api, Duration::from_secs(2))
             .await
             .expect("the next call once the handler is gone");
+    }
+
+    /// [`spawn`]: the chain reads its events on a thread of its own, while what the user wrote
+    /// runs on the function's runtime: the action as its task, the first flush on the phase
+    /// thread in its context, the `on_report` hook too. Then the next call goes out. And the
+    /// chain's thread ends with the function's runtime, as a task of it would.
+    #[test]
+    fn a_spawned_chain_runs_the_users_work_on_the_functions_runtime() {
+        let chain_threads = || {
+            std::fs::read_dir("/proc/self/task")
+                .expect("tasks")
+                .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+                .filter(|name| name.trim() == "deferred-chain")
+                .count()
+        };
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(users_work_on_the_functions_runtime());
+        assert_eq!(chain_threads(), 1, "the chain's thread");
+        drop(runtime);
+        let t0 = std::time::Instant::now();
+        while chain_threads() > 0 {
+            assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "the chain's thread outlived the runtime"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    async fn users_work_on_the_functions_runtime() {
+        type Seen = Arc<std::sync::Mutex<Vec<(&'static str, Option<tokio::runtime::Id>)>>>;
+        fn note(seen: &Seen, what: &'static str) {
+            let runtime = tokio::runtime::Handle::try_current().ok().map(|h| h.id());
+            crate::scope::lock(seen).push((what, runtime));
+        }
+        let seen: Seen = Arc::default();
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let authority = listener.local_addr().expect("addr").to_string();
+        let (flushed, reported) = (seen.clone(), seen.clone());
+        let config = Config {
+            phase_telemetry: false,
+            flushers: vec![crate::flush::Flusher::new(crate::flush_fn(
+                "where",
+                move || {
+                    note(&flushed, "flush");
+                    Ok::<(), crate::FlushError>(())
+                },
+            ))],
+            on_report: Some(crate::core::ReportHook(Arc::new(move |_| {
+                note(&reported, "report");
+            }))),
+            ..Config::default()
+        };
+        let core = Core::new(config, Mode::Extension);
+        core.layer_installed
+            .store(true, std::sync::atomic::Ordering::Release);
+        let client = Arc::new(Client::new(&authority).expect("client"));
+        spawn(core.clone(), client, "ext-1".into());
+        let (mut api, _) = listener.accept().await.expect("accept");
+        request_within(&mut api, Duration::from_secs(5))
+            .await
+            .expect("the first event/next");
+
+        let deadline = SystemTime::now() + Duration::from_secs(4);
+        api.write_all(invoke("r-1", deadline).as_bytes())
+            .await
+            .expect("write");
+        let invocation = crate::context::Invocation {
+            request_id: "r-1".into(),
+            deadline: Some(deadline),
+        };
+        let ticket = core.begin(&invocation);
+        let queue = Queue::new(1);
+        let acted = seen.clone();
+        crate::scope::with_queue(queue.clone(), async move {
+            crate::scope::defer(None, async move { note(&acted, "action") }).expect("defer");
+        })
+        .await;
+        let job = crate::phase::Job {
+            queue,
+            ..job("r-1", deadline)
+        };
+        assert!(
+            core.dispatch(&ticket, job, "inline").is_none(),
+            "handed over"
+        );
+        // Parked until the event arrives, if the chain's thread has not read it yet.
+        if core.responded("r-1") {
+            tokio::time::timeout(Duration::from_secs(3), core.claim_parked("r-1"))
+                .await
+                .expect("the layer's wait ended");
+        }
+        request_within(&mut api, Duration::from_secs(5))
+            .await
+            .expect("the next call after the phase");
+        let ours = Some(tokio::runtime::Handle::current().id());
+        let seen = crate::scope::lock(&seen).clone();
+        assert_eq!(
+            seen,
+            [("action", ours), ("flush", ours), ("report", ours)],
+            "where the user's work ran"
+        );
     }
 
     /// A wrapper begun for `r-1` (no layer: its ticket is chained) whose handler queued one

@@ -282,6 +282,7 @@ pub(crate) async fn run(scenario: &Scenario) -> Vec<String> {
         client,
         "ext-1".into(),
         crate::snapstart::Restores::new(),
+        tokio::runtime::Handle::current(),
     ));
     let mut violations = Vec::new();
     // The first event/next.

@@ -134,18 +134,25 @@ struct Flushing {
 }
 
 impl Runner {
-    /// The runner of the chain that talks on `line`; its first phase thread starts now.
-    pub(crate) fn start(core: &Arc<Core>, line: Arc<Line>) -> std::io::Result<Arc<Self>> {
-        Self::start_with(core, line, os_thread)
+    /// The runner of the chain that talks on `line`; its first phase thread starts now. The
+    /// phases run on `user`, the runtime the function runs on (its actions are tasks there,
+    /// its flushes see it as `Handle::current()`), wherever the chain's task runs.
+    pub(crate) fn start(
+        core: &Arc<Core>,
+        line: Arc<Line>,
+        user: tokio::runtime::Handle,
+    ) -> std::io::Result<Arc<Self>> {
+        Self::start_with(core, line, user, os_thread)
     }
 
     fn start_with(
         core: &Arc<Core>,
         line: Arc<Line>,
+        handle: tokio::runtime::Handle,
         spawner: Spawner,
     ) -> std::io::Result<Arc<Self>> {
         let runner = Arc::new(Self {
-            handle: tokio::runtime::Handle::current(),
+            handle,
             line,
             core: Arc::downgrade(core),
             spawner,
@@ -647,7 +654,13 @@ mod tests {
         );
         // Nothing listens: the calls the phases arm go nowhere.
         let line = Arc::new(Line::new("127.0.0.1:9", "", "ext-1"));
-        let runner = Runner::start_with(&core, line, first_thread_only).expect("first thread");
+        let runner = Runner::start_with(
+            &core,
+            line,
+            tokio::runtime::Handle::current(),
+            first_thread_only,
+        )
+        .expect("first thread");
 
         let first = work(1, Duration::from_millis(100));
         let end = first.end;
@@ -726,7 +739,8 @@ mod tests {
             );
             // Nothing listens: the calls the phases arm go nowhere.
             let line = Arc::new(Line::new("127.0.0.1:9", "", "ext-1"));
-            let runner = Runner::start(&core, line).expect("a phase thread");
+            let runner = Runner::start(&core, line, tokio::runtime::Handle::current())
+                .expect("a phase thread");
             let first = work(1, Duration::from_millis(100));
             let end = first.end;
             runner.submit(first);
@@ -780,7 +794,8 @@ mod tests {
         );
         // Nothing listens: the calls the phases arm go nowhere.
         let line = Arc::new(Line::new("127.0.0.1:9", "", "ext-1"));
-        let runner = Runner::start(&core, line).expect("a phase thread");
+        let runner =
+            Runner::start(&core, line, tokio::runtime::Handle::current()).expect("a phase thread");
         let count = || lock(&reports).len();
         for (seq, release) in [(1, release_first), (2, release_second)] {
             let phase = work(seq, Duration::from_millis(100));
@@ -851,7 +866,8 @@ mod tests {
         );
         // Nothing listens: the call the phase arms goes nowhere.
         let line = Arc::new(Line::new("127.0.0.1:9", "", "ext-1"));
-        let runner = Runner::start(&core, line).expect("a phase thread");
+        let runner =
+            Runner::start(&core, line, tokio::runtime::Handle::current()).expect("a phase thread");
         runner.submit(work(1, Duration::from_secs(5)));
         let report =
             tokio::task::spawn_blocking(move || reports.recv_timeout(Duration::from_secs(5)))

@@ -178,3 +178,52 @@ async fn every_flavour_survives_handler_panics() {
         }
     }
 }
+
+/// An action that blocks its thread past the function's timeout, on the runtimes where it
+/// holds the only worker: the chain, on a thread of its own, still calls `event/next` before
+/// the deadline (its safety net), so the extension does not hold the environment. (Whether
+/// the invocation then completes is up to the runtime's own `/next`, which a blocked worker
+/// can hold too: see the README's limits.) Later invocations are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocking_action_does_not_keep_the_extension_past_the_deadline() {
+    for flavour in ["current", "multi1", "local"] {
+        for mode in ["run", "start"] {
+            let tag = format!("{flavour}/{mode}");
+            let env = start(
+                mode,
+                config(Duration::from_secs(2)),
+                &[("FIXTURE_RUNTIME", flavour), ("FLUSH_TIMEOUT_MS", "300")],
+            )
+            .await;
+            let hit = env
+                .invoke(json!({ "actions": [{ "name": "stuck", "kind": "block", "ms": 3500 }] }))
+                .await;
+            assert!(hit.outcome.is_success(), "{tag}: {:?}", hit.outcome);
+            let t = env.completed(&hit.request_id).await;
+            let called = t.extension_next.first().map(|(_, at)| *at);
+            assert!(
+                called.is_some_and(|at| at < t.deadline),
+                "{tag}: the extension's event/next {:?} after the deadline {:?} (invoked {:?})",
+                called.map(|at| at - t.invoked),
+                t.deadline - t.invoked,
+                t.invoked
+            );
+            assert_eq!(
+                env.safety_net_releases().len(),
+                1,
+                "{tag}: released by the safety net"
+            );
+            // The stuck action ends in a later thaw (or with the environment, reset at the
+            // deadline when the runtime's `/next` was held too); later invocations are served.
+            for i in 0..2 {
+                let hit = env
+                    .invoke(json!({ "actions": [{ "name": "a", "ms": 10 }] }))
+                    .await;
+                assert!(hit.outcome.is_success(), "{tag} #{i}: {:?}", hit.outcome);
+                let t = env.completed(&hit.request_id).await;
+                assert!(!t.timed_out, "{tag} #{i}");
+                assert!(t.mark("end:a").is_some(), "{tag} #{i}: action lost");
+            }
+        }
+    }
+}

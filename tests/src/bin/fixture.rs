@@ -129,6 +129,9 @@ enum ActionKind {
     Hang,
     /// Spawns its own task (which sleeps `ms`, then posts `spawned:<name>`) and returns at once.
     Spawn,
+    /// Blocks its thread for `ms` (`std::thread::sleep`, the mistake of a synchronous call in
+    /// an action), holding a worker of the runtime.
+    Block,
 }
 
 #[deferred_handler]
@@ -304,9 +307,13 @@ async fn run_action(action: ActionPlan, request_id: String) -> Result<(), String
             mark(&request_id, &format!("end:{}", action.name)).await;
             return Ok(());
         }
-        tokio::time::sleep(Duration::from_millis(action.ms)).await;
+        if let ActionKind::Block = action.kind {
+            std::thread::sleep(Duration::from_millis(action.ms));
+        } else {
+            tokio::time::sleep(Duration::from_millis(action.ms)).await;
+        }
         let result = match action.kind {
-            ActionKind::Ok => Ok(()),
+            ActionKind::Ok | ActionKind::Block => Ok(()),
             ActionKind::Err => Err(format!("action {} failed on purpose", action.name)),
             ActionKind::Panic => panic!("action {} panicked on purpose", action.name),
             ActionKind::Hang => std::future::pending().await,
