@@ -28,6 +28,21 @@ use crate::snapstart::Restores;
 /// current-thread runtime, say, which would otherwise hold the environment to the function's
 /// timeout (G4).
 pub(crate) fn spawn(core: Arc<Core>, client: Arc<Client>, extension_id: String) {
+    spawn_with(core, client, extension_id, os_thread);
+}
+
+/// Starts an OS thread running the closure: [`os_thread`]; in tests, one the OS refuses.
+type Spawner = fn(Box<dyn FnOnce() + Send>) -> std::io::Result<()>;
+
+fn os_thread(run: Box<dyn FnOnce() + Send>) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("deferred-chain".into())
+        .spawn(run)
+        .map(drop)
+}
+
+/// [`spawn`], starting the chain's thread with `thread`.
+fn spawn_with(core: Arc<Core>, client: Arc<Client>, extension_id: String, thread: Spawner) {
     let user = tokio::runtime::Handle::current();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_io()
@@ -56,18 +71,28 @@ pub(crate) fn spawn(core: Arc<Core>, client: Arc<Client>, extension_id: String) 
         extension_id.clone(),
         user.clone(),
     );
-    let started = std::thread::Builder::new()
-        .name("deferred-chain".into())
-        .spawn(move || {
-            let _logs = tracing::dispatcher::set_default(&dispatch);
-            runtime.block_on(async move {
-                tokio::select! {
-                    () = chain => {}
-                    _ = gone => {}
-                }
-            });
+    // The runtime moves into the thread through a slot: should the thread not start, it comes
+    // back here to be shut down without waiting. Dropped here, in the function's async
+    // context, tokio would panic ("Cannot drop a runtime in a context where blocking is not
+    // allowed") and take `start` down with it.
+    let slot = Arc::new(std::sync::Mutex::new(Some(runtime)));
+    let theirs = slot.clone();
+    let started = thread(Box::new(move || {
+        let Some(runtime) = crate::scope::lock(&theirs).take() else {
+            return;
+        };
+        let _logs = tracing::dispatcher::set_default(&dispatch);
+        runtime.block_on(async move {
+            tokio::select! {
+                () = chain => {}
+                _ = gone => {}
+            }
         });
+    }));
     if let Err(error) = started {
+        if let Some(runtime) = crate::scope::lock(&slot).take() {
+            runtime.shutdown_background();
+        }
         tracing::warn!(target: "deferred", %error, "cannot start the chain's thread: the chain runs on the function's runtime");
         user.spawn(drive(core, client, extension_id, user.clone()));
     }
@@ -635,6 +660,37 @@ pub(crate) mod tests {
         request_within(&mut api, Duration::from_secs(2))
             .await
             .expect("the next call once the handler is gone");
+    }
+
+    /// The OS refuses the chain's thread (Lambda caps a function at 1,024 threads): the chain
+    /// runs as a task of the function's runtime, and its first `event/next` goes out. (Before,
+    /// the chain's runtime, dropped in `start`'s async context, panicked there: "Cannot drop a
+    /// runtime in a context where blocking is not allowed", and `start` with it.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_chain_whose_thread_is_refused_runs_on_the_functions_runtime() {
+        fn refused(_: Box<dyn FnOnce() + Send>) -> std::io::Result<()> {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::WouldBlock,
+                "Resource temporarily unavailable (test)",
+            ))
+        }
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let authority = listener.local_addr().expect("addr").to_string();
+        let config = Config {
+            phase_telemetry: false,
+            ..Config::default()
+        };
+        let core = Core::new(config, Mode::Extension);
+        let client = Arc::new(Client::new(&authority).expect("client"));
+        spawn_with(core.clone(), client, "ext-1".into(), refused);
+        let (mut api, _) = tokio::time::timeout(Duration::from_secs(5), listener.accept())
+            .await
+            .expect("the chain calls")
+            .expect("accept");
+        request_within(&mut api, Duration::from_secs(5))
+            .await
+            .expect("the first event/next");
+        assert!(core.runner.get().is_some(), "the chain runs");
     }
 
     /// [`spawn`]: the chain reads its events on a thread of its own, while what the user wrote
