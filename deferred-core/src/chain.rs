@@ -63,8 +63,12 @@ fn spawn_with(core: Arc<Core>, client: Arc<Client>, extension_id: String, thread
         let _alive = alive;
         std::future::pending::<()>().await;
     });
-    // The subscriber in effect here (a thread's own default, in tests), for the chain's logs.
-    let dispatch = tracing::dispatcher::get_default(Clone::clone);
+    // The subscriber in effect here (a thread's own default, in tests), for the chain's logs;
+    // none yet (a function that sets its subscriber up after `start`): the chain's thread
+    // follows the global default, whenever it is set, rather than keep the none it saw here.
+    let dispatch = tracing::dispatcher::get_default(|current| {
+        (!current.is::<tracing::subscriber::NoSubscriber>()).then(|| current.clone())
+    });
     let chain = drive(
         core.clone(),
         client.clone(),
@@ -81,7 +85,7 @@ fn spawn_with(core: Arc<Core>, client: Arc<Client>, extension_id: String, thread
         let Some(runtime) = crate::scope::lock(&theirs).take() else {
             return;
         };
-        let _logs = tracing::dispatcher::set_default(&dispatch);
+        let _logs = dispatch.as_ref().map(tracing::dispatcher::set_default);
         runtime.block_on(async move {
             tokio::select! {
                 () = chain => {}
