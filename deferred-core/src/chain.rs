@@ -480,21 +480,27 @@ pub(crate) mod tests {
         chain_watching(layer, Restores::new()).await
     }
 
+    /// A stand-in API, and a core (`config`, without phase telemetry) with a client for it.
+    async fn stand_in(config: Config) -> (TcpListener, Arc<Core>, Arc<Client>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let authority = listener.local_addr().expect("addr").to_string();
+        let config = Config {
+            phase_telemetry: false,
+            ..config
+        };
+        let core = Core::new(config, Mode::Extension);
+        let client = Arc::new(Client::new(&authority).expect("client"));
+        (listener, core, client)
+    }
+
     /// [`chain_with`], watching `restores`.
     async fn chain_watching(
         layer: bool,
         restores: Arc<Restores>,
     ) -> (Arc<Core>, TcpListener, TcpStream) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let authority = listener.local_addr().expect("addr").to_string();
-        let config = Config {
-            phase_telemetry: false,
-            ..Config::default()
-        };
-        let core = Core::new(config, Mode::Extension);
+        let (listener, core, client) = stand_in(Config::default()).await;
         core.layer_installed
             .store(layer, std::sync::atomic::Ordering::Release);
-        let client = Arc::new(Client::new(&authority).expect("client"));
         tokio::spawn(drive_with(
             core.clone(),
             client,
@@ -678,14 +684,7 @@ pub(crate) mod tests {
                 "Resource temporarily unavailable (test)",
             ))
         }
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let authority = listener.local_addr().expect("addr").to_string();
-        let config = Config {
-            phase_telemetry: false,
-            ..Config::default()
-        };
-        let core = Core::new(config, Mode::Extension);
-        let client = Arc::new(Client::new(&authority).expect("client"));
+        let (listener, core, client) = stand_in(Config::default()).await;
         spawn_with(core.clone(), client, "ext-1".into(), refused);
         let (mut api, _) = tokio::time::timeout(Duration::from_secs(5), listener.accept())
             .await
@@ -735,11 +734,8 @@ pub(crate) mod tests {
             crate::scope::lock(seen).push((what, runtime));
         }
         let seen: Seen = Arc::default();
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let authority = listener.local_addr().expect("addr").to_string();
         let (flushed, reported) = (seen.clone(), seen.clone());
         let config = Config {
-            phase_telemetry: false,
             flushers: vec![crate::flush::Flusher::new(crate::flush_fn(
                 "where",
                 move || {
@@ -752,10 +748,9 @@ pub(crate) mod tests {
             }))),
             ..Config::default()
         };
-        let core = Core::new(config, Mode::Extension);
+        let (listener, core, client) = stand_in(config).await;
         core.layer_installed
             .store(true, std::sync::atomic::Ordering::Release);
-        let client = Arc::new(Client::new(&authority).expect("client"));
         spawn(core.clone(), client, "ext-1".into());
         let (mut api, _) = listener.accept().await.expect("accept");
         request_within(&mut api, Duration::from_secs(5))

@@ -192,11 +192,17 @@ async fn a_blocking_action_does_not_keep_the_extension_past_the_deadline() {
             let env = start(
                 mode,
                 config(Duration::from_secs(2)),
-                &[("FIXTURE_RUNTIME", flavour), ("FLUSH_TIMEOUT_MS", "300")],
+                // A 400 ms margin: the safety net fires 200 ms before the deadline, slack
+                // for a loaded machine.
+                &[
+                    ("FIXTURE_RUNTIME", flavour),
+                    ("FLUSH_TIMEOUT_MS", "300"),
+                    ("SAFETY_MARGIN_MS", "400"),
+                ],
             )
             .await;
             let hit = env
-                .invoke(json!({ "actions": [{ "name": "stuck", "kind": "block", "ms": 3500 }] }))
+                .invoke(json!({ "actions": [{ "name": "stuck", "kind": "block", "ms": 2500 }] }))
                 .await;
             assert!(hit.outcome.is_success(), "{tag}: {:?}", hit.outcome);
             let t = env.completed(&hit.request_id).await;
