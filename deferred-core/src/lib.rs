@@ -189,6 +189,20 @@ pub mod __private {
         }
     }
 
+    /// `!` under a name, for the `let` that ends a `-> !` handler (`let _: ! = …` is
+    /// unstable; a function pointer's return type is not).
+    pub type Never = <fn() -> ! as FnOutput>::Output;
+
+    /// The return type of a function pointer.
+    pub trait FnOutput {
+        /// The type.
+        type Output;
+    }
+
+    impl<T> FnOutput for fn() -> T {
+        type Output = T;
+    }
+
     /// Moves the handler's argument into its body, under the user's name or pattern: a call,
     /// as `let _event = _event;` would trip `clippy::no_effect_underscore_binding`.
     pub fn rebind<T>(value: T) -> T {

@@ -263,14 +263,19 @@ fn rewrite(mut handler: HandlerFn, args: &Args) -> TokenStream {
         .await
     };
     brace_token.surround(&mut output, |tokens| {
-        // A `return`, not a tail: `clippy::implicit_return` would report a generated tail on
-        // the attribute, where the user cannot fix it (`needless_return` skips generated
-        // code). Not for `-> !`: a `return` of a diverging call is unreachable code.
-        if returns_never(&sig.output) {
-            tokens.extend(scoped);
-        } else {
-            tokens.extend(quote!(return #scoped;));
-        }
+        // Not a tail: `clippy::implicit_return` would report a generated tail on the attribute,
+        // where the user cannot fix it (`needless_return` skips generated code). A `return` of
+        // a diverging call is unreachable code, so `-> !` ends in a `let` of type `!`, which
+        // makes the block `!` and keeps the body's output `!` (a `return;` in the body stays an
+        // error). A type macro may expand to `!`: it keeps the tail.
+        tokens.extend(match declared(&sig.output) {
+            Declared::Never => {
+                let never = Ident::new("__deferred_never", Span::mixed_site());
+                quote!(let #never: #private::Never = #scoped;)
+            }
+            Declared::Macro => scoped,
+            Declared::Other => quote!(return #scoped;),
+        });
     });
     output
 }
@@ -302,9 +307,36 @@ fn fake_return_edge(output: &ReturnType, ident: &Ident, private: &TokenStream) -
     }
 }
 
+/// What the declared return type says about `!`, as far as the attribute can see.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Declared {
+    /// `-> !`, also as a `macro_rules!` fragment (`-> $ty`, a group) or in parentheses.
+    Never,
+    /// A type macro, which may expand to `!`.
+    Macro,
+    /// Anything else. (An alias of `!` already trips `unreachable_code` in the fake return.)
+    Other,
+}
+
+fn declared(output: &ReturnType) -> Declared {
+    let ReturnType::Type(_, ty) = output else {
+        return Declared::Other;
+    };
+    let mut ty = &**ty;
+    loop {
+        ty = match ty {
+            Type::Group(group) => &group.elem,
+            Type::Paren(paren) => &paren.elem,
+            Type::Never(_) => return Declared::Never,
+            Type::Macro(_) => return Declared::Macro,
+            _ => return Declared::Other,
+        };
+    }
+}
+
 /// Whether the handler is declared `-> !`.
 fn returns_never(output: &ReturnType) -> bool {
-    matches!(output, ReturnType::Type(_, ty) if matches!(**ty, Type::Never(_)))
+    declared(output) == Declared::Never
 }
 
 /// Replaces `impl Trait` by `_`: an expression cannot name an opaque type. A type macro
@@ -535,12 +567,14 @@ mod tests {
             ),
         );
         assert!(!out.contains("fake_return"), "{out}");
-        // No `return` of the diverging call either: it would be unreachable code.
+        // No `return` of the diverging call either: it would be unreachable code. Nor a tail,
+        // for `clippy::implicit_return`.
         assert!(!out.contains("return"), "{out}");
         assert!(
-            out.contains("{ :: deferred_core :: __private :: scope ("),
+            out.contains("{ let __deferred_never : :: deferred_core :: __private :: Never = :: deferred_core :: __private :: scope ("),
             "{out}"
         );
+        assert!(out.ends_with(". await ; }"), "{out}");
     }
 
     #[test]
@@ -588,6 +622,36 @@ mod tests {
         );
         assert!(out.contains("return < Result < _ , Error > as"), "{out}");
         assert!(out.contains("-> Result < ty ! () , Error >"), "{out}");
+    }
+
+    #[test]
+    fn a_type_macro_return_keeps_the_tail() {
+        // It may expand to `!`, where a `return` of the call would be unreachable code.
+        let out = expand(
+            quote!(),
+            quote!(
+                async fn h(e: E) -> ty!() {
+                    todo!()
+                }
+            ),
+        );
+        assert!(
+            out.contains("{ :: deferred_core :: __private :: scope ("),
+            "{out}"
+        );
+        assert!(out.ends_with(". await }"), "{out}");
+        let out = expand(
+            quote!(),
+            quote!(
+                async fn h(e: E) -> Result<ty!(), Error> {
+                    todo!()
+                }
+            ),
+        );
+        assert!(
+            out.contains("{ return :: deferred_core :: __private :: scope ("),
+            "{out}"
+        );
     }
 
     #[test]

@@ -16,7 +16,9 @@
 //! pub async fn handler(mut event: LambdaEvent<Value>) -> Result<Value, Error> { BODY }
 //!
 //! pub async fn handler(event: LambdaEvent<Value>) -> Result<Value, Error> {
-//!     // A `return`, for `clippy::implicit_return` (a tail for `-> !`).
+//!     // A `return`, for `clippy::implicit_return`. `-> !` ends in
+//!     // `let __deferred_never: Never = …;` instead, a type macro in a tail: a `return` of a
+//!     // diverging call is unreachable code.
 //!     return ::deferred_core::__private::scope(
 //!         ::deferred_core::__private::invocation((&event,).0), // spans the argument's type
 //!         ::deferred_core::__private::Options::flush_timeout_nanos(10000000000),

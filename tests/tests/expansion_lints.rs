@@ -63,6 +63,14 @@ mod explicit_returns {
 
     #[deferred_handler]
     pub(super) async fn unit(_event: LambdaEvent<u8>) {}
+
+    // No tail to report, and no `return` of the diverging call (unreachable code).
+    #[deferred_handler]
+    pub(super) async fn never(_event: LambdaEvent<u8>) -> ! {
+        loop {
+            tokio::task::yield_now().await;
+        }
+    }
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -76,4 +84,6 @@ async fn handlers_run() {
     assert_eq!(explicit_returns::value(event()).await, 6);
     assert_eq!(explicit_returns::fallible(event()).await.ok(), Some(7));
     explicit_returns::unit(event()).await;
+    // Compiled, not run: it never ends.
+    let _ = explicit_returns::never;
 }

@@ -21,8 +21,8 @@ async fn destructured(LambdaEvent { payload, .. }: LambdaEvent<u8>) -> u8 {
     payload
 }
 
-// Never returns: the rewrite ends in the scope's call itself, not in an unreachable `return`
-// of it.
+// Never returns: the rewrite ends in a `let` of the scope's call, not in an unreachable
+// `return` of it.
 #[deferred_handler]
 async fn never(event: LambdaEvent<u8>) -> ! {
     loop {
