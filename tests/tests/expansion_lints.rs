@@ -73,6 +73,19 @@ mod explicit_returns {
     }
 }
 
+// A type macro that expands to `!`: the fake return, all `_` here, must not be a `return` of a
+// diverging call (`clippy::diverging_sub_expression`, on by default, on the user's `never!()`).
+macro_rules! never {
+    () => { ! };
+}
+
+#[deferred_handler]
+async fn type_macro_never(_event: LambdaEvent<u8>) -> never!() {
+    loop {
+        tokio::task::yield_now().await;
+    }
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn handlers_run() {
     let event = || LambdaEvent::new(1, Context::default());
@@ -85,5 +98,5 @@ async fn handlers_run() {
     assert_eq!(explicit_returns::fallible(event()).await.ok(), Some(7));
     explicit_returns::unit(event()).await;
     // Compiled, not run: it never ends.
-    let _ = explicit_returns::never;
+    let _ = (explicit_returns::never, type_macro_never);
 }
