@@ -121,8 +121,9 @@ pub(crate) struct Row {
     pub(crate) cpu_rounds: Vec<Duration>,
     /// Scenario c: invocations per second in each round (`per_sec` is their median).
     pub(crate) rate_rounds: Vec<f64>,
-    /// Scenario c: the part of `cpu_per_inv` spent on the extension's own thread (the phase
-    /// thread of modes 5 and 6, the bare extension's thread); the rest is the runtime's.
+    /// Scenario c: the part of `cpu_per_inv` spent on the extension's own threads (the phase
+    /// and chain threads of modes 5 and 6, the bare extension's thread); the rest is the
+    /// runtime's.
     pub(crate) extension_cpu_per_inv: Duration,
     /// Scenario c: CPU time of the benchmark's own process per invocation: the emulator
     /// serving the Runtime and Extensions APIs, and the caller (plus the benchmark's own
@@ -501,8 +502,8 @@ fn switches(pid: Option<u32>) -> u64 {
 
 /// CPU time of a process (the child, or the benchmark itself) so far, in nanoseconds (the
 /// first field of `schedstat`: exact, where utime + stime count 10 ms ticks): of every live
-/// thread, and of the extension's own thread (the phase thread of lambda-deferred, or the
-/// bare extension's). Scenario c's windows are shorter than tokio's 10 s keep-alive of idle
+/// thread, and of the extension's own threads (lambda-deferred's phase thread and chain
+/// thread, or the bare extension's thread). Scenario c's windows are shorter than tokio's 10 s keep-alive of idle
 /// blocking threads, so no thread that ran in one exits during it.
 fn cpu_ns(pid: Option<u32>) -> (u64, u64) {
     let mut all = 0;
@@ -514,7 +515,10 @@ fn cpu_ns(pid: Option<u32>) -> (u64, u64) {
             .and_then(|ns| ns.parse().ok())
             .unwrap_or(0);
         all += ns;
-        if name == "deferred-phase" || name == "bare-extension" {
+        if matches!(
+            name.as_str(),
+            "deferred-phase" | "deferred-chain" | "bare-extension"
+        ) {
             extension += ns;
         }
     }

@@ -324,7 +324,7 @@ pub(crate) fn targets(rows: &[Row]) -> String {
     if rows.iter().any(|r| r.scenario == Scenario::C) {
         let _ = writeln!(
             out,
-            "- (c) where the CPU goes, µs per invocation (the function: the runtime's threads | the extension's own thread; the API side: the emulator and the caller, in the benchmark's process):"
+            "- (c) where the CPU goes, µs per invocation (the function: the runtime's threads | the extension's own threads; the API side: the emulator and the caller, in the benchmark's process):"
         );
         for row in rows.iter().filter(|r| r.scenario == Scenario::C) {
             let own = micros(row.extension_cpu_per_inv);
