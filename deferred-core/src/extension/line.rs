@@ -24,7 +24,7 @@ use tokio::io::{AsyncRead, AsyncReadExt as _};
 use tokio::sync::Notify;
 
 use super::error::ClientError;
-use super::event::{NextEvent, decode_event};
+use super::event::{NextEvent, decode_chain_event};
 use crate::scope::lock;
 
 /// The largest answer head and body accepted (the API's events are a few hundred bytes).
@@ -292,7 +292,7 @@ impl Line {
         let success = head.is_some_and(|status| (200..300).contains(&status));
         let (status, body, keep) = read.inspect_err(|_| lock(&self.state).lost = success)?;
         let answer = if success {
-            decode_event(&body)
+            decode_chain_event(&body)
         } else {
             Err(super::client::api_error(status, &body))
         };
