@@ -104,13 +104,45 @@ fn spawn_with(core: Arc<Core>, client: Arc<Client>, extension_id: String, thread
 
 /// Runs the chain until the process ends (or a SHUTDOWN event arrives); its phases run on
 /// `user`, the function's runtime.
+///
+/// Should the chain panic (a bug of ours), it is not left dead: Lambda completes an
+/// invocation only once every registered extension has called `event/next` again, so a
+/// chain that stopped calling would hold each invocation to its timeout and get the
+/// environment reset. Deferred work runs inline from then on, and the extension acknowledges
+/// each event at once, as when the phase thread cannot start.
 pub(crate) async fn drive(
     core: Arc<Core>,
     client: Arc<Client>,
     extension_id: String,
     user: tokio::runtime::Handle,
 ) {
-    drive_with(core, client, extension_id, Restores::global(), user).await;
+    let chain = drive_with(
+        core.clone(),
+        client.clone(),
+        extension_id.clone(),
+        Restores::global(),
+        user,
+    );
+    let mut chain = std::pin::pin!(chain);
+    let ran = std::future::poll_fn(|cx| {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| chain.as_mut().poll(cx)))
+            .map_or_else(
+                |panic| std::task::Poll::Ready(Err(panic)),
+                |poll| poll.map(Ok),
+            )
+    })
+    .await;
+    if ran.is_ok() {
+        return;
+    }
+    core.state.send_modify(|s| s.chain = Chain::Stopped);
+    tracing::error!(
+        target: "deferred",
+        "the extension's chain panicked (a bug in lambda-deferred, please report it): deferred \
+         work runs inline from now on, and the extension only acknowledges events so that \
+         Lambda does not wait for it"
+    );
+    crate::late::acknowledge(client, extension_id).await;
 }
 
 /// [`drive`], watching `restores`: after a SnapStart restore the line's connection is
@@ -694,6 +726,56 @@ pub(crate) mod tests {
             .await
             .expect("the first event/next");
         assert!(core.runner.get().is_some(), "the chain runs");
+    }
+
+    /// A chain that panics (a bug of ours; here, a `stray_window` no builder would let through
+    /// makes `hold` overflow an `Instant`) is not left dead: Lambda would hold every invocation
+    /// to its timeout waiting for this extension's next `event/next`. Deferred work runs inline
+    /// from then on, and the extension acknowledges events. Before: the chain's thread ended
+    /// with the panic, and no call came.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panicking_chain_acknowledges_events_from_then_on() {
+        let (listener, core, client) = stand_in(Config {
+            stray_window: Duration::MAX,
+            ..Config::default()
+        })
+        .await;
+        spawn(core.clone(), client, "ext-1".into());
+        let accept = || async {
+            let (stream, _) = tokio::time::timeout(Duration::from_secs(5), listener.accept())
+                .await
+                .expect("a connection")
+                .expect("accept");
+            stream
+        };
+        let mut line = accept().await;
+        request_within(&mut line, Duration::from_secs(5))
+            .await
+            .expect("the first event/next");
+        let deadline = SystemTime::now() + Duration::from_secs(10);
+        line.write_all(invoke("r-1", deadline).as_bytes())
+            .await
+            .expect("write");
+        // The acknowledging client calls on a connection of its own.
+        let mut acknowledging = accept().await;
+        let call = request_within(&mut acknowledging, Duration::from_secs(5)).await;
+        assert!(
+            call.is_some_and(|call| call.contains("/event/next")),
+            "the extension calls event/next again"
+        );
+        assert_eq!(
+            core.state.borrow().chain,
+            Chain::Stopped,
+            "work runs inline"
+        );
+        // And again after the next event.
+        acknowledging
+            .write_all(invoke("r-2", deadline).as_bytes())
+            .await
+            .expect("write");
+        request_within(&mut acknowledging, Duration::from_secs(5))
+            .await
+            .expect("the call after r-2");
     }
 
     /// [`spawn`]: the chain reads its events on a thread of its own, while what the user wrote
