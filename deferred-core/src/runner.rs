@@ -117,6 +117,14 @@ impl Watch {
     }
 }
 
+/// A chained phase done with its actions and flushes, for [`Runner::end_phase`].
+struct Over {
+    staged: Staged,
+    flushes: Vec<FlushReport>,
+    serial: OwnedMutexGuard<()>,
+    seq: u64,
+}
+
 /// A phase whose first flush runs on the phase thread.
 #[derive(Debug)]
 struct Flushing {
@@ -291,12 +299,17 @@ impl Runner {
     /// runs outside `block_on`: within it the thread counts as the runtime's own, and tokio
     /// panics at a flush that waits on async work there (`Handle::block_on`, `blocking_recv`),
     /// which [`Flush`](crate::Flush) allows ("a thread where blocking is fine").
+    ///
+    /// The phase's end (its report, the `on_report` hook) runs outside `block_on` too, in the
+    /// runtime's context, whether or not a half of the phase had to wait: `complete` hands a
+    /// half to `block_on` only when it is pending, and a hook that blocks on async work would
+    /// otherwise work for one phase and panic for the next.
     fn run(&self, core: &Arc<Core>, work: Work, retired: &Arc<AtomicBool>) {
-        let Some((first, end, phase_started)) =
-            complete(&self.handle, self.begin(core, work, retired))
-        else {
-            return;
-        };
+        let (first, end, phase_started) =
+            match complete(&self.handle, self.begin(core, work, retired)) {
+                Ok(flushing) => flushing,
+                Err(over) => return self.end_here(core, over),
+            };
         // Checked again: the end may have passed since `begin` looked (a loaded machine). And
         // claimed under the lock the watchdog takes the phase over with at its end: the flush
         // either starts before the take-over (which then abandons it, as it should), or not at
@@ -310,21 +323,36 @@ impl Runner {
             let _runtime = self.handle.enter();
             phase::flush_here(first, claim, end, phase_started)
         });
-        complete(
+        let over = complete(
             &self.handle,
-            self.conclude(core, first, report, end, phase_started, retired),
+            self.conclude(first, report, end, phase_started, retired),
         );
+        if let Some(over) = over {
+            self.end_here(core, over);
+        }
+    }
+
+    /// [`end_phase`](Self::end_phase) on this thread, in the runtime's context.
+    fn end_here(&self, core: &Core, over: Over) {
+        let _runtime = self.handle.enter();
+        let Over {
+            staged,
+            flushes,
+            serial,
+            seq,
+        } = over;
+        self.end_phase(core, staged, flushes, serial, seq);
     }
 
     /// A chained phase up to its first flush: runs its actions, starts the other flushers,
-    /// and leaves the phase to the watchdog should the first flush overrun. `None` when the
-    /// phase is over already (nothing to flush, or no time left).
+    /// and leaves the phase to the watchdog should the first flush overrun. `Err` when the
+    /// phase is over already (nothing to flush, or no time left): what ends it.
     async fn begin<'c>(
         &self,
         core: &'c Arc<Core>,
         work: Work,
         retired: &Arc<AtomicBool>,
-    ) -> Option<(&'c Flusher, Instant, Instant)> {
+    ) -> Result<(&'c Flusher, Instant, Instant), Over> {
         let Work { job, seq, end } = work;
         let serial = core.phase_lock.clone().lock_owned().await;
         // The slot's phase end, not one recomputed from the deadline: the chain's timers use
@@ -334,16 +362,24 @@ impl Runner {
         let staged =
             phase::run_actions_stage(job, flushers, budget, PhaseKind::Chained, core.stop()).await;
         let (Some(end), Some((first, rest))) = (staged.flush_end, flushers.split_first()) else {
-            self.end_phase(core, staged, Vec::new(), serial, seq);
-            return None;
+            return Err(Over {
+                staged,
+                flushes: Vec::new(),
+                serial,
+                seq,
+            });
         };
         if Instant::now() >= end {
             // No time left to flush (the handler ran to the phase's end): every flusher is
             // reported not run, here, with no watchdog to race for a flush that never began.
             let mut staged = staged;
             let flushes = phase::run_flushes(flushers, end, staged.started, &mut staged.cut).await;
-            self.end_phase(core, staged, flushes, serial, seq);
-            return None;
+            return Err(Over {
+                staged,
+                flushes,
+                serial,
+                seq,
+            });
         }
         let running = phase::start_flushes(rest, end);
         let phase_started = staged.started;
@@ -363,25 +399,22 @@ impl Runner {
         if poke {
             self.poke.notify_one();
         }
-        Some((first, end, phase_started))
+        Ok((first, end, phase_started))
     }
 
     /// A chained phase after its first flush (`report`; `None` when its end had come before
     /// it could start): unless the watchdog took it over meanwhile, collects the other
-    /// flushes and ends it.
+    /// flushes: what ends it.
     async fn conclude(
         &self,
-        core: &Arc<Core>,
         first: &Flusher,
         report: Option<FlushReport>,
         end: Instant,
         phase_started: Instant,
         retired: &Arc<AtomicBool>,
-    ) {
-        let Some(flushing) = lock(&self.watch).claim(retired) else {
-            // The watchdog took this phase over (and reported it) while the flush ran.
-            return;
-        };
+    ) -> Option<Over> {
+        // None: the watchdog took this phase over (and reported it) while the flush ran.
+        let flushing = lock(&self.watch).claim(retired)?;
         let Flushing {
             seq,
             mut staged,
@@ -394,7 +427,12 @@ impl Runner {
             None => running.add_not_started(first, NotStarted::NoTime),
         }
         let flushes = phase::collect_flushes(running, end, phase_started, &mut staged.cut).await;
-        self.end_phase(core, staged, flushes, serial, seq);
+        Some(Over {
+            staged,
+            flushes,
+            serial,
+            seq,
+        })
     }
 
     /// The end of every chained phase, whoever ends it: reports it, lets the next phase (or
@@ -936,6 +974,62 @@ mod tests {
             rx.await
         });
         assert_eq!(woken, Ok(5));
+    }
+
+    /// The `on_report` hook of a chained phase runs in the same place whether or not the
+    /// phase had to wait (an action to await, the phase lock held by the SIGTERM flush): in
+    /// the runtime's context, outside `block_on`, where a hook may block on async work, as
+    /// the first flush may and as the watchdog's report of a phase it took over does. Found
+    /// by review: with the two halves polled once before `block_on`, a phase ready at once
+    /// ended outside it and one that waited inside, so the same hook's
+    /// `Handle::current().block_on(..)` worked for a phase with no actions and panicked
+    /// ("Cannot start a runtime from within a runtime") for one with an action.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_report_hook_runs_alike_whether_or_not_the_phase_waited() {
+        let seen: Arc<Mutex<Vec<(String, bool)>>> = Arc::default();
+        let hook = seen.clone();
+        let core = Core::new(
+            crate::core::Config {
+                on_report: Some(crate::core::ReportHook(Arc::new(move |report| {
+                    let blocked = std::panic::catch_unwind(|| {
+                        tokio::runtime::Handle::current().block_on(async {});
+                    });
+                    lock(&hook).push((report.request_id.clone(), blocked.is_ok()));
+                }))),
+                phase_telemetry: false,
+                ..crate::core::Config::default()
+            },
+            crate::core::Mode::Extension,
+        );
+        // Nothing listens: the calls the phases arm go nowhere.
+        let line = Arc::new(Line::new("127.0.0.1:9", "", "ext-1"));
+        let runner = Runner::start_with(&core, line, tokio::runtime::Handle::current(), os_thread)
+            .expect("a phase thread");
+        let reported = |id: &'static str| {
+            let seen = seen.clone();
+            until(move || lock(&seen).iter().any(|(r, _)| r == id))
+        };
+        // No actions: ready at its first poll.
+        runner.submit(work(1, Duration::from_secs(5)));
+        assert!(reported("r-1").await);
+        // An action that waits: the phase's first half is pending at its first poll.
+        let queue = Queue::new(1);
+        crate::scope::with_queue(queue.clone(), async {
+            crate::scope::defer(None, async {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            })
+            .expect("queued");
+        })
+        .await;
+        let mut second = work(2, Duration::from_secs(5));
+        second.job.queue = queue;
+        runner.submit(second);
+        assert!(reported("r-2").await);
+        assert_eq!(
+            *lock(&seen),
+            [("r-1".to_owned(), true), ("r-2".to_owned(), true)],
+            "whether the hook could block on async work, per phase"
+        );
     }
 
     /// A flush that returns in time: its thread claims its phase, and the watchdog, later,
