@@ -251,7 +251,17 @@ impl State {
         );
         self.close(runtime);
         self.close(extension);
-        self.chain = Chain::Armed;
+        self.rearm();
+    }
+
+    /// The chain calls `event/next` again: `Armed`, unless it has stopped for good (a SHUTDOWN
+    /// event, a phase thread that never started, or a chain that panicked, whose held event a
+    /// wrapper may still take): a stopped chain revived by a wrapper would make every later
+    /// invocation wait for events that no one reads.
+    fn rearm(&mut self) {
+        if self.chain != Chain::Stopped {
+            self.chain = Chain::Armed;
+        }
     }
 
     /// An `event/next` call failed: it may have carried the INVOKE event of the invocation in
@@ -736,7 +746,7 @@ impl Core {
         let slot = state.slot.as_ref()?;
         let why = crate::chain::decide(self.layer_installed(), slot, now).ok()?;
         let slot = state.slot.take()?;
-        state.chain = Chain::Armed;
+        state.rearm();
         let job = match slot.job {
             Some(job) => {
                 // Moved, not cloned: the slot is done with it.
@@ -1199,6 +1209,30 @@ pub(crate) mod tests {
             .map(|j| &j.queue);
         assert_eq!(accepted, 2, "max_actions is 2 per invocation");
         assert_eq!(queue.map(|q| (q.len(), q.pushed())), Some((2, 2)));
+    }
+
+    /// A stopped chain stays stopped when a wrapper takes the event it held, or finds it out
+    /// of step: after a panic in the chain with an event in the slot, `Armed` again would make
+    /// every later invocation wait (up to `claim_timeout`) for events that no one reads.
+    #[tokio::test]
+    async fn a_stopped_chain_is_not_rearmed_by_a_wrapper() {
+        let core = Core::new(Config::default(), Mode::Extension);
+        core.layer_installed.store(true, Ordering::Release);
+        let deadline = SystemTime::now() + Duration::from_secs(60);
+        let mut slot = held("r-1", deadline, Some(inline_job("r-1")));
+        slot.responded = true;
+        core.state.send_modify(|s| {
+            s.chain = Chain::Stopped;
+            s.slot = Some(slot);
+        });
+        let mut ready = None;
+        core.state
+            .send_modify(|s| ready = core.take_ready(s, Instant::now()));
+        assert!(ready.is_some(), "the held event's phase is ready");
+        assert_eq!(core.state.borrow().chain, Chain::Stopped);
+        core.state
+            .send_modify(|s| s.out_of_step("r-2".into(), "r-3".into()));
+        assert_eq!(core.state.borrow().chain, Chain::Stopped);
     }
 
     fn held(request_id: &str, deadline: SystemTime, job: Option<Job>) -> Slot {
