@@ -1032,6 +1032,50 @@ mod tests {
         );
     }
 
+    /// The same, for a phase whose flushes had to wait: `conclude` pending at its first poll
+    /// (a flusher on its own thread still running when the phase thread's flush returns),
+    /// and so run by `block_on`. The test above covers the phases that end in `begin` only.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_report_hook_may_block_after_flushes_that_waited() {
+        let seen: Arc<Mutex<Vec<(String, bool)>>> = Arc::default();
+        let hook = seen.clone();
+        let quick = crate::flush_fn("quick", || Ok::<(), String>(()));
+        // On a thread of its own: the phase thread's collection of it is pending.
+        let slow = crate::flush_fn("slow", || {
+            std::thread::sleep(Duration::from_millis(300));
+            Ok::<(), String>(())
+        });
+        let core = Core::new(
+            crate::core::Config {
+                flushers: vec![
+                    crate::flush::Flusher::new(quick),
+                    crate::flush::Flusher::new(slow),
+                ],
+                flush_timeout: Duration::from_secs(2),
+                on_report: Some(crate::core::ReportHook(Arc::new(move |report| {
+                    let blocked = std::panic::catch_unwind(|| {
+                        tokio::runtime::Handle::current().block_on(async {});
+                    });
+                    lock(&hook).push((report.request_id.clone(), blocked.is_ok()));
+                }))),
+                phase_telemetry: false,
+                ..crate::core::Config::default()
+            },
+            crate::core::Mode::Extension,
+        );
+        // Nothing listens: the calls the phases arm go nowhere.
+        let line = Arc::new(Line::new("127.0.0.1:9", "", "ext-1"));
+        let runner = Runner::start_with(&core, line, tokio::runtime::Handle::current(), os_thread)
+            .expect("a phase thread");
+        runner.submit(work(1, Duration::from_secs(5)));
+        assert!(until(|| !runner.phase_pending()).await, "the phase ended");
+        assert_eq!(
+            *lock(&seen),
+            [("r-1".to_owned(), true)],
+            "whether the hook could block on async work"
+        );
+    }
+
     /// A flush that returns in time: its thread claims its phase, and the watchdog, later,
     /// finds nothing to take over.
     #[tokio::test]
