@@ -14,7 +14,7 @@ use crate::core::{Chain, Core, Slot};
 use crate::extension::line::Line;
 use crate::extension::{Client, InvokeEvent, NextEvent};
 use crate::phase::Budget;
-use crate::runner::Runner;
+use crate::runner::{Runner, Spawner};
 use crate::snapstart::Restores;
 
 /// Starts the chain on a thread of its own, with a current-thread runtime of its own, and
@@ -31,14 +31,8 @@ pub(crate) fn spawn(core: Arc<Core>, client: Arc<Client>, extension_id: String) 
     spawn_with(core, client, extension_id, os_thread);
 }
 
-/// Starts an OS thread running the closure: [`os_thread`]; in tests, one the OS refuses.
-type Spawner = fn(Box<dyn FnOnce() + Send>) -> std::io::Result<()>;
-
 fn os_thread(run: Box<dyn FnOnce() + Send>) -> std::io::Result<()> {
-    std::thread::Builder::new()
-        .name("deferred-chain".into())
-        .spawn(run)
-        .map(drop)
+    crate::runner::named_thread("deferred-chain", run)
 }
 
 /// [`spawn`], starting the chain's thread with `thread`.
@@ -124,15 +118,7 @@ pub(crate) async fn drive(
         user,
     );
     let mut chain = std::pin::pin!(chain);
-    let ran = std::future::poll_fn(|cx| {
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| chain.as_mut().poll(cx)))
-            .map_or_else(
-                |panic| std::task::Poll::Ready(Err(panic)),
-                |poll| poll.map(Ok),
-            )
-    })
-    .await;
-    if ran.is_ok() {
+    if crate::scope::caught(chain.as_mut()).await.is_ok() {
         return;
     }
     core.state.send_modify(|s| s.chain = Chain::Stopped);
@@ -480,6 +466,13 @@ pub(crate) mod tests {
     use crate::extension::line::tests::{request, with_length, with_status};
     use crate::scope::Queue;
 
+    /// The stand-in API's next connection, within 5 s (`what` names it if none comes).
+    async fn accept_within(listener: &TcpListener, what: &str) -> TcpStream {
+        let accepted = tokio::time::timeout(Duration::from_secs(5), listener.accept()).await;
+        let (stream, _) = accepted.expect(what).expect("accept");
+        stream
+    }
+
     /// Reads one request head; `None` if nothing arrives within `within`.
     async fn request_within(stream: &mut TcpStream, within: Duration) -> Option<String> {
         tokio::time::timeout(within, request(stream)).await.ok()
@@ -557,10 +550,7 @@ pub(crate) mod tests {
     async fn an_event_lost_to_a_dead_call_is_not_waited_for() {
         let (core, listener, api) = chain().await;
         drop(api);
-        let (mut api, _) = tokio::time::timeout(Duration::from_secs(5), listener.accept())
-            .await
-            .expect("the chain calls again")
-            .expect("accept");
+        let mut api = accept_within(&listener, "the chain calls again").await;
         request(&mut api).await;
         let refused =
             r#"{"errorMessage":"already waiting","errorType":"Extension.InvalidExtensionState"}"#;
@@ -624,10 +614,7 @@ pub(crate) mod tests {
             .await
             .expect("write");
         drop(api);
-        let (mut api, _) = tokio::time::timeout(Duration::from_secs(5), listener.accept())
-            .await
-            .expect("the chain calls again")
-            .expect("accept");
+        let mut api = accept_within(&listener, "the chain calls again").await;
         request_within(&mut api, Duration::from_secs(5))
             .await
             .expect("the retry");
@@ -718,10 +705,7 @@ pub(crate) mod tests {
         }
         let (listener, core, client) = stand_in(Config::default()).await;
         spawn_with(core.clone(), client, "ext-1".into(), refused);
-        let (mut api, _) = tokio::time::timeout(Duration::from_secs(5), listener.accept())
-            .await
-            .expect("the chain calls")
-            .expect("accept");
+        let mut api = accept_within(&listener, "the chain calls").await;
         request_within(&mut api, Duration::from_secs(5))
             .await
             .expect("the first event/next");
@@ -741,14 +725,7 @@ pub(crate) mod tests {
         })
         .await;
         spawn(core.clone(), client, "ext-1".into());
-        let accept = || async {
-            let (stream, _) = tokio::time::timeout(Duration::from_secs(5), listener.accept())
-                .await
-                .expect("a connection")
-                .expect("accept");
-            stream
-        };
-        let mut line = accept().await;
+        let mut line = accept_within(&listener, "the chain calls").await;
         request_within(&mut line, Duration::from_secs(5))
             .await
             .expect("the first event/next");
@@ -757,7 +734,7 @@ pub(crate) mod tests {
             .await
             .expect("write");
         // The acknowledging client calls on a connection of its own.
-        let mut acknowledging = accept().await;
+        let mut acknowledging = accept_within(&listener, "the acknowledging client calls").await;
         let call = request_within(&mut acknowledging, Duration::from_secs(5)).await;
         assert!(
             call.is_some_and(|call| call.contains("/event/next")),
@@ -1180,10 +1157,7 @@ pub(crate) mod tests {
         lambda_runtime::SnapStartResource::after_restore(&hook)
             .await
             .expect("never fails");
-        let (mut fresh, _) = tokio::time::timeout(Duration::from_secs(5), listener.accept())
-            .await
-            .expect("a fresh connection")
-            .expect("accept");
+        let mut fresh = accept_within(&listener, "a fresh connection").await;
         request_within(&mut fresh, Duration::from_secs(5))
             .await
             .expect("the call");

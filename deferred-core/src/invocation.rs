@@ -1,18 +1,17 @@
 //! One invocation from the wrapper's side: take a ticket, run the body in its scope, hand the
 //! queue over (or run it inline), even when the body panics or its future is dropped.
 
-use std::future::{Future, poll_fn};
-use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
+use std::future::Future;
+use std::panic::resume_unwind;
 use std::pin::pin;
 use std::sync::{Arc, OnceLock};
-use std::task::Poll;
 
 use opentelemetry::trace::SpanContext;
 
 use crate::context::Invocation;
 use crate::core::{Config, Core, Mode, Ticket};
 use crate::report::PhaseKind;
-use crate::scope::{Options, Queue, with_queue};
+use crate::scope::{Options, Queue, caught, with_queue};
 
 /// The rewritten handler's body: [`run_on`] the process's core. Not an `async fn` of its own:
 /// a second state machine around `run_on`'s would be moved with it on every poll.
@@ -57,14 +56,7 @@ pub(crate) async fn run_on<F: Future>(
     let mut body = pin!(with_queue(queue.clone(), body));
     // Caught so that a panicking handler still gets its actions and flush; re-raised below for
     // lambda_runtime to report as the invocation's error.
-    let result = poll_fn(
-        |cx| match catch_unwind(AssertUnwindSafe(|| body.as_mut().poll(cx))) {
-            Ok(Poll::Pending) => Poll::Pending,
-            Ok(Poll::Ready(output)) => Poll::Ready(Ok(output)),
-            Err(panic) => Poll::Ready(Err(panic)),
-        },
-    )
-    .await;
+    let result = caught(body.as_mut()).await;
 
     core.await_event(&ticket, invocation.deadline).await;
     let job = core.job(

@@ -34,12 +34,18 @@ type Ending = Box<dyn FnOnce() + Send>;
 /// Why a phase thread did not start, and the [`Ending`] it was to run first.
 type Refused = (std::io::Error, Option<Ending>);
 
-/// Starts an OS thread running the closure: [`os_thread`]; in tests, one the OS refuses.
-type Spawner = fn(Box<dyn FnOnce() + Send>) -> std::io::Result<()>;
+/// Starts an OS thread running the closure ([`os_thread`] here, the chain's own in
+/// `chain.rs`); in tests, one the OS refuses.
+pub(crate) type Spawner = fn(Box<dyn FnOnce() + Send>) -> std::io::Result<()>;
 
 fn os_thread(run: Box<dyn FnOnce() + Send>) -> std::io::Result<()> {
+    named_thread("deferred-phase", run)
+}
+
+/// Starts an OS thread named `name` running `run`.
+pub(crate) fn named_thread(name: &str, run: Box<dyn FnOnce() + Send>) -> std::io::Result<()> {
     std::thread::Builder::new()
-        .name("deferred-phase".into())
+        .name(name.into())
         .spawn(run)
         .map(drop)
 }
@@ -976,17 +982,15 @@ mod tests {
         assert_eq!(woken, Ok(5));
     }
 
-    /// The `on_report` hook of a chained phase runs in the same place whether or not the
-    /// phase had to wait (an action to await, the phase lock held by the SIGTERM flush): in
-    /// the runtime's context, outside `block_on`, where a hook may block on async work, as
-    /// the first flush may and as the watchdog's report of a phase it took over does. Found
-    /// by review: with the two halves polled once before `block_on`, a phase ready at once
-    /// ended outside it and one that waited inside, so the same hook's
-    /// `Handle::current().block_on(..)` worked for a phase with no actions and panicked
-    /// ("Cannot start a runtime from within a runtime") for one with an action.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_report_hook_runs_alike_whether_or_not_the_phase_waited() {
-        let seen: Arc<Mutex<Vec<(String, bool)>>> = Arc::default();
+    /// What a probing hook saw: per phase, its request id and whether it could block on async
+    /// work (`Handle::current().block_on`).
+    type Probed = Arc<Mutex<Vec<(String, bool)>>>;
+
+    /// A runner of a core of `config` (phase telemetry off) whose `on_report` hook probes
+    /// whether it can block on async work; its phase thread is a real one, and nothing
+    /// listens on its line: the calls its phases arm go nowhere.
+    fn hook_probing_runner(config: crate::core::Config) -> (Arc<Runner>, Probed) {
+        let seen: Probed = Arc::default();
         let hook = seen.clone();
         let core = Core::new(
             crate::core::Config {
@@ -997,14 +1001,27 @@ mod tests {
                     lock(&hook).push((report.request_id.clone(), blocked.is_ok()));
                 }))),
                 phase_telemetry: false,
-                ..crate::core::Config::default()
+                ..config
             },
             crate::core::Mode::Extension,
         );
-        // Nothing listens: the calls the phases arm go nowhere.
         let line = Arc::new(Line::new("127.0.0.1:9", "", "ext-1"));
         let runner = Runner::start_with(&core, line, tokio::runtime::Handle::current(), os_thread)
             .expect("a phase thread");
+        (runner, seen)
+    }
+
+    /// The `on_report` hook of a chained phase runs in the same place whether or not the
+    /// phase had to wait (an action to await, the phase lock held by the SIGTERM flush): in
+    /// the runtime's context, outside `block_on`, where a hook may block on async work, as
+    /// the first flush may and as the watchdog's report of a phase it took over does. Found
+    /// by review: with the two halves polled once before `block_on`, a phase ready at once
+    /// ended outside it and one that waited inside, so the same hook's
+    /// `Handle::current().block_on(..)` worked for a phase with no actions and panicked
+    /// ("Cannot start a runtime from within a runtime") for one with an action.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_report_hook_runs_alike_whether_or_not_the_phase_waited() {
+        let (runner, seen) = hook_probing_runner(crate::core::Config::default());
         let reported = |id: &'static str| {
             let seen = seen.clone();
             until(move || lock(&seen).iter().any(|(r, _)| r == id))
@@ -1037,36 +1054,20 @@ mod tests {
     /// and so run by `block_on`. The test above covers the phases that end in `begin` only.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_report_hook_may_block_after_flushes_that_waited() {
-        let seen: Arc<Mutex<Vec<(String, bool)>>> = Arc::default();
-        let hook = seen.clone();
         let quick = crate::flush_fn("quick", || Ok::<(), String>(()));
         // On a thread of its own: the phase thread's collection of it is pending.
         let slow = crate::flush_fn("slow", || {
             std::thread::sleep(Duration::from_millis(300));
             Ok::<(), String>(())
         });
-        let core = Core::new(
-            crate::core::Config {
-                flushers: vec![
-                    crate::flush::Flusher::new(quick),
-                    crate::flush::Flusher::new(slow),
-                ],
-                flush_timeout: Duration::from_secs(2),
-                on_report: Some(crate::core::ReportHook(Arc::new(move |report| {
-                    let blocked = std::panic::catch_unwind(|| {
-                        tokio::runtime::Handle::current().block_on(async {});
-                    });
-                    lock(&hook).push((report.request_id.clone(), blocked.is_ok()));
-                }))),
-                phase_telemetry: false,
-                ..crate::core::Config::default()
-            },
-            crate::core::Mode::Extension,
-        );
-        // Nothing listens: the calls the phases arm go nowhere.
-        let line = Arc::new(Line::new("127.0.0.1:9", "", "ext-1"));
-        let runner = Runner::start_with(&core, line, tokio::runtime::Handle::current(), os_thread)
-            .expect("a phase thread");
+        let (runner, seen) = hook_probing_runner(crate::core::Config {
+            flushers: vec![
+                crate::flush::Flusher::new(quick),
+                crate::flush::Flusher::new(slow),
+            ],
+            flush_timeout: Duration::from_secs(2),
+            ..crate::core::Config::default()
+        });
         runner.submit(work(1, Duration::from_secs(5)));
         assert!(until(|| !runner.phase_pending()).await, "the phase ended");
         assert_eq!(

@@ -5,7 +5,9 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::panic::Location;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::Duration;
 
 use opentelemetry::context::FutureExt as _;
@@ -273,6 +275,19 @@ impl Queue {
 /// Locks a mutex, ignoring poisoning: every critical section here leaves the data consistent.
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Polls `future` to its end, catching a panic out of any of its polls: its output, or the
+/// panic's payload (it is not polled again after a panic).
+pub(crate) async fn caught<F: Future>(mut future: Pin<&mut F>) -> std::thread::Result<F::Output> {
+    std::future::poll_fn(|cx| {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| future.as_mut().poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(output)) => Poll::Ready(Ok(output)),
+            Err(panic) => Poll::Ready(Err(panic)),
+        }
+    })
+    .await
 }
 
 tokio::task_local! {

@@ -329,12 +329,17 @@ mod tests {
             b"{\"eventType\":\"RESTART\"}",
             b"{\"eventType\":\"INVOKE\",\"requestId\":\"a\",\"deadlineMs\":5,\"tracing\":{\"value\":\"a\"}",
         ] {
-            assert!(
-                matches!(decode_chain_event(body), Err(ClientError::Malformed(_))),
-                "{:?}",
-                String::from_utf8_lossy(body)
-            );
+            assert_malformed(decode_chain_event, body);
         }
+    }
+
+    /// `decode` finds `body` malformed.
+    fn assert_malformed(decode: fn(&[u8]) -> Result<NextEvent, ClientError>, body: &[u8]) {
+        assert!(
+            matches!(decode(body), Err(ClientError::Malformed(_))),
+            "{:?}",
+            String::from_utf8_lossy(body)
+        );
     }
 
     #[test]
@@ -358,11 +363,7 @@ mod tests {
             b"{\"eventType\":\"INVOKE\",\"requestId\":\"a\",\"deadlineMs\":5,\"tracing\":{\"value\":\"a\",\"value\":\"b\"}}",
             b"{\"eventType\":\"INVOKE\",\"requestId\":\"a\",\"deadlineMs\":5,\"tracing\":\"Root=1\"}",
         ] {
-            assert!(
-                matches!(decode_event(body), Err(ClientError::Malformed(_))),
-                "{:?}",
-                String::from_utf8_lossy(body)
-            );
+            assert_malformed(decode_event, body);
         }
     }
 }
