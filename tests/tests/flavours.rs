@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use deferred_testkit::emulator::EmulatorConfig;
+use deferred_testkit::emulator::{EmulatorConfig, InvokeOutcome};
 use deferred_testkit::otlp::Behaviour;
 use serde_json::json;
 use support::{phase_end, start, trace_id};
@@ -182,8 +182,9 @@ async fn every_flavour_survives_handler_panics() {
 /// An action that blocks its thread past the function's timeout, on the runtimes where it
 /// holds the only worker: the chain, on a thread of its own, still calls `event/next` before
 /// the deadline (its safety net), so the extension does not hold the environment. (Whether
-/// the invocation then completes is up to the runtime's own `/next`, which a blocked worker
-/// can hold too: see the README's limits.) Later invocations are served.
+/// the invocation then completes is up to the runtime's own connection, which the blocked
+/// worker serves too: its `/next`, and with `start` its response, can be held. See the
+/// README's limits.) Later invocations are served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blocking_action_does_not_keep_the_extension_past_the_deadline() {
     for flavour in ["current", "multi1", "local"] {
@@ -204,7 +205,20 @@ async fn a_blocking_action_does_not_keep_the_extension_past_the_deadline() {
             let hit = env
                 .invoke(json!({ "actions": [{ "name": "stuck", "kind": "block", "ms": 2500 }] }))
                 .await;
-            assert!(hit.outcome.is_success(), "{tag}: {:?}", hit.outcome);
+            // With `run`, the phase starts once the response is out. With `start`, it starts
+            // when the handler returns, beside lambda_runtime's POST of the response, and the
+            // blocking action can take the only worker before that POST is written: then the
+            // caller gets no response and Lambda times the invocation out (the README's
+            // limits). The extension's part, this test's point, is the same either way.
+            if mode == "run" {
+                assert!(hit.outcome.is_success(), "{tag}: {:?}", hit.outcome);
+            } else {
+                assert!(
+                    hit.outcome.is_success() || matches!(hit.outcome, InvokeOutcome::Timeout),
+                    "{tag}: {:?}",
+                    hit.outcome
+                );
+            }
             let t = env.completed(&hit.request_id).await;
             let called = t.extension_next.first().map(|(_, at)| *at);
             assert!(
