@@ -990,8 +990,8 @@ async fn set_up(config: Config) -> Result<DeferredHandle, StartError> {
         return Err(StartError::AlreadyStarted);
     }
     match registered {
-        Registered::Chain(client, extension_id) => {
-            crate::chain::spawn(core.clone(), client, extension_id);
+        Registered::Chain(client, extension_id, chain) => {
+            chain.begin(core.clone(), client, extension_id);
         }
         // Not dropped: should Lambda register us after all, it would wait for our
         // `event/next` before ending init.
@@ -1036,8 +1036,9 @@ fn past_the_grace(config: &Config, mode: Mode, in_lambda: bool) -> Option<Durati
 enum Registered {
     /// No extension: deferred work runs inline, or in the background.
     No,
-    /// The registered extension's client and identifier, to drive the chain with.
-    Chain(Arc<Client>, String),
+    /// The registered extension's client and identifier, to drive the chain with, and the
+    /// chain's thread.
+    Chain(Arc<Client>, String, crate::chain::Prepared),
     /// A registration still unanswered at the register timeout.
     Late(crate::late::Pending),
 }
@@ -1067,15 +1068,29 @@ async fn choose_mode(register_timeout: Duration) -> (Mode, Registered) {
     // Unique per process; not the name of a file in /opt/extensions, so Lambda treats it as
     // an internal extension (Extensions API docs, "Extensions API reference").
     let name = format!("lambda-deferred-{}", std::process::id());
-    let (registering, registered_as) = (client.clone(), name.clone());
-    let mut registration =
-        Box::pin(async move { registering.register(&registered_as, &["INVOKE"]).await });
-    match tokio::time::timeout(register_timeout, &mut registration).await {
+    let (authority, prefix) = client.endpoint();
+    let (sent, out) = tokio::sync::oneshot::channel();
+    let mut registration: crate::late::Registering = Box::pin(
+        crate::extension::register::register(authority.into(), prefix.into(), name.clone(), sent),
+    );
+    let mut chain = None;
+    let answer = tokio::time::timeout(register_timeout, async {
+        // The chain's thread starts while Lambda answers (see `register.rs`).
+        tokio::select! {
+            biased;
+            answer = &mut registration => return answer,
+            Ok(()) = out => chain = Some(crate::chain::prepare()),
+        }
+        (&mut registration).await
+    })
+    .await;
+    match answer {
         Ok(Ok(registration)) => {
             tracing::debug!(target: "deferred", extension = %name, "internal extension registered");
+            let chain = chain.unwrap_or_else(crate::chain::prepare);
             (
                 Mode::Extension,
-                Registered::Chain(client, registration.extension_id),
+                Registered::Chain(client, registration.extension_id, chain),
             )
         }
         Ok(Err(error)) => {

@@ -17,82 +17,128 @@ use crate::phase::Budget;
 use crate::runner::{Runner, Spawner};
 use crate::snapstart::Restores;
 
-/// Starts the chain on a thread of its own, with a current-thread runtime of its own, and
-/// returns at once; `user` is the runtime the function runs on, where every phase runs. Falls
-/// back to a task on `user` when the OS refuses the thread.
+/// The chain's thread, started while the registration is out (see `Prepared::begin`), with a
+/// current-thread runtime of its own, built there; `user` is the runtime the function runs
+/// on, where every phase runs. Dropped without `begin` (the registration failed), the thread
+/// ends.
 ///
 /// Why a thread: an INVOKE event (one per invocation) then wakes that thread only, not a
 /// worker of the function's runtime, which on one vCPU takes the CPU from the handler and the
 /// runtime's loop; and the chain's timers (the watchdog, the release of an event whose phase
 /// does not end) run even while the function's runtime is blocked: by a blocking action on a
 /// current-thread runtime, say, which would otherwise hold the environment to the function's
-/// timeout (G4).
-pub(crate) fn spawn(core: Arc<Core>, client: Arc<Client>, extension_id: String) {
-    spawn_with(core, client, extension_id, os_thread);
+/// timeout (G4). Why started early: starting a thread and building a runtime take about
+/// 0.1 ms, which would otherwise hold `start`, and so the runtime's first `/next` and the end
+/// of init (cold start), after the registration's answer.
+pub(crate) struct Prepared {
+    user: tokio::runtime::Handle,
+    /// Hands the thread its chain; the OS's refusal when there is no thread.
+    thread: std::io::Result<std::sync::mpsc::SyncSender<Begin>>,
+}
+
+/// What the chain's thread runs, once the extension is registered.
+struct Begin {
+    core: Arc<Core>,
+    client: Arc<Client>,
+    extension_id: String,
+    /// Closed when the function's runtime shuts down: the chain ends with it, as a task of it
+    /// would.
+    gone: tokio::sync::oneshot::Receiver<std::convert::Infallible>,
+}
+
+/// Starts the chain's thread (see [`Prepared`]), on the function's runtime.
+pub(crate) fn prepare() -> Prepared {
+    prepare_with(os_thread)
 }
 
 fn os_thread(run: Box<dyn FnOnce() + Send>) -> std::io::Result<()> {
     crate::runner::named_thread("deferred-chain", run)
 }
 
-/// [`spawn`], starting the chain's thread with `thread`.
-fn spawn_with(core: Arc<Core>, client: Arc<Client>, extension_id: String, thread: Spawner) {
+/// [`prepare`], starting the chain's thread with `thread`.
+fn prepare_with(thread: Spawner) -> Prepared {
     let user = tokio::runtime::Handle::current();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .enable_time()
-        .build();
-    let runtime = match runtime {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            tracing::warn!(target: "deferred", %error, "cannot build the chain's runtime: the chain runs on the function's");
-            user.spawn(drive(core, client, extension_id, user.clone()));
-            return;
-        }
-    };
-    // The chain ends with the function's runtime, as a task of it would: this task is dropped
-    // when that runtime shuts down, which closes the channel the chain's thread watches.
-    let (alive, gone) = tokio::sync::oneshot::channel::<std::convert::Infallible>();
-    user.spawn(async move {
-        let _alive = alive;
-        std::future::pending::<()>().await;
-    });
     // The subscriber in effect here (a thread's own default, in tests), for the chain's logs;
     // none yet (a function that sets its subscriber up after `start`): the chain's thread
     // follows the global default, whenever it is set, rather than keep the none it saw here.
     let dispatch = tracing::dispatcher::get_default(|current| {
         (!current.is::<tracing::subscriber::NoSubscriber>()).then(|| current.clone())
     });
-    let chain = drive(
-        core.clone(),
-        client.clone(),
-        extension_id.clone(),
-        user.clone(),
-    );
-    // The runtime moves into the thread through a slot: should the thread not start, it comes
-    // back here to be shut down without waiting. Dropped here, in the function's async
-    // context, tokio would panic ("Cannot drop a runtime in a context where blocking is not
-    // allowed") and take `start` down with it.
-    let slot = Arc::new(std::sync::Mutex::new(Some(runtime)));
-    let theirs = slot.clone();
-    let started = thread(Box::new(move || {
-        let Some(runtime) = crate::scope::lock(&theirs).take() else {
+    let (start, begun) = std::sync::mpsc::sync_channel::<Begin>(1);
+    let theirs = user.clone();
+    let thread = thread(Box::new(move || {
+        let _logs = dispatch.as_ref().map(tracing::dispatcher::set_default);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .build();
+        // No registration, no chain: the thread ends (its runtime dropped here, outside any
+        // async context).
+        let Ok(begin) = begun.recv() else {
             return;
         };
-        let _logs = dispatch.as_ref().map(tracing::dispatcher::set_default);
-        runtime.block_on(async move {
-            tokio::select! {
-                () = chain => {}
-                _ = gone => {}
+        let Begin {
+            core,
+            client,
+            extension_id,
+            gone,
+        } = begin;
+        let chain = drive(core, client, extension_id, theirs.clone());
+        match runtime {
+            Ok(runtime) => runtime.block_on(async move {
+                tokio::select! {
+                    () = chain => {}
+                    _ = gone => {}
+                }
+            }),
+            Err(error) => {
+                tracing::warn!(target: "deferred", %error, "cannot build the chain's runtime: the chain runs on the function's");
+                theirs.spawn(chain);
             }
-        });
-    }));
-    if let Err(error) = started {
-        if let Some(runtime) = crate::scope::lock(&slot).take() {
-            runtime.shutdown_background();
         }
-        tracing::warn!(target: "deferred", %error, "cannot start the chain's thread: the chain runs on the function's runtime");
-        user.spawn(drive(core, client, extension_id, user.clone()));
+    }));
+    Prepared {
+        user,
+        thread: thread.map(|()| start),
+    }
+}
+
+impl Prepared {
+    /// Runs the chain of the registered extension `extension_id` on the prepared thread, or,
+    /// when the OS refused it, as a task of the function's runtime.
+    pub(crate) fn begin(self, core: Arc<Core>, client: Arc<Client>, extension_id: String) {
+        let start = match self.thread {
+            Ok(start) => start,
+            Err(error) => {
+                tracing::warn!(target: "deferred", %error, "cannot start the chain's thread: the chain runs on the function's runtime");
+                self.user
+                    .spawn(drive(core, client, extension_id, self.user.clone()));
+                return;
+            }
+        };
+        let (alive, gone) = tokio::sync::oneshot::channel::<std::convert::Infallible>();
+        self.user.spawn(async move {
+            let _alive = alive;
+            std::future::pending::<()>().await;
+        });
+        let begin = Begin {
+            core,
+            client,
+            extension_id,
+            gone,
+        };
+        // The thread waits for this; should it be gone all the same, the chain must run.
+        if let Err(std::sync::mpsc::SendError(begin)) = start.send(begin) {
+            tracing::warn!(target: "deferred", "the chain's thread is gone: the chain runs on the function's runtime");
+            let Begin {
+                core,
+                client,
+                extension_id,
+                ..
+            } = begin;
+            self.user
+                .spawn(drive(core, client, extension_id, self.user.clone()));
+        }
     }
 }
 
@@ -704,7 +750,7 @@ pub(crate) mod tests {
             ))
         }
         let (listener, core, client) = stand_in(Config::default()).await;
-        spawn_with(core.clone(), client, "ext-1".into(), refused);
+        prepare_with(refused).begin(core.clone(), client, "ext-1".into());
         let mut api = accept_within(&listener, "the chain calls").await;
         request_within(&mut api, Duration::from_secs(5))
             .await
@@ -724,7 +770,7 @@ pub(crate) mod tests {
             ..Config::default()
         })
         .await;
-        spawn(core.clone(), client, "ext-1".into());
+        prepare().begin(core.clone(), client, "ext-1".into());
         let mut line = accept_within(&listener, "the chain calls").await;
         request_within(&mut line, Duration::from_secs(5))
             .await
@@ -810,7 +856,7 @@ pub(crate) mod tests {
         let (listener, core, client) = stand_in(config).await;
         core.layer_installed
             .store(true, std::sync::atomic::Ordering::Release);
-        spawn(core.clone(), client, "ext-1".into());
+        prepare().begin(core.clone(), client, "ext-1".into());
         let (mut api, _) = listener.accept().await.expect("accept");
         request_within(&mut api, Duration::from_secs(5))
             .await

@@ -14,11 +14,14 @@ use crate::core::Core;
 use crate::extension::{Client, ClientError, NextEvent, Registration};
 use crate::snapstart::Restores;
 
+/// A registration in flight.
+pub(crate) type Registering =
+    Pin<Box<dyn Future<Output = Result<Registration, ClientError>> + Send>>;
+
 /// A registration `start` stopped waiting for, still in flight.
 pub(crate) struct Pending {
     pub(crate) client: Arc<Client>,
-    pub(crate) registration:
-        Pin<Box<dyn Future<Output = Result<Registration, ClientError>> + Send>>,
+    pub(crate) registration: Registering,
 }
 
 /// Awaits the registration that `start` gave up on; if it succeeds after all, listens for

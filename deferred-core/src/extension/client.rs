@@ -19,8 +19,9 @@ const MAX_BODY: usize = 256 * 1024;
 
 /// A client of the Extensions API.
 ///
-/// The core uses it to register its internal extension and to keep one `event/next` call in
-/// flight; it is public for tests and tools that speak the protocol themselves. Calls go
+/// The core uses it where speed does not count, for an extension that only acknowledges
+/// events (its registration and its chained `event/next` go over connections of their own);
+/// it is public for tests and tools that speak the protocol themselves. Calls go
 /// through lambda_runtime_api_client's pooled HTTP/1.1 client, which keeps at most one idle
 /// connection.
 ///
@@ -228,23 +229,8 @@ impl Client {
             .ok()
             .and_then(Result::ok)
             .unwrap_or_default();
-        if !parts.status.is_success() {
-            return Err(api_error(parts.status.as_u16(), &body));
-        }
-        let extension_id = parts
-            .headers
-            .get(ID_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .filter(|v| !v.is_empty())
-            .ok_or_else(|| ClientError::Malformed(format!("register answer without {ID_HEADER}")))?
-            .to_owned();
-        // The body only informs; an odd body does not make a successful registration fail.
-        let info: RegisterBody = serde_json::from_slice(&body).unwrap_or_default();
-        Ok(Registration {
-            extension_id,
-            function_name: info.function_name,
-            function_version: info.function_version,
-        })
+        let extension_id = parts.headers.get(ID_HEADER).and_then(|v| v.to_str().ok());
+        registration(parts.status.as_u16(), extension_id, &body)
     }
 
     /// `GET /event/next`: blocks until the next event. Never put a timeout on it: Lambda
@@ -406,6 +392,29 @@ impl Client {
 }
 
 /// The API's answer with a non-2xx `status`, with the `errorType` of its JSON body.
+/// The registration that an answer to `register` (its status, its `Lambda-Extension-Identifier`
+/// and its body, empty if it failed to arrive) makes.
+pub(super) fn registration(
+    status: u16,
+    extension_id: Option<&str>,
+    body: &[u8],
+) -> Result<Registration, ClientError> {
+    if !(200..300).contains(&status) {
+        return Err(api_error(status, body));
+    }
+    let extension_id = extension_id
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| ClientError::Malformed(format!("register answer without {ID_HEADER}")))?
+        .to_owned();
+    // The body only informs; an odd body does not make a successful registration fail.
+    let info: RegisterBody = serde_json::from_slice(body).unwrap_or_default();
+    Ok(Registration {
+        extension_id,
+        function_name: info.function_name,
+        function_version: info.function_version,
+    })
+}
+
 pub(super) fn api_error(status: u16, body: &[u8]) -> ClientError {
     let (error_type, message) = match serde_json::from_slice::<ErrorBody>(body) {
         Ok(e) => (e.error_type, e.error_message.unwrap_or_else(|| lossy(body))),

@@ -72,9 +72,20 @@ struct Conn {
 /// The read side of a connection: the socket (any reader, for the fuzz target), and the bytes
 /// read from it past the last answer.
 #[derive(Debug)]
-struct Incoming<R> {
-    reader: R,
-    buf: Vec<u8>,
+pub(super) struct Incoming<R> {
+    pub(super) reader: R,
+    pub(super) buf: Vec<u8>,
+    /// The call whose answers these are, for errors: `"event/next"`, `"register"`.
+    pub(super) call: &'static str,
+}
+
+/// What an answer's head told, kept for a head or body that then fails.
+#[derive(Debug, Default)]
+pub(super) struct Head {
+    /// The final answer's status.
+    pub(super) status: Option<u16>,
+    /// `Lambda-Extension-Identifier`: the registration's answer carries it.
+    pub(super) extension_id: Option<String>,
 }
 
 /// What a call does next.
@@ -254,6 +265,7 @@ impl Line {
             incoming: Incoming {
                 reader,
                 buf: Vec::with_capacity(1024),
+                call: "event/next",
             },
             writer,
         })
@@ -262,7 +274,7 @@ impl Line {
     /// Reads one answer on `conn`; a complete answer (event or API error) keeps the connection
     /// as the current one.
     async fn read(&self, mut conn: Conn) -> Result<Result<NextEvent, ClientError>, ClientError> {
-        let mut head = None;
+        let mut head = Head::default();
         let writer = conn.writer.clone();
         let read = async {
             begin(&mut conn.incoming).await?;
@@ -289,7 +301,9 @@ impl Line {
             read_answer(&mut conn.incoming, &mut head).await
         }
         .await;
-        let success = head.is_some_and(|status| (200..300).contains(&status));
+        let success = head
+            .status
+            .is_some_and(|status| (200..300).contains(&status));
         let (status, body, keep) = read.inspect_err(|_| lock(&self.state).lost = success)?;
         let answer = if success {
             decode_chain_event(&body)
@@ -318,22 +332,23 @@ impl Line {
 /// hours away (`event/next` answers when the next event comes), the rest follows them at once.
 /// Unbounded, an answer that stalls halfway would hold the chain, and so the environment, for
 /// good.
-async fn read_answer(
+pub(super) async fn read_answer(
     conn: &mut Incoming<impl AsyncRead + Unpin>,
-    head: &mut Option<u16>,
+    head: &mut Head,
 ) -> Result<(u16, Vec<u8>, bool), ClientError> {
+    let call = conn.call;
     tokio::time::timeout(REST_OF_ANSWER, read_response(conn, head))
         .await
         .unwrap_or_else(|_| {
             Err(ClientError::Transport(format!(
-                "event/next: the answer stalled for {REST_OF_ANSWER:?} after it began"
+                "{call}: the answer stalled for {REST_OF_ANSWER:?} after it began"
             )))
         })
 }
 
 /// Waits for the first byte of the next answer. Empty lines left after the previous answer
 /// (read past by the parser) do not begin it: its first bytes come with the next event.
-async fn begin(conn: &mut Incoming<impl AsyncRead + Unpin>) -> Result<(), ClientError> {
+pub(super) async fn begin(conn: &mut Incoming<impl AsyncRead + Unpin>) -> Result<(), ClientError> {
     loop {
         let blank = conn.buf.iter().take_while(|b| matches!(b, b'\r' | b'\n'));
         conn.buf.drain(..blank.count());
@@ -345,12 +360,13 @@ async fn begin(conn: &mut Incoming<impl AsyncRead + Unpin>) -> Result<(), Client
 }
 
 /// Reads one HTTP/1.1 answer: (status, body, whether the connection stays open). `head` gets
-/// the status as soon as the head is in, for a head or body that then fails.
+/// what the head tells as soon as it is in, for a head or body that then fails.
 async fn read_response(
     conn: &mut Incoming<impl AsyncRead + Unpin>,
-    head: &mut Option<u16>,
+    head: &mut Head,
 ) -> Result<(u16, Vec<u8>, bool), ClientError> {
-    let malformed = |what: String| ClientError::Malformed(format!("event/next answer: {what}"));
+    let call = conn.call;
+    let malformed = |what: String| ClientError::Malformed(format!("{call} answer: {what}"));
     let (status, head_len, framing, keep) = loop {
         let mut headers = [httparse::EMPTY_HEADER; 32];
         let mut response = httparse::Response::new(&mut headers);
@@ -369,7 +385,7 @@ async fn read_response(
                 }
                 // The final answer's status, before its framing is checked: a 2xx refused
                 // for its headers gave an event out all the same.
-                *head = Some(status);
+                head.status = Some(status);
                 let mut framing = Framing::UntilClose;
                 // The transfer codings, over every `Transfer-Encoding` field, and whether one
                 // is not `chunked`; `None` without the field.
@@ -392,6 +408,13 @@ async fn read_response(
                             *count += 1;
                             *other |= !coding.eq_ignore_ascii_case(b"chunked");
                         }
+                    } else if header
+                        .name
+                        .eq_ignore_ascii_case("lambda-extension-identifier")
+                    {
+                        head.extension_id = std::str::from_utf8(header.value)
+                            .ok()
+                            .map(|id| id.trim().to_owned());
                     } else if header.name.eq_ignore_ascii_case("connection") {
                         for option in elements(header.value) {
                             close |= option.eq_ignore_ascii_case(b"close");
@@ -481,7 +504,8 @@ enum Framing {
 }
 
 async fn read_chunked(conn: &mut Incoming<impl AsyncRead + Unpin>) -> Result<Vec<u8>, ClientError> {
-    let malformed = |what: &str| ClientError::Malformed(format!("event/next answer: {what}"));
+    let call = conn.call;
+    let malformed = |what: &str| ClientError::Malformed(format!("{call} answer: {what}"));
     let mut body = Vec::new();
     loop {
         let (skip, size) = loop {
@@ -530,9 +554,10 @@ async fn fill(conn: &mut Incoming<impl AsyncRead + Unpin>) -> Result<(), ClientE
     if read_more(conn).await? {
         Ok(())
     } else {
-        Err(ClientError::Transport(
-            "event/next: the connection closed".into(),
-        ))
+        Err(ClientError::Transport(format!(
+            "{}: the connection closed",
+            conn.call
+        )))
     }
 }
 
@@ -545,7 +570,7 @@ async fn read_more(conn: &mut Incoming<impl AsyncRead + Unpin>) -> Result<bool, 
             conn.buf.extend_from_slice(&chunk[..n]);
             Ok(true)
         }
-        Err(e) => Err(ClientError::Transport(format!("event/next: {e}"))),
+        Err(e) => Err(ClientError::Transport(format!("{}: {e}", conn.call))),
     }
 }
 
@@ -563,11 +588,12 @@ pub(crate) fn answers_from(reads: &[&[u8]]) -> Option<Vec<crate::__private::Line
             given: 0,
         },
         buf: Vec::new(),
+        call: "event/next",
     };
     let read_all = async move {
         let mut answers = Vec::new();
         loop {
-            let mut head = None;
+            let mut head = Head::default();
             let read = match begin(&mut conn).await {
                 Ok(()) => read_response(&mut conn, &mut head).await,
                 Err(error) => Err(error),

@@ -35,6 +35,7 @@ mod client;
 mod error;
 mod event;
 pub(crate) mod line;
+pub(crate) mod register;
 
 pub use client::{Client, Registration};
 pub use error::ClientError;

@@ -1,0 +1,200 @@
+//! `start`'s registration of the internal extension, on a connection of its own.
+//!
+//! Why not [`Client::register`](super::Client::register): its request goes out through the
+//! pooled client's connection task and its answer comes back through a channel (a hop between
+//! threads each way), and its caller cannot tell when the request is out. Here `start` learns
+//! it the moment the request is written, and starts the chain's thread while Lambda answers:
+//! neither that nor building the chain's runtime then holds `start`, whose end the runtime's
+//! first `/next`, and so the end of init, waits for (cold start). The answer is read as the
+//! chain reads `event/next` answers (`line.rs`), and means what it means to `Client`.
+
+use tokio::io::AsyncWriteExt as _;
+use tokio::sync::oneshot;
+
+use super::ClientError;
+use super::client::registration;
+use super::line::{Head, Incoming, begin, read_answer};
+use crate::extension::Registration;
+
+/// Registers the extension `name` for INVOKE events with the Runtime API at `authority`
+/// (`host:port`) under `prefix` (the path part of `AWS_LAMBDA_RUNTIME_API`). `sent` is told
+/// once the request is written. Unbounded until the answer begins, as `Client::register`: the
+/// caller bounds it (`register_timeout`).
+///
+/// Lambda has registered the extension once it answers 2xx with the identifier: a body that
+/// then fails to arrive does not make that a failure, or no one would call `event/next` for
+/// an extension Lambda waits for.
+pub(crate) async fn register(
+    authority: String,
+    prefix: String,
+    name: String,
+    sent: oneshot::Sender<()>,
+) -> Result<Registration, ClientError> {
+    let transport =
+        |e: std::io::Error| ClientError::Transport(format!("register: {authority}: {e}"));
+    let mut stream = tokio::net::TcpStream::connect(&authority)
+        .await
+        .map_err(transport)?;
+    stream.set_nodelay(true).map_err(transport)?;
+    stream
+        .write_all(&request(&authority, &prefix, &name))
+        .await
+        .map_err(transport)?;
+    let _ = sent.send(());
+    let mut conn = Incoming {
+        reader: stream,
+        buf: Vec::with_capacity(1024),
+        call: "register",
+    };
+    let mut head = Head::default();
+    let answer = match begin(&mut conn).await {
+        Ok(()) => read_answer(&mut conn, &mut head).await,
+        Err(error) => Err(error),
+    };
+    match (answer, head.status) {
+        (Ok((status, body, _)), _) => registration(status, head.extension_id.as_deref(), &body),
+        // The head is in, the body failed: the status and identifier decide.
+        (Err(_), Some(status)) => registration(status, head.extension_id.as_deref(), &[]),
+        (Err(error), None) => Err(error),
+    }
+}
+
+/// `POST {prefix}/2020-01-01/extension/register` for INVOKE events (Extensions API reference:
+/// `Lambda-Extension-Name` names the extension; internal extensions cannot take SHUTDOWN).
+fn request(authority: &str, prefix: &str, name: &str) -> Vec<u8> {
+    const BODY: &str = r#"{"events":["INVOKE"]}"#;
+    let prefix = prefix.trim_end_matches('/');
+    format!(
+        "POST {prefix}/2020-01-01/extension/register HTTP/1.1\r\nHost: {authority}\r\n\
+         Lambda-Extension-Name: {name}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nAccept: */*\r\n\r\n{BODY}",
+        BODY.len()
+    )
+    .into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::AsyncWriteExt as _;
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::extension::line::tests::request as read_request;
+
+    /// Registers against a stand-in that answers `answer` (then closes, or stalls when
+    /// `stall`); returns the request it read, whether `sent` was told before the answer went
+    /// out, and the result.
+    async fn against(
+        answer: &'static str,
+        stall: bool,
+    ) -> (String, bool, Result<Registration, ClientError>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let authority = listener.local_addr().expect("address").to_string();
+        let (sent, out) = oneshot::channel();
+        let registering = tokio::spawn(register(
+            authority,
+            "/prefix/".into(),
+            "lambda-deferred-7".into(),
+            sent,
+        ));
+        let (mut stream, _) = listener.accept().await.expect("accept");
+        let head = read_request(&mut stream).await;
+        let mut body = [0u8; 21];
+        tokio::io::AsyncReadExt::read_exact(&mut stream, &mut body)
+            .await
+            .expect("body");
+        let told = tokio::time::timeout(Duration::from_secs(5), out)
+            .await
+            .is_ok();
+        stream.write_all(answer.as_bytes()).await.expect("answer");
+        if !stall {
+            drop(stream);
+        }
+        let result = tokio::time::timeout(Duration::from_secs(10), registering)
+            .await
+            .expect("register returns")
+            .expect("no panic");
+        (
+            format!("{head}{}", String::from_utf8_lossy(&body)),
+            told,
+            result,
+        )
+    }
+
+    #[tokio::test]
+    async fn a_registration_is_one_post_and_its_answer_gives_the_identifier() {
+        let (request, told, result) = against(
+            "HTTP/1.1 200 OK\r\nLambda-Extension-Identifier: ext-9\r\nContent-Length: 53\r\n\r\n\
+             {\"functionName\":\"orders\",\"functionVersion\":\"$LATEST\"}",
+            false,
+        )
+        .await;
+        assert!(
+            request.starts_with("POST /prefix/2020-01-01/extension/register HTTP/1.1\r\n"),
+            "{request}"
+        );
+        assert!(
+            request.contains("\r\nLambda-Extension-Name: lambda-deferred-7\r\n"),
+            "{request}"
+        );
+        assert!(
+            request.ends_with("\r\n\r\n{\"events\":[\"INVOKE\"]}"),
+            "{request}"
+        );
+        assert!(told, "sent is told once the request is out");
+        let registration = result.expect("registered");
+        assert_eq!(registration.extension_id, "ext-9");
+        assert_eq!(registration.function_name, "orders");
+        assert_eq!(registration.function_version, "$LATEST");
+    }
+
+    /// A body that never comes, or that is cut short, does not undo a registration that the
+    /// head made: Lambda counts the extension in.
+    #[tokio::test(start_paused = true)]
+    async fn a_registration_whose_body_stalls_or_is_cut_still_succeeds() {
+        for stall in [true, false] {
+            let (_, _, result) = against(
+                "HTTP/1.1 200 OK\r\nLambda-Extension-Identifier: ext-9\r\nContent-Length: 54\r\n\r\n{\"fun",
+                stall,
+            )
+            .await;
+            let registration = result.unwrap_or_else(|e| panic!("stall {stall}: {e}"));
+            assert_eq!(registration.extension_id, "ext-9");
+            assert_eq!(registration.function_name, "");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refusal_is_an_api_error_and_an_answer_without_identifier_is_malformed() {
+        let (_, _, result) = against(
+            "HTTP/1.1 403 Forbidden\r\nContent-Length: 61\r\n\r\n\
+             {\"errorMessage\":\"too late\",\"errorType\":\"Extension.Forbidden\"}",
+            false,
+        )
+        .await;
+        match result {
+            Err(ClientError::Api {
+                status, error_type, ..
+            }) => {
+                assert_eq!(
+                    (status, error_type.as_deref()),
+                    (403, Some("Extension.Forbidden"))
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let (_, _, result) = against("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}", false).await;
+        assert!(
+            matches!(&result, Err(ClientError::Malformed(m)) if m.contains("Lambda-Extension-Identifier")),
+            "{result:?}"
+        );
+        // Closed before any answer: a transport error that names the call.
+        let (_, _, result) = against("", false).await;
+        assert!(
+            matches!(&result, Err(ClientError::Transport(m)) if m.starts_with("register:")),
+            "{result:?}"
+        );
+    }
+}
