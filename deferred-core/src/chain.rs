@@ -801,9 +801,9 @@ pub(crate) mod tests {
             .expect("the call after r-2");
     }
 
-    /// [`spawn`]: the chain reads its events on a thread of its own, while what the user wrote
-    /// runs on the function's runtime: the action as its task, the first flush on the phase
-    /// thread in its context, the `on_report` hook too. Then the next call goes out. And the
+    /// [`prepare`] and [`Prepared::begin`]: the chain reads its events on a thread of its own,
+    /// while what the user wrote runs on the function's runtime: the action as its task, the
+    /// first flush on the phase thread in its context, the `on_report` hook too. Then the next call goes out. And the
     /// chain's thread ends with the function's runtime, as a task of it would.
     #[test]
     fn a_spawned_chain_runs_the_users_work_on_the_functions_runtime() {
