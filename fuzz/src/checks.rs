@@ -236,7 +236,7 @@ pub fn frame(bytes: &[u8]) -> Framed {
         .take_while(|b| matches!(b, b'\r' | b'\n'))
         .count();
     loop {
-        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut headers = [httparse::EMPTY_HEADER; 100];
         let mut response = httparse::Response::new(&mut headers);
         let head = match response.parse(&bytes[at..]) {
             Ok(httparse::Status::Complete(head)) => head,

@@ -30,6 +30,9 @@ use crate::scope::lock;
 /// The largest answer head and body accepted (the API's events are a few hundred bytes).
 const MAX_HEAD: usize = 16 * 1024;
 const MAX_BODY: usize = 256 * 1024;
+/// The most header fields an answer may have: hyper's default, which `Client` (and so the
+/// registration before it went through `register.rs`) accepts.
+const MAX_HEADERS: usize = 100;
 /// How long the rest of an answer may take once its first bytes are in: an event is a few
 /// hundred bytes, which the API writes at once.
 const REST_OF_ANSWER: std::time::Duration = std::time::Duration::from_secs(2);
@@ -368,7 +371,7 @@ async fn read_response(
     let call = conn.call;
     let malformed = |what: String| ClientError::Malformed(format!("{call} answer: {what}"));
     let (status, head_len, framing, keep) = loop {
-        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut response = httparse::Response::new(&mut headers);
         match response.parse(&conn.buf) {
             Ok(httparse::Status::Complete(len)) => {

@@ -166,6 +166,21 @@ mod tests {
         }
     }
 
+    /// An answer with more header fields than the 32 the line's parser had room for still
+    /// registers: `Client::register` (hyper, up to 100 fields) took it, and Lambda, having
+    /// answered 2xx with the identifier, waits for the extension's `event/next`. Found by
+    /// review: "register answer: too many headers", so no one called `event/next` and init was
+    /// held to Lambda's limit.
+    #[tokio::test]
+    async fn an_answer_with_many_header_fields_registers() {
+        let fields: String = (0..40).map(|i| format!("X-Field-{i}: v\r\n")).collect();
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\n{fields}Lambda-Extension-Identifier: ext-9\r\nContent-Length: 2\r\n\r\n{{}}"
+        );
+        let (_, _, result) = against(answer.leak(), false).await;
+        assert_eq!(result.expect("registered").extension_id, "ext-9");
+    }
+
     #[tokio::test]
     async fn a_refusal_is_an_api_error_and_an_answer_without_identifier_is_malformed() {
         let (_, _, result) = against(
