@@ -389,6 +389,14 @@ async fn read_response(
                 // The final answer's status, before its framing is checked: a 2xx refused
                 // for its headers gave an event out all the same.
                 head.status = Some(status);
+                // The identifier too, before any field is refused: a 2xx head with it has
+                // registered the extension, whatever the order of its fields.
+                head.extension_id = response
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case("lambda-extension-identifier"))
+                    .and_then(|h| std::str::from_utf8(h.value).ok())
+                    .map(|id| id.trim().to_owned());
                 let mut framing = Framing::UntilClose;
                 // The transfer codings, over every `Transfer-Encoding` field, and whether one
                 // is not `chunked`; `None` without the field.
@@ -411,13 +419,6 @@ async fn read_response(
                             *count += 1;
                             *other |= !coding.eq_ignore_ascii_case(b"chunked");
                         }
-                    } else if header
-                        .name
-                        .eq_ignore_ascii_case("lambda-extension-identifier")
-                    {
-                        head.extension_id = std::str::from_utf8(header.value)
-                            .ok()
-                            .map(|id| id.trim().to_owned());
                     } else if header.name.eq_ignore_ascii_case("connection") {
                         for option in elements(header.value) {
                             close |= option.eq_ignore_ascii_case(b"close");

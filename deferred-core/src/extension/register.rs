@@ -181,6 +181,22 @@ mod tests {
         assert_eq!(result.expect("registered").extension_id, "ext-9");
     }
 
+    /// A 2xx answer refused for its framing still carries the identifier: Lambda has
+    /// registered the extension, whatever the order of the header fields. Found by review: the
+    /// identifier was only seen in the fields before the one refused, so the same answer
+    /// registered or not by the order of its fields.
+    #[tokio::test]
+    async fn a_2xx_head_refused_for_its_framing_registers_whatever_the_order_of_its_fields() {
+        for answer in [
+            "HTTP/1.1 200 OK\r\nLambda-Extension-Identifier: ext-9\r\nContent-Length: x\r\n\r\n{}",
+            "HTTP/1.1 200 OK\r\nContent-Length: x\r\nLambda-Extension-Identifier: ext-9\r\n\r\n{}",
+        ] {
+            let (_, _, result) = against(answer, false).await;
+            let registration = result.unwrap_or_else(|e| panic!("{answer:?}: {e}"));
+            assert_eq!(registration.extension_id, "ext-9");
+        }
+    }
+
     #[tokio::test]
     async fn a_refusal_is_an_api_error_and_an_answer_without_identifier_is_malformed() {
         let (_, _, result) = against(
