@@ -391,7 +391,6 @@ impl Client {
     }
 }
 
-/// The API's answer with a non-2xx `status`, with the `errorType` of its JSON body.
 /// The registration that an answer to `register` (its status, its `Lambda-Extension-Identifier`
 /// and its body, empty if it failed to arrive) makes.
 pub(super) fn registration(
@@ -415,6 +414,7 @@ pub(super) fn registration(
     })
 }
 
+/// The API's answer with a non-2xx `status`, with the `errorType` of its JSON body.
 pub(super) fn api_error(status: u16, body: &[u8]) -> ClientError {
     let (error_type, message) = match serde_json::from_slice::<ErrorBody>(body) {
         Ok(e) => (e.error_type, e.error_message.unwrap_or_else(|| lossy(body))),
