@@ -101,7 +101,7 @@ pub struct Registration {
 
 /// How long the body of an answer may take once its head is in: a few hundred bytes, which a
 /// live API sends with the head.
-const BODY_AFTER_HEAD: std::time::Duration = std::time::Duration::from_secs(2);
+pub(super) const BODY_AFTER_HEAD: std::time::Duration = std::time::Duration::from_secs(2);
 
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase", default)]

@@ -368,6 +368,17 @@ async fn read_response(
     conn: &mut Incoming<impl AsyncRead + Unpin>,
     head: &mut Head,
 ) -> Result<(u16, Vec<u8>, bool), ClientError> {
+    let (status, framing, keep) = read_head(conn, head).await?;
+    let body = read_body(conn, framing).await?;
+    Ok((status, body, keep))
+}
+
+/// Reads an answer's head, past interim answers: (status, what frames the body, whether the
+/// connection stays open after it). `head` gets what it tells, before its fields are checked.
+pub(super) async fn read_head(
+    conn: &mut Incoming<impl AsyncRead + Unpin>,
+    head: &mut Head,
+) -> Result<(u16, Framing, bool), ClientError> {
     let call = conn.call;
     let malformed = |what: String| ClientError::Malformed(format!("{call} answer: {what}"));
     let (status, head_len, framing, keep) = loop {
@@ -459,7 +470,17 @@ async fn read_response(
         }
     };
     conn.buf.drain(..head_len);
-    let body = match framing {
+    Ok((status, framing, keep))
+}
+
+/// Reads the body that `framing` frames.
+pub(super) async fn read_body(
+    conn: &mut Incoming<impl AsyncRead + Unpin>,
+    framing: Framing,
+) -> Result<Vec<u8>, ClientError> {
+    let call = conn.call;
+    let malformed = |what: String| ClientError::Malformed(format!("{call} answer: {what}"));
+    Ok(match framing {
         Framing::Length(length) if length > MAX_BODY => {
             return Err(malformed(format!("body of {length} bytes")));
         }
@@ -479,8 +500,7 @@ async fn read_response(
             }
             std::mem::take(&mut conn.buf)
         }
-    };
-    Ok((status, body, keep))
+    })
 }
 
 /// A `Content-Length` value: 1*DIGIT (RFC 9112, 6.2), between optional whitespace. Not
@@ -501,7 +521,8 @@ fn elements(value: &[u8]) -> impl Iterator<Item = &[u8]> {
         .filter(|element| !element.is_empty())
 }
 
-enum Framing {
+/// What frames an answer's body (RFC 9112, 6.3).
+pub(super) enum Framing {
     Length(usize),
     Chunked,
     UntilClose,

@@ -12,8 +12,8 @@ use tokio::io::AsyncWriteExt as _;
 use tokio::sync::oneshot;
 
 use super::ClientError;
-use super::client::registration;
-use super::line::{Head, Incoming, begin, read_answer};
+use super::client::{BODY_AFTER_HEAD, registration};
+use super::line::{Head, Incoming, begin, read_body, read_head};
 use crate::extension::Registration;
 
 /// Registers the extension `name` for INVOKE events with the Runtime API at `authority`
@@ -47,16 +47,26 @@ pub(crate) async fn register(
         call: "register",
     };
     let mut head = Head::default();
-    let answer = match begin(&mut conn).await {
-        Ok(()) => read_answer(&mut conn, &mut head).await,
+    // The head as `Client::register` waits for it: for as long as the caller does (a head
+    // that trickles in is still Lambda's answer); then the body, bounded: one that stalls
+    // would otherwise hold `start`, or the late registration, for good.
+    let framed = match begin(&mut conn).await {
+        Ok(()) => read_head(&mut conn, &mut head).await,
         Err(error) => Err(error),
     };
-    match (answer, head.status) {
-        (Ok((status, body, _)), _) => registration(status, head.extension_id.as_deref(), &body),
-        // The head is in, the body failed: the status and identifier decide.
-        (Err(_), Some(status)) => registration(status, head.extension_id.as_deref(), &[]),
-        (Err(error), None) => Err(error),
-    }
+    let (status, body) = match framed {
+        Ok((status, framing, _)) => {
+            let body = tokio::time::timeout(BODY_AFTER_HEAD, read_body(&mut conn, framing));
+            let body = body.await.ok().and_then(Result::ok).unwrap_or_default();
+            (status, body)
+        }
+        // A head refused for its framing: its status and identifier still decide.
+        Err(error) => match head.status {
+            Some(status) => (status, Vec::new()),
+            None => return Err(error),
+        },
+    };
+    registration(status, head.extension_id.as_deref(), &body)
 }
 
 /// `POST {prefix}/2020-01-01/extension/register` for INVOKE events (Extensions API reference:
@@ -90,6 +100,15 @@ mod tests {
         answer: &'static str,
         stall: bool,
     ) -> (String, bool, Result<Registration, ClientError>) {
+        against_in(&[answer], Duration::ZERO, stall).await
+    }
+
+    /// [`against`], the answer written in `pieces`, `pause` apart.
+    async fn against_in(
+        pieces: &[&'static str],
+        pause: Duration,
+        stall: bool,
+    ) -> (String, bool, Result<Registration, ClientError>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let authority = listener.local_addr().expect("address").to_string();
         let (sent, out) = oneshot::channel();
@@ -108,7 +127,12 @@ mod tests {
         let told = tokio::time::timeout(Duration::from_secs(5), out)
             .await
             .is_ok();
-        stream.write_all(answer.as_bytes()).await.expect("answer");
+        for (i, piece) in pieces.iter().enumerate() {
+            if i > 0 {
+                tokio::time::sleep(pause).await;
+            }
+            stream.write_all(piece.as_bytes()).await.expect("answer");
+        }
         if !stall {
             drop(stream);
         }
@@ -171,6 +195,25 @@ mod tests {
     /// answered 2xx with the identifier, waits for the extension's `event/next`. Found by
     /// review: "register answer: too many headers", so no one called `event/next` and init was
     /// held to Lambda's limit.
+    /// A head that trickles in (here over 3 s) is still Lambda's answer, as for
+    /// `Client::register`: only the body is bounded once the head is in. (Found by review:
+    /// the line's bound on the rest of an answer, 2 s, failed such a registration, which
+    /// Lambda had made.)
+    #[tokio::test(start_paused = true)]
+    async fn a_head_that_trickles_in_still_registers() {
+        let (_, _, result) = against_in(
+            &[
+                "HTTP/1.1 200 OK\r\n",
+                "Lambda-Extension-Identifier: ext-9\r\n",
+                "Content-Length: 2\r\n\r\n{}",
+            ],
+            Duration::from_millis(1500),
+            false,
+        )
+        .await;
+        assert_eq!(result.expect("registered").extension_id, "ext-9");
+    }
+
     #[tokio::test]
     async fn an_answer_with_many_header_fields_registers() {
         let fields: String = (0..40).map(|i| format!("X-Field-{i}: v\r\n")).collect();
