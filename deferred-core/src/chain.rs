@@ -174,7 +174,45 @@ pub(crate) async fn drive(
          work runs inline from now on, and the extension only acknowledges events so that \
          Lambda does not wait for it"
     );
-    crate::late::acknowledge(client, extension_id).await;
+    match core.runner.get() {
+        Some(runner) => acknowledge_on_line(&core, runner).await,
+        None => crate::late::acknowledge(client, extension_id).await,
+    }
+}
+
+/// After the chain panicked: calls `event/next` again as soon as each event arrives, on the
+/// chain's own line. Not through a client of its own: a phase still in flight arms the line
+/// when it ends, and a call of the client's beside that one would be a second `event/next`
+/// in flight (Lambda answers one of the two with an error). That phase ends first, within
+/// its end plus half the safety margin (its watchdog ran in the chain).
+async fn acknowledge_on_line(core: &Arc<Core>, runner: &Arc<Runner>) {
+    if let Some(until) = core.work_until() {
+        // Polled: this runs once, after a bug.
+        while runner.phase_pending() && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    let line = &runner.line;
+    let mut restores = Restores::global().watch();
+    let mut failures: u32 = 0;
+    loop {
+        // Lets the next call go out, unless one is out already (then its answer is read).
+        line.arm(line.seq());
+        let next = restores
+            .next_event_watching(|| line.call(), || line.reset(), &core.event_missed)
+            .await;
+        match next {
+            Ok(NextEvent::Invoke(_)) => failures = 0,
+            Ok(NextEvent::Shutdown(_)) => return,
+            Err(error) => {
+                failures = failures.saturating_add(1);
+                if failures == 1 {
+                    tracing::warn!(target: "deferred", %error, "event/next failed (acknowledging extension); retrying");
+                }
+                tokio::time::sleep(backoff(failures)).await;
+            }
+        }
+    }
 }
 
 /// [`drive`], watching `restores`: after a SnapStart restore the line's connection is
@@ -761,8 +799,10 @@ pub(crate) mod tests {
     /// A chain that panics (a bug of ours; here, a `stray_window` no builder would let through
     /// makes `hold` overflow an `Instant`) is not left dead: Lambda would hold every invocation
     /// to its timeout waiting for this extension's next `event/next`. Deferred work runs inline
-    /// from then on, and the extension acknowledges events. Before: the chain's thread ended
-    /// with the panic, and no call came.
+    /// from then on, and the extension acknowledges events, on the chain's own connection (a
+    /// call on another, beside the one a phase in flight would send on the chain's, would be
+    /// a second `event/next` in flight). Before session 22: the chain's thread ended with the
+    /// panic, and no call came; before session 23: the calls went on a second connection.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_panicking_chain_acknowledges_events_from_then_on() {
         let (listener, core, client) = stand_in(Config {
@@ -779,12 +819,17 @@ pub(crate) mod tests {
         line.write_all(invoke("r-1", deadline).as_bytes())
             .await
             .expect("write");
-        // The acknowledging client calls on a connection of its own.
-        let mut acknowledging = accept_within(&listener, "the acknowledging client calls").await;
-        let call = request_within(&mut acknowledging, Duration::from_secs(5)).await;
+        // On the chain's own connection: one call in flight, as before the panic.
+        let call = request_within(&mut line, Duration::from_secs(5)).await;
         assert!(
             call.is_some_and(|call| call.contains("/event/next")),
-            "the extension calls event/next again"
+            "the extension calls event/next again, on the chain's connection"
+        );
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), listener.accept())
+                .await
+                .is_err(),
+            "no second connection, which could put a second event/next in flight"
         );
         assert_eq!(
             core.state.borrow().chain,
@@ -792,11 +837,10 @@ pub(crate) mod tests {
             "work runs inline"
         );
         // And again after the next event.
-        acknowledging
-            .write_all(invoke("r-2", deadline).as_bytes())
+        line.write_all(invoke("r-2", deadline).as_bytes())
             .await
             .expect("write");
-        request_within(&mut acknowledging, Duration::from_secs(5))
+        request_within(&mut line, Duration::from_secs(5))
             .await
             .expect("the call after r-2");
     }
