@@ -845,6 +845,69 @@ pub(crate) mod tests {
             .expect("the call after r-2");
     }
 
+    /// After a panic, the acknowledging extension lets a phase still in flight end (it arms
+    /// the line itself) before the next `event/next` goes out: at once, that call would
+    /// release the environment while the phase runs. (Arming at once, as the fall-back does
+    /// for an event with no phase, the call came within a few ms.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn after_a_panic_a_phase_in_flight_ends_before_the_next_call() {
+        let slow = crate::flush_fn("slow", || {
+            std::thread::sleep(Duration::from_millis(600));
+            Ok::<(), crate::FlushError>(())
+        });
+        let (listener, core, _) = stand_in(Config {
+            flushers: vec![crate::flush::Flusher::new(slow)],
+            ..Config::default()
+        })
+        .await;
+        let authority = listener.local_addr().expect("addr").to_string();
+        let line = Arc::new(Line::new(&authority, "", "ext-1"));
+        let runner = Runner::start(&core, line.clone(), tokio::runtime::Handle::current())
+            .expect("a phase thread");
+        let _ = core.runner.set(runner.clone());
+        // The line's call answered with r-1, whose phase then runs.
+        let call = tokio::spawn({
+            let line = line.clone();
+            async move { line.call().await }
+        });
+        let mut api = accept_within(&listener, "the line calls").await;
+        request_within(&mut api, Duration::from_secs(5))
+            .await
+            .expect("the first call");
+        let deadline = SystemTime::now() + Duration::from_secs(10);
+        api.write_all(invoke("r-1", deadline).as_bytes())
+            .await
+            .expect("write");
+        let answer = call.await.expect("no panic");
+        assert!(matches!(answer, Ok(NextEvent::Invoke(_))), "{answer:?}");
+        core.submit(crate::core::Ready {
+            job: crate::phase::Job {
+                request_id: "r-1".into(),
+                deadline: None,
+                queue: Queue::new(0),
+                flush_timeout: Duration::from_secs(3),
+                parent: None,
+            },
+            seq: line.seq(),
+            end: Instant::now() + Duration::from_secs(4),
+        });
+        let started = std::time::Instant::now();
+        let acknowledging = tokio::spawn({
+            let core = core.clone();
+            async move { acknowledge_on_line(&core, &runner).await }
+        });
+        request_within(&mut api, Duration::from_secs(5))
+            .await
+            .expect("the next call, on the chain's connection");
+        let after = started.elapsed();
+        acknowledging.abort();
+        assert!(
+            after >= Duration::from_millis(500),
+            "event/next went out {after:?} after the fall-back began, while the phase's 600 ms \
+             flush ran"
+        );
+    }
+
     /// [`prepare`] and [`Prepared::begin`]: the chain reads its events on a thread of its own,
     /// while what the user wrote runs on the function's runtime: the action as its task, the
     /// first flush on the phase thread in its context, the `on_report` hook too. Then the next call goes out. And the
