@@ -201,16 +201,8 @@ async fn acknowledge_on_line(core: &Arc<Core>, runner: &Arc<Runner>) {
         let next = restores
             .next_event_watching(|| line.call(), || line.reset(), &core.event_missed)
             .await;
-        match next {
-            Ok(NextEvent::Invoke(_)) => failures = 0,
-            Ok(NextEvent::Shutdown(_)) => return,
-            Err(error) => {
-                failures = failures.saturating_add(1);
-                if failures == 1 {
-                    tracing::warn!(target: "deferred", %error, "event/next failed (acknowledging extension); retrying");
-                }
-                tokio::time::sleep(backoff(failures)).await;
-            }
+        if !crate::late::acknowledged(next, &mut failures, &mut restores).await {
+            return;
         }
     }
 }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use crate::core::Core;
 use crate::extension::{Client, ClientError, NextEvent, Registration};
-use crate::snapstart::Restores;
+use crate::snapstart::{RestoreWatch, Restores};
 
 /// A registration in flight.
 pub(crate) type Registering =
@@ -60,23 +60,37 @@ async fn acknowledge_with(client: Arc<Client>, extension_id: String, restores: A
         let next = restores
             .next_event(|| client.next_event(&extension_id), || client.reset_pool())
             .await;
-        match next {
-            Ok(NextEvent::Invoke(_)) => failures = 0,
-            Ok(NextEvent::Shutdown(_)) => return,
-            Err(error) => {
-                failures = failures.saturating_add(1);
-                if failures == 1 {
-                    tracing::warn!(target: "deferred", %error, "event/next failed (acknowledging extension); retrying");
-                }
-                // A restore ends the backoff, as the chain's: `after_restore` waits until the
-                // next call has settled it.
-                tokio::select! {
-                    () = tokio::time::sleep(crate::chain::backoff(failures)) => {}
-                    _ = restores.changed() => {}
-                }
+        if !acknowledged(next, &mut failures, &mut restores).await {
+            return;
+        }
+    }
+}
+
+/// What an acknowledging extension does with the answer to one `event/next` call: nothing
+/// for an event, a backoff after a failure (`failures` in a row, the first one logged);
+/// `false` for SHUTDOWN, after which it calls no more.
+pub(crate) async fn acknowledged(
+    next: Result<NextEvent, ClientError>,
+    failures: &mut u32,
+    restores: &mut RestoreWatch,
+) -> bool {
+    match next {
+        Ok(NextEvent::Invoke(_)) => *failures = 0,
+        Ok(NextEvent::Shutdown(_)) => return false,
+        Err(error) => {
+            *failures = failures.saturating_add(1);
+            if *failures == 1 {
+                tracing::warn!(target: "deferred", %error, "event/next failed (acknowledging extension); retrying");
+            }
+            // A restore ends the backoff, as the chain's: `after_restore` waits until the
+            // next call has settled it.
+            tokio::select! {
+                () = tokio::time::sleep(crate::chain::backoff(*failures)) => {}
+                _ = restores.changed() => {}
             }
         }
     }
+    true
 }
 
 #[cfg(test)]
