@@ -187,10 +187,7 @@ pub(crate) async fn drive(
 /// its end plus half the safety margin (its watchdog ran in the chain).
 async fn acknowledge_on_line(core: &Arc<Core>, runner: &Arc<Runner>) {
     if let Some(until) = core.work_until() {
-        // Polled: this runs once, after a bug.
-        while runner.phase_pending() && Instant::now() < until {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+        let _ = tokio::time::timeout_at(until, runner.phases_ended()).await;
     }
     let line = &runner.line;
     let mut restores = Restores::global().watch();

@@ -462,6 +462,14 @@ impl Runner {
         self.ended.load(Ordering::Acquire) < self.submitted.load(Ordering::Acquire)
     }
 
+    /// Waits until no phase is pending. Polled: it runs once per process (SIGTERM, a panic of
+    /// the chain), and a notification would cost every invocation.
+    pub(crate) async fn phases_ended(&self) {
+        while self.phase_pending() {
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+    }
+
     /// For the chain's task, before it sleeps until `planned`: when it must wake instead (the
     /// end of a flush that runs on the phase thread, if sooner).
     pub(crate) fn wake_at(&self, planned: Option<Instant>) -> Option<Instant> {

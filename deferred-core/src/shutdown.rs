@@ -85,12 +85,9 @@ pub(crate) async fn final_flush_after(
     // finish on their own; their actions carry the last invocations' work.
     let _ = tokio::time::timeout_at(half, async {
         // A phase handed to the phase thread may not hold the phase lock yet: wait until it
-        // has ended. Polled: this runs once per process, and a notification would cost every
-        // invocation.
+        // has ended.
         if let Some(runner) = core.runner.get() {
-            while runner.phase_pending() {
-                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-            }
+            runner.phases_ended().await;
         }
         drop(core.phase_lock.lock().await);
         join_all(core, &mut background).await;
