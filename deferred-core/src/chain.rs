@@ -77,6 +77,13 @@ fn prepare_with(thread: Spawner) -> Prepared {
         let Ok(begin) = begun.recv() else {
             return;
         };
+        let runtime = match runtime {
+            Ok(runtime) => runtime,
+            Err(error) => {
+                let why = format!("cannot build the chain's runtime: {error}");
+                return begin.on_the_functions_runtime(&theirs, &why);
+            }
+        };
         let Begin {
             core,
             client,
@@ -84,18 +91,12 @@ fn prepare_with(thread: Spawner) -> Prepared {
             gone,
         } = begin;
         let chain = drive(core, client, extension_id, theirs.clone());
-        match runtime {
-            Ok(runtime) => runtime.block_on(async move {
-                tokio::select! {
-                    () = chain => {}
-                    _ = gone => {}
-                }
-            }),
-            Err(error) => {
-                tracing::warn!(target: "deferred", %error, "cannot build the chain's runtime: the chain runs on the function's");
-                theirs.spawn(chain);
+        runtime.block_on(async move {
+            tokio::select! {
+                () = chain => {}
+                _ = gone => {}
             }
-        }
+        });
     }));
     Prepared {
         user,
@@ -107,20 +108,7 @@ impl Prepared {
     /// Runs the chain of the registered extension `extension_id` on the prepared thread, or,
     /// when the OS refused it, as a task of the function's runtime.
     pub(crate) fn begin(self, core: Arc<Core>, client: Arc<Client>, extension_id: String) {
-        let start = match self.thread {
-            Ok(start) => start,
-            Err(error) => {
-                tracing::warn!(target: "deferred", %error, "cannot start the chain's thread: the chain runs on the function's runtime");
-                self.user
-                    .spawn(drive(core, client, extension_id, self.user.clone()));
-                return;
-            }
-        };
         let (alive, gone) = tokio::sync::oneshot::channel::<std::convert::Infallible>();
-        self.user.spawn(async move {
-            let _alive = alive;
-            std::future::pending::<()>().await;
-        });
         let begin = Begin {
             core,
             client,
@@ -128,17 +116,39 @@ impl Prepared {
             gone,
         };
         // The thread waits for this; should it be gone all the same, the chain must run.
-        if let Err(std::sync::mpsc::SendError(begin)) = start.send(begin) {
-            tracing::warn!(target: "deferred", "the chain's thread is gone: the chain runs on the function's runtime");
-            let Begin {
-                core,
-                client,
-                extension_id,
-                ..
-            } = begin;
-            self.user
-                .spawn(drive(core, client, extension_id, self.user.clone()));
+        let sent = match self.thread {
+            Ok(start) => start
+                .send(begin)
+                .map_err(|std::sync::mpsc::SendError(begin)| {
+                    (begin, "the chain's thread is gone".to_owned())
+                }),
+            Err(error) => Err((begin, format!("cannot start the chain's thread: {error}"))),
+        };
+        match sent {
+            // The chain ends with the function's runtime, as a task of it would: this task is
+            // dropped when that runtime shuts down, which closes the channel the thread watches.
+            Ok(()) => {
+                self.user.spawn(async move {
+                    let _alive = alive;
+                    std::future::pending::<()>().await;
+                });
+            }
+            Err((begin, why)) => begin.on_the_functions_runtime(&self.user, &why),
         }
+    }
+}
+
+impl Begin {
+    /// Runs the chain as a task of the function's runtime, where it has no thread of its own
+    /// (`why`).
+    fn on_the_functions_runtime(self, user: &tokio::runtime::Handle, why: &str) {
+        tracing::warn!(target: "deferred", error = why, "the chain runs on the function's runtime");
+        user.spawn(drive(
+            self.core,
+            self.client,
+            self.extension_id,
+            user.clone(),
+        ));
     }
 }
 
