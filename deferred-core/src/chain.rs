@@ -556,6 +556,15 @@ pub(crate) mod tests {
         stream
     }
 
+    /// The stand-in API's next connection (`what`), its first `event/next` read.
+    async fn first_call(listener: &TcpListener, what: &str) -> TcpStream {
+        let mut stream = accept_within(listener, what).await;
+        request_within(&mut stream, Duration::from_secs(5))
+            .await
+            .expect("the first event/next");
+        stream
+    }
+
     /// Reads one request head; `None` if nothing arrives within `within`.
     async fn request_within(stream: &mut TcpStream, within: Duration) -> Option<String> {
         tokio::time::timeout(within, request(stream)).await.ok()
@@ -616,10 +625,7 @@ pub(crate) mod tests {
             restores,
             tokio::runtime::Handle::current(),
         ));
-        let (mut stream, _) = listener.accept().await.expect("accept");
-        request_within(&mut stream, Duration::from_secs(5))
-            .await
-            .expect("the first event/next");
+        let stream = first_call(&listener, "the chain calls").await;
         (core, listener, stream)
     }
 
@@ -788,10 +794,7 @@ pub(crate) mod tests {
         }
         let (listener, core, client) = stand_in(Config::default()).await;
         prepare_with(refused).begin(core.clone(), client, "ext-1".into());
-        let mut api = accept_within(&listener, "the chain calls").await;
-        request_within(&mut api, Duration::from_secs(5))
-            .await
-            .expect("the first event/next");
+        first_call(&listener, "the chain calls").await;
         assert!(core.runner.get().is_some(), "the chain runs");
     }
 
@@ -810,10 +813,7 @@ pub(crate) mod tests {
         })
         .await;
         prepare().begin(core.clone(), client, "ext-1".into());
-        let mut line = accept_within(&listener, "the chain calls").await;
-        request_within(&mut line, Duration::from_secs(5))
-            .await
-            .expect("the first event/next");
+        let mut line = first_call(&listener, "the chain calls").await;
         let deadline = SystemTime::now() + Duration::from_secs(10);
         line.write_all(invoke("r-1", deadline).as_bytes())
             .await
@@ -869,10 +869,7 @@ pub(crate) mod tests {
             let line = line.clone();
             async move { line.call().await }
         });
-        let mut api = accept_within(&listener, "the line calls").await;
-        request_within(&mut api, Duration::from_secs(5))
-            .await
-            .expect("the first call");
+        let mut api = first_call(&listener, "the line calls").await;
         let deadline = SystemTime::now() + Duration::from_secs(10);
         api.write_all(invoke("r-1", deadline).as_bytes())
             .await
@@ -963,10 +960,7 @@ pub(crate) mod tests {
         core.layer_installed
             .store(true, std::sync::atomic::Ordering::Release);
         prepare().begin(core.clone(), client, "ext-1".into());
-        let (mut api, _) = listener.accept().await.expect("accept");
-        request_within(&mut api, Duration::from_secs(5))
-            .await
-            .expect("the first event/next");
+        let mut api = first_call(&listener, "the chain calls").await;
 
         let deadline = SystemTime::now() + Duration::from_secs(4);
         api.write_all(invoke("r-1", deadline).as_bytes())
