@@ -18,8 +18,9 @@ use crate::extension::Registration;
 
 /// Registers the extension `name` for INVOKE events with the Runtime API at `authority`
 /// (`host:port`) under `prefix` (the path part of `AWS_LAMBDA_RUNTIME_API`). `sent` is told
-/// once the request is written. Unbounded until the answer begins, as `Client::register`: the
-/// caller bounds it (`register_timeout`).
+/// once the request is written. Unbounded until the answer's head is in, as
+/// `Client::register`: the caller bounds it (`register_timeout`); the body then gets
+/// `BODY_AFTER_HEAD`.
 ///
 /// Lambda has registered the extension once it answers 2xx with the identifier: a body that
 /// then fails to arrive does not make that a failure, or no one would call `event/next` for
