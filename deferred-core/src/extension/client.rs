@@ -229,7 +229,10 @@ impl Client {
             .ok()
             .and_then(Result::ok)
             .unwrap_or_default();
-        let extension_id = parts.headers.get(ID_HEADER).and_then(|v| v.to_str().ok());
+        let extension_id = parts
+            .headers
+            .get(ID_HEADER)
+            .map(http::HeaderValue::as_bytes);
         registration(parts.status.as_u16(), extension_id, &body)
     }
 
@@ -395,15 +398,31 @@ impl Client {
 /// and its body, empty if it failed to arrive) makes.
 pub(super) fn registration(
     status: u16,
-    extension_id: Option<&str>,
+    extension_id: Option<&[u8]>,
     body: &[u8],
 ) -> Result<Registration, ClientError> {
     if !(200..300).contains(&status) {
         return Err(api_error(status, body));
     }
-    let extension_id = extension_id
+    let raw = extension_id
+        .map(<[u8]>::trim_ascii)
         .filter(|v| !v.is_empty())
-        .ok_or_else(|| ClientError::Malformed(format!("register answer without {ID_HEADER}")))?
+        .ok_or_else(|| ClientError::Malformed(format!("register answer without {ID_HEADER}")))?;
+    // Sent back as a header on every later call: visible ASCII, blanks inside, as hyper's
+    // `HeaderValue::to_str` takes it (RFC 9110, 5.5: obs-text, bytes past ASCII, is obsolete).
+    // Refused here, with the reason, rather than failing each `event/next` later.
+    let extension_id = std::str::from_utf8(raw)
+        .ok()
+        .filter(|id| {
+            id.bytes()
+                .all(|b| b.is_ascii_graphic() || b == b' ' || b == b'\t')
+        })
+        .ok_or_else(|| {
+            ClientError::Malformed(format!(
+                "register answer: {ID_HEADER} is not visible ASCII: {}",
+                lossy(raw)
+            ))
+        })?
         .to_owned();
     // The body only informs; an odd body does not make a successful registration fail.
     let info: RegisterBody = serde_json::from_slice(body).unwrap_or_default();
@@ -485,6 +504,33 @@ mod tests {
             }
         });
         addr
+    }
+
+    /// An identifier that cannot go back as a header (bytes past ASCII) is refused with the
+    /// reason, not as a missing one; one between blanks is trimmed.
+    #[tokio::test]
+    async fn an_identifier_is_visible_ascii_and_trimmed() {
+        let addr = answering(
+            "HTTP/1.1 200 OK\r\nLambda-Extension-Identifier: ext-é\r\nContent-Length: 2\r\n\r\n{}",
+        )
+        .await;
+        let result = Client::new(&addr)
+            .unwrap()
+            .register("deferred", &["INVOKE"])
+            .await;
+        assert!(
+            matches!(&result, Err(ClientError::Malformed(m)) if m.contains("not visible ASCII")),
+            "{result:?}"
+        );
+        let addr = answering(
+            "HTTP/1.1 200 OK\r\nLambda-Extension-Identifier: \t ext 1 \t\r\nContent-Length: 2\r\n\r\n{}",
+        )
+        .await;
+        let registered = Client::new(&addr)
+            .unwrap()
+            .register("deferred", &["INVOKE"])
+            .await;
+        assert_eq!(registered.unwrap().extension_id, "ext 1");
     }
 
     /// A body that stalls after the head (which carries the identifier) does not hold the

@@ -87,8 +87,8 @@ pub(super) struct Incoming<R> {
 pub(super) struct Head {
     /// The final answer's status.
     pub(super) status: Option<u16>,
-    /// `Lambda-Extension-Identifier`: the registration's answer carries it.
-    pub(super) extension_id: Option<String>,
+    /// `Lambda-Extension-Identifier`, as it came: the registration's answer carries it.
+    pub(super) extension_id: Option<Vec<u8>>,
 }
 
 /// What a call does next.
@@ -413,8 +413,7 @@ pub(super) async fn read_head(
                     .headers
                     .iter()
                     .find(|h| h.name.eq_ignore_ascii_case("lambda-extension-identifier"))
-                    .and_then(|h| std::str::from_utf8(h.value).ok())
-                    .map(|id| id.trim().to_owned());
+                    .map(|h| h.value.to_vec());
                 let mut framing = Framing::UntilClose;
                 // The transfer codings, over every `Transfer-Encoding` field, and whether one
                 // is not `chunked`; `None` without the field.

@@ -241,6 +241,22 @@ mod tests {
         }
     }
 
+    /// The identifier goes back as a header on every `event/next`: one that cannot (bytes past
+    /// ASCII) is refused with the reason, as `Client::register` refuses it. Found by review:
+    /// it was accepted here, and refused as missing there.
+    #[tokio::test]
+    async fn an_identifier_past_ascii_is_refused_with_the_reason() {
+        let (_, _, result) = against(
+            "HTTP/1.1 200 OK\r\nLambda-Extension-Identifier: ext-é\r\nContent-Length: 2\r\n\r\n{}",
+            false,
+        )
+        .await;
+        assert!(
+            matches!(&result, Err(ClientError::Malformed(m)) if m.contains("not visible ASCII") && m.contains("ext-é")),
+            "{result:?}"
+        );
+    }
+
     #[tokio::test]
     async fn a_refusal_is_an_api_error_and_an_answer_without_identifier_is_malformed() {
         let (_, _, result) = against(
