@@ -415,6 +415,9 @@ pub(super) async fn read_head(
                     .find(|h| h.name.eq_ignore_ascii_case("lambda-extension-identifier"))
                     .map(|h| h.value.to_vec());
                 let mut framing = Framing::UntilClose;
+                // The length over every `Content-Length` field, `None` without one; why it
+                // cannot frame the body, which matters only without a chunking (below).
+                let mut length: Result<Option<usize>, &str> = Ok(None);
                 // The transfer codings, over every `Transfer-Encoding` field, and whether one
                 // is not `chunked`; `None` without the field.
                 let mut codings: Option<(usize, bool)> = None;
@@ -422,13 +425,15 @@ pub(super) async fn read_head(
                 let (mut close, mut keep_alive) = (false, false);
                 for header in response.headers.iter() {
                     if header.name.eq_ignore_ascii_case("content-length") {
-                        let length = content_length(header.value)
-                            .ok_or_else(|| malformed("bad Content-Length".into()))?;
-                        // Fields that disagree make the framing invalid (RFC 9112, 6.3).
-                        if matches!(framing, Framing::Length(other) if other != length) {
-                            return Err(malformed("conflicting Content-Length fields".into()));
-                        }
-                        framing = Framing::Length(length);
+                        length = match (length, content_length(header.value)) {
+                            (Err(why), _) => Err(why),
+                            (Ok(_), None) => Err("bad Content-Length"),
+                            // Fields that disagree make the framing invalid (RFC 9112, 6.3).
+                            (Ok(Some(other)), Some(this)) if other != this => {
+                                Err("conflicting Content-Length fields")
+                            }
+                            (Ok(_), Some(this)) => Ok(Some(this)),
+                        };
                     } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
                         // A list, which may span several fields (RFC 9110, 5.3).
                         let (count, other) = codings.get_or_insert((0, false));
@@ -443,12 +448,17 @@ pub(super) async fn read_head(
                         }
                     }
                 }
-                // Chunked overrides a Content-Length, in whichever order they come (RFC 9112,
-                // 6.3). It frames the body only as the final coding, applied once (RFC 9112,
-                // 6.1), and the line decodes no other: any other list is refused, never left
-                // to a Content-Length or the close.
+                // Chunked overrides a Content-Length, in whichever order they come, and
+                // whatever its value (RFC 9112, 6.3; hyper does not read it either). It frames
+                // the body only as the final coding, applied once (RFC 9112, 6.1), and the
+                // line decodes no other: any other list is refused, never left to a
+                // Content-Length or the close.
                 match codings {
-                    None => {}
+                    None => {
+                        if let Some(length) = length.map_err(|why| malformed(why.into()))? {
+                            framing = Framing::Length(length);
+                        }
+                    }
                     // Faulty framing in HTTP/1.0, even beside a Content-Length (RFC 9112,
                     // 6.1): a 1.0 server cannot have chunked it.
                     Some(_) if response.version != Some(1) => {
@@ -965,7 +975,7 @@ pub(crate) mod tests {
     }
 
     /// With both `Transfer-Encoding: chunked` and `Content-Length`, the chunking frames the
-    /// body (RFC 9112, 6.3), whatever the order of the headers.
+    /// body (RFC 9112, 6.3), whatever the order of the headers and the length's value.
     #[tokio::test]
     async fn chunked_overrides_a_content_length() {
         let (_listener, _line, call, mut stream) = first_call().await;
@@ -976,6 +986,19 @@ pub(crate) mod tests {
         answer(&mut stream, &chunked).await;
         let event = call.await.expect("join").expect("event");
         assert!(matches!(event, NextEvent::Invoke(e) if e.request_id == "r-1"));
+        // Whatever the Content-Length says, as hyper reads it. Found by the parity test
+        // (`parity.rs`): a bad or conflicting one beside the chunking lost the event.
+        for lengths in ["+5", "0x10", "", "5, 6", "5\r\nContent-Length: 6"] {
+            let chunked = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {lengths}\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{EVENT}\r\n0\r\n\r\n",
+                EVENT.len()
+            );
+            let result = answered(&chunked).await;
+            assert!(
+                matches!(&result, Ok(NextEvent::Invoke(e)) if e.request_id == "r-1"),
+                "{lengths:?}: {result:?}"
+            );
+        }
     }
 
     /// A chunked body may end with trailer fields, which a recipient must read past
