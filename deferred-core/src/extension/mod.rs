@@ -35,6 +35,8 @@ mod client;
 mod error;
 mod event;
 pub(crate) mod line;
+#[cfg(test)]
+mod parity;
 pub(crate) mod register;
 
 pub use client::{Client, Registration};
