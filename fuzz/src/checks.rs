@@ -260,26 +260,33 @@ pub fn frame(bytes: &[u8]) -> Framed {
                 .filter(move |h| h.name.eq_ignore_ascii_case(name))
                 .map(|h| h.value)
         };
+        // Every value of every field, each element of a list ("94, 94") one value (RFC 9110,
+        // 8.6); all must be 1*DIGIT and agree, which matters only without a chunking.
         let mut lengths = Vec::new();
+        let mut bad_length = false;
         for value in values("content-length") {
-            let value = value.trim_ascii();
-            let digits = !value.is_empty() && value.iter().all(u8::is_ascii_digit);
-            match std::str::from_utf8(value)
-                .ok()
-                .and_then(|v| v.parse::<usize>().ok())
-            {
-                Some(length) if digits => lengths.push(length),
-                _ => return Framed::Refused,
+            for element in value.split(|&b| b == b',') {
+                let element = element.trim_ascii();
+                let digits = !element.is_empty() && element.iter().all(u8::is_ascii_digit);
+                match std::str::from_utf8(element)
+                    .ok()
+                    .and_then(|v| v.parse::<usize>().ok())
+                {
+                    Some(length) if digits => lengths.push(length),
+                    _ => bad_length = true,
+                }
             }
         }
-        if lengths.windows(2).any(|pair| pair[0] != pair[1]) {
-            return Framed::Refused;
-        }
+        bad_length |= lengths.windows(2).any(|pair| pair[0] != pair[1]);
         let chunked = values("transfer-encoding").next().is_some();
         let codings: Vec<&[u8]> = values("transfer-encoding").flat_map(elements).collect();
         let only_chunked =
             matches!(codings.as_slice(), [coding] if coding.eq_ignore_ascii_case(b"chunked"));
         if chunked && (!only_chunked || response.version != Some(1)) {
+            return Framed::Refused;
+        }
+        // The chunking overrides the length, whatever its value (RFC 9112, 6.3).
+        if bad_length && !chunked {
             return Framed::Refused;
         }
         let options: Vec<&[u8]> = values("connection").flat_map(elements).collect();
