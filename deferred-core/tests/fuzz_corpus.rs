@@ -81,6 +81,10 @@ fn line_answers_seeds_read_as_named() {
         ("body_until_close.txt", &[event]),
         ("chunk_without_crlf.txt", &["chunk without CRLF"]),
         ("chunked_extensions_trailers.txt", &[kept, closed]),
+        (
+            "chunked_bad_content_length.txt",
+            &[kept, kept, "bad Content-Length"],
+        ),
         ("chunked_over_content_length.txt", &[kept, closed]),
         ("connection_close_any_case.txt", &[event]),
         ("connection_keep_alive_close.txt", &[event]),
@@ -91,6 +95,7 @@ fn line_answers_seeds_read_as_named() {
             &["conflicting Content-Length fields"],
         ),
         ("content_length_duplicate.txt", &[kept, closed]),
+        ("content_length_list.txt", &[kept, "bad Content-Length"]),
         ("content_length_signed.txt", &["bad Content-Length"]),
         ("http10_keep_alive.txt", &[kept, event]),
         ("interim_100_continue.txt", &[kept, closed]),
