@@ -545,7 +545,7 @@ impl Drop for Claimed<'_> {
     }
 }
 
-/// Starts a flusher's thread. Tests can make it fail as the OS would ([`tests::REFUSE`]).
+/// Starts a flusher's thread. Tests can make it fail as the OS would (`tests::REFUSE`).
 fn spawn_thread(run: impl FnOnce() + Send + 'static) -> std::io::Result<()> {
     #[cfg(test)]
     if tests::REFUSE.with(|refuse| refuse.replace(false)) {
