@@ -745,12 +745,8 @@ impl Deferred {
     ///
     /// # Panics
     ///
-    /// As [`start`](Self::start): in Lambda, on a runtime without the time driver. And, like
-    /// `lambda_runtime::run`, outside Lambda or an emulator: lambda_runtime reads its
-    /// configuration from the environment and panics without `AWS_LAMBDA_FUNCTION_NAME`,
-    /// `AWS_LAMBDA_FUNCTION_MEMORY_SIZE` or `AWS_LAMBDA_FUNCTION_VERSION` ("Missing
-    /// AWS_LAMBDA_FUNCTION_NAME env var"). To call a handler outside Lambda (a unit test), use
-    /// [`start`](Self::start), which never fails for lack of Lambda, and call the handler.
+    /// As [`run`](Self::run): in Lambda, on a runtime without the time driver; outside Lambda
+    /// (lambda_runtime's configuration is missing).
     pub async fn run_concurrent<A, F, R, B, S, D, E>(
         self,
         handler: F,
