@@ -120,6 +120,12 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+// The README's Rust examples that are not `ignore`d compile as doctests, so that the first
+// code a user copies cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeDoctests;
+
 mod action;
 mod builder;
 mod chain;
