@@ -143,6 +143,8 @@ pub(crate) struct Row {
     pub(crate) cpu_ticks: u64,
     /// Scenario c: context switches of the child (all threads) per invocation.
     pub(crate) switches_per_inv: f64,
+    /// Scenario c: the part of `switches_per_inv` on the extension's own threads.
+    pub(crate) extension_switches_per_inv: f64,
     /// Scenario c: where each invocation's cycle goes, as the emulator saw it.
     pub(crate) cycle: Cycle,
 }
@@ -490,20 +492,33 @@ fn per_thread(pid: Option<u32>, file: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Voluntary + involuntary context switches of every thread of the child so far.
-fn switches(pid: Option<u32>) -> u64 {
-    per_thread(pid, "status")
-        .iter()
-        .flat_map(|(_, s)| s.lines())
-        .filter(|l| l.contains("ctxt_switches:"))
-        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .sum()
+/// Voluntary + involuntary context switches of the child so far: of every live thread, and of
+/// the extension's own threads ([`extension_thread`]).
+fn switches(pid: Option<u32>) -> (u64, u64) {
+    let mut all = 0;
+    let mut extension = 0;
+    for (name, status) in per_thread(pid, "status") {
+        let n: u64 = status
+            .lines()
+            .filter(|l| l.contains("ctxt_switches:"))
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum();
+        all += n;
+        if extension_thread(&name) {
+            extension += n;
+        }
+    }
+    (all, extension)
+}
+
+/// lambda-deferred's phase thread and chain thread, or the bare extension's thread.
+fn extension_thread(name: &str) -> bool {
+    matches!(name, "deferred-phase" | "deferred-chain" | "bare-extension")
 }
 
 /// CPU time of a process (the child, or the benchmark itself) so far, in nanoseconds (the
 /// first field of `schedstat`: exact, where utime + stime count 10 ms ticks): of every live
-/// thread, and of the extension's own threads (lambda-deferred's phase thread and chain
-/// thread, or the bare extension's thread). Scenario c's windows are shorter than tokio's 10 s keep-alive of idle
+/// thread, and of the extension's own threads ([`extension_thread`]). Scenario c's windows are shorter than tokio's 10 s keep-alive of idle
 /// blocking threads, so no thread that ran in one exits during it.
 fn cpu_ns(pid: Option<u32>) -> (u64, u64) {
     let mut all = 0;
@@ -515,10 +530,7 @@ fn cpu_ns(pid: Option<u32>) -> (u64, u64) {
             .and_then(|ns| ns.parse().ok())
             .unwrap_or(0);
         all += ns;
-        if matches!(
-            name.as_str(),
-            "deferred-phase" | "deferred-chain" | "bare-extension"
-        ) {
+        if extension_thread(&name) {
             extension += ns;
         }
     }
@@ -655,6 +667,7 @@ async fn steady(
         extension_cpu_per_inv: Duration::ZERO,
         api_cpu_per_inv: Duration::ZERO,
         switches_per_inv: 0.0,
+        extension_switches_per_inv: 0.0,
         cycle: Cycle::default(),
     })
 }
@@ -673,6 +686,7 @@ struct Overhead {
     n: usize,
     errors: usize,
     switches: u64,
+    extension_switches: u64,
     cycle: Cycle,
 }
 
@@ -706,6 +720,7 @@ async fn overhead(
             n: 0,
             errors: 0,
             switches: 0,
+            extension_switches: 0,
             cycle: Cycle::default(),
         });
     }
@@ -714,7 +729,7 @@ async fn overhead(
         for env in &mut envs {
             let emulator = &env.emulator;
             let (cpu0, extension_cpu0) = cpu_ns(emulator.child_pid());
-            let switches0 = switches(emulator.child_pid());
+            let (switches0, extension_switches0) = switches(emulator.child_pid());
             let (api_cpu0, _) = cpu_ns(Some(std::process::id()));
             let t0 = Instant::now();
             let mut results = Vec::new();
@@ -744,7 +759,9 @@ async fn overhead(
             env.cpu_rounds
                 .push(Duration::from_nanos(round_ns) / results.len().max(1) as u32);
             env.extension_cpu_ns += extension_cpu1.saturating_sub(extension_cpu0);
-            env.switches += switches(emulator.child_pid()).saturating_sub(switches0);
+            let (switches1, extension_switches1) = switches(emulator.child_pid());
+            env.switches += switches1.saturating_sub(switches0);
+            env.extension_switches += extension_switches1.saturating_sub(extension_switches0);
             env.busy_time += elapsed;
             env.rates.push(results.len() as f64 / elapsed.as_secs_f64());
             env.n += results.len();
@@ -806,6 +823,7 @@ async fn overhead(
             duplicate_spans: 0,
             cpu_ticks: 0,
             switches_per_inv: env.switches as f64 / env.n.max(1) as f64,
+            extension_switches_per_inv: env.extension_switches as f64 / env.n.max(1) as f64,
             cycle: env.cycle,
         });
     }
@@ -859,6 +877,7 @@ async fn cold_start(
         extension_cpu_per_inv: Duration::ZERO,
         api_cpu_per_inv: Duration::ZERO,
         switches_per_inv: 0.0,
+        extension_switches_per_inv: 0.0,
         cycle: Cycle::default(),
     })
 }

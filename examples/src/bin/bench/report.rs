@@ -295,14 +295,16 @@ pub(crate) fn targets(rows: &[Row]) -> String {
         if let Some(none) = get(Scenario::C, "none") {
             let _ = writeln!(
                 out,
-                "- (c) context switches of the function (all threads) per invocation: mode 0 {:.1}, bare extension {:.1}, mode 5 {:.1}{}",
+                "- (c) context switches of the function (all threads) per invocation: mode 0 {:.1}, bare extension {:.1}, mode 5 {:.1}{}; of which on the extension's own threads: bare extension {:.1}, mode 5 {:.1} (its chain and phase threads: each pays for every freeze, SIGSTOP and SIGCONT waking it)",
                 none.switches_per_inv,
                 bare.switches_per_inv,
                 run.switches_per_inv,
                 get(Scenario::C, "start").map_or(String::new(), |s| format!(
                     ", mode 6 {:.1}",
                     s.switches_per_inv
-                ))
+                )),
+                bare.extension_switches_per_inv,
+                run.extension_switches_per_inv,
             );
         }
     }
@@ -313,10 +315,11 @@ pub(crate) fn targets(rows: &[Row]) -> String {
     ) {
         let _ = writeln!(
             out,
-            "- (c) the floor of the design (a bare extension that re-arms only once a layer signals the POST: one hand-off, no flush, no report): {:.2}x of plain's inv/s, {:.0} µs of CPU over plain, {:.1} context switches per invocation; mode 5 against it: {:.2}x inv/s, {:+.0} µs of CPU (medians of the per-round figures)",
+            "- (c) the floor of the design (a bare extension that re-arms only once a layer signals the POST: one hand-off, no flush, no report): {:.2}x of plain's inv/s, {:.0} µs of CPU over plain, {:.1} context switches per invocation ({:.1} on its one thread); mode 5 against it: {:.2}x inv/s, {:+.0} µs of CPU (medians of the per-round figures)",
             paired_rate(&floor, &none).0,
             paired_cpu(&floor, &none).0,
             floor.switches_per_inv,
+            floor.extension_switches_per_inv,
             paired_rate(&run, &floor).0,
             paired_cpu(&run, &floor).0,
         );
@@ -708,6 +711,7 @@ mod tests {
             duplicate_spans: 0,
             cpu_ticks: 0,
             switches_per_inv: 0.0,
+            extension_switches_per_inv: 0.0,
             cycle: Cycle::default(),
         }
     }
