@@ -226,9 +226,11 @@ pub enum Framed {
 
 /// The next answer in `bytes`, framed as RFC 9112 says, with the line's choices where the RFC
 /// leaves one: blank lines before it and interim (1xx) answers are read past, a 101 is refused,
-/// `Content-Length` must be 1*DIGIT and agree with any other, a `Transfer-Encoding` must be
-/// `chunked` alone (the line decodes no other coding) in HTTP/1.1, `Connection: close` or an HTTP/1.0
-/// answer without `keep-alive` ends the connection, as does a body framed by the close.
+/// each `Content-Length` value (a list element too) must be 1*DIGIT and agree with any other
+/// unless a chunking frames the body, a `Transfer-Encoding` must be `chunked` alone (the line
+/// decodes no other coding) in HTTP/1.1, `Connection: close` or an HTTP/1.0 answer without
+/// `keep-alive` ends the connection, as do a body framed by the close and an answer with both
+/// a `Transfer-Encoding` and a `Content-Length`.
 /// The head, chunk sizes and trailers are lexed by httparse, as the line does.
 pub fn frame(bytes: &[u8]) -> Framed {
     let mut at = bytes
@@ -307,9 +309,11 @@ pub fn frame(bytes: &[u8]) -> Framed {
         } else {
             (rest.to_vec(), rest.len(), true)
         };
+        let framed_both_ways = chunked && values("content-length").next().is_some();
         let keep = !option(b"close")
             && (response.version == Some(1) || option(b"keep-alive"))
-            && !by_close;
+            && !by_close
+            && !framed_both_ways;
         return Framed::Answer {
             status,
             body,
