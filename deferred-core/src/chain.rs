@@ -14,6 +14,7 @@ use crate::core::{Chain, Core, Slot};
 use crate::extension::line::Line;
 use crate::extension::{Client, InvokeEvent, NextEvent};
 use crate::phase::Budget;
+use crate::report::PhaseKind;
 use crate::runner::{Runner, Spawner};
 use crate::snapstart::Restores;
 
@@ -171,19 +172,34 @@ pub(crate) async fn drive(
         client.clone(),
         extension_id.clone(),
         Restores::global(),
-        user,
+        user.clone(),
     );
     let mut chain = std::pin::pin!(chain);
     if crate::scope::caught(chain.as_mut()).await.is_ok() {
         return;
     }
-    core.state.send_modify(|s| s.chain = Chain::Stopped);
+    // The event the chain held, if any, with the job handed over for it: nothing would start
+    // that phase now (the layer's `responded` and the chain's timers start it from the slot,
+    // and the acknowledging below would let Lambda freeze the environment under it).
+    let mut stranded = None;
+    core.state.send_modify(|s| {
+        s.chain = Chain::Stopped;
+        stranded = s.slot.take().and_then(|slot| slot.job);
+    });
     tracing::error!(
         target: "deferred",
         "the extension's chain panicked (a bug in lambda-deferred, please report it): deferred \
          work runs inline from now on, and the extension only acknowledges events so that \
          Lambda does not wait for it"
     );
+    // Its work runs now, before the next `event/next` (a wrapper still to hand its job over
+    // finds no event held, and runs it inline).
+    if let Some(job) = stranded {
+        let phases = core.clone();
+        let _ = user
+            .spawn(async move { drop(phases.run_phase(job, PhaseKind::Inline).await) })
+            .await;
+    }
     match core.runner.get() {
         Some(runner) => acknowledge_on_line(&core, runner).await,
         None => crate::late::acknowledge(client, extension_id).await,
@@ -842,6 +858,58 @@ pub(crate) mod tests {
         request_within(&mut line, Duration::from_secs(5))
             .await
             .expect("the call after r-2");
+    }
+
+    /// A panic while the chain holds an event with its job (the handler has returned, the
+    /// layer's `responded` has not come yet) does not strand that job: the fall-back runs it
+    /// before its first `event/next`, which would let Lambda freeze the environment. Here the
+    /// panic is an overflow past `hold` (a `safety_margin` no builder would let through).
+    /// Before: the call went out at once, and the job ran only if the layer's `responded`
+    /// found it (no one looked in the slot after the panic), after the release.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panic_with_a_job_held_runs_it_before_the_next_call() {
+        let reported = Arc::new(std::sync::Mutex::new(None));
+        let hook = reported.clone();
+        let (listener, core, client) = stand_in(Config {
+            safety_margin: Duration::MAX,
+            on_report: Some(crate::core::ReportHook(Arc::new(move |report| {
+                *crate::scope::lock(&hook) = Some((report.request_id.clone(), Instant::now()));
+            }))),
+            ..Config::default()
+        })
+        .await;
+        core.layer_installed
+            .store(true, std::sync::atomic::Ordering::Release);
+        let deadline = SystemTime::now() + Duration::from_secs(10);
+        // The handler returned before its event arrived: its job waits for the event.
+        core.state.send_modify(|s| {
+            s.parked = Some(crate::phase::Job {
+                request_id: "r-1".into(),
+                deadline: Some(deadline),
+                queue: Queue::new(0),
+                flush_timeout: Duration::from_secs(1),
+                parent: None,
+            });
+        });
+        prepare().begin(core.clone(), client, "ext-1".into());
+        let mut line = first_call(&listener, "the chain calls").await;
+        line.write_all(invoke("r-1", deadline).as_bytes())
+            .await
+            .expect("write");
+        let call = request_within(&mut line, Duration::from_secs(5)).await;
+        let called = Instant::now();
+        assert!(
+            call.is_some_and(|call| call.contains("/event/next")),
+            "the extension calls event/next again"
+        );
+        let reported = crate::scope::lock(&reported).clone();
+        assert!(
+            reported
+                .as_ref()
+                .is_some_and(|(id, at)| id == "r-1" && *at <= called),
+            "r-1's phase ran before the call: {reported:?}"
+        );
+        assert_eq!(core.state.borrow().chain, Chain::Stopped);
     }
 
     /// After a panic, the acknowledging extension lets a phase still in flight end (it arms
