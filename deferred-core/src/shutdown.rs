@@ -131,14 +131,21 @@ pub(crate) async fn final_flush_after(
             target: "deferred",
             chained_phase_running = chained,
             background_phases_aborted = aborted,
-            "final flush: deferred phases that did not stop are abandoned without a report; \
-             their actions may not have run"
+            "final flush: deferred phases that did not stop: background ones are abandoned \
+             without a report, a chained one reports if its flush is back by the end; their \
+             actions may not have run"
         );
         cut.push(crate::report::CutReason::Shutdown);
     }
     // A flusher still busy (the flush of a phase that did not stop, or one abandoned
     // earlier) is waited for: its spans since that call began are in no other flush.
     let mut flushes = run_flushes_when_free(&core.config.flushers, end, started, &mut cut).await;
+    // A chained phase that did not stop (its flush on the phase thread ran past the first
+    // half) reports once that flush is back, which the flushes above waited for: let it, by
+    // the end, rather than exit under its report (its `on_report` hook, its log line).
+    if let Some(runner) = core.runner.get() {
+        let _ = tokio::time::timeout_at(end, runner.phases_ended()).await;
+    }
     // Bounded by `shutdown_timeout` here, not by a deadline or `flush_timeout`: the report
     // names the setting to change.
     let no_time = NotStarted::NoTime.to_string();
@@ -418,6 +425,68 @@ mod tests {
                 .await
                 .is_ok(),
             "the earlier call ended"
+        );
+    }
+
+    /// A chained phase whose flush on the phase thread runs past the first half (it cannot be
+    /// stopped) reports before the final flush ends, once that flush is back, rather than
+    /// under the exit. Before: the final flush returned as soon as its own flushes were done
+    /// (here about 100 ms before the phase's report; the report has 700 ms to spare now).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_chained_phase_still_flushing_reports_before_the_final_flush_ends() {
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = calls.clone();
+        let flusher = crate::flush::Flusher::new(crate::flush_fn("slow", move || {
+            if counted.fetch_add(1, Ordering::SeqCst) == 0 {
+                std::thread::sleep(Duration::from_millis(1200));
+            }
+            Ok::<(), String>(())
+        }));
+        let reported = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let hook = reported.clone();
+        let core = Core::new(
+            Config {
+                flushers: vec![flusher],
+                shutdown_timeout: Duration::from_secs(2),
+                phase_telemetry: false,
+                on_report: Some(ReportHook(Arc::new(move |report| {
+                    if report.request_id == "r-1" {
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    lock(&hook).push(report.request_id.clone());
+                }))),
+                ..Config::default()
+            },
+            Mode::Extension,
+        );
+        // No API behind the line: the phase's `event/next` is only armed.
+        let line = Arc::new(crate::extension::line::Line::new(
+            "127.0.0.1:9",
+            "",
+            "ext-1",
+        ));
+        let runner = crate::runner::Runner::start(&core, line, tokio::runtime::Handle::current())
+            .expect("a phase thread");
+        let _ = core.runner.set(runner);
+        core.submit(crate::core::Ready {
+            job: Job {
+                request_id: "r-1".into(),
+                deadline: None,
+                queue: Queue::new(0),
+                flush_timeout: Duration::from_secs(3),
+                parent: None,
+            },
+            seq: 1,
+            end: tokio::time::Instant::now() + Duration::from_secs(4),
+        });
+        while calls.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let report = final_flush(&core).await;
+        let reported = lock(&reported).clone();
+        assert!(
+            reported.iter().any(|id| id == "r-1"),
+            "the chained phase reported before the final flush ended: {reported:?}; {report}"
         );
     }
 
