@@ -193,12 +193,14 @@ pub(crate) async fn drive(
          Lambda does not wait for it"
     );
     // Its work runs now, before the next `event/next` (a wrapper still to hand its job over
-    // finds no event held, and runs it inline).
+    // finds no event held, and runs it inline). On the function's runtime, as every phase:
+    // should that runtime be blocked, the wait ends at the invocation's deadline, where
+    // Lambda ends the invocation anyway.
     if let Some(job) = stranded {
+        let by = Budget::new(job.deadline, Duration::ZERO).end;
         let phases = core.clone();
-        let _ = user
-            .spawn(async move { drop(phases.run_phase(job, PhaseKind::Inline).await) })
-            .await;
+        let phase = user.spawn(async move { drop(phases.run_phase(job, PhaseKind::Inline).await) });
+        let _ = tokio::time::timeout_at(by, phase).await;
     }
     match core.runner.get() {
         Some(runner) => acknowledge_on_line(&core, runner).await,
