@@ -418,7 +418,6 @@ pub(super) async fn read_head(
                 // The length over every `Content-Length` field, `None` without one; why it
                 // cannot frame the body, which matters only without a chunking (below).
                 let mut length: Result<Option<usize>, &str> = Ok(None);
-                let mut has_length = false;
                 // The transfer codings, over every `Transfer-Encoding` field, and whether one
                 // is not `chunked`; `None` without the field.
                 let mut codings: Option<(usize, bool)> = None;
@@ -426,7 +425,6 @@ pub(super) async fn read_head(
                 let (mut close, mut keep_alive) = (false, false);
                 for header in response.headers.iter() {
                     if header.name.eq_ignore_ascii_case("content-length") {
-                        has_length = true;
                         length = match (length, content_length(header.value)) {
                             (Err(why), _) => Err(why),
                             (Ok(_), None) => Err("bad Content-Length"),
@@ -482,7 +480,7 @@ pub(super) async fn read_head(
                 let keep = !close
                     && (response.version == Some(1) || keep_alive)
                     && !matches!(framing, Framing::UntilClose)
-                    && !(has_length && codings.is_some());
+                    && !(length != Ok(None) && codings.is_some());
                 break (status, len, framing, keep);
             }
             Ok(httparse::Status::Partial) if conn.buf.len() < MAX_HEAD => {
