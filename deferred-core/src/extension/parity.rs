@@ -296,6 +296,72 @@ impl Api {
             let _ = stream.shutdown().await;
         })
     }
+
+    /// What `call` (a reader's call to this API) returns when the API answers `answer`.
+    async fn serving<T>(&self, answer: &str, call: impl Future<Output = T>) -> T {
+        let server = self.serve_once(answer);
+        let result = tokio::time::timeout(Duration::from_secs(10), call)
+            .await
+            .expect("the call returns");
+        server.abort();
+        result
+    }
+}
+
+/// How two readers fared on the same answers: alike, or apart for a stated reason; the
+/// answers they read apart for no stated reason, shown when the test fails.
+#[derive(Default)]
+struct Tally {
+    taken: usize,
+    refused: usize,
+    explained: usize,
+    differ: Vec<String>,
+}
+
+impl Tally {
+    /// Counts case `case`: the line's outcome and hyper's, and whether a difference between
+    /// them (if any) is explained.
+    fn add(
+        &mut self,
+        case: usize,
+        answer: &str,
+        line: &Result<String, String>,
+        hyper: &Result<String, String>,
+        explained: bool,
+    ) {
+        match (line, hyper) {
+            (Ok(a), Ok(b)) if a == b => self.taken += 1,
+            (Err(_), Err(_)) => self.refused += 1,
+            // One takes what the other refuses; two different events are never explained.
+            (Ok(_), Err(_)) | (Err(_), Ok(_)) if explained => self.explained += 1,
+            _ => self.differ.push(format!(
+                "case {case}: line {line:?}, hyper {hyper:?}\n{answer:?}"
+            )),
+        }
+    }
+
+    /// Fails on any unexplained difference, and unless the readers took more than `taken`
+    /// and refused more than `refused` answers alike (the generator must exercise both
+    /// sides).
+    fn assert(self, cases: usize, at_least: (usize, usize)) {
+        let Self {
+            taken,
+            refused,
+            explained,
+            differ,
+        } = self;
+        assert!(
+            differ.is_empty(),
+            "{} of {cases} answers read differently ({taken} taken and {refused} refused \
+             alike, {explained} differently for a known reason):\n{}",
+            differ.len(),
+            differ.join("\n\n")
+        );
+        assert!(
+            taken > at_least.0 && refused > at_least.1,
+            "{taken} taken, {refused} refused"
+        );
+    }
 }
 
 /// What a reader made of an answer: the request id of the event, or that it refused it.
@@ -308,61 +374,29 @@ fn outcome(result: Result<NextEvent, ClientError>) -> Result<String, String> {
 }
 
 async fn through_the_line(api: &Api, answer: &str) -> Result<String, String> {
-    let server = api.serve_once(answer);
-    let line = Arc::new(Line::new(&api.authority, "", "ext-1"));
-    let result = tokio::time::timeout(Duration::from_secs(10), line.call())
-        .await
-        .expect("the line's call returns");
-    server.abort();
-    outcome(result)
+    let line = Line::new(&api.authority, "", "ext-1");
+    outcome(api.serving(answer, line.call()).await)
 }
 
 async fn through_hyper(api: &Api, answer: &str) -> Result<String, String> {
-    let server = api.serve_once(answer);
     let client = Client::new(&api.authority).expect("a client");
-    let result = tokio::time::timeout(Duration::from_secs(10), client.next_event("ext-1"))
-        .await
-        .expect("the client's call returns");
-    server.abort();
-    outcome(result)
+    outcome(api.serving(answer, client.next_event("ext-1")).await)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_line_takes_and_refuses_answers_as_hyper_does() {
     let mut rng = Rng(0x5eed_2024_1207);
     let api = Api::new().await;
-    let mut differ = Vec::new();
-    let (mut taken, mut refused, mut explained) = (0, 0, 0);
+    let mut tally = Tally::default();
     for case in 0..CASES {
         let (answer, why) = answer(&mut rng);
         let line = through_the_line(&api, &answer).await;
         let hyper = through_hyper(&api, &answer).await;
-        match (&line, &hyper) {
-            (Ok(a), Ok(b)) if a == b => taken += 1,
-            (Err(_), Err(_)) => refused += 1,
-            // Only the way round that the coding explains.
-            (Ok(_), Err(_)) | (Err(_), Ok(_))
-                if why.is_some_and(|coding| coding.line_takes == line.is_ok()) =>
-            {
-                explained += 1
-            }
-            _ => differ.push(format!(
-                "case {case}: line {line:?}, hyper {hyper:?}\n{answer:?}"
-            )),
-        }
+        // Only the way round that the coding explains.
+        let explained = why.is_some_and(|coding| coding.line_takes == line.is_ok());
+        tally.add(case, &answer, &line, &hyper, explained);
     }
-    assert!(
-        differ.is_empty(),
-        "{} of {CASES} answers read differently ({taken} taken and {refused} refused alike, \
-         {explained} differently for a known reason):\n{}",
-        differ.len(),
-        differ.join("\n\n")
-    );
-    // The generator must exercise both sides of the line.
-    assert!(
-        taken > 100 && refused > 50,
-        "{taken} taken, {refused} refused"
-    );
+    tally.assert(CASES, (100, 50));
 }
 
 /// The identifier fields of a registration's answer (none, one, two), in any spelling, and
@@ -399,25 +433,15 @@ fn registered(result: Result<Registration, ClientError>) -> Result<String, Strin
 }
 
 async fn registered_by_the_line(api: &Api, answer: &str) -> Result<String, String> {
-    let server = api.serve_once(answer);
     let (sent, _) = tokio::sync::oneshot::channel();
     let registering =
         super::register::register(api.authority.clone(), String::new(), "x".into(), sent);
-    let result = tokio::time::timeout(Duration::from_secs(10), registering)
-        .await
-        .expect("the registration returns");
-    server.abort();
-    registered(result)
+    registered(api.serving(answer, registering).await)
 }
 
 async fn registered_by_hyper(api: &Api, answer: &str) -> Result<String, String> {
-    let server = api.serve_once(answer);
     let client = Client::new(&api.authority).expect("a client");
-    let result = tokio::time::timeout(Duration::from_secs(10), client.register("x", &["INVOKE"]))
-        .await
-        .expect("the registration returns");
-    server.abort();
-    registered(result)
+    registered(api.serving(answer, client.register("x", &["INVOKE"])).await)
 }
 
 /// The same for the registration (`register.rs` against `Client::register`, which `start`
@@ -429,8 +453,7 @@ async fn registered_by_hyper(api: &Api, answer: &str) -> Result<String, String> 
 async fn the_registration_reads_answers_as_hyper_does() {
     let mut rng = Rng(0x7e61_5732_0a11_ce55);
     let api = Api::new().await;
-    let mut differ = Vec::new();
-    let (mut taken, mut refused, mut explained) = (0, 0, 0);
+    let mut tally = Tally::default();
     for case in 0..CASES / 2 {
         let (event_answer, _) = answer(&mut rng);
         let (answer, id) = identified(&mut rng, &event_answer);
@@ -439,25 +462,9 @@ async fn the_registration_reads_answers_as_hyper_does() {
         let final_2xx = answer
             .rfind("HTTP/1.")
             .is_some_and(|at| answer[at + 9..].starts_with('2'));
-        match (&line, &hyper) {
-            (Ok(a), Ok(b)) if a == b => taken += 1,
-            (Err(_), Err(_)) => refused += 1,
-            (Ok(by_head), Err(_)) if final_2xx && id == Some(by_head.as_str()) => explained += 1,
-            _ => differ.push(format!(
-                "case {case}: line {line:?}, hyper {hyper:?}\n{answer:?}"
-            )),
-        }
+        // Registered by its head alone, on the line's path only.
+        let explained = final_2xx && hyper.is_err() && line.as_deref().ok() == id;
+        tally.add(case, &answer, &line, &hyper, explained);
     }
-    assert!(
-        differ.is_empty(),
-        "{} of {} answers registered differently ({taken} alike, {refused} refused alike, \
-         {explained} by the head alone):\n{}",
-        differ.len(),
-        CASES / 2,
-        differ.join("\n\n")
-    );
-    assert!(
-        taken > CASES / 10 && refused > CASES / 10,
-        "{taken} taken, {refused} refused"
-    );
+    tally.assert(CASES / 2, (CASES / 10, CASES / 10));
 }
