@@ -197,6 +197,23 @@ mod tests {
     use crate::report::{ActionOutcome, CutReason, FlushOutcome};
     use crate::scope::Queue;
 
+    /// A flusher `name` whose first call takes `first` and whose later calls return at once,
+    /// and the count of its calls.
+    fn slow_first_call(
+        name: &'static str,
+        first: Duration,
+    ) -> (crate::flush::Flusher, Arc<std::sync::atomic::AtomicUsize>) {
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = calls.clone();
+        let flusher = crate::flush::Flusher::new(crate::flush_fn(name, move || {
+            if counted.fetch_add(1, Ordering::SeqCst) == 0 {
+                std::thread::sleep(first);
+            }
+            Ok::<(), String>(())
+        }));
+        (flusher, calls)
+    }
+
     /// A background phase stuck where stopping cannot reach it (its `on_report` hook blocks
     /// the thread) is abandoned: the final flush goes on without it, and its report says
     /// work was cut.
@@ -395,14 +412,7 @@ mod tests {
     /// in no other flush. (Before, it was reported not run and the process exited.)
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_final_flush_waits_for_a_flush_still_running() {
-        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let counted = calls.clone();
-        let flusher = crate::flush::Flusher::new(crate::flush_fn("slow", move || {
-            if counted.fetch_add(1, Ordering::SeqCst) == 0 {
-                std::thread::sleep(Duration::from_millis(150));
-            }
-            Ok::<(), String>(())
-        }));
+        let (flusher, calls) = slow_first_call("slow", Duration::from_millis(150));
         let core = Core::new(
             Config {
                 flushers: vec![flusher.clone()],
@@ -434,14 +444,7 @@ mod tests {
     /// (here about 100 ms before the phase's report; the report has 700 ms to spare now).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_chained_phase_still_flushing_reports_before_the_final_flush_ends() {
-        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let counted = calls.clone();
-        let flusher = crate::flush::Flusher::new(crate::flush_fn("slow", move || {
-            if counted.fetch_add(1, Ordering::SeqCst) == 0 {
-                std::thread::sleep(Duration::from_millis(1200));
-            }
-            Ok::<(), String>(())
-        }));
+        let (flusher, calls) = slow_first_call("slow", Duration::from_millis(1200));
         let reported = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
         let hook = reported.clone();
         let core = Core::new(
@@ -501,14 +504,7 @@ mod tests {
             let _ = crate::scope::lock(&released).recv_timeout(Duration::from_secs(5));
             Ok::<(), String>(())
         }));
-        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let counted = calls.clone();
-        let back_soon = crate::flush::Flusher::new(crate::flush_fn("back-soon", move || {
-            if counted.fetch_add(1, Ordering::SeqCst) == 0 {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            Ok::<(), String>(())
-        }));
+        let (back_soon, calls) = slow_first_call("back-soon", Duration::from_millis(100));
         let free = crate::flush::Flusher::new(crate::flush_fn("free", || Ok::<(), String>(())));
         let core = Core::new(
             Config {
