@@ -495,14 +495,36 @@ fn per_thread(pid: Option<u32>, file: &str) -> Vec<(String, String)> {
 /// Voluntary + involuntary context switches of the child so far: of every live thread, and of
 /// the extension's own threads ([`extension_thread`]).
 fn switches(pid: Option<u32>) -> (u64, u64) {
-    let mut all = 0;
-    let mut extension = 0;
-    for (name, status) in per_thread(pid, "status") {
-        let n: u64 = status
+    summed(pid, "status", |status| {
+        status
             .lines()
             .filter(|l| l.contains("ctxt_switches:"))
             .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-            .sum();
+            .sum()
+    })
+}
+
+/// CPU time of a process (the child, or the benchmark itself) so far, in nanoseconds (the
+/// first field of `schedstat`: exact, where utime + stime count 10 ms ticks): of every live
+/// thread, and of the extension's own threads ([`extension_thread`]). Scenario c's windows
+/// are shorter than tokio's 10 s keep-alive of idle blocking threads, so no thread that ran
+/// in one exits during it.
+fn cpu_ns(pid: Option<u32>) -> (u64, u64) {
+    summed(pid, "schedstat", |text| {
+        text.split_whitespace()
+            .next()
+            .and_then(|ns| ns.parse().ok())
+            .unwrap_or(0)
+    })
+}
+
+/// `value` of each thread's `/proc/<pid>/task/<tid>/<file>`, summed over every live thread
+/// and over the extension's own threads.
+fn summed(pid: Option<u32>, file: &str, value: impl Fn(&str) -> u64) -> (u64, u64) {
+    let mut all = 0;
+    let mut extension = 0;
+    for (name, text) in per_thread(pid, file) {
+        let n = value(&text);
         all += n;
         if extension_thread(&name) {
             extension += n;
@@ -514,27 +536,6 @@ fn switches(pid: Option<u32>) -> (u64, u64) {
 /// lambda-deferred's phase thread and chain thread, or the bare extension's thread.
 fn extension_thread(name: &str) -> bool {
     matches!(name, "deferred-phase" | "deferred-chain" | "bare-extension")
-}
-
-/// CPU time of a process (the child, or the benchmark itself) so far, in nanoseconds (the
-/// first field of `schedstat`: exact, where utime + stime count 10 ms ticks): of every live
-/// thread, and of the extension's own threads ([`extension_thread`]). Scenario c's windows are shorter than tokio's 10 s keep-alive of idle
-/// blocking threads, so no thread that ran in one exits during it.
-fn cpu_ns(pid: Option<u32>) -> (u64, u64) {
-    let mut all = 0;
-    let mut extension = 0;
-    for (name, text) in per_thread(pid, "schedstat") {
-        let ns: u64 = text
-            .split_whitespace()
-            .next()
-            .and_then(|ns| ns.parse().ok())
-            .unwrap_or(0);
-        all += ns;
-        if extension_thread(&name) {
-            extension += ns;
-        }
-    }
-    (all, extension)
 }
 
 const TICK: Duration = Duration::from_millis(10);
