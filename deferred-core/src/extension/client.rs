@@ -506,31 +506,32 @@ mod tests {
         addr
     }
 
+    /// What `register` makes of `answer` (the connection then closed).
+    async fn registered(answer: &'static str) -> Result<Registration, ClientError> {
+        let addr = answering(answer).await;
+        Client::new(&addr)
+            .unwrap()
+            .register("deferred", &["INVOKE"])
+            .await
+    }
+
     /// An identifier that cannot go back as a header (bytes past ASCII) is refused with the
     /// reason, not as a missing one; one between blanks is trimmed.
     #[tokio::test]
     async fn an_identifier_is_visible_ascii_and_trimmed() {
-        let addr = answering(
+        let result = registered(
             "HTTP/1.1 200 OK\r\nLambda-Extension-Identifier: ext-é\r\nContent-Length: 2\r\n\r\n{}",
         )
         .await;
-        let result = Client::new(&addr)
-            .unwrap()
-            .register("deferred", &["INVOKE"])
-            .await;
         assert!(
             matches!(&result, Err(ClientError::Malformed(m)) if m.contains("not visible ASCII")),
             "{result:?}"
         );
-        let addr = answering(
+        let result = registered(
             "HTTP/1.1 200 OK\r\nLambda-Extension-Identifier: \t ext 1 \t\r\nContent-Length: 2\r\n\r\n{}",
         )
         .await;
-        let registered = Client::new(&addr)
-            .unwrap()
-            .register("deferred", &["INVOKE"])
-            .await;
-        assert_eq!(registered.unwrap().extension_id, "ext 1");
+        assert_eq!(result.unwrap().extension_id, "ext 1");
     }
 
     /// A body that stalls after the head (which carries the identifier) does not hold the
@@ -581,13 +582,12 @@ mod tests {
     /// and no one would call `event/next` for an extension Lambda waits for).
     #[tokio::test]
     async fn a_registration_whose_body_is_cut_short_still_succeeds() {
-        let addr = answering(
+        let registration = registered(
             "HTTP/1.1 200 OK\r\nLambda-Extension-Identifier: ext-1\r\n\
              Content-Length: 100\r\n\r\n{\"functionName\":",
         )
-        .await;
-        let client = Client::new(&addr).unwrap();
-        let registration = client.register("deferred", &["INVOKE"]).await.unwrap();
+        .await
+        .unwrap();
         assert_eq!(registration.extension_id, "ext-1");
         assert_eq!(registration.function_name, "");
     }
@@ -595,10 +595,10 @@ mod tests {
     /// A refusal whose body is cut short is still a refusal.
     #[tokio::test]
     async fn a_refused_registration_with_a_cut_body_is_an_api_error() {
-        let addr =
-            answering("HTTP/1.1 403 Forbidden\r\nContent-Length: 100\r\n\r\n{\"errorType\":").await;
-        let client = Client::new(&addr).unwrap();
-        let error = client.register("deferred", &["INVOKE"]).await.unwrap_err();
+        let error =
+            registered("HTTP/1.1 403 Forbidden\r\nContent-Length: 100\r\n\r\n{\"errorType\":")
+                .await
+                .unwrap_err();
         assert!(
             matches!(error, ClientError::Api { status: 403, .. }),
             "{error:?}"
