@@ -17,25 +17,9 @@ mod checks;
 /// Inputs per test: about a second each in a debug build.
 const INPUTS: usize = 30_000;
 
-/// xorshift64, from a fixed seed: a failure repeats.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    fn pick<'a>(&mut self, of: &[&'a str]) -> &'a str {
-        of[self.below(of.len())]
-    }
-}
+#[path = "support/rng.rs"]
+mod rng;
+use rng::Rng;
 
 /// Pieces of HTTP that a mutation inserts: the framing's words, its separators and faults.
 const TOKENS: &[&[u8]] = &[

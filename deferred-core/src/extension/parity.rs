@@ -20,29 +20,9 @@ const CASES: usize = 1000;
 
 const EVENT: &str = r#"{"eventType":"INVOKE","deadlineMs":4102444800000,"requestId":"r-1","invokedFunctionArn":"arn"}"#;
 
-/// xorshift64: enough to vary the answers, and the same ones on every run.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    fn chance(&mut self, in_ten: usize) -> bool {
-        self.below(10) < in_ten
-    }
-
-    fn pick<'a>(&mut self, of: &[&'a str]) -> &'a str {
-        of[self.below(of.len())]
-    }
-}
+#[path = "../../tests/support/rng.rs"]
+mod rng;
+use rng::Rng;
 
 /// A transfer coding and how the line and hyper read a body sent in it, where they differ.
 struct Coding {
