@@ -253,6 +253,11 @@ fn summary(report: &PhaseReport) -> String {
     if let Some(dropped) = report.spans_dropped.filter(|n| *n > 0) {
         summary.push_str(&format!("; {dropped} spans dropped"));
     }
+    // A cut phase may have no failure to count (its flush left to the final one on SIGTERM).
+    if !report.cut.is_empty() {
+        let reasons: Vec<&str> = report.cut.iter().map(cut_reason).collect();
+        summary.push_str(&format!("; cut: {}", reasons.join(",")));
+    }
     summary
 }
 
@@ -595,6 +600,24 @@ mod tests {
             Some("timed_out")
         );
         assert!(matches!(flush.status, Status::Error { .. }));
+    }
+
+    /// A phase cut with nothing failed (its flush left to the final one on SIGTERM) is an
+    /// error whose description says why. Found by review: it said only "0 of 1 actions and 0
+    /// of 0 flushes did not succeed", an error that names no failure.
+    #[test]
+    fn a_cut_phase_s_status_names_the_cut() {
+        let mut report = report();
+        report.actions.truncate(1);
+        report.flushes.clear();
+        report.cut = vec![CutReason::Shutdown];
+        let spans = spans(&report);
+        let phase = spans.iter().find(|s| s.name == "deferred.phase").unwrap();
+        assert!(
+            matches!(&phase.status, Status::Error { description } if description.contains("cut: shutdown")),
+            "{:?}",
+            phase.status
+        );
     }
 
     /// Records `report` with a tracer provider of `sampler` and a meter provider: the finished
