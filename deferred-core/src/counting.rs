@@ -212,6 +212,10 @@ impl<E: SpanExporter> SpanExporter for CountingSpanExporter<E> {
 /// report's [`spans_dropped`](crate::PhaseReport::spans_dropped) is that difference: a lower
 /// bound (spans that end after the flush began may be exported and hide a drop), never an
 /// overcount. Only sampled spans are counted: the SDK's simple processor exports no others.
+/// That holds for the SDK's `BatchSpanProcessor` (its own thread, one export at a time); the
+/// experimental one on an async runtime with `max_concurrent_exports` above 1 may answer a
+/// flush while earlier exports still run, and their spans then count as dropped until the
+/// next flush.
 ///
 /// A flush during which spans were lost fails, though the batch processor says `Ok`: it
 /// answers a flush of several batches with the last batch's result only.
@@ -273,6 +277,12 @@ impl<P: SpanProcessor> SpanProcessor for CountingSpanProcessor<P> {
     fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
         self.counts
             .flush(|| self.inner.shutdown_with_timeout(timeout))
+    }
+
+    // Passed on as such, as the exporter's: the trait's default would call ours with a
+    // timeout and skip a `shutdown` of the inner processor's own.
+    fn shutdown(&self) -> OTelSdkResult {
+        self.counts.flush(|| self.inner.shutdown())
     }
 
     fn set_resource(&mut self, resource: &Resource) {
@@ -477,6 +487,39 @@ pub(crate) mod tests {
             .build();
         spans(&provider, 1);
         provider.shutdown().unwrap();
+        assert_eq!(shutdowns.load(Ordering::Relaxed), 1);
+    }
+
+    /// A processor that counts its own `shutdown` calls.
+    #[derive(Debug, Default)]
+    struct ProcessorShutsDown(Arc<AtomicU64>);
+
+    impl SpanProcessor for ProcessorShutsDown {
+        fn on_start(&self, _span: &mut Span, _cx: &Context) {}
+
+        fn on_end(&self, _span: SpanData) {}
+
+        fn force_flush(&self) -> OTelSdkResult {
+            Ok(())
+        }
+
+        fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
+            Ok(())
+        }
+
+        fn shutdown(&self) -> OTelSdkResult {
+            self.0.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        }
+    }
+
+    /// The same for the processor: its `shutdown()` reaches the inner one's.
+    #[test]
+    fn shutdown_reaches_the_inner_processor() {
+        let shutdowns = Arc::new(AtomicU64::new(0));
+        let counts = Arc::new(ExportCounts::default());
+        let processor = CountingSpanProcessor::new(ProcessorShutsDown(shutdowns.clone()), counts);
+        SpanProcessor::shutdown(&processor).unwrap();
         assert_eq!(shutdowns.load(Ordering::Relaxed), 1);
     }
 
