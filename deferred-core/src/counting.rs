@@ -31,7 +31,8 @@ pub struct ExportCounts {
     exported: AtomicU64,
     lost: AtomicU64,
     ended: AtomicU64,
-    /// `ended` when the latest flush of the [`CountingSpanProcessor`] that succeeded began.
+    /// The most that `ended` was when a flush of the [`CountingSpanProcessor`] began, over the
+    /// flushes its inner processor answered `Ok`.
     flushed: AtomicU64,
     /// Whether a [`CountingSpanProcessor`] counts into `ended` and `flushed`.
     processor: AtomicBool,
@@ -53,9 +54,10 @@ impl ExportCounts {
         self.ended.load(Ordering::Acquire)
     }
 
-    /// How many spans had [`ended`](Self::ended) when the latest flush of the
-    /// [`CountingSpanProcessor`] that succeeded began (0 before one): each of them has since
-    /// been exported, lost in a failed export, or dropped on a full queue.
+    /// How many spans had [`ended`](Self::ended) when a flush of the [`CountingSpanProcessor`]
+    /// began, the most over the flushes its inner processor answered `Ok` (0 before one; one
+    /// that lost spans counts, though it is reported as failed): each of them has since been
+    /// exported, lost in a failed export, or dropped on a full queue.
     pub fn flushed(&self) -> u64 {
         self.flushed.load(Ordering::Acquire)
     }
