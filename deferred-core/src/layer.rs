@@ -161,7 +161,9 @@ fn inside_tracing_layer_check() {
 ///
 /// It yields the inner future's output; when that is ready (the response is POSTed), it drops
 /// the inner future, closing the invocation's span, and only then tells the core that the
-/// deferred phase may start. A failed POST is passed on as it was:
+/// deferred phase may start. A failed POST is passed on as it was; a panic out of the runtime's
+/// stack (lambda_runtime catches the handler's only) becomes an error, after which the core is
+/// told all the same:
 ///
 /// ```
 /// use deferred_core::{Deferred, ResponseFuture};
@@ -223,7 +225,22 @@ where
         let Some(inner) = self.inner.as_mut() else {
             return Poll::Ready(Ok(()));
         };
-        let output = std::task::ready!(inner.as_mut().poll(cx));
+        // lambda_runtime catches the handler's panics only: one out of the rest of its stack
+        // (an answer whose `Serialize` panics, in its response layer) would unwind through
+        // here, the core never told, and out of the runtime loop, losing this invocation's
+        // deferred work. Made the error it is when that serialization fails with an `Err`:
+        // the loop ends with it, and `run` drains before it returns it.
+        let polled =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.as_mut().poll(cx)));
+        let output = match polled {
+            Ok(Poll::Pending) => return Poll::Pending,
+            Ok(Poll::Ready(output)) => output,
+            Err(panic) => Err(format!(
+                "lambda_runtime panicked while answering the invocation: {}",
+                crate::phase::panic_message(panic)
+            )
+            .into()),
+        };
         self.inner = None;
         if !self.core.responded(&self.request_id) {
             return Poll::Ready(output);

@@ -432,6 +432,33 @@ async fn a_runtime_loop_that_fails_still_runs_the_deferred_work() {
     }
 }
 
+/// An answer whose `Serialize` panics (an impl that unwraps): lambda_runtime serializes it in
+/// its response layer, outside the guard that catches the handler's panics, so the panic goes
+/// up through the `DeferredLayer`. The invocation's action and the flush must still run, as
+/// for an answer whose serialization fails with an error (above). Before, the panic unwound
+/// through the layer (which never said the response was out) and out of `run`: the process
+/// died with its deferred work and its spans, unreported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_that_panics_as_it_serializes_still_runs_the_deferred_work() {
+    let env = start("run", config(), &[]).await;
+    let result = env
+        .invoke(json!({ "handler": "paniconserialize", "actions": [{ "name": "a", "ms": 100 }] }))
+        .await;
+    assert!(
+        matches!(&result.outcome, InvokeOutcome::FunctionError { error_type, .. } if error_type == "Runtime.ExitError"),
+        "{:?}",
+        result.outcome
+    );
+    let t = env.timeline(&result.request_id);
+    assert!(t.mark("end:a").is_some(), "the action ran: {t:?}");
+    assert!(
+        env.logged("the Lambda runtime loop ended with an error")
+            .await,
+        "run drained before returning the error"
+    );
+    assert!(env.logged("Shutdown").await, "the final flush is reported");
+}
+
 /// The same failed loop while a flusher is still busy from an earlier phase (a stalled
 /// exporter, abandoned at its `flush_timeout`), with nothing else in flight: the final flush
 /// stays within `shutdown_timeout` and the process exits well before the deadline, so Lambda

@@ -87,6 +87,9 @@ enum HandlerPlan {
     /// Returns an answer that fails to serialize: lambda_runtime cannot post it, and its loop
     /// ends with the error.
     Unserializable,
+    /// Returns an answer whose serialization panics (a `Serialize` impl that unwraps):
+    /// lambda_runtime serializes it outside its handler's panic guard.
+    PanicOnSerialize,
     /// Queues its actions, then never returns: only a timeout around the handler
     /// (`HANDLER_TIMEOUT_MS`) ends it, by dropping its future.
     Hang,
@@ -97,6 +100,7 @@ enum HandlerPlan {
 enum Answer {
     Json(Value),
     Unserializable,
+    PanicOnSerialize,
 }
 
 impl serde::Serialize for Answer {
@@ -106,6 +110,7 @@ impl serde::Serialize for Answer {
             Self::Unserializable => Err(serde::ser::Error::custom(
                 "this answer does not serialize, on purpose",
             )),
+            Self::PanicOnSerialize => panic!("this answer panics as it serializes, on purpose"),
         }
     }
 }
@@ -164,6 +169,9 @@ async fn handler(event: LambdaEvent<Plan>) -> Result<FunctionResponse<Answer, Bo
         }),
         HandlerPlan::Unserializable => {
             Ok(FunctionResponse::BufferedResponse(Answer::Unserializable))
+        }
+        HandlerPlan::PanicOnSerialize => {
+            Ok(FunctionResponse::BufferedResponse(Answer::PanicOnSerialize))
         }
         HandlerPlan::Err => Err("the handler failed on purpose".into()),
         HandlerPlan::Panic => panic!("the handler panicked on purpose"),
