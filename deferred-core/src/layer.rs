@@ -126,8 +126,17 @@ where
     fn call(&mut self, invocation: LambdaInvocation) -> Self::Future {
         inside_tracing_layer_check();
         let request_id = invocation.context.request_id.clone();
+        // lambda_runtime decodes the event here, outside its handler's panic guard: a
+        // `Deserialize` that panics is made an error, as in `ResponseFuture::poll`.
+        let called =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.inner.call(invocation)));
+        let (inner, failed) = match called {
+            Ok(future) => (Some(Box::pin(future)), None),
+            Err(panic) => (None, Some(panicked(panic))),
+        };
         ResponseFuture {
-            inner: Some(Box::pin(self.inner.call(invocation))),
+            inner,
+            failed,
             claim: None,
             core: self.core.clone(),
             request_id,
@@ -190,6 +199,8 @@ fn inside_tracing_layer_check() {
 pub struct ResponseFuture<F> {
     // Boxed so it can be dropped (closing the invocation's span) before the core is told.
     inner: Option<Pin<Box<F>>>,
+    /// The runtime's stack panicked in `call`: the output, given once the core is told.
+    failed: Option<BoxError>,
     /// After the response, rarely: the wait for the event of a job parked for it, with the
     /// output to give once it is over.
     claim: Option<(Claim, Result<(), BoxError>)>,
@@ -203,7 +214,10 @@ impl<F> std::fmt::Debug for ResponseFuture<F> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ResponseFuture")
             .field("request_id", &self.request_id)
-            .field("responded", &self.inner.is_none())
+            .field(
+                "responded",
+                &(self.inner.is_none() && self.failed.is_none()),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -222,24 +236,24 @@ where
             }
             return Poll::Ready(output);
         }
-        let Some(inner) = self.inner.as_mut() else {
-            return Poll::Ready(Ok(()));
-        };
-        // lambda_runtime catches the handler's panics only: one out of the rest of its stack
-        // (an answer whose `Serialize` panics, in its response layer) would unwind through
-        // here, the core never told, and out of the runtime loop, losing this invocation's
-        // deferred work. Made the error it is when that serialization fails with an `Err`:
-        // the loop ends with it, and `run` drains before it returns it.
-        let polled =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.as_mut().poll(cx)));
-        let output = match polled {
-            Ok(Poll::Pending) => return Poll::Pending,
-            Ok(Poll::Ready(output)) => output,
-            Err(panic) => Err(format!(
-                "lambda_runtime panicked while answering the invocation: {}",
-                crate::phase::panic_message(panic)
-            )
-            .into()),
+        let output = if let Some(error) = self.failed.take() {
+            Err(error)
+        } else {
+            let Some(inner) = self.inner.as_mut() else {
+                return Poll::Ready(Ok(()));
+            };
+            // lambda_runtime catches the handler's panics only: one out of the rest of its
+            // stack (an answer whose `Serialize` panics, in its response layer) would unwind
+            // through here, the core never told, and out of the runtime loop, losing this
+            // invocation's deferred work. Made the error it is when that serialization fails
+            // with an `Err`: the loop ends with it, and `run` drains before it returns it.
+            let polled =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.as_mut().poll(cx)));
+            match polled {
+                Ok(Poll::Pending) => return Poll::Pending,
+                Ok(Poll::Ready(output)) => output,
+                Err(panic) => Err(panicked(panic)),
+            }
         };
         self.inner = None;
         if !self.core.responded(&self.request_id) {
@@ -254,4 +268,13 @@ where
         ));
         self.poll(cx)
     }
+}
+
+/// The error that a panic out of lambda_runtime's stack (not the handler's) becomes.
+fn panicked(panic: Box<dyn std::any::Any + Send>) -> BoxError {
+    format!(
+        "lambda_runtime panicked while answering the invocation: {}",
+        crate::phase::panic_message(panic)
+    )
+    .into()
 }

@@ -459,6 +459,34 @@ async fn an_answer_that_panics_as_it_serializes_still_runs_the_deferred_work() {
     assert!(env.logged("Shutdown").await, "the final flush is reported");
 }
 
+/// An event whose decoding panics (a `Deserialize` impl that unwraps): lambda_runtime decodes
+/// it in its response layer's `call`, outside its handler's panic guard, so the panic goes up
+/// through the `DeferredLayer`'s `call`. The handler never runs, but as for an event that
+/// fails to decode with an error the invocation still gets its flush (its span is delivered)
+/// before the process exits. Before, the panic unwound out of `run`: no drain, no flush.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_that_panics_as_it_decodes_is_still_flushed() {
+    let env = start("run", config(), &[]).await;
+    let result = env.invoke(json!({ "decode_panics": true })).await;
+    assert!(
+        matches!(&result.outcome, InvokeOutcome::FunctionError { error_type, .. } if error_type == "Runtime.ExitError"),
+        "{:?}",
+        result.outcome
+    );
+    assert!(
+        env.logged("the Lambda runtime loop ended with an error")
+            .await,
+        "run drained before returning the error"
+    );
+    assert!(
+        env.sink
+            .spans()
+            .iter()
+            .any(|s| s.name == "Lambda runtime invoke"),
+        "the invocation's span is flushed"
+    );
+}
+
 /// The same failed loop while a flusher is still busy from an earlier phase (a stalled
 /// exporter, abandoned at its `flush_timeout`), with nothing else in flight: the final flush
 /// stays within `shutdown_timeout` and the process exits well before the deadline, so Lambda

@@ -61,6 +61,15 @@ struct Plan {
     /// record); the answer is the last call's.
     #[serde(default)]
     again: Vec<Plan>,
+    /// Present (any value): decoding the event panics (a `Deserialize` impl that unwraps), in
+    /// lambda_runtime's response layer, outside its handler's panic guard.
+    #[serde(default, deserialize_with = "panics_when_decoded")]
+    #[expect(dead_code, reason = "never decoded: its decoding panics")]
+    decode_panics: (),
+}
+
+fn panics_when_decoded<'de, D: serde::Deserializer<'de>>(_: D) -> Result<(), D::Error> {
+    panic!("this event panics as it is decoded, on purpose")
 }
 
 /// A streamed answer: a line `trace_id <id>`, then `chunks` lines `chunk <i>`, `ms` apart,
