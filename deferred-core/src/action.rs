@@ -50,7 +50,9 @@ pub(crate) type BoxAction = Pin<Box<dyn Future<Output = Result<(), String>> + Se
     note = "an `Err` is reported in the deferred phase's report, like a panic; return `()` or map the error"
 )]
 pub trait Outcome: Send + 'static {
-    /// `Err(message)` when the action failed: the text that the report shows.
+    /// `Err(message)` when the action failed: the text that the report shows, the error's
+    /// `Display` in its alternate form (`{:#}`), which `anyhow` and `eyre` errors use to show
+    /// their causes ("sending the receipt: connection refused").
     ///
     /// ```
     /// use deferred_core::Outcome;
@@ -70,7 +72,7 @@ impl Outcome for () {
 
 impl<E: Display + Send + 'static> Outcome for Result<(), E> {
     fn into_result(self) -> Result<(), String> {
-        self.map_err(|e| e.to_string())
+        self.map_err(|e| format!("{e:#}"))
     }
 }
 
@@ -281,5 +283,34 @@ impl Display for ActionLabel {
             Some(name) => write!(f, "\"{name}\" ({})", self.location),
             None => write!(f, "action at {}", self.location),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An error that shows its cause only in its alternate form, as `anyhow` and `eyre` do.
+    struct WithCause;
+
+    impl Display for WithCause {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("sending the receipt")?;
+            if f.alternate() {
+                f.write_str(": connection refused")?;
+            }
+            Ok(())
+        }
+    }
+
+    /// A failed action is reported with its error's causes, where the error shows them in its
+    /// alternate form. Found by review: `to_string` left them out.
+    #[test]
+    fn a_failed_action_is_reported_with_its_causes() {
+        let failed: Result<(), WithCause> = Err(WithCause);
+        assert_eq!(
+            failed.into_result(),
+            Err("sending the receipt: connection refused".to_owned())
+        );
     }
 }

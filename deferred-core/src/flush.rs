@@ -8,7 +8,9 @@ use std::sync::{Arc, OnceLock, mpsc};
 /// The error a flush reports.
 ///
 /// Any `std::error::Error + Send + Sync`, or a string, converts into it with `into()` or `?`;
-/// the report shows its `Display` as [`FlushOutcome::Failed`](crate::FlushOutcome::Failed).
+/// the report shows its `Display`, followed by its causes (`source()`) where that does not
+/// already, as [`FlushOutcome::Failed`](crate::FlushOutcome::Failed): an HTTP client's "error
+/// sending request" then says why.
 ///
 /// ```
 /// use deferred_core::FlushError;
@@ -519,9 +521,25 @@ impl Flusher {
         }
         let _clear = Clear(self);
         let started = std::time::Instant::now();
-        let result = self.inner.flush().map_err(|e| e.to_string());
+        let result = self.inner.flush().map_err(|e| with_causes(&*e));
         (result, started.elapsed())
     }
+}
+
+/// `error`'s `Display`, then each cause (`source()`) that the text does not show already
+/// (many errors print their cause in their own message too).
+fn with_causes(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(error) = cause {
+        let shown = error.to_string();
+        if !text.contains(&shown) {
+            text.push_str(": ");
+            text.push_str(&shown);
+        }
+        cause = error.source();
+    }
+    text
 }
 
 /// A flusher claimed for a call on this thread ([`Flusher::claim`]); dropped uncalled, it is
@@ -587,6 +605,49 @@ mod tests {
             second.is_ok(),
             "the next call has its own thread: {second:?}"
         );
+    }
+
+    /// An error that says what failed, with a cause that says why (as an HTTP client's
+    /// "error sending request", whose cause is the refused connection).
+    #[derive(Debug)]
+    struct Failed(&'static str, Option<Box<Failed>>);
+
+    impl fmt::Display for Failed {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+
+    impl std::error::Error for Failed {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|e| e as _)
+        }
+    }
+
+    /// A failed flush is reported with the causes of its error, each once: one that its
+    /// error's own text shows already is not repeated.
+    #[test]
+    fn a_failed_flush_is_reported_with_its_causes() {
+        let refused = || Some(Box::new(Failed("connection refused", None)));
+        for (error, reported) in [
+            (
+                Failed("error sending request", refused()),
+                "error sending request: connection refused",
+            ),
+            (
+                Failed("export failed: connection refused", refused()),
+                "export failed: connection refused",
+            ),
+            (Failed("timed out", None), "timed out"),
+        ] {
+            let error = std::sync::Mutex::new(Some(error));
+            let flusher = Flusher::new(flush_fn("f", move || {
+                let error = error.lock().expect("not poisoned").take();
+                Err::<(), FlushError>(Box::new(error.expect("called once")))
+            }));
+            let (result, _) = flusher.call();
+            assert_eq!(result, Err(reported.to_owned()));
+        }
     }
 
     /// A flush whose thread could not be started is not taken for one still running: the
