@@ -337,6 +337,52 @@ mod tests {
         assert_eq!(*log.lock().unwrap(), ["a start", "a end", "b"]);
     }
 
+    /// Dropped during its inline phase, 100 ms into a 300 ms action: the background phase that
+    /// takes the queue over reports that action with the time it ran, from when the dropped
+    /// phase started it (the dropped phase never reports). It said only the time the second
+    /// phase waited for it: "ok in 200ms" for an action that ran 300 ms.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_action_taken_over_from_a_dropped_phase_is_reported_with_its_whole_run() {
+        let reports = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = reports.clone();
+        let config = crate::Deferred::new()
+            .on_report(move |report| seen.lock().unwrap().push(report.clone()))
+            .config;
+        let core = Core::new(config, Mode::Inline);
+        let handler = run_on(core, invocation(), Options::default(), async {
+            defer(Some("slow".into()), async {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            })
+            .unwrap();
+        });
+        // The body is done and the inline phase runs `slow` when the timeout drops it.
+        let _ = tokio::time::timeout(Duration::from_millis(100), handler).await;
+        for _ in 0..100 {
+            if !reports.lock().unwrap().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let reports = reports.lock().unwrap();
+        let [report] = &reports[..] else {
+            panic!("one report, of the background phase: {reports:?}")
+        };
+        assert_eq!(report.kind, crate::PhaseKind::Background);
+        let [action] = &report.actions[..] else {
+            panic!("{report}")
+        };
+        assert_eq!(action.outcome, crate::ActionOutcome::Ok);
+        assert!(
+            action.duration >= Duration::from_millis(300),
+            "it ran 300 ms: {report}"
+        );
+        assert_eq!(
+            action.offset,
+            Duration::ZERO,
+            "it started before the phase: {report}"
+        );
+    }
+
     /// A background handler future dropped outside a tokio runtime (say, by a runtime being
     /// torn down): its work is said to be lost, rather than a panic in `drop`, which aborts
     /// the process when it is already unwinding.

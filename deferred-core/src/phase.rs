@@ -224,8 +224,9 @@ async fn run_actions(
     // First the action a dropped phase of this queue left running: it is waited for (or cut)
     // like one started here, so that the next one does not run beside it.
     while let Some(next) = queue.next() {
-        let (label, task) = match next {
-            Next::Running(running) => (running.label, running.task),
+        let (label, task, begun) = match next {
+            // Reported from when the dropped phase started it: that phase never reports.
+            Next::Running(running) => (running.label, running.task, running.started),
             Next::Queued(action) => {
                 let label = action.label();
                 if !cut_short && stop.is_set() {
@@ -251,15 +252,19 @@ async fn run_actions(
                 (
                     label,
                     tokio::spawn(with_queue(queue.clone(), action.future)),
+                    Instant::now(),
                 )
             }
         };
-        let begun = Instant::now();
         // Should this phase be dropped while it waits (an inline phase under a timeout around
         // the handler), the task goes back to the queue for the phase that takes it over.
         let mut flight = InFlight {
             queue,
-            running: Some(RunningAction { label, task }),
+            running: Some(RunningAction {
+                label,
+                task,
+                started: begun,
+            }),
         };
         let task = flight.task();
         let finished = tokio::select! {

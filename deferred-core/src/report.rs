@@ -145,9 +145,11 @@ pub enum ActionOutcome {
 pub struct ActionReport {
     /// The action's name and where it was queued.
     pub label: ActionLabel,
-    /// When it started (or was skipped), from the start of the phase.
+    /// When it started (or was skipped), from the start of the phase: 0 for an action taken
+    /// over from a phase dropped while it ran (a timeout around the handler during an inline
+    /// phase), which started before this phase.
     pub offset: Duration,
-    /// How long it ran.
+    /// How long it ran (for one taken over from a dropped phase, since that phase started it).
     pub duration: Duration,
     /// What became of it.
     pub outcome: ActionOutcome,

@@ -158,6 +158,9 @@ struct NestedFlush {
 pub(crate) struct RunningAction {
     pub(crate) label: ActionLabel,
     pub(crate) task: tokio::task::JoinHandle<Result<(), String>>,
+    /// When the phase that is gone started it: the phase that takes it over reports it from
+    /// then, as the one that started it never reports.
+    pub(crate) started: tokio::time::Instant,
 }
 
 /// See [`Queue::next`].
