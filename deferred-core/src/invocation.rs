@@ -383,6 +383,60 @@ mod tests {
         );
     }
 
+    /// Dropped during its inline phase: the actions that phase finished, and what it cut, are
+    /// in the report of the phase that takes the queue over, as every action queued is. They
+    /// were in no report (the dropped phase never reports): a failed action was never said,
+    /// and dropped during the flush, the report listed no action at all.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dropped_inline_phase_leaves_what_it_ran_to_the_next_report() {
+        let run = |drop_after: u64| async move {
+            let reports = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let seen = reports.clone();
+            let config = crate::Deferred::new()
+                .flush(crate::flush_fn("slow", || {
+                    std::thread::sleep(Duration::from_millis(300));
+                    Ok::<(), String>(())
+                }))
+                .on_report(move |report| seen.lock().unwrap().push(report.clone()))
+                .config;
+            let core = Core::new(config, Mode::Inline);
+            let handler = run_on(core, invocation(), Options::default(), async {
+                defer(Some("fails".into()), async { Err::<(), _>("HTTP 503") }).unwrap();
+                defer(Some("slow".into()), async {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                })
+                .unwrap();
+            });
+            let _ = tokio::time::timeout(Duration::from_millis(drop_after), handler).await;
+            for _ in 0..100 {
+                if !reports.lock().unwrap().is_empty() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let reports = reports.lock().unwrap();
+            let [report] = &reports[..] else {
+                panic!("one report, of the background phase: {reports:?}")
+            };
+            let names: Vec<_> = report
+                .actions
+                .iter()
+                .map(|a| (a.label.name.as_deref().unwrap_or(""), a.outcome.clone()))
+                .collect();
+            assert_eq!(
+                names,
+                [
+                    ("fails", crate::ActionOutcome::Failed("HTTP 503".into())),
+                    ("slow", crate::ActionOutcome::Ok),
+                ],
+                "dropped after {drop_after} ms: {report}"
+            );
+        };
+        // During `slow`, then during the flush.
+        run(100).await;
+        run(350).await;
+    }
+
     /// A background handler future dropped outside a tokio runtime (say, by a runtime being
     /// torn down): its work is said to be lost, rather than a panic in `drop`, which aborts
     /// the process when it is already unwinding.

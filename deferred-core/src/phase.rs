@@ -13,7 +13,7 @@ use crate::flush::{FlushPanic, Flusher, NotStarted};
 use crate::report::{
     ActionOutcome, ActionReport, CutReason, FlushOutcome, FlushReport, PhaseKind, PhaseReport,
 };
-use crate::scope::{Next, Queue, RunningAction, with_queue};
+use crate::scope::{Next, Queue, RunningAction, Unreported, with_queue};
 
 /// Lambda's longest function timeout: the bound when an invocation's deadline is unknown.
 pub(crate) const MAX_FUNCTION_TIMEOUT: Duration = Duration::from_secs(15 * 60);
@@ -78,15 +78,24 @@ pub(crate) async fn run(
     stop: Stop,
 ) -> PhaseReport {
     let mut stopping = stop.clone();
-    let mut staged = run_actions_stage(job, flushers, budget, kind, stop).await;
-    let flushes = match staged.flush_end {
+    let queue = job.queue.clone();
+    let staged = run_actions_stage(job, flushers, budget, kind, stop).await;
+    // Should this phase be dropped while it flushes (an inline phase under a timeout around
+    // the handler), its actions' reports go to the phase that takes the queue over.
+    let mut staged = Unfinished {
+        queue: &queue,
+        staged: Some(staged),
+    };
+    let staged_ref = staged.get();
+    let (flush_end, phase_started) = (staged_ref.flush_end, staged_ref.started);
+    let flushes = match flush_end {
         // Background phases overlap: a flusher busy now is another phase's flush. The final
         // flush (SIGTERM) stops them and waits for them: stopped while it flushes (or waits for
         // a busy flusher), the phase leaves its flush to the final one, which waits for the
         // calls still running, and reports, rather than being aborted with no report.
         Some(end) if kind == PhaseKind::Background => {
             let mut cut = Vec::new();
-            let flushing = run_flushes_when_free(flushers, end, staged.started, &mut cut);
+            let flushing = run_flushes_when_free(flushers, end, phase_started, &mut cut);
             let flushes = tokio::select! {
                 flushes = flushing => flushes,
                 () = stopping.wait() => {
@@ -94,13 +103,46 @@ pub(crate) async fn run(
                     Vec::new()
                 }
             };
-            staged.cut.extend(cut);
+            staged.get().cut.extend(cut);
             flushes
         }
-        Some(end) => run_flushes(flushers, end, staged.started, &mut staged.cut).await,
+        Some(end) => run_flushes(flushers, end, phase_started, &mut staged.get().cut).await,
         None => Vec::new(),
     };
-    staged.into_report(flushes)
+    staged.finish().into_report(flushes)
+}
+
+/// A phase whose actions are done and whose report is not out yet: see [`run`].
+struct Unfinished<'a> {
+    queue: &'a Queue,
+    staged: Option<Staged>,
+}
+
+impl Unfinished<'_> {
+    fn get(&mut self) -> &mut Staged {
+        match &mut self.staged {
+            Some(staged) => staged,
+            None => unreachable!("taken only by `finish`, which consumes it"),
+        }
+    }
+
+    fn finish(mut self) -> Staged {
+        match self.staged.take() {
+            Some(staged) => staged,
+            None => unreachable!("taken only here"),
+        }
+    }
+}
+
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        if let Some(staged) = self.staged.take() {
+            self.queue.carry(Unreported {
+                actions: staged.actions,
+                cut: staged.cut,
+            });
+        }
+    }
 }
 
 /// A phase whose actions are done: what its report needs, and when its flushes must end.
@@ -215,8 +257,17 @@ async fn run_actions(
     started: Instant,
     stop: &mut Stop,
 ) -> Vec<ActionReport> {
-    let mut reports = Vec::new();
-    let mut cut_short = false;
+    // First what a dropped phase of this queue did: its actions came first. Had it cut the
+    // actions, the rest are cut too, for the reason it gave.
+    let carried = queue.take_unreported();
+    let mut cut_short = !carried.cut.is_empty();
+    cut.extend(carried.cut);
+    let mut reports = Reports {
+        queue,
+        actions: carried.actions,
+        cut,
+        done: false,
+    };
     // One at a time rather than a drained list: an action may queue more actions, which run
     // after it. Once it is empty the queue is closed: an abandoned action that runs on cannot
     // queue work that nothing would run (its `defer!` fails instead).
@@ -231,16 +282,16 @@ async fn run_actions(
                 let label = action.label();
                 if !cut_short && stop.is_set() {
                     cut_short = true;
-                    cut.push(CutReason::Shutdown);
+                    reports.cut.push(CutReason::Shutdown);
                 }
                 if !cut_short && Instant::now() >= end {
                     cut_short = true;
-                    cut.push(CutReason::ActionBudget {
+                    reports.cut.push(CutReason::ActionBudget {
                         budget: end.saturating_duration_since(started),
                     });
                 }
                 if cut_short {
-                    reports.push(ActionReport {
+                    reports.actions.push(ActionReport {
                         label,
                         offset: started.elapsed(),
                         duration: Duration::ZERO,
@@ -285,7 +336,7 @@ async fn run_actions(
                 let _ = tokio::time::timeout(ABORT_GRACE, &mut *task).await;
                 if !cut_short {
                     cut_short = true;
-                    cut.push(if stop.is_set() {
+                    reports.cut.push(if stop.is_set() {
                         CutReason::Shutdown
                     } else {
                         CutReason::ActionBudget {
@@ -297,14 +348,36 @@ async fn run_actions(
             }
         };
         let label = flight.done();
-        reports.push(ActionReport {
+        reports.actions.push(ActionReport {
             label,
             offset: begun.saturating_duration_since(started),
             duration: begun.elapsed(),
             outcome,
         });
     }
-    reports
+    reports.done = true;
+    std::mem::take(&mut reports.actions)
+}
+
+/// The reports of a phase's actions, and what it cut: should the phase be dropped before it
+/// reports (an inline phase under a timeout around the handler), they go to its queue, for
+/// the report of the phase that takes it over.
+struct Reports<'a> {
+    queue: &'a Queue,
+    actions: Vec<ActionReport>,
+    cut: &'a mut Vec<CutReason>,
+    done: bool,
+}
+
+impl Drop for Reports<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.queue.carry(Unreported {
+                actions: std::mem::take(&mut self.actions),
+                cut: std::mem::take(self.cut),
+            });
+        }
+    }
 }
 
 /// How long an aborted action's task may take to be dropped.

@@ -15,6 +15,7 @@ use opentelemetry::trace::TraceContextExt as _;
 
 use crate::action::{Action, ActionLabel, DeferredAction};
 use crate::context::Invocation;
+use crate::report::{ActionReport, CutReason};
 
 /// Options that `#[deferred_handler(...)]` passes for one handler.
 #[derive(Debug, Clone, Copy, Default)]
@@ -143,6 +144,18 @@ struct Actions {
     nested: NestedFlush,
     /// Of `pushed`, the earlier calls' (already counted where they are queued).
     before: usize,
+    /// What a phase of this queue that was dropped before it reported had done (a timeout
+    /// around the handler, during an inline phase): for the report of the phase that takes the
+    /// queue over, which then covers every action queued.
+    unreported: Unreported,
+}
+
+/// See [`Actions::unreported`]: the reports of the actions a dropped phase finished (or
+/// skipped), in queue order, and what it cut.
+#[derive(Debug, Default)]
+pub(crate) struct Unreported {
+    pub(crate) actions: Vec<ActionReport>,
+    pub(crate) cut: Vec<CutReason>,
 }
 
 /// See [`Actions::nested`]: whether a nested handler had no `flush_timeout` of its own (the
@@ -261,6 +274,22 @@ impl Queue {
         actions.queued.extend(moved);
         // Counted here too: actions of the joined phase that queue more stay within the limit.
         actions.pushed += added;
+    }
+
+    /// Leaves what a dropped phase of this queue did to the next phase's report: its action
+    /// reports come first there (they started before that phase: offset 0).
+    pub(crate) fn carry(&self, mut unreported: Unreported) {
+        for action in &mut unreported.actions {
+            action.offset = Duration::ZERO;
+        }
+        let mut actions = lock(&self.actions);
+        actions.unreported.actions.append(&mut unreported.actions);
+        actions.unreported.cut.append(&mut unreported.cut);
+    }
+
+    /// What dropped phases of this queue did and did not report ([`Queue::carry`]).
+    pub(crate) fn take_unreported(&self) -> Unreported {
+        std::mem::take(&mut lock(&self.actions).unreported)
     }
 
     /// Hands the running action of a dropped phase to the next phase of this queue.
