@@ -7,8 +7,9 @@ use crate::action::ActionLabel;
 
 /// How a phase ran.
 ///
-/// Outside Lambda every phase of an invocation is `Inline` (the final flush of
-/// [`DeferredHandle::shutdown`](crate::DeferredHandle::shutdown) and
+/// Outside Lambda every phase of an invocation is `Inline`, but for the work of a handler
+/// future dropped before it completed (a timeout around the handler), which is `Background`
+/// (and the final flush of [`DeferredHandle::shutdown`](crate::DeferredHandle::shutdown) and
 /// [`drain`](crate::DeferredHandle::drain) is `Shutdown`, there too). With `handler` a
 /// `#[deferred_handler]` as in [`PhaseReport`]'s example:
 ///
@@ -44,7 +45,11 @@ pub enum PhaseKind {
     /// INVOKE event its work was parked for never arrived (or the chain broke after the handler
     /// returned), still before the runtime asks for the next invocation.
     Inline,
-    /// As a background task (Lambda Managed Instances: nothing is frozen).
+    /// As a background task: on Lambda Managed Instances (nothing is frozen), and wherever no
+    /// invocation runs the work itself: a handler future dropped before it completed (a
+    /// timeout around the handler) with no chained phase to take its work, the job of an
+    /// INVOKE event the chain found out of step, and, on SIGTERM, the jobs of finished
+    /// handlers still waiting for their response or INVOKE event.
     Background,
     /// The final flush on SIGTERM.
     Shutdown,
