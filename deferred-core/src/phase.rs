@@ -328,12 +328,13 @@ async fn run_actions(
             Some(Err(join)) if join.is_panic() => {
                 ActionOutcome::Panicked(panic_message(join.into_panic()))
             }
+            // Aborted by the cut of a phase that was dropped before it saw the task end (in
+            // `ABORT_GRACE` below): that cut, carried over, says why.
+            Some(Err(join)) if join.is_cancelled() => ActionOutcome::TimedOut,
             Some(Err(join)) => ActionOutcome::Failed(join.to_string()),
             None => {
-                // Abandoned. Wait (briefly) for its future to be dropped: it holds the spans
-                // it was queued in, which must close before the flush to be in it.
-                task.abort();
-                let _ = tokio::time::timeout(ABORT_GRACE, &mut *task).await;
+                // The reason first: should this phase be dropped in the wait below, it goes
+                // to the phase that takes the queue over, with the aborted task.
                 if !cut_short {
                     cut_short = true;
                     reports.cut.push(if stop.is_set() {
@@ -344,6 +345,10 @@ async fn run_actions(
                         }
                     });
                 }
+                // Abandoned. Wait (briefly) for its future to be dropped: it holds the spans
+                // it was queued in, which must close before the flush to be in it.
+                task.abort();
+                let _ = tokio::time::timeout(ABORT_GRACE, &mut *task).await;
                 ActionOutcome::TimedOut
             }
         };
@@ -710,6 +715,51 @@ mod tests {
 
     fn no_stop() -> Stop {
         Stop::new(tokio::sync::watch::channel(false).1)
+    }
+
+    /// A phase dropped while it waits for an action it cut to let go (`ABORT_GRACE`; the
+    /// action blocks its thread): the phase that takes the queue over finds that task
+    /// cancelled. It is the cut action, reported as cut; it was reported as failed with
+    /// tokio's "task N was cancelled".
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_action_cut_by_a_dropped_phase_is_reported_cut_not_failed() {
+        let queue = queue_with(|| {
+            defer(Some("blocks".into()), async {
+                std::thread::sleep(Duration::from_millis(200));
+                tokio::task::yield_now().await;
+            })
+            .expect("queued");
+        })
+        .await;
+        let end = Instant::now() + Duration::from_millis(50);
+        let first = run(
+            job(queue.clone(), Duration::ZERO),
+            &[],
+            Budget { end },
+            PhaseKind::Inline,
+            no_stop(),
+        );
+        // Dropped within the grace its cut action has to let go (the phase's last
+        // `ABORT_GRACE`, with no flusher).
+        let dropped = tokio::time::timeout_at(end - ABORT_GRACE / 2, first).await;
+        assert!(dropped.is_err(), "dropped before it reported");
+        let end = Instant::now() + Duration::from_secs(5);
+        let report = run(
+            job(queue, Duration::ZERO),
+            &[],
+            Budget { end },
+            PhaseKind::Background,
+            no_stop(),
+        )
+        .await;
+        let [action] = &report.actions[..] else {
+            panic!("{report}")
+        };
+        assert_eq!(action.outcome, ActionOutcome::TimedOut, "{report}");
+        assert!(
+            matches!(report.cut[..], [CutReason::ActionBudget { .. }]),
+            "{report}"
+        );
     }
 
     /// An action that never ends, and a count of its drops (1 once it is cut).
