@@ -337,26 +337,23 @@ mod tests {
         assert_eq!(*log.lock().unwrap(), ["a start", "a end", "b"]);
     }
 
-    /// Dropped during its inline phase, 100 ms into a 300 ms action: the background phase that
-    /// takes the queue over reports that action with the time it ran, from when the dropped
-    /// phase started it (the dropped phase never reports). It said only the time the second
-    /// phase waited for it: "ok in 200ms" for an action that ran 300 ms.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn an_action_taken_over_from_a_dropped_phase_is_reported_with_its_whole_run() {
+    /// Runs `body` as a handler on an inline core built by `builder`, drops the handler's
+    /// future `drop_after` ms in (by a timeout around it, during its inline phase), and
+    /// returns the one report that follows: that of the background phase that takes its work
+    /// over.
+    async fn reported_after_drop(
+        builder: crate::Deferred,
+        drop_after: u64,
+        body: impl Future<Output = ()> + Send,
+    ) -> crate::PhaseReport {
         let reports = Arc::new(std::sync::Mutex::new(Vec::new()));
         let seen = reports.clone();
-        let config = crate::Deferred::new()
+        let config = builder
             .on_report(move |report| seen.lock().unwrap().push(report.clone()))
             .config;
         let core = Core::new(config, Mode::Inline);
-        let handler = run_on(core, invocation(), Options::default(), async {
-            defer(Some("slow".into()), async {
-                tokio::time::sleep(Duration::from_millis(300)).await;
-            })
-            .unwrap();
-        });
-        // The body is done and the inline phase runs `slow` when the timeout drops it.
-        let _ = tokio::time::timeout(Duration::from_millis(100), handler).await;
+        let handler = run_on(core, invocation(), Options::default(), body);
+        let _ = tokio::time::timeout(Duration::from_millis(drop_after), handler).await;
         for _ in 0..100 {
             if !reports.lock().unwrap().is_empty() {
                 break;
@@ -367,6 +364,22 @@ mod tests {
         let [report] = &reports[..] else {
             panic!("one report, of the background phase: {reports:?}")
         };
+        report.clone()
+    }
+
+    /// Dropped during its inline phase, 100 ms into a 300 ms action: the background phase that
+    /// takes the queue over reports that action with the time it ran, from when the dropped
+    /// phase started it (the dropped phase never reports). It said only the time the second
+    /// phase waited for it: "ok in 200ms" for an action that ran 300 ms.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_action_taken_over_from_a_dropped_phase_is_reported_with_its_whole_run() {
+        let report = reported_after_drop(crate::Deferred::new(), 100, async {
+            defer(Some("slow".into()), async {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            })
+            .unwrap();
+        })
+        .await;
         assert_eq!(report.kind, crate::PhaseKind::Background);
         let [action] = &report.actions[..] else {
             panic!("{report}")
@@ -390,34 +403,18 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_dropped_inline_phase_leaves_what_it_ran_to_the_next_report() {
         let run = |drop_after: u64| async move {
-            let reports = Arc::new(std::sync::Mutex::new(Vec::new()));
-            let seen = reports.clone();
-            let config = crate::Deferred::new()
-                .flush(crate::flush_fn("slow", || {
-                    std::thread::sleep(Duration::from_millis(300));
-                    Ok::<(), String>(())
-                }))
-                .on_report(move |report| seen.lock().unwrap().push(report.clone()))
-                .config;
-            let core = Core::new(config, Mode::Inline);
-            let handler = run_on(core, invocation(), Options::default(), async {
+            let flushes = crate::Deferred::new().flush(crate::flush_fn("slow", || {
+                std::thread::sleep(Duration::from_millis(300));
+                Ok::<(), String>(())
+            }));
+            let report = reported_after_drop(flushes, drop_after, async {
                 defer(Some("fails".into()), async { Err::<(), _>("HTTP 503") }).unwrap();
                 defer(Some("slow".into()), async {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 })
                 .unwrap();
-            });
-            let _ = tokio::time::timeout(Duration::from_millis(drop_after), handler).await;
-            for _ in 0..100 {
-                if !reports.lock().unwrap().is_empty() {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            let reports = reports.lock().unwrap();
-            let [report] = &reports[..] else {
-                panic!("one report, of the background phase: {reports:?}")
-            };
+            })
+            .await;
             let names: Vec<_> = report
                 .actions
                 .iter()
