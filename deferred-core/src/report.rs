@@ -421,7 +421,8 @@ pub enum CutReason {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct PhaseReport {
-    /// The invocation's request id (empty outside Lambda).
+    /// The invocation's request id (from the handler's `Context`: empty outside Lambda,
+    /// unless the caller built one with an id).
     pub request_id: String,
     /// The OpenTelemetry span that was current when the handler started: with
     /// `tracing-opentelemetry` (which activates a span's context on entry by default), the
@@ -443,7 +444,9 @@ pub struct PhaseReport {
     /// What was cut, if anything.
     pub cut: Vec<CutReason>,
     /// How many phases in a row, this one included, had a flush that did not succeed (0 when
-    /// this phase's flushes all succeeded): alert on it rather than on one failure.
+    /// this phase's flushes all succeeded): alert on it rather than on one failure. A phase
+    /// that flushed nothing because its flush was left to the final flush (SIGTERM) neither
+    /// ends nor extends the streak: it carries the standing count.
     pub consecutive_flush_failures: u32,
     /// Spans whose export failed since the previous report (this phase's flush, or a
     /// background export since), when the builder was given
