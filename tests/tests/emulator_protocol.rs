@@ -1258,6 +1258,54 @@ async fn a_reset_childs_pending_calls_stay_unanswered_during_its_grace() {
     );
 }
 
+/// An extension of a reset child that calls `event/next` during the grace (its deferred work
+/// ended after the deadline) is not refused: RAPID keeps the reset environment's agents
+/// registered until its processes are gone (`registrationService.Clear()` runs only in
+/// `reinitialize`, after the shutdown), so the call of an agent in state Running is taken
+/// (`InternalAgentRunningState.Ready`) and suspended, never released; only the process's end
+/// closes it. A 403 would break the function's chain where Lambda holds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_childs_new_event_next_stays_unanswered_during_its_grace() {
+    let config = EmulatorConfig {
+        function_timeout: Duration::from_millis(300),
+        shutdown_grace: Some(Duration::from_millis(1500)),
+        ..EmulatorConfig::default()
+    };
+    let (emu, _addr) = start(config).await;
+    let stubborn = FunctionSpec::new("/bin/sh")
+        .arg("-c")
+        .arg(format!("trap '' TERM; exec {PROBE}"))
+        .env("EMU_PROBE_EXTENSION", "probe-ext");
+    within(emu.spawn_function(stubborn)).await.expect("init");
+    // The INVOKE event reaches the extension 300 ms after the deadline (within the grace);
+    // the probe's extension then calls `event/next` again at once.
+    emu.faults()
+        .once(Fault::EventNextAnswerDelay(Duration::from_millis(600)));
+    let result = within(emu.invoke("x")).await;
+    assert_eq!(result.outcome.body(), Some(&Bytes::from("x")));
+    assert!(emu.wait_until(SECOND, |s, _| s.timeouts == 1).await);
+    let invoke = emu
+        .wait_for_log(
+            |l| l.starts_with("extension event 200") && l.contains("INVOKE"),
+            SECOND,
+        )
+        .await;
+    assert!(invoke.is_some(), "the delayed INVOKE event did not arrive");
+    let refused = emu
+        .wait_for_log(
+            |l| l.starts_with("extension event ") && !l.starts_with("extension event 200"),
+            Duration::from_millis(500),
+        )
+        .await;
+    assert_eq!(refused, None, "the reset child's event/next was answered");
+    let result = within(emu.invoke("again")).await;
+    assert_eq!(
+        result.outcome.body(),
+        Some(&Bytes::from("again")),
+        "{result:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashing_child_fails_the_invocation_and_is_restarted() {
     let (emu, _addr) = start(EmulatorConfig::default()).await;

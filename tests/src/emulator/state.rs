@@ -768,6 +768,23 @@ impl Shared {
         let now = Instant::now();
         let mut guard = self.lock();
         let inner = &mut *guard;
+        if inner.stale_caller() && inner.retired.get(id) == Some(&false) {
+            // An extension of an environment already reset, whose process runs out its grace:
+            // RAPID still has it registered (the registrations are cleared only once the
+            // shutdown is over, `reinitialize`), so its call is taken and suspended
+            // (`InternalAgentRunningState.Ready`) and never released; it ends with the process.
+            let generation = inner.generation.wrapping_sub(1);
+            drop(guard);
+            let in_flight = InFlight {
+                shared: self.clone(),
+                id: id.to_owned(),
+                generation,
+                epoch: self.restore_epoch(),
+                // Not an abandoned call when the process's end closes it.
+                answered: true,
+            };
+            return Ok((Next::Never, in_flight));
+        }
         let index = Self::find_extension(inner, id, "Ready")?;
         let generation = inner.generation;
         let epoch = self.restore_epoch();
