@@ -958,7 +958,9 @@ async fn event_next_faults() {
     assert_eq!(event["eventType"], "INVOKE");
     assert_ne!(event["requestId"], result.request_id);
 
-    // A 500 keeps the event: the retry gets it.
+    // A 500 loses the event, as in RAPID (the extension was released with it before the
+    // answer failed): the retry is the extension's next `event/next`, so it completes the
+    // invocation and waits for the next event.
     let pending = spawn_ext_next(&addr, &id);
     emu.faults().once(Fault::EventNextStatus(500));
     let result = within(emu.invoke("4")).await;
@@ -966,8 +968,19 @@ async fn event_next_faults() {
         .await
         .expect("reply")
         .assert_error(500, "InternalServerError");
-    let retry = joined(spawn_ext_next(&addr, &id)).await.expect("retry");
-    assert_eq!(retry.json()["requestId"], result.request_id);
+    let retry = spawn_ext_next(&addr, &id);
+    let lost = result.request_id.clone();
+    assert!(
+        emu.wait_until(SECOND, move |_, ts| ts
+            .iter()
+            .any(|t| t.request_id == lost && t.complete.is_some()))
+            .await,
+        "the retry did not complete the invocation"
+    );
+    assert!(!retry.is_finished(), "the retry got the lost event again");
+    let next = within(emu.invoke("4b")).await;
+    let event = joined(retry).await.expect("retry").json();
+    assert_eq!(event["requestId"], next.request_id);
 
     let pending = spawn_ext_next(&addr, &id);
     emu.faults().once(Fault::EventNextCloseMidBody);

@@ -155,7 +155,10 @@ pub(crate) async fn next(shared: &Arc<Shared>, req: Request<Incoming>) -> Handle
     let mut document = event.to_json();
     let body: Bytes = match fault {
         Some(Fault::EventNextStatus(status)) => {
-            shared.extension_requeue(&id, in_flight.generation, event);
+            // The event is lost, as in RAPID: the extension was released from its `Ready`
+            // (state Running) before the answer failed (rapi/handler/agentnext.go renders 500
+            // only when `RenderAgentEvent` fails), so its retry is its next `Ready`: the end of
+            // this invocation for it, answered by the next event.
             let error_type = if status == 500 {
                 "InternalServerError"
             } else {

@@ -24,8 +24,11 @@ pub enum Fault {
     /// delay: Lambda counts the extension in (it must call `event/next` before init ends)
     /// while the function may have stopped waiting for the answer.
     RegisterAnswerDelay(Duration),
-    /// `GET /event/next` answers this status (JSON error body) instead of the event; the event
-    /// is kept, so the next call gets it.
+    /// `GET /event/next` answers this status (JSON error body) instead of the event. The event
+    /// is consumed, as in RAPID, whose only 500 on `event/next` comes after the extension was
+    /// released with the event (aws-lambda-runtime-interface-emulator,
+    /// `rapi/handler/agentnext.go`): the retry is the extension's next `event/next`, which
+    /// ends the invocation for it and waits for the next event.
     EventNextStatus(u16),
     /// `GET /event/next` sends the headers and half the body, then closes the connection. The
     /// event is consumed.

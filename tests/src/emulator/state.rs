@@ -871,19 +871,6 @@ impl Shared {
         Ok((next, in_flight))
     }
 
-    /// Puts an event back at the head of the extension's queue (a fault answered an error
-    /// instead of delivering it).
-    pub(crate) fn extension_requeue(&self, id: &str, generation: u64, event: ExtEvent) {
-        let mut inner = self.lock();
-        if inner.generation != generation {
-            return;
-        }
-        if let Some(ext) = inner.extensions.iter_mut().find(|e| e.id == id) {
-            ext.record_next_for = None;
-            ext.queue.push_front(event);
-        }
-    }
-
     /// `POST /extension/init/error` and `/exit/error`.
     pub(crate) fn extension_error(
         &self,
