@@ -362,7 +362,7 @@ impl Deferred {
 
     /// The time allowed for the final flush on SIGTERM (default 400 ms; Lambda kills the
     /// process 500 ms after SIGTERM when only internal extensions are registered, so in Lambda
-    /// `start` logs a warning for more than that). Values above 15 minutes count as 15
+    /// `start`, or a registration that answers late, logs a warning for more than that). Values above 15 minutes count as 15
     /// minutes; zero is refused by [`start`](Self::start). It bounds
     /// the final flush on SIGTERM where the core handles it (see
     /// [`handle_sigterm`](Self::handle_sigterm)), as it does in Lambda once the extension is
@@ -1010,16 +1010,22 @@ async fn set_up(config: Config) -> Result<DeferredHandle, StartError> {
     if core.config.handle_sigterm && in_lambda && mode != Mode::Inline {
         crate::shutdown::install(core.clone());
     }
-    if let Some(grace) = past_the_grace(&core.config, mode, in_lambda) {
+    say_past_the_grace(&core.config, mode == Mode::Extension, in_lambda);
+    Ok(DeferredHandle { core })
+}
+
+/// Says, once the extension is registered (by `start`, or late), that `shutdown_timeout` runs
+/// past Lambda's grace after SIGTERM, if it does (see [`past_the_grace`]).
+pub(crate) fn say_past_the_grace(config: &Config, registered: bool, in_lambda: bool) {
+    if let Some(grace) = past_the_grace(config, registered, in_lambda) {
         tracing::warn!(
             target: "deferred",
-            shutdown_timeout = ?core.config.shutdown_timeout,
+            shutdown_timeout = ?config.shutdown_timeout,
             ?grace,
             "shutdown_timeout is longer than the time Lambda gives the runtime after SIGTERM: \
              a final flush still running then is killed, and the spans it carries are lost"
         );
     }
-    Ok(DeferredHandle { core })
 }
 
 /// How long Lambda lets a runtime with an internal extension run after SIGTERM before it
@@ -1028,13 +1034,11 @@ async fn set_up(config: Config) -> Result<DeferredHandle, StartError> {
 const SIGTERM_GRACE: Duration = Duration::from_millis(500);
 
 /// The grace that `shutdown_timeout` overruns, when the core's own SIGTERM flush is bounded by
-/// it in Lambda's usual environment (not on Managed Instances, which document no such limit,
-/// and not where `drain` is all that uses it).
-fn past_the_grace(config: &Config, mode: Mode, in_lambda: bool) -> Option<Duration> {
-    (config.handle_sigterm
-        && in_lambda
-        && mode == Mode::Extension
-        && config.shutdown_timeout > SIGTERM_GRACE)
+/// it in Lambda's usual environment with the extension `registered` (in time, or late: either
+/// way Lambda sends SIGTERM and the core handles it); not on Managed Instances, which document
+/// no such limit, and not where `drain` is all that uses it.
+fn past_the_grace(config: &Config, registered: bool, in_lambda: bool) -> Option<Duration> {
+    (config.handle_sigterm && in_lambda && registered && config.shutdown_timeout > SIGTERM_GRACE)
         .then_some(SIGTERM_GRACE)
 }
 
@@ -1228,25 +1232,13 @@ mod tests {
                 .config
         };
         let over = config(800, true);
-        assert_eq!(
-            past_the_grace(&over, Mode::Extension, true),
-            Some(SIGTERM_GRACE)
-        );
-        assert_eq!(
-            past_the_grace(&config(500, true), Mode::Extension, true),
-            None
-        );
-        assert_eq!(
-            past_the_grace(&Deferred::new().config, Mode::Extension, true),
-            None
-        );
-        // Not the core's SIGTERM flush, not in Lambda, or Managed Instances (no such limit).
-        assert_eq!(
-            past_the_grace(&config(800, false), Mode::Extension, true),
-            None
-        );
-        assert_eq!(past_the_grace(&over, Mode::Extension, false), None);
-        assert_eq!(past_the_grace(&over, Mode::Background, true), None);
-        assert_eq!(past_the_grace(&over, Mode::Inline, true), None);
+        assert_eq!(past_the_grace(&over, true, true), Some(SIGTERM_GRACE));
+        assert_eq!(past_the_grace(&config(500, true), true, true), None);
+        assert_eq!(past_the_grace(&Deferred::new().config, true, true), None);
+        // Not the core's SIGTERM flush, or not in Lambda.
+        assert_eq!(past_the_grace(&config(800, false), true, true), None);
+        assert_eq!(past_the_grace(&over, true, false), None);
+        // No extension registered (yet): Managed Instances, or inline.
+        assert_eq!(past_the_grace(&over, false, true), None);
     }
 }

@@ -39,6 +39,8 @@ pub(crate) async fn pass_through(pending: Pending, core: Arc<Core>) {
          acknowledges events, so Lambda does not wait for it; deferred work stays inline"
     );
     if core.config.handle_sigterm {
+        // Lambda's usual environment (Managed Instances register nothing): its grace applies.
+        crate::builder::say_past_the_grace(&core.config, true, true);
         crate::shutdown::install(core);
     }
     acknowledge(pending.client, registration.extension_id).await;
@@ -139,6 +141,80 @@ mod tests {
             started.elapsed() < Duration::from_millis(500),
             "the restore was settled {:?} after it was announced",
             started.elapsed()
+        );
+    }
+
+    /// A tracing subscriber that hands every event's message to its closure.
+    struct OnMessage<F>(F);
+
+    impl<F: Fn(String) + Send + Sync + 'static> tracing::Subscriber for OnMessage<F> {
+        fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+            true
+        }
+        fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+            tracing::span::Id::from_u64(1)
+        }
+        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+        fn event(&self, event: &tracing::Event<'_>) {
+            struct Message(String);
+            impl tracing::field::Visit for Message {
+                fn record_debug(
+                    &mut self,
+                    field: &tracing::field::Field,
+                    value: &dyn std::fmt::Debug,
+                ) {
+                    if field.name() == "message" {
+                        self.0 = format!("{value:?}");
+                    }
+                }
+            }
+            let mut message = Message(String::new());
+            event.record(&mut message);
+            (self.0)(message.0);
+        }
+        fn enter(&self, _: &tracing::span::Id) {}
+        fn exit(&self, _: &tracing::span::Id) {}
+    }
+
+    /// A registration that answers late installs the core's SIGTERM handler, whose final
+    /// flush is bounded by `shutdown_timeout`: one longer than the 500 ms Lambda gives the
+    /// runtime is said, as `start` says it when the registration answers in time. (Before,
+    /// only `start` said it, and only for a registration in time: with a late one, the final
+    /// flush was killed mid-export with no line saying why.)
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_late_registration_says_a_shutdown_timeout_past_lambdas_grace() {
+        let said = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let noted = said.clone();
+        let _default = tracing::subscriber::set_default(OnMessage(move |message| {
+            crate::scope::lock(&noted).push(message);
+        }));
+        let core = Core::new(
+            crate::core::Config {
+                shutdown_timeout: Duration::from_millis(800),
+                ..crate::core::Config::default()
+            },
+            crate::core::Mode::Inline,
+        );
+        // Nothing listens behind the client: the acknowledging calls fail and back off.
+        let client = Arc::new(Client::new("127.0.0.1:9").expect("client"));
+        let registration: Registering = Box::pin(async {
+            Ok(Registration {
+                extension_id: "ext-1".into(),
+                function_name: String::new(),
+                function_version: String::new(),
+            })
+        });
+        let pending = Pending {
+            client,
+            registration,
+        };
+        let _ = tokio::time::timeout(Duration::from_millis(100), pass_through(pending, core)).await;
+        let said = crate::scope::lock(&said).clone();
+        assert!(
+            said.iter()
+                .any(|m| m.contains("shutdown_timeout is longer")),
+            "{said:?}"
         );
     }
 }
