@@ -362,9 +362,9 @@ impl Deferred {
 
     /// The time allowed for the final flush on SIGTERM (default 400 ms; Lambda kills the
     /// process 500 ms after SIGTERM when only internal extensions are registered, so in Lambda
-    /// `start`, or a registration that answers late, logs a warning for more than that). Values above 15 minutes count as 15
-    /// minutes; zero is refused by [`start`](Self::start). It bounds
-    /// the final flush on SIGTERM where the core handles it (see
+    /// `start`, or a registration that answers late, logs a warning for more than that).
+    /// Values above 15 minutes count as 15 minutes; zero is refused by [`start`](Self::start).
+    /// It bounds the final flush on SIGTERM where the core handles it (see
     /// [`handle_sigterm`](Self::handle_sigterm)), as it does in Lambda once the extension is
     /// registered (within `register_timeout` or later) and on Lambda Managed Instances; and,
     /// in every mode, [`DeferredHandle::drain`] and the drain of [`run`](Self::run) when
@@ -407,6 +407,13 @@ impl Deferred {
     /// off when the function handles SIGTERM itself, and call
     /// [`DeferredHandle::shutdown`] there: nothing else then runs the work in flight, the
     /// background phases (Managed Instances) and the final flush.
+    ///
+    /// That includes lambda_runtime's `spawn_graceful_shutdown_handler` (feature
+    /// `graceful-shutdown`): it exits the process as soon as its hook returns, so beside the
+    /// core's own handler whichever exits first wins, and the final flush may be cut short
+    /// with no line saying so. Use `handle_sigterm(false)` and await
+    /// [`DeferredHandle::shutdown`] in its hook. (It also registers an extension of its own,
+    /// which this one does not need: SIGTERM comes to any function with one.)
     ///
     /// ```
     /// use deferred_core::Deferred;
@@ -908,7 +915,8 @@ impl DeferredHandle {
     /// Lets the deferred work in flight finish, then runs the final flush, and returns its
     /// report: what the core does on SIGTERM, without the exit, and without SIGTERM's hurry.
     /// The work in flight gets until its own end (each phase's deadline minus the safety
-    /// margin), or half of `shutdown_timeout` if that is later; what still runs then is cut,
+    /// margin, plus half the margin for an aborted action to let go), or half of
+    /// `shutdown_timeout` if that is later; what still runs then is cut,
     /// and the final flush gets half of `shutdown_timeout` from there (or what is left of the
     /// whole of it, if more), but never runs past the end of the last phase when that was
     /// still ahead as the drain began (its invocation may still be open, and Lambda stops the

@@ -1,5 +1,6 @@
-//! SIGTERM: Lambda sends it before stopping an environment with extensions registered, and
-//! gives internal extensions 500 ms (Extensions API docs, "Shutdown phase"). The core flushes
+//! SIGTERM: Lambda sends it to the runtime process before stopping an environment with
+//! extensions registered, and kills it 500 ms later when an internal extension is registered
+//! (300 ms with external ones only; Extensions API docs, "Shutdown phase"). The core flushes
 //! everything it can within that, then exits.
 
 use std::sync::Arc;
