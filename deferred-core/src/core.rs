@@ -1608,7 +1608,32 @@ pub(crate) mod tests {
     }
 
     /// A tracing subscriber that hands every event to its closure.
-    struct OnEvent<F>(F);
+    pub(crate) struct OnEvent<F>(pub(crate) F);
+
+    impl OnEvent<()> {
+        /// One that keeps every event's message in `messages`.
+        pub(crate) fn messages(
+            messages: Arc<std::sync::Mutex<Vec<String>>>,
+        ) -> OnEvent<impl Fn(&tracing::Event<'_>) + Send + Sync + 'static> {
+            struct Message(String);
+            impl tracing::field::Visit for Message {
+                fn record_debug(
+                    &mut self,
+                    field: &tracing::field::Field,
+                    value: &dyn std::fmt::Debug,
+                ) {
+                    if field.name() == "message" {
+                        self.0 = format!("{value:?}");
+                    }
+                }
+            }
+            OnEvent(move |event: &tracing::Event<'_>| {
+                let mut message = Message(String::new());
+                event.record(&mut message);
+                lock(&messages).push(message.0);
+            })
+        }
+    }
 
     impl<F: Fn(&tracing::Event<'_>) + Send + Sync + 'static> tracing::Subscriber for OnEvent<F> {
         fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {

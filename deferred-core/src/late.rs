@@ -144,39 +144,6 @@ mod tests {
         );
     }
 
-    /// A tracing subscriber that hands every event's message to its closure.
-    struct OnMessage<F>(F);
-
-    impl<F: Fn(String) + Send + Sync + 'static> tracing::Subscriber for OnMessage<F> {
-        fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
-            true
-        }
-        fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
-            tracing::span::Id::from_u64(1)
-        }
-        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
-        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
-        fn event(&self, event: &tracing::Event<'_>) {
-            struct Message(String);
-            impl tracing::field::Visit for Message {
-                fn record_debug(
-                    &mut self,
-                    field: &tracing::field::Field,
-                    value: &dyn std::fmt::Debug,
-                ) {
-                    if field.name() == "message" {
-                        self.0 = format!("{value:?}");
-                    }
-                }
-            }
-            let mut message = Message(String::new());
-            event.record(&mut message);
-            (self.0)(message.0);
-        }
-        fn enter(&self, _: &tracing::span::Id) {}
-        fn exit(&self, _: &tracing::span::Id) {}
-    }
-
     /// A registration that answers late installs the core's SIGTERM handler, whose final
     /// flush is bounded by `shutdown_timeout`: one longer than the 500 ms Lambda gives the
     /// runtime is said, as `start` says it when the registration answers in time. (Before,
@@ -184,11 +151,9 @@ mod tests {
     /// flush was killed mid-export with no line saying why.)
     #[tokio::test(flavor = "current_thread")]
     async fn a_late_registration_says_a_shutdown_timeout_past_lambdas_grace() {
-        let said = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-        let noted = said.clone();
-        let _default = tracing::subscriber::set_default(OnMessage(move |message| {
-            crate::scope::lock(&noted).push(message);
-        }));
+        let said = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let _default =
+            tracing::subscriber::set_default(crate::core::tests::OnEvent::messages(said.clone()));
         let core = Core::new(
             crate::core::Config {
                 shutdown_timeout: Duration::from_millis(800),
