@@ -1238,24 +1238,9 @@ async fn a_reset_childs_late_calls_do_not_count_for_the_next_environment() {
 /// not a broken connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reset_childs_pending_calls_stay_unanswered_during_its_grace() {
-    let config = EmulatorConfig {
-        function_timeout: Duration::from_millis(300),
-        shutdown_grace: Some(Duration::from_millis(1500)),
-        ..EmulatorConfig::default()
-    };
-    let (emu, _addr) = start(config).await;
-    let stubborn = FunctionSpec::new("/bin/sh")
-        .arg("-c")
-        .arg(format!("trap '' TERM; exec {PROBE}"))
-        .env("EMU_PROBE_EXTENSION", "probe-ext");
-    within(emu.spawn_function(stubborn)).await.expect("init");
     // The extension's INVOKE comes too late: the runtime answers and waits in `/next`, the
     // invocation reaches its deadline.
-    emu.faults()
-        .once(Fault::EventNextAnswerDelay(Duration::from_secs(3)));
-    let result = within(emu.invoke("x")).await;
-    assert_eq!(result.outcome.body(), Some(&Bytes::from("x")));
-    assert!(emu.wait_until(SECOND, |s, _| s.timeouts == 1).await);
+    let emu = reset_with_invoke_event_late(Duration::from_secs(3)).await;
     let broken = emu
         .wait_for_log(
             |l| l.starts_with("runtime next failed") || l.starts_with("runtime next refused"),
@@ -1263,12 +1248,7 @@ async fn a_reset_childs_pending_calls_stay_unanswered_during_its_grace() {
         )
         .await;
     assert_eq!(broken, None, "the pending /next ended during the grace");
-    let result = within(emu.invoke("again")).await;
-    assert_eq!(
-        result.outcome.body(),
-        Some(&Bytes::from("again")),
-        "{result:?}"
-    );
+    served_again(&emu).await;
 }
 
 /// An extension of a reset child that calls `event/next` during the grace (its deferred work
@@ -1279,24 +1259,9 @@ async fn a_reset_childs_pending_calls_stay_unanswered_during_its_grace() {
 /// closes it. A 403 would break the function's chain where Lambda holds it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reset_childs_new_event_next_stays_unanswered_during_its_grace() {
-    let config = EmulatorConfig {
-        function_timeout: Duration::from_millis(300),
-        shutdown_grace: Some(Duration::from_millis(1500)),
-        ..EmulatorConfig::default()
-    };
-    let (emu, _addr) = start(config).await;
-    let stubborn = FunctionSpec::new("/bin/sh")
-        .arg("-c")
-        .arg(format!("trap '' TERM; exec {PROBE}"))
-        .env("EMU_PROBE_EXTENSION", "probe-ext");
-    within(emu.spawn_function(stubborn)).await.expect("init");
     // The INVOKE event reaches the extension 300 ms after the deadline (within the grace);
     // the probe's extension then calls `event/next` again at once.
-    emu.faults()
-        .once(Fault::EventNextAnswerDelay(Duration::from_millis(600)));
-    let result = within(emu.invoke("x")).await;
-    assert_eq!(result.outcome.body(), Some(&Bytes::from("x")));
-    assert!(emu.wait_until(SECOND, |s, _| s.timeouts == 1).await);
+    let emu = reset_with_invoke_event_late(Duration::from_millis(600)).await;
     let invoke = emu
         .wait_for_log(
             |l| l.starts_with("extension event 200") && l.contains("INVOKE"),
@@ -1311,6 +1276,33 @@ async fn a_reset_childs_new_event_next_stays_unanswered_during_its_grace() {
         )
         .await;
     assert_eq!(refused, None, "the reset child's event/next was answered");
+    served_again(&emu).await;
+}
+
+/// A child that ignores SIGTERM (so it runs out its 1.5 s grace), with an extension, on a
+/// 300 ms function timeout; invoked once with the extension's INVOKE event `late`, and reset
+/// when that invocation reaches its deadline.
+async fn reset_with_invoke_event_late(late: Duration) -> Emulator {
+    let config = EmulatorConfig {
+        function_timeout: Duration::from_millis(300),
+        shutdown_grace: Some(Duration::from_millis(1500)),
+        ..EmulatorConfig::default()
+    };
+    let (emu, _addr) = start(config).await;
+    let stubborn = FunctionSpec::new("/bin/sh")
+        .arg("-c")
+        .arg(format!("trap '' TERM; exec {PROBE}"))
+        .env("EMU_PROBE_EXTENSION", "probe-ext");
+    within(emu.spawn_function(stubborn)).await.expect("init");
+    emu.faults().once(Fault::EventNextAnswerDelay(late));
+    let result = within(emu.invoke("x")).await;
+    assert_eq!(result.outcome.body(), Some(&Bytes::from("x")));
+    assert!(emu.wait_until(SECOND, |s, _| s.timeouts == 1).await);
+    emu
+}
+
+/// The next invocation is served, by a new child once the reset one has gone.
+async fn served_again(emu: &Emulator) {
     let result = within(emu.invoke("again")).await;
     assert_eq!(
         result.outcome.body(),
