@@ -55,7 +55,7 @@ pub(crate) async fn acknowledge(client: Arc<Client>, extension_id: String) {
 /// [`acknowledge`], watching `restores`.
 async fn acknowledge_with(client: Arc<Client>, extension_id: String, restores: Arc<Restores>) {
     // Its `event/next` is in flight across a SnapStart snapshot too: watch the restores as the
-    // chain does.
+    // chain does (but keep no call that a refused probe found counted: `next_event`).
     let mut restores = restores.watch();
     let mut failures: u32 = 0;
     loop {

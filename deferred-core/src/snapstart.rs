@@ -61,6 +61,10 @@
 //! call. A closed pre-snapshot call may also fail before the hook runs, and goes the same
 //! retry path (one warning), cut short by the restore.
 //!
+//! An extension that only acknowledges events (`late.rs`) holds nothing, and nothing tells it
+//! that a kept call is dead: when its probe is refused it drops the pre-snapshot call and
+//! retries until Lambda accepts ([`RestoreWatch::next_event`]).
+//!
 //! `before_snapshot` flushes what init produced, so that every environment restored from the
 //! snapshot does not export it again. It leaves the chain's `event/next` alone: that call must
 //! stay in flight across the snapshot (without it init would not complete), and no
@@ -169,8 +173,9 @@ pub(crate) struct RestoreWatch {
 enum Race<T> {
     /// The answer for the chain (an event, or an error for its retry path).
     Done(Result<NextEvent, ClientError>),
-    /// The pre-snapshot call is alive: keep waiting on it.
-    KeepOld,
+    /// Lambda refused the probe (with this error): it still counts the pre-snapshot call,
+    /// alive or dead.
+    KeepOld(ClientError),
     /// The pre-snapshot call is dead: the probe is the call in flight.
     Replace(T),
 }
@@ -191,9 +196,18 @@ impl RestoreWatch {
         }
     }
 
-    /// `GET event/next` through `call`, across SnapStart restores: when a restore is announced
-    /// while the call is in flight, `reset_pool` is called and a fresh call races the old one
-    /// (see the module docs). Exactly one call is in flight, except during a probe race.
+    /// `GET event/next` through `call`, across SnapStart restores, for an extension that only
+    /// acknowledges events (`late.rs`): when a restore is announced while the call is in
+    /// flight, `reset_pool` is called and a fresh call races the old one (see the module docs).
+    /// Exactly one call is in flight, except during a probe race.
+    ///
+    /// Unlike the chain's [`next_event_watching`](Self::next_event_watching), a refused probe
+    /// does not keep the old call: nothing would tell this extension that a kept call is dead
+    /// (no invocation misses an event it holds), and a dead one would hold the first invocation
+    /// after the restore to its deadline. It holds nothing, so the event a live old call would
+    /// have brought is not missed: the refusal goes to the caller's retry path, whose calls
+    /// Lambda refuses until it has written the first INVOKE event to the old call, and then
+    /// accepts.
     pub(crate) async fn next_event<F, Fut>(
         &mut self,
         call: F,
@@ -208,7 +222,7 @@ impl RestoreWatch {
             reset_pool();
             true
         };
-        self.next_event_watching(call, reset_pool, &Notify::new())
+        self.next_event_across(call, reset_pool, &Notify::new(), false)
             .await
     }
 
@@ -226,9 +240,25 @@ impl RestoreWatch {
     /// replaced by a fresh call, which sends its request once the phase arms it.
     pub(crate) async fn next_event_watching<F, Fut>(
         &mut self,
+        call: F,
+        reset_pool: impl Fn() -> bool,
+        missed: &Notify,
+    ) -> Result<NextEvent, ClientError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<NextEvent, ClientError>>,
+    {
+        self.next_event_across(call, reset_pool, missed, true).await
+    }
+
+    /// [`next_event_watching`](Self::next_event_watching); with `keep` false, a call that a
+    /// refused probe would keep is abandoned at once (for [`next_event`](Self::next_event)).
+    async fn next_event_across<F, Fut>(
+        &mut self,
         mut call: F,
         reset_pool: impl Fn() -> bool,
         missed: &Notify,
+        keep: bool,
     ) -> Result<NextEvent, ClientError>
     where
         F: FnMut() -> Fut,
@@ -272,7 +302,11 @@ impl RestoreWatch {
                     }
                     match self.race(&mut current, &mut call).await {
                         Race::Done(result) => return result,
-                        Race::KeepOld => kept = true,
+                        Race::KeepOld(_) if keep => kept = true,
+                        Race::KeepOld(refused) => {
+                            tracing::info!(target: "deferred", "SnapStart restore: the acknowledging extension does not keep the event/next in flight at the snapshot (it may be dead); it calls again until Lambda accepts");
+                            return Err(refused);
+                        }
                         Race::Replace(probe) => {
                             kept = false;
                             current = probe;
@@ -302,7 +336,7 @@ impl RestoreWatch {
                 result = &mut probe => break match result {
                     Err(error) if error.is_already_waiting() => {
                         tracing::info!(target: "deferred", "SnapStart restore: Lambda still counts the event/next in flight at the snapshot as waiting (the fresh call was refused); the chain keeps it, and replaces it should it bring no event for an invocation that ran");
-                        Race::KeepOld
+                        Race::KeepOld(error)
                     }
                     // An event (the old call was dead), or an error for the retry path (the
                     // old call, dead or not, is dropped with this race).
@@ -609,15 +643,42 @@ mod tests {
         let (calls, counter) = (calls.clone(), resets.clone());
         let task = tokio::spawn(async move {
             watch
-                .next_event(
+                .next_event_watching(
                     || calls.call(),
                     || {
                         counter.fetch_add(1, Ordering::SeqCst);
+                        true
                     },
+                    &Notify::new(),
                 )
                 .await
         });
         (task, resets)
+    }
+
+    /// An acknowledging extension (`late.rs`, [`RestoreWatch::next_event`]) does not keep the
+    /// pre-snapshot call when the probe is refused: nothing would tell it that the call is
+    /// dead, and a dead one would hold the first invocation to its deadline. The refusal goes
+    /// to its retry path, with the old call dropped. (Before, it kept the call for good.)
+    #[tokio::test(start_paused = true)]
+    async fn an_acknowledging_extension_does_not_keep_a_call_the_probe_found_counted() {
+        let (restores, calls) = (Restores::new(), Calls::default());
+        let mut watch = restores.watch();
+        let task = {
+            let calls = calls.clone();
+            tokio::spawn(async move { watch.next_event(|| calls.call(), || {}).await })
+        };
+        calls.wait_for(1).await;
+        let number = restores.announce();
+        calls.wait_for(2).await;
+        calls.answer(1, refused());
+        assert!(restores.settled(number, Duration::from_secs(5)).await);
+        let answer = tokio::time::timeout(Duration::from_secs(60), task)
+            .await
+            .expect("the refusal is the answer, not a wait on the old call")
+            .expect("task");
+        assert!(answer.is_err_and(|e| e.is_already_waiting()));
+        assert!(calls.dropped(0), "the old call is abandoned");
     }
 
     #[tokio::test(start_paused = true)]

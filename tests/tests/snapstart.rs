@@ -9,7 +9,10 @@ mod support;
 
 use std::time::Duration;
 
-use deferred_testkit::emulator::{EmulatorConfig, Restore, RestoredConnections};
+use deferred_testkit::emulator::{
+    Emulator, EmulatorConfig, Fault, FunctionSpec, Restore, RestoredConnections,
+};
+use deferred_testkit::otlp::OtlpSink;
 use serde_json::json;
 use support::{Env, phase_end, start, trace_id};
 
@@ -281,4 +284,63 @@ async fn without_the_resource_a_dead_event_next_holds_the_environment_to_its_dea
         env.logged("the extension did not receive its INVOKE event in time")
             .await
     );
+}
+
+/// A registration answered after the register timeout: the extension only acknowledges events
+/// (`late.rs`), its deferred work runs inline. Its `event/next` is in flight across the
+/// snapshot too, and the restore leaves it dead and silent; Lambda still counts it, so the
+/// probe is refused and the first INVOKE event is written to the dead call. The acknowledging
+/// extension must call `event/next` again all the same: it holds nothing, so a lost event
+/// costs nothing, but a call kept for good holds the first invocation to its deadline, and
+/// Lambda resets the environment. (Before, it kept the dead call: the first invocation timed
+/// out.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acknowledging_extension_does_not_keep_a_dead_event_next_after_the_restore() {
+    for connections in [
+        RestoredConnections::Blackhole,
+        RestoredConnections::Survive,
+        RestoredConnections::Close,
+    ] {
+        acknowledging_after_a_restore(connections).await;
+    }
+}
+
+async fn acknowledging_after_a_restore(connections: RestoredConnections) {
+    let sink = OtlpSink::start().await.expect("sink");
+    let emulator = Emulator::start(config(connections))
+        .await
+        .expect("emulator");
+    emulator
+        .faults()
+        .always(Fault::RegisterAnswerDelay(Duration::from_millis(1500)));
+    let spec = FunctionSpec::new(env!("CARGO_BIN_EXE_fixture"))
+        .env("FIXTURE_MODE", "run")
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", sink.endpoint())
+        .env("OTEL_EXPORTER_OTLP_TIMEOUT", "1000")
+        .env("RUST_LOG", "info")
+        .env("REGISTER_TIMEOUT_MS", "300");
+    emulator.spawn_function(spec).await.expect("function init");
+    let env = Env { emulator, sink };
+    assert!(
+        env.logged("registration answered after the register timeout")
+            .await
+    );
+    for i in 0..3 {
+        let result = env
+            .invoke(json!({ "actions": [{ "name": "a", "ms": 50 }] }))
+            .await;
+        let case = format!("{connections:?} #{i}");
+        assert!(result.outcome.is_success(), "{case}: {:?}", result.outcome);
+        let t = env.completed(&result.request_id).await;
+        assert!(!t.timed_out, "{case}: held to its deadline: {t:?}");
+        let posted = t.response_posted.expect("posted");
+        assert!(t.mark("end:a").expect("ran") <= posted, "{case}: inline");
+    }
+    let stats = env.emulator.stats();
+    assert_eq!(
+        (stats.timeouts, stats.resets),
+        (0, 0),
+        "{connections:?}: {stats:?}"
+    );
+    assert_eq!(stats.max_concurrent_event_next_per_extension, 1);
 }
