@@ -890,15 +890,16 @@ impl DeferredHandle {
     /// `event/next` is in flight when the snapshot is taken. After the restore, the resource
     /// resets the extension client's connection pool and has the chain send a fresh
     /// `event/next`: if Lambda refuses it because the call from before the snapshot still
-    /// waits, that call is kept; if the old call fails, or neither answers within 200 ms, it
-    /// is abandoned and the fresh one replaces it. Lambda counts the old call as waiting even
+    /// waits, the chain keeps that call (an extension that only acknowledges events, after a
+    /// late registration, drops it and calls again until Lambda accepts); if the old call
+    /// fails, or neither answers within 200 ms, it is abandoned and the fresh one replaces it. Lambda counts the old call as waiting even
     /// when its connection is dead, refuses fresh calls until it has written the first INVOKE
     /// event to it (lost), and accepts one after that: that invocation's deferred work runs
     /// without its event, outside the chain, and a kept call is then taken for dead and
-    /// replaced. `after_restore` returns once this is settled
-    /// (at most 1 s) and never fails; `before_snapshot` flushes what init produced (bounded by
-    /// `flush_timeout`, then waits up to one more for a flush it abandoned, so that none
-    /// crosses the snapshot), so restored environments do not export it again. Without the resource, an
+    /// replaced. `after_restore` returns once this is settled (at most 1 s) and never fails;
+    /// `before_snapshot` flushes what init produced (bounded by `flush_timeout`, then waits up
+    /// to one more for a flush it abandoned, so that none crosses the snapshot), so restored
+    /// environments do not export it again. Without the resource, an
     /// `event/next` whose connection did not survive the snapshot is never answered: the first
     /// invocation after the restore then runs its deferred work inline and holds the
     /// environment until its deadline. Outside SnapStart the resource does nothing. When
