@@ -892,9 +892,10 @@ impl DeferredHandle {
     /// `event/next`: if Lambda refuses it because the call from before the snapshot still
     /// waits, the chain keeps that call (an extension that only acknowledges events, after a
     /// late registration, drops it and calls again until Lambda accepts); if the old call
-    /// fails, or neither answers within 200 ms, it is abandoned and the fresh one replaces it. Lambda counts the old call as waiting even
-    /// when its connection is dead, refuses fresh calls until it has written the first INVOKE
-    /// event to it (lost), and accepts one after that: that invocation's deferred work runs
+    /// fails, or neither answers within 200 ms, it is abandoned and the fresh one replaces it.
+    /// Lambda counts the old call as waiting even when its connection is dead, refuses fresh
+    /// calls until it has written the first INVOKE event to it (lost), and accepts one after
+    /// that: that invocation's deferred work runs
     /// without its event, outside the chain, and a kept call is then taken for dead and
     /// replaced. `after_restore` returns once this is settled (at most 1 s) and never fails;
     /// `before_snapshot` flushes what init produced (bounded by `flush_timeout`, then waits up
