@@ -298,6 +298,13 @@ fn fake_return_edge(output: &ReturnType, ident: &Ident, private: &TokenStream) -
             let span = ty.span();
             let mut ty = (**ty).clone();
             erase_impl_trait(&mut ty);
+            // `-> impl Trait` is erased to a bare `_` too: it fixes nothing either, and a body
+            // that diverges (`todo!()`, `panic!`, `process::exit`) makes the hidden type `!`,
+            // so the `return` trips `clippy::diverging_sub_expression` on the user's
+            // `impl Trait`.
+            if is_bare_infer(&ty) {
+                return TokenStream::new();
+            }
             (ty.into_token_stream(), span)
         }
         ReturnType::Default => (quote!(()), ident.span()),
@@ -306,6 +313,18 @@ fn fake_return_edge(output: &ReturnType, ident: &Ident, private: &TokenStream) -
         if false {
             return <#ty as #private::FakeReturn>::fake_return();
         }
+    }
+}
+
+/// Whether an erased return type is `_` alone (in parentheses or a group, too).
+fn is_bare_infer(mut ty: &Type) -> bool {
+    loop {
+        ty = match ty {
+            Type::Group(group) => &group.elem,
+            Type::Paren(paren) => &paren.elem,
+            Type::Infer(_) => return true,
+            _ => return false,
+        };
     }
 }
 
@@ -589,6 +608,27 @@ mod tests {
             out.contains("-> Result < impl Serialize , (impl Display , u8) >"),
             "{out}"
         );
+    }
+
+    #[test]
+    fn a_bare_impl_trait_return_has_no_fake_return() {
+        // Erased, it would be a bare `_`: no type to fix, and a `return` of `!` when the body
+        // diverges (`clippy::diverging_sub_expression`).
+        for output in [quote!(impl Debug), quote!((impl Debug + Send))] {
+            let out = expand(
+                quote!(),
+                quote!(
+                    async fn h(e: E) -> #output {
+                        todo!()
+                    }
+                ),
+            );
+            assert!(!out.contains("fake_return"), "{out}");
+            assert!(
+                out.contains("{ return :: deferred_core :: __private :: scope ("),
+                "{out}"
+            );
+        }
     }
 
     #[test]

@@ -86,6 +86,14 @@ async fn type_macro_never(_event: LambdaEvent<u8>) -> never!() {
     }
 }
 
+// `-> impl Trait` whose body diverges (a stub, `panic!`, `process::exit`): the hidden type is
+// `!`, and a fake return of it would trip `clippy::diverging_sub_expression` (on by default) on
+// the user's `impl Debug`.
+#[deferred_handler]
+async fn opaque_stub(event: LambdaEvent<u8>) -> impl std::fmt::Debug {
+    panic!("not written yet: {}", event.payload)
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn handlers_run() {
     let event = || LambdaEvent::new(1, Context::default());
@@ -98,5 +106,5 @@ async fn handlers_run() {
     assert_eq!(explicit_returns::fallible(event()).await.ok(), Some(7));
     explicit_returns::unit(event()).await;
     // Compiled, not run: it never ends.
-    let _ = (explicit_returns::never, type_macro_never);
+    let _ = (explicit_returns::never, type_macro_never, opaque_stub);
 }
