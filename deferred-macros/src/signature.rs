@@ -99,24 +99,36 @@ pub(crate) fn check(sig: &Signature) -> syn::Result<()> {
                 sig.ident
             ),
         )),
-        ([event, extra @ ..], _) => {
-            let event = match &*event.pat {
+        (args, _) => {
+            // The event is the argument whose type reads like one (`(client: &Client, event:
+            // LambdaEvent<T>)` is the shared-resource shape of the AWS examples), else the
+            // first.
+            let at = args
+                .iter()
+                .position(|arg| looks_like_event(&arg.ty))
+                .unwrap_or(0);
+            let event = match &*args[at].pat {
                 syn::Pat::Ident(pat) => format!(" (here `{}`)", pat.ident),
                 _ => String::new(),
             };
-            let mut tokens = proc_macro2::TokenStream::new();
-            for arg in extra {
-                quote::ToTokens::to_tokens(arg, &mut tokens);
+            let message = format!(
+                "`#[deferred_handler]` takes handlers with exactly one argument, the Lambda \
+                 event{event}: remove this one. To share a client or a configuration, keep it \
+                 in a struct and make the handler a method: \
+                 `async fn handle(&self, event: LambdaEvent<T>)`"
+            );
+            // One error for the arguments before the event, one for those after: a span over
+            // both would cover the event too.
+            for extra in [&args[..at], &args[at + 1..]] {
+                if extra.is_empty() {
+                    continue;
+                }
+                let mut tokens = proc_macro2::TokenStream::new();
+                for arg in extra {
+                    quote::ToTokens::to_tokens(arg, &mut tokens);
+                }
+                errors.push(Error::new_spanned(tokens, &message));
             }
-            errors.push(Error::new_spanned(
-                tokens,
-                format!(
-                    "`#[deferred_handler]` takes handlers with exactly one argument, the Lambda \
-                     event{event}: remove this one. To share a client or a configuration, keep \
-                     it in a struct and make the handler a method: \
-                     `async fn handle(&self, event: LambdaEvent<T>)`"
-                ),
-            ));
         }
     }
 
@@ -127,6 +139,21 @@ pub(crate) fn check(sig: &Signature) -> syn::Result<()> {
             first.extend(errors);
             Err(first)
         }
+    }
+}
+
+/// Whether an argument's type names one that carries the Lambda context: a path ending in
+/// `LambdaEvent` or `Request` (`lambda_http::Request`).
+fn looks_like_event(ty: &syn::Type) -> bool {
+    match ty {
+        syn::Type::Group(group) => looks_like_event(&group.elem),
+        syn::Type::Paren(paren) => looks_like_event(&paren.elem),
+        syn::Type::Path(path) => path
+            .path
+            .segments
+            .last()
+            .is_some_and(|last| last.ident == "LambdaEvent" || last.ident == "Request"),
+        _ => false,
     }
 }
 
