@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use proc_macro2::TokenStream;
+use proc_macro2::{Span, TokenStream};
 use quote::{quote, quote_spanned};
 use syn::ext::IdentExt as _;
 use syn::parse::{ParseStream, Parser as _};
@@ -117,8 +117,14 @@ impl Args {
         let Some(path) = &self.krate else {
             return quote!(::deferred_core::__private);
         };
-        // Point errors about the path (an unknown crate) at the user's string.
-        let span = path.span();
+        // Point errors about the path (an unknown crate) at the user's string, but in the
+        // macro's context, as the default path is: a call through it whose arguments are
+        // spanned at the user's argument type would otherwise be underlined from the
+        // attribute's string into the signature ("required by a bound introduced by this
+        // call"). Names resolve the same: the attribute's call site is the user's code.
+        let span = Span::call_site().located_at(path.span());
+        let mut path = path.clone();
+        respan_path(&mut path, span);
         let first = path
             .segments
             .first()
@@ -128,6 +134,19 @@ impl Args {
             quote_spanned!(span=> #path::__private)
         } else {
             quote_spanned!(span=> ::#path::__private)
+        }
+    }
+}
+
+/// Gives every token of `path` the span `span`.
+fn respan_path(path: &mut Path, span: Span) {
+    if let Some(colon) = &mut path.leading_colon {
+        colon.spans = [span; 2];
+    }
+    for mut pair in path.segments.pairs_mut() {
+        pair.value_mut().ident.set_span(span);
+        if let Some(colon) = pair.punct_mut() {
+            colon.spans = [span; 2];
         }
     }
 }
