@@ -79,15 +79,11 @@ pub(crate) async fn run(
 ) -> PhaseReport {
     let mut stopping = stop.clone();
     let queue = job.queue.clone();
-    let staged = run_actions_stage(job, flushers, budget, kind, stop).await;
+    let mut staged = run_actions_stage(job, flushers, budget, kind, stop).await;
+    let (flush_end, started) = (staged.flush_end, staged.started);
     // Should this phase be dropped while it flushes (an inline phase under a timeout around
     // the handler), its actions' reports go to the phase that takes the queue over.
-    let mut staged = Unfinished {
-        queue: &queue,
-        staged: Some(staged),
-    };
-    let staged_ref = staged.get();
-    let (flush_end, phase_started) = (staged_ref.flush_end, staged_ref.started);
+    let reports = Reports::new(&queue, std::mem::take(&mut staged.actions), &mut staged.cut);
     let flushes = match flush_end {
         // Background phases overlap: a flusher busy now is another phase's flush. The final
         // flush (SIGTERM) stops them and waits for them: stopped while it flushes (or waits for
@@ -95,54 +91,22 @@ pub(crate) async fn run(
         // calls still running, and reports, rather than being aborted with no report.
         Some(end) if kind == PhaseKind::Background => {
             let mut cut = Vec::new();
-            let flushing = run_flushes_when_free(flushers, end, phase_started, &mut cut);
+            let flushing = run_flushes_when_free(flushers, end, started, &mut cut);
             let flushes = tokio::select! {
                 flushes = flushing => flushes,
                 () = stopping.wait() => {
-                    cut = vec![CutReason::Shutdown];
+                    cut.push(CutReason::Shutdown);
                     Vec::new()
                 }
             };
-            staged.get().cut.extend(cut);
+            reports.cut.extend(cut);
             flushes
         }
-        Some(end) => run_flushes(flushers, end, phase_started, &mut staged.get().cut).await,
+        Some(end) => run_flushes(flushers, end, started, reports.cut).await,
         None => Vec::new(),
     };
-    staged.finish().into_report(flushes)
-}
-
-/// A phase whose actions are done and whose report is not out yet: see [`run`].
-struct Unfinished<'a> {
-    queue: &'a Queue,
-    staged: Option<Staged>,
-}
-
-impl Unfinished<'_> {
-    fn get(&mut self) -> &mut Staged {
-        match &mut self.staged {
-            Some(staged) => staged,
-            None => unreachable!("taken only by `finish`, which consumes it"),
-        }
-    }
-
-    fn finish(mut self) -> Staged {
-        match self.staged.take() {
-            Some(staged) => staged,
-            None => unreachable!("taken only here"),
-        }
-    }
-}
-
-impl Drop for Unfinished<'_> {
-    fn drop(&mut self) {
-        if let Some(staged) = self.staged.take() {
-            self.queue.carry(Unreported {
-                actions: staged.actions,
-                cut: staged.cut,
-            });
-        }
-    }
+    staged.actions = reports.finish();
+    staged.into_report(flushes)
 }
 
 /// A phase whose actions are done: what its report needs, and when its flushes must end.
@@ -262,12 +226,7 @@ async fn run_actions(
     let carried = queue.take_unreported();
     let mut cut_short = !carried.cut.is_empty();
     cut.extend(carried.cut);
-    let mut reports = Reports {
-        queue,
-        actions: carried.actions,
-        cut,
-        done: false,
-    };
+    let mut reports = Reports::new(queue, carried.actions, cut);
     // One at a time rather than a drained list: an action may queue more actions, which run
     // after it. Once it is empty the queue is closed: an abandoned action that runs on cannot
     // queue work that nothing would run (its `defer!` fails instead).
@@ -360,18 +319,34 @@ async fn run_actions(
             outcome,
         });
     }
-    reports.done = true;
-    std::mem::take(&mut reports.actions)
+    reports.finish()
 }
 
 /// The reports of a phase's actions, and what it cut: should the phase be dropped before it
-/// reports (an inline phase under a timeout around the handler), they go to its queue, for
-/// the report of the phase that takes it over.
+/// reports (an inline phase under a timeout around the handler, while its actions or its
+/// flushes run), they go to its queue, for the report of the phase that takes it over.
 struct Reports<'a> {
     queue: &'a Queue,
     actions: Vec<ActionReport>,
     cut: &'a mut Vec<CutReason>,
     done: bool,
+}
+
+impl<'a> Reports<'a> {
+    fn new(queue: &'a Queue, actions: Vec<ActionReport>, cut: &'a mut Vec<CutReason>) -> Self {
+        Self {
+            queue,
+            actions,
+            cut,
+            done: false,
+        }
+    }
+
+    /// The actions' reports, for this phase's own report: nothing is left to carry.
+    fn finish(mut self) -> Vec<ActionReport> {
+        self.done = true;
+        std::mem::take(&mut self.actions)
+    }
 }
 
 impl Drop for Reports<'_> {
