@@ -302,9 +302,12 @@ impl RestoreWatch {
                     }
                     match self.race(&mut current, &mut call).await {
                         Race::Done(result) => return result,
-                        Race::KeepOld(_) if keep => kept = true,
+                        Race::KeepOld(_) if keep => {
+                            tracing::info!(target: "deferred", "SnapStart restore: Lambda still counts the event/next in flight at the snapshot as waiting (the fresh call was refused); the chain keeps it, and replaces it should it bring no event for an invocation that ran");
+                            kept = true;
+                        }
                         Race::KeepOld(refused) => {
-                            tracing::info!(target: "deferred", "SnapStart restore: the acknowledging extension does not keep the event/next in flight at the snapshot (it may be dead); it calls again until Lambda accepts");
+                            tracing::info!(target: "deferred", "SnapStart restore: Lambda still counts the event/next in flight at the snapshot as waiting (the fresh call was refused); the acknowledging extension does not keep it (it may be dead), and calls again until Lambda accepts");
                             return Err(refused);
                         }
                         Race::Replace(probe) => {
@@ -334,10 +337,8 @@ impl RestoreWatch {
             tokio::select! {
                 biased;
                 result = &mut probe => break match result {
-                    Err(error) if error.is_already_waiting() => {
-                        tracing::info!(target: "deferred", "SnapStart restore: Lambda still counts the event/next in flight at the snapshot as waiting (the fresh call was refused); the chain keeps it, and replaces it should it bring no event for an invocation that ran");
-                        Race::KeepOld(error)
-                    }
+                    // Said by the caller, which keeps the old call or not.
+                    Err(error) if error.is_already_waiting() => Race::KeepOld(error),
                     // An event (the old call was dead), or an error for the retry path (the
                     // old call, dead or not, is dropped with this race).
                     other => Race::Done(other),
