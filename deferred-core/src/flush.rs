@@ -521,25 +521,12 @@ impl Flusher {
         }
         let _clear = Clear(self);
         let started = std::time::Instant::now();
-        let result = self.inner.flush().map_err(|e| with_causes(&*e));
+        let result = self
+            .inner
+            .flush()
+            .map_err(|e| crate::report::with_causes(&*e));
         (result, started.elapsed())
     }
-}
-
-/// `error`'s `Display`, then each cause (`source()`) that the text does not show already
-/// (many errors print their cause in their own message too).
-fn with_causes(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(error) = cause {
-        let shown = error.to_string();
-        if !text.contains(&shown) {
-            text.push_str(": ");
-            text.push_str(&shown);
-        }
-        cause = error.source();
-    }
-    text
 }
 
 /// A flusher claimed for a call on this thread ([`Flusher::claim`]); dropped uncalled, it is

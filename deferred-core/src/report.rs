@@ -679,3 +679,21 @@ impl fmt::Display for PhaseReport {
         Ok(())
     }
 }
+
+/// `error`'s `Display`, then each cause (`source()`) that the text does not show already
+/// (many errors print their cause in their own message too): the text of an error in a report
+/// or a log line. An HTTP client's error says little at the top ("error sending request",
+/// hyper's "client error (Connect)"); its cause says why.
+pub(crate) fn with_causes(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(error) = cause {
+        let shown = error.to_string();
+        if !text.contains(&shown) {
+            text.push_str(": ");
+            text.push_str(&shown);
+        }
+        cause = error.source();
+    }
+    text
+}

@@ -383,7 +383,7 @@ impl Client {
             .http
             .call(request)
             .await
-            .map_err(|e| ClientError::Transport(error_chain(e.as_ref())))?;
+            .map_err(|e| ClientError::Transport(crate::report::with_causes(e.as_ref())))?;
         Ok(response.into_parts())
     }
 
@@ -449,18 +449,6 @@ pub(super) fn api_error(status: u16, body: &[u8]) -> ClientError {
 fn lossy(body: &[u8]) -> String {
     const SHOWN: usize = 512;
     String::from_utf8_lossy(&body[..body.len().min(SHOWN)]).into_owned()
-}
-
-/// hyper's errors say little at the top ("client error (Connect)"); the cause says why.
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// Reads an answer's body, at most [`MAX_BODY`].
