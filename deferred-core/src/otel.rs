@@ -102,8 +102,7 @@ where
         ));
     }
     if !report.cut.is_empty() {
-        let reasons: Vec<&str> = report.cut.iter().map(cut_reason).collect();
-        attributes.push(KeyValue::new("deferred.cut_reason", reasons.join(",")));
+        attributes.push(KeyValue::new("deferred.cut_reason", cut_reasons(report)));
     }
 
     // A child of the invocation's span where the handler had one: the phase then shows in the
@@ -255,8 +254,7 @@ fn summary(report: &PhaseReport) -> String {
     }
     // A cut phase may have no failure to count (its flush left to the final one on SIGTERM).
     if !report.cut.is_empty() {
-        let reasons: Vec<&str> = report.cut.iter().map(cut_reason).collect();
-        summary.push_str(&format!("; cut: {}", reasons.join(",")));
+        summary.push_str(&format!("; cut: {}", cut_reasons(report)));
     }
     summary
 }
@@ -268,6 +266,12 @@ fn kind(kind: PhaseKind) -> &'static str {
         PhaseKind::Background => "background",
         PhaseKind::Shutdown => "shutdown",
     }
+}
+
+/// What the phase cut, as the attribute `deferred.cut_reason` names it: `shutdown,flush_budget`.
+fn cut_reasons(report: &PhaseReport) -> String {
+    let reasons: Vec<&str> = report.cut.iter().map(cut_reason).collect();
+    reasons.join(",")
 }
 
 fn cut_reason(reason: &CutReason) -> &'static str {
