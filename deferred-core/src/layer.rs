@@ -130,14 +130,12 @@ where
         // `Deserialize` that panics is made an error, as in `ResponseFuture::poll`.
         let called =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.inner.call(invocation)));
-        let (inner, failed) = match called {
-            Ok(future) => (Some(Box::pin(future)), None),
-            Err(panic) => (None, Some(panicked(panic))),
+        let state = match called {
+            Ok(future) => Answer::Running(Box::pin(future)),
+            Err(panic) => Answer::Failed(panicked(panic)),
         };
         ResponseFuture {
-            inner,
-            failed,
-            claim: None,
+            state,
             core: self.core.clone(),
             request_id,
         }
@@ -197,15 +195,23 @@ fn inside_tracing_layer_check() {
 /// # }
 /// ```
 pub struct ResponseFuture<F> {
-    // Boxed so it can be dropped (closing the invocation's span) before the core is told.
-    inner: Option<Pin<Box<F>>>,
-    /// The runtime's stack panicked in `call`: the output, given once the core is told.
-    failed: Option<BoxError>,
-    /// After the response, rarely: the wait for the event of a job parked for it, with the
-    /// output to give once it is over.
-    claim: Option<(Claim, Result<(), BoxError>)>,
+    state: Answer<F>,
     core: Arc<Core>,
     request_id: String,
+}
+
+/// Where a [`ResponseFuture`] is in answering its invocation.
+enum Answer<F> {
+    /// The inner future runs. Boxed so it can be dropped (closing the invocation's span)
+    /// before the core is told.
+    Running(Pin<Box<F>>),
+    /// The runtime's stack panicked in `call`: the output, given once the core is told.
+    Failed(BoxError),
+    /// After the response, rarely: the wait for the event of a job parked for it, with the
+    /// output to give once it is over.
+    Claiming(Claim, Result<(), BoxError>),
+    /// The output was given.
+    Done,
 }
 
 type Claim = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -216,7 +222,7 @@ impl<F> std::fmt::Debug for ResponseFuture<F> {
             .field("request_id", &self.request_id)
             .field(
                 "responded",
-                &(self.inner.is_none() && self.failed.is_none()),
+                &matches!(self.state, Answer::Claiming(..) | Answer::Done),
             )
             .finish_non_exhaustive()
     }
@@ -229,43 +235,48 @@ where
     type Output = Result<(), BoxError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        if let Some((mut claim, output)) = self.claim.take() {
-            if claim.as_mut().poll(cx).is_pending() {
-                self.claim = Some((claim, output));
-                return Poll::Pending;
+        // `ResponseFuture` is `Unpin` (its inner future is boxed): its state can be moved.
+        let output = match std::mem::replace(&mut self.state, Answer::Done) {
+            Answer::Claiming(mut claim, output) => {
+                if claim.as_mut().poll(cx).is_pending() {
+                    self.state = Answer::Claiming(claim, output);
+                    return Poll::Pending;
+                }
+                return Poll::Ready(output);
             }
-            return Poll::Ready(output);
-        }
-        let output = if let Some(error) = self.failed.take() {
-            Err(error)
-        } else {
-            let Some(inner) = self.inner.as_mut() else {
-                return Poll::Ready(Ok(()));
-            };
-            // lambda_runtime catches the handler's panics only: one out of the rest of its
-            // stack (an answer whose `Serialize` panics, in its response layer) would unwind
-            // through here, the core never told, and out of the runtime loop, losing this
-            // invocation's deferred work. Made the error it is when that serialization fails
-            // with an `Err`: the loop ends with it, and `run` drains before it returns it.
-            let polled =
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.as_mut().poll(cx)));
-            match polled {
-                Ok(Poll::Pending) => return Poll::Pending,
-                Ok(Poll::Ready(output)) => output,
-                Err(panic) => Err(panicked(panic)),
+            Answer::Done => return Poll::Ready(Ok(())),
+            Answer::Failed(error) => Err(error),
+            Answer::Running(mut inner) => {
+                // lambda_runtime catches the handler's panics only: one out of the rest of its
+                // stack (an answer whose `Serialize` panics, in its response layer) would
+                // unwind through here, the core never told, and out of the runtime loop,
+                // losing this invocation's deferred work. Made the error it is when that
+                // serialization fails with an `Err`: the loop ends with it, and `run` drains
+                // before it returns it.
+                let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    inner.as_mut().poll(cx)
+                }));
+                match polled {
+                    Ok(Poll::Pending) => {
+                        self.state = Answer::Running(inner);
+                        return Poll::Pending;
+                    }
+                    Ok(Poll::Ready(output)) => output,
+                    Err(panic) => Err(panicked(panic)),
+                }
+                // `inner` is dropped here, closing the invocation's span before the core is told.
             }
         };
-        self.inner = None;
         if !self.core.responded(&self.request_id) {
             return Poll::Ready(output);
         }
         // The job waits for an INVOKE event that has not arrived: wait for it here, after the
         // response and before the runtime's next `/next`, so nothing is frozen meanwhile.
         let (core, request_id) = (self.core.clone(), self.request_id.clone());
-        self.claim = Some((
+        self.state = Answer::Claiming(
             Box::pin(async move { core.claim_parked(&request_id).await }),
             output,
-        ));
+        );
         self.poll(cx)
     }
 }
