@@ -899,8 +899,9 @@ impl DeferredHandle {
     /// without its event, outside the chain, and a kept call is then taken for dead and
     /// replaced. `after_restore` returns once this is settled (at most 1 s) and never fails;
     /// `before_snapshot` flushes what init produced (bounded by `flush_timeout`, then waits up
-    /// to one more for a flush it abandoned, so that none crosses the snapshot), so restored
-    /// environments do not export it again. Without the resource, an
+    /// to one more for a flush it abandoned, so that none crosses the snapshot; each at most
+    /// 30 s, as init, this hook included, must end within 130 s, or the function's timeout if
+    /// longer), so restored environments do not export it again. Without the resource, an
     /// `event/next` whose connection did not survive the snapshot is never answered: the first
     /// invocation after the restore then runs its deferred work inline and holds the
     /// environment until its deadline. Outside SnapStart the resource does nothing. When
@@ -908,6 +909,9 @@ impl DeferredHandle {
     /// registration made the extension acknowledge events), `after_restore` has nothing to
     /// re-establish, but `before_snapshot` still flushes.
     pub fn snapstart_resource(&self) -> Arc<dyn lambda_runtime::SnapStartResource> {
+        let snap_start =
+            std::env::var("AWS_LAMBDA_INITIALIZATION_TYPE").as_deref() == Ok("snap-start");
+        say_snapshot_flush_capped(&self.core.config, snap_start);
         Arc::new(crate::snapstart::SnapStartHook::new(
             self.core.clone(),
             crate::snapstart::Restores::global(),
@@ -1036,6 +1040,29 @@ pub(crate) fn say_past_the_grace(config: &Config, registered: bool, in_lambda: b
              a final flush still running then is killed, and the spans it carries are lost"
         );
     }
+}
+
+/// Says, where the SnapStart resource is made under SnapStart, that the flush before the
+/// snapshot does not get all of `flush_timeout`, if it does not (see [`snapshot_flush_capped`]).
+fn say_snapshot_flush_capped(config: &Config, snap_start: bool) {
+    if let Some(limit) = snapshot_flush_capped(config, snap_start) {
+        tracing::info!(
+            target: "deferred",
+            flush_timeout = ?config.flush_timeout,
+            ?limit,
+            "SnapStart: the flush before the snapshot gets at most {limit:?}, not all of \
+             flush_timeout, and as long again for a flush it abandons: init, before_snapshot \
+             included, must end within 130 s (or the function's timeout if longer)"
+        );
+    }
+}
+
+/// The limit that caps the flush of `before_snapshot` under SnapStart
+/// ([`SNAPSHOT_FLUSH_LIMIT`](crate::snapstart::SNAPSHOT_FLUSH_LIMIT)), when `flush_timeout` is
+/// longer and there is a flush.
+fn snapshot_flush_capped(config: &Config, snap_start: bool) -> Option<Duration> {
+    let limit = crate::snapstart::SNAPSHOT_FLUSH_LIMIT;
+    (snap_start && !config.flushers.is_empty() && config.flush_timeout > limit).then_some(limit)
 }
 
 /// How long Lambda lets a runtime with an internal extension run after SIGTERM before it
@@ -1228,6 +1255,26 @@ mod tests {
         }
         let longest = Duration::from_secs(15 * 60) - Duration::from_millis(1);
         assert_eq!(refused(Deferred::new().safety_margin(longest)), None);
+    }
+
+    /// Under SnapStart, a `flush_timeout` longer than the flush before the snapshot may take
+    /// is said where the SnapStart resource is made; not outside SnapStart, nor without a
+    /// flusher.
+    #[test]
+    fn a_flush_timeout_past_the_snapshot_flush_limit_is_said_under_snapstart() {
+        let limit = crate::snapstart::SNAPSHOT_FLUSH_LIMIT;
+        let config = |timeout| {
+            Deferred::new()
+                .flush(crate::flush_fn("f", || Ok::<(), String>(())))
+                .flush_timeout(timeout)
+                .config
+        };
+        let long = config(limit + Duration::from_secs(1));
+        assert_eq!(snapshot_flush_capped(&long, true), Some(limit));
+        assert_eq!(snapshot_flush_capped(&config(limit), true), None);
+        assert_eq!(snapshot_flush_capped(&long, false), None);
+        let no_flusher = Deferred::new().flush_timeout(limit * 2).config;
+        assert_eq!(snapshot_flush_capped(&no_flusher, true), None);
     }
 
     /// Lambda kills the runtime 500 ms after SIGTERM when an internal extension is registered:

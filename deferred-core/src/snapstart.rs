@@ -89,6 +89,16 @@ pub(crate) const PROBE_WINDOW: Duration = Duration::from_millis(200);
 /// hooks 10 s ("SnapStart runtime hooks": `SnapStartTimeoutException`).
 pub(crate) const SETTLE_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// The longest the flush before the snapshot may take, and again the wait for a flush it
+/// abandoned: `before_snapshot` ends within twice this, whatever `flush_timeout` says. Under
+/// SnapStart, init, this hook included, must end within 130 s or the function's timeout if
+/// longer (AWS, "Lambda SnapStart runtime hooks"); the function's timeout is not known here,
+/// and the init code before the hook counts too. A hook past that fails init, and with it
+/// the snapshot; capped, the worst is init's telemetry exported by every
+/// restored environment (which the hook then warns of). A flush of init's telemetry that
+/// takes this long is a stalled exporter.
+pub(crate) const SNAPSHOT_FLUSH_LIMIT: Duration = Duration::from_secs(30);
+
 /// The restores of this process, as the `after_restore` hook announces them and the chain
 /// settles them.
 #[derive(Debug)]
@@ -389,8 +399,8 @@ impl SnapStartResource for SnapStartHook {
     /// Flushes what init produced, so it is exported once, not once by every environment
     /// restored from the snapshot (each restored copy would otherwise find the same spans in
     /// its batch processor). Bounded by `flush_timeout`, then up to one more for a flush it
-    /// abandoned to return (one still running would resume in every restored copy); never
-    /// fails. The chain's
+    /// abandoned to return (one still running would resume in every restored copy), each at
+    /// most [`SNAPSHOT_FLUSH_LIMIT`] (init's time limit); never fails. The chain's
     /// `event/next` stays as it is: it must be in flight when the snapshot is taken (init is
     /// complete only then), and no deferred work exists before the first invocation.
     fn before_snapshot(&self) -> BoxFuture<'_, Result<(), Error>> {
@@ -399,8 +409,9 @@ impl SnapStartResource for SnapStartHook {
             if flushers.is_empty() {
                 return Ok(());
             }
+            let timeout = self.core.config.flush_timeout.min(SNAPSHOT_FLUSH_LIMIT);
             let now = tokio::time::Instant::now();
-            let end = now + self.core.config.flush_timeout;
+            let end = now + timeout;
             let mut cut = Vec::new();
             let flushes = crate::phase::run_flushes(flushers, end, now, &mut cut).await;
             let failed: Vec<_> = flushes
@@ -415,10 +426,9 @@ impl SnapStartResource for SnapStartHook {
             }
             // A flush abandoned at `flush_timeout` would cross the snapshot and resume in every
             // restored environment (re-exporting init's telemetry, on a connection from before
-            // the snapshot). Init may take 130 s under SnapStart, or the function timeout if
-            // longer, this hook included (AWS, "Lambda SnapStart runtime hooks"): give it one
-            // more `flush_timeout` to return.
-            let grace = tokio::time::Instant::now() + self.core.config.flush_timeout;
+            // the snapshot): give it one more `flush_timeout` to return, within init's limit
+            // (see `SNAPSHOT_FLUSH_LIMIT`).
+            let grace = tokio::time::Instant::now() + timeout;
             for flusher in flushers {
                 flusher.wait_returned(grace).await;
             }
@@ -501,6 +511,56 @@ mod tests {
             !flusher.is_busy(),
             "the abandoned flush returned before the snapshot"
         );
+    }
+
+    /// A long `flush_timeout` (15 minutes) and a flush that never returns: the hook still ends
+    /// within twice [`SNAPSHOT_FLUSH_LIMIT`], inside the 130 s that init, this hook included,
+    /// may take under SnapStart. Found by review: it took 2 x `flush_timeout` (30 minutes),
+    /// and init past its limit fails, with no snapshot.
+    #[tokio::test(start_paused = true)]
+    async fn the_flush_before_the_snapshot_ends_within_inits_limit() {
+        let (release, stuck) = std::sync::mpsc::channel::<()>();
+        let stuck = Mutex::new(stuck);
+        let flusher = crate::flush::Flusher::new(crate::flush_fn("stuck", move || {
+            // Until the test ends (the runtime waits for its blocking threads).
+            let _ = stuck.lock().expect("stuck").recv();
+            Ok::<(), String>(())
+        }));
+        let core = Core::new(
+            Config {
+                flushers: vec![flusher.clone()],
+                flush_timeout: crate::phase::MAX_FUNCTION_TIMEOUT,
+                phase_telemetry: false,
+                ..Config::default()
+            },
+            Mode::Extension,
+        );
+        let hook = Arc::new(SnapStartHook::new(core, Restores::new()));
+        let started = tokio::time::Instant::now();
+        let snapshot = tokio::spawn({
+            let hook = hook.clone();
+            async move { hook.before_snapshot().await.is_ok() }
+        });
+        // The flush runs on a blocking thread, which stops the paused clock's auto-advance:
+        // moved by hand, a second at a time, for up to 3 minutes.
+        for _ in 0..180 {
+            if snapshot.is_finished() {
+                break;
+            }
+            tokio::time::advance(Duration::from_secs(1)).await;
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+        }
+        let took = started.elapsed();
+        assert!(snapshot.is_finished(), "still running after {took:?}");
+        assert!(snapshot.await.expect("hook"), "never fails");
+        assert!(
+            took <= 2 * SNAPSHOT_FLUSH_LIMIT + Duration::from_secs(2),
+            "before_snapshot took {took:?}"
+        );
+        assert!(flusher.is_busy(), "the flush is abandoned, not returned");
+        drop(release);
     }
 
     /// Spans lost before the snapshot are said by the snapshot's hook, once, not by the first
