@@ -297,6 +297,16 @@ impl RestoreWatch {
                         "event/next: the call kept across the SnapStart restore is dead".into(),
                     ));
                 }
+                // Under Lambda's protocol this runs once per process, before any invocation:
+                // the snapshot is taken at the end of init, lambda_runtime runs the
+                // `after_restore` hooks once, before its loop (`run_restore_lifecycle`), and its
+                // first `invocation/next` follows them. So no phase has run or armed a call: the
+                // call here is the pre-snapshot one, its request out (init completes only once
+                // Lambda has it), and the probe is the one second request, by design; or a
+                // retry after that call failed, not out yet, which is replaced. A restore during
+                // a phase (one that has just armed, say) is not something Lambda does; should
+                // one come, a request out is raced the same way (Lambda refuses the probe while
+                // it counts that call), and one not out yet is replaced, not raced.
                 number = self.changed() => {
                     let out = reset_pool();
                     self.seen = number;
