@@ -550,7 +550,9 @@ impl Deferred {
     /// `deferred.flush.duration` (seconds). Scope `lambda-deferred`.
     ///
     /// They are recorded when the phase is over, so they leave with the *next* phase's
-    /// flush (or the final flush on SIGTERM): a phase cannot export its own span. Set the
+    /// flush (or the final flush on SIGTERM): a phase cannot export its own span. The final
+    /// flush's own ([`PhaseKind::Shutdown`](crate::PhaseKind::Shutdown)) has no flush after
+    /// it: on SIGTERM it is a log line (and an `on_report` call) only. Set the
     /// global providers (`opentelemetry::global::set_tracer_provider`,
     /// `set_meter_provider`) before the first invocation; without them this costs next to
     /// nothing.

@@ -4,7 +4,10 @@
 //! Everything is recorded after the phase, from its report, with the report's timestamps: the
 //! phase's own spans are still in the batch processor when the phase's flush ran, so they go
 //! out with the next phase's flush (or the final flush on SIGTERM). Recording after the fact
-//! keeps the phase itself free of telemetry work.
+//! keeps the phase itself free of telemetry work. The final flush's own report is recorded
+//! too, after the last flush: exported only by a flush after it (the providers' `shutdown`
+//! after `drain`), never on SIGTERM. Recorded before it, it could not say what the flush did,
+//! which is all it reports (`tests/final_report_telemetry.rs`).
 
 use std::borrow::Cow;
 use std::sync::OnceLock;

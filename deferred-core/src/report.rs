@@ -51,7 +51,12 @@ pub enum PhaseKind {
     /// INVOKE event the chain found out of step, and, on SIGTERM, the jobs of finished
     /// handlers still waiting for their response or INVOKE event.
     Background,
-    /// The final flush on SIGTERM.
+    /// The final flush: on SIGTERM, or [`DeferredHandle::shutdown`](crate::DeferredHandle::shutdown)
+    /// and [`drain`](crate::DeferredHandle::drain). Its report comes after the last flush: its
+    /// log line and the `on_report` hook show it, but its own span and metrics (phase
+    /// telemetry) cannot be in the flush they describe, and leave only with a flush after it
+    /// (the providers' `shutdown` as `main` returns, after `drain`); never on SIGTERM, where
+    /// the process exits after the final flush.
     Shutdown,
 }
 

@@ -155,8 +155,9 @@ pub(crate) async fn final_flush_after(
             flush.outcome = FlushOutcome::NotRun(NotStarted::NoShutdownTime.to_string());
         }
     }
-    // Its own spans and metrics cannot be exported (this was the last flush); its log line,
-    // the failure counter and `on_report` still see it.
+    // Its own spans and metrics are not in this flush (they say what it did): only a flush
+    // after it exports them (the providers' `shutdown` after `drain`; none after SIGTERM's).
+    // Its log line, the failure counter and `on_report` see it.
     core.finish(PhaseReport {
         request_id: String::new(),
         invocation_span: None,
