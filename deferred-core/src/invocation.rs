@@ -254,6 +254,69 @@ mod tests {
         assert_eq!(outcome(Some(100), Some(None)).await, TimedOut);
     }
 
+    /// A deferred handler called by a deferred action (a helper that is also a handler) runs
+    /// in the invocation's scope too: its actions join the queue and run in the same phase,
+    /// after the action that called it, and its `flush_timeout` counts for that phase's flush,
+    /// which comes after every action. It was ignored: the flush timeout was settled before
+    /// the actions ran.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_handler_called_by_an_action_joins_the_phase_and_its_flush_timeout_counts() {
+        let outcome = |builder: u64, nested: Option<u64>| {
+            let reports = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let seen = reports.clone();
+            let config = crate::Deferred::new()
+                .flush_timeout(Duration::from_millis(builder))
+                .flush(crate::flush_fn("slow", || {
+                    std::thread::sleep(Duration::from_millis(400));
+                    Ok::<(), String>(())
+                }))
+                .on_report(move |report| seen.lock().unwrap().push(report.clone()))
+                .config;
+            let core = Core::new(config, Mode::Inline);
+            let ran = Arc::new(AtomicUsize::new(0));
+            async move {
+                let in_action = ran.clone();
+                let options = Options {
+                    flush_timeout: Some(Duration::from_millis(100)),
+                };
+                run_on(core, invocation(), options, async move {
+                    defer(Some("calls a handler".into()), async move {
+                        let nested = Options {
+                            flush_timeout: nested.map(Duration::from_millis),
+                        };
+                        crate::scope::scope(invocation(), nested, async move {
+                            defer(Some("nested".into()), async move {
+                                in_action.fetch_add(1, Ordering::SeqCst);
+                            })
+                            .expect("queued on the invocation's queue");
+                        })
+                        .await;
+                    })
+                    .expect("queued");
+                })
+                .await;
+                let reports = reports.lock().unwrap();
+                assert_eq!(reports.len(), 1, "one phase for the invocation");
+                let names: Vec<_> = reports[0]
+                    .actions
+                    .iter()
+                    .map(|a| a.label.name.as_deref().unwrap_or_default().to_owned())
+                    .collect();
+                assert_eq!(names, ["calls a handler", "nested"]);
+                assert_eq!(ran.load(Ordering::SeqCst), 1, "the nested action ran");
+                reports[0].flushes[0].outcome.clone()
+            }
+        };
+        use crate::FlushOutcome::{Ok as Flushed, TimedOut};
+        // The handler's 100 ms alone would cut the 400 ms flush. The nested one's 2 s, or the
+        // builder's 2 s when it has none, gives it the time.
+        assert_eq!(outcome(150, Some(2000)).await, Flushed);
+        assert_eq!(outcome(2000, None).await, Flushed);
+        // Its 50 ms, or the builder's 150 ms: still cut.
+        assert_eq!(outcome(150, Some(50)).await, TimedOut);
+        assert_eq!(outcome(150, None).await, TimedOut);
+    }
+
     #[tokio::test]
     async fn without_start_actions_run_inline_before_returning() {
         let ran = Arc::new(AtomicUsize::new(0));

@@ -175,10 +175,12 @@ pub(crate) async fn run_actions_stage(
     if stopped && !flushers.is_empty() && !cut.contains(&CutReason::Shutdown) {
         cut.push(CutReason::Shutdown);
     }
+    // With the flush timeouts of deferred handlers that the actions called.
+    let flush_timeout = job.queue.flush_timeout_after_actions(job.flush_timeout);
     let flush_end = (!stopped).then(|| {
         // `checked_add`: however long `flush_timeout` is, it must not overflow the clock.
         Instant::now()
-            .checked_add(job.flush_timeout)
+            .checked_add(flush_timeout)
             .map_or(budget.end, |end| budget.end.min(end))
     });
     Staged {

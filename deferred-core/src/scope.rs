@@ -139,9 +139,13 @@ struct Actions {
     /// those of earlier calls in the invocation ([`Queue::after`]).
     pushed: usize,
     /// The `flush_timeout`s of deferred handlers called in this scope (a router calling its
-    /// route's handler): the invocation's one flush gets the longest of its handlers', as
-    /// when calls in a row join one phase ([`Job::join`](crate::phase::Job::join)).
+    /// route's handler, or an action calling a deferred handler): the invocation's one flush
+    /// gets the longest of its handlers', as when calls in a row join one phase
+    /// ([`Job::join`](crate::phase::Job::join)).
     nested: NestedFlush,
+    /// The builder's `flush_timeout`, once the job is made ([`Queue::flush_timeout`]): for a
+    /// handler without one of its own that an action calls later.
+    builder_flush: Option<Duration>,
     /// Of `pushed`, the earlier calls' (already counted where they are queued).
     before: usize,
     /// What a phase of this queue that was dropped before it reported had done (a timeout
@@ -215,11 +219,30 @@ impl Queue {
     /// The flush timeout of the invocation whose outermost handler asked for `own` (`None`:
     /// the builder's `default`): the longest of its handlers'.
     pub(crate) fn flush_timeout(&self, own: Option<Duration>, default: Duration) -> Duration {
-        let nested = lock(&self.actions).nested;
+        let nested = {
+            let mut actions = lock(&self.actions);
+            actions.builder_flush = Some(default);
+            actions.nested
+        };
         let own = own.unwrap_or(default);
         let nested_default = nested.default.then_some(default);
         own.max(nested.longest.unwrap_or_default())
             .max(nested_default.unwrap_or_default())
+    }
+
+    /// The flush timeout of this queue's phase once its actions have run: `settled` (the
+    /// job's), or longer if a deferred handler that an action called asked for more (or had
+    /// none of its own, and the builder's is longer). Such a call comes after the job was
+    /// made, and the flush comes after every action.
+    pub(crate) fn flush_timeout_after_actions(&self, settled: Duration) -> Duration {
+        let actions = lock(&self.actions);
+        let nested_default = actions
+            .builder_flush
+            .filter(|_| actions.nested.default)
+            .unwrap_or_default();
+        settled
+            .max(actions.nested.longest.unwrap_or_default())
+            .max(nested_default)
     }
 
     /// Actions queued so far, run or not (see [`Queue::after`]).
@@ -380,11 +403,12 @@ pub fn defer_or_panic<A: DeferredAction>(name: Option<Cow<'static, str>>, action
 
 /// Runs a handler's body in an invocation scope, then hands its queue to the core.
 ///
-/// A deferred handler called by another (a router calling the route's handler) runs in the
-/// caller's scope: its actions join the caller's queue and run in the invocation's one phase,
-/// after the caller's body, and its `flush_timeout` counts for that phase's flush (the longest
-/// of the invocation's handlers' applies). A scope of its own would hand a second queue over
-/// for the same invocation.
+/// A deferred handler called by another (a router calling the route's handler), or by one
+/// of its deferred actions, runs in the caller's scope: its actions join the caller's queue
+/// and run in the invocation's one phase (after the caller's body, or after the action that
+/// called it), and its `flush_timeout` counts for that phase's flush (the longest of the
+/// invocation's handlers' applies). A scope of its own would hand a second queue over for the
+/// same invocation.
 pub fn scope<F: Future>(
     invocation: Invocation,
     options: Options,
