@@ -131,10 +131,11 @@ use proc_macro::TokenStream;
 /// in the body point at your code, as they would without the attribute. A deferred handler
 /// called from another's body (a router calling its route's handler) joins the caller's
 /// invocation: its actions run in the invocation's one deferred phase, after the caller's body.
-/// Called from a deferred action, it joins that action's invocation the same way: its actions
-/// run in the same phase, after the action that called it. So does a deferred handler called several times in one invocation by an undecorated caller
+/// So does a deferred handler called several times in one invocation by an undecorated caller
 /// (a router calling it once per record), with the runtime layer (`Deferred::run`, or
 /// `layer()` on your own `Runtime`): every call's actions run in the one phase, in call order.
+/// One called from a deferred action joins that action's phase: its actions run after the
+/// action that called it.
 /// Under `Deferred::start` the phase begins when the first call returns, so the later calls'
 /// actions run inline, before the response (said once in the log). Either way the phase's
 /// one flush gets the longest `flush_timeout` of the handlers called in the invocation.
