@@ -357,6 +357,18 @@ pub(crate) struct InFlight {
 }
 
 impl InFlight {
+    /// Counts a call of extension `id` of environment `generation`, taken in restore epoch
+    /// `epoch`.
+    fn new(shared: &Arc<Shared>, id: &str, generation: u64, epoch: u64) -> Self {
+        Self {
+            shared: shared.clone(),
+            id: id.to_owned(),
+            generation,
+            epoch,
+            answered: false,
+        }
+    }
+
     /// The call got its answer (or its environment was reset): not abandoned by the client.
     pub(crate) fn answered(&mut self) {
         self.answered = true;
@@ -775,14 +787,9 @@ impl Shared {
             // (`InternalAgentRunningState.Ready`) and never released; it ends with the process.
             let generation = inner.generation.wrapping_sub(1);
             drop(guard);
-            let in_flight = InFlight {
-                shared: self.clone(),
-                id: id.to_owned(),
-                generation,
-                epoch: self.restore_epoch(),
-                // Not an abandoned call when the process's end closes it.
-                answered: true,
-            };
+            let mut in_flight = InFlight::new(self, id, generation, self.restore_epoch());
+            // Not an abandoned call when the process's end closes it.
+            in_flight.answered();
             return Ok((Next::Never, in_flight));
         }
         let index = Self::find_extension(inner, id, "Ready")?;
@@ -861,14 +868,7 @@ impl Shared {
         self.try_complete(inner, now);
         self.bump();
         drop(guard);
-        let in_flight = InFlight {
-            shared: self.clone(),
-            id: id.to_owned(),
-            generation,
-            epoch,
-            answered: false,
-        };
-        Ok((next, in_flight))
+        Ok((next, InFlight::new(self, id, generation, epoch)))
     }
 
     /// `POST /extension/init/error` and `/exit/error`.
