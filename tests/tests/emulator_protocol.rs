@@ -395,18 +395,70 @@ async fn missing_invalid_and_unknown_extension_identifiers_are_refused() {
     }
 }
 
+/// chi's plain 404 (Go's `http.NotFound`), as RAPID's router answers an unknown path.
+#[track_caller]
+fn assert_not_found(reply: &Reply) {
+    assert_eq!(reply.status, 404, "{reply:?}");
+    assert_eq!(&reply.body[..], b"404 page not found\n");
+    assert_eq!(reply.header("content-type"), "text/plain; charset=utf-8");
+    assert_eq!(reply.header("x-content-type-options"), "nosniff");
+}
+
+/// chi's 405: an empty body, and the route's methods in `Allow`.
+#[track_caller]
+fn assert_method_not_allowed(reply: &Reply, allowed: &[&str]) {
+    assert_eq!(reply.status, 405, "{reply:?}");
+    assert!(reply.body.is_empty(), "{reply:?}");
+    assert!(reply.headers.get("content-type").is_none(), "{reply:?}");
+    let allow: Vec<_> = reply
+        .headers
+        .get_all("allow")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    assert_eq!(allow, allowed, "{reply:?}");
+}
+
+/// Unknown paths and methods get chi's plain answers, as from RAPID's router; the API's own
+/// errors are Lambda's JSON documents.
 #[tokio::test]
-async fn errors_are_json_and_unknown_paths_are_404() {
+async fn unknown_paths_and_methods_get_the_routers_plain_answers() {
     let (_emu, addr) = start(EmulatorConfig::default()).await;
-    call(&addr, Method::GET, "/nope", &[], "")
-        .await
-        .assert_error(404, "NotFound");
-    call(&addr, Method::GET, "/2018-06-01/runtime/unknown", &[], "")
-        .await
-        .assert_error(404, "NotFound");
-    call(&addr, Method::GET, REGISTER, &[], "")
-        .await
-        .assert_error(405, "MethodNotAllowed");
+    assert_not_found(&call(&addr, Method::GET, "/nope", &[], "").await);
+    assert_not_found(&call(&addr, Method::GET, "/2018-06-01/runtime/unknown", &[], "").await);
+    assert_not_found(
+        &call(
+            &addr,
+            Method::POST,
+            "/2020-01-01/extension/unknown",
+            &[],
+            "",
+        )
+        .await,
+    );
+    assert_method_not_allowed(
+        &call(&addr, Method::GET, REGISTER, &[], "").await,
+        &["POST"],
+    );
+    assert_method_not_allowed(&call(&addr, Method::POST, NEXT, &[], "").await, &["GET"]);
+    assert_method_not_allowed(
+        &call(&addr, Method::HEAD, EVENT_NEXT, &[], "").await,
+        &["GET"],
+    );
+    assert_method_not_allowed(
+        &call(
+            &addr,
+            Method::GET,
+            "/2018-06-01/runtime/invocation/x/response",
+            &[],
+            "",
+        )
+        .await,
+        &["POST"],
+    );
+    // A method chi does not route is a 405 whatever the path.
+    let custom = Method::from_bytes(b"BREW").expect("method");
+    assert_method_not_allowed(&call(&addr, custom, "/nope", &[], "").await, &[]);
     // RIE's AwsRequestIDValidator: an id that is not the current invocation's is a 400.
     call(
         &addr,
@@ -1779,16 +1831,14 @@ async fn a_restore_error_fails_the_restore() {
     assert_eq!(emu.stats().init_failures, 1);
 }
 
-/// Outside SnapStart `/restore/next` is refused (Lambda would never answer it).
+/// Outside SnapStart the restore routes do not exist (RAPID's router registers them for
+/// SnapStart only).
 #[tokio::test]
-async fn restore_next_is_refused_outside_snap_start() {
+async fn restore_routes_are_unknown_outside_snap_start() {
     let (_emu, addr) = start(EmulatorConfig::default()).await;
-    call(&addr, Method::GET, RESTORE_NEXT, &[], "")
-        .await
-        .assert_error(403, "InvalidStateTransition");
-    call(&addr, Method::POST, RESTORE_NEXT, &[], "")
-        .await
-        .assert_error(405, "MethodNotAllowed");
+    assert_not_found(&call(&addr, Method::GET, RESTORE_NEXT, &[], "").await);
+    assert_not_found(&call(&addr, Method::POST, RESTORE_NEXT, &[], "").await);
+    assert_not_found(&call(&addr, Method::POST, RESTORE_ERROR, &[], "{}").await);
 }
 
 /// A child under SnapStart gets `AWS_LAMBDA_INITIALIZATION_TYPE=snap-start` and stays frozen

@@ -138,7 +138,8 @@ pub(crate) async fn init_error(shared: &Arc<Shared>, req: Request<Incoming>) -> 
 /// `GET /runtime/restore/next` (SnapStart): the runtime's init is done; the call blocks while
 /// the snapshot is taken and is answered (200, empty body) after the restore, on this very
 /// connection (RIE `rapi/handler/restorenext.go`, `rendering.RestoreRenderer`). 403
-/// `InvalidStateTransition` outside SnapStart, or once the runtime has left init.
+/// `InvalidStateTransition` once the runtime has left init; outside SnapStart the route does
+/// not exist (404, see `server::route`).
 pub(crate) async fn restore_next(shared: &Arc<Shared>, conn: &ConnTag) -> HandlerResult {
     // The restore answers this call, so its connection survives whatever the restore does to
     // the others.

@@ -9,7 +9,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{CONTENT_TYPE, HeaderName, HeaderValue};
+use http::header::{ALLOW, CONTENT_TYPE, HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
@@ -33,6 +33,19 @@ pub(crate) type HandlerResult = Result<Response<Body>, io::Error>;
 
 const RUNTIME: &str = "/2018-06-01/runtime";
 const EXTENSION: &str = "/2020-01-01/extension";
+
+/// The methods chi routes (`methodMap` in go-chi/chi mux.go); any other gets a 405.
+const CHI_METHODS: [Method; 9] = [
+    Method::CONNECT,
+    Method::DELETE,
+    Method::GET,
+    Method::HEAD,
+    Method::OPTIONS,
+    Method::PATCH,
+    Method::POST,
+    Method::PUT,
+    Method::TRACE,
+];
 
 /// Accepts connections until the task is aborted (when the last `Emulator` handle drops).
 pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
@@ -133,18 +146,33 @@ async fn dead(shared: &Shared, cut: Cut) -> HandlerResult {
     Err(io::Error::other("connection cut by the SnapStart restore"))
 }
 
+/// Routes as RAPID's routers do (aws-lambda-runtime-interface-emulator, lambda/rapi/server.go
+/// and router.go: chi routers mounted under the API versions): a method chi does not know is a
+/// 405 whatever the path, a path with no route a 404, a route without this method a 405; both
+/// are chi's plain default answers (see [`not_found`]), not Lambda's JSON error document.
 async fn route(shared: &Arc<Shared>, conn: &ConnTag, req: Request<Incoming>) -> HandlerResult {
     let method = req.method().clone();
+    if !CHI_METHODS.contains(&method) {
+        return Ok(method_not_allowed(&[]));
+    }
     let path = req.uri().path().to_owned();
     if let Some(rest) = path.strip_prefix(RUNTIME) {
+        // The restore routes exist only under SnapStart (router.go registers them for
+        // `appctx.InitCaching` only): elsewhere they are unknown paths.
+        let snap_start = shared.config.snap_start;
         return match (rest, &method) {
             ("/invocation/next", &Method::GET) => runtime_api::next(shared).await,
             ("/init/error", &Method::POST) => runtime_api::init_error(shared, req).await,
-            ("/restore/next", &Method::GET) => runtime_api::restore_next(shared, conn).await,
-            ("/restore/error", &Method::POST) => runtime_api::restore_error(shared, req).await,
-            ("/invocation/next" | "/init/error" | "/restore/next" | "/restore/error", _) => {
-                Ok(method_not_allowed())
+            ("/restore/next", &Method::GET) if snap_start => {
+                runtime_api::restore_next(shared, conn).await
             }
+            ("/restore/error", &Method::POST) if snap_start => {
+                runtime_api::restore_error(shared, req).await
+            }
+            ("/invocation/next", _) => Ok(method_not_allowed(&[Method::GET])),
+            ("/restore/next", _) if snap_start => Ok(method_not_allowed(&[Method::GET])),
+            ("/init/error", _) => Ok(method_not_allowed(&[Method::POST])),
+            ("/restore/error", _) if snap_start => Ok(method_not_allowed(&[Method::POST])),
             _ => match invocation_path(rest) {
                 Some((id, "response")) if method == Method::POST => {
                     runtime_api::response(shared, &id, req).await
@@ -152,7 +180,7 @@ async fn route(shared: &Arc<Shared>, conn: &ConnTag, req: Request<Incoming>) -> 
                 Some((id, "error")) if method == Method::POST => {
                     runtime_api::error(shared, &id, req).await
                 }
-                Some((_, "response" | "error")) => Ok(method_not_allowed()),
+                Some((_, "response" | "error")) => Ok(method_not_allowed(&[Method::POST])),
                 _ => Ok(not_found()),
             },
         };
@@ -167,15 +195,16 @@ async fn route(shared: &Arc<Shared>, conn: &ConnTag, req: Request<Incoming>) -> 
             ("/exit/error", &Method::POST) => {
                 extensions_api::error(shared, req, ExtensionErrorKind::Exit).await
             }
-            ("/register" | "/event/next" | "/init/error" | "/exit/error", _) => {
-                Ok(method_not_allowed())
+            ("/event/next", _) => Ok(method_not_allowed(&[Method::GET])),
+            ("/register" | "/init/error" | "/exit/error", _) => {
+                Ok(method_not_allowed(&[Method::POST]))
             }
             _ => Ok(not_found()),
         };
     }
     match (path.as_str(), &method) {
         ("/__testkit/mark", &Method::POST) => mark(shared, req).await,
-        ("/__testkit/mark", _) => Ok(method_not_allowed()),
+        ("/__testkit/mark", _) => Ok(method_not_allowed(&[Method::POST])),
         _ => Ok(not_found()),
     }
 }
@@ -284,16 +313,34 @@ pub(crate) fn accepted_or(result: Result<(), ApiError>) -> Response<Body> {
     }
 }
 
+/// chi's default 404 (`http.NotFound`): plain text, `X-Content-Type-Options: nosniff`
+/// (router_test.go, `Test404PageNotFound`: the body is `404 page not found\n`).
 fn not_found() -> Response<Body> {
-    error(&ApiError::new(404, "NotFound", "Not found"))
+    let mut response = Response::new(full("404 page not found\n"));
+    *response.status_mut() = StatusCode::NOT_FOUND;
+    let headers = response.headers_mut();
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    headers.insert(
+        HeaderName::from_static("x-content-type-options"),
+        HeaderValue::from_static("nosniff"),
+    );
+    response
 }
 
-fn method_not_allowed() -> Response<Body> {
-    error(&ApiError::new(
-        405,
-        "MethodNotAllowed",
-        "Method not allowed",
-    ))
+/// chi's default 405 (`methodNotAllowedHandler`): an empty body and an `Allow` header per
+/// method the route has (none for a method chi does not know).
+fn method_not_allowed(allowed: &[Method]) -> Response<Body> {
+    let mut response = Response::new(full(Bytes::new()));
+    *response.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+    for method in allowed {
+        if let Ok(value) = HeaderValue::from_str(method.as_str()) {
+            response.headers_mut().append(ALLOW, value);
+        }
+    }
+    response
 }
 
 /// A body that declares its full length, sends the first half, then fails: hyper then closes

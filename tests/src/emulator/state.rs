@@ -1245,9 +1245,8 @@ impl Shared {
         } else {
             "RestoreRunning"
         };
-        // Outside SnapStart Lambda would never answer it (no restore comes): refused here
-        // instead, so a wrongly configured runtime fails fast.
-        if !self.config.snap_start || state != "Started" {
+        // Outside SnapStart the route does not exist (the router answers 404).
+        if state != "Started" {
             return Err(ApiError::runtime_state(state, "RestoreReady"));
         }
         // Registration closes when the runtime is restore-ready (RIE `doRuntimeDomainInit`:
