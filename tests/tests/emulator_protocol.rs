@@ -359,6 +359,48 @@ async fn internal_extensions_cannot_subscribe_to_shutdown_and_events_are_validat
     .assert_error(403, "InvalidRequestFormat");
 }
 
+/// The register body is read as RAPID reads it (agentregister.go, `parseRegister`): unknown
+/// fields and a `null` event list pass, a non-empty `configurationKeys` is refused.
+#[tokio::test]
+async fn a_register_body_with_configuration_keys_is_refused() {
+    let (emu, addr) = start(EmulatorConfig::default()).await;
+    let register_with = |name: &'static str, body: &'static str| {
+        let addr = addr.clone();
+        async move {
+            call(
+                &addr,
+                Method::POST,
+                REGISTER,
+                &[("Lambda-Extension-Name", name)],
+                body,
+            )
+            .await
+        }
+    };
+    let reply = register_with(
+        "ext-keys",
+        r#"{"events":["INVOKE"],"configurationKeys":["KEY"]}"#,
+    )
+    .await;
+    reply.assert_error(403, "InvalidRequestFormat");
+    assert_eq!(
+        reply.json()["errorMessage"],
+        "configurationKeys are deprecated; use environment variables instead"
+    );
+    let reply = register_with(
+        "ext-no-keys",
+        r#"{"events":["INVOKE"],"configurationKeys":[],"other":1}"#,
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    let reply = register_with("ext-null", r#"{"events":null}"#).await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(
+        emu.extensions(),
+        vec!["ext-no-keys".to_owned(), "ext-null".to_owned()]
+    );
+}
+
 #[tokio::test]
 async fn more_than_ten_extensions_are_refused() {
     let (_emu, addr) = start(EmulatorConfig::default()).await;

@@ -19,10 +19,32 @@ use super::state::{
     ACCOUNT_ID, ApiError, ExtEvent, ExtensionErrorKind, FUNCTION_VERSION, HANDLER, Next, Shared,
 };
 
+/// The register body as RAPID reads it (aws-lambda-runtime-interface-emulator,
+/// lambda/rapi/handler/agentregister.go, `parseRegister`): Go's `encoding/json` ignores
+/// unknown fields and reads `null` as an empty list, but a non-empty `configurationKeys` is
+/// refused.
 #[derive(Debug, Deserialize)]
 struct RegisterBody {
     #[serde(default)]
-    events: Vec<String>,
+    events: Option<Vec<String>>,
+    #[serde(default, rename = "configurationKeys")]
+    configuration_keys: Option<Vec<String>>,
+}
+
+impl RegisterBody {
+    /// The events, or RAPID's `InvalidRequestFormat` message.
+    fn parse(body: &[u8]) -> Result<Vec<String>, String> {
+        let parsed = serde_json::from_slice::<RegisterBody>(body).map_err(|e| e.to_string())?;
+        if parsed
+            .configuration_keys
+            .is_some_and(|keys| !keys.is_empty())
+        {
+            return Err(
+                "configurationKeys are deprecated; use environment variables instead".into(),
+            );
+        }
+        Ok(parsed.events.unwrap_or_default())
+    }
 }
 
 async fn apply_delay(shared: &Shared) {
@@ -68,12 +90,12 @@ pub(crate) async fn register(shared: &Arc<Shared>, req: Request<Incoming>) -> Ha
         Err(_) => Bytes::new(),
     };
     // RIE answers an unreadable body with 403 InvalidRequestFormat (agentregister.go), not 400.
-    let events = match serde_json::from_slice::<RegisterBody>(&body) {
-        Ok(parsed) => parsed.events,
-        Err(e) => {
+    let events = match RegisterBody::parse(&body) {
+        Ok(events) => events,
+        Err(message) => {
             return Ok(server::error(&ApiError::forbidden(
                 "InvalidRequestFormat",
-                e.to_string(),
+                message,
             )));
         }
     };
