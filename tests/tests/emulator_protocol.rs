@@ -515,6 +515,8 @@ async fn unknown_paths_and_methods_get_the_routers_plain_answers() {
 
 // ----- Extensions API: errors ------------------------------------------------------------------
 
+/// After an exit error the extension may make no further call, except the same error again:
+/// RAPID takes it (202) and keeps the first (core/externalagent_states.go, the ExitError state).
 #[tokio::test]
 async fn an_extension_that_reported_an_exit_error_may_make_no_further_call() {
     let (emu, addr) = start(EmulatorConfig::default()).await;
@@ -533,7 +535,10 @@ async fn an_extension_that_reported_an_exit_error_may_make_no_further_call() {
     call(&addr, Method::GET, EVENT_NEXT, &with_id, "")
         .await
         .assert_error(403, "Extension.InvalidExtensionState");
-    call(&addr, Method::POST, EXT_EXIT_ERROR, &headers, "")
+    let again = call(&addr, Method::POST, EXT_EXIT_ERROR, &headers, "").await;
+    assert_eq!(again.status, 202, "{again:?}");
+    assert_eq!(again.json(), json!({ "status": "OK" }));
+    call(&addr, Method::POST, EXT_INIT_ERROR, &headers, "")
         .await
         .assert_error(403, "Extension.InvalidExtensionState");
     // The environment failed during init: the invoke reports it.
@@ -558,11 +563,19 @@ async fn an_extension_init_error_fails_init() {
     ];
     let reply = call(&addr, Method::POST, EXT_INIT_ERROR, &headers, "").await;
     assert_eq!(reply.status, 202, "{reply:?}");
+    // The same error again is taken and changes nothing (RAPID's InitError state); an exit
+    // error is refused.
+    let again = call(&addr, Method::POST, EXT_INIT_ERROR, &headers, "").await;
+    assert_eq!(again.status, 202, "{again:?}");
+    call(&addr, Method::POST, EXT_EXIT_ERROR, &headers, "")
+        .await
+        .assert_error(403, "Extension.InvalidExtensionState");
     let result = within(emu.invoke("x")).await;
     assert!(
         matches!(&result.outcome, InvokeOutcome::InitError(m) if m.contains("Extension.ConfigInvalid")),
         "{result:?}"
     );
+    assert_eq!(emu.stats().init_failures, 1);
 }
 
 // ----- Runtime API ------------------------------------------------------------------------------
@@ -723,6 +736,10 @@ async fn a_runtime_init_error_fails_init() {
     .await;
     assert_eq!(reply.status, 202);
     assert_eq!(reply.json(), json!({ "status": "OK" }));
+    // A second one is refused: RAPID's InitError state allows no transition.
+    call(&addr, Method::POST, INIT_ERROR, &[], "{}")
+        .await
+        .assert_error(403, "InvalidStateTransition");
     let result = within(emu.invoke("x")).await;
     assert!(
         matches!(&result.outcome, InvokeOutcome::InitError(m) if m.contains("Runtime.Broken")),

@@ -221,7 +221,8 @@ pub(crate) async fn next(shared: &Arc<Shared>, req: Request<Incoming>) -> Handle
 }
 
 /// `POST /extension/init/error` and `/exit/error` -> 202; then the extension may make no more
-/// calls (403 InvalidExtensionState) and the environment fails.
+/// calls (403 InvalidExtensionState) but the same error again (202, changes nothing), and the
+/// environment fails.
 pub(crate) async fn error(
     shared: &Arc<Shared>,
     req: Request<Incoming>,

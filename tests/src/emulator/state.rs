@@ -156,6 +156,17 @@ pub(crate) enum ExtensionErrorKind {
     Exit,
 }
 
+impl ExtensionErrorKind {
+    /// The agent state the call moves to (RAPID's `AgentInitErrorStateName`,
+    /// `AgentExitErrorStateName`).
+    fn state(self) -> &'static str {
+        match self {
+            ExtensionErrorKind::Init => "InitError",
+            ExtensionErrorKind::Exit => "ExitError",
+        }
+    }
+}
+
 /// How the runtime answered an invocation.
 #[derive(Debug)]
 pub(crate) enum Answer {
@@ -222,7 +233,8 @@ struct Extension {
     external: bool,
     invoke: bool,
     shutdown: bool,
-    errored: bool,
+    /// The error it reported, if any: it is then in that terminal state.
+    error: Option<ExtensionErrorKind>,
     /// Called `event/next` at least once (init progress).
     called_next: bool,
     in_flight: usize,
@@ -301,8 +313,8 @@ struct Inner {
     init_error: Option<String>,
     runtime: RuntimeSlot,
     extensions: Vec<Extension>,
-    /// Identifiers of extensions of earlier generations, and whether they had errored.
-    retired: HashMap<String, bool>,
+    /// Identifiers of extensions of earlier generations, and the error each had reported.
+    retired: HashMap<String, Option<ExtensionErrorKind>>,
     active: Vec<Active>,
     timelines: Vec<Timeline>,
     loose_marks: Vec<(String, Instant)>,
@@ -675,6 +687,12 @@ impl Shared {
         if inner.stale_caller() {
             return Err(ApiError::runtime_state("Running", "InitError"));
         }
+        // Init failed and no invoke has re-run it yet: the runtime is still in state
+        // InitError, which allows no transition, not even to itself (lambda/core/states.go,
+        // `RuntimeInitErrorState.InitError`; rapi/handler/initerror.go answers 403).
+        if inner.init_error.is_some() {
+            return Err(ApiError::runtime_state("InitError", "InitError"));
+        }
         if inner.runtime.called_next || inner.phase != Phase::Init {
             return Err(ApiError::runtime_state("Ready", "InitError"));
         }
@@ -742,7 +760,7 @@ impl Shared {
             external,
             invoke,
             shutdown,
-            errored: false,
+            error: None,
             called_next: false,
             in_flight: 0,
             waiters: VecDeque::new(),
@@ -756,19 +774,19 @@ impl Shared {
     /// Finds a live extension by identifier, or the error Lambda answers for it.
     fn find_extension(inner: &Inner, id: &str, to: &str) -> Result<usize, ApiError> {
         match inner.extensions.iter().position(|e| e.id == id) {
-            Some(i) if inner.extensions[i].errored => {
-                Err(ApiError::extension_state("Error", to, id))
-            }
-            Some(i) => Ok(i),
+            Some(i) => match inner.extensions[i].error {
+                Some(kind) => Err(ApiError::extension_state(kind.state(), to, id)),
+                None => Ok(i),
+            },
             // An extension that reported an error stays in an error state: any later call is
             // refused with InvalidExtensionState ("after that the extension may make no call").
-            None if inner.retired.get(id).copied().unwrap_or(false) => {
-                Err(ApiError::extension_state("Error", to, id))
-            }
-            None => Err(ApiError::forbidden(
-                "Extension.UnknownExtensionIdentifier",
-                format!("Unknown extension {id}"),
-            )),
+            None => match inner.retired.get(id) {
+                Some(Some(kind)) => Err(ApiError::extension_state(kind.state(), to, id)),
+                _ => Err(ApiError::forbidden(
+                    "Extension.UnknownExtensionIdentifier",
+                    format!("Unknown extension {id}"),
+                )),
+            },
         }
     }
 
@@ -780,7 +798,7 @@ impl Shared {
         let now = Instant::now();
         let mut guard = self.lock();
         let inner = &mut *guard;
-        if inner.stale_caller() && inner.retired.get(id) == Some(&false) {
+        if inner.stale_caller() && inner.retired.get(id) == Some(&None) {
             // An extension of an environment already reset, whose process runs out its grace:
             // RAPID still has it registered (the registrations are cleared only once the
             // shutdown is over, `reinitialize`), so its call is taken and suspended
@@ -880,16 +898,25 @@ impl Shared {
     ) -> Result<(), ApiError> {
         let mut guard = self.lock();
         let inner = &mut *guard;
-        let to = match kind {
-            ExtensionErrorKind::Init => "InitError",
-            ExtensionErrorKind::Exit => "ExitError",
+        let to = kind.state();
+        // The same error again is taken and changes nothing: "multiple calls are allowed, but
+        // only the first submitted error is accepted" (aws-lambda-runtime-interface-emulator,
+        // lambda/core/externalagent_states.go and internalagent_states.go: the InitError and
+        // ExitError states allow that one transition, to themselves; the handlers,
+        // rapi/handler/agentiniterror.go and agentexiterror.go, answer 202).
+        let reported = match inner.extensions.iter().find(|e| e.id == id) {
+            Some(ext) => ext.error,
+            None => inner.retired.get(id).copied().flatten(),
         };
+        if reported == Some(kind) {
+            return Ok(());
+        }
         let index = Self::find_extension(inner, id, to)?;
         let ext = &mut inner.extensions[index];
         if kind == ExtensionErrorKind::Init && ext.called_next {
             return Err(ApiError::extension_state("Ready", to, id));
         }
-        ext.errored = true;
+        ext.error = Some(kind);
         ext.waiters.clear();
         let name = ext.name.clone();
         if inner.phase == Phase::Init {
@@ -990,7 +1017,10 @@ impl Shared {
         let extension_deadline_ms =
             deadline_ms.saturating_add_signed(self.config.extension_deadline_skew_ms);
         let mut subscribers = Vec::new();
-        for ext in extensions.iter_mut().filter(|e| e.invoke && !e.errored) {
+        for ext in extensions
+            .iter_mut()
+            .filter(|e| e.invoke && e.error.is_none())
+        {
             subscribers.push(ext.id.clone());
             let event = ExtEvent::Invoke {
                 request_id: request_id.clone(),
@@ -1100,7 +1130,7 @@ impl Shared {
                                 .extensions
                                 .iter()
                                 .find(|e| e.id == *id)
-                                .is_none_or(|e| e.errored || e.waiting())
+                                .is_none_or(|e| e.error.is_some() || e.waiting())
                         })));
             if done {
                 let mut active = inner.active.remove(i);
@@ -1148,7 +1178,10 @@ impl Shared {
         if inner.phase == Phase::Init
             && inner.init_error.is_none()
             && (inner.runtime.called_next || inner.runtime.waits_in_restore_next())
-            && inner.extensions.iter().all(|e| e.called_next && !e.errored)
+            && inner
+                .extensions
+                .iter()
+                .all(|e| e.called_next && e.error.is_none())
         {
             inner.stats.inits += 1;
             if self.config.snap_start {
@@ -1392,7 +1425,7 @@ impl Shared {
         inner.registration_open = true;
         inner.runtime = RuntimeSlot::default();
         for ext in inner.extensions.drain(..) {
-            inner.retired.insert(ext.id, ext.errored);
+            inner.retired.insert(ext.id, ext.error);
         }
         self.bump();
     }
@@ -1694,7 +1727,7 @@ impl Shared {
             for ext in inner
                 .extensions
                 .iter_mut()
-                .filter(|e| e.external && e.shutdown && !e.errored)
+                .filter(|e| e.external && e.shutdown && e.error.is_none())
             {
                 let event = ExtEvent::Shutdown {
                     reason: "SPINDOWN",
