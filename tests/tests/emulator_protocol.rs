@@ -998,7 +998,8 @@ async fn shutdown_goes_to_external_extensions_subscribed_to_it() {
     assert!(result.exit_status.is_none() && !result.killed);
     let event = joined(external_next).await.expect("SHUTDOWN event").json();
     assert_eq!(event["eventType"], "SHUTDOWN");
-    assert_eq!(event["shutdownReason"], "SPINDOWN");
+    // RAPID's reasons are lowercase (rapi/model/agentevent.go).
+    assert_eq!(event["shutdownReason"], "spindown");
     assert!(event["deadlineMs"].as_u64().expect("deadlineMs") > epoch_ms());
     // The internal extension gets nothing: its call ends with the environment.
     assert!(joined(internal_next).await.is_err());

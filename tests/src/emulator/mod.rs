@@ -463,7 +463,7 @@ impl Emulator {
         self.shared.extension_names()
     }
 
-    /// Runs the shutdown phase: SHUTDOWN (`"SPINDOWN"`) to the external extensions subscribed
+    /// Runs the shutdown phase: SHUTDOWN (`"spindown"`) to the external extensions subscribed
     /// to it, SIGTERM to the child (thawed first), SIGKILL after the grace period. The next
     /// `invoke()` starts a fresh environment.
     pub async fn shutdown(&self) -> ShutdownResult {

@@ -1729,8 +1729,10 @@ impl Shared {
                 .iter_mut()
                 .filter(|e| e.external && e.shutdown && e.error.is_none())
             {
+                // Lowercase, as RAPID sends it (aws-lambda-runtime-interface-emulator,
+                // lambda/rapi/model/agentevent.go: `Spindown ShutdownReason = "spindown"`).
                 let event = ExtEvent::Shutdown {
-                    reason: "SPINDOWN",
+                    reason: "spindown",
                     deadline_ms,
                 };
                 match offer_to_extension(ext, event, &mut inner.stats.lost_extension_events) {
