@@ -953,6 +953,57 @@ async fn a_deadline_overrun_times_out_and_resets_the_environment() {
     assert_eq!(emu.stats().inits, 2);
 }
 
+/// A reset sends SHUTDOWN, with its reason, to the external extensions subscribed to it, as
+/// the shutdown does (RAPID's `handleReset` runs the same shutdown sequence): on the pending
+/// `event/next`, or on the next one of an extension still busy with its INVOKE.
+#[tokio::test]
+async fn a_reset_sends_shutdown_to_external_extensions_subscribed_to_it() {
+    let config = EmulatorConfig {
+        function_timeout: SECOND,
+        external_extensions: vec!["ext-waiting".to_owned(), "ext-busy".to_owned()],
+        ..EmulatorConfig::default()
+    };
+    let (emu, addr) = start(config).await;
+    let waiting = register(&addr, "ext-waiting", &["INVOKE", "SHUTDOWN"]).await;
+    let busy = register(&addr, "ext-busy", &["INVOKE", "SHUTDOWN"]).await;
+    let internal = register(&addr, "ext-internal", &["INVOKE"]).await;
+    let first = [
+        spawn_ext_next(&addr, &waiting),
+        spawn_ext_next(&addr, &busy),
+        spawn_ext_next(&addr, &internal),
+    ];
+    let runtime = spawn_runtime_next(&addr);
+    let invoke = spawn_invoke(&emu, "hang");
+    joined(runtime).await;
+    for call in first {
+        let event = joined(call).await.expect("INVOKE event").json();
+        assert_eq!(event["eventType"], "INVOKE");
+    }
+    let waiting_next = spawn_ext_next(&addr, &waiting);
+    let internal_next = spawn_ext_next(&addr, &internal);
+    assert!(emu.wait_until(SECOND, |s, _| s.event_next_calls == 5).await);
+    assert_eq!(joined(invoke).await.outcome, InvokeOutcome::Timeout);
+    let assert_shutdown = |event: Value| {
+        assert_eq!(event["eventType"], "SHUTDOWN", "{event}");
+        assert_eq!(event["shutdownReason"], "timeout", "{event}");
+        assert!(event["deadlineMs"].as_u64().expect("deadlineMs") > epoch_ms());
+    };
+    assert_shutdown(joined(waiting_next).await.expect("SHUTDOWN event").json());
+    let busy_next = call(
+        &addr,
+        Method::GET,
+        EVENT_NEXT,
+        &[("Lambda-Extension-Identifier", &busy)],
+        "",
+    )
+    .await;
+    assert_eq!(busy_next.status, 200, "{busy_next:?}");
+    assert_shutdown(busy_next.json());
+    // The internal extension gets nothing: its call ends with the environment.
+    assert!(joined(internal_next).await.is_err());
+    assert_eq!(emu.stats().resets, 1);
+}
+
 #[tokio::test]
 async fn an_extension_overrunning_the_deadline_marks_the_invocation_timed_out() {
     let config = EmulatorConfig {

@@ -27,10 +27,12 @@
 //! - an idle, complete child is frozen (SIGSTOP) and thawed (SIGCONT) on the next invoke;
 //! - a deadline overrun resets the environment, which "behaves like a Shutdown event": SIGTERM
 //!   and the runtime's grace when an extension is registered, then SIGKILL; init again on the
-//!   next invoke; the calls pending at the reset are not answered (they end with the
-//!   process), and until the reset child has exited its new calls go nowhere (a `/next` or
-//!   an extension's `event/next` is never answered, a registration is closed, an init error
-//!   refused); only then is the next child started;
+//!   next invoke; an external extension subscribed to SHUTDOWN gets one (reason `timeout`,
+//!   or `failure` after a crash), on its pending `event/next` or its next one; the other
+//!   calls pending at the reset are not answered (they end with the process), and until the
+//!   reset child has exited its new calls go nowhere (a `/next` or an extension's
+//!   `event/next` is never answered, a registration is closed, an init error refused); only
+//!   then is the next child started;
 //! - with SnapStart, init ends in a snapshot (the child frozen while its runtime waits in
 //!   `/restore/next`) and the first invoke restores it (see [`EmulatorConfig::snap_start`]).
 //!

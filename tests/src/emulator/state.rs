@@ -224,6 +224,17 @@ impl ResetCause {
             },
         }
     }
+
+    /// The reason of the SHUTDOWN event the reset sends: the reset's own, "timeout" or
+    /// "failure" (rapid/handlers.go, `handleReset`); none for the shutdown, which sent its
+    /// "spindown" already.
+    fn shutdown_reason(&self) -> Option<&'static str> {
+        match self {
+            ResetCause::Timeout => Some("timeout"),
+            ResetCause::RuntimeExited(_) | ResetCause::ExtensionExit { .. } => Some("failure"),
+            ResetCause::Shutdown => None,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -315,6 +326,9 @@ struct Inner {
     extensions: Vec<Extension>,
     /// Identifiers of extensions of earlier generations, and the error each had reported.
     retired: HashMap<String, Option<ExtensionErrorKind>>,
+    /// The SHUTDOWN events of extensions of earlier generations that had not taken theirs:
+    /// their next `event/next` gets it.
+    retired_shutdown: HashMap<String, ExtEvent>,
     active: Vec<Active>,
     timelines: Vec<Timeline>,
     loose_marks: Vec<(String, Instant)>,
@@ -447,6 +461,7 @@ impl Shared {
                 runtime: RuntimeSlot::default(),
                 extensions: Vec::new(),
                 retired: HashMap::new(),
+                retired_shutdown: HashMap::new(),
                 active: Vec::new(),
                 timelines: Vec::new(),
                 loose_marks: Vec::new(),
@@ -798,6 +813,17 @@ impl Shared {
         let now = Instant::now();
         let mut guard = self.lock();
         let inner = &mut *guard;
+        if let Some(event) = inner.retired_shutdown.remove(id) {
+            // Its environment was reset or shut down while it was busy: RAPID released it for
+            // the SHUTDOWN event (rapid/shutdown.go, `shutdownAgents`), which this call renders.
+            let generation = inner.generation.wrapping_sub(1);
+            self.bump();
+            drop(guard);
+            return Ok((
+                Next::Now(event),
+                InFlight::new(self, id, generation, self.restore_epoch()),
+            ));
+        }
         if inner.stale_caller() && inner.retired.get(id) == Some(&None) {
             // An extension of an environment already reset, whose process runs out its grace:
             // RAPID still has it registered (the registrations are cleared only once the
@@ -1425,6 +1451,13 @@ impl Shared {
         inner.registration_open = true;
         inner.runtime = RuntimeSlot::default();
         for ext in inner.extensions.drain(..) {
+            if let Some(event) = ext
+                .queue
+                .into_iter()
+                .find(|e| matches!(e, ExtEvent::Shutdown { .. }))
+            {
+                inner.retired_shutdown.insert(ext.id.clone(), event);
+            }
             inner.retired.insert(ext.id, ext.error);
         }
         self.bump();
@@ -1468,10 +1501,18 @@ impl Shared {
         // environment lifecycle): SIGTERM and the runtime's share of the Shutdown phase when an
         // extension is registered, then SIGKILL.
         let grace = self.runtime_grace(inner);
+        // As the shutdown does, the reset sends SHUTDOWN to the external extensions subscribed
+        // to it (rapid/handlers.go, `handleReset`, runs the same `shutdown` as
+        // `handleShutdown`, with the reset's reason). RAPID sends it once the runtime has
+        // exited or its share of the phase is over; here it goes at once, as in `shutdown`.
+        if let Some(reason) = cause.shutdown_reason() {
+            let deadline = ids::epoch_ms_now() + duration_ms(Self::shutdown_phase(inner, grace));
+            Self::send_shutdown(inner, reason, deadline);
+        }
         if grace.is_zero() {
             Self::kill_child(inner);
         } else {
-            // RAPID answers none of the runtime's or the extensions' suspended calls on a
+            // RAPID answers none of the runtime's or the extensions' other suspended calls on a
             // reset (rapid/shutdown.go releases only the external extensions subscribed to
             // SHUTDOWN): they stay pending through the grace and end with the process.
             if inner.child.as_ref().is_some_and(|c| !c.exited()) {
@@ -1506,6 +1547,41 @@ impl Shared {
         } else {
             Duration::ZERO
         })
+    }
+
+    /// The whole Shutdown phase, the external extensions' deadline: 2 s with one, else the
+    /// runtime's `grace`.
+    fn shutdown_phase(inner: &Inner, grace: Duration) -> Duration {
+        if inner.extensions.iter().any(|e| e.external) {
+            grace.max(Duration::from_millis(2000))
+        } else {
+            grace
+        }
+    }
+
+    /// SHUTDOWN to the external extensions subscribed to it (rapid/shutdown.go,
+    /// `shutdownAgents`): to a pending `event/next`, else to the next one, ahead of any event
+    /// not taken yet (RAPID renders only the current event, now SHUTDOWN). Returns their names.
+    fn send_shutdown(inner: &mut Inner, reason: &'static str, deadline_ms: u64) -> Vec<String> {
+        let mut notified = Vec::new();
+        for ext in inner
+            .extensions
+            .iter_mut()
+            .filter(|e| e.external && e.shutdown && e.error.is_none())
+        {
+            let event = ExtEvent::Shutdown {
+                reason,
+                deadline_ms,
+            };
+            if let Err(event) =
+                offer_to_extension(ext, event, &mut inner.stats.lost_extension_events)
+            {
+                ext.queue.clear();
+                ext.queue.push_back(event);
+            }
+            notified.push(ext.name.clone());
+        }
+        notified
     }
 
     /// SIGTERM to the child (thawed first), SIGKILL if it still runs after `grace`.
@@ -1715,32 +1791,11 @@ impl Shared {
             inner.shutting_down = true;
             let changes = self.changed.subscribe();
             let grace = self.runtime_grace(inner);
-            // The external extensions' deadline: the whole phase.
-            let phase = if inner.extensions.iter().any(|e| e.external) {
-                grace.max(Duration::from_millis(2000))
-            } else {
-                grace
-            };
-            let deadline_ms =
-                ids::epoch_ms_now() + u64::try_from(phase.as_millis()).unwrap_or(u64::MAX / 2);
-            let mut notified = Vec::new();
-            for ext in inner
-                .extensions
-                .iter_mut()
-                .filter(|e| e.external && e.shutdown && e.error.is_none())
-            {
-                // Lowercase, as RAPID sends it (aws-lambda-runtime-interface-emulator,
-                // lambda/rapi/model/agentevent.go: `Spindown ShutdownReason = "spindown"`).
-                let event = ExtEvent::Shutdown {
-                    reason: "spindown",
-                    deadline_ms,
-                };
-                match offer_to_extension(ext, event, &mut inner.stats.lost_extension_events) {
-                    Ok(_) => {}
-                    Err(event) => ext.queue.push_back(event),
-                }
-                notified.push(ext.name.clone());
-            }
+            let phase = Self::shutdown_phase(inner, grace);
+            // Lowercase, as RAPID sends it (aws-lambda-runtime-interface-emulator,
+            // lambda/rapi/model/agentevent.go: `Spindown ShutdownReason = "spindown"`).
+            let notified =
+                Self::send_shutdown(inner, "spindown", ids::epoch_ms_now() + duration_ms(phase));
             let child = inner.child.take();
             if let Some(child) = child.as_ref().filter(|c| !c.exited()) {
                 // A stopped process would not act on SIGTERM: thaw it first.
@@ -1813,6 +1868,11 @@ impl Shared {
         inner.shutting_down = true;
         Self::kill_child(&mut inner);
     }
+}
+
+/// `duration` in whole milliseconds, for a `deadlineMs`.
+fn duration_ms(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX / 2)
 }
 
 /// Hands `value` to the first waiter still listening; gives it back when there is none.
