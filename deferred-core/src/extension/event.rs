@@ -85,7 +85,9 @@ pub struct InvokeEvent {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ShutdownEvent {
-    /// `SPINDOWN`, `TIMEOUT` or `FAILURE`.
+    /// As sent: RAPID sends `spindown`, `timeout` or `failure` (lowercase,
+    /// `rapi/model/agentevent.go`), AWS's documentation prints them in capitals. Compare
+    /// with `eq_ignore_ascii_case`.
     pub reason: String,
     /// When the environment will be stopped, if Lambda sent it.
     pub deadline: Option<SystemTime>,
