@@ -306,12 +306,11 @@ fn string_value(value: &Expr, key: &str) -> syn::Result<LitStr> {
         }) => return Ok(lit.clone()),
         Expr::Lit(ExprLit {
             lit: Lit::Int(int), ..
-        }) if key == "flush_timeout" => format!(
-            "`flush_timeout` takes a string with a unit, not a number: write \
-             `flush_timeout = \"{0}s\"` for {0} seconds or `flush_timeout = \"{0}ms\"` for {0} \
-             milliseconds",
-            int.base10_digits()
-        ),
+        }) if key == "flush_timeout" => unquoted_duration(int.base10_digits(), int.suffix()),
+        Expr::Lit(ExprLit {
+            lit: Lit::Float(float),
+            ..
+        }) if key == "flush_timeout" => unquoted_duration(float.base10_digits(), float.suffix()),
         Expr::Path(path) if key == "crate" => {
             let path = quote!(#path).to_string().replace(' ', "");
             format!("`crate` takes a string: write `crate = \"{path}\"`")
@@ -324,6 +323,57 @@ fn string_value(value: &Expr, key: &str) -> syn::Result<LitStr> {
     Err(Error::new_spanned(value, message))
 }
 
+/// The suffixes that give a number literal its type.
+const NUMBER_TYPES: [&str; 14] = [
+    "u8", "u16", "u32", "u64", "u128", "usize", "i8", "i16", "i32", "i64", "i128", "isize", "f32",
+    "f64",
+];
+
+/// The error for `flush_timeout = 10ms` or `= 10`: a number, whose suffix (`ms`, `m30s`: any
+/// identifier lexes as one) is taken for the unit as written. Only a string that would be
+/// accepted is suggested.
+fn unquoted_duration(digits: &str, suffix: &str) -> String {
+    // `10u64` is a number with a type, not with a unit.
+    let typed = NUMBER_TYPES.contains(&suffix);
+    let invalid = |text: &str, problem: &str| {
+        format!("{text:?} would be invalid: {problem}; expected {ACCEPTED_DURATIONS}")
+    };
+    if !suffix.is_empty() && !typed {
+        let written = format!("{digits}{suffix}");
+        return match check_flush_timeout(&written) {
+            Ok(_) => format!("`flush_timeout` takes a string: write `flush_timeout = {written:?}`"),
+            Err(problem) => format!(
+                "`flush_timeout` takes a string, not a number, and {}",
+                invalid(&written, &problem)
+            ),
+        };
+    }
+    let plural = if digits == "1" { "" } else { "s" };
+    let mut refused = None;
+    let mut suggestions = Vec::new();
+    for (unit, name) in [("s", "second"), ("ms", "millisecond")] {
+        let text = format!("{digits}{unit}");
+        match check_flush_timeout(&text) {
+            Ok(_) => suggestions.push(format!(
+                "`flush_timeout = {text:?}` for {digits} {name}{plural}"
+            )),
+            Err(problem) => {
+                refused.get_or_insert((text, problem));
+            }
+        }
+    }
+    match refused {
+        Some((text, problem)) if suggestions.is_empty() => format!(
+            "`flush_timeout` takes a string with a unit, not a number, and {}",
+            invalid(&text, &problem)
+        ),
+        _ => format!(
+            "`flush_timeout` takes a string with a unit, not a number: write {}",
+            suggestions.join(" or ")
+        ),
+    }
+}
+
 fn flush_timeout(value: &Expr) -> syn::Result<Duration> {
     let lit = string_value(value, "flush_timeout")?;
     parse_flush_timeout(&lit.value()).map_err(|message| Error::new(lit.span(), message))
@@ -331,6 +381,13 @@ fn flush_timeout(value: &Expr) -> syn::Result<Duration> {
 
 /// Checks a `flush_timeout` string; the error says what is wrong and what is accepted.
 pub(crate) fn parse_flush_timeout(text: &str) -> Result<Duration, String> {
+    check_flush_timeout(text).map_err(|problem| {
+        format!("invalid `flush_timeout`: {problem}; expected {ACCEPTED_DURATIONS}")
+    })
+}
+
+/// Checks a `flush_timeout` string; the error says what is wrong with it.
+fn check_flush_timeout(text: &str) -> Result<Duration, String> {
     let trimmed = text.trim();
     let problem = if trimmed.starts_with('-') {
         format!("{text:?} is negative")
@@ -352,9 +409,7 @@ pub(crate) fn parse_flush_timeout(text: &str) -> Result<Duration, String> {
             Err(error) => duration_problem(trimmed, &error),
         }
     };
-    Err(format!(
-        "invalid `flush_timeout`: {problem}; expected {ACCEPTED_DURATIONS}"
-    ))
+    Err(problem)
 }
 
 /// `humantime::parse_duration`, with its panic on some overflows (`Duration::new` with
@@ -598,6 +653,73 @@ mod tests {
             errors(quote!(flush_timeout = Duration::from_secs(10))),
             ["`flush_timeout` takes a string literal, such as `flush_timeout = \"10s\"`"]
         );
+    }
+
+    /// A duration written without quotes is a number with a suffix (`10ms`, `1m30s`, `1.5s`):
+    /// the error quotes it as written, and suggests no string that would be refused in turn.
+    #[test]
+    fn unquoted_durations() {
+        for (value, expected) in [
+            (quote!(10ms), "write `flush_timeout = \"10ms\"`"),
+            (quote!(1m30s), "write `flush_timeout = \"1m30s\"`"),
+            (quote!(1.5s), "write `flush_timeout = \"1.5s\"`"),
+            (quote!(1_000ms), "write `flush_timeout = \"1000ms\"`"),
+        ] {
+            assert_eq!(
+                errors(quote!(flush_timeout = #value)),
+                [format!("`flush_timeout` takes a string: {expected}")],
+                "{value}"
+            );
+        }
+        for (value, expected) in [
+            (
+                quote!(1000),
+                "write `flush_timeout = \"1000ms\"` for 1000 milliseconds",
+            ),
+            (
+                quote!(1),
+                "write `flush_timeout = \"1s\"` for 1 second or `flush_timeout = \"1ms\"` for \
+                 1 millisecond",
+            ),
+            (
+                quote!(1.5),
+                "write `flush_timeout = \"1.5s\"` for 1.5 seconds or \
+                 `flush_timeout = \"1.5ms\"` for 1.5 milliseconds",
+            ),
+            (
+                quote!(10u64),
+                "write `flush_timeout = \"10s\"` for 10 seconds or \
+                 `flush_timeout = \"10ms\"` for 10 milliseconds",
+            ),
+        ] {
+            assert_eq!(
+                errors(quote!(flush_timeout = #value)),
+                [format!(
+                    "`flush_timeout` takes a string with a unit, not a number: {expected}"
+                )],
+                "{value}"
+            );
+        }
+        for (value, problem) in [
+            (quote!(0), "\"0s\" would be invalid: \"0s\" is zero"),
+            (
+                quote!(10sek),
+                "\"10sek\" would be invalid: \"sek\" is not a unit",
+            ),
+            (
+                quote!(16m),
+                "\"16m\" would be invalid: \"16m\" is longer than",
+            ),
+        ] {
+            let errors = errors(quote!(flush_timeout = #value));
+            assert_eq!(errors.len(), 1, "{value}: {errors:?}");
+            assert!(
+                errors[0].starts_with("`flush_timeout` takes a string")
+                    && errors[0].contains(problem)
+                    && errors[0].ends_with(ACCEPTED_DURATIONS),
+                "{value}: {errors:?}"
+            );
+        }
     }
 
     #[test]
