@@ -301,6 +301,14 @@ fn edit_distance(a: &str, b: &str) -> usize {
 /// The string literal of `key = "…"`, or an error on the value.
 fn string_value(value: &Expr, key: &str) -> syn::Result<LitStr> {
     let message = match value {
+        // `value()` leaves the suffix of `"10s"abc` out: refused, not ignored.
+        Expr::Lit(ExprLit {
+            lit: Lit::Str(lit), ..
+        }) if !lit.suffix().is_empty() => format!(
+            "`{key}` takes a plain string: remove the suffix `{}` after {:?}",
+            lit.suffix(),
+            lit.value()
+        ),
         Expr::Lit(ExprLit {
             lit: Lit::Str(lit), ..
         }) => return Ok(lit.clone()),
@@ -720,6 +728,24 @@ mod tests {
                 "{value}: {errors:?}"
             );
         }
+    }
+
+    /// `"10s"abc` lexes as one string literal with a suffix, which `LitStr::value` leaves out:
+    /// an error on the literal, not a value taken silently (or "not a path" for `crate`).
+    #[test]
+    fn suffixed_strings() {
+        let (args, errors) = parse(quote!(flush_timeout = "10s"abc));
+        assert_eq!(
+            errors,
+            ["`flush_timeout` takes a plain string: remove the suffix `abc` after \"10s\""]
+        );
+        assert_eq!(args.flush_timeout, None);
+        let (args, errors) = parse(quote!(crate = "deferred_core"_x));
+        assert_eq!(
+            errors,
+            ["`crate` takes a plain string: remove the suffix `_x` after \"deferred_core\""]
+        );
+        assert!(args.krate_invalid);
     }
 
     #[test]
