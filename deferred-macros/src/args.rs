@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use proc_macro2::{Span, TokenStream};
-use quote::{quote, quote_spanned};
+use quote::{ToTokens as _, quote, quote_spanned};
 use syn::ext::IdentExt as _;
 use syn::parse::{ParseStream, Parser as _};
 use syn::spanned::Spanned as _;
@@ -83,8 +83,7 @@ impl Args {
         errors: &mut Errors,
         seen: &mut Vec<String>,
     ) -> syn::Result<()> {
-        let key = parse_key(input)?;
-        let name = key.unraw().to_string();
+        let Key { name, tokens: key } = parse_key(input)?;
         if !KEYS.iter().any(|(known, _)| *known == name) {
             // `krate = "…"` meant the crate's path: the default one may not exist either.
             self.krate_invalid |= did_you_mean(&name) == Some("crate");
@@ -93,8 +92,8 @@ impl Args {
         }
         let value = parse_value(input, &key, &name)?;
         if seen.contains(&name) {
-            errors.push(Error::new(
-                key.span(),
+            errors.push(Error::new_spanned(
+                &key,
                 format!("`{name}` is given twice in `#[deferred_handler]`; keep only one"),
             ));
             return Ok(());
@@ -168,8 +167,16 @@ impl Errors {
     }
 }
 
+/// The key of `key = "…"`, as written.
+struct Key {
+    /// The key without `r#`, its words joined by `-` if it has several (`flush-timeout`).
+    name: String,
+    /// The key's tokens, to point errors at.
+    tokens: TokenStream,
+}
+
 /// The `flush_timeout` of `flush_timeout = "…"`.
-fn parse_key(input: ParseStream<'_>) -> syn::Result<Ident> {
+fn parse_key(input: ParseStream<'_>) -> syn::Result<Key> {
     if input.peek(LitStr) {
         let lit: LitStr = input.parse()?;
         let hint = if parse_duration(lit.value().trim()).is_ok() {
@@ -197,18 +204,28 @@ fn parse_key(input: ParseStream<'_>) -> syn::Result<Ident> {
             "expected `flush_timeout` or `crate`, found a path",
         ));
     }
-    Ok(key)
+    let mut name = key.unraw().to_string();
+    let mut tokens = key.to_token_stream();
+    // `flush-timeout`: one misspelt key (and one error), not `flush`, a missing comma and
+    // `timeout`.
+    while input.peek(Token![-]) && input.peek2(Ident::peek_any) {
+        let dash: Token![-] = input.parse()?;
+        let word = Ident::parse_any(input)?;
+        name = format!("{name}-{}", word.unraw());
+        tokens.extend([dash.to_token_stream(), word.to_token_stream()]);
+    }
+    Ok(Key { name, tokens })
 }
 
 /// The `"…"` of `key = "…"`, for a known key.
-fn parse_value(input: ParseStream<'_>, key: &Ident, name: &str) -> syn::Result<Expr> {
+fn parse_value(input: ParseStream<'_>, key: &TokenStream, name: &str) -> syn::Result<Expr> {
     if input.parse::<Option<Token![=]>>()?.is_some() {
         return input.parse();
     }
     let example = format!("{name} = {}", example_value(name));
     if input.is_empty() || input.peek(Token![,]) {
-        Err(Error::new(
-            key.span(),
+        Err(Error::new_spanned(
+            key,
             format!("`{name}` needs a value: write `{example}`"),
         ))
     } else {
@@ -244,7 +261,7 @@ fn example_value(name: &str) -> &'static str {
         .map_or("\"…\"", |(_, example)| example)
 }
 
-fn unknown_key(key: &Ident, name: &str) -> Error {
+fn unknown_key(key: &TokenStream, name: &str) -> Error {
     let accepted = "`#[deferred_handler]` accepts `flush_timeout = \"…\"` and `crate = \"…\"`";
     let message = match did_you_mean(name) {
         Some(suggestion) => {
@@ -252,12 +269,12 @@ fn unknown_key(key: &Ident, name: &str) -> Error {
         }
         None => format!("unknown argument `{name}`; {accepted}"),
     };
-    Error::new(key.span(), message)
+    Error::new_spanned(key, message)
 }
 
 /// The known key that `name` is most likely a misspelling of.
 pub(crate) fn did_you_mean(name: &str) -> Option<&'static str> {
-    let name = name.to_lowercase();
+    let name = name.to_lowercase().replace('-', "_");
     let aliases = [
         ("timeout", "flush_timeout"),
         ("flush", "flush_timeout"),
@@ -777,6 +794,43 @@ mod tests {
         assert!(
             errors[0].starts_with("unknown argument `level`; `#[deferred_handler]` accepts"),
             "{errors:?}"
+        );
+    }
+
+    /// `flush-timeout` (kebab case) is one misspelt key, one error with the hint, not three
+    /// errors about `flush`, a missing comma and `timeout`.
+    #[test]
+    fn hyphenated_keys() {
+        for (key, suggestion) in [
+            (quote!(flush - timeout), "flush_timeout"),
+            (quote!(flush - timeout - ms), "flush_timeout"),
+            (quote!(crate - name), "crate"),
+            (quote!(crate - path), "crate"),
+        ] {
+            let (args, errors) = parse(quote!(#key = "1s", crate = "renamed"));
+            let name = key.to_string().replace(' ', "");
+            assert_eq!(errors.len(), 1, "{name}: {errors:?}");
+            assert!(
+                errors[0].starts_with(&format!(
+                    "unknown argument `{name}`; did you mean `{suggestion}`?"
+                )),
+                "{name}: {errors:?}"
+            );
+            // The argument after it still applies.
+            assert_eq!(
+                args.private_path().to_string(),
+                quote!(::renamed::__private).to_string(),
+                "{name}"
+            );
+        }
+        // A misspelt `crate` leaves the item unchanged, as `krate` does.
+        let (args, _) = parse(quote!(crate - name = "renamed"));
+        assert!(args.krate_invalid);
+        let (args, _) = parse(quote!(flush - timeout = "1s"));
+        assert!(!args.krate_invalid);
+        assert!(
+            errors(quote!(log - level = "info"))[0]
+                .starts_with("unknown argument `log-level`; `#[deferred_handler]` accepts")
         );
     }
 
