@@ -104,7 +104,8 @@ pub(crate) fn deadline_from_epoch_ms(ms: u64) -> Option<SystemTime> {
 ///
 /// `#[deferred_handler]` reads the request id and the deadline through this trait before the
 /// handler's body runs. It is implemented for `lambda_runtime::LambdaEvent<T>` and, with the
-/// `http` feature, for `lambda_http::Request`.
+/// `http` feature, for `lambda_http::Request`, of the versions deferred-core is built against
+/// (see [lambda_runtime version](crate#lambda_runtime-version)).
 ///
 /// ```
 /// use deferred_core::HandlerInput;
@@ -128,7 +129,8 @@ pub(crate) fn deadline_from_epoch_ms(ms: u64) -> Option<SystemTime> {
 #[diagnostic::on_unimplemented(
     message = "`#[deferred_handler]` cannot find the Lambda context in an argument of type `{Self}`",
     label = "this argument does not carry the invocation's `lambda_runtime::Context`",
-    note = "a deferred handler takes exactly one argument, by value: `lambda_runtime::LambdaEvent<T>` (any `T`), or `lambda_http::Request` with the `http` feature of deferred-core"
+    note = "a deferred handler takes exactly one argument, by value: `lambda_runtime::LambdaEvent<T>` (any `T`), or `lambda_http::Request` with the `http` feature of deferred-core",
+    note = "a `LambdaEvent` must come from lambda_runtime 1.x, the version deferred-core is built against: one from another version is another type (`cargo tree -d` lists the crates present in two versions)"
 )]
 pub trait HandlerInput {
     /// The invocation this argument belongs to.

@@ -117,6 +117,15 @@
 //! let deferred = Deferred::new().flush(provider);
 //! # let _ = deferred;
 //! ```
+//!
+//! # lambda_runtime version
+//!
+//! This release is built against `lambda_runtime` **1.x** (and `lambda_http` 1.x with the
+//! `http` feature). A function that depends on another version (0.13, say) has two
+//! `LambdaEvent` types, which do not mix: `#[deferred_handler]` says it "cannot find the
+//! Lambda context in an argument of type `LambdaEvent<T>`", and [`Deferred::run`] that the
+//! handler's signature does not match (error E0631). `cargo tree -d` lists the crates present
+//! in two versions.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
