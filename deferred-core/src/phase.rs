@@ -309,7 +309,12 @@ async fn run_actions(
                 // Abandoned. Wait (briefly) for its future to be dropped: it holds the spans
                 // it was queued in, which must close before the flush to be in it.
                 task.abort();
-                let _ = tokio::time::timeout(ABORT_GRACE, &mut *task).await;
+                // A future that panics as it is dropped gives its panic here: not the phase's.
+                if let Ok(Err(join)) = tokio::time::timeout(ABORT_GRACE, &mut *task).await
+                    && let Ok(panic) = join.try_into_panic()
+                {
+                    drop_panic(panic);
+                }
                 ActionOutcome::TimedOut
             }
         };
@@ -650,22 +655,26 @@ pub(crate) fn panic_message(payload: Box<dyn Any + Send>) -> String {
         Err(payload) => match payload.downcast::<&'static str>() {
             Ok(s) => (*s).to_owned(),
             Err(payload) => {
-                // A payload may panic as it is dropped: that panic must not end the phase (nor,
-                // after the response, the runtime loop). Its own payload is leaked, not
-                // dropped, should it do the same.
-                let dropped =
-                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(payload)));
-                if let Err(nested) = dropped {
-                    std::mem::forget(nested);
-                }
+                drop_panic(payload);
                 "a panic with a non-text payload".to_owned()
             }
         },
     }
 }
 
+/// Drops a panic's payload without letting its own panic out. A payload may panic as it is
+/// dropped (`panic_any` of such a value): that panic must not end the phase, the phase
+/// thread or, after the response, the runtime loop, and lose the work still to do. Its own
+/// payload is leaked, not dropped, should it do the same.
+pub(crate) fn drop_panic(payload: Box<dyn Any + Send>) {
+    let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(payload)));
+    if let Err(nested) = dropped {
+        std::mem::forget(nested);
+    }
+}
+
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::Mutex;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -1132,12 +1141,6 @@ mod tests {
     /// layer, after the response, it went out of the runtime loop).
     #[tokio::test(start_paused = true)]
     async fn failures_and_panics_do_not_stop_later_actions_or_the_flush() {
-        struct PanicsWhenDropped;
-        impl Drop for PanicsWhenDropped {
-            fn drop(&mut self) {
-                panic!("the payload panics as it is dropped");
-            }
-        }
         let ran = Arc::new(AtomicUsize::new(0));
         let (r1, r2) = (ran.clone(), ran.clone());
         let queue = queue_with(|| {
@@ -1177,6 +1180,58 @@ mod tests {
             ActionOutcome::Failed("bad input".into())
         );
         assert_eq!(report.actions[3].outcome, ActionOutcome::Ok);
+        assert_eq!(report.flushes[0].outcome, FlushOutcome::Ok);
+    }
+
+    /// A panic payload that panics in turn when it is dropped.
+    pub(crate) struct PanicsWhenDropped;
+
+    impl Drop for PanicsWhenDropped {
+        fn drop(&mut self) {
+            panic!("the payload panics as it is dropped");
+        }
+    }
+
+    /// Panics with a [`PanicsWhenDropped`] when dropped: in an action, its drop at the cut.
+    struct PanicsWithItWhenDropped;
+
+    impl Drop for PanicsWithItWhenDropped {
+        fn drop(&mut self) {
+            std::panic::panic_any(PanicsWhenDropped);
+        }
+    }
+
+    /// A cut action whose future panics as it is dropped (tokio gives that panic, payload
+    /// and all, to the task's handle), with a payload that panics when dropped: the phase
+    /// goes on to its flush and its report. Found by review: the phase dropped what the
+    /// aborted task gave unguarded, and the payload's panic ended the phase.
+    #[tokio::test(start_paused = true)]
+    async fn a_cut_action_whose_drop_panics_does_not_end_the_phase() {
+        let flushed = Arc::new(AtomicUsize::new(0));
+        let f = flushed.clone();
+        let queue = queue_with(|| {
+            defer(Some("hang".into()), async {
+                let _guard = PanicsWithItWhenDropped;
+                std::future::pending::<()>().await;
+            })
+            .unwrap();
+        })
+        .await;
+        let flushers = [Flusher::new(flush_fn("f", move || {
+            f.fetch_add(1, Ordering::SeqCst);
+            Ok::<(), FlushError>(())
+        }))];
+        let report = crate::scope::caught(std::pin::pin!(run(
+            job(queue, Duration::from_secs(2)),
+            &flushers,
+            budget(10),
+            PhaseKind::Chained,
+            no_stop(),
+        )))
+        .await
+        .expect("the phase does not panic");
+        assert_eq!(report.actions[0].outcome, ActionOutcome::TimedOut);
+        assert_eq!(flushed.load(Ordering::SeqCst), 1);
         assert_eq!(report.flushes[0].outcome, FlushOutcome::Ok);
     }
 
