@@ -203,8 +203,10 @@ impl Runner {
             let first = lock(&theirs).take();
             if let Some(first) = first {
                 // `end_phase` catches the hooks' panics; any other must not cost the queue
-                // its server.
-                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(first));
+                // its server, nor must its payload's drop.
+                if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(first)) {
+                    phase::drop_panic(panic);
+                }
             }
             runner.serve(&core, false);
         }))
@@ -275,9 +277,10 @@ impl Runner {
             let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 self.run(core, work, &retired);
             }));
-            if ran.is_err() {
+            if let Err(panic) = ran {
                 // A panic out of the phase's own code (`finish` catches the `on_report`
-                // hook's): the chain goes on.
+                // hook's): the chain goes on, whatever its payload does when dropped.
+                phase::drop_panic(panic);
                 tracing::error!(target: "deferred", "a chained phase panicked; the chain goes on");
                 drop(lock(&self.watch).claim(&retired));
                 self.ended.fetch_max(seq, Ordering::AcqRel);
@@ -660,6 +663,54 @@ mod tests {
             ));
         }
         os_thread(run)
+    }
+
+    /// Set once [`idle_first_thread`] has been asked for the first thread.
+    static IDLE_ASKED: AtomicBool = AtomicBool::new(false);
+
+    /// Starts no first phase thread (it "starts" and does nothing: the queue counts it as a
+    /// server); every later one is a real one.
+    fn idle_first_thread(run: Box<dyn FnOnce() + Send>) -> std::io::Result<()> {
+        if IDLE_ASKED.swap(true, Ordering::SeqCst) {
+            os_thread(run)
+        } else {
+            drop(run);
+            Ok(())
+        }
+    }
+
+    /// A phase thread whose first task (the end of a phase the watchdog took over) panics
+    /// with a payload that panics in turn when dropped serves the queue all the same. Found
+    /// by review: the thread dropped the payload unguarded, and its panic ended the thread
+    /// before it served, the queue left with no server.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_phase_thread_serves_after_its_first_task_panicked() {
+        let reports: Arc<Mutex<Vec<String>>> = Arc::default();
+        let hook = reports.clone();
+        let core = Core::new(
+            crate::core::Config {
+                on_report: Some(crate::core::ReportHook(Arc::new(move |report| {
+                    lock(&hook).push(report.request_id.clone());
+                }))),
+                phase_telemetry: false,
+                ..crate::core::Config::default()
+            },
+            crate::core::Mode::Extension,
+        );
+        // Nothing listens: the calls the phases arm go nowhere.
+        let line = Arc::new(Line::new("127.0.0.1:9", "", "ext-1"));
+        let runner = Runner::start_with(
+            &core,
+            line,
+            tokio::runtime::Handle::current(),
+            idle_first_thread,
+        )
+        .expect("first thread");
+        let first: Ending =
+            Box::new(|| std::panic::panic_any(crate::phase::tests::PanicsWhenDropped));
+        assert!(runner.spawn_thread_after(Some(first)).is_ok());
+        runner.submit(work(1, Duration::from_secs(5)));
+        assert!(reported(&reports, "r-1").await, "the new thread ran it");
     }
 
     /// Waits (up to 5 s) until `done` holds.
