@@ -1123,7 +1123,9 @@ fn observe(what: &str, request_id: &str, observer: impl FnOnce()) {
             "{what} panicked: {message}; the phase is over and the chain goes on",
         );
     });
-    if logged.is_err() {
+    if let Err(panic) = logged {
+        // Its payload's drop must not unwind out of the phase's end either.
+        phase::drop_panic(panic);
         eprintln!(
             "deferred: {what} panicked (request {request_id}): {message}; the phase is over and the chain goes on"
         );
@@ -1697,6 +1699,39 @@ pub(crate) mod tests {
         assert!(
             hooked.load(Ordering::SeqCst),
             "the hook ran after the panic"
+        );
+    }
+
+    /// The same, for a subscriber that panics with a payload that panics in turn when
+    /// dropped, as it logs the panic of the phase's log line too. Found by review: the payload
+    /// of that second panic was dropped unguarded, and its panic unwound out of the phase's
+    /// end, the hook not run.
+    #[tokio::test]
+    async fn a_subscriber_panic_that_panics_when_dropped_does_not_unwind_out_of_the_phase_end() {
+        let hooked = Arc::new(AtomicBool::new(false));
+        let h = hooked.clone();
+        let core = Core::new(
+            Config {
+                phase_telemetry: false,
+                on_report: Some(ReportHook(Arc::new(move |_| {
+                    h.store(true, Ordering::SeqCst);
+                }))),
+                ..Config::default()
+            },
+            Mode::Inline,
+        );
+        let report = core.run_phase(inline_job("r-1"), PhaseKind::Inline).await;
+        hooked.store(false, Ordering::SeqCst);
+        let panicking = OnEvent(|_: &tracing::Event<'_>| {
+            std::panic::panic_any(crate::phase::tests::PanicsWhenDropped)
+        });
+        let finished = tracing::subscriber::with_default(panicking, || {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| core.finish(report)))
+        });
+        assert!(finished.is_ok(), "the subscriber's panics were caught");
+        assert!(
+            hooked.load(Ordering::SeqCst),
+            "the hook ran after the panics"
         );
     }
 
