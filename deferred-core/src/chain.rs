@@ -175,8 +175,10 @@ pub(crate) async fn drive(
         user.clone(),
     );
     let mut chain = std::pin::pin!(chain);
-    if crate::scope::caught(chain.as_mut()).await.is_ok() {
-        return;
+    match crate::scope::caught(chain.as_mut()).await {
+        Ok(()) => return,
+        // Its payload's drop must not unwind out of what follows either.
+        Err(panic) => crate::phase::drop_panic(panic),
     }
     // The event the chain held, if any, with the job handed over for it: nothing would start
     // that phase now (the layer's `responded` and the chain's timers start it from the slot,
@@ -200,7 +202,9 @@ pub(crate) async fn drive(
         let by = Budget::new(job.deadline, Duration::ZERO).end;
         let phases = core.clone();
         let phase = user.spawn(async move { drop(phases.run_phase(job, PhaseKind::Inline).await) });
-        let _ = tokio::time::timeout_at(by, phase).await;
+        if let Ok(joined) = tokio::time::timeout_at(by, phase).await {
+            crate::phase::drop_joined(joined);
+        }
     }
     match core.runner.get() {
         Some(runner) => acknowledge_on_line(&core, runner).await,
@@ -349,7 +353,7 @@ pub(crate) async fn drive_with(
                 tracing::info!(target: "deferred", reason = %event.reason, "SHUTDOWN event: final flush");
                 // On the function's runtime: the flush runs the user's flushers and hooks.
                 let flush = user.spawn(async move { crate::shutdown::final_flush(&core).await });
-                let _ = flush.await;
+                crate::phase::drop_joined(flush.await);
                 return;
             }
             Err(error) => {

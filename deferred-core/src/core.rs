@@ -1088,7 +1088,9 @@ impl Core {
     pub(crate) fn spawn_tracked(&self, task: impl Future<Output = ()> + Send + 'static) {
         let mut tasks = lock(&self.background);
         // Reap finished phases so the set does not grow with every invocation.
-        while tasks.try_join_next().is_some() {}
+        while let Some(joined) = tasks.try_join_next() {
+            phase::drop_joined(joined);
+        }
         tasks.spawn(task);
     }
 }
@@ -1733,6 +1735,31 @@ pub(crate) mod tests {
             hooked.load(Ordering::SeqCst),
             "the hook ran after the panics"
         );
+    }
+
+    /// A finished background task that panicked with a payload that panics in turn when
+    /// dropped (a tracing subscriber's panic in the phase's own code, say) is reaped at the
+    /// next spawn without that panic: the next task is spawned. Found by review: the payload
+    /// was dropped unguarded, and its panic went out of the spawn (the handler's, which
+    /// hands its work over), the next phase never spawned.
+    #[tokio::test]
+    async fn a_background_panic_that_panics_when_dropped_is_reaped_quietly() {
+        let core = Core::new(Config::default(), Mode::Inline);
+        let (panicking, panics) = tokio::sync::oneshot::channel();
+        core.spawn_tracked(async move {
+            let _ = panicking.send(());
+            std::panic::panic_any(crate::phase::tests::PanicsWhenDropped);
+        });
+        // On this one thread, the task has panicked (in the same poll) by the time this runs.
+        assert!(panics.await.is_ok());
+        let (ran, runs) = tokio::sync::oneshot::channel();
+        let spawned = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            core.spawn_tracked(async move {
+                let _ = ran.send(());
+            });
+        }));
+        assert!(spawned.is_ok(), "the spawn does not panic");
+        assert!(runs.await.is_ok(), "the next task ran");
     }
 
     /// A dropped handler's job waiting for its INVOKE event (`hand_over_later`) stops waiting

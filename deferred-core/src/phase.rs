@@ -310,10 +310,8 @@ async fn run_actions(
                 // it was queued in, which must close before the flush to be in it.
                 task.abort();
                 // A future that panics as it is dropped gives its panic here: not the phase's.
-                if let Ok(Err(join)) = tokio::time::timeout(ABORT_GRACE, &mut *task).await
-                    && let Ok(panic) = join.try_into_panic()
-                {
-                    drop_panic(panic);
+                if let Ok(joined) = tokio::time::timeout(ABORT_GRACE, &mut *task).await {
+                    drop_joined(joined);
                 }
                 ActionOutcome::TimedOut
             }
@@ -659,6 +657,15 @@ pub(crate) fn panic_message(payload: Box<dyn Any + Send>) -> String {
                 "a panic with a non-text payload".to_owned()
             }
         },
+    }
+}
+
+/// Drops what a task gave, the payload of its panic by [`drop_panic`].
+pub(crate) fn drop_joined<T>(joined: Result<T, tokio::task::JoinError>) {
+    if let Err(join) = joined
+        && let Ok(panic) = join.try_into_panic()
+    {
+        drop_panic(panic);
     }
 }
 

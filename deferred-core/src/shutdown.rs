@@ -121,8 +121,12 @@ pub(crate) async fn final_flush_after(
     // that blocks its thread): it will not report. Say so here, rather than nothing.
     let mut late = std::mem::take(&mut *lock(&core.background));
     // Reaped first: a phase that finished (and reported) is not one that did not stop.
-    while background.try_join_next().is_some() {}
-    while late.try_join_next().is_some() {}
+    while let Some(joined) = background.try_join_next() {
+        crate::phase::drop_joined(joined);
+    }
+    while let Some(joined) = late.try_join_next() {
+        crate::phase::drop_joined(joined);
+    }
     let (chained, aborted) = (serial.is_err(), background.len() + late.len());
     background.abort_all();
     drop(late); // aborts them too
@@ -178,7 +182,10 @@ pub(crate) async fn final_flush_after(
 /// until none is left.
 async fn join_all(core: &Core, joined: &mut tokio::task::JoinSet<()>) {
     loop {
-        while joined.join_next().await.is_some() {}
+        // A phase's panic (its payload's drop guarded) must not end the final flush.
+        while let Some(result) = joined.join_next().await {
+            crate::phase::drop_joined(result);
+        }
         let more = std::mem::take(&mut *lock(&core.background));
         if more.is_empty() {
             return;
@@ -253,6 +260,32 @@ mod tests {
         let core = Core::new(Config::default(), Mode::Inline);
         let report = final_flush(&core).await;
         assert!(report.cut.is_empty(), "{report}");
+    }
+
+    /// A background task that panicked with a payload that panics in turn when dropped
+    /// (a tracing subscriber's panic in the phase's own code, say) does not end the final
+    /// flush, which still calls the flushers. Found by review: the wait for the background
+    /// phases dropped the task's panic unguarded, and the payload's panic unwound out of the
+    /// final flush.
+    #[tokio::test]
+    async fn a_background_panic_that_panics_when_dropped_does_not_end_the_final_flush() {
+        let (flusher, calls) = slow_first_call("f", Duration::ZERO);
+        let core = Core::new(
+            Config {
+                flushers: vec![flusher],
+                phase_telemetry: false,
+                ..Config::default()
+            },
+            Mode::Inline,
+        );
+        core.spawn_tracked(async {
+            std::panic::panic_any(crate::phase::tests::PanicsWhenDropped);
+        });
+        let flushed = crate::scope::caught(std::pin::pin!(final_flush(&core)))
+            .await
+            .expect("the final flush does not panic");
+        assert_eq!(flushed.flushes[0].outcome, FlushOutcome::Ok, "{flushed}");
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
     }
 
     /// With a short `shutdown_timeout` (100 ms) and a phase that does not stop, the wait for
