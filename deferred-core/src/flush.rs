@@ -289,9 +289,14 @@ enum Reply {
 
 impl Reply {
     fn send(self, called: std::thread::Result<Called>) {
-        match self {
-            Self::Blocking(answer) => drop(answer.send(Some(called))),
-            Self::Task(answer) => drop(answer.send(called)),
+        let unsent = match self {
+            Self::Blocking(answer) => answer.send(Some(called)).err().and_then(|unsent| unsent.0),
+            Self::Task(answer) => answer.send(called).err(),
+        };
+        // Nothing waits (its runtime shut down): a panic's payload is dropped here, and its
+        // drop must not end the flusher's thread, which later calls need.
+        if let Some(Err(panic)) = unsent {
+            crate::phase::drop_panic(panic);
         }
     }
 }
@@ -705,6 +710,61 @@ mod tests {
             !flusher.is_busy()
         });
         assert!(freed);
+    }
+
+    /// A flush that panics, with a payload that panics in turn when dropped, once the runtime
+    /// that called it has shut down: its answer goes nowhere and the payload is dropped on the
+    /// flusher's thread, which serves the next call all the same. Found by review: the payload
+    /// was dropped unguarded and its panic ended the thread; every later call of the flusher
+    /// then failed ("the flusher's thread has ended").
+    #[test]
+    fn an_unanswered_flush_panic_does_not_end_the_flushers_thread() {
+        for multi in [true, false] {
+            unanswered_flush_panic(multi);
+        }
+    }
+
+    fn unanswered_flush_panic(multi: bool) {
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let held = std::sync::Mutex::new(held);
+        let first = AtomicBool::new(true);
+        let flusher = Flusher::new(flush_fn("panics", move || {
+            if first.swap(false, Ordering::SeqCst) {
+                let _ = crate::scope::lock(&held).recv();
+                std::panic::panic_any(crate::phase::tests::PanicsWhenDropped);
+            }
+            Ok::<(), FlushError>(())
+        }));
+        let runtime = || {
+            if multi {
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .enable_time()
+                    .build()
+            } else {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_time()
+                    .build()
+            }
+            .expect("a runtime")
+        };
+        let first = runtime();
+        first.block_on(async { drop(flusher.start().expect("started")) });
+        drop(first);
+        release.send(()).expect("the flush waits");
+        let freed = (0..500).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            !flusher.is_busy()
+        });
+        assert!(freed, "the flush returned");
+        let next = runtime().block_on(async {
+            let task = flusher.start().expect("started");
+            tokio::time::timeout(std::time::Duration::from_secs(5), task).await
+        });
+        let Ok(Ok((result, _))) = next else {
+            panic!("the next flush did not return: {next:?}");
+        };
+        assert!(result.is_ok(), "multi-thread: {multi}, {result:?}");
     }
 
     /// A flush that waits on async work (`Handle::current().block_on(..)`: how a flush of an
