@@ -93,7 +93,8 @@ impl ExportCounts {
         match self.lost().saturating_sub(lost) {
             0 => Ok(()),
             n => Err(OTelSdkError::InternalFailure(format!(
-                "{n} spans lost in a failed export during the flush"
+                "{} lost in a failed export during the flush",
+                crate::report::Spans(n)
             ))),
         }
     }
@@ -407,7 +408,7 @@ pub(crate) mod tests {
             Ok(())
         });
         assert!(
-            matches!(&flushed, Err(e) if e.to_string().contains("1 spans lost")),
+            matches!(&flushed, Err(e) if e.to_string().contains("1 span lost in a failed export")),
             "{flushed:?}"
         );
         // What it covered still counts: the lost span is no drop.

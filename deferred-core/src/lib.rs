@@ -82,10 +82,10 @@
 //! then carries `spans_lost` ([`PhaseReport::spans_lost`]), the spans whose export failed since
 //! the previous report. Its `deferred.phase` span has it as the attribute `deferred.spans_lost`.
 //! When it is not zero the phase is not clean: its log line is a `warn` with a `spans_lost`
-//! field, and its message contains "N spans lost (their export failed)". Spans the batch
-//! processor drops on a full queue never reach an exporter: wrap the processor in a
-//! [`CountingSpanProcessor`] with the same counts, and a report after a clean flush carries
-//! them too ([`PhaseReport::spans_dropped`], at least that many).
+//! field, and its message contains "N spans lost (their export failed)" ("1 span lost" for
+//! one). Spans the batch processor drops on a full queue never reach an exporter: wrap the
+//! processor in a [`CountingSpanProcessor`] with the same counts, and a report after a clean
+//! flush carries them too ([`PhaseReport::spans_dropped`], at least that many).
 //!
 //! # Fallbacks
 //!

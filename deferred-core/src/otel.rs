@@ -16,7 +16,9 @@ use opentelemetry::metrics::Histogram;
 use opentelemetry::trace::{Span as _, SpanKind, Status, TraceContextExt as _};
 use opentelemetry::{Context, InstrumentationScope, KeyValue, global};
 
-use crate::report::{ActionOutcome, ActionReport, CutReason, FlushOutcome, PhaseKind, PhaseReport};
+use crate::report::{
+    ActionOutcome, ActionReport, CutReason, FlushOutcome, PhaseKind, PhaseReport, Spans,
+};
 
 /// The instrumentation scope of every span and instrument.
 fn scope() -> InstrumentationScope {
@@ -250,10 +252,10 @@ fn summary(report: &PhaseReport) -> String {
         report.flushes.len()
     );
     if let Some(lost) = report.spans_lost.filter(|n| *n > 0) {
-        summary.push_str(&format!("; {lost} spans lost"));
+        summary.push_str(&format!("; {} lost", Spans(lost)));
     }
     if let Some(dropped) = report.spans_dropped.filter(|n| *n > 0) {
-        summary.push_str(&format!("; {dropped} spans dropped"));
+        summary.push_str(&format!("; {} dropped", Spans(dropped)));
     }
     // A cut phase may have no failure to count (its flush left to the final one on SIGTERM).
     if !report.cut.is_empty() {
@@ -408,6 +410,25 @@ mod tests {
             .iter()
             .find(|kv| kv.key.as_str() == key)
             .map(|kv| kv.value.to_string())
+    }
+
+    /// The phase span's status counts one span in the singular ("1 span lost"), more in the
+    /// plural. Found by review: it said "1 spans lost".
+    #[test]
+    fn the_status_counts_one_span_in_the_singular() {
+        let mut report = report();
+        for (n, lost, dropped) in [
+            (1, "; 1 span lost", "; 1 span dropped"),
+            (2, "; 2 spans lost", "; 2 spans dropped"),
+        ] {
+            report.spans_lost = Some(n);
+            report.spans_dropped = Some(n);
+            let summary = summary(&report);
+            assert!(
+                summary.contains(lost) && summary.contains(dropped),
+                "{summary}"
+            );
+        }
     }
 
     /// The span counts, when known, are attributes of the phase span; a drop makes the

@@ -617,6 +617,19 @@ impl PhaseReport {
 
 struct Ms(Duration);
 
+/// A count of spans, "1 span" or "N spans", for the texts that count them (the report's, its
+/// span status, a flush's error).
+pub(crate) struct Spans(pub(crate) u64);
+
+impl fmt::Display for Spans {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            1 => f.write_str("1 span"),
+            n => write!(f, "{n} spans"),
+        }
+    }
+}
+
 impl fmt::Display for Ms {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:.1}ms", self.0.as_secs_f64() * 1e3)
@@ -653,12 +666,13 @@ impl fmt::Display for PhaseReport {
             }
         }
         if let Some(lost) = self.spans_lost.filter(|n| *n > 0) {
-            write!(f, "; {lost} spans lost (their export failed)")?;
+            write!(f, "; {} lost (their export failed)", Spans(lost))?;
         }
         if let Some(dropped) = self.spans_dropped.filter(|n| *n > 0) {
             write!(
                 f,
-                "; {dropped} spans dropped (the batch processor's queue was full)"
+                "; {} dropped (the batch processor's queue was full)",
+                Spans(dropped)
             )?;
         }
         for cut in &self.cut {
@@ -701,4 +715,34 @@ pub(crate) fn with_causes(error: &(dyn std::error::Error + 'static)) -> String {
         cause = error.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One span is "1 span", not "1 spans", in the report's text. Found by review.
+    #[test]
+    fn a_report_counts_one_span_in_the_singular() {
+        let mut report = PhaseReport::new(PhaseKind::Chained, "r-1");
+        report.spans_lost = Some(1);
+        report.spans_dropped = Some(1);
+        let text = report.to_string();
+        assert!(
+            text.contains("; 1 span lost (their export failed)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("; 1 span dropped (the batch processor's queue was full)"),
+            "{text}"
+        );
+        report.spans_lost = Some(2);
+        report.spans_dropped = Some(2);
+        let text = report.to_string();
+        assert!(
+            text.contains("; 2 spans lost (their export failed)"),
+            "{text}"
+        );
+        assert!(text.contains("; 2 spans dropped"), "{text}");
+    }
 }

@@ -36,25 +36,25 @@ async fn report(env: &Env, request_id: &str) -> String {
         .unwrap_or_else(|| panic!("no phase report for {request_id}"))
 }
 
-/// The count `N` of a report line's `; N<what>` (0 when it says none).
+/// The count `N` of a report line's `; N span<what>` or `; N spans<what>` (0 when it says
+/// none).
 fn counted(line: &str, what: &str) -> u64 {
     line.split("; ")
-        .find_map(|part| part.split_once(what))
-        .map(|(n, _)| n)
-        .map_or(0, |n| n.trim().parse().expect("a count"))
+        .find_map(|part| {
+            part.split_once(&format!(" spans{what}"))
+                .or_else(|| part.split_once(&format!(" span{what}")))
+        })
+        .map_or(0, |(n, _)| n.trim().parse().expect("a count"))
 }
 
 /// The `spans lost` of a report line (0 when it says none).
 fn spans_lost(line: &str) -> u64 {
-    counted(line, " spans lost (their export failed)")
+    counted(line, " lost (their export failed)")
 }
 
 /// The `spans dropped` of a report line (0 when it says none).
 fn spans_dropped(line: &str) -> u64 {
-    counted(
-        line,
-        " spans dropped (the batch processor's queue was full)",
-    )
+    counted(line, " dropped (the batch processor's queue was full)")
 }
 
 fn assert_released_in_time(t: &Timeline, what: &str) {

@@ -55,6 +55,16 @@ fn inline(report: &str) -> bool {
     report.contains("deferred phase (Inline)")
 }
 
+/// Whether a log line counts spans lost ("1 span lost", "N spans lost").
+fn counts_lost(line: &str) -> bool {
+    line.contains("spans lost") || line.contains("span lost")
+}
+
+/// Whether a log line counts spans dropped ("1 span dropped", "N spans dropped").
+fn counts_dropped(line: &str) -> bool {
+    line.contains("spans dropped") || line.contains("span dropped")
+}
+
 /// The function's timeout: short, so a hanging action (cut at the deadline minus the 100 ms
 /// safety margin) costs under a second.
 const FUNCTION_TIMEOUT: Duration = Duration::from_secs(1);
@@ -464,7 +474,7 @@ fn check(env: &Env, wiring: Wiring, ran: &[Ran]) -> Vec<String> {
         // The batch processor's queue (2,048) cannot fill here: a drop count would be false.
         if reports
             .get(id)
-            .is_some_and(|r| r.iter().any(|l| l.contains("spans dropped")))
+            .is_some_and(|r| r.iter().any(|l| counts_dropped(l)))
         {
             fail("its report counts spans dropped".into());
         }
@@ -505,10 +515,10 @@ fn lost_spans(
         match (at(i), at(j)) {
             (Some(from), Some(to)) if from <= to => in_order[from..=to]
                 .iter()
-                .any(|(_, line)| line.contains("spans lost")),
+                .any(|(_, line)| counts_lost(line)),
             _ => ran[i..=j]
                 .iter()
-                .any(|r| report(&r.result.request_id).is_some_and(|l| l.contains("spans lost"))),
+                .any(|r| report(&r.result.request_id).is_some_and(|l| counts_lost(&l))),
         }
     };
     let by_trace = spans_by_trace(env);
