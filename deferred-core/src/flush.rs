@@ -222,6 +222,10 @@ pub(crate) enum NotStarted {
     NoShutdownTime,
     /// Its previous call has not returned (an earlier phase abandoned it).
     StillRunning,
+    /// Its previous call (another phase's) had not returned when the end came, waited for
+    /// until then ([`Flusher::start_when_free`]): the phase is cut
+    /// ([`CutReason::FlushBudget`](crate::CutReason::FlushBudget)), as by a flush that overran.
+    StillRunningAtEnd,
     /// tokio could not start a thread for it; the panic's message.
     NoThread(String),
 }
@@ -234,6 +238,9 @@ impl fmt::Display for NotStarted {
                 "no time left within the shutdown_timeout or before the open invocation's deadline",
             ),
             Self::StillRunning => f.write_str("its previous flush is still running"),
+            Self::StillRunningAtEnd => {
+                f.write_str("its previous flush was still running when its time ran out")
+            }
             Self::NoThread(why) => write!(f, "no thread could be started for it: {why}"),
         }
     }
@@ -485,6 +492,7 @@ impl Flusher {
                 Err(NotStarted::StillRunning) if tokio::time::Instant::now() < end => {
                     self.wait_returned(end).await;
                 }
+                Err(NotStarted::StillRunning) => return Err(NotStarted::StillRunningAtEnd),
                 started => return started,
             }
         }

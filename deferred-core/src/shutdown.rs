@@ -387,7 +387,12 @@ mod tests {
         }
         let report = final_flush(&core).await;
         let _ = release.send(());
-        assert!(report.cut.is_empty(), "nothing was abandoned: {report}");
+        // No phase was abandoned (no `Shutdown`); the busy flusher, waited for until the
+        // end, cuts the final flush by its budget.
+        assert!(
+            matches!(report.cut[..], [CutReason::FlushBudget { .. }]),
+            "nothing was abandoned: {report}"
+        );
         let reports = lock(&reports);
         let phase = reports
             .iter()
@@ -561,6 +566,11 @@ mod tests {
                 FlushOutcome::Ok,
                 FlushOutcome::Ok,
             ] if why.contains("still running")),
+            "{report}"
+        );
+        // Waited for until the end: cut by the budget, as a flush that overran would be.
+        assert!(
+            matches!(report.cut[..], [CutReason::FlushBudget { .. }]),
             "{report}"
         );
         assert_eq!(calls.load(Ordering::SeqCst), 2, "{report}");
