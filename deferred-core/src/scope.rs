@@ -43,7 +43,8 @@ impl Options {
 
 /// Why `try_defer!` could not queue an action.
 ///
-/// `defer!` panics with the same message (its `Display`).
+/// Its `Display` says "try_defer! at …"; `defer!` panics with the same message, saying
+/// "defer! at …".
 ///
 /// ```
 /// use deferred_core::{DeferError, Deferred, deferred_handler, try_defer};
@@ -93,26 +94,44 @@ pub enum DeferError {
     },
 }
 
-impl fmt::Display for DeferError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+impl DeferError {
+    /// The message, naming `called`, the macro that was called: the error is returned by
+    /// `try_defer!` only, and `defer!` panics with the message naming itself.
+    fn say(&self, called: &str, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::OutsideHandler { location } => write!(
                 f,
-                "defer! at {location} ran outside a #[deferred_handler]: there is no invocation to \
-                 attach the action to (a task spawned with tokio::spawn does not inherit the \
+                "{called} at {location} ran outside a #[deferred_handler]: there is no invocation \
+                 to attach the action to (a task spawned with tokio::spawn does not inherit the \
                  handler's queue; queue the action in the handler itself)"
             ),
             Self::QueueFull { location, limit } => write!(
                 f,
-                "defer! at {location}: this invocation already holds {limit} deferred actions, \
+                "{called} at {location}: this invocation already holds {limit} deferred actions, \
                  the limit set by Deferred::max_actions"
             ),
             Self::PhaseOver { location } => write!(
                 f,
-                "defer! at {location} ran after its invocation's deferred actions were over (in \
+                "{called} at {location} ran after its invocation's deferred actions were over (in \
                  an action abandoned at its budget): nothing would run it"
             ),
         }
+    }
+}
+
+/// Says "try_defer! at …": only `try_defer!` returns the error.
+impl fmt::Display for DeferError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.say("try_defer!", f)
+    }
+}
+
+/// A [`DeferError`]'s message for `defer!`'s panic: "defer! at …".
+struct Panicked(DeferError);
+
+impl fmt::Display for Panicked {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.say("defer!", f)
     }
 }
 
@@ -393,11 +412,12 @@ pub fn defer<A: DeferredAction>(
     }
 }
 
-/// [`defer`], panicking with the error's message when the action cannot be queued.
+/// [`defer`], panicking with the error's message (naming `defer!`) when the action cannot be
+/// queued.
 #[track_caller]
 pub fn defer_or_panic<A: DeferredAction>(name: Option<Cow<'static, str>>, action: A) {
     if let Err(error) = defer(name, action) {
-        panic!("{error}");
+        panic!("{}", Panicked(error));
     }
 }
 
@@ -434,6 +454,28 @@ mod tests {
     use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
 
     use super::*;
+
+    /// The error names the macro that was called: `try_defer!` in the error it returns,
+    /// `defer!` in its panic. Found by review: both said "defer! at …".
+    #[test]
+    fn the_error_names_the_macro_that_was_called() {
+        let error = crate::try_defer!(async {}).unwrap_err();
+        assert!(error.to_string().starts_with("try_defer! at "), "{error}");
+        let panic = std::panic::catch_unwind(|| crate::defer!(async {})).unwrap_err();
+        let message = crate::phase::panic_message(panic);
+        assert!(message.starts_with("defer! at "), "{message}");
+        assert!(
+            message.contains("outside a #[deferred_handler]"),
+            "{message}"
+        );
+        let location = Location::caller();
+        for error in [
+            DeferError::QueueFull { location, limit: 1 },
+            DeferError::PhaseOver { location },
+        ] {
+            assert!(error.to_string().starts_with("try_defer! at "), "{error}");
+        }
+    }
 
     /// A span of the OpenTelemetry API ends when the last `Context` that holds it is dropped
     /// (`Tracer::in_span`, `mark_span_as_active`, `FutureExt::with_context`): an action queued
