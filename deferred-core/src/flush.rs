@@ -668,6 +668,21 @@ mod tests {
         assert!(result.is_ok());
     }
 
+    /// A runtime with timers: multi-thread with one worker, or current-thread.
+    fn timed_runtime(multi: bool) -> tokio::runtime::Runtime {
+        if multi {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_time()
+                .build()
+        } else {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+        }
+        .expect("a runtime")
+    }
+
     /// A flush that never returns (abandoned at its end) does not keep the runtime's drop
     /// from ending, as a call on the runtime's blocking pool would: with `#[tokio::main]`,
     /// the process would not exit when `main` returns.
@@ -685,17 +700,7 @@ mod tests {
             let _ = crate::scope::lock(&hung).recv();
             Ok::<(), FlushError>(())
         }));
-        let runtime = if multi {
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_time()
-                .build()
-        } else {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_time()
-                .build()
-        }
-        .expect("a runtime");
+        let runtime = timed_runtime(multi);
         let abandoned = runtime.block_on(async {
             let task = flusher.start().expect("started");
             tokio::time::timeout(std::time::Duration::from_millis(50), task).await
@@ -743,19 +748,7 @@ mod tests {
             }
             Ok::<(), FlushError>(())
         }));
-        let runtime = || {
-            if multi {
-                tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(1)
-                    .enable_time()
-                    .build()
-            } else {
-                tokio::runtime::Builder::new_current_thread()
-                    .enable_time()
-                    .build()
-            }
-            .expect("a runtime")
-        };
+        let runtime = || timed_runtime(multi);
         let first = runtime();
         first.block_on(async { drop(flusher.start().expect("started")) });
         drop(first);

@@ -685,18 +685,7 @@ mod tests {
     /// before it served, the queue left with no server.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_phase_thread_serves_after_its_first_task_panicked() {
-        let reports: Arc<Mutex<Vec<String>>> = Arc::default();
-        let hook = reports.clone();
-        let core = Core::new(
-            crate::core::Config {
-                on_report: Some(crate::core::ReportHook(Arc::new(move |report| {
-                    lock(&hook).push(report.request_id.clone());
-                }))),
-                phase_telemetry: false,
-                ..crate::core::Config::default()
-            },
-            crate::core::Mode::Extension,
-        );
+        let (core, reports) = reporting_core(Vec::new(), None);
         // Nothing listens: the calls the phases arm go nowhere.
         let line = Arc::new(Line::new("127.0.0.1:9", "", "ext-1"));
         let runner = Runner::start_with(
@@ -711,6 +700,30 @@ mod tests {
         assert!(runner.spawn_thread_after(Some(first)).is_ok());
         runner.submit(work(1, Duration::from_secs(5)));
         assert!(reported(&reports, "r-1").await, "the new thread ran it");
+    }
+
+    /// A core of the extension mode with `flushers` (and `flush_timeout`, if given) whose
+    /// reports' request ids are collected in the list it returns.
+    fn reporting_core(
+        flushers: Vec<crate::flush::Flusher>,
+        flush_timeout: Option<Duration>,
+    ) -> (Arc<Core>, Arc<Mutex<Vec<String>>>) {
+        let reports: Arc<Mutex<Vec<String>>> = Arc::default();
+        let hook = reports.clone();
+        let defaults = crate::core::Config::default();
+        let core = Core::new(
+            crate::core::Config {
+                flushers,
+                flush_timeout: flush_timeout.unwrap_or(defaults.flush_timeout),
+                on_report: Some(crate::core::ReportHook(Arc::new(move |report| {
+                    lock(&hook).push(report.request_id.clone());
+                }))),
+                phase_telemetry: false,
+                ..defaults
+            },
+            crate::core::Mode::Extension,
+        );
+        (core, reports)
     }
 
     /// Waits (up to 5 s) until `done` holds.
@@ -761,19 +774,9 @@ mod tests {
             }
             Ok::<(), String>(())
         });
-        let reports: Arc<Mutex<Vec<String>>> = Arc::default();
-        let hook = reports.clone();
-        let core = Core::new(
-            crate::core::Config {
-                flushers: vec![crate::flush::Flusher::new(stuck)],
-                flush_timeout: Duration::from_millis(100),
-                on_report: Some(crate::core::ReportHook(Arc::new(move |report| {
-                    lock(&hook).push(report.request_id.clone());
-                }))),
-                phase_telemetry: false,
-                ..crate::core::Config::default()
-            },
-            crate::core::Mode::Extension,
+        let (core, reports) = reporting_core(
+            vec![crate::flush::Flusher::new(stuck)],
+            Some(Duration::from_millis(100)),
         );
         // Nothing listens: the calls the phases arm go nowhere.
         let line = Arc::new(Line::new("127.0.0.1:9", "", "ext-1"));
@@ -842,24 +845,12 @@ mod tests {
             }
             Ok::<(), String>(())
         });
-        let reports: Arc<Mutex<Vec<String>>> = Arc::default();
-        let hook = reports.clone();
         let ended = runtime.block_on(async {
             // The pool's only thread.
             let _pool = tokio::task::spawn_blocking(move || {
                 let _ = pool_held.recv();
             });
-            let core = Core::new(
-                crate::core::Config {
-                    flushers: vec![crate::flush::Flusher::new(stuck)],
-                    on_report: Some(crate::core::ReportHook(Arc::new(move |report| {
-                        lock(&hook).push(report.request_id.clone());
-                    }))),
-                    phase_telemetry: false,
-                    ..crate::core::Config::default()
-                },
-                crate::core::Mode::Extension,
-            );
+            let (core, reports) = reporting_core(vec![crate::flush::Flusher::new(stuck)], None);
             // Nothing listens: the calls the phases arm go nowhere.
             let line = Arc::new(Line::new("127.0.0.1:9", "", "ext-1"));
             let runner = Runner::start(&core, line, tokio::runtime::Handle::current())
