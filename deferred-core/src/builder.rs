@@ -540,7 +540,8 @@ impl Deferred {
 
     /// Whether each phase reports itself through OpenTelemetry's global providers (default
     /// true): a span `deferred.phase` (attributes `faas.invocation_id`,
-    /// `deferred.phase.kind`, `deferred.outcome`, `deferred.cut_reason`, and
+    /// `deferred.phase.kind`, `deferred.outcome`, `deferred.actions`,
+    /// `deferred.consecutive_flush_failures`, `deferred.cut_reason`, and
     /// `deferred.spans_lost` and `deferred.spans_dropped` with
     /// [`span_export_counts`](Self::span_export_counts)), in the
     /// invocation's trace (see [`PhaseReport::invocation_span`](crate::PhaseReport::invocation_span)), with a

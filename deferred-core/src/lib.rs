@@ -64,7 +64,8 @@
 //! - the hook given to [`Deferred::on_report`];
 //! - OpenTelemetry, through the global providers (scope `lambda-deferred`; turned off with
 //!   [`Deferred::phase_telemetry`]): a span `deferred.phase` (attributes `faas.invocation_id`,
-//!   `deferred.phase.kind`, `deferred.outcome`, `deferred.cut_reason`, `deferred.spans_lost`,
+//!   `deferred.phase.kind`, `deferred.outcome`, `deferred.actions`,
+//!   `deferred.consecutive_flush_failures`, `deferred.cut_reason`, `deferred.spans_lost`,
 //!   `deferred.spans_dropped`),
 //!   a child of the span current when the handler started
 //!   ([`PhaseReport::invocation_span`]: the invocation's span with `tracing-opentelemetry`),
@@ -91,8 +92,9 @@
 //!
 //! Outside Lambda, when registration fails, or while the chain is broken, deferred work runs
 //! inline before the handler returns: slower, but nothing is lost. On Lambda Managed
-//! Instances it runs as background tasks. On SIGTERM the core flushes within the 500 ms Lambda
-//! gives internal extensions, then exits.
+//! Instances it runs as background tasks. On SIGTERM the core runs the final flush within
+//! `shutdown_timeout` (400 ms by default, inside the 500 ms Lambda gives a function with an
+//! internal extension), then exits.
 //!
 //! # OpenTelemetry versions
 //!

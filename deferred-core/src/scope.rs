@@ -76,12 +76,12 @@ pub enum DeferError {
     /// Called outside a `#[deferred_handler]`'s dynamic extent (or in a task spawned from it,
     /// which does not inherit the handler's queue).
     OutsideHandler {
-        /// Where `defer!` was called.
+        /// Where `try_defer!` (or `defer!`) was called.
         location: &'static Location<'static>,
     },
     /// The invocation already holds the maximum number of actions.
     QueueFull {
-        /// Where `defer!` was called.
+        /// Where `try_defer!` (or `defer!`) was called.
         location: &'static Location<'static>,
         /// The limit (`Deferred::max_actions`).
         limit: usize,
@@ -89,7 +89,7 @@ pub enum DeferError {
     /// Called by an action after its invocation's actions were over: an action abandoned at
     /// its budget (or at SIGTERM) that ran on. Nothing would run what it queues.
     PhaseOver {
-        /// Where `defer!` was called.
+        /// Where `try_defer!` (or `defer!`) was called.
         location: &'static Location<'static>,
     },
 }
