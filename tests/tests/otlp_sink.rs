@@ -509,3 +509,23 @@ async fn stall_every_holds_every_nth_request() {
     assert_eq!((counts.held, counts.accepted), (2, 4), "{counts:?}");
     assert_eq!(sink.span_count(), 4);
 }
+
+/// A collector tells an OTLP request's encoding by its `Content-Type` (the OpenTelemetry
+/// Collector answers 415 without one): a body without it is not taken as protobuf.
+#[tokio::test]
+async fn a_request_without_a_content_type_is_refused_with_415() {
+    let sink = sink().await;
+    let addr = sink.addr();
+    let (status, _) = post(
+        addr,
+        http::Method::POST,
+        "/v1/traces",
+        None,
+        trace_request("untyped"),
+    )
+    .await
+    .expect("answered");
+    assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    assert_eq!(sink.requests().rejected, 1);
+    assert_eq!(sink.span_count(), 0);
+}

@@ -183,22 +183,20 @@ async fn handle(request: Request<Incoming>, shared: Arc<Shared>) -> Answer {
     }
 }
 
-/// Why the request's headers rule it out, if they do: a declared content type other than
-/// protobuf (OTLP/JSON is not supported), or any content encoding (opentelemetry-otlp sends
-/// none unless compression is configured, which needs its `gzip-http` or `zstd-http`
-/// feature).
+/// Why the request's headers rule it out, if they do: a content type other than protobuf
+/// (OTLP/JSON is not supported), none at all (a collector tells the encoding by it: the
+/// OpenTelemetry Collector answers 415 there too), or any content encoding
+/// (opentelemetry-otlp sends none unless compression is configured, which needs its
+/// `gzip-http` or `zstd-http` feature).
 fn unsupported_headers<B>(request: &Request<B>) -> Option<&'static str> {
-    if let Some(content_type) = request.headers().get(header::CONTENT_TYPE) {
-        let essence = content_type
-            .to_str()
-            .unwrap_or_default()
-            .split(';')
-            .next()
-            .unwrap_or_default()
-            .trim();
-        if !essence.eq_ignore_ascii_case("application/x-protobuf") {
-            return Some("only application/x-protobuf is supported");
-        }
+    let essence = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.split(';').next())
+        .map(str::trim);
+    if !essence.is_some_and(|essence| essence.eq_ignore_ascii_case("application/x-protobuf")) {
+        return Some("only application/x-protobuf is supported");
     }
     if let Some(encoding) = request.headers().get(header::CONTENT_ENCODING)
         && !encoding

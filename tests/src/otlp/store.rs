@@ -94,8 +94,9 @@ pub struct RequestCounts {
     /// [`Behaviour::Fail`]: super::Behaviour::Fail
     pub failed: u64,
     /// Answered 4xx because the request itself was wrong: unknown path or method (404/405),
-    /// unsupported content type or encoding (415), body too large (413), or a body that does
-    /// not decode as the signal's protobuf request (400). Nothing recorded.
+    /// a missing or unsupported content type or a content encoding (415), body too large
+    /// (413), or a body that does not decode as the signal's protobuf request (400). Nothing
+    /// recorded.
     pub rejected: u64,
     /// Held without an answer by [`Behaviour::Stall`] (counted when the hold starts); nothing
     /// recorded. A held request is released by closing its connection, unanswered.
