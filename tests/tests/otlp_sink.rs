@@ -73,6 +73,19 @@ async fn post(
     content_type: Option<&str>,
     body: Vec<u8>,
 ) -> Result<(StatusCode, Bytes), hyper::Error> {
+    let response = send(addr, method, path, content_type, body).await?;
+    let status = response.status();
+    Ok((status, response.into_body()))
+}
+
+/// [`post`], with the answer's headers.
+async fn send(
+    addr: SocketAddr,
+    method: http::Method,
+    path: &str,
+    content_type: Option<&str>,
+    body: Vec<u8>,
+) -> Result<http::Response<Bytes>, hyper::Error> {
     let stream = tokio::net::TcpStream::connect(addr)
         .await
         .expect("the sink accepts connections");
@@ -90,10 +103,9 @@ async fn post(
     let request = request
         .body(Full::new(Bytes::from(body)))
         .expect("the request is valid");
-    let response = sender.send_request(request).await?;
-    let status = response.status();
-    let body = response.into_body().collect().await?.to_bytes();
-    Ok((status, body))
+    let (parts, body) = sender.send_request(request).await?.into_parts();
+    let body = body.collect().await?.to_bytes();
+    Ok(http::Response::from_parts(parts, body))
 }
 
 async fn post_traces(addr: SocketAddr, body: Vec<u8>) -> Result<(StatusCode, Bytes), hyper::Error> {
@@ -528,4 +540,93 @@ async fn a_request_without_a_content_type_is_refused_with_415() {
     assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
     assert_eq!(sink.requests().rejected, 1);
     assert_eq!(sink.span_count(), 0);
+}
+
+/// `google.rpc.Status`, the body the OTLP/HTTP specification requires of every 4xx and 5xx
+/// answer (its `details` left out).
+#[derive(Clone, PartialEq, prost::Message)]
+struct RpcStatus {
+    #[prost(int32, tag = "1")]
+    code: i32,
+    #[prost(string, tag = "2")]
+    message: String,
+}
+
+/// The error answer's body as a `google.rpc.Status` in protobuf, with its content type.
+fn status_message(response: &http::Response<Bytes>) -> RpcStatus {
+    assert_eq!(
+        response.headers().get(header::CONTENT_TYPE),
+        Some(&header::HeaderValue::from_static("application/x-protobuf")),
+        "{response:?}"
+    );
+    let status = RpcStatus::decode(response.body().clone()).expect("a google.rpc.Status");
+    assert!(!status.message.is_empty(), "{status:?}");
+    status
+}
+
+/// Every error answer carries a protobuf `google.rpc.Status`, as the specification requires
+/// and a collector sends (the exporter reads only the code, but a body that is not one is
+/// an answer no collector gives), and a 405 names the method it allows.
+#[tokio::test]
+async fn error_answers_carry_a_protobuf_status() {
+    let sink = sink().await;
+    let addr = sink.addr();
+    let protobuf = Some("application/x-protobuf");
+
+    let bad = send(
+        addr,
+        http::Method::POST,
+        "/v1/traces",
+        protobuf,
+        b"\xff".to_vec(),
+    )
+    .await
+    .expect("answered");
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+    status_message(&bad);
+
+    let get = send(addr, http::Method::GET, "/v1/traces", None, Vec::new())
+        .await
+        .expect("answered");
+    assert_eq!(get.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(
+        get.headers().get(header::ALLOW),
+        Some(&header::HeaderValue::from_static("POST"))
+    );
+    status_message(&get);
+
+    let json = send(
+        addr,
+        http::Method::POST,
+        "/v1/logs",
+        Some("application/json"),
+        b"{}".to_vec(),
+    )
+    .await
+    .expect("answered");
+    assert_eq!(json.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    status_message(&json);
+
+    let unknown = send(addr, http::Method::POST, "/v1/nope", protobuf, Vec::new())
+        .await
+        .expect("answered");
+    assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
+    status_message(&unknown);
+
+    sink.set_behaviour(Behaviour::Fail {
+        status: 503,
+        times: 1,
+    });
+    let failed = send(
+        addr,
+        http::Method::POST,
+        "/v1/metrics",
+        protobuf,
+        Vec::new(),
+    )
+    .await
+    .expect("answered");
+    assert_eq!(failed.status(), StatusCode::SERVICE_UNAVAILABLE);
+    status_message(&failed);
+    assert_eq!(sink.requests().failed, 1);
 }

@@ -41,9 +41,10 @@ pub enum Behaviour {
         /// How long every other request waits before its answer.
         base: Duration,
     },
-    /// Answer `status` (with a short text body) to the next `times` requests, then behave as
-    /// [`Behaviour::Normal`]. Nothing is recorded from a failed request. The OTLP exporter
-    /// retries 429, 502, 503 and 504 (and network errors) but not other statuses such as 500.
+    /// Answer `status` (its body a protobuf `google.rpc.Status`, as from a collector) to the
+    /// next `times` requests, then behave as [`Behaviour::Normal`]. Nothing is recorded from a
+    /// failed request. The OTLP exporter retries 429, 502, 503 and 504 (and network errors)
+    /// but not other statuses such as 500.
     Fail {
         /// The HTTP status to answer; an invalid code (outside 100..=999) becomes 500.
         status: u16,

@@ -49,6 +49,26 @@ impl Signal {
     }
 }
 
+/// `google.rpc.Status`: the OTLP/HTTP specification makes it the body of every 4xx and 5xx
+/// answer. Its `code` is not used by OTLP (left 0, as the specification allows) and its
+/// `details` are left out.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct RpcStatus {
+    #[prost(int32, tag = "1")]
+    pub(crate) code: i32,
+    #[prost(string, tag = "2")]
+    pub(crate) message: String,
+}
+
+/// The encoded `google.rpc.Status` of an error answer saying `message`.
+pub(crate) fn error_body(message: &str) -> Vec<u8> {
+    RpcStatus {
+        code: 0,
+        message: message.to_owned(),
+    }
+    .encode_to_vec()
+}
+
 /// A body that no `Export*ServiceResponse` decodes: `'t'` (0x74) is the tag of field 14
 /// with wire type 4 (end group) without a start group, which prost rejects.
 pub(crate) const GARBAGE: &[u8] = b"this is not protobuf";
@@ -260,6 +280,12 @@ mod tests {
         assert_eq!(span.service_name.as_deref(), Some("svc"));
         assert_eq!(span.attribute("n"), Some("7"));
         assert_eq!(span.attribute("a"), Some("[x, y]"));
+    }
+
+    #[test]
+    fn an_error_body_is_a_status() {
+        let status = RpcStatus::decode(error_body("no").as_slice()).expect("a Status");
+        assert_eq!(status.message, "no");
     }
 
     #[test]

@@ -3,10 +3,11 @@
 //! The sink listens on `127.0.0.1` on an ephemeral port and serves `POST /v1/traces`,
 //! `/v1/metrics` and `/v1/logs` with protobuf bodies (`application/x-protobuf`, uncompressed:
 //! what opentelemetry-otlp's `http-proto` exporters send by default; any other content type,
-//! or none, is answered 415). It decodes every
-//! request with `opentelemetry-proto`, answers the matching `Export*ServiceResponse` with
-//! 200, and records what it acknowledged. On demand it answers slowly, stalls, fails,
-//! answers garbage or refuses connections (see [`Behaviour`]).
+//! or none, is answered 415). It decodes every request with `opentelemetry-proto`, answers
+//! the matching `Export*ServiceResponse` with 200, and records what it acknowledged. Its
+//! error answers carry a protobuf `google.rpc.Status`, as the OTLP/HTTP specification
+//! requires. On demand it answers slowly, stalls, fails, answers garbage or refuses
+//! connections (see [`Behaviour`]).
 //!
 //! The server runs on its own thread with its own Tokio runtime: it keeps answering while
 //! the test's runtime is blocked, and it stops (closing every connection, stalled ones

@@ -120,7 +120,11 @@ async fn handle(request: Request<Incoming>, shared: Arc<Shared>) -> Answer {
         return Ok(reject(store, StatusCode::NOT_FOUND, "unknown path"));
     };
     if request.method() != Method::POST {
-        return Ok(reject(store, StatusCode::METHOD_NOT_ALLOWED, "POST only"));
+        let mut answer = reject(store, StatusCode::METHOD_NOT_ALLOWED, "POST only");
+        answer
+            .headers_mut()
+            .insert(header::ALLOW, header::HeaderValue::from_static("POST"));
+        return Ok(answer);
     }
     if let Some(problem) = unsupported_headers(&request) {
         return Ok(reject(store, StatusCode::UNSUPPORTED_MEDIA_TYPE, problem));
@@ -170,7 +174,7 @@ async fn handle(request: Request<Incoming>, shared: Arc<Shared>) -> Answer {
         Reply::Fail(status) => {
             store.count(Outcome::Failed);
             let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            Ok(text(status, "failing on purpose"))
+            Ok(error(status, "failing on purpose"))
         }
         Reply::Garbage => {
             store.record(batch, Outcome::Garbage);
@@ -212,7 +216,7 @@ fn unsupported_headers<B>(request: &Request<B>) -> Option<&'static str> {
 
 fn reject(store: &Store, status: StatusCode, message: &str) -> Response<Full<Bytes>> {
     store.count(Outcome::Rejected);
-    text(status, message)
+    error(status, message)
 }
 
 fn success(signal: Signal) -> Response<Full<Bytes>> {
@@ -220,23 +224,22 @@ fn success(signal: Signal) -> Response<Full<Bytes>> {
 }
 
 fn protobuf(body: Bytes) -> Response<Full<Bytes>> {
-    response(StatusCode::OK, "application/x-protobuf", body)
+    response(StatusCode::OK, body)
 }
 
-fn text(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
-    response(
-        status,
-        "text/plain; charset=utf-8",
-        Bytes::from(message.to_owned()),
-    )
+/// An error answer: the OTLP/HTTP specification wants a protobuf `google.rpc.Status` as the
+/// body of every 4xx and 5xx, as a collector sends it.
+fn error(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
+    response(status, Bytes::from(decode::error_body(message)))
 }
 
-fn response(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<Full<Bytes>> {
+/// An answer with a protobuf body: the only encoding the sink accepts, so the request's too.
+fn response(status: StatusCode, body: Bytes) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(body));
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,
-        header::HeaderValue::from_static(content_type),
+        header::HeaderValue::from_static("application/x-protobuf"),
     );
     response
 }
