@@ -22,13 +22,16 @@
 //!   `.with_timeout(d)` (what [`build`] and [`init`] pass), else `OTEL_EXPORTER_OTLP_{TRACES,
 //!   METRICS,LOGS}_TIMEOUT`, else `OTEL_EXPORTER_OTLP_TIMEOUT` (milliseconds), else
 //!   **10 s** ([`DEFAULT_EXPORT_TIMEOUT`]). With the blocking reqwest client it is the
-//!   client's whole-request timeout, and it is also the deadline of the retry loop. Keep it
-//!   below the time you can afford to wait for a flush: with the default 10 s, a stalled
-//!   collector makes a trace flush fail after 5 s but keeps the worker busy for 10 s.
+//!   client's whole-request timeout, and it is also the deadline of the retry loop: a retry
+//!   starts only before it has run out, and then has a whole timeout of its own, so an export
+//!   can last up to about twice the timeout. Keep twice it below the time you can afford to
+//!   wait for a flush: with the default 10 s, a stalled collector makes a trace flush fail
+//!   after 5 s but keeps the worker busy for 10 s (nearly 20 s after a late 504).
 //! - **Retries:** network errors and HTTP 429, 502, 503, 504 are retried (3 retries,
-//!   backoff from 100 ms, capped at 1.6 s, within the export timeout); other statuses (500,
-//!   400, …) fail at once. A 200 whose body is not a valid `Export*ServiceResponse` counts
-//!   as success (it is only logged at debug level).
+//!   backoff from 100 ms, capped at 1.6 s); other statuses (500, 400, …) fail at once. A 429
+//!   or 503 with `Retry-After: n` (seconds) waits n s (at most 30) before the retry if that
+//!   ends within the timeout, and fails the export at once otherwise. A 200 whose body is not
+//!   a valid `Export*ServiceResponse` counts as success (it is only logged at debug level).
 //! - **Periodic exports:** spans are also exported every 5 s (`OTEL_BSP_SCHEDULE_DELAY`) or
 //!   when 512 are queued, metrics every 60 s (`OTEL_METRIC_EXPORT_INTERVAL`).
 //!

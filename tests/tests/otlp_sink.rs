@@ -630,3 +630,58 @@ async fn error_answers_carry_a_protobuf_status() {
     status_message(&failed);
     assert_eq!(sink.requests().failed, 1);
 }
+
+/// The exporter's timeout bounds each request and when a retry may start, not the export: a
+/// retryable failure that comes late (a proxy's 504 after 600 ms) is retried within the
+/// timeout, and the retry then gets a whole timeout of its own. A 1 s exporter timeout holds
+/// the flush about 1.7 s here, and up to twice the timeout in general.
+#[tokio::test]
+async fn a_late_retryable_failure_makes_an_export_outlast_its_timeout() {
+    let sink = sink().await;
+    let timeout = Duration::from_secs(1);
+    let telemetry = telemetry(&sink, timeout);
+    let late = Duration::from_millis(600);
+    sink.set_behaviour(Behaviour::Cycle(vec![
+        Reply::FailAfter(504, late),
+        Reply::Stall,
+    ]));
+    one_span(&telemetry, "late");
+    let (result, took) = flush_traces(&telemetry).await;
+    result.expect_err("the retry timed out");
+    assert!(
+        took >= late + timeout && took < PROCESSOR_FLUSH_TIMEOUT,
+        "the flush returned after {took:?}, its exporter timeout is {timeout:?}"
+    );
+    let counts = sink.requests();
+    assert_eq!((counts.failed, counts.stalled), (1, 1), "{counts:?}");
+    sink.set_behaviour(Behaviour::Normal);
+    shutdown(telemetry).await;
+}
+
+/// A 429 or 503 with `Retry-After` holds the export that long before its retry, if the wait
+/// ends within the exporter's timeout; a longer one fails the export at once.
+#[tokio::test]
+async fn retry_after_delays_the_retry_or_fails_the_export() {
+    let sink = sink().await;
+    let telemetry = telemetry(&sink, Duration::from_secs(3));
+    sink.set_behaviour(Behaviour::Cycle(vec![
+        Reply::Throttle(503, 1),
+        Reply::Answer(Duration::ZERO),
+    ]));
+    one_span(&telemetry, "throttled");
+    let (result, took) = flush_traces(&telemetry).await;
+    result.expect("the retry after the wait succeeds");
+    assert!(took >= Duration::from_secs(1), "took {took:?}");
+    assert_eq!(sink.spans_named("throttled"), 1);
+
+    sink.set_behaviour(Behaviour::Cycle(vec![Reply::Throttle(429, 10)]));
+    one_span(&telemetry, "dropped");
+    let (result, took) = flush_traces(&telemetry).await;
+    result.expect_err("a wait past the timeout fails the export");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    let counts = sink.requests();
+    assert_eq!((counts.failed, counts.accepted), (2, 1), "{counts:?}");
+    assert_eq!(sink.spans_named("dropped"), 0);
+    sink.set_behaviour(Behaviour::Normal);
+    shutdown(telemetry).await;
+}

@@ -73,6 +73,16 @@ pub enum Reply {
     Stall,
     /// Answer this HTTP status; nothing recorded.
     Fail(u16),
+    /// Answer this HTTP status after the delay; nothing recorded, counted as failed. What a
+    /// proxy in front of a collector answers when it gives up waiting for it (a 504 after its
+    /// own timeout). The exporter retries a retryable status if its timeout has not run out,
+    /// and that retry gets a whole timeout of its own.
+    FailAfter(u16, Duration),
+    /// Answer this HTTP status (429 or 503: a collector throttling its clients) with a
+    /// `Retry-After` of this many seconds; nothing recorded, counted as failed. The exporter
+    /// waits that long before its retry if the wait ends within its timeout, and fails the
+    /// export at once otherwise.
+    Throttle(u16, u32),
     /// Answer 200 with a non-protobuf body; recorded.
     Garbage,
     /// Close the connection without an answer; nothing recorded.

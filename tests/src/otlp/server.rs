@@ -173,8 +173,20 @@ async fn handle(request: Request<Incoming>, shared: Arc<Shared>) -> Answer {
         }
         Reply::Fail(status) => {
             store.count(Outcome::Failed);
-            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            Ok(error(status, "failing on purpose"))
+            Ok(error(status_code(status), "failing on purpose"))
+        }
+        Reply::FailAfter(status, delay) => {
+            tokio::time::sleep(delay).await;
+            store.count(Outcome::Failed);
+            Ok(error(status_code(status), "failing on purpose, late"))
+        }
+        Reply::Throttle(status, seconds) => {
+            store.count(Outcome::Failed);
+            let mut answer = error(status_code(status), "throttled on purpose");
+            answer
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from(seconds));
+            Ok(answer)
         }
         Reply::Garbage => {
             store.record(batch, Outcome::Garbage);
@@ -212,6 +224,11 @@ fn unsupported_headers<B>(request: &Request<B>) -> Option<&'static str> {
         return Some("compressed bodies are not supported");
     }
     None
+}
+
+/// The status a behaviour asks for; an invalid code (outside 100..=999) becomes 500.
+fn status_code(status: u16) -> StatusCode {
+    StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
 }
 
 fn reject(store: &Store, status: StatusCode, message: &str) -> Response<Full<Bytes>> {

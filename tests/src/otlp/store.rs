@@ -89,9 +89,13 @@ pub struct RequestCounts {
     ///
     /// [`Behaviour::Garbage`]: super::Behaviour::Garbage
     pub garbage: u64,
-    /// Answered with the error status of [`Behaviour::Fail`]; nothing recorded.
+    /// Answered with the error status of [`Behaviour::Fail`] (or of a [`Reply::Fail`],
+    /// [`Reply::FailAfter`] or [`Reply::Throttle`]); nothing recorded.
     ///
     /// [`Behaviour::Fail`]: super::Behaviour::Fail
+    /// [`Reply::Fail`]: super::Reply::Fail
+    /// [`Reply::FailAfter`]: super::Reply::FailAfter
+    /// [`Reply::Throttle`]: super::Reply::Throttle
     pub failed: u64,
     /// Answered 4xx because the request itself was wrong: unknown path or method (404/405),
     /// a missing or unsupported content type or a content encoding (415), body too large
