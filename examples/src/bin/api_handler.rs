@@ -3,7 +3,7 @@
 //!
 //! It shows:
 //! - the tracer and meter providers built with opentelemetry-otlp (HTTP/protobuf, blocking
-//!   reqwest client), with an exporter timeout below the handler's `flush_timeout`;
+//!   reqwest client), with an exporter timeout below half the handler's `flush_timeout`;
 //! - `#[tracing::instrument]` spans exported through tracing-opentelemetry, and a counter;
 //! - `Deferred::new().flush(tracer).flush(meter)`: both providers flushed after every
 //!   response, concurrently, within `flush_timeout`;
@@ -66,10 +66,11 @@ use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{EnvFilter, Layer as _};
 
-/// Each export request gives up after this. Keep it below `flush_timeout`: a stalled collector
-/// then fails the export, rather than keeping the exporter busy past the flush (the SDK's
-/// default is 10 s).
-const EXPORT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Each export request gives up after this, and a retry may start until it has run out, so an
+/// export lasts up to twice this. Keep that below `flush_timeout` (3 s): a stalled collector
+/// then fails the export within the flush, rather than keeping the exporter busy past it (the
+/// SDK's default is 10 s).
+const EXPORT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Orders created, by item. Instruments come from the global meter provider set in `main`.
 static ORDERS_CREATED: LazyLock<Counter<u64>> = LazyLock::new(|| {

@@ -76,9 +76,10 @@ mod function {
 
     use super::PHASE_LINE;
 
-    /// Below the handler's `flush_timeout` (2 s): a stalled collector fails the export rather
-    /// than keeping the exporter busy past the flush.
-    const EXPORT_TIMEOUT: Duration = Duration::from_secs(1);
+    /// Below half the handler's `flush_timeout` (2 s), as an export with a retry can last twice
+    /// this: a stalled collector fails the export rather than keeping the exporter busy past
+    /// the flush.
+    const EXPORT_TIMEOUT: Duration = Duration::from_millis(800);
 
     #[derive(Debug, Clone, Serialize)]
     struct Account {
