@@ -13,8 +13,8 @@
 //! - a `lambda_http` handler: `#[deferred_handler]` on a function of `lambda_http::Request`
 //!   (feature `http` of deferred-core), run through `lambda_http::Adapter`.
 //!
-//! `POST /orders` with `{"item": "book", "quantity": 2}` answers 201 with the new order;
-//! anything else answers 404.
+//! `POST /orders` with `{"item": "book", "quantity": 2}` answers 201 with the new order, and
+//! 400 when the body is not such an order (or orders nothing); anything else answers 404.
 //!
 //! Configuration: `OTEL_EXPORTER_OTLP_ENDPOINT` (the collector's base URL, default
 //! `http://localhost:4318`; the exporters append `/v1/traces` and `/v1/metrics`),
@@ -103,13 +103,14 @@ struct Order {
 async fn handler(request: Request) -> Result<Response<Body>, Error> {
     let response = match (request.method().as_str(), request.raw_http_path()) {
         ("POST", "/orders") => match request.payload::<NewOrder>() {
-            Ok(Some(new)) => {
+            Ok(Some(new)) if new.quantity > 0 => {
                 let order = create_order(new).await;
                 json_response(StatusCode::CREATED, &order)?
             }
-            Ok(None) | Err(_) => json_response(
+            // No JSON body, one that is not an order, or an order of nothing.
+            _ => json_response(
                 StatusCode::BAD_REQUEST,
-                &json!({ "error": "expected a JSON body such as {\"item\": \"book\", \"quantity\": 2}" }),
+                &json!({ "error": "expected a JSON body such as {\"item\": \"book\", \"quantity\": 2}, quantity at least 1" }),
             )?,
         },
         _ => json_response(StatusCode::NOT_FOUND, &json!({ "error": "not found" }))?,
@@ -197,4 +198,73 @@ async fn main() -> Result<(), Error> {
         .span_export_counts(span_counts)
         .run(Adapter::from(service_fn(handler)))
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(method: &str, path: &str, body: &str) -> Request {
+        lambda_http::http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_owned()))
+            .expect("a valid request")
+            .with_raw_http_path(path)
+    }
+
+    async fn status(method: &str, path: &str, body: &str) -> StatusCode {
+        handler(request(method, path, body))
+            .await
+            .expect("the handler answers")
+            .status()
+    }
+
+    #[tokio::test]
+    async fn an_order_is_created() {
+        let response = handler(request(
+            "POST",
+            "/orders",
+            r#"{"item": "book", "quantity": 2}"#,
+        ))
+        .await
+        .expect("the handler answers");
+        assert_eq!(response.status(), StatusCode::CREATED);
+        let Body::Text(text) = response.body() else {
+            panic!("a text body");
+        };
+        let order: serde_json::Value = serde_json::from_str(text).expect("JSON");
+        assert_eq!(order["item"], "book");
+        assert_eq!(order["quantity"], 2);
+    }
+
+    #[tokio::test]
+    async fn what_is_not_an_order_is_a_bad_request() {
+        for body in [
+            "",
+            "not json",
+            "{}",
+            r#"{"item": "book", "quantity": -1}"#,
+            r#"{"item": "book", "quantity": 0}"#,
+        ] {
+            assert_eq!(
+                status("POST", "/orders", body).await,
+                StatusCode::BAD_REQUEST,
+                "{body:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn other_routes_are_not_found() {
+        let order = r#"{"item": "book", "quantity": 2}"#;
+        for (method, path) in [("GET", "/orders"), ("POST", "/order"), ("PUT", "/orders")] {
+            assert_eq!(
+                status(method, path, order).await,
+                StatusCode::NOT_FOUND,
+                "{method} {path}"
+            );
+        }
+    }
 }
