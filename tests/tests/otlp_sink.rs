@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use deferred_core::CountingSpanExporter;
 use deferred_testkit::otlp::{Behaviour, OtlpSink, Reply};
 use deferred_testkit::telemetry::{self, PROCESSOR_FLUSH_TIMEOUT, Telemetry};
 use http::{Request, StatusCode, header};
@@ -16,11 +17,13 @@ use opentelemetry::logs::{AnyValue, LogRecord as _, Logger as _, LoggerProvider 
 use opentelemetry::metrics::MeterProvider as _;
 use opentelemetry::trace::{Span as _, TraceContextExt as _, Tracer as _, TracerProvider as _};
 use opentelemetry::{Context, KeyValue};
+use opentelemetry_otlp::{SpanExporter, WithExportConfig as _};
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span as ProtoSpan};
 use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::trace::SdkTracerProvider;
 use prost::Message as _;
 
 /// Generous: nothing here should take more than a fraction of it.
@@ -684,4 +687,44 @@ async fn retry_after_delays_the_retry_or_fails_the_export() {
     assert_eq!(sink.spans_named("dropped"), 0);
     sink.set_behaviour(Behaviour::Normal);
     shutdown(telemetry).await;
+}
+
+/// A partial success (200, `partial_success` set) is a success to the exporter, which only
+/// logs it and does not retry (as the specification says): the spans the collector rejected
+/// are gone, and neither the flush nor a `CountingSpanExporter` says so.
+#[tokio::test]
+async fn a_partial_success_is_a_success_whose_rejected_spans_are_not_counted_lost() {
+    let sink = sink().await;
+    let exporter = CountingSpanExporter::new(
+        SpanExporter::builder()
+            .with_http()
+            .with_endpoint(format!("{}/v1/traces", sink.endpoint()))
+            .with_timeout(Duration::from_secs(5))
+            .build()
+            .expect("the exporter builds"),
+    );
+    let counts = exporter.counts();
+    let provider = SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .build();
+    sink.set_behaviour(Behaviour::Cycle(vec![Reply::PartialSuccess]));
+    let mut span = provider.tracer("otlp-sink-test").start("rejected");
+    span.end();
+    let flushed = provider.clone();
+    tokio::task::spawn_blocking(move || flushed.force_flush())
+        .await
+        .expect("the flush thread does not panic")
+        .expect("a partial success is a success");
+    let requests = sink.requests();
+    assert_eq!(
+        (requests.partial, requests.accepted),
+        (1, 0),
+        "{requests:?}"
+    );
+    assert_eq!(sink.span_count(), 0, "the rejected span is not recorded");
+    assert_eq!((counts.exported(), counts.lost()), (1, 0), "{counts:?}");
+    tokio::task::spawn_blocking(move || provider.shutdown())
+        .await
+        .expect("the shutdown thread does not panic")
+        .expect("the provider shuts down");
 }

@@ -85,6 +85,11 @@ pub enum Reply {
     Throttle(u16, u32),
     /// Answer 200 with a non-protobuf body; recorded.
     Garbage,
+    /// Answer 200 with a partial success that rejects everything the request carried
+    /// (`partial_success` set: `rejected_spans`, `rejected_data_points` or
+    /// `rejected_log_records`, and an `error_message`); nothing recorded, counted as
+    /// partial. The exporter takes it as a success: it logs it and does not retry.
+    PartialSuccess,
     /// Close the connection without an answer; nothing recorded.
     Refuse,
 }

@@ -5,13 +5,13 @@ use std::fmt::Write as _;
 use std::time::Instant;
 
 use opentelemetry_proto::tonic::collector::logs::v1::{
-    ExportLogsServiceRequest, ExportLogsServiceResponse,
+    ExportLogsPartialSuccess, ExportLogsServiceRequest, ExportLogsServiceResponse,
 };
 use opentelemetry_proto::tonic::collector::metrics::v1::{
-    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+    ExportMetricsPartialSuccess, ExportMetricsServiceRequest, ExportMetricsServiceResponse,
 };
 use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
+    ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use opentelemetry_proto::tonic::metrics::v1::metric;
@@ -45,6 +45,36 @@ impl Signal {
             Self::Traces => ExportTraceServiceResponse::default().encode_to_vec(),
             Self::Metrics => ExportMetricsServiceResponse::default().encode_to_vec(),
             Self::Logs => ExportLogsServiceResponse::default().encode_to_vec(),
+        }
+    }
+
+    /// The encoded `Export*ServiceResponse` of a partial success that rejects everything
+    /// `batch` carried (its spans, its metrics' data points or its log records).
+    pub(crate) fn partial_success_body(self, batch: &Batch) -> Vec<u8> {
+        let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        let error_message = "rejected on purpose".to_owned();
+        match self {
+            Self::Traces => ExportTraceServiceResponse {
+                partial_success: Some(ExportTracePartialSuccess {
+                    rejected_spans: count(batch.spans.len()),
+                    error_message,
+                }),
+            }
+            .encode_to_vec(),
+            Self::Metrics => ExportMetricsServiceResponse {
+                partial_success: Some(ExportMetricsPartialSuccess {
+                    rejected_data_points: count(batch.metrics.iter().map(|m| m.data_points).sum()),
+                    error_message,
+                }),
+            }
+            .encode_to_vec(),
+            Self::Logs => ExportLogsServiceResponse {
+                partial_success: Some(ExportLogsPartialSuccess {
+                    rejected_log_records: count(batch.logs.len()),
+                    error_message,
+                }),
+            }
+            .encode_to_vec(),
         }
     }
 }
@@ -280,6 +310,34 @@ mod tests {
         assert_eq!(span.service_name.as_deref(), Some("svc"));
         assert_eq!(span.attribute("n"), Some("7"));
         assert_eq!(span.attribute("a"), Some("[x, y]"));
+    }
+
+    #[test]
+    fn a_partial_success_rejects_the_whole_batch() {
+        let batch = Batch {
+            spans: Vec::new(),
+            metrics: vec![
+                ReceivedMetric {
+                    name: "a".into(),
+                    data_points: 2,
+                    received_at: Instant::now(),
+                },
+                ReceivedMetric {
+                    name: "b".into(),
+                    data_points: 3,
+                    received_at: Instant::now(),
+                },
+            ],
+            logs: Vec::new(),
+        };
+        let body = Signal::Metrics.partial_success_body(&batch);
+        let response = ExportMetricsServiceResponse::decode(body.as_slice()).expect("a response");
+        let partial = response.partial_success.expect("a partial success");
+        assert_eq!(partial.rejected_data_points, 5);
+        assert!(!partial.error_message.is_empty());
+        let body = Signal::Traces.partial_success_body(&batch);
+        let response = ExportTraceServiceResponse::decode(body.as_slice()).expect("a response");
+        assert_eq!(response.partial_success.map(|p| p.rejected_spans), Some(0));
     }
 
     #[test]

@@ -6,8 +6,9 @@
 //! or none, is answered 415). It decodes every request with `opentelemetry-proto`, answers
 //! the matching `Export*ServiceResponse` with 200, and records what it acknowledged. Its
 //! error answers carry a protobuf `google.rpc.Status`, as the OTLP/HTTP specification
-//! requires. On demand it answers slowly, stalls, fails, answers garbage or refuses
-//! connections (see [`Behaviour`]).
+//! requires. On demand it answers slowly, stalls, fails (at once, late, or throttling with
+//! `Retry-After`), answers a partial success or garbage, or refuses connections (see
+//! [`Behaviour`] and [`Reply`]).
 //!
 //! The server runs on its own thread with its own Tokio runtime: it keeps answering while
 //! the test's runtime is blocked, and it stops (closing every connection, stalled ones

@@ -188,6 +188,10 @@ async fn handle(request: Request<Incoming>, shared: Arc<Shared>) -> Answer {
                 .insert(header::RETRY_AFTER, header::HeaderValue::from(seconds));
             Ok(answer)
         }
+        Reply::PartialSuccess => {
+            store.count(Outcome::Partial);
+            Ok(protobuf(Bytes::from(signal.partial_success_body(&batch))))
+        }
         Reply::Garbage => {
             store.record(batch, Outcome::Garbage);
             Ok(protobuf(Bytes::from_static(GARBAGE)))

@@ -89,6 +89,11 @@ pub struct RequestCounts {
     ///
     /// [`Behaviour::Garbage`]: super::Behaviour::Garbage
     pub garbage: u64,
+    /// Answered 200 with a partial success that rejected everything the request carried
+    /// ([`Reply::PartialSuccess`]); nothing recorded.
+    ///
+    /// [`Reply::PartialSuccess`]: super::Reply::PartialSuccess
+    pub partial: u64,
     /// Answered with the error status of [`Behaviour::Fail`] (or of a [`Reply::Fail`],
     /// [`Reply::FailAfter`] or [`Reply::Throttle`]); nothing recorded.
     ///
@@ -148,6 +153,7 @@ pub(crate) enum Outcome {
     Accepted,
     Garbage,
     Failed,
+    Partial,
     Rejected,
     Stalled,
     Held,
@@ -201,6 +207,7 @@ impl Store {
                 Outcome::Accepted => &mut counts.accepted,
                 Outcome::Garbage => &mut counts.garbage,
                 Outcome::Failed => &mut counts.failed,
+                Outcome::Partial => &mut counts.partial,
                 Outcome::Rejected => &mut counts.rejected,
                 Outcome::Stalled => &mut counts.stalled,
                 Outcome::Held => &mut counts.held,
