@@ -33,6 +33,8 @@ const MAX_BODY: usize = 256 * 1024;
 /// The most header fields an answer may have: hyper's default, which `Client` (and so the
 /// registration before it went through `register.rs`) accepts.
 const MAX_HEADERS: usize = 100;
+/// The room a read has at least.
+const READ_SIZE: usize = 2048;
 /// How long the rest of an answer may take once its first bytes are in: an event is a few
 /// hundred bytes, which the API writes at once.
 const REST_OF_ANSWER: std::time::Duration = std::time::Duration::from_secs(2);
@@ -379,7 +381,23 @@ pub(super) async fn read_head(
     conn: &mut Incoming<impl AsyncRead + Unpin>,
     head: &mut Head,
 ) -> Result<(u16, Framing, bool), ClientError> {
-    let call = conn.call;
+    loop {
+        if let Some(parsed) = parse_head(&mut conn.buf, conn.call, head)? {
+            return Ok(parsed);
+        }
+        fill(conn).await?;
+    }
+}
+
+/// [`read_head`] over the bytes in `buf`, which it drains of the head (and of interim answers
+/// before it): `None` while the head is not all in. Not async: the fields' array (3.2 KB) is
+/// never held across an await, and so not in the future of every read, which is moved whole
+/// when it is created.
+fn parse_head(
+    buf: &mut Vec<u8>,
+    call: &'static str,
+    head: &mut Head,
+) -> Result<Option<(u16, Framing, bool)>, ClientError> {
     let malformed = |what: String| ClientError::Malformed(format!("{call} answer: {what}"));
     let (status, head_len, framing, keep) = loop {
         // Left uninitialized: filling 100 empty fields for every answer (an event has a
@@ -388,7 +406,7 @@ pub(super) async fn read_head(
         let mut response = httparse::Response::new(&mut []);
         let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
             &mut response,
-            &conn.buf,
+            buf,
             &mut headers,
         );
         match parsed {
@@ -401,7 +419,7 @@ pub(super) async fn read_head(
                 // An interim answer (`100 Continue`) comes before the real one, which a client
                 // must read past even without asking for it (RFC 9110, 15.2).
                 if (100..200).contains(&status) {
-                    conn.buf.drain(..len);
+                    buf.drain(..len);
                     continue;
                 }
                 // The final answer's status, before its framing is checked: a 2xx refused
@@ -483,15 +501,13 @@ pub(super) async fn read_head(
                     && !(length != Ok(None) && codings.is_some());
                 break (status, len, framing, keep);
             }
-            Ok(httparse::Status::Partial) if conn.buf.len() < MAX_HEAD => {
-                fill(conn).await?;
-            }
+            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => return Ok(None),
             Ok(httparse::Status::Partial) => return Err(malformed("head too long".into())),
             Err(e) => return Err(malformed(e.to_string())),
         }
     };
-    conn.buf.drain(..head_len);
-    Ok((status, framing, keep))
+    buf.drain(..head_len);
+    Ok(Some((status, framing, keep)))
 }
 
 /// Reads the body that `framing` frames.
@@ -579,15 +595,22 @@ async fn read_chunked(conn: &mut Incoming<impl AsyncRead + Unpin>) -> Result<Vec
             // read past.
             conn.buf.drain(..skip);
             loop {
-                let mut trailers = [httparse::EMPTY_HEADER; 32];
-                match httparse::parse_headers(&conn.buf, &mut trailers) {
-                    Ok(httparse::Status::Complete((len, _))) => {
+                // The fields' array (1 KB) in a block of its own, not held across the await:
+                // it would be in the future of every read.
+                let parsed = {
+                    let mut trailers = [httparse::EMPTY_HEADER; 32];
+                    match httparse::parse_headers(&conn.buf, &mut trailers) {
+                        Ok(httparse::Status::Complete((len, _))) => Ok(Some(len)),
+                        Ok(httparse::Status::Partial) => Ok(None),
+                        Err(e) => Err(e),
+                    }
+                };
+                match parsed {
+                    Ok(Some(len)) => {
                         conn.buf.drain(..len);
                         return Ok(body);
                     }
-                    Ok(httparse::Status::Partial) if conn.buf.len() < MAX_HEAD => {
-                        fill(conn).await?;
-                    }
+                    Ok(None) if conn.buf.len() < MAX_HEAD => fill(conn).await?,
                     _ => return Err(malformed("bad trailer")),
                 }
             }
@@ -618,13 +641,13 @@ async fn fill(conn: &mut Incoming<impl AsyncRead + Unpin>) -> Result<(), ClientE
 
 /// Reads more bytes into the buffer: `false` when the connection closed.
 async fn read_more(conn: &mut Incoming<impl AsyncRead + Unpin>) -> Result<bool, ClientError> {
-    let mut chunk = [0u8; 2048];
-    match conn.reader.read(&mut chunk).await {
+    // Into the buffer's spare room, which is never empty here (so a read of 0 is the close):
+    // a chunk on the stack would be zeroed and copied for every read, and would be held in
+    // the future of every read, which is moved whole when it is created.
+    conn.buf.reserve(READ_SIZE);
+    match conn.reader.read_buf(&mut conn.buf).await {
         Ok(0) => Ok(false),
-        Ok(n) => {
-            conn.buf.extend_from_slice(&chunk[..n]);
-            Ok(true)
-        }
+        Ok(_) => Ok(true),
         Err(e) => Err(ClientError::Transport(format!("{}: {e}", conn.call))),
     }
 }
@@ -1263,6 +1286,16 @@ pub(crate) mod tests {
         answer(&mut fresh, &with_length(&EVENT.replace("r-1", "r-3"))).await;
         let event = call.await.expect("join").expect("event");
         assert!(matches!(event, NextEvent::Invoke(e) if e.request_id == "r-3"));
+    }
+
+    /// The future of a call stays small: the chain creates one per event and moves it whole
+    /// (a copy of every byte). Before, the head's fields (3.2 KB), a chunk to read into
+    /// (2 KB) and the trailers' fields (1 KB) were held across awaits: about 6 KB.
+    #[test]
+    fn a_calls_future_holds_no_buffer() {
+        let line = Line::new("127.0.0.1:9", "", "id");
+        let size = std::mem::size_of_val(&line.call());
+        assert!(size < 2 * 1024, "a call's future is {size} bytes");
     }
 
     #[tokio::test]
