@@ -167,8 +167,16 @@ fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ClientError> {
             "event/next body is not a JSON object".into(),
         ));
     }
-    serde_json::from_slice(body)
-        .map_err(|e| ClientError::Malformed(format!("event/next body is not an event: {e}")))
+    // One UTF-8 check over the whole body, after which serde_json checks no string again,
+    // rather than one check per string it reads (seven in an INVOKE event): about 700
+    // instructions less per event. A body that is not UTF-8 is read from its bytes as before,
+    // where strings that are only skipped are not checked: the same events decode, and the
+    // same bodies are refused with the same errors.
+    match std::str::from_utf8(body) {
+        Ok(text) => serde_json::from_str(text),
+        Err(_) => serde_json::from_slice(body),
+    }
+    .map_err(|e| ClientError::Malformed(format!("event/next body is not an event: {e}")))
 }
 
 /// The event from its fields: `extras` are the invoked function's ARN and the trace id.
@@ -332,6 +340,37 @@ mod tests {
             b"{\"eventType\":\"INVOKE\",\"requestId\":\"a\",\"deadlineMs\":5,\"tracing\":{\"value\":\"a\"}",
         ] {
             assert_malformed(decode_chain_event, body);
+        }
+    }
+
+    #[test]
+    fn a_body_that_is_not_utf8_decodes_as_its_bytes_do() {
+        // Skipped strings are not checked: an ARN that is not UTF-8 does not refuse the event
+        // to the chain, which skips it, and does to `decode_event`, which reads it.
+        let arn = b"{\"eventType\":\"INVOKE\",\"requestId\":\"a\",\"deadlineMs\":5,\"invokedFunctionArn\":\"\xff\"}";
+        assert!(
+            matches!(decode_chain_event(arn), Ok(NextEvent::Invoke(ev)) if ev.request_id == "a")
+        );
+        assert_malformed(decode_event, arn);
+        // A string that is read is checked, whichever decoding reads it.
+        let id = b"{\"eventType\":\"INVOKE\",\"requestId\":\"\xff\",\"deadlineMs\":5}";
+        assert_malformed(decode_chain_event, id);
+        assert_malformed(decode_event, id);
+        // The same errors as when every body was read from its bytes, UTF-8 or not.
+        for body in [
+            &arn[..],
+            id,
+            br#"{"eventType":"INVOKE","requestId":7}"#,
+            b"{\"a\xff\":1",
+        ] {
+            let from_bytes = serde_json::from_slice::<ChainEvent<'_>>(body)
+                .err()
+                .map(|e| format!("event/next body is not an event: {e}"));
+            let decoded = match decode_chain_event(body) {
+                Err(ClientError::Malformed(m)) => Some(m),
+                _ => None,
+            };
+            assert_eq!(decoded, from_bytes);
         }
     }
 
