@@ -133,3 +133,37 @@ async fn a_stream_that_fails_midway_still_gets_its_actions_and_flush() {
     let next = env.invoke(json!({})).await;
     assert!(next.outcome.body().is_some(), "{:?}", next.outcome);
 }
+
+/// A task writing the stream that panics drops its sender: lambda_runtime ends the stream
+/// there, as if complete (it cannot tell, so no error trailer), and the invocation's actions
+/// and flush still run after it, as for any stream.
+#[tokio::test]
+async fn a_stream_whose_writer_panics_still_gets_its_actions_and_flush() {
+    let env = start("run").await;
+    let result = env
+        .invoke(json!({
+            "stream": { "chunks": 2, "ms": 10, "panic": true },
+            "actions": [{ "name": "audit", "ms": 10 }],
+        }))
+        .await;
+    let (prelude, text) = split(&result);
+    assert_eq!(prelude["statusCode"], 200);
+    assert_eq!(
+        text.lines().skip(1).collect::<Vec<_>>(),
+        ["chunk 0", "chunk 1"],
+        "{text:?}"
+    );
+    assert!(env.logged("the stream's writer panicked on purpose").await);
+
+    let done = env.completed(&result.request_id).await;
+    let posted = done.response_posted.expect("response posted");
+    assert!(mark(&done, "stream-end") < posted);
+    assert!(posted <= mark(&done, "start:audit"));
+    assert!(mark(&done, "end:audit") <= phase_end(&done));
+    assert_flushed(&env, &trace_id(&text), &done);
+
+    // The environment goes on serving.
+    let next = env.invoke(json!({})).await;
+    assert!(next.outcome.body().is_some(), "{:?}", next.outcome);
+    assert_eq!(env.emulator.stats().resets, 0);
+}

@@ -75,7 +75,8 @@ fn panics_when_decoded<'de, D: serde::Deserializer<'de>>(_: D) -> Result<(), D::
 /// A streamed answer: a line `trace_id <id>`, then `chunks` lines `chunk <i>`, `ms` apart,
 /// written by a task of the handler's after it returned. The task posts `stream-end` after
 /// the last line (before the stream is closed). With `fail`, the stream then ends in an
-/// error, which lambda_runtime writes into the stream.
+/// error, which lambda_runtime writes into the stream; with `panic`, the task panics instead,
+/// dropping its sender.
 #[derive(Debug, Deserialize, Clone, Copy)]
 #[serde(deny_unknown_fields)]
 struct StreamPlan {
@@ -84,6 +85,8 @@ struct StreamPlan {
     ms: u64,
     #[serde(default)]
     fail: bool,
+    #[serde(default)]
+    panic: bool,
 }
 
 #[derive(Debug, Deserialize, Default, PartialEq)]
@@ -240,6 +243,9 @@ fn streamed(plan: StreamPlan, trace_id: String, request_id: String) -> StreamRes
             }
         }
         mark(&request_id, "stream-end").await;
+        if plan.panic {
+            panic!("the stream's writer panicked on purpose");
+        }
         if plan.fail {
             sender.send_error(lambda_runtime_api_client::Error::new(
                 "the stream failed on purpose",
