@@ -191,6 +191,31 @@ mod tests {
         );
     }
 
+    /// lambda_http's adapters (`Adapter`, `StreamAdapter`, the streaming `run`s) put the
+    /// runtime's `Context` in the request's extensions, whatever the event source: the request
+    /// gives its request id and deadline. One built by hand has none: an empty id and no
+    /// deadline (the work then runs inline), never a panic.
+    #[cfg(feature = "http")]
+    #[test]
+    fn a_lambda_http_request_gives_the_context_in_its_extensions() {
+        use lambda_http::RequestExt;
+        let mut ctx = Context::default();
+        ctx.request_id = "r-http".into();
+        ctx.deadline = 1_700_000_000_123;
+        let request = lambda_http::Request::default().with_lambda_context(ctx);
+        assert_eq!(
+            request.invocation(),
+            Invocation::new(
+                "r-http",
+                Some(UNIX_EPOCH + Duration::from_millis(1_700_000_000_123))
+            )
+        );
+        assert_eq!(
+            lambda_http::Request::default().invocation(),
+            Invocation::new("", None)
+        );
+    }
+
     /// `Lambda-Runtime-Deadline-Ms` / `deadlineMs` near `u64::MAX` (issue 5, fuzzing): never a
     /// panic; exact where `SystemTime` can represent it, unknown otherwise.
     #[test]
