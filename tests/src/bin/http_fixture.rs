@@ -269,7 +269,8 @@ async fn main() -> Result<(), Error> {
         }
         Ok("layer") => {
             let handle = deferred.start().await?;
-            lambda_runtime::Runtime::new(Adapter::from(service_fn(handler)))
+            // lambda_http's documented way to a `Runtime` (its `Adapter` is `#[doc(hidden)]`).
+            lambda_http::runtime(service_fn(handler))
                 .layer(lambda_runtime::layers::TracingLayer::new())
                 .layer(handle.layer())
                 .register_snapstart_resource(handle.snapstart_resource())
