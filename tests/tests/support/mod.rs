@@ -86,6 +86,24 @@ impl Env {
             .is_some()
     }
 
+    /// Waits (bounded) for the report of the final flush (on SIGTERM, or by the drain after a
+    /// failed runtime loop) and returns it; panics if there is none.
+    pub async fn final_flush_report(&self) -> String {
+        self.emulator
+            .wait_for_log(
+                |line| line.contains("deferred phase (Shutdown)"),
+                Duration::from_secs(5),
+            )
+            .await
+            .unwrap_or_else(|| panic!("no final flush report: {:#?}", self.function_logs_tail()))
+    }
+
+    /// The function's last 30 log lines, for a failure message.
+    fn function_logs_tail(&self) -> Vec<String> {
+        let logs = self.emulator.function_logs();
+        logs[logs.len().saturating_sub(30)..].to_vec()
+    }
+
     /// The request ids of the invocations that overran their deadline.
     pub fn overran(&self) -> Vec<String> {
         self.emulator
