@@ -1,7 +1,8 @@
 //! Issue 5, the fault matrix: rows not already covered by guarantees.rs and fallbacks.rs.
 //! Each test runs the fixture function as a child process against the emulator and the OTLP
-//! sink, and asserts the outcome. The tests of this file take a common lock, so the timing
-//! bounds hold even on a loaded 2-core machine.
+//! sink, and asserts the outcome. The tests of this file take a common lock, so that their
+//! timing bounds do not depend on one another; the bounds are generous, for a loaded 2-core
+//! machine.
 
 mod support;
 
@@ -95,8 +96,10 @@ async fn exporter_500_garbage_or_refused_leaves_the_caller_unaffected() {
                 "{label}/{round}: {:?}",
                 hit.outcome
             );
+            // Generous for a loaded machine: a failing export fails fast, so the ordering
+            // below, not this bound, is what tells a response that waited for the phase.
             assert!(
-                hit.latency < plain.latency + Duration::from_millis(250),
+                hit.latency < plain.latency + Duration::from_millis(500),
                 "{label}/{round}: caller latency {:?} vs {:?} with a healthy exporter",
                 hit.latency,
                 plain.latency
@@ -104,8 +107,13 @@ async fn exporter_500_garbage_or_refused_leaves_the_caller_unaffected() {
             let trace = trace_id(&hit);
             let t = env.completed(&hit.request_id).await;
             assert_released_in_time(&t, label);
+            let posted = t.response_posted.expect("posted");
+            assert!(
+                t.mark("start:a").expect("the action ran") >= posted,
+                "{label}: the phase (the action, then the flush) followed the response"
+            );
             assert!(t.mark("end:a").is_some(), "{label}: the action ran");
-            let held = phase_end(&t) - t.response_posted.expect("posted");
+            let held = phase_end(&t) - posted;
             eprintln!(
                 "exporter {label}: caller latency {:?} (healthy: {:?}), environment held {held:?} after the response",
                 hit.latency, plain.latency
@@ -198,14 +206,20 @@ async fn exporter_stalling_past_flush_timeout_is_abandoned_at_the_cap() {
         .set_behaviour(Behaviour::StallFor(Duration::from_millis(2500)));
     let first = env.invoke(json!({ "actions": [{ "name": "a" }] })).await;
     assert!(first.outcome.is_success());
+    // Generous for a loaded machine; the ordering below is what tells a response that
+    // waited for the 300 ms flush.
     assert!(
-        first.latency < plain.latency + Duration::from_millis(250),
+        first.latency < plain.latency + Duration::from_millis(500),
         "{:?}",
         first.latency
     );
     let first_trace = trace_id(&first);
     let t = env.completed(&first.request_id).await;
     assert_released_in_time(&t, "stall");
+    assert!(
+        t.mark("start:a").expect("a ran") >= t.response_posted.expect("posted"),
+        "the phase (the action, then the flush) followed the response"
+    );
     let flush_time = phase_end(&t) - t.mark("end:a").expect("a ran");
     assert!(
         flush_time >= Duration::from_millis(290) && flush_time < Duration::from_millis(1300),
@@ -285,8 +299,10 @@ async fn spans_dropped_on_a_full_queue_are_counted_in_the_report() {
     let warm = env.invoke(json!({})).await;
     env.completed(&warm.request_id).await;
 
+    // Longer than the eight invocations take on a loaded machine: a clean flush among them
+    // would count their drops.
     env.sink
-        .set_behaviour(Behaviour::StallFor(Duration::from_millis(1500)));
+        .set_behaviour(Behaviour::StallFor(Duration::from_millis(3000)));
     let mut during = Vec::new();
     for _ in 0..8 {
         let hit = env
@@ -302,8 +318,10 @@ async fn spans_dropped_on_a_full_queue_are_counted_in_the_report() {
     }
     env.sink.set_behaviour(Behaviour::Normal);
 
+    // Until the held export is answered (the stall's end) and the flusher is free again.
     let mut counted = None;
-    for _ in 0..20 {
+    let waited = Instant::now();
+    while waited.elapsed() < Duration::from_secs(15) {
         let next = env.invoke(json!({})).await;
         env.completed(&next.request_id).await;
         let line = report(&env, &next.request_id).await;
@@ -316,7 +334,7 @@ async fn spans_dropped_on_a_full_queue_are_counted_in_the_report() {
     let line = counted.expect("a clean flush once the collector answers");
     let dropped = spans_dropped(&line);
     eprintln!(
-        "queue of 16, 8 invocations during a 1.5 s stall: the report counts {dropped} spans dropped"
+        "queue of 16, 8 invocations during a 3 s stall: the report counts {dropped} spans dropped"
     );
     // 8 invocations end at least 32 spans (the invocation's, the handler's, two actions'):
     // with one export held, at most 16 + one batch can be queued or in flight.
@@ -610,8 +628,10 @@ async fn a_registration_answered_after_the_timeout_holds_neither_init_nor_invoca
         let posted = t.response_posted.expect("posted");
         assert!(t.mark("end:a").expect("ran") <= posted, "inline");
         let complete = t.complete.expect("complete");
+        // Generous for a loaded machine; an extension that held the environment would hold
+        // it to the deadline (5 s).
         assert!(
-            complete.saturating_duration_since(posted) < Duration::from_millis(250),
+            complete.saturating_duration_since(posted) < Duration::from_millis(600),
             "the extension held the environment {:?} after the response",
             complete.saturating_duration_since(posted)
         );
@@ -628,7 +648,11 @@ async fn a_registration_answered_after_the_timeout_holds_neither_init_nor_invoca
         shutdown.exit_status.expect("reaped").success(),
         "{shutdown:?}"
     );
-    assert!(env.logged("Shutdown").await, "the final flush is reported");
+    let report = env.final_flush_report().await;
+    assert!(
+        report.contains("flush tracer provider ok"),
+        "the final flush: {report}"
+    );
 }
 
 /// The function stops waiting for `start` while the registration is in flight (a `timeout`
@@ -934,7 +958,11 @@ async fn a_timed_out_invocation_gets_the_final_flush_before_the_reset() {
         "{:?}",
         result.outcome
     );
-    assert!(env.logged("deferred phase (Shutdown)").await);
+    let report = env.final_flush_report().await;
+    assert!(
+        report.contains("flush tracer provider ok"),
+        "the final flush: {report}"
+    );
     assert_eq!(env.emulator.stats().resets, 1);
     // The environment comes back for the next invocation.
     let next = env
@@ -989,7 +1017,11 @@ async fn sigterm_during_a_deferred_phase_exits_0_within_the_grace() {
             .await,
         "the handler's span is flushed on SIGTERM"
     );
-    assert!(env.logged("Shutdown").await, "the final flush is reported");
+    let report = env.final_flush_report().await;
+    assert!(
+        report.contains("flush tracer provider ok"),
+        "the final flush: {report}"
+    );
     assert!(
         env.timeline(&request_id).mark("end:slow").is_none(),
         "the action was cut by the exit"
