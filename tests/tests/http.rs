@@ -527,7 +527,7 @@ async fn rest_api_v1_events() {
 
     let get = Call::get("/accounts/acc-1")
         .query("verbose=1")
-        .header("x-audit-ms", "300");
+        .header("x-audit-ms", "1000");
     let result = call(&env, Api::Rest, &get).await;
     let answer = decode(Api::Rest, &result);
     answer.assert_json_ok(&result.request_id);
@@ -543,15 +543,15 @@ async fn rest_api_v1_events() {
     );
     assert_eq!(seen["query"], json!({ "verbose": "1" }));
     assert_eq!(seen["path_parameters"], json!({ "id": "acc-1" }));
-    // The 300 ms audit is not in the caller's latency.
+    // The 1 s audit is not in the caller's latency (a generous bound for a loaded machine).
     assert!(
-        result.latency < Duration::from_millis(300),
+        result.latency < Duration::from_millis(700),
         "caller latency {:?}",
         result.latency
     );
     let t = assert_deferred_audit(&env, &result, &get, "200").await;
     let ended = t.mark("audit:GET /accounts/acc-1 200").expect("ended");
-    assert!(ended >= t.response_posted.expect("posted") + Duration::from_millis(290));
+    assert!(ended >= t.response_posted.expect("posted") + Duration::from_millis(990));
     assert_eq!(
         answer.header("x-trace-id"),
         Some(trace_of(&env, &result.request_id).as_str()),
@@ -755,7 +755,7 @@ async fn alb_target_group_events() {
         .query("verbose=1&fields=owner%2Cbalance_cents")
         .cookie("session=s3cr3t")
         .cookie("theme=dark")
-        .header("x-audit-ms", "300");
+        .header("x-audit-ms", "1000");
     let result = call(&env, Api::Alb, &get).await;
     let answer = decode(Api::Alb, &result);
     answer.assert_json_ok(&result.request_id);
@@ -785,15 +785,15 @@ async fn alb_target_group_events() {
         "{uri}"
     );
     assert_eq!(seen["cookie"], "session=s3cr3t; theme=dark");
-    // The 300 ms audit is not in the caller's latency.
+    // The 1 s audit is not in the caller's latency (a generous bound for a loaded machine).
     assert!(
-        result.latency < Duration::from_millis(300),
+        result.latency < Duration::from_millis(700),
         "caller latency {:?}",
         result.latency
     );
     let t = assert_deferred_audit(&env, &result, &get, "200").await;
     let ended = t.mark("audit:GET /accounts/acc-1 200").expect("ended");
-    assert!(ended >= t.response_posted.expect("posted") + Duration::from_millis(290));
+    assert!(ended >= t.response_posted.expect("posted") + Duration::from_millis(990));
     assert_eq!(
         answer.header("x-trace-id"),
         Some(trace_of(&env, &result.request_id).as_str())
@@ -905,7 +905,7 @@ async fn start_with_lambda_http_run_and_with_the_layer() {
     for mode in ["start", "layer"] {
         let env = start(mode).await;
         for api in [Api::Rest, Api::Http, Api::Alb] {
-            let get = Call::get("/accounts/acc-1").header("x-audit-ms", "200");
+            let get = Call::get("/accounts/acc-1").header("x-audit-ms", "800");
             let result = call(&env, api, &get).await;
             let answer = decode(api, &result);
             assert_eq!(answer.status, 200, "{mode} {api:?}: {answer:?}");
@@ -914,8 +914,9 @@ async fn start_with_lambda_http_run_and_with_the_layer() {
                 Some(result.request_id.as_str()),
                 "{mode} {api:?}: the handler sees the Lambda request id"
             );
+            // Generous for a loaded machine; waiting for the audit would take 800 ms.
             assert!(
-                result.latency < Duration::from_millis(200),
+                result.latency < Duration::from_millis(500),
                 "{mode} {api:?}: caller latency {:?}",
                 result.latency
             );

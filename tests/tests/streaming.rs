@@ -89,8 +89,8 @@ async fn with_start_a_long_action_does_not_hold_the_stream_back() {
     let env = start("start").await;
     let result = env
         .invoke(json!({
-            "stream": { "chunks": 3, "ms": 20 },
-            "actions": [{ "name": "slow", "ms": 600 }],
+            "stream": { "chunks": 3, "ms": 100 },
+            "actions": [{ "name": "slow", "ms": 1000 }],
         }))
         .await;
     let (_, text) = split(&result);
@@ -98,8 +98,8 @@ async fn with_start_a_long_action_does_not_hold_the_stream_back() {
 
     let done = env.completed(&result.request_id).await;
     let posted = done.response_posted.expect("response posted");
-    // The phase starts when the handler returns, beside the stream: the caller has the whole
-    // stream while the action still runs, and Lambda is let go only after both.
+    // The phase starts when the handler returns, beside the stream (300 ms): the caller has the
+    // whole stream while the action (1 s) still runs, and Lambda is let go only after both.
     assert!(mark(&done, "start:slow") < posted);
     assert!(posted < mark(&done, "end:slow"));
     assert!(mark(&done, "end:slow") <= phase_end(&done));
