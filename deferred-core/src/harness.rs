@@ -136,8 +136,58 @@ struct ApiState {
     requests: Vec<Instant>,
     /// When each answer went out, and what it was.
     answers: Vec<(Instant, String)>,
-    /// Requests that arrived while another was in flight.
-    doubles: Vec<Instant>,
+    /// Requests that arrived while another was in flight: the connection of the one in
+    /// flight, and the new one's.
+    doubles: Vec<(u64, u64)>,
+    /// Connections whose close the API has read.
+    closed: std::collections::HashSet<u64>,
+    /// Connections the client closed with their request unanswered, before the run ended:
+    /// calls Lambda would still count as waiting (and so answer a later call with an error,
+    /// the next event going to the dead one). Counted whether or not the API read the close
+    /// before the call that replaced it.
+    abandoned: Vec<u64>,
+    /// The run is over: the chain's task is aborted, which may drop the call in flight.
+    stopped: bool,
+    /// Requests with this run's extension id other than `event/next` (the chain sends none).
+    unexpected: Vec<String>,
+}
+
+/// Whose a request head (up to its blank line) is.
+#[derive(Debug, PartialEq, Eq)]
+enum Caller {
+    /// This run's chain calling `event/next`.
+    Next,
+    /// This run's chain, with another request.
+    Unexpected,
+    /// Another client: the API's port is an ephemeral one, which a client elsewhere on the
+    /// machine may still dial (a process whose own server had that port, retrying). Not the
+    /// chain under test, whose every request carries the run's extension id.
+    Foreign,
+}
+
+fn caller(head: &str, extension_id: &str) -> Caller {
+    let mut lines = head.split("\r\n");
+    let request_line = lines.next().unwrap_or_default();
+    let ours = lines.any(|line| {
+        line.split_once(':').is_some_and(|(name, value)| {
+            name.eq_ignore_ascii_case("Lambda-Extension-Identifier") && value.trim() == extension_id
+        })
+    });
+    if !ours {
+        Caller::Foreign
+    } else if request_line == "GET /2020-01-01/extension/event/next HTTP/1.1" {
+        Caller::Next
+    } else {
+        Caller::Unexpected
+    }
+}
+
+/// An extension id no other run (in this process or another) uses, so that the API can tell
+/// the chain's requests from anyone else's.
+fn unique_extension_id() -> String {
+    static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("ext-{}-{run}", std::process::id())
 }
 
 struct Api {
@@ -146,7 +196,10 @@ struct Api {
 }
 
 impl Api {
-    async fn start() -> (Self, String) {
+    /// An API on an ephemeral port for the chain of `extension_id`: requests without that id
+    /// are not counted, and their connection is closed.
+    async fn start(extension_id: &str) -> (Self, String) {
+        let extension_id: Arc<str> = extension_id.into();
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let authority = listener.local_addr().expect("addr").to_string();
         let state: Shared<ApiState> = Arc::default();
@@ -164,31 +217,50 @@ impl Api {
                     .writers
                     .insert(id, Arc::new(tokio::sync::Mutex::new(writer)));
                 let st = st.clone();
+                let extension_id = extension_id.clone();
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
                     let mut chunk = [0u8; 1024];
-                    loop {
+                    'read: loop {
                         let n = match reader.read(&mut chunk).await {
                             Ok(0) | Err(_) => break,
                             Ok(n) => n,
                         };
                         buf.extend_from_slice(&chunk[..n]);
                         while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
                             buf.drain(..end + 4);
                             let mut s = lock(&st);
-                            let now = Instant::now();
-                            if s.pending.is_some() {
-                                s.doubles.push(now);
+                            match caller(&head, &extension_id) {
+                                Caller::Next => {}
+                                Caller::Unexpected => {
+                                    s.unexpected.push(head);
+                                    continue;
+                                }
+                                Caller::Foreign => {
+                                    eprintln!(
+                                        "harness: a request from another client on connection {id}, ignored: {:?}",
+                                        head.lines().next().unwrap_or_default()
+                                    );
+                                    break 'read;
+                                }
+                            }
+                            if let Some(earlier) = s.pending {
+                                s.doubles.push((earlier, id));
                             }
                             s.pending = Some(id);
-                            s.requests.push(now);
+                            s.requests.push(Instant::now());
                         }
                     }
                     let mut s = lock(&st);
                     if s.pending == Some(id) {
                         s.pending = None;
+                        if !s.stopped {
+                            s.abandoned.push(id);
+                        }
                     }
                     s.writers.remove(&id);
+                    s.closed.insert(id);
                 });
             }
         });
@@ -275,12 +347,13 @@ pub(crate) async fn run(scenario: &Scenario) -> Vec<String> {
         core.layer_installed
             .store(true, std::sync::atomic::Ordering::Release);
     }
-    let (api, authority) = Api::start().await;
+    let extension_id = unique_extension_id();
+    let (api, authority) = Api::start(&extension_id).await;
     let client = Arc::new(crate::extension::Client::new(&authority).expect("client"));
     let drive = tokio::spawn(crate::chain::drive_with(
         core.clone(),
         client,
-        "ext-1".into(),
+        extension_id,
         crate::snapstart::Restores::new(),
         tokio::runtime::Handle::current(),
     ));
@@ -537,6 +610,7 @@ pub(crate) async fn run(scenario: &Scenario) -> Vec<String> {
         // Anything that escaped the chain shows up now.
         tokio::time::sleep(Duration::from_millis(120)).await;
     }
+    lock(&api.state).stopped = true;
     drive.abort();
     for rt in runtimes.values_mut() {
         if let Some(task) = rt.task.take() {
@@ -744,9 +818,28 @@ fn check(scenario: &Scenario, rec: &Shared<Rec>, api: &Api, f: Facts, v: &mut Ve
             }
         }
     }
-    for at in &api.doubles {
-        let _ = at;
-        v.push("two event/next calls in flight at once".into());
+    // A request on another connection while the earlier one's close was not read yet is a
+    // double all the same: the chain dropped a call Lambda still counts as waiting.
+    for (earlier, new) in &api.doubles {
+        let how = if earlier == new {
+            "on the same connection".to_owned()
+        } else if api.closed.contains(earlier) {
+            format!("on connection {new}, connection {earlier} closed unanswered")
+        } else {
+            format!("on connection {new}, connection {earlier} still open")
+        };
+        v.push(format!("two event/next calls in flight at once ({how})"));
+    }
+    for id in &api.abandoned {
+        v.push(format!(
+            "an event/next call abandoned unanswered (connection {id} closed by the chain)"
+        ));
+    }
+    for head in &api.unexpected {
+        v.push(format!(
+            "a request other than event/next: {:?}",
+            head.lines().next().unwrap_or_default()
+        ));
     }
 }
 
@@ -963,6 +1056,93 @@ mod tests {
                 stray_other || undecodable_out_of_step
             }
         })
+    }
+
+    /// The stand-in API counts only the run's chain: a request from any other client (one
+    /// elsewhere on the machine dialing the ephemeral port its own server once had) is neither
+    /// a second call in flight nor the call to answer, and its connection is closed. Two calls
+    /// of the chain's own are a double, and a call whose connection the chain closes
+    /// unanswered is abandoned.
+    #[tokio::test]
+    async fn the_api_counts_only_the_chains_own_requests() {
+        let (api, authority) = Api::start("ext-7-3").await;
+        let next = |id: &str| {
+            format!(
+                "GET /2020-01-01/extension/event/next HTTP/1.1\r\nHost: {authority}\r\n\
+                 Lambda-Extension-Identifier: {id}\r\nAccept: */*\r\n\r\n"
+            )
+        };
+        let state = api.state.clone();
+        let requests = |n: usize| {
+            let state = state.clone();
+            async move {
+                let from = Instant::now();
+                while lock(&state).requests.len() < n {
+                    assert!(from.elapsed() < Duration::from_secs(2), "{n} requests");
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }
+        };
+        let mut chain = tokio::net::TcpStream::connect(&authority)
+            .await
+            .expect("connect");
+        chain
+            .write_all(next("ext-7-3").as_bytes())
+            .await
+            .expect("write");
+        requests(1).await;
+
+        // Another process's extension, and its OTLP exporter, on the same port.
+        for foreign in [
+            next("ext-1"),
+            format!("POST /v1/traces HTTP/1.1\r\nHost: {authority}\r\nContent-Length: 0\r\n\r\n"),
+        ] {
+            let mut other = tokio::net::TcpStream::connect(&authority)
+                .await
+                .expect("connect");
+            other.write_all(foreign.as_bytes()).await.expect("write");
+            let mut rest = Vec::new();
+            tokio::time::timeout(Duration::from_secs(2), other.read_to_end(&mut rest))
+                .await
+                .expect("the foreign connection is closed")
+                .ok();
+        }
+        {
+            let s = lock(&api.state);
+            assert_eq!(s.doubles, []);
+            assert_eq!(
+                s.pending,
+                Some(1),
+                "the chain's call is still the one in flight"
+            );
+            assert_eq!(s.requests.len(), 1);
+        }
+        api.answer("Event(1)".into(), with_length("{}"), false)
+            .await
+            .expect("answered");
+        let mut answer = [0u8; 256];
+        let n = tokio::time::timeout(Duration::from_secs(2), chain.read(&mut answer))
+            .await
+            .expect("the chain gets the answer")
+            .expect("read");
+        assert!(answer[..n].starts_with(b"HTTP/1.1 200 OK"));
+
+        // The chain's own second call while one is in flight.
+        chain
+            .write_all(format!("{}{}", next("ext-7-3"), next("ext-7-3")).as_bytes())
+            .await
+            .expect("write");
+        requests(3).await;
+        assert_eq!(lock(&api.state).doubles, [(1, 1)]);
+
+        // The chain drops its connection with a call unanswered.
+        drop(chain);
+        let from = Instant::now();
+        while !lock(&api.state).closed.contains(&1) {
+            assert!(from.elapsed() < Duration::from_secs(2), "the close is read");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        assert_eq!(lock(&api.state).abandoned, [1]);
     }
 
     #[test]
