@@ -81,13 +81,8 @@ async fn every_flavour_chains_flushes_and_shuts_down() {
                 .invoke(json!({ "actions": [{ "name": "slow", "ms": 3000 }] }))
                 .await;
             assert!(hit.outcome.is_success(), "{tag}");
-            let id = hit.request_id.clone();
             assert!(
-                env.emulator
-                    .wait_until(Duration::from_secs(5), move |_, ts| ts
-                        .iter()
-                        .any(|t| t.request_id == id && t.mark("start:slow").is_some()))
-                    .await,
+                env.marked(&hit.request_id, "start:slow").await,
                 "{tag}: the action started"
             );
             let shutdown = env.emulator.shutdown().await;

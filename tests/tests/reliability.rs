@@ -387,13 +387,8 @@ async fn an_action_that_spawns_a_task_and_returns_does_not_hold_the_phase() {
     // The next invocation keeps the environment thawed for 1.5 s: the spawned task resumes.
     let next = env.invoke(json!({ "handler_ms": 1500 })).await;
     assert!(next.outcome.is_success());
-    let id = result.request_id.clone();
     assert!(
-        env.emulator
-            .wait_until(Duration::from_secs(5), move |_, ts| ts
-                .iter()
-                .any(|t| t.request_id == id && t.mark("spawned:s").is_some()))
-            .await,
+        env.marked(&result.request_id, "spawned:s").await,
         "the spawned task ran on in a later invocation"
     );
     assert_eq!(env.emulator.stats().resets, 0);
@@ -985,13 +980,8 @@ async fn phase_running(env: &Env) -> (String, String) {
         .await;
     assert!(result.outcome.is_success());
     let trace = trace_id(&result);
-    let id = result.request_id.clone();
     assert!(
-        env.emulator
-            .wait_until(Duration::from_secs(5), move |_, ts| ts
-                .iter()
-                .any(|t| t.request_id == id && t.mark("start:slow").is_some()))
-            .await,
+        env.marked(&result.request_id, "start:slow").await,
         "the action started"
     );
     (result.request_id, trace)

@@ -58,6 +58,18 @@ impl Env {
         self.timeline(request_id)
     }
 
+    /// Waits (up to 5 s) until the function has posted `mark` for `request_id`: whether it
+    /// did.
+    pub async fn marked(&self, request_id: &str, mark: &'static str) -> bool {
+        let id = request_id.to_owned();
+        self.emulator
+            .wait_until(Duration::from_secs(5), move |_, ts| {
+                ts.iter()
+                    .any(|t| t.request_id == id && t.mark(mark).is_some())
+            })
+            .await
+    }
+
     pub fn timeline(&self, request_id: &str) -> Timeline {
         self.emulator
             .timelines()
