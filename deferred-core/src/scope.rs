@@ -189,6 +189,16 @@ struct NestedFlush {
     longest: Option<Duration>,
 }
 
+impl NestedFlush {
+    /// `base`, or longer if a nested handler asked for more, or had none of its own and the
+    /// builder's `default` is longer.
+    fn over(self, base: Duration, default: Option<Duration>) -> Duration {
+        let nested_default = default.filter(|_| self.default).unwrap_or_default();
+        base.max(self.longest.unwrap_or_default())
+            .max(nested_default)
+    }
+}
+
 /// An action's task, started by a phase that is gone.
 #[derive(Debug)]
 pub(crate) struct RunningAction {
@@ -236,17 +246,12 @@ impl Queue {
     }
 
     /// The flush timeout of the invocation whose outermost handler asked for `own` (`None`:
-    /// the builder's `default`): the longest of its handlers'.
+    /// the builder's `default`): the longest of its handlers'. Keeps `default`, for the
+    /// handlers that its actions call later ([`flush_timeout_after_actions`](Self::flush_timeout_after_actions)).
     pub(crate) fn flush_timeout(&self, own: Option<Duration>, default: Duration) -> Duration {
-        let nested = {
-            let mut actions = lock(&self.actions);
-            actions.builder_flush = Some(default);
-            actions.nested
-        };
-        let own = own.unwrap_or(default);
-        let nested_default = nested.default.then_some(default);
-        own.max(nested.longest.unwrap_or_default())
-            .max(nested_default.unwrap_or_default())
+        let mut actions = lock(&self.actions);
+        actions.builder_flush = Some(default);
+        actions.nested.over(own.unwrap_or(default), Some(default))
     }
 
     /// The flush timeout of this queue's phase once its actions have run: `settled` (the
@@ -255,13 +260,7 @@ impl Queue {
     /// made, and the flush comes after every action.
     pub(crate) fn flush_timeout_after_actions(&self, settled: Duration) -> Duration {
         let actions = lock(&self.actions);
-        let nested_default = actions
-            .builder_flush
-            .filter(|_| actions.nested.default)
-            .unwrap_or_default();
-        settled
-            .max(actions.nested.longest.unwrap_or_default())
-            .max(nested_default)
+        actions.nested.over(settled, actions.builder_flush)
     }
 
     /// Actions queued so far, run or not (see [`Queue::after`]).
