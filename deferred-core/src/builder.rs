@@ -912,9 +912,7 @@ impl DeferredHandle {
     /// registration made the extension acknowledge events), `after_restore` has nothing to
     /// re-establish, but `before_snapshot` still flushes.
     pub fn snapstart_resource(&self) -> Arc<dyn lambda_runtime::SnapStartResource> {
-        let snap_start =
-            std::env::var("AWS_LAMBDA_INITIALIZATION_TYPE").as_deref() == Ok("snap-start");
-        say_snapshot_flush_capped(&self.core.config, snap_start);
+        say_snapshot_flush_capped(&self.core.config, initialization_type_is("snap-start"));
         Arc::new(crate::snapstart::SnapStartHook::new(
             self.core.clone(),
             crate::snapstart::Restores::global(),
@@ -1093,12 +1091,18 @@ enum Registered {
     Late(crate::late::Pending),
 }
 
+/// Whether Lambda set `AWS_LAMBDA_INITIALIZATION_TYPE` to `value` (`on-demand`,
+/// `provisioned-concurrency`, `snap-start` or `lambda-managed-instances`).
+fn initialization_type_is(value: &str) -> bool {
+    std::env::var("AWS_LAMBDA_INITIALIZATION_TYPE").as_deref() == Ok(value)
+}
+
 /// Decides where deferred work runs, registering the extension when it can.
 async fn choose_mode(register_timeout: Duration) -> (Mode, Registered) {
     // Lambda Managed Instances run several invocations at once and never freeze; INVOKE
     // registration is refused there (Lambda Managed Instances docs). Only in Lambda: outside
     // it, nothing would drain the background tasks (no SIGTERM handler is installed there).
-    if std::env::var("AWS_LAMBDA_INITIALIZATION_TYPE").as_deref() == Ok("lambda-managed-instances")
+    if initialization_type_is("lambda-managed-instances")
         && std::env::var_os("AWS_LAMBDA_RUNTIME_API").is_some()
     {
         tracing::info!(target: "deferred", "Lambda Managed Instances: deferred work runs as background tasks, drained on SIGTERM");
