@@ -725,24 +725,22 @@ mod tests {
     #[test]
     fn a_report_counts_one_span_in_the_singular() {
         let mut report = PhaseReport::new(PhaseKind::Chained, "r-1");
-        report.spans_lost = Some(1);
-        report.spans_dropped = Some(1);
-        let text = report.to_string();
-        assert!(
-            text.contains("; 1 span lost (their export failed)"),
-            "{text}"
-        );
-        assert!(
-            text.contains("; 1 span dropped (the batch processor's queue was full)"),
-            "{text}"
-        );
-        report.spans_lost = Some(2);
-        report.spans_dropped = Some(2);
-        let text = report.to_string();
-        assert!(
-            text.contains("; 2 spans lost (their export failed)"),
-            "{text}"
-        );
-        assert!(text.contains("; 2 spans dropped"), "{text}");
+        for (n, lost, dropped) in [
+            (
+                1,
+                "; 1 span lost (their export failed)",
+                "; 1 span dropped (the batch processor's queue was full)",
+            ),
+            (
+                2,
+                "; 2 spans lost (their export failed)",
+                "; 2 spans dropped (the batch processor's queue was full)",
+            ),
+        ] {
+            report.spans_lost = Some(n);
+            report.spans_dropped = Some(n);
+            let text = report.to_string();
+            assert!(text.contains(lost) && text.contains(dropped), "{text}");
+        }
     }
 }
