@@ -13,7 +13,7 @@ use syn::{
 use crate::args::Args;
 use crate::item::HandlerFn;
 use crate::lints;
-use crate::signature;
+use crate::signature::{self, peeled};
 
 /// `#[deferred_handler(args)] item`.
 ///
@@ -302,7 +302,7 @@ fn fake_return_edge(output: &ReturnType, ident: &Ident, private: &TokenStream) -
             // that diverges (`todo!()`, `panic!`, `process::exit`) makes the hidden type `!`,
             // so the `return` trips `clippy::diverging_sub_expression` on the user's
             // `impl Trait`.
-            if is_bare_infer(&ty) {
+            if matches!(peeled(&ty), Type::Infer(_)) {
                 return TokenStream::new();
             }
             (ty.into_token_stream(), span)
@@ -313,18 +313,6 @@ fn fake_return_edge(output: &ReturnType, ident: &Ident, private: &TokenStream) -
         if false {
             return <#ty as #private::FakeReturn>::fake_return();
         }
-    }
-}
-
-/// Whether an erased return type is `_` alone (in parentheses or a group, too).
-fn is_bare_infer(mut ty: &Type) -> bool {
-    loop {
-        ty = match ty {
-            Type::Group(group) => &group.elem,
-            Type::Paren(paren) => &paren.elem,
-            Type::Infer(_) => return true,
-            _ => return false,
-        };
     }
 }
 
@@ -343,15 +331,10 @@ fn declared(output: &ReturnType) -> Declared {
     let ReturnType::Type(_, ty) = output else {
         return Declared::Other;
     };
-    let mut ty = &**ty;
-    loop {
-        ty = match ty {
-            Type::Group(group) => &group.elem,
-            Type::Paren(paren) => &paren.elem,
-            Type::Never(_) => return Declared::Never,
-            Type::Macro(_) => return Declared::Macro,
-            _ => return Declared::Other,
-        };
+    match peeled(ty) {
+        Type::Never(_) => Declared::Never,
+        Type::Macro(_) => Declared::Macro,
+        _ => Declared::Other,
     }
 }
 

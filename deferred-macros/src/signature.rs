@@ -145,15 +145,25 @@ pub(crate) fn check(sig: &Signature) -> syn::Result<()> {
 /// Whether an argument's type names one that carries the Lambda context: a path ending in
 /// `LambdaEvent` or `Request` (`lambda_http::Request`).
 fn looks_like_event(ty: &syn::Type) -> bool {
-    match ty {
-        syn::Type::Group(group) => looks_like_event(&group.elem),
-        syn::Type::Paren(paren) => looks_like_event(&paren.elem),
+    match peeled(ty) {
         syn::Type::Path(path) => path
             .path
             .segments
             .last()
             .is_some_and(|last| last.ident == "LambdaEvent" || last.ident == "Request"),
         _ => false,
+    }
+}
+
+/// `ty` without the parentheses and invisible groups (a `macro_rules!` fragment, `$ty`)
+/// around it.
+pub(crate) fn peeled(mut ty: &syn::Type) -> &syn::Type {
+    loop {
+        ty = match ty {
+            syn::Type::Group(group) => &group.elem,
+            syn::Type::Paren(paren) => &paren.elem,
+            _ => return ty,
+        };
     }
 }
 
