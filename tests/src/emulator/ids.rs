@@ -2,7 +2,7 @@
 
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
 
@@ -61,6 +61,11 @@ pub(crate) fn epoch_ms_now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)
+}
+
+/// [`epoch_ms_now`] `after` from now: a deadline in the unit Lambda sends it in.
+pub(crate) fn epoch_ms_in(after: Duration) -> u64 {
+    epoch_ms_now().saturating_add(u64::try_from(after.as_millis()).unwrap_or(u64::MAX / 2))
 }
 
 /// 32 hex digits, for the log stream name.

@@ -1007,8 +1007,7 @@ impl Shared {
         let request_id = ids::uuid_v4();
         let timeout = self.config.function_timeout;
         let deadline = now + timeout;
-        let deadline_ms =
-            ids::epoch_ms_now() + u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX / 2);
+        let deadline_ms = ids::epoch_ms_in(timeout);
         let trace_id = ids::trace_id();
         let index = inner.timelines.len();
         inner.timelines.push(Timeline {
@@ -1506,7 +1505,7 @@ impl Shared {
         // `handleShutdown`, with the reset's reason). RAPID sends it once the runtime has
         // exited or its share of the phase is over; here it goes at once, as in `shutdown`.
         if let Some(reason) = cause.shutdown_reason() {
-            let deadline = ids::epoch_ms_now() + duration_ms(Self::shutdown_phase(inner, grace));
+            let deadline = ids::epoch_ms_in(Self::shutdown_phase(inner, grace));
             Self::send_shutdown(inner, reason, deadline);
         }
         if grace.is_zero() {
@@ -1794,8 +1793,7 @@ impl Shared {
             let phase = Self::shutdown_phase(inner, grace);
             // Lowercase, as RAPID sends it (aws-lambda-runtime-interface-emulator,
             // lambda/rapi/model/agentevent.go: `Spindown ShutdownReason = "spindown"`).
-            let notified =
-                Self::send_shutdown(inner, "spindown", ids::epoch_ms_now() + duration_ms(phase));
+            let notified = Self::send_shutdown(inner, "spindown", ids::epoch_ms_in(phase));
             let child = inner.child.take();
             if let Some(child) = child.as_ref().filter(|c| !c.exited()) {
                 // A stopped process would not act on SIGTERM: thaw it first.
@@ -1868,11 +1866,6 @@ impl Shared {
         inner.shutting_down = true;
         Self::kill_child(&mut inner);
     }
-}
-
-/// `duration` in whole milliseconds, for a `deadlineMs`.
-fn duration_ms(duration: Duration) -> u64 {
-    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX / 2)
 }
 
 /// Hands `value` to the first waiter still listening; gives it back when there is none.
