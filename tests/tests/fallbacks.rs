@@ -388,8 +388,7 @@ async fn sigterm_flushes_and_exits_within_the_grace_period() {
         "{shutdown:?}"
     );
     assert!(env.sink.spans_in_trace(&trace) > 0);
-    let report = env.final_flush_report().await;
-    assert!(report.contains("flush tracer provider ok"), "{report}");
+    env.assert_final_flush_ok("SIGTERM").await;
 }
 
 /// lambda_runtime's loop ends with an error (the answer does not serialize, so it cannot be
@@ -417,11 +416,7 @@ async fn a_runtime_loop_that_fails_still_runs_the_deferred_work() {
                     .await
             );
         }
-        let report = env.final_flush_report().await;
-        assert!(
-            report.contains("flush tracer provider ok"),
-            "{mode}: the final flush: {report}"
-        );
+        env.assert_final_flush_ok(mode).await;
         let t = env.timeline(&result.request_id);
         assert!(t.mark("end:a").is_some(), "{mode}: the action ran: {t:?}");
         assert!(
@@ -457,11 +452,8 @@ async fn an_answer_that_panics_as_it_serializes_still_runs_the_deferred_work() {
             .await,
         "run drained before returning the error"
     );
-    let report = env.final_flush_report().await;
-    assert!(
-        report.contains("flush tracer provider ok"),
-        "the final flush: {report}"
-    );
+    env.assert_final_flush_ok("an answer that panics as it serializes")
+        .await;
 }
 
 /// An event whose decoding panics (a `Deserialize` impl that unwraps): lambda_runtime decodes

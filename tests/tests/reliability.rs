@@ -643,11 +643,7 @@ async fn a_registration_answered_after_the_timeout_holds_neither_init_nor_invoca
         shutdown.exit_status.expect("reaped").success(),
         "{shutdown:?}"
     );
-    let report = env.final_flush_report().await;
-    assert!(
-        report.contains("flush tracer provider ok"),
-        "the final flush: {report}"
-    );
+    env.assert_final_flush_ok("a late registration").await;
 }
 
 /// The function stops waiting for `start` while the registration is in flight (a `timeout`
@@ -960,11 +956,7 @@ async fn a_timed_out_invocation_gets_the_final_flush_before_the_reset() {
         "{:?}",
         result.outcome
     );
-    let report = env.final_flush_report().await;
-    assert!(
-        report.contains("flush tracer provider ok"),
-        "the final flush: {report}"
-    );
+    env.assert_final_flush_ok("a timed-out invocation").await;
     assert_eq!(env.emulator.stats().resets, 1);
     // The environment comes back for the next invocation.
     let next = env
@@ -1014,11 +1006,7 @@ async fn sigterm_during_a_deferred_phase_exits_0_within_the_grace() {
             .await,
         "the handler's span is flushed on SIGTERM"
     );
-    let report = env.final_flush_report().await;
-    assert!(
-        report.contains("flush tracer provider ok"),
-        "the final flush: {report}"
-    );
+    env.assert_final_flush_ok("SIGTERM during a phase").await;
     assert!(
         env.timeline(&request_id).mark("end:slow").is_none(),
         "the action was cut by the exit"

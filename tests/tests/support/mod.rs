@@ -99,15 +99,21 @@ impl Env {
     }
 
     /// Waits (bounded) for the report of the final flush (on SIGTERM, or by the drain after a
-    /// failed runtime loop) and returns it; panics if there is none.
-    pub async fn final_flush_report(&self) -> String {
-        self.emulator
+    /// failed runtime loop) and asserts that it flushed the tracer provider; `context` starts
+    /// the failure's message.
+    pub async fn assert_final_flush_ok(&self, context: &str) {
+        let report = self
+            .emulator
             .wait_for_log(
                 |line| line.contains("deferred phase (Shutdown)"),
                 Duration::from_secs(5),
             )
             .await
-            .unwrap_or_else(|| panic!("no final flush report: {:#?}", self.function_logs_tail()))
+            .unwrap_or_else(|| panic!("no final flush report: {:#?}", self.function_logs_tail()));
+        assert!(
+            report.contains("flush tracer provider ok"),
+            "{context}: the final flush: {report}"
+        );
     }
 
     /// The function's last 30 log lines, for a failure message.
